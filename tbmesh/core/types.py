@@ -1,0 +1,153 @@
+"""Descriptions shared by the whole core: nodes, links, models, plans.
+
+All sizes are bytes, bandwidths bytes per second, times seconds. Everything here is
+immutable and plain, so it can be compared, hashed, and sent over the wire as a dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node says about itself: who it is and what it can hold and compute."""
+
+    id: str
+    name: str
+    chip: str = ""
+    memory_total: int = 0
+    memory_usable: int = 0  # what a model may take here (Metal's working set, not all RAM)
+    flops: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> NodeInfo:
+        return cls(
+            id=str(data["id"]),
+            name=str(data["name"]),
+            chip=str(data.get("chip", "")),
+            memory_total=int(data.get("memory_total", 0)),
+            memory_usable=int(data.get("memory_usable", 0)),
+            flops=float(data.get("flops", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """A direct connection between two nodes, as measured by one of its ends."""
+
+    a: str
+    b: str
+    bytes_per_s: float = 0.0  # 0 = not measured yet
+    rtt_s: float = 0.0
+
+    def joins(self, x: str, y: str) -> bool:
+        return {self.a, self.b} == {x, y}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A transformer as the planner sees it: per-layer weight bytes plus the two ends.
+
+    `head_bytes` is the final norm plus the output projection; with tied embeddings the
+    last stage needs the embedding matrix again, so it counts here too.
+    """
+
+    name: str
+    layer_bytes: tuple[int, ...]
+    embed_bytes: int = 0
+    head_bytes: int = 0
+    kv_bytes_per_token_per_layer: int = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_bytes)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.embed_bytes + self.head_bytes
+
+    def kv_bytes(self, context: int, layers: int) -> int:
+        return self.kv_bytes_per_token_per_layer * context * layers
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: `node` holds layers [start, end) and `bytes` of weights."""
+
+    node: str
+    start: int
+    end: int
+    bytes: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Stage:
+        return cls(str(data["node"]), int(data["start"]), int(data["end"]), int(data["bytes"]))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A partition stamped by the leader that made it.
+
+    (term, epoch) orders plans: a node refuses a plan older than one it accepted.
+    """
+
+    term: int
+    epoch: int
+    model: str
+    stages: tuple[Stage, ...] = field(default_factory=tuple)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.term, self.epoch)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(s.node for s in self.stages)
+
+    def stage_of(self, node: str) -> Stage | None:
+        return next((s for s in self.stages if s.node == node), None)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "term": self.term,
+            "epoch": self.epoch,
+            "model": self.model,
+            "stages": [s.to_wire() for s in self.stages],
+        }
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Plan:
+        return cls(
+            term=int(data["term"]),
+            epoch=int(data["epoch"]),
+            model=str(data["model"]),
+            stages=tuple(Stage.from_wire(s) for s in data["stages"]),
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The planner's answer: stages when the model fits, otherwise why not."""
+
+    fits: bool
+    stages: tuple[Stage, ...] = ()
+    left_out: tuple[str, ...] = ()  # nodes given no layers (too small, or not needed)
+    reason: str | None = None  # why it does not fit, with numbers and what would make it fit
+    notes: tuple[str, ...] = ()  # e.g. why a node was left out
+
+    def stamp(self, term: int, epoch: int, model: str) -> Plan:
+        if not self.fits:
+            raise ValueError("cannot stamp a placement that does not fit")
+        return Plan(term=term, epoch=epoch, model=model, stages=self.stages)
