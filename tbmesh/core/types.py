@@ -107,6 +107,7 @@ class Plan:
     epoch: int
     model: str
     stages: tuple[Stage, ...] = field(default_factory=tuple)
+    left_out: tuple[str, ...] = ()  # nodes the planner considered and gave nothing
 
     @property
     def key(self) -> tuple[int, int]:
@@ -115,6 +116,11 @@ class Plan:
     @property
     def nodes(self) -> tuple[str, ...]:
         return tuple(s.node for s in self.stages)
+
+    @property
+    def considered(self) -> frozenset[str]:
+        """Every node the plan was made for: the stages and the left-out ones."""
+        return frozenset(self.nodes) | frozenset(self.left_out)
 
     def stage_of(self, node: str) -> Stage | None:
         return next((s for s in self.stages if s.node == node), None)
@@ -125,6 +131,7 @@ class Plan:
             "epoch": self.epoch,
             "model": self.model,
             "stages": [s.to_wire() for s in self.stages],
+            "left_out": list(self.left_out),
         }
 
     @classmethod
@@ -134,6 +141,7 @@ class Plan:
             epoch=int(data["epoch"]),
             model=str(data["model"]),
             stages=tuple(Stage.from_wire(s) for s in data["stages"]),
+            left_out=tuple(str(n) for n in data.get("left_out", ())),
         )
 
 
@@ -150,4 +158,4 @@ class Placement:
     def stamp(self, term: int, epoch: int, model: str) -> Plan:
         if not self.fits:
             raise ValueError("cannot stamp a placement that does not fit")
-        return Plan(term=term, epoch=epoch, model=model, stages=self.stages)
+        return Plan(term, epoch, model, self.stages, self.left_out)

@@ -1,0 +1,117 @@
+"""Control-plane messages exchanged between direct peers, and what the core asks the shell to do.
+
+The cluster view spreads by link-state flooding (as in OSPF): each node publishes one
+`LinkState` about itself (its info, its direct neighbours, its term and leader, and the plan
+when it leads), and every node forwards newer ones to its other neighbours. A node therefore
+only ever talks to nodes it has a direct connection to; multi-hop clusters (a chain of Macs
+without a Thunderbolt Bridge) need no routing for the control plane.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tbmesh.core.types import NodeInfo, Plan
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Sent to every direct peer each heartbeat interval; also measures round-trip time."""
+
+    sender: str
+    incarnation: int
+    seq: int
+    sent_at: float  # the sender's clock
+    echo_at: float = 0.0  # the latest `sent_at` the sender received from the addressee
+    echo_hold: float = 0.0  # how long the sender held that echo before sending this
+    digest: int = 0  # fingerprint of the sender's link-state database (anti-entropy)
+
+
+@dataclass(frozen=True)
+class Adjacency:
+    """A direct neighbour as seen by the node publishing the link state."""
+
+    peer: str
+    suspect: bool = False
+    rtt_s: float = 0.0
+    bytes_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """Everything one node publishes about itself. Newer = higher (incarnation, version)."""
+
+    origin: str
+    incarnation: int
+    version: int
+    info: NodeInfo
+    neighbours: tuple[Adjacency, ...] = ()
+    term: int = 0
+    leader: str | None = None
+    plan: Plan | None = None  # the plan the origin runs; authoritative only from a leader
+    left: bool = False  # the origin said goodbye
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.incarnation, self.version)
+
+
+@dataclass(frozen=True)
+class LinkStates:
+    """A batch of link states being flooded or answering a summary."""
+
+    sender: str
+    states: tuple[LinkState, ...]
+
+
+@dataclass(frozen=True)
+class DatabaseSummary:
+    """(origin, incarnation, version) of every link state the sender holds.
+
+    Sent when heartbeat digests disagree; the receiver answers with the link states the
+    sender lacks, and with its own summary when `reply` is set and it lacks some itself.
+    """
+
+    sender: str
+    entries: tuple[tuple[str, int, int], ...]
+    reply: bool = True
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """A node leaving on purpose (SIGTERM): its peers mark it dead at once."""
+
+    sender: str
+    incarnation: int
+
+
+Message = Heartbeat | LinkStates | DatabaseSummary | Goodbye
+
+
+@dataclass(frozen=True)
+class Send:
+    """The shell must deliver `message` to the direct peer `to`."""
+
+    to: str
+    message: Message
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """The shell must close its connection to `peer` (declared dead while connected)."""
+
+    peer: str
+
+
+Action = Send | Disconnect
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something worth a line in the event log and the status screen."""
+
+    at: float
+    kind: str  # joined, suspect, alive, dead, left, restarted, leader, plan, no-fit
+    node: str | None = None
+    detail: str = ""
+    data: dict = field(default_factory=dict, compare=False)
