@@ -48,7 +48,8 @@ class LinkState:
     neighbours: tuple[Adjacency, ...] = ()
     term: int = 0
     leader: str | None = None
-    plan: Plan | None = None  # the plan the origin runs; authoritative only from a leader
+    plan: Plan | None = None  # the plan the origin runs; authoritative only from its leader
+    no_fit: str | None = None  # from a leader: why the model does not fit the group
     left: bool = False  # the origin said goodbye
 
     @property

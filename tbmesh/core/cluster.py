@@ -1,0 +1,476 @@
+"""One node's view of the cluster: membership, election and the plan, without any I/O.
+
+The shell (the daemon, or the simulator) feeds it events with the current time and carries
+out the actions it returns:
+
+    node = ClusterNode(info, incarnation, now, config)
+    actions = node.peer_connected("b", incarnation=3, now=now)
+    actions = node.receive("b", message, now)
+    actions = node.tick(now)            # call every heartbeat_interval / 2 or so
+    events = node.drain_events()        # joined, dead, leader, plan, ...
+
+It never reads a clock, opens a socket or sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from tbmesh.core import election
+from tbmesh.core.membership import LinkStateDb, PeerDetector, PeerState, Timing
+from tbmesh.core.messages import (
+    Action,
+    Adjacency,
+    DatabaseSummary,
+    Disconnect,
+    Event,
+    Goodbye,
+    Heartbeat,
+    LinkState,
+    LinkStates,
+    Message,
+    Send,
+)
+from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement, Plan, Stage
+
+Planner = Callable[..., Placement]
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    timing: Timing = field(default_factory=Timing)
+    model: ModelSpec | None = None  # what the leader plans for; None = membership only
+    context: int = 0  # tokens of KV cache each stage must keep room for
+
+
+def _default_planner() -> Planner:
+    from tbmesh.core.planner import plan_layers
+
+    return plan_layers
+
+
+class ClusterNode:
+    def __init__(
+        self,
+        info: NodeInfo,
+        incarnation: int,
+        now: float,
+        config: CoreConfig | None = None,
+        planner: Planner | None = None,
+    ) -> None:
+        self.info = info
+        self.id = info.id
+        self.incarnation = incarnation
+        self.config = config or CoreConfig()
+        self.timing = self.config.timing
+        self.planner = planner or _default_planner()
+        self.peers: dict[str, PeerDetector] = {}
+        self.db = LinkStateDb()
+        self.version = 0
+        self.term = 0
+        self.leader: str | None = None
+        self.plan: Plan | None = None  # the running plan (ours if we lead, else accepted)
+        self.no_fit: str | None = None  # the planner's reason when the model does not fit
+        self.started_at = now
+        self.leaderless_since: float | None = now
+        self.seq = 0
+        self.next_heartbeat = now
+        self.events: list[Event] = []
+        self._out: list[Action] = []
+        self._published: LinkState | None = None
+        self._published_rtt: dict[str, float] = {}
+        self._last_summary: dict[str, float] = {}
+        self._digest_mismatch: dict[str, int] = {}
+        self._members: dict[str, bool] = {self.id: False}  # reachable -> suspected
+        self._members_since = now
+        self._planned_for: frozenset[str] | None = None
+        self._left = False
+        self._publish(now)
+
+    # ----- inputs -------------------------------------------------------------------
+
+    def peer_connected(self, peer: str, incarnation: int, now: float) -> list[Action]:
+        """A transport connection to `peer` finished its hello."""
+        detector = self.peers.get(peer)
+        if detector is None:
+            self.peers[peer] = PeerDetector(peer, incarnation, PeerState.ALIVE, now)
+        else:
+            if incarnation > detector.incarnation:
+                self._event(now, "restarted", peer, f"incarnation {incarnation}")
+            detector.connection_made(incarnation, now)
+        # A new link: heartbeat at once and compare databases so both sides sync quickly.
+        self._send(peer, self._heartbeat(peer, now))
+        self._send_summary(peer, now, reply=True)
+        return self._update(now)
+
+    def peer_disconnected(self, peer: str, now: float) -> list[Action]:
+        """The connection closed (EOF, reset): an immediate suspicion."""
+        detector = self.peers.get(peer)
+        if detector is not None:
+            detector.connection_lost(now)
+        return self._update(now)
+
+    def receive(self, peer: str, message: Message, now: float) -> list[Action]:
+        detector = self.peers.get(peer)
+        if detector is None or not detector.connected or self._left:
+            return []
+        if isinstance(message, Heartbeat):
+            self._on_heartbeat(detector, message, now)
+        elif isinstance(message, LinkStates):
+            self._on_link_states(peer, message.states, now)
+        elif isinstance(message, DatabaseSummary):
+            self._on_summary(peer, message, now)
+        elif isinstance(message, Goodbye):
+            if message.incarnation >= detector.incarnation:
+                detector.state, detector.connected = PeerState.DEAD, False
+        return self._update(now)
+
+    def tick(self, now: float) -> list[Action]:
+        if self._left:
+            return []
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = max(self.next_heartbeat + self.timing.heartbeat_interval, now)
+            for peer in self._connected():
+                self._send(peer, self._heartbeat(peer, now))
+        return self._update(now)
+
+    def set_link_bandwidth(self, peer: str, bytes_per_s: float, now: float) -> list[Action]:
+        """A bandwidth probe to a direct peer finished."""
+        detector = self.peers.get(peer)
+        if detector is not None:
+            detector.bytes_per_s = bytes_per_s
+        return self._update(now)
+
+    def update_info(self, info: NodeInfo, now: float) -> list[Action]:
+        self.info = info
+        return self._update(now)
+
+    def leave(self, now: float) -> list[Action]:
+        """Say goodbye: peers mark us dead at once instead of waiting for silence."""
+        self._left = True
+        self._publish(now)
+        for peer in self._connected():
+            self._send(peer, Goodbye(self.id, self.incarnation))
+        out, self._out = self._out, []
+        return out
+
+    def drain_events(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
+
+    # ----- the view -----------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leader == self.id
+
+    def members(self) -> dict[str, bool]:
+        """Reachable nodes (ourselves included), each mapped to whether it is suspected."""
+        return dict(self._members)
+
+    def state_of(self, node: str) -> PeerState:
+        if node in self._members:
+            return PeerState.SUSPECT if self._members[node] else PeerState.ALIVE
+        return PeerState.DEAD
+
+    def node_infos(self) -> dict[str, NodeInfo]:
+        """Every node ever heard of, with the info it last published."""
+        infos = {origin: state.info for origin, state in self.db.states.items()}
+        infos[self.id] = self.info
+        return infos
+
+    def links(self) -> list[LinkInfo]:
+        """Direct links among reachable nodes, with the best measurement of either end."""
+        best: dict[tuple[str, str], LinkInfo] = {}
+        for origin in sorted(self._members):
+            state = self.db.states.get(origin)
+            if state is None:
+                continue
+            for adj in state.neighbours:
+                if adj.peer not in self._members:
+                    continue
+                pair = (min(origin, adj.peer), max(origin, adj.peer))
+                held = best.get(pair)
+                bw = max(adj.bytes_per_s, held.bytes_per_s if held else 0.0)
+                rtt = adj.rtt_s if held is None or held.rtt_s == 0 else held.rtt_s
+                best[pair] = LinkInfo(pair[0], pair[1], bw, rtt)
+        return [best[pair] for pair in sorted(best)]
+
+    # ----- message handlers -----------------------------------------------------------
+
+    def _on_heartbeat(self, detector: PeerDetector, hb: Heartbeat, now: float) -> None:
+        if not detector.heartbeat(hb.incarnation, hb.seq, now):
+            return
+        if hb.echo_at > 0:
+            detector.measure_rtt(max(0.0, now - hb.echo_at - hb.echo_hold))
+        detector.echo_at, detector.echo_received = hb.sent_at, now
+        # Digests differ for a moment after every change; only a lasting difference
+        # means a lost update, which a summary exchange repairs.
+        if hb.digest != self.db.digest():
+            misses = self._digest_mismatch.get(detector.peer, 0) + 1
+            self._digest_mismatch[detector.peer] = misses
+            if misses >= 2:
+                self._send_summary(detector.peer, now, reply=True)
+        else:
+            self._digest_mismatch[detector.peer] = 0
+
+    def _on_link_states(self, sender: str, states: Sequence[LinkState], now: float) -> None:
+        fresh: list[LinkState] = []
+        for state in states:
+            if state.origin == self.id:
+                self._refute_own(state, now)
+                continue
+            held = self.db.states.get(state.origin)
+            if self.db.offer(state):
+                fresh.append(state)
+                if held is not None and state.incarnation > held.incarnation:
+                    self._event(now, "restarted", state.origin, f"incarnation {state.incarnation}")
+        if fresh:
+            for peer in self._connected():
+                if peer != sender:
+                    self._send(peer, LinkStates(self.id, tuple(fresh)))
+
+    def _refute_own(self, state: LinkState, now: float) -> None:
+        """A copy of our own link state from a previous life is newer than ours: outbid it."""
+        if state.key < (self.incarnation, self.version):
+            return
+        if state.incarnation > self.incarnation:
+            self.incarnation = state.incarnation + 1
+            self.version = 0
+        else:
+            self.version = state.version
+        self._published = None  # force a new version
+        self._publish(now)
+
+    def _on_summary(self, peer: str, summary: DatabaseSummary, now: float) -> None:
+        newer = self.db.newer_than(summary.entries)
+        if newer:
+            self._send(peer, LinkStates(self.id, tuple(newer)))
+        if summary.reply and self.db.lacks_any_of(summary.entries):
+            self._send_summary(peer, now, reply=False, force=True)
+
+    # ----- the state machine ------------------------------------------------------------
+
+    def _update(self, now: float) -> list[Action]:
+        for detector in self.peers.values():
+            before = detector.state
+            detector.tick(now, self.timing)
+            if detector.state is PeerState.DEAD and detector.connected:
+                detector.connected = False
+                self._out.append(Disconnect(detector.peer))
+            if detector.state is not before and detector.state is PeerState.DEAD:
+                self._digest_mismatch.pop(detector.peer, None)
+        self._publish(now)
+        self._refresh_members(now)
+        self._elect(now)
+        if self.is_leader:
+            self._lead(now)
+        else:
+            self._follow(now)
+        self._publish(now)
+        out, self._out = self._out, []
+        return out
+
+    def _refresh_members(self, now: float) -> None:
+        members = self.db.reachable(self.id)
+        if members == self._members:
+            return
+        for node in sorted(set(members) | set(self._members)):
+            old, new = self._members.get(node), members.get(node)
+            if old is None and new is not None:
+                self._event(now, "joined", node, self._name(node))
+            elif new is None:
+                left = self.db.states.get(node)
+                self._event(now, "left" if left and left.left else "dead", node, self._name(node))
+            elif old != new:
+                self._event(now, "suspect" if new else "alive", node, self._name(node))
+        if set(members) != set(self._members):
+            self._members_since = now
+        self._members = members
+
+    def _claims(self) -> dict[str, election.Claim]:
+        claims = {}
+        for node in self._members:
+            state = self.db.states.get(node)
+            if state is not None:
+                claims[node] = election.Claim(state.term, state.leader)
+        claims[self.id] = election.Claim(self.term, self.leader)
+        return claims
+
+    def _elect(self, now: float) -> None:
+        claims = self._claims()
+        best = election.best_claimant(claims)
+        if best is None:
+            if self.leader is not None:
+                self._event(now, "leader", None, "no leader")
+                self.leader = None
+            if self.leaderless_since is None:
+                self.leaderless_since = now
+            waited = now - self.leaderless_since >= self.timing.election_delay
+            settled = now - self.started_at >= self.timing.startup_grace
+            if waited and settled and election.candidate(self._members) == self.id:
+                terms = [s.term for s in self.db.states.values()] + [self.term]
+                self.term = election.next_term(terms)
+                self._become_leader(now)
+            return
+        self.leaderless_since = None
+        if best == self.id:
+            highest = max(
+                [c.term for c in claims.values()] + [p.term for p in self._visible_plans()]
+            )
+            if highest > self.term:
+                self.term = highest + 1  # never lead below a term someone can see
+            return
+        if best != self.leader:
+            self._event(now, "leader", best, f"{self._name(best)} leads term {claims[best].term}")
+        self.leader = best
+        self.term = max(self.term, claims[best].term)
+
+    def _become_leader(self, now: float) -> None:
+        self.leader = self.id
+        self._planned_for = None
+        self._event(now, "leader", self.id, f"{self.info.name} leads term {self.term}")
+
+    def _visible_plans(self) -> list[Plan]:
+        plans = [self.plan] if self.plan else []
+        for node in self._members:
+            state = self.db.states.get(node)
+            if state is not None and state.plan is not None:
+                plans.append(state.plan)
+        return plans
+
+    def _lead(self, now: float) -> None:
+        model = self.config.model
+        if model is None:
+            return
+        # The newest plan anyone in the group runs: adopted as it is when it was made for
+        # exactly this group (a new leader changes nothing), else the hint for re-planning.
+        running = max(
+            (p for p in self._visible_plans() if p.model == model.name),
+            key=lambda p: p.key,
+            default=None,
+        )
+        members = frozenset(self._members)
+        if running is not None and running.considered == members:
+            self._planned_for = members
+            self.no_fit = None
+            self._accept(running, now)
+            return
+        if members == self._planned_for:
+            return  # already planned for this group (e.g. the model does not fit)
+        if now - self._members_since < self.timing.settle:
+            return
+        self._planned_for = members
+        infos = self.node_infos()
+        placement = self.planner(
+            model,
+            [infos[n] for n in sorted(members)],
+            self.links(),
+            context=self.config.context,
+            previous=running.stages if running else None,
+        )
+        if not placement.fits:
+            if self.no_fit != placement.reason:
+                self._event(now, "no-fit", None, placement.reason or "")
+            self.no_fit, self.plan = placement.reason, None
+            return
+        self.no_fit = None
+        epoch = max((p.epoch for p in self._visible_plans()), default=0) + 1
+        self._accept(placement.stamp(self.term, epoch, model.name), now)
+
+    def _follow(self, now: float) -> None:
+        if self.leader is None:
+            return
+        state = self.db.states.get(self.leader)
+        if state is None:
+            return
+        if state.plan is not None:
+            if self.plan is None or state.plan.key > self.plan.key:
+                self._accept(state.plan, now)
+            self.no_fit = None
+        elif state.no_fit is not None:
+            self.plan, self.no_fit = None, state.no_fit
+
+    def _accept(self, plan: Plan, now: float) -> None:
+        """Run `plan`, refusing anything older than what we run (stale terms are fenced)."""
+        if self.plan is not None and plan.key < self.plan.key:
+            return
+        if plan != self.plan:
+            stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end}" for s in plan.stages)
+            self._event(now, "plan", None, f"epoch {plan.epoch} term {plan.term}: {stages}",
+                        {"term": plan.term, "epoch": plan.epoch})
+        self.plan = plan
+
+    # ----- output helpers ----------------------------------------------------------------
+
+    def _publish(self, now: float) -> None:
+        """Flood our link state when anything in it changed."""
+        neighbours = []
+        for peer, detector in sorted(self.peers.items()):
+            if detector.state is PeerState.DEAD or self._left:
+                continue
+            neighbours.append(
+                Adjacency(peer, detector.state is PeerState.SUSPECT,
+                          self._rtt_to_publish(peer, detector.rtt_s), detector.bytes_per_s)
+            )
+        state = LinkState(
+            origin=self.id,
+            incarnation=self.incarnation,
+            version=self.version,
+            info=self.info,
+            neighbours=tuple(neighbours),
+            term=self.term,
+            leader=self.leader,
+            plan=self.plan,
+            no_fit=self.no_fit if self.is_leader else None,
+            left=self._left,
+        )
+        if self._published is not None and replace(self._published, version=self.version) == state:
+            return
+        if self._published is not None:
+            self.version += 1
+            state = replace(state, version=self.version)
+        self._published = state
+        self.db.offer(state)
+        for peer in self._connected():
+            self._send(peer, LinkStates(self.id, (state,)))
+
+    def _rtt_to_publish(self, peer: str, rtt: float) -> float:
+        # Republish only on a large change: every new version floods the whole cluster.
+        held = self._published_rtt.get(peer, 0.0)
+        if held == 0.0 or abs(rtt - held) > 0.5 * held + 50e-6:
+            self._published_rtt[peer] = rtt
+            return rtt
+        return held
+
+    def _heartbeat(self, peer: str, now: float) -> Heartbeat:
+        self.seq += 1
+        detector = self.peers[peer]
+        hold = now - detector.echo_received if detector.echo_at else 0.0
+        return Heartbeat(self.id, self.incarnation, self.seq, now, detector.echo_at, hold,
+                         self.db.digest())
+
+    def _send_summary(self, peer: str, now: float, reply: bool, force: bool = False) -> None:
+        if not force and now - self._last_summary.get(peer, -1e9) < self.timing.summary_interval:
+            return
+        self._last_summary[peer] = now
+        self._digest_mismatch[peer] = 0
+        self._send(peer, DatabaseSummary(self.id, self.db.summary(), reply))
+
+    def _connected(self) -> list[str]:
+        return [p for p, d in sorted(self.peers.items())
+                if d.connected and d.state is not PeerState.DEAD]
+
+    def _send(self, peer: str, message: Message) -> None:
+        self._out.append(Send(peer, message))
+
+    def _name(self, node: str) -> str:
+        if node == self.id:
+            return self.info.name
+        state = self.db.states.get(node)
+        return state.info.name if state else node
+
+    def _event(self, now: float, kind: str, node: str | None, detail: str,
+               data: dict | None = None) -> None:
+        self.events.append(Event(now, kind, node, detail, data or {}))

@@ -1,0 +1,283 @@
+"""A deterministic discrete-event simulator for clusters of core nodes.
+
+It plays the shell's part for N `ClusterNode`s against a virtual clock: connections over
+cables, message delays (FIFO per direction, as TCP), random drops, network partitions,
+crashes (with or without a connection reset reaching the peers), restarts with a new
+incarnation, graceful leaves, and joins. The same seed gives the same run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from tbmesh.core.cluster import ClusterNode, CoreConfig, Planner
+from tbmesh.core.messages import Action, Disconnect, Event, Message, Send
+from tbmesh.core.types import NodeInfo
+
+GB = 10**9
+
+
+def make_info(node_id: str, memory_usable: int = 64 * GB) -> NodeInfo:
+    return NodeInfo(node_id, node_id, "sim", memory_usable * 4 // 3, memory_usable, 1e13)
+
+
+@dataclass
+class NetworkModel:
+    delay: float = 0.0005  # one-way latency of a message, seconds
+    jitter: float = 0.0005  # uniform extra delay
+    drop: float = 0.0  # probability that a message is lost
+    connect_delay: float = 0.005  # TCP + hello
+    reconnect_interval: float = 0.5  # how often the shell retries a missing connection
+
+
+@dataclass
+class Stats:
+    messages: int = 0
+    dropped: int = 0
+    events: list[tuple[str, Event]] = field(default_factory=list)
+
+
+class Simulator:
+    def __init__(
+        self,
+        seed: int = 0,
+        config: CoreConfig | None = None,
+        network: NetworkModel | None = None,
+        keep_events: bool = True,
+        planner: Planner | None = None,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.planner = planner
+        self.config = config or CoreConfig()
+        self.net = network or NetworkModel()
+        self.now = 0.0
+        self.nodes: dict[str, ClusterNode] = {}  # running nodes
+        self.infos: dict[str, NodeInfo] = {}  # every node ever added, for restarts
+        self.incarnations: dict[str, int] = {}
+        self.cables: set[frozenset[str]] = set()
+        self.blocked: set[frozenset[str]] = set()
+        self.connections: set[frozenset[str]] = set()
+        self.stats = Stats()
+        self.keep_events = keep_events
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+        self._fifo: dict[tuple[str, str], float] = {}
+        self._schedule(self.net.reconnect_interval, self._reconnect_loop)
+
+    # ----- scenario verbs ------------------------------------------------------------
+
+    def add_node(self, info: NodeInfo | str) -> ClusterNode:
+        if isinstance(info, str):
+            info = make_info(info)
+        self.infos[info.id] = info
+        return self._start(info.id)
+
+    def cable(self, a: str, b: str) -> None:
+        """Plug a cable; the shells connect at once (as on a link-up event)."""
+        self.cables.add(frozenset((a, b)))
+        self._connect(a, b)
+
+    def unplug(self, a: str, b: str) -> None:
+        """Pull a cable: the connection dies silently; only heartbeats notice."""
+        pair = frozenset((a, b))
+        self.cables.discard(pair)
+        self.connections.discard(pair)
+
+    def crash(self, node: str, reset: bool = True) -> None:
+        """Kill a node. With `reset` its peers' connections close (kill -9);
+        without, they hear nothing more (power cut)."""
+        self.nodes.pop(node, None)
+        for pair in [p for p in self.connections if node in p]:
+            self.connections.discard(pair)
+            (peer,) = pair - {node}
+            if reset and self._usable(pair):
+                self._later(self.net.delay, peer, lambda n, p=node: n.peer_disconnected(p, self.now))
+
+    def restart(self, node: str) -> ClusterNode:
+        return self._start(node)
+
+    def leave(self, node: str) -> None:
+        running = self.nodes.get(node)
+        if running is None:
+            return
+        self._carry_out(node, running.leave(self.now))
+        self._schedule(self.net.delay * 4, lambda: self.crash(node, reset=True))
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Cut every cable between different groups (silently, like a dead switch)."""
+        sets = [set(g) for g in groups]
+        for pair in self.cables:
+            a, b = tuple(pair)
+            if not any(a in g and b in g for g in sets):
+                self.blocked.add(pair)
+
+    def heal(self) -> None:
+        self.blocked.clear()
+
+    def run_for(self, seconds: float) -> None:
+        self.run_until(self.now + seconds)
+
+    def run_until(self, until: float) -> None:
+        while self._queue and self._queue[0][0] <= until:
+            at, _, action = heapq.heappop(self._queue)
+            self.now = at
+            action()
+        self.now = until
+
+    def run_until_true(self, condition: Callable[[], bool], limit: float, step: float = 0.01) -> float | None:
+        """Run until `condition()` holds; returns the virtual time, or None at the limit."""
+        end = self.now + limit
+        while self.now < end:
+            if condition():
+                return self.now
+            self.run_until(min(end, self.now + step))
+        return self.now if condition() else None
+
+    # ----- checks ----------------------------------------------------------------------
+
+    def components(self) -> list[set[str]]:
+        """Groups of running nodes joined by usable cables."""
+        seen: set[str] = set()
+        groups = []
+        for start in sorted(self.nodes):
+            if start in seen:
+                continue
+            group, stack = {start}, [start]
+            while stack:
+                here = stack.pop()
+                for pair in self.cables:
+                    if here in pair and self._usable(pair):
+                        (there,) = pair - {here}
+                        if there in self.nodes and there not in group:
+                            group.add(there)
+                            stack.append(there)
+            seen |= group
+            groups.append(group)
+        return groups
+
+    def leaders(self, group: set[str]) -> set[str | None]:
+        return {self.nodes[n].leader for n in group}
+
+    def converged(self) -> bool:
+        """Each group follows exactly one leader of its own, which knows it leads,
+        and every member sees exactly the group."""
+        for group in self.components():
+            leaders = self.leaders(group)
+            if len(leaders) != 1:
+                return False
+            (leader,) = leaders
+            if leader not in group or not self.nodes[leader].is_leader:
+                return False
+            if any(set(self.nodes[n].members()) != group for n in group):
+                return False
+        return True
+
+    def plans_agree(self) -> bool:
+        """Each group runs one plan, made for exactly that group."""
+        for group in self.components():
+            plans = {self.nodes[n].plan for n in group}
+            if len(plans) != 1:
+                return False
+            (plan,) = plans
+            if plan is not None and plan.considered != group:
+                return False
+        return True
+
+    # ----- the shell ---------------------------------------------------------------------
+
+    def _start(self, node: str) -> ClusterNode:
+        incarnation = self.incarnations.get(node, 0) + 1
+        self.incarnations[node] = incarnation
+        core = ClusterNode(self.infos[node], incarnation, self.now, self.config, self.planner)
+        self.nodes[node] = core
+        phase = self.rng.random() * self.config.timing.heartbeat_interval / 2
+        self._schedule(phase, lambda: self._tick(node, core))
+        for pair in sorted(self.cables, key=sorted):
+            if node in pair:
+                (peer,) = pair - {node}
+                self._connect(node, peer)
+        return core
+
+    def _tick(self, node: str, core: ClusterNode) -> None:
+        if self.nodes.get(node) is not core:
+            return  # crashed or restarted since this tick was scheduled
+        self._carry_out(node, core.tick(self.now))
+        self._schedule(self.config.timing.heartbeat_interval / 2, lambda: self._tick(node, core))
+
+    def _usable(self, pair: frozenset[str]) -> bool:
+        return pair in self.cables and pair not in self.blocked
+
+    def _connect(self, a: str, b: str) -> None:
+        pair = frozenset((a, b))
+        if pair in self.connections or a not in self.nodes or b not in self.nodes:
+            return
+        if not self._usable(pair):
+            return
+        self.connections.add(pair)
+        inc_a, inc_b = self.nodes[a].incarnation, self.nodes[b].incarnation  # the hello
+        self._later(self.net.connect_delay, a, lambda n: n.peer_connected(b, inc_b, self.now), pair)
+        self._later(self.net.connect_delay, b, lambda n: n.peer_connected(a, inc_a, self.now), pair)
+
+    def _reconnect_loop(self) -> None:
+        for pair in sorted(self.cables, key=sorted):
+            a, b = sorted(pair)
+            self._connect(a, b)
+        self._schedule(self.net.reconnect_interval, self._reconnect_loop)
+
+    def _carry_out(self, node: str, actions: list[Action]) -> None:
+        core = self.nodes.get(node)
+        if core is not None and self.keep_events:
+            self.stats.events.extend((node, e) for e in core.drain_events())
+        elif core is not None:
+            core.events.clear()
+        for action in actions:
+            if isinstance(action, Send):
+                self._transmit(node, action.to, action.message)
+            elif isinstance(action, Disconnect):
+                pair = frozenset((node, action.peer))
+                if pair in self.connections:
+                    self.connections.discard(pair)
+                    if self._usable(pair):
+                        peer = action.peer
+                        self._later(self.net.delay, peer,
+                                    lambda n, p=node: n.peer_disconnected(p, self.now))
+
+    def _transmit(self, src: str, dst: str, message: Message) -> None:
+        pair = frozenset((src, dst))
+        if pair not in self.connections or not self._usable(pair):
+            return
+        self.stats.messages += 1
+        if self.net.drop and self.rng.random() < self.net.drop:
+            self.stats.dropped += 1
+            return
+        at = self.now + self.net.delay + self.rng.random() * self.net.jitter
+        at = max(at, self._fifo.get((src, dst), 0.0))
+        self._fifo[(src, dst)] = at
+        self._schedule(at - self.now, lambda: self._deliver(src, dst, message, pair))
+
+    def _deliver(self, src: str, dst: str, message: Message, pair: frozenset[str]) -> None:
+        core = self.nodes.get(dst)
+        if core is None or pair not in self.connections or not self._usable(pair):
+            return
+        self._carry_out(dst, core.receive(src, message, self.now))
+
+    def _later(self, delay: float, node: str, call: Callable[[ClusterNode], list[Action]],
+               pair: frozenset[str] | None = None) -> None:
+        target = self.nodes.get(node)
+
+        def run() -> None:
+            core = self.nodes.get(node)
+            if core is None or core is not target:
+                return
+            if pair is not None and pair not in self.connections:
+                return
+            self._carry_out(node, call(core))
+
+        self._schedule(delay, run)
+
+    def _schedule(self, delay: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, (self.now + delay, next(self._order), action))
