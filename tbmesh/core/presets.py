@@ -182,7 +182,7 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             name="kimi-k2-thinking",
-            title="Kimi-K2-Thinking (1T MoE, native int4 experts)",
+            title="Kimi-K2-Thinking (1T MoE, int4 experts)",
             checkpoint="mlx-community/Kimi-K2-Thinking",
             # Native format: routed experts int4, group 32 (quantization-aware trained); mlx
             # stores them as affine 4-bit with a bf16 scale and bias per group; the rest bf16.
