@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tbmesh.core.modelspec import ModelFormatError
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement
 from tbmesh.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
 
@@ -43,11 +42,7 @@ class _App(typer.Typer):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-app = _App(
-    pretty_exceptions_enable=False,
-    no_args_is_help=True,
-    help="Zero-config cluster of Thunderbolt-cabled Macs that runs models too big for one of them.",
-)
+app = _App(pretty_exceptions_enable=False, no_args_is_help=True)
 
 
 @app.callback()
@@ -87,7 +82,7 @@ EXAMPLE_USABLE = 0.75  # Metal's recommended working set is about 75% of RAM
 EXAMPLE_LINK = "80Gbps"  # Thunderbolt 5
 
 
-def example_request() -> PlanRequest:
+def example_request(context: int) -> PlanRequest:
     """Kimi-K2-Thinking on four 512 GB Mac Studios cabled in a Thunderbolt 5 ring."""
     from tbmesh.core.presets import get_preset, preset_spec
 
@@ -97,7 +92,7 @@ def example_request() -> PlanRequest:
     speed = parse_bandwidth(EXAMPLE_LINK)
     links = tuple(LinkInfo(a, b, speed) for a, b in zip(names, names[1:] + names[:1]))
     preset = get_preset("kimi-k2-thinking")
-    return PlanRequest(preset_spec(preset.name), preset.title, nodes, links, DEFAULT_CONTEXT, example=True)
+    return PlanRequest(preset_spec(preset.name), preset.title, nodes, links, context, example=True)
 
 
 def parse_node(text: str) -> NodeInfo:
@@ -138,21 +133,22 @@ def build_request(
     link_args: Sequence[str],
     context: Optional[int],
 ) -> PlanRequest:
-    chosen = [flag for flag, given in (("--model", model_dir), ("--preset", preset), ("--layers", layers)) if given]
+    given = (("--model", model_dir), ("--preset", preset), ("--layers", layers))
+    chosen = [flag for flag, value in given if value is not None]
     if layer_size is not None and layers is None:
         raise UsageError("--layer-size needs --layers")
     if layers is not None and layer_size is None:
         raise UsageError("--layers needs --layer-size")
     if len(chosen) > 1:
         raise UsageError(f"give one model, not {' and '.join(chosen)}")
+    if context is not None and context < 0:
+        raise UsageError("--context must be 0 or more tokens")
     if not chosen and not node_args and not link_args:
-        return example_request()
+        return example_request(DEFAULT_CONTEXT if context is None else context)
     if not chosen:
         raise UsageError("which model? give --model DIR, --preset NAME or --layers N --layer-size SIZE")
     if not node_args:
         raise UsageError("which nodes? give --node NAME:MEMORY for each Mac (usable memory)")
-    if context is not None and context < 0:
-        raise UsageError("--context must be 0 or more tokens")
 
     nodes = tuple(parse_node(n) for n in node_args)
     names = [n.name for n in nodes]
@@ -228,7 +224,7 @@ def render(console: Console, request: PlanRequest, placement: Placement) -> None
         console.print(
             f"[bold]Built-in example:[/] Kimi-K2-Thinking on four 512 GB Mac Studios ({EXAMPLE_USABLE:.0%} usable "
             f"each) in a ring of Thunderbolt 5 cables at {format_bandwidth(parse_bandwidth(EXAMPLE_LINK))}.\n"
-            "Yours: tbmesh plan --preset NAME (or --model DIR) --node NAME:MEMORY ... --link A-B:SPEED ..."
+            "Yours: tbmesh plan --preset NAME --node NAME:MEMORY ... (see tbmesh plan --help)"
         )
     kv = f", KV cache {format_bytes(model.kv_bytes(request.context, model.num_layers))} for {request.context} tokens"
     console.print(
@@ -311,7 +307,7 @@ def plan(
         from tbmesh.core.planner import plan_layers
 
         placement = plan_layers(request.model, request.nodes, request.links, context=request.context)
-    except (UsageError, ModelFormatError, ValueError) as error:
+    except ValueError as error:  # bad arguments, sizes, model directories, presets
         _fail(str(error))
     if as_json:
         print(json.dumps(placement_json(placement)))

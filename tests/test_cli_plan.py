@@ -51,6 +51,12 @@ def test_builtin_example_json():
     assert set(plan["stages"][0]) == {"node", "start", "end", "bytes"}
 
 
+def test_builtin_example_takes_the_context():
+    # a hundred million tokens of Kimi's KV cache (7 TB) fit nowhere
+    code, plan = plan_json("--context", "100000000")
+    assert code == 3 and plan["fits"] is False
+
+
 def test_builtin_example_human():
     result = run("plan")
     assert result.returncode == 0, result.stderr
@@ -162,6 +168,7 @@ LAYERS = ("--layers", "4", "--layer-size", "1GB")
         ((*LAYERS,), "which nodes"),
         ((*LAYERS, "--node", "nocolon"), "NAME:MEMORY"),
         ((*LAYERS, "--node", "a:8GB", "--context", "-1"), "--context"),
+        (("--layers", "0", "--layer-size", "1GB", "--node", "a:8GB"), "at least 1"),
         (("--layers", "four", "--layer-size", "1GB", "--node", "a:8GB"), "--layers"),
         (("--nodes", "a:8GB"), "--nodes"),
     ],
