@@ -24,7 +24,7 @@ class ModelFormatError(ValueError):
 
 
 # Bytes per element of the safetensors dtypes (mlx saves uint32 packs for quantized weights).
-DTYPE_BYTES: dict[str, float] = {
+DTYPE_BYTES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
     "U32": 4, "I32": 4, "F32": 4,
@@ -39,6 +39,7 @@ _LAYER = re.compile(r"(?:layers|h|blocks)\.(\d+)\.")
 _TOKEN_EMBEDDINGS = {"embed_tokens", "wte", "word_embeddings", "tok_embeddings", "token_embeddings", "embedding"}
 _FINAL_NORMS = {"norm", "ln_f", "final_layernorm", "norm_f", "final_norm"}
 _OUTPUT_PROJECTIONS = {"lm_head", "output", "embed_out"}
+_TOP_MODULES = _TOKEN_EMBEDDINGS | _FINAL_NORMS | _OUTPUT_PROJECTIONS
 
 # mlx-lm models whose KVCache holds multi-head latent attention's compressed latent
 # (kv_lora_rank) plus the shared rope key (qk_rope_head_dim) per token: their attention
@@ -67,15 +68,12 @@ def tensor_bytes(name: str, dtype: str, shape: Sequence[int]) -> int:
     return int(math.prod(shape) * DTYPE_BYTES[dtype])
 
 
-def _strip_prefix(name: str) -> tuple[str, str] | None:
-    """(prefix, rest) when the tensor belongs to the text model, else None (vision tower ...)."""
+def _text_name(name: str) -> str | None:
+    """The name inside the text model ("layers.3.mlp...", "norm.weight"), None for others."""
     for prefix in _TEXT_PREFIXES:
-        if not name.startswith(prefix):
-            continue
-        rest = name[len(prefix):]
-        first = rest.split(".", 1)[0]
-        if _LAYER.match(rest) or first in _TOKEN_EMBEDDINGS | _FINAL_NORMS | _OUTPUT_PROJECTIONS:
-            return prefix, rest
+        rest = name[len(prefix) :] if name.startswith(prefix) else ""
+        if _LAYER.match(rest) or rest.split(".", 1)[0] in _TOP_MODULES:
+            return rest
     return None
 
 
@@ -94,11 +92,10 @@ def describe_model(name: str, config: Mapping[str, Any], tensors: Tensors) -> Mo
     has_output = False
     for tensor, (dtype, shape) in tensors.items():
         size = tensor_bytes(tensor, dtype, shape)
-        split = _strip_prefix(tensor)
-        if split is None:
+        rest = _text_name(tensor)
+        if rest is None:
             embed += size
             continue
-        rest = split[1]
         layer = _LAYER.match(rest)
         module = rest.split(".", 1)[0]
         if layer:
@@ -149,8 +146,8 @@ def activation_bytes(config: Mapping[str, Any], tensors: Tensors) -> int:
     scales' dtype when quantized. Failing that, the config's torch_dtype.
     """
     for tensor, (dtype, _) in tensors.items():
-        split = _strip_prefix(tensor)
-        if not split or split[1].split(".", 1)[0] not in _TOKEN_EMBEDDINGS:
+        rest = _text_name(tensor)
+        if rest is None or rest.split(".", 1)[0] not in _TOKEN_EMBEDDINGS:
             continue
         if tensor.endswith((".weight", ".scales")) and dtype in _FLOAT_DTYPES:
             return _FLOAT_DTYPES[dtype]
