@@ -32,6 +32,7 @@ class NetworkModel:
     drop: float = 0.0  # probability that a message is lost
     connect_delay: float = 0.005  # TCP + hello
     reconnect_interval: float = 0.5  # how often the shell retries a missing connection
+    flush_delay: float = 0.001  # the shell runs the core's flush this soon after a receive
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Simulator:
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
         self._fifo: dict[tuple[str, str], float] = {}
+        self._flush_pending: set[str] = set()
         self._schedule(self.net.reconnect_interval, self._reconnect_loop)
 
     # ----- scenario verbs ------------------------------------------------------------
@@ -264,6 +266,14 @@ class Simulator:
         if core is None or pair not in self.connections or not self._usable(pair):
             return
         self._carry_out(dst, core.receive(src, message, self.now))
+        if core.dirty and dst not in self._flush_pending:
+            self._flush_pending.add(dst)
+            self._schedule(self.net.flush_delay, lambda: self._flush(dst, core))
+
+    def _flush(self, node: str, core: ClusterNode) -> None:
+        self._flush_pending.discard(node)
+        if self.nodes.get(node) is core:
+            self._carry_out(node, core.flush(self.now))
 
     def _later(self, delay: float, node: str, call: Callable[[ClusterNode], list[Action]],
                pair: frozenset[str] | None = None) -> None:

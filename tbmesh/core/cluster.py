@@ -6,6 +6,7 @@ out the actions it returns:
     node = ClusterNode(info, incarnation, now, config)
     actions = node.peer_connected("b", incarnation=3, now=now)
     actions = node.receive("b", message, now)
+    actions = node.flush(now)           # soon after a burst of receives (coalesced)
     actions = node.tick(now)            # call every heartbeat_interval / 2 or so
     events = node.drain_events()        # joined, dead, leader, plan, ...
 
@@ -85,7 +86,11 @@ class ClusterNode:
         self._members: dict[str, bool] = {self.id: False}  # reachable -> suspected
         self._members_since = now
         self._planned_for: frozenset[str] | None = None
+        self._election_key: tuple | None = None
+        self._claims_cache: dict[str, election.Claim] = {}
+        self._best: str | None = None
         self._left = False
+        self.dirty = False  # received messages not yet reflected in the view
         self._publish(now)
 
     # ----- inputs -------------------------------------------------------------------
@@ -112,6 +117,9 @@ class ClusterNode:
         return self._update(now)
 
     def receive(self, peer: str, message: Message, now: float) -> list[Action]:
+        """Handle one message. Replies and flooding are returned at once; what follows
+        for the view (election, plan) waits for `flush`, so a burst of link states costs
+        one recomputation instead of one each."""
         detector = self.peers.get(peer)
         if detector is None or not detector.connected or self._left:
             return []
@@ -124,7 +132,13 @@ class ClusterNode:
         elif isinstance(message, Goodbye):
             if message.incarnation >= detector.incarnation:
                 detector.state, detector.connected = PeerState.DEAD, False
-        return self._update(now)
+        self.dirty = True
+        out, self._out = self._out, []
+        return out
+
+    def flush(self, now: float) -> list[Action]:
+        """Bring the view, the election and the plan up to date after `receive`s."""
+        return self._update(now) if self.dirty else []
 
     def tick(self, now: float) -> list[Action]:
         if self._left:
@@ -239,8 +253,8 @@ class ClusterNode:
             self.incarnation = state.incarnation + 1
             self.version = 0
         else:
-            self.version = state.version
-        self._published = None  # force a new version
+            self.version = state.version + 1
+        self._published = None  # publish again under the new version
         self._publish(now)
 
     def _on_summary(self, peer: str, summary: DatabaseSummary, now: float) -> None:
@@ -253,6 +267,7 @@ class ClusterNode:
     # ----- the state machine ------------------------------------------------------------
 
     def _update(self, now: float) -> list[Action]:
+        self.dirty = False
         for detector in self.peers.values():
             before = detector.state
             detector.tick(now, self.timing)
@@ -274,7 +289,8 @@ class ClusterNode:
 
     def _refresh_members(self, now: float) -> None:
         members = self.db.reachable(self.id)
-        if members == self._members:
+        if members is self._members or members == self._members:
+            self._members = members
             return
         for node in sorted(set(members) | set(self._members)):
             old, new = self._members.get(node), members.get(node)
@@ -299,8 +315,12 @@ class ClusterNode:
         return claims
 
     def _elect(self, now: float) -> None:
-        claims = self._claims()
-        best = election.best_claimant(claims)
+        key = (self.db.changes, self.term, self.leader)
+        if key != self._election_key:  # the claims only change with the view
+            self._election_key = key
+            self._claims_cache = self._claims()
+            self._best = election.best_claimant(self._claims_cache)
+        claims, best = self._claims_cache, self._best
         if best is None:
             if self.leader is not None:
                 self._event(now, "leader", None, "no leader")

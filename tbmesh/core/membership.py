@@ -94,7 +94,10 @@ class LinkStateDb:
 
     def __init__(self) -> None:
         self.states: dict[str, LinkState] = {}
+        self.changes = 0  # bumped on every kept state: a cheap key for caches
+        self._peers: dict[str, frozenset[str]] = {}
         self._digest: int | None = None
+        self._reachable: tuple[str, int, dict[str, bool]] | None = None
 
     def offer(self, state: LinkState) -> bool:
         """Keep `state` if it is newer than what we hold; returns whether it was kept."""
@@ -102,6 +105,10 @@ class LinkStateDb:
         if held is not None and held.key >= state.key:
             return False
         self.states[state.origin] = state
+        self._peers[state.origin] = frozenset() if state.left else frozenset(
+            a.peer for a in state.neighbours
+        )
+        self.changes += 1
         self._digest = None
         return True
 
@@ -135,6 +142,8 @@ class LinkStateDb:
         Maps each reachable node to whether it is only suspected: every adjacency that
         leads to it is marked suspect by the neighbour that publishes it.
         """
+        if self._reachable is not None and self._reachable[:2] == (me, self.changes):
+            return self._reachable[2]
         found: dict[str, bool] = {me: False}
         queue = deque([me])
         while queue:
@@ -143,10 +152,7 @@ class LinkStateDb:
             if state is None or state.left:
                 continue
             for adj in state.neighbours:
-                there = self.states.get(adj.peer)
-                if there is None or there.left:
-                    continue
-                if not any(back.peer == here for back in there.neighbours):
+                if here not in self._peers.get(adj.peer, ()):
                     continue  # one-sided: the other end does not (yet, or any more) agree
                 if adj.peer not in found:
                     found[adj.peer] = adj.suspect
@@ -154,4 +160,5 @@ class LinkStateDb:
                 elif not adj.suspect:
                     found[adj.peer] = False
         found[me] = False
+        self._reachable = (me, self.changes, found)
         return found
