@@ -1,0 +1,615 @@
+"""The wire protocol between tbmesh daemons: framing, message schema, handshake proofs, tensors.
+
+Pure protocol logic in the style of h11: no sockets, no asyncio, no clock. The daemon feeds
+the bytes it receives into a `FrameDecoder` and writes what `encode` returns with
+`transport.writelines(...)`. A peer is untrusted: anything it sends that breaks the rules
+below raises `ProtocolError` (never another exception), and the connection is closed.
+
+Frame layout (integers big-endian)::
+
+    +---------------+----------------+-----------------------+---------------------------+
+    | header length | payload length | header                | payload                   |
+    | u32           | u32            | msgpack map, "t"=type | raw bytes, Tensor only    |
+    +---------------+----------------+-----------------------+---------------------------+
+
+The header is a map: "t" names the message type, the other keys are the message's fields
+(nested dataclasses are maps, tuples are arrays, bytes are msgpack bin). Every field is
+checked on decode: exact types (a bool is not an int), numbers finite and >= 0, strings and
+bytes at most `MAX_TEXT`, lists at most `MAX_ITEMS`, no unknown fields (a schema change is a
+`PROTOCOL_VERSION` change). Only `Tensor` carries a payload: its data as raw bytes in the
+sender's byte order (little-endian on every Mac and Linux machine we run on).
+
+Handshake, on every new connection (D dials, L listens; the nonces are 16 random bytes)::
+
+    D -> L  Hello(version, node=D, ..., nonce=nD, proof=b"")
+    L       refuses a wrong version (`version_refusal`), another cluster, itself
+    L -> D  Welcome(version, node=L, ..., nonce=nL,
+                    proof=make_proof(secret, nL, nD, L, D, "listener"))
+    D       checks the version and L's proof (`proof_refusal(secret, proof, nL, nD, L, D, "listener")`)
+    D -> L  Auth(proof=make_proof(secret, nD, nL, D, L, "dialer"))
+    L       checks D's proof (`proof_refusal(secret, proof, nD, nL, D, L, "dialer")`)
+
+Either side may instead send `Refuse(reason)` and close. Each proof is an HMAC-SHA256 of both
+nonces, both ids and the prover's role under the cluster secret: it answers the other side's
+fresh nonce (no replay), and the role in the MAC means L's proof cannot be reflected back to L
+as D's. Without a secret proofs are empty; a side with a secret refuses a missing or wrong
+proof. Frozen forever, so any two versions can tell each other why they disagree: the frame
+prefix, the "t" and "version" keys of hello/welcome, and the refuse message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import msgpack
+import numpy as np
+
+from tbmesh.core.messages import DatabaseSummary, Goodbye, Heartbeat, LinkStates
+from tbmesh.core.types import Stage
+
+PROTOCOL_VERSION = 1
+
+PREFIX = struct.Struct(">II")  # header length, payload length
+MAX_HEADER = 1 << 20  # 1 MiB of msgpack: a link-state database of ~1000 Macs with a plan
+MAX_PAYLOAD = 512 << 20  # one tensor; a 1x4096x8192 bfloat16 activation is 64 MiB
+MAX_ITEMS = 4096  # any list: nodes, stages, neighbours, summary entries
+MAX_TEXT = 64 << 10  # any str or bytes field
+MAX_DIMS = 8  # tensor rank
+MAX_META_DEPTH = 4  # nesting of Tensor.meta
+
+NONCE_BYTES = 16
+PROOF_BYTES = 32  # HMAC-SHA256
+ROLES = ("dialer", "listener")
+
+# Tensor element types and their sizes. bfloat16 has no numpy dtype: it travels as raw bytes
+# and becomes an MLX array through a uint16 view (see array_from_tensor).
+DTYPES: dict[str, int] = {
+    "bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
+    "int64": 8, "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4,
+}
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; `str(error)` says how in one line. Close the connection."""
+
+
+# --- transport-level messages ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The dialer's greeting. `proof` is always empty in a Hello (the dialer proves itself in
+    Auth, once it has the listener's nonce); it is here so Hello and Welcome share one shape."""
+
+    version: int
+    node: str
+    incarnation: int
+    name: str
+    cluster: str
+    machine: str
+    purpose: Literal["peer", "probe"]
+    nonce: bytes  # NONCE_BYTES random bytes, made by the caller
+    proof: bytes = b""
+
+
+@dataclass(frozen=True)
+class Welcome(Hello):
+    """The listener's answer to a Hello: its own greeting, `proof` answering the dialer's nonce."""
+
+
+@dataclass(frozen=True)
+class Auth:
+    """The dialer's proof, answering the listener's nonce (empty without a secret)."""
+
+    proof: bytes
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Why the sender is about to close the connection, for the other side's log."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """An array between pipeline stages. `data` holds shape-product * itemsize raw bytes.
+
+    `meta` is free-form (str keys; None, bool, int, float, str, bytes, lists and maps inside);
+    tuples in it come back as lists.
+    """
+
+    request: str
+    step: int
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview | bytes = field(repr=False)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype]
+
+
+WireMessage = Hello | Welcome | Auth | Refuse | Heartbeat | LinkStates | DatabaseSummary | Goodbye | Tensor
+
+TAGS: dict[type, str] = {
+    Hello: "hello", Welcome: "welcome", Auth: "auth", Refuse: "refuse",
+    Heartbeat: "heartbeat", LinkStates: "link_states", DatabaseSummary: "db_summary",
+    Goodbye: "goodbye", Tensor: "tensor",
+}
+PAYLOAD_FIELD: dict[type, str] = {Tensor: "data"}  # the one field that travels as the payload
+
+
+# --- handshake proofs -----------------------------------------------------------------------
+
+
+def make_proof(secret: bytes, my_nonce: bytes, their_nonce: bytes, my_id: str, their_id: str,
+               role: str) -> bytes:
+    """HMAC-SHA256 proving we hold `secret`, bound to both nonces, both ids and our role."""
+    if not secret:
+        raise ValueError("an empty cluster secret proves nothing")
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    # msgpack keeps the fields unambiguous (no "ab"+"c" == "a"+"bc").
+    text = msgpack.packb(["tbmesh-proof", PROTOCOL_VERSION, role, my_id, their_id,
+                          my_nonce, their_nonce], use_bin_type=True)
+    return hmac.new(secret, text, hashlib.sha256).digest()
+
+
+def check_proof(secret: bytes, proof: bytes, their_nonce: bytes, my_nonce: bytes,
+                their_id: str, my_id: str, their_role: str) -> bool:
+    """Whether the peer's `proof` is `make_proof` from its side; constant-time comparison."""
+    expected = make_proof(secret, their_nonce, my_nonce, their_id, my_id, their_role)
+    return isinstance(proof, bytes) and hmac.compare_digest(expected, proof)
+
+
+def version_refusal(greeting: Hello) -> str | None:
+    """Why to refuse a Hello or Welcome for its protocol version, or None."""
+    if greeting.version != PROTOCOL_VERSION:
+        return f"refused: protocol version {greeting.version}, we speak {PROTOCOL_VERSION}"
+    return None
+
+
+def proof_refusal(secret: bytes | None, proof: bytes, their_nonce: bytes, my_nonce: bytes,
+                  their_id: str, my_id: str, their_role: str) -> str | None:
+    """Why to refuse the peer's proof, or None. Without a secret of our own we accept anyone
+    (the peer, if it has one, refuses us instead)."""
+    if secret and not (proof and check_proof(secret, proof, their_nonce, my_nonce,
+                                             their_id, my_id, their_role)):
+        return "refused: bad or missing cluster secret"
+    return None
+
+
+# --- schema: dataclass <-> msgpack value, validated on the way in ----------------------------
+
+Check = Callable[[Any, str], Any]  # (wire value, field path for the error) -> python value
+
+
+def _fail(path: str, what: str) -> ProtocolError:
+    return ProtocolError(f"{path}: {what}")
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_int(value: Any, path: str) -> int:
+    if type(value) is not int:  # not isinstance: True is not a count
+        raise _fail(path, f"expected an integer, got {_kind(value)}")
+    if value < 0:
+        raise _fail(path, f"negative ({value})")
+    return value
+
+
+def _check_float(value: Any, path: str) -> float:
+    if type(value) is int:  # another implementation may write 0 for 0.0
+        value = float(value)
+    elif type(value) is not float:
+        raise _fail(path, f"expected a number, got {_kind(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise _fail(path, f"not a finite number >= 0 ({value})")
+    return value
+
+
+def _check_bool(value: Any, path: str) -> bool:
+    if type(value) is not bool:
+        raise _fail(path, f"expected a bool, got {_kind(value)}")
+    return value
+
+
+def _sized(kind: type) -> Check:
+    def check(value: Any, path: str) -> Any:
+        if type(value) is not kind:
+            raise _fail(path, f"expected {kind.__name__}, got {_kind(value)}")
+        if len(value) > MAX_TEXT:
+            raise _fail(path, f"{len(value)} long, at most {MAX_TEXT}")
+        return value
+    return check
+
+
+_check_str = _sized(str)
+_check_bytes = _sized(bytes)
+
+
+def _check_map(value: Any, path: str) -> dict:
+    if type(value) is not dict:
+        raise _fail(path, f"expected a map, got {_kind(value)}")
+    return _check_plain(value, path)
+
+
+def _check_list(value: Any, path: str) -> list:
+    if type(value) is not list:
+        raise _fail(path, f"expected a list, got {_kind(value)}")
+    if len(value) > MAX_ITEMS:
+        raise _fail(path, f"{len(value)} items, at most {MAX_ITEMS}")
+    return value
+
+
+def _check_plain(value: Any, path: str, depth: int = 0) -> Any:
+    """Free-form data (Tensor.meta): msgpack scalars, lists and str-keyed maps, bounded."""
+    if value is None or type(value) in (bool, int):
+        return value
+    if type(value) is str:
+        return _check_str(value, path)
+    if type(value) is bytes:
+        return _check_bytes(value, path)
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise _fail(path, f"not a finite number ({value})")
+        return value
+    if depth >= MAX_META_DEPTH and type(value) in (list, dict):
+        raise _fail(path, f"nested deeper than {MAX_META_DEPTH}")
+    if type(value) is list:
+        return [_check_plain(v, f"{path}[{i}]", depth + 1)
+                for i, v in enumerate(_check_list(value, path))]
+    if type(value) is dict:
+        if len(value) > MAX_ITEMS:
+            raise _fail(path, f"{len(value)} keys, at most {MAX_ITEMS}")
+        return {_check_str(k, f"{path} key"): _check_plain(v, f"{path}.{k}", depth + 1)
+                for k, v in value.items()}
+    raise _fail(path, f"unsupported {_kind(value)}")
+
+
+def _checker(tp: Any) -> Check:
+    """The validating converter for one type hint of the message dataclasses."""
+    simple = {int: _check_int, float: _check_float, bool: _check_bool, str: _check_str,
+              bytes: _check_bytes}
+    if tp in simple:
+        return simple[tp]
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is dict or origin is dict:
+        return _check_map
+    if origin in (Union, UnionType) and len(args) == 2 and type(None) in args:
+        inner = _checker(next(a for a in args if a is not type(None)))
+        return lambda value, path: None if value is None else inner(value, path)
+    if origin is Literal:
+        def check_choice(value: Any, path: str) -> Any:
+            if type(value) is not str or value not in args:
+                raise _fail(path, f"expected one of {list(args)}, got {value!r:.40}")
+            return value
+        return check_choice
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = _checker(args[0])
+        return lambda value, path: tuple(
+            item(v, f"{path}[{i}]") for i, v in enumerate(_check_list(value, path)))
+    if origin is tuple:
+        items = [_checker(a) for a in args]
+
+        def check_fixed(value: Any, path: str) -> tuple:
+            if len(_check_list(value, path)) != len(items):
+                raise _fail(path, f"expected {len(items)} items, got {len(value)}")
+            return tuple(check(v, f"{path}[{i}]") for i, (check, v) in enumerate(zip(items, value)))
+        return check_fixed
+    if is_dataclass(tp):
+        return _dataclass_checker(tp)
+    raise TypeError(f"no wire form for {tp!r}")
+
+
+def _dataclass_checker(cls: type) -> Check:
+    hints = get_type_hints(cls)
+    skip = PAYLOAD_FIELD.get(cls)
+    specs = [(f.name, _checker(hints[f.name]), f.default is MISSING and f.default_factory is MISSING)
+             for f in fields(cls) if f.name != skip]
+    names = {name for name, _, _ in specs}
+    extra = _SEMANTIC.get(cls)
+
+    def check(value: Any, path: str) -> Any:
+        if type(value) is not dict:
+            raise _fail(path, f"expected a map, got {_kind(value)}")
+        unknown = value.keys() - names
+        if unknown:
+            raise _fail(path, f"unknown field {sorted(map(str, unknown))[0]!r:.40}")
+        kwargs = {}
+        for name, check_field, required in specs:
+            if name in value:
+                kwargs[name] = check_field(value[name], f"{path}.{name}")
+            elif required:
+                raise _fail(path, f"missing field {name!r}")
+        if skip:
+            kwargs[skip] = b""  # the payload is attached once it has arrived
+        obj = cls(**kwargs)
+        if extra and (why := extra(obj)):
+            raise _fail(path, why)
+        return obj
+    return check
+
+
+def _hello_rules(h: Hello) -> str | None:
+    if len(h.nonce) != NONCE_BYTES:
+        return f"nonce of {len(h.nonce)} bytes, expected {NONCE_BYTES}"
+    if len(h.proof) not in (0, PROOF_BYTES):
+        return f"proof of {len(h.proof)} bytes, expected 0 or {PROOF_BYTES}"
+    return None
+
+
+def _tensor_rules(t: Tensor) -> str | None:
+    if t.dtype not in DTYPES:
+        return f"dtype {t.dtype!r:.40} is not one of {', '.join(DTYPES)}"
+    if len(t.shape) > MAX_DIMS:
+        return f"{len(t.shape)} dimensions, at most {MAX_DIMS}"
+    return None
+
+
+# Rules across fields, beyond what the type hints say.
+_SEMANTIC: dict[type, Callable[[Any], str | None]] = {
+    Hello: _hello_rules,
+    Welcome: _hello_rules,
+    Auth: lambda a: None if len(a.proof) in (0, PROOF_BYTES) else f"proof of {len(a.proof)} bytes",
+    Stage: lambda s: None if s.start <= s.end else f"start {s.start} > end {s.end}",
+    Tensor: _tensor_rules,
+}
+
+_DECODERS: dict[str, tuple[type, Check]] = {tag: (cls, _dataclass_checker(cls)) for cls, tag in TAGS.items()}
+
+
+def _decode_header(header: bytes | memoryview, payload_len: int) -> Any:
+    """The message a header describes; a Tensor gets `data=b""` until its payload arrives."""
+    try:
+        value = msgpack.unpackb(header, raw=False, strict_map_key=True)
+    except Exception as error:  # msgpack raises ValueError and its subclasses, maybe others
+        raise ProtocolError(f"bad msgpack header ({type(error).__name__}: {error})".split("\n")[0]) from None
+    if type(value) is not dict:
+        raise ProtocolError(f"header is a {_kind(value)}, not a map")
+    tag = value.pop("t", None)
+    if type(tag) is not str:
+        raise ProtocolError(f"header has no string type 't' (got {_kind(tag)})")
+    if tag not in _DECODERS:
+        raise ProtocolError(f"unknown message type {tag!r:.40}")
+    cls, check = _DECODERS[tag]
+    if payload_len and cls not in PAYLOAD_FIELD:
+        raise ProtocolError(f"a {tag} frame carries no payload, got {payload_len} bytes")
+    try:
+        message = check(value, tag)
+    except ProtocolError:
+        version = value.get("version")
+        if cls in (Hello, Welcome) and type(version) is int and version != PROTOCOL_VERSION:
+            # Another version's greeting may not fit ours; its version is the real reason.
+            raise ProtocolError(f"protocol version {version}, we speak {PROTOCOL_VERSION}") from None
+        raise
+    if cls is Tensor and message.nbytes != payload_len:
+        raise ProtocolError(f"tensor {message.dtype}{list(message.shape)} needs {message.nbytes} "
+                            f"bytes, the frame has {payload_len}")
+    return message
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def _as_map(obj: Any) -> dict[str, Any]:
+    """msgpack's fallback for nested dataclasses (tuples it packs as arrays by itself)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in fields(obj)}
+    raise TypeError(f"cannot send a {type(obj).__name__}")
+
+
+def encode(message: Any) -> list[bytes | memoryview]:
+    """The frame for `message`, in pieces for `transport.writelines`: prefix + header, and for
+    a Tensor its data as a flat memoryview of the caller's buffer (not copied here; keep the
+    array unchanged until the transport has sent it)."""
+    tag = TAGS.get(type(message))
+    if tag is None:
+        raise TypeError(f"not a wire message: {type(message).__name__}")
+    skip = PAYLOAD_FIELD.get(type(message))
+    header = {"t": tag} | {f.name: getattr(message, f.name) for f in fields(message) if f.name != skip}
+    packed = msgpack.packb(header, default=_as_map, use_bin_type=True)
+    if len(packed) > MAX_HEADER:
+        raise ValueError(f"{tag} header of {len(packed)} bytes exceeds {MAX_HEADER}")
+    payload = _tensor_payload(message) if skip else memoryview(b"")
+    prefix = PREFIX.pack(len(packed), payload.nbytes)
+    return [prefix + packed, payload] if payload.nbytes else [prefix + packed]
+
+
+def _tensor_payload(t: Tensor) -> memoryview:
+    if why := _tensor_rules(t):
+        raise ValueError(why)
+    view = memoryview(t.data)
+    if view.nbytes != t.nbytes:
+        raise ValueError(f"tensor {t.dtype}{list(t.shape)} needs {t.nbytes} bytes, data has {view.nbytes}")
+    if view.nbytes > MAX_PAYLOAD:
+        raise ValueError(f"tensor of {view.nbytes} bytes exceeds {MAX_PAYLOAD}")
+    if not view.nbytes or (view.format == "B" and view.ndim == 1):
+        return view
+    return view.cast("B")  # a flat view of the same memory; needs C order (tensor_from_array)
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages: `feed(data)`, then `next_message()` until None.
+
+    Header bytes collect in one bytearray consumed by an offset (amortised linear, however the
+    stream is chunked). A payload goes into a bytearray of its exact size, allocated only after
+    its header has been validated, which the Tensor's `data` then views: the copy in `feed`
+    (from the caller's `data` into that buffer) is the one copy this module makes of a tensor.
+    Payload bytes that arrive in the same chunk as their header are copied twice (into the
+    header buffer, then into the payload buffer), at most one read's worth.
+
+    After a ProtocolError the decoder is dead: `next_message` returns the messages decoded
+    before the fault, then raises the error, as does every later `feed`.
+    """
+
+    def __init__(self, max_header: int = MAX_HEADER, max_payload: int = MAX_PAYLOAD) -> None:
+        self.max_header = max_header
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._pos = 0  # start of the unconsumed bytes in _buf
+        self._lengths: tuple[int, int] | None = None  # the current frame's, once its prefix is in
+        self._pending: Tensor | None = None  # a decoded header waiting for its payload
+        self._payload: bytearray | None = None
+        self._filled = 0
+        self._ready: deque[Any] = deque()
+        self._error: ProtocolError | None = None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if self._payload is not None:
+            view = view[self._fill(view):]
+        if view.nbytes:
+            self._buf += view
+            try:
+                self._parse()
+            except ProtocolError as error:
+                self._error = error
+            self._compact()
+
+    def feed_eof(self) -> None:
+        """The peer closed the connection: an unfinished frame is a truncated one."""
+        if self._error is None and (self._lengths is not None or self._payload is not None
+                                    or self._pos < len(self._buf)):
+            have = len(self._buf) - self._pos + self._filled
+            self._error = ProtocolError(f"connection closed in the middle of a frame ({have} bytes of it)")
+
+    def next_message(self) -> Any | None:
+        if self._ready:
+            return self._ready.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def __iter__(self) -> Iterator[Any]:
+        while (message := self.next_message()) is not None:
+            yield message
+
+    def _parse(self) -> None:
+        buf = self._buf
+        while self._payload is None:
+            available = len(buf) - self._pos
+            if self._lengths is None:
+                if available < PREFIX.size:
+                    return
+                header_len, payload_len = PREFIX.unpack_from(buf, self._pos)
+                if header_len > self.max_header:
+                    raise ProtocolError(f"header of {header_len} bytes announced, at most {self.max_header}")
+                if payload_len > self.max_payload:
+                    raise ProtocolError(f"payload of {payload_len} bytes announced, at most {self.max_payload}")
+                self._pos += PREFIX.size
+                self._lengths = (header_len, payload_len)
+                continue
+            header_len, payload_len = self._lengths
+            if available < header_len:
+                return
+            # A copy (small): a view into _buf would pin it (no resizing) as long as an
+            # exception's traceback holds it.
+            message = _decode_header(buf[self._pos:self._pos + header_len], payload_len)
+            self._pos += header_len
+            self._lengths = None
+            if not payload_len:
+                self._ready.append(message)
+                continue
+            self._pending, self._payload, self._filled = message, bytearray(payload_len), 0
+            with memoryview(buf) as whole, whole[self._pos:] as rest:  # released at once
+                self._pos += self._fill(rest)
+
+    def _fill(self, view: memoryview) -> int:
+        """Copy the start of `view` into the pending payload; return how many bytes it took."""
+        assert self._payload is not None and self._pending is not None
+        take = min(len(self._payload) - self._filled, view.nbytes)
+        self._payload[self._filled:self._filled + take] = view[:take]
+        self._filled += take
+        if self._filled == len(self._payload):
+            self._ready.append(replace(self._pending, data=memoryview(self._payload)))
+            self._pending = self._payload = None
+            self._filled = 0
+        return take
+
+    def _compact(self) -> None:
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > len(self._buf) // 2:  # moving the smaller half keeps it linear
+            del self._buf[:self._pos]
+            self._pos = 0
+
+
+def decode(frame: bytes | bytearray | memoryview) -> Any:
+    """The one message in a complete frame (for tests and tools)."""
+    decoder = FrameDecoder()
+    decoder.feed(frame)
+    decoder.feed_eof()
+    messages = list(decoder)
+    if len(messages) != 1:
+        raise ProtocolError(f"expected one message, got {len(messages)}")
+    return messages[0]
+
+
+# --- tensors <-> arrays -------------------------------------------------------------------------
+
+
+def tensor_from_array(array: Any, request: str = "", step: int = 0,
+                      meta: dict[str, Any] | None = None) -> Tensor:
+    """A Tensor viewing a numpy or MLX array's own memory (no copy when it is C-contiguous).
+
+    An MLX array is evaluated (its lazy graph computed) by taking the view; a non-contiguous
+    one (a transpose, a strided slice) is first copied into row-major order.
+    """
+    shape = tuple(int(d) for d in array.shape)
+    if isinstance(array, np.ndarray):
+        dtype = array.dtype.name
+        if dtype in DTYPES and not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
+        view = memoryview(array)
+    elif type(array).__module__.startswith("mlx"):
+        import mlx.core as mx
+
+        dtype = str(array.dtype).rpartition(".")[2]  # "mlx.core.bfloat16" -> "bfloat16"
+        view = memoryview(array)
+        if not view.c_contiguous:
+            view = memoryview(mx.contiguous(array))
+    else:
+        raise TypeError(f"not a numpy or mlx array: {type(array).__name__}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype} cannot travel; use one of {', '.join(DTYPES)}")
+    flat = view.cast("B") if view.nbytes else memoryview(b"")
+    return Tensor(request, step, dtype, shape, flat, dict(meta or {}))
+
+
+def array_from_tensor(t: Tensor, lib: Literal["mlx", "numpy"] = "mlx") -> Any:
+    """The tensor as an array. numpy: a zero-copy view of `t.data` (no bfloat16 in numpy).
+    mlx: one copy into MLX-owned memory (MLX cannot adopt a foreign buffer); bfloat16 goes
+    through a uint16 view, then a same-size `view` to bfloat16, which copies nothing."""
+    raw = t.dtype == "bfloat16"
+    if raw and lib == "numpy":
+        raise TypeError("numpy has no bfloat16; use lib='mlx' or np.frombuffer(t.data, np.uint16)")
+    flat = np.frombuffer(t.data, dtype=np.uint16 if raw else np.dtype(t.dtype))
+    if lib == "numpy":
+        return flat.reshape(t.shape)
+    import mlx.core as mx
+
+    array = mx.array(flat.reshape(t.shape))
+    return array.view(mx.bfloat16) if raw else array
