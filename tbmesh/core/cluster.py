@@ -315,7 +315,7 @@ class ClusterNode:
         return claims
 
     def _elect(self, now: float) -> None:
-        key = (self.db.changes, self.term, self.leader)
+        key = (self.db.topology, self.db.claims, self.term, self.leader)
         if key != self._election_key:  # the claims only change with the view
             self._election_key = key
             self._claims_cache = self._claims()

@@ -95,6 +95,8 @@ class LinkStateDb:
     def __init__(self) -> None:
         self.states: dict[str, LinkState] = {}
         self.changes = 0  # bumped on every kept state: a cheap key for caches
+        self.topology = 0  # bumped when adjacencies change: reachability depends on nothing else
+        self.claims = 0  # bumped when a (term, leader) claim changes
         self._peers: dict[str, frozenset[str]] = {}
         self._digest: int | None = None
         self._reachable: tuple[str, int, dict[str, bool]] | None = None
@@ -104,6 +106,10 @@ class LinkStateDb:
         held = self.states.get(state.origin)
         if held is not None and held.key >= state.key:
             return False
+        if held is None or _adjacency(held) != _adjacency(state):
+            self.topology += 1
+        if held is None or (held.term, held.leader) != (state.term, state.leader):
+            self.claims += 1
         self.states[state.origin] = state
         self._peers[state.origin] = frozenset() if state.left else frozenset(
             a.peer for a in state.neighbours
@@ -142,7 +148,7 @@ class LinkStateDb:
         Maps each reachable node to whether it is only suspected: every adjacency that
         leads to it is marked suspect by the neighbour that publishes it.
         """
-        if self._reachable is not None and self._reachable[:2] == (me, self.changes):
+        if self._reachable is not None and self._reachable[:2] == (me, self.topology):
             return self._reachable[2]
         found: dict[str, bool] = {me: False}
         queue = deque([me])
@@ -160,5 +166,9 @@ class LinkStateDb:
                 elif not adj.suspect:
                     found[adj.peer] = False
         found[me] = False
-        self._reachable = (me, self.changes, found)
+        self._reachable = (me, self.topology, found)
         return found
+
+
+def _adjacency(state: LinkState) -> tuple:
+    return (state.left, tuple((a.peer, a.suspect) for a in state.neighbours))
