@@ -1,0 +1,32 @@
+"""Shared pytest set-up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import netns
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs_root: needs root and iproute2 (network-namespace lab); skipped otherwise"
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("needs_root"):
+        reason = netns.unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+
+
+@pytest.fixture
+def lab() -> Iterator[netns.Lab]:
+    """A network-namespace lab of Macs and cables, torn down after the test (even a failing one)."""
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with netns.Lab() as the_lab:
+        yield the_lab
