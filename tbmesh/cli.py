@@ -314,3 +314,134 @@ def plan(
     else:
         render(console, request, placement)
     raise typer.Exit(EXIT_FITS if placement.fits else EXIT_DOES_NOT_FIT)
+
+
+# --- the daemon and its status ----------------------------------------------------------
+
+
+def _run_event_loop(main: Any) -> Any:
+    """uvloop when it is installed (it is on macOS and Linux), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+@app.command()
+def daemon(
+    interface: list[str] = typer.Option([], "--interface", help="Serve on this interface (repeat); default: the Thunderbolt ones."),
+    port: int = typer.Option(7470, "--port", help="Control port for peers; 0 = any free."),
+    api_host: str = typer.Option("127.0.0.1", "--api-host", help="Where the HTTP API listens."),
+    api_port: int = typer.Option(7471, "--api-port", help="HTTP API port; 0 = any free."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the node id is kept."),
+    name: Optional[str] = typer.Option(None, "--name", help="This Mac's name in the cluster [default: host name]."),
+    cluster: str = typer.Option("default", "--cluster", help="Only Macs with the same cluster name join."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The mlx-lm model directory to plan and serve."),
+    secret: Optional[str] = typer.Option(None, "--secret", help="Cluster secret: peers without it are refused."),
+    secret_file: Optional[Path] = typer.Option(None, "--secret-file", help="Read the cluster secret from a file."),
+    context: int = typer.Option(DEFAULT_CONTEXT, "--context", help="Tokens of KV cache each stage keeps room for."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Pretend this much memory is usable (tests, demos), e.g. 24GB."),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="Measure each link's bandwidth when it appears."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:  # fmt: skip
+    """Run this Mac's node: discover peers on Thunderbolt, join the cluster, serve the API."""
+    import logging
+
+    from tbmesh.daemon import DaemonConfig, StartupError
+    from tbmesh.daemon import Daemon as NodeDaemon
+
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        _fail(f"bad --log-level {log_level!r}: use debug, info, warning or error")
+    for flag, value in (("--port", port), ("--api-port", api_port)):
+        if not 0 <= value <= 65535:
+            _fail(f"bad {flag} {value}: a port is 0 to 65535")
+    if context < 0:
+        _fail("--context must be 0 or more tokens")
+    if secret is not None and secret_file is not None:
+        _fail("give --secret or --secret-file, not both")
+    secret_bytes = None
+    try:
+        if secret_file is not None:
+            secret_bytes = secret_file.read_bytes().strip()
+        elif secret is not None:
+            secret_bytes = secret.encode()
+        usable = parse_size(memory) if memory is not None else None
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+    if secret_bytes is not None and not secret_bytes:
+        _fail("the cluster secret is empty")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = DaemonConfig(
+        interfaces=interface or None, port=port, api_host=api_host, api_port=api_port,
+        cluster=cluster, model=model, secret=secret_bytes, context=context,
+        memory_usable=usable, probe_links=probe,
+    )
+    if state_dir is not None:
+        config.state_dir = state_dir
+    if name:
+        config.name = name
+
+    async def main() -> None:
+        await NodeDaemon(config).run()
+
+    try:
+        _run_event_loop(main())
+    except StartupError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        pass
+
+
+DEFAULT_API = "http://127.0.0.1:7471"
+
+
+def fetch_status(api: str, timeout: float = 2.0) -> dict[str, Any]:
+    """GET /status from a daemon; raises ConnectionError with a one-line reason."""
+    import urllib.error
+    import urllib.request
+
+    url = api.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(f"no tbmesh daemon answers at {api} ({reason}); start one with "
+                              "`tbmesh daemon` (or point --api at one)") from None
+
+
+@app.command()
+def status(
+    api: str = typer.Option(DEFAULT_API, "--api", help="The daemon's API URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status JSON."),
+) -> None:  # fmt: skip
+    """Show the cluster as the local daemon sees it."""
+    try:
+        data = fetch_status(api)
+    except ConnectionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    console = Console(highlight=False)
+    names = {n["id"]: n["name"] for n in data["nodes"]}
+    console.print(f"[bold]{data['node']['name']}[/] in cluster {data['cluster']!r}, leader "
+                  f"{names.get(data['leader'], data['leader'])}, term {data['term']}")
+    table = Table(show_edge=False)
+    for column in ("node", "state", "role", "usable", "TFLOP/s"):
+        table.add_column(column)
+    for n in data["nodes"]:
+        table.add_row(n["name"], n["state"], n["role"], format_bytes(n["memory_usable"]),
+                      f"{n['flops'] / 1e12:.2f}")
+    console.print(table)
+    plan = data.get("plan")
+    if plan:
+        stages = ", ".join(f"{names.get(s['node'], s['node'])} {s['start']}-{s['end'] - 1}" for s in plan["stages"])
+        console.print(f"plan epoch {plan['epoch']}: {stages}")
+    elif data.get("no_fit"):
+        console.print(f"[red]model does not fit:[/] {data['no_fit']}")

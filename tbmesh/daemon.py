@@ -1,0 +1,517 @@
+"""The daemon: wires the pure cluster core to the network, on one asyncio event loop.
+
+    discovery (zeroconf) --found--> dial loop --Channel--> frame loop --messages--> core
+    core --actions--> Channel.send / close          ticker --tick--> core
+    interface watcher --change--> discovery rescan + new addresses
+
+Everything that can block (MLX, memory probes) runs in worker threads so heartbeats keep
+flowing. Nothing received from the network can raise out of its own connection's task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tbmesh import measure, state
+from tbmesh.core.cluster import ClusterNode, CoreConfig
+from tbmesh.core.membership import PeerState, Timing
+from tbmesh.core.messages import Disconnect, Event, Send
+from tbmesh.core.types import ModelSpec, NodeInfo
+from tbmesh.net import interfaces as netif
+from tbmesh.net import peers, wire
+from tbmesh.net.discovery import Advert, Discovery, Found
+from tbmesh.net.watch import InterfaceWatcher
+
+log = logging.getLogger("tbmesh")
+
+DEFAULT_PORT = 7470
+DEFAULT_API_PORT = 7471
+PROBE_SECONDS = 0.5
+
+
+class StartupError(Exception):
+    """A one-line reason the daemon cannot start (port in use, no such interface, ...)."""
+
+
+@dataclass
+class DaemonConfig:
+    interfaces: list[str] | None = None  # None: the Thunderbolt interfaces
+    port: int = DEFAULT_PORT  # control port; 0 = any free
+    api_host: str = "127.0.0.1"
+    api_port: int = DEFAULT_API_PORT  # 0 = any free
+    state_dir: Path = field(default_factory=state.default_state_dir)
+    name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    cluster: str = "default"
+    model: Path | None = None
+    secret: bytes | None = None
+    context: int = 4096
+    memory_usable: int | None = None  # pretend to have this much (tests, demos)
+    timing: Timing = field(default_factory=Timing)
+    probe_links: bool = True
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.loop = asyncio.get_event_loop()
+        self.identity: state.Identity | None = None
+        self.core: ClusterNode | None = None
+        self.model: ModelSpec | None = None
+        self.interfaces: list[str] = []
+        self.addresses: list[str] = []
+        self.channels: dict[str, peers.Channel] = {}
+        self.known: dict[str, Found] = {}
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
+        self.port = 0
+        self.api_port = 0
+        self.stopped = asyncio.Event()
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._dialers: dict[str, asyncio.Task] = {}
+        self._flush_scheduled = False
+        self._probe_lock = asyncio.Lock()
+        self._server: asyncio.Server | None = None
+        self._discovery: Discovery | None = None
+        self._watcher: InterfaceWatcher | None = None
+        self._api = None
+        self._stopping = False
+
+    # ----- life cycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            self.interfaces = netif.select_interfaces(cfg.interfaces)
+        except ValueError as error:
+            raise StartupError(str(error)) from None
+        self.addresses = self._current_addresses()
+        if cfg.model is not None:
+            from tbmesh.runtime.modeldir import describe_model_dir
+
+            try:
+                self.model = describe_model_dir(cfg.model)
+            except ValueError as error:
+                raise StartupError(f"--model {cfg.model}: {error}") from None
+        machine = measure.machine_identity()
+        self.identity = state.load_identity(cfg.state_dir, machine)
+        info = await self._measure()
+        self.core = ClusterNode(info, self.identity.incarnation, self.loop.time(),
+                                CoreConfig(cfg.timing, self.model, cfg.context))
+        await self._start_server()
+        await self._start_api()
+        self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
+        await self._discovery.start()
+        self._watcher = InterfaceWatcher(self._on_interfaces_changed)
+        await self._watcher.start()
+        self._spawn(self._ticker())
+        # where `tbmesh status` (and tests) find this daemon's API
+        state.write_atomically(cfg.state_dir / "api.json", json.dumps(
+            {"url": f"http://{cfg.api_host}:{self.api_port}", "pid": os.getpid(), "port": self.port}))
+        log.info("node %s (%s) up: control port %d, API http://%s:%d, interfaces %s %s",
+                 self.core.info.name, self.core.id, self.port, cfg.api_host, self.api_port,
+                 ",".join(self.interfaces) or "none yet", self.addresses)
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stopped.set)
+        try:
+            await self.stopped.wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Goodbye to peers, mDNS unregistered, everything closed."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.stopped.set()
+        if self.core is not None:
+            self._carry_out(self.core.leave(self.loop.time()))
+        await asyncio.gather(*(c.drain() for c in list(self.channels.values())))
+        if self._watcher is not None:
+            await self._watcher.stop()
+        if self._discovery is not None:
+            await self._discovery.stop()
+        for task in list(self._tasks) + list(self._dialers.values()):
+            task.cancel()
+        for channel in list(self.channels.values()):
+            channel.close("daemon stopping")
+        if self._server is not None:
+            self._server.close()
+        if self._api is not None:
+            await self._api.cleanup()
+        with contextlib.suppress(OSError):
+            (self.config.state_dir / "api.json").unlink()
+        log.info("stopped")
+
+    async def _measure(self) -> NodeInfo:
+        total, usable = await asyncio.to_thread(measure.memory, self.config.memory_usable)
+        flops = await asyncio.to_thread(measure.measure_flops)
+        assert self.identity is not None
+        return NodeInfo(self.identity.node_id, self.config.name, measure.chip(), total, usable, flops)
+
+    async def _start_server(self) -> None:
+        try:
+            self._server = await asyncio.start_server(self._on_accept, host="0.0.0.0", port=self.config.port)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise StartupError(f"control port {self.config.port} is in use (another tbmesh "
+                                   "daemon?); choose another with --port") from None
+            raise StartupError(f"cannot listen on port {self.config.port}: {error.strerror}") from None
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _start_api(self) -> None:
+        from aiohttp import web
+
+        from tbmesh.api import make_app
+
+        runner = web.AppRunner(make_app(self), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.api_host, self.config.api_port)
+        try:
+            await site.start()
+        except OSError as error:
+            await runner.cleanup()
+            if error.errno == errno.EADDRINUSE:
+                raise StartupError(f"API port {self.config.api_port} is in use; choose another "
+                                   "with --api-port") from None
+            raise StartupError(f"cannot serve the API on {self.config.api_host}:"
+                               f"{self.config.api_port}: {error.strerror}") from None
+        self._api = runner
+        self.api_port = runner.addresses[0][1]
+
+    def _advert(self) -> Advert:
+        assert self.core is not None
+        return Advert(self.core.id, self.core.info.name, self.config.cluster,
+                      wire.PROTOCOL_VERSION, self.port)
+
+    def _me(self) -> peers.Me:
+        assert self.core is not None and self.identity is not None
+        return peers.Me(self.core.id, self.core.incarnation, self.core.info.name,
+                        self.config.cluster, self.identity.machine, self.config.secret)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed: %r", task.exception(), exc_info=task.exception())
+
+    # ----- the core's clock and actions ------------------------------------------------
+
+    async def _ticker(self) -> None:
+        interval = self.config.timing.heartbeat_interval / 4
+        while True:
+            await asyncio.sleep(interval)
+            self._carry_out(self.core.tick(self.loop.time()))
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._carry_out(self.core.flush(self.loop.time()))
+
+    def _carry_out(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                channel = self.channels.get(action.to)
+                if channel is not None:
+                    channel.send(action.message)
+            elif isinstance(action, Disconnect):
+                channel = self.channels.get(action.peer)
+                if channel is not None:
+                    channel.close("declared dead")
+        for event in self.core.drain_events():
+            self._record(event)
+
+    def _record(self, event: Event) -> None:
+        self.events.append({"at": event.at, "kind": event.kind, "node": event.node,
+                            "detail": event.detail})
+        log.info("%s %s", event.kind, event.detail)
+
+    # ----- connections -----------------------------------------------------------------
+
+    async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        local = writer.get_extra_info("sockname")
+        if local is None or local[0] not in self.addresses:
+            writer.close()  # a connection on an interface we do not serve (Wi-Fi, Ethernet)
+            return
+        try:
+            channel = await peers.answer(reader, writer, self._me())
+        except peers.Refused as error:
+            log.warning("refused a connection from %s: %s", writer.get_extra_info("peername"), error)
+            return
+        except (OSError, ConnectionError):
+            writer.close()
+            return
+        if channel.peer.purpose == "probe":
+            await self._answer_probe(channel)
+        else:
+            self._adopt(channel)
+
+    def _adopt(self, channel: peers.Channel) -> None:
+        """A handshaken peer connection: keep it (or the one we had) and start reading."""
+        peer = channel.peer_id
+        if peer == self.core.id:
+            self._duplicate_id(channel)
+            return
+        existing = self.channels.get(peer)
+        if existing is not None and not existing.closed:
+            if not self._prefer(channel, existing):
+                channel.close("duplicate connection")
+                return
+            existing.close("replaced by a newer connection")
+        self.channels[peer] = channel
+        self._carry_out(self.core.peer_connected(peer, channel.peer.incarnation, self.loop.time()))
+        self._spawn(self._read(channel))
+        if channel.dialed and self.config.probe_links:
+            self._spawn(self._probe(peer))
+
+    def _prefer(self, new: peers.Channel, old: peers.Channel) -> bool:
+        """Both ends dialled at once: both keep the connection the smaller id dialled."""
+        if new.peer.incarnation != old.peer.incarnation:
+            return new.peer.incarnation > old.peer.incarnation
+        smaller_dialled = (self.core.id < new.peer_id) == new.dialed
+        return smaller_dialled
+
+    async def _read(self, channel: peers.Channel) -> None:
+        peer = channel.peer_id
+        try:
+            async for message in channel.messages():
+                if self.channels.get(peer) is not channel:
+                    break
+                try:
+                    self._carry_out(self.core.receive(peer, message, self.loop.time()))
+                except Exception:  # a bug must cost one connection, not the daemon
+                    log.exception("handling a message from %s", peer)
+                    channel.close("internal error")
+                    break
+                self._schedule_flush()
+        finally:
+            channel.close(channel.close_reason or "reader stopped")
+            if self.channels.get(peer) is channel:
+                del self.channels[peer]
+                log.info("connection to %s closed: %s", channel.peer.name, channel.close_reason)
+                self._carry_out(self.core.peer_disconnected(peer, self.loop.time()))
+                self._wake_dialer(peer)
+
+    def _duplicate_id(self, channel: peers.Channel) -> None:
+        """A peer presents our own node id from another machine: a copied state dir.
+        The side with the larger machine identity takes a new id, so exactly one changes."""
+        channel.close("duplicate node id")
+        if self.identity.machine > channel.peer.machine:
+            self._spawn(self._renew_identity(f"peer {channel.peer.name} on another machine "
+                                             "presented our node id"))
+
+    async def _renew_identity(self, why: str) -> None:
+        self.identity = state.renew_identity(self.config.state_dir, self.identity, why)
+        for channel in list(self.channels.values()):
+            channel.close("identity renewed")
+        self.channels.clear()
+        info = NodeInfo(self.identity.node_id, self.core.info.name, self.core.info.chip,
+                        self.core.info.memory_total, self.core.info.memory_usable, self.core.info.flops)
+        self.core = ClusterNode(info, self.identity.incarnation, self.loop.time(), self.core.config)
+        await self._discovery.stop()
+        self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
+        await self._discovery.start()
+
+    # ----- discovery and dialling ------------------------------------------------------
+
+    def _on_found(self, found: Found) -> None:
+        if self._stopping or found.node_id == self.core.id:
+            return
+        if found.version != wire.PROTOCOL_VERSION:
+            if self.known.get(found.node_id) != found:
+                log.warning("not connecting to %s: it speaks protocol %d, we speak %d",
+                            found.name, found.version, wire.PROTOCOL_VERSION)
+            self.known[found.node_id] = found
+            return
+        self.known[found.node_id] = found
+        if found.node_id not in self._dialers or self._dialers[found.node_id].done():
+            self._dialers[found.node_id] = asyncio.ensure_future(self._dial_loop(found.node_id))
+        self._wake_dialer(found.node_id)
+
+    def _on_removed(self, node_id: str) -> None:
+        pass  # mDNS goodbyes are hints at best: heartbeats decide who is gone
+
+    def _wake_dialer(self, peer: str) -> None:
+        self._wake.setdefault(peer, asyncio.Event()).set()
+
+    async def _dial_loop(self, peer: str) -> None:
+        """Keep one connection to `peer` while discovery knows it; back off on failure."""
+        wake = self._wake.setdefault(peer, asyncio.Event())
+        # usually the smaller id dials; the other waits a little to avoid crossing dials
+        backoff = 0.0 if self.core.id < peer else 0.3
+        last_error = ""
+        while not self._stopping:
+            channel = self.channels.get(peer)
+            if channel is not None and not channel.closed:
+                wake.clear()
+                await wake.wait()
+                backoff = 0.0
+                continue
+            if backoff:
+                wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), backoff)
+            found = self.known.get(peer)
+            if found is None or found.version != wire.PROTOCOL_VERSION:
+                return
+            if peer in self.channels:
+                continue
+            try:
+                channel = await self._dial_any(found)
+            except (peers.Refused, OSError) as error:
+                if str(error) != last_error:
+                    log.info("cannot connect to %s: %s", found.name, error)
+                    last_error = str(error)
+                backoff = min(max(backoff * 2, 0.1), 2.0)
+                continue
+            last_error = ""
+            self._adopt(channel)
+
+    async def _dial_any(self, found: Found, purpose: str = "peer") -> peers.Channel:
+        """Dial every advertised address at once; the first handshake wins.
+        (A peer advertises all its cables' addresses; only some are reachable from here.)"""
+        me = self._me()
+        pending = {asyncio.ensure_future(peers.dial(a, found.port, me, purpose)) for a in found.addresses}
+        winner: peers.Channel | None = None
+        refused: peers.Refused | None = None
+        errors: list[BaseException] = []
+        try:
+            while pending and winner is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    error = task.exception()
+                    if error is None and winner is None:
+                        winner = task.result()
+                    elif error is None:
+                        task.result().close("another address answered first")
+                    elif isinstance(error, peers.Refused):
+                        refused = error
+                    else:
+                        errors.append(error)
+        finally:
+            for task in pending:
+                task.cancel()
+        if winner is not None:
+            return winner
+        if refused is not None:
+            raise refused
+        raise OSError(f"no address answered ({'; '.join(str(e) for e in errors[:3])})")
+
+    # ----- link measurement ------------------------------------------------------------
+
+    async def _probe(self, peer: str) -> None:
+        """Measure the link's bandwidth on a separate connection, one probe at a time."""
+        from tbmesh.net import probe
+
+        async with self._probe_lock:
+            found = self.known.get(peer)
+            channel = self.channels.get(peer)
+            if found is None or channel is None:
+                return
+            try:
+                host = channel.writer.get_extra_info("peername")[0]
+                probe_channel = await peers.dial(host, found.port, self._me(), "probe")
+                try:
+                    await asyncio.wait_for(probe_channel.reader.readexactly(1), 2)  # "go"
+                    result = await probe.probe_send(probe_channel.reader, probe_channel.writer,
+                                                    PROBE_SECONDS)
+                finally:
+                    probe_channel.close("probe done")
+            except (peers.Refused, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
+                    probe.ProbeError) as error:
+                log.info("bandwidth probe to %s failed: %s", peer, error)
+                return
+            self._carry_out(self.core.set_link_bandwidth(peer, result.bytes_per_s, self.loop.time()))
+            log.info("link to %s: %.2f Gbit/s", found.name, result.bytes_per_s * 8 / 1e9)
+
+    async def _answer_probe(self, channel: peers.Channel) -> None:
+        from tbmesh.net import probe
+
+        try:
+            channel.writer.write(b"G")  # the dialer streams only after this: nothing is buffered
+            await probe.probe_receive(channel.reader, channel.writer)
+        except (OSError, asyncio.TimeoutError, probe.ProbeError) as error:
+            log.info("bandwidth probe from %s failed: %s", channel.peer.name, error)
+        finally:
+            channel.close("probe done")
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(p) for p in list(self.channels)))
+
+    # ----- interfaces ------------------------------------------------------------------
+
+    def _current_addresses(self) -> list[str]:
+        found = netif.interface_addresses(self.interfaces)
+        return sorted({a for addrs in found.values() for a in addrs if ":" not in a})
+
+    async def _on_interfaces_changed(self) -> None:
+        if self._stopping:
+            return
+        if self.config.interfaces is None:
+            self.interfaces = netif.select_interfaces(None)
+        addresses = self._current_addresses()
+        if addresses != self.addresses:
+            log.info("interfaces changed: %s", addresses)
+            self.addresses = addresses
+            if self._discovery is not None:
+                await self._discovery.update_addresses(addresses)
+        for peer in list(self.known):
+            self._wake_dialer(peer)
+
+    # ----- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        core = self.core
+        nodes = []
+        for node_id, info in sorted(core.node_infos().items()):
+            state_ = core.state_of(node_id)
+            nodes.append({
+                "id": node_id, "name": info.name, "chip": info.chip, "state": state_.value,
+                "memory_total": info.memory_total, "memory_usable": info.memory_usable,
+                "flops": info.flops,
+                "role": "leader" if node_id == core.leader and state_ is not PeerState.DEAD else "follower",
+            })
+        links = [{"a": link.a, "b": link.b, "bandwidth_bps": link.bytes_per_s * 8, "rtt_s": link.rtt_s}
+                 for link in core.links()]
+        plan = core.plan
+        return {
+            "node": {"id": core.id, "name": core.info.name, "incarnation": core.incarnation,
+                     "port": self.port, "interfaces": self.interfaces, "addresses": self.addresses},
+            "cluster": self.config.cluster,
+            "leader": core.leader,
+            "term": core.term,
+            "model": self.model.name if self.model else None,
+            "nodes": nodes,
+            "links": links,
+            "plan": None if plan is None else {
+                "term": plan.term, "epoch": plan.epoch, "model": plan.model,
+                "stages": [{"node": s.node, "start": s.start, "end": s.end, "bytes": s.bytes}
+                           for s in plan.stages],
+                "left_out": list(plan.left_out),
+            },
+            "no_fit": core.no_fit,
+            "events": list(self.events)[-50:],
+        }

@@ -1,0 +1,226 @@
+"""TCP connections to peers: the handshake, the frame loop, and sending.
+
+One connection per pair of peers (TCP_NODELAY). The dialer sends Hello, the listener
+answers Welcome (or Refuse), the dialer confirms with Auth; with a cluster secret both
+sides prove they hold it (see wire.py). Anything malformed closes that one connection with
+a logged reason: input from the network never takes the daemon down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tbmesh.net import wire
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 5.0
+MAX_WRITE_BUFFER = 64 * 2**20  # a peer that stops reading this long is cut off
+READ_CHUNK = 256 * 1024
+
+
+class Refused(Exception):
+    """The handshake failed; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class Me:
+    """What we present in a handshake."""
+
+    node: str
+    incarnation: int
+    name: str
+    cluster: str
+    machine: str
+    secret: bytes | None = None
+
+
+def _hello(me: Me, purpose: str, nonce: bytes, kind: type = wire.Hello, proof: bytes = b"") -> wire.Hello:
+    return kind(
+        version=wire.PROTOCOL_VERSION, node=me.node, incarnation=me.incarnation, name=me.name,
+        cluster=me.cluster, machine=me.machine, purpose=purpose, nonce=nonce, proof=proof,
+    )
+
+
+def _check_hello(me: Me, hello: wire.Hello) -> None:
+    reason = wire.version_refusal(hello)
+    if reason:
+        raise Refused(reason)
+    if hello.cluster != me.cluster:
+        raise Refused(f"refused: cluster {hello.cluster!r}, ours is {me.cluster!r}")
+    if hello.node == me.node and hello.machine == me.machine:
+        raise Refused("refused: that is ourselves")
+
+
+def _proof(me: Me, mine: bytes, theirs: bytes, peer: str, role: str) -> bytes:
+    if me.secret is None:
+        return b""
+    return wire.make_proof(me.secret, mine, theirs, me.node, peer, role)
+
+
+def _verify(me: Me, proof: bytes, mine: bytes, theirs: bytes, peer: str, role: str) -> None:
+    if me.secret is None:
+        if proof:
+            raise Refused("refused: the peer has a cluster secret and we have none")
+        return
+    reason = wire.proof_refusal(me.secret, proof, theirs, mine, peer, me.node, role)
+    if reason:
+        raise Refused(reason)
+
+
+class Channel:
+    """A framed, handshaken connection."""
+
+    def __init__(self, peer: wire.Hello, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, decoder: wire.FrameDecoder, dialed: bool) -> None:
+        self.peer = peer
+        self.reader = reader
+        self.writer = writer
+        self.decoder = decoder
+        self.dialed = dialed  # we dialled it (duplicate connections keep the smaller id's dial)
+        self.closed = False
+        self.close_reason = ""
+
+    @property
+    def peer_id(self) -> str:
+        return self.peer.node
+
+    def send(self, message: object) -> bool:
+        if self.closed:
+            return False
+        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            self.close("the peer stopped reading")
+            return False
+        self.writer.writelines(wire.encode(message))
+        return True
+
+    async def drain(self) -> None:
+        if not self.closed:
+            try:
+                await asyncio.wait_for(self.writer.drain(), 1.0)
+            except (OSError, asyncio.TimeoutError, ConnectionError):
+                pass
+
+    async def messages(self) -> AsyncIterator[object]:
+        """Messages until the connection closes; a protocol error closes it with the reason."""
+        try:
+            while True:
+                message = self.decoder.next_message()
+                if message is not None:
+                    yield message
+                    continue
+                data = await self.reader.read(READ_CHUNK)
+                if not data:
+                    self.close("closed by the peer")
+                    return
+                self.decoder.feed(data)
+        except wire.ProtocolError as error:
+            log.warning("dropping %s (%s): %s", self.peer.name, self.peer_id, error)
+            self.close(f"protocol error: {error}")
+        except (OSError, ConnectionError) as error:
+            self.close(f"connection error: {error}")
+
+    def close(self, reason: str = "") -> None:
+        if not self.closed:
+            self.closed = True
+            self.close_reason = reason
+            self.writer.close()
+
+
+def _nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _next(reader: asyncio.StreamReader, decoder: wire.FrameDecoder) -> object:
+    while True:
+        message = decoder.next_message()
+        if message is not None:
+            return message
+        data = await reader.read(READ_CHUNK)
+        if not data:
+            raise Refused("the peer closed the connection during the handshake")
+        decoder.feed(data)
+
+
+async def dial(host: str, port: int, me: Me, purpose: str = "peer") -> Channel:
+    """Connect and handshake; raises Refused or OSError."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT)
+    _nodelay(writer)
+    decoder = wire.FrameDecoder()
+    try:
+        return await asyncio.wait_for(_dial_handshake(reader, writer, decoder, me, purpose),
+                                      HANDSHAKE_TIMEOUT)
+    except (Refused, wire.ProtocolError, asyncio.TimeoutError, OSError) as error:
+        writer.close()
+        if isinstance(error, asyncio.TimeoutError):
+            raise Refused("handshake timed out") from None
+        if isinstance(error, wire.ProtocolError):
+            raise Refused(f"protocol error: {error}") from None
+        raise
+
+
+async def _dial_handshake(reader, writer, decoder, me: Me, purpose: str) -> Channel:
+    nonce = os.urandom(16)
+    writer.writelines(wire.encode(_hello(me, purpose, nonce)))
+    answer = await _next(reader, decoder)
+    if isinstance(answer, wire.Refuse):
+        raise Refused(f"refused by the peer: {answer.reason}")
+    if not isinstance(answer, wire.Welcome):
+        raise Refused(f"expected a welcome, got {type(answer).__name__}")
+    try:
+        _check_hello(me, answer)
+        _verify(me, answer.proof, nonce, answer.nonce, answer.node, "listener")
+    except Refused as error:
+        writer.writelines(wire.encode(wire.Refuse(str(error))))
+        raise
+    writer.writelines(wire.encode(wire.Auth(_proof(me, nonce, answer.nonce, answer.node, "dialer"))))
+    return Channel(answer, reader, writer, decoder, dialed=True)
+
+
+async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, me: Me) -> Channel:
+    """Handshake an accepted connection; raises Refused (after telling the peer why)."""
+    _nodelay(writer)
+    decoder = wire.FrameDecoder()
+    try:
+        return await asyncio.wait_for(_answer_handshake(reader, writer, decoder, me), HANDSHAKE_TIMEOUT)
+    except asyncio.TimeoutError:
+        writer.close()
+        raise Refused("handshake timed out") from None
+    except wire.ProtocolError as error:
+        writer.close()
+        raise Refused(f"protocol error: {error}") from None
+    except Refused:
+        writer.close()
+        raise
+
+
+async def _answer_handshake(reader, writer, decoder, me: Me) -> Channel:
+    hello = await _next(reader, decoder)
+    if not isinstance(hello, wire.Hello) or isinstance(hello, wire.Welcome):
+        raise Refused(f"expected a hello, got {type(hello).__name__}")
+    try:
+        _check_hello(me, hello)
+    except Refused as error:
+        writer.writelines(wire.encode(wire.Refuse(str(error))))
+        raise
+    nonce = os.urandom(16)
+    proof = _proof(me, nonce, hello.nonce, hello.node, "listener")
+    writer.writelines(wire.encode(_hello(me, hello.purpose, nonce, wire.Welcome, proof)))
+    auth = await _next(reader, decoder)
+    if isinstance(auth, wire.Refuse):
+        raise Refused(f"refused by the peer: {auth.reason}")
+    if not isinstance(auth, wire.Auth):
+        raise Refused(f"expected auth, got {type(auth).__name__}")
+    try:
+        _verify(me, auth.proof, nonce, hello.nonce, hello.node, "dialer")
+    except Refused as error:
+        writer.writelines(wire.encode(wire.Refuse(str(error))))
+        raise
+    return Channel(hello, reader, writer, decoder, dialed=False)

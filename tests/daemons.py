@@ -1,0 +1,121 @@
+"""Real tbmesh daemons in subprocesses, for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+
+TINY_LLAMA = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 8,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 256,
+    "tie_word_embeddings": False,
+}
+
+
+def tiny_model_dir(root: Path) -> Path:
+    """A real (random) llama directory in mlx-lm's format; enough for planning."""
+    if (root / "config.json").exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    model = llama.Model(llama.ModelArgs.from_dict(TINY_LLAMA))
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    mx.save_safetensors(str(root / "model.safetensors"), weights)
+    (root / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return root
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as error:  # a daemon not up yet, a half-formed cluster
+            last_error = error
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
+
+
+class DaemonProcess:
+    """One `tbmesh daemon` in a subprocess, optionally inside a network namespace."""
+
+    def __init__(self, name: str, state_dir: Path, args: Sequence[str] = (),
+                 prefix: Sequence[str] = (), log_dir: Path | None = None) -> None:
+        self.name = name
+        self.state_dir = state_dir
+        self.args = list(args)
+        self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", "ns1"]
+        self.log_path = (log_dir or state_dir) / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> DaemonProcess:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "api.json").unlink(missing_ok=True)
+        cmd = self.prefix + [sys.executable, "-m", "tbmesh", "daemon", "--name", self.name,
+                             "--state-dir", str(self.state_dir), "--port", "0", "--api-port", "0",
+                             "--log-level", "debug", *self.args]
+        log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        wait_for(lambda: self.api_url() and self.status(), 30, f"{self.name} to start"
+                 if self.proc.poll() is None else f"{self.name} (exited: {self.log()[-2000:]})")
+        return self
+
+    def api_url(self) -> str | None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+        try:
+            return json.loads((self.state_dir / "api.json").read_text())["url"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.api_url() + "/status", timeout=2) as response:
+            return json.loads(response.read())
+
+    @property
+    def node_id(self) -> str:
+        return self.status()["node"]["id"]
+
+    @property
+    def control_port(self) -> int:
+        return json.loads((self.state_dir / "api.json").read_text())["port"]
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def terminate(self, timeout: float = 10) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def alive_ids(status: dict[str, Any]) -> set[str]:
+    return {n["id"] for n in status["nodes"] if n["state"] == "alive"}

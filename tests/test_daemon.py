@@ -1,0 +1,244 @@
+"""Real daemons on loopback: discovery, election, plan, failure detection, restarts, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+import msgpack
+import pytest
+
+from tbmesh.net import peers, wire
+from daemons import DaemonProcess, alive_ids, tiny_model_dir, wait_for
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Start daemons on `lo` in a cluster of their own (tests never see each other)."""
+    name = f"t{uuid.uuid4().hex[:8]}"
+    model = tiny_model_dir(tmp_path / "model")
+    started: list[DaemonProcess] = []
+
+    def start(node: str, *extra: str, memory: str = "4GB", cluster_name: str = name) -> DaemonProcess:
+        args = ["--interface", "lo", "--memory", memory, "--model", str(model),
+                "--cluster", cluster_name, *extra]
+        daemon = DaemonProcess(node, tmp_path / node, args).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+def state_of(status: dict, node_id: str) -> str | None:
+    return next((n["state"] for n in status["nodes"] if n["id"] == node_id), None)
+
+
+def agreed(daemons: list[DaemonProcess]) -> dict | None:
+    """The common view when every daemon sees all of them alive, one leader and one plan."""
+    statuses = [d.status() for d in daemons]
+    ids = {s["node"]["id"] for s in statuses}
+    if any(alive_ids(s) != ids for s in statuses):
+        return None
+    leaders = {s["leader"] for s in statuses}
+    plans = {json.dumps(s["plan"], sort_keys=True) for s in statuses}
+    if len(leaders) != 1 or None in leaders or len(plans) != 1 or statuses[0]["plan"] is None:
+        return None
+    plan = statuses[0]["plan"]
+    if {s["node"] for s in plan["stages"]} | set(plan["left_out"]) != ids:
+        return None  # a plan made before the last node joined; the next one will have it
+    return statuses[0]
+
+
+def test_three_daemons_form_one_cluster_survive_a_kill_and_take_back_a_restart(cluster):
+    a, b, c = cluster("a"), cluster("b"), cluster("c")
+    view = wait_for(lambda: agreed([a, b, c]), 20, "one leader and one plan")
+    plan_nodes = {s["node"] for s in view["plan"]["stages"]}
+    assert plan_nodes == {a.node_id, b.node_id, c.node_id}
+    assert [s["start"] for s in view["plan"]["stages"]][0] == 0
+    assert view["plan"]["stages"][-1]["end"] == 8
+    b_id = b.node_id
+
+    b.kill()  # kill -9
+    killed_at = time.monotonic()
+    wait_for(lambda: all(state_of(d.status(), b_id) == "dead" for d in (a, c)), 5, "b declared dead")
+    detected = time.monotonic() - killed_at
+    assert detected < 2.0
+    view = wait_for(lambda: agreed([a, c]), 10, "a plan without b")
+    assert {s["node"] for s in view["plan"]["stages"]} == {a.node_id, c.node_id}
+
+    b.start()  # same state dir: the same node, a new incarnation
+    assert b.node_id == b_id
+    assert b.status()["node"]["incarnation"] == 2
+    view = wait_for(lambda: agreed([a, b, c]), 20, "b back in the plan")
+    assert {s["node"] for s in view["plan"]["stages"]} == {a.node_id, b_id, c.node_id}
+    assert sum(1 for n in view["nodes"] if n["id"] == b_id) == 1
+
+
+def test_sigterm_says_goodbye_and_cleans_up(cluster):
+    a, b = cluster("a"), cluster("b")
+    wait_for(lambda: agreed([a, b]), 20, "a cluster of two")
+    b_id = b.node_id
+    started = time.monotonic()
+    assert b.terminate() == 0
+    assert not (b.state_dir / "api.json").exists()
+    wait_for(lambda: b_id not in alive_ids(a.status()), 5, "b gone")
+    # a goodbye is faster than any timeout
+    assert time.monotonic() - started < a_timing_bound()
+    events = [e for e in a.status()["events"] if e["node"] == b_id]
+    assert any(e["kind"] == "left" for e in events)
+    assert "stopped" in b.log()
+
+
+def a_timing_bound() -> float:
+    from tbmesh.core.membership import Timing
+
+    t = Timing()
+    return t.suspect_after + t.dead_after
+
+
+def test_two_clusters_on_one_cable_stay_apart(cluster):
+    a = cluster("a", cluster_name="red")
+    b = cluster("b", cluster_name="blue")
+    c = cluster("c", cluster_name="red")
+    wait_for(lambda: agreed([a, c]), 20, "the red cluster")
+    time.sleep(1.0)
+    assert {n["name"] for n in a.status()["nodes"]} == {"a", "c"}
+    assert {n["name"] for n in b.status()["nodes"]} == {"b"}
+
+
+def _frame(header: dict, payload: bytes = b"") -> bytes:
+    head = msgpack.packb(header, use_bin_type=True)
+    return struct.pack(">II", len(head), len(payload)) + head + payload
+
+
+def _hello(version: int = wire.PROTOCOL_VERSION, cluster_name: str = "x") -> bytes:
+    hello = wire.Hello(version, "stranger", 1, "stranger", cluster_name, "m", "peer", os.urandom(16))
+    return b"".join(bytes(p) for p in wire.encode(hello))
+
+
+def _send_and_read(port: int, data: bytes, timeout: float = 3.0) -> bytes:
+    """Send raw bytes to the control port; return what comes back before the close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (TimeoutError, OSError):
+            pass
+    return b"".join(chunks)
+
+
+def test_bad_input_is_refused_and_the_daemon_keeps_serving(cluster):
+    a = cluster("a")
+    b = cluster("b")
+    cluster_name = a.status()["cluster"]
+    wait_for(lambda: agreed([a, b]), 20, "a cluster of two")
+    port = a.control_port
+    bad_inputs = {
+        "garbage": os.urandom(4096),
+        "oversized length prefix": struct.pack(">II", 0xFFFFFFFF, 0xFFFFFFFF) + b"x" * 100,
+        "truncated frame": _hello(cluster_name=cluster_name)[:20],
+        "not a map": struct.pack(">II", 3, 0) + msgpack.packb([1, 2]),
+        "unknown type": _frame({"t": "launch-missiles"}),
+        "wrong version": _hello(version=7, cluster_name=cluster_name),
+        "another cluster": _hello(cluster_name="not-" + cluster_name),
+    }
+    for what, data in bad_inputs.items():
+        answer = _send_and_read(port, data)
+        if what in ("wrong version", "another cluster"):
+            refusal = next(iter(_decode_all(answer)), None)
+            assert isinstance(refusal, wire.Refuse), what
+            assert ("protocol version 7" in refusal.reason) == (what == "wrong version")
+    # still serving: its API answers and its peer is still alive and connected
+    status = a.status()
+    assert alive_ids(status) == {a.node_id, b.node_id}
+    assert a.alive() and b.alive()
+    log = a.log()
+    assert "refused a connection" in log and "protocol version 7" in log
+
+
+def _decode_all(data: bytes) -> list:
+    decoder = wire.FrameDecoder()
+    decoder.feed(data)
+    return list(decoder)
+
+
+def test_a_stranger_without_the_secret_is_refused(cluster, tmp_path):
+    a = cluster("a", "--secret", "s3cret")
+    b = cluster("b", "--secret", "s3cret")
+    stranger = cluster("mallory")  # same cluster name, no secret
+    wait_for(lambda: agreed([a, b]), 20, "the two with the secret")
+    time.sleep(1.5)
+    names = {n["name"] for n in a.status()["nodes"]}
+    assert names == {"a", "b"}
+    assert {n["name"] for n in stranger.status()["nodes"]} == {"mallory"}
+    assert "bad or missing cluster secret" in a.log() + b.log()
+
+    # a client that knows the protocol but not the secret gets the same answer
+    me = peers.Me("intruder", 1, "intruder", a.status()["cluster"], "m", b"guess")
+
+    async def dial():
+        with pytest.raises(peers.Refused, match="secret"):
+            await peers.dial("127.0.0.1", a.control_port, me)
+
+    asyncio.run(dial())
+    assert alive_ids(a.status()) == {a.node_id, b.node_id}
+
+
+def test_a_port_in_use_is_a_one_line_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "tbmesh", "daemon", "--interface", "lo", "--port", str(port),
+             "--api-port", "0", "--state-dir", str(tmp_path / "s"), "--memory", "1GB"],
+            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: control port {port} is in use (another tbmesh daemon?); choose another with --port")
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    for args, expected in [
+        (["--interface", "nosuch0"], "nosuch0"),
+        (["--port", "70000"], "bad --port 70000"),
+        (["--memory", "lots"], "bad size"),
+    ]:
+        result = subprocess.run([sys.executable, "-m", "tbmesh", "daemon", "--state-dir",
+                                 str(tmp_path / "s"), *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], lines
+
+
+def test_status_json_and_the_no_daemon_message(cluster):
+    a = cluster("a")
+    out = subprocess.run([sys.executable, "-m", "tbmesh", "status", "--json", "--api", a.api_url()],
+                         capture_output=True, text=True, timeout=30)
+    data = json.loads(out.stdout)
+    assert data["node"]["name"] == "a" and data["nodes"][0]["memory_usable"] == 4 * 10**9
+    for key in ("leader", "term", "links", "plan"):
+        assert key in data
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "tbmesh", "status", "--api", f"http://127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "no tbmesh daemon answers" in out.stderr and "tbmesh daemon" in out.stderr
+    assert "Traceback" not in out.stderr
