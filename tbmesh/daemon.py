@@ -470,14 +470,15 @@ class Daemon:
     async def _on_interfaces_changed(self) -> None:
         if self._stopping:
             return
-        if self.config.interfaces is None:
-            self.interfaces = netif.select_interfaces(None)
+        self.interfaces = netif.select_interfaces(self.config.interfaces, strict=False)
         addresses = self._current_addresses()
         if addresses != self.addresses:
-            log.info("interfaces changed: %s", addresses)
+            log.info("interfaces changed: %s %s", ",".join(self.interfaces), addresses)
             self.addresses = addresses
-            if self._discovery is not None:
-                await self._discovery.update_addresses(addresses)
+        if self._discovery is not None:
+            # a cable plugged into a bridge changes no address, but there may be new peers
+            # behind it: rebind if needed, announce ourselves and ask again either way
+            await self._discovery.refresh(addresses)
         for peer in list(self.known):
             self._wake_dialer(peer)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -55,15 +56,20 @@ class DaemonProcess:
     """One `tbmesh daemon` in a subprocess, optionally inside a network namespace."""
 
     def __init__(self, name: str, state_dir: Path, args: Sequence[str] = (),
-                 prefix: Sequence[str] = (), log_dir: Path | None = None) -> None:
+                 mac: Any = None, log_dir: Path | None = None) -> None:
         self.name = name
         self.state_dir = state_dir
         self.args = list(args)
-        self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", "ns1"]
+        self.mac = mac  # a netns.Mac to run in (its API is reached through its namespace)
+        self.prefix = ["ip", "netns", "exec", mac.netns] if mac is not None else []
         self.log_path = (log_dir or state_dir) / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> DaemonProcess:
+        self.launch()
+        return self.wait_started()
+
+    def launch(self) -> DaemonProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "api.json").unlink(missing_ok=True)
         cmd = self.prefix + [sys.executable, "-m", "tbmesh", "daemon", "--name", self.name,
@@ -73,6 +79,9 @@ class DaemonProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
+        return self
+
+    def wait_started(self) -> DaemonProcess:
         wait_for(lambda: self.api_url() and self.status(), 30, f"{self.name} to start"
                  if self.proc.poll() is None else f"{self.name} (exited: {self.log()[-2000:]})")
         return self
@@ -86,8 +95,19 @@ class DaemonProcess:
             return None
 
     def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.api_url() + "/status", timeout=2) as response:
-            return json.loads(response.read())
+        return json.loads(self.get("/status"))
+
+    def get(self, path: str) -> bytes:
+        if self.mac is None:
+            with urllib.request.urlopen(self.api_url() + path, timeout=2) as response:
+                return response.read()
+        host, port = self.api_url().split("//")[1].split(":")
+        connection = _NamespacedHTTP(self.mac, host, int(port), timeout=2)
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().read()
+        finally:
+            connection.close()
 
     @property
     def node_id(self) -> str:
@@ -117,5 +137,45 @@ class DaemonProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
+class _NamespacedHTTP(http.client.HTTPConnection):
+    """HTTP over a socket made inside a Mac's namespace (its loopback is not ours)."""
+
+    def __init__(self, mac: Any, host: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.mac = mac
+
+    def connect(self) -> None:
+        self.sock = self.mac.socket()
+        self.sock.settimeout(self.timeout)
+        self.sock.connect((self.host, self.port))
+
+
+def start_all(daemons: Sequence[DaemonProcess]) -> list[DaemonProcess]:
+    """Launch several daemons at once (each spends seconds importing MLX), then wait."""
+    for daemon in daemons:
+        daemon.launch()
+    return [daemon.wait_started() for daemon in daemons]
+
+
 def alive_ids(status: dict[str, Any]) -> set[str]:
     return {n["id"] for n in status["nodes"] if n["state"] == "alive"}
+
+
+def state_of(status: dict, node_id: str) -> str | None:
+    return next((n["state"] for n in status["nodes"] if n["id"] == node_id), None)
+
+
+def agreed(daemons: list[DaemonProcess]) -> dict | None:
+    """The common view when every daemon sees all of them alive, one leader and one plan."""
+    statuses = [d.status() for d in daemons]
+    ids = {s["node"]["id"] for s in statuses}
+    if any(alive_ids(s) != ids for s in statuses):
+        return None
+    leaders = {s["leader"] for s in statuses}
+    plans = {json.dumps(s["plan"], sort_keys=True) for s in statuses}
+    if len(leaders) != 1 or None in leaders or len(plans) != 1 or statuses[0]["plan"] is None:
+        return None
+    plan = statuses[0]["plan"]
+    if {s["node"] for s in plan["stages"]} | set(plan["left_out"]) != ids:
+        return None  # a plan made before the last node joined; the next one will have it
+    return statuses[0]

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from tbmesh.net import peers, wire
-from daemons import DaemonProcess, alive_ids, tiny_model_dir, wait_for
+from daemons import DaemonProcess, agreed, alive_ids, state_of, tiny_model_dir, wait_for
 
 
 @pytest.fixture
@@ -36,26 +36,6 @@ def cluster(tmp_path):
     yield start
     for daemon in started:
         daemon.kill()
-
-
-def state_of(status: dict, node_id: str) -> str | None:
-    return next((n["state"] for n in status["nodes"] if n["id"] == node_id), None)
-
-
-def agreed(daemons: list[DaemonProcess]) -> dict | None:
-    """The common view when every daemon sees all of them alive, one leader and one plan."""
-    statuses = [d.status() for d in daemons]
-    ids = {s["node"]["id"] for s in statuses}
-    if any(alive_ids(s) != ids for s in statuses):
-        return None
-    leaders = {s["leader"] for s in statuses}
-    plans = {json.dumps(s["plan"], sort_keys=True) for s in statuses}
-    if len(leaders) != 1 or None in leaders or len(plans) != 1 or statuses[0]["plan"] is None:
-        return None
-    plan = statuses[0]["plan"]
-    if {s["node"] for s in plan["stages"]} | set(plan["left_out"]) != ids:
-        return None  # a plan made before the last node joined; the next one will have it
-    return statuses[0]
 
 
 def test_three_daemons_form_one_cluster_survive_a_kill_and_take_back_a_restart(cluster):

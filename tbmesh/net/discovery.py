@@ -89,15 +89,16 @@ class Discovery:
             self.zc.zeroconf, SERVICE_TYPE, handlers=[self._on_state_change]
         )
 
-    async def update_addresses(self, addresses: list[str]) -> None:
-        """An interface came or went: rebind multicast and re-announce our new addresses."""
-        if self.zc is None or addresses == self.addresses:
+    async def refresh(self, addresses: list[str]) -> None:
+        """An interface changed: rebind multicast to the new addresses, announce ourselves
+        again, and browse afresh (peers behind a new cable answer a new query at once)."""
+        if self.zc is None:
             return
-        self.addresses = addresses
-        await self.zc.async_update_interfaces(self._bind_list())
+        if addresses != self.addresses:
+            self.addresses = addresses
+            await self.zc.async_update_interfaces(self._bind_list())
         self.info = self._service_info()
         await self.zc.async_update_service(self.info)
-        # ask again: peers behind a new cable answer a fresh query at once
         if self.browser is not None:
             await self.browser.async_cancel()
         self.browser = AsyncServiceBrowser(

@@ -17,6 +17,7 @@ replaced by that bridge, for the same reason as on macOS.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -192,20 +193,28 @@ def thunderbolt_devices(platform: str = sys.platform) -> list[str]:
     return []
 
 
-def select_interfaces(explicit: list[str] | None = None) -> list[str]:
+def select_interfaces(explicit: list[str] | None = None, strict: bool = True) -> list[str]:
     """The interfaces tbmesh talks on: the ones named with --interface, else Thunderbolt's.
 
-    A named interface that does not exist is an error (InterfaceError, a ValueError).
+    A name may be a shell pattern ("tb*", "en[2-7]"): it takes whichever interfaces match
+    now, so cables plugged later are picked up on the next call. A plain name that does not
+    exist is an error (InterfaceError, a ValueError) when `strict`, else skipped (a cable
+    pulled since start-up).
     """
     if not explicit:
         return thunderbolt_devices()
-    existing = {name for _, name in socket.if_nameindex()}
+    existing = sorted({name for _, name in socket.if_nameindex()})
+    chosen = []
     for name in explicit:
-        if name not in existing:
+        if any(c in name for c in "*?["):
+            chosen += fnmatch.filter(existing, name)
+        elif name in existing:
+            chosen.append(name)
+        elif strict:
             raise InterfaceError(
-                f"no network interface named {name!r} on this machine (there are: {', '.join(sorted(existing))})"
+                f"no network interface named {name!r} on this machine (there are: {', '.join(existing)})"
             )
-    return _unique(explicit)
+    return _unique(chosen)
 
 
 def interface_addresses(names: list[str]) -> dict[str, list[str]]:
