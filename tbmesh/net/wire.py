@@ -32,8 +32,12 @@ Handshake, on every new connection (D dials, L listens; the nonces are 16 random
 Either side may instead send `Refuse(reason)` and close. Each proof is an HMAC-SHA256 of both
 nonces, both ids and the prover's role under the cluster secret: it answers the other side's
 fresh nonce (no replay), and the role in the MAC means L's proof cannot be reflected back to L
-as D's. Without a secret proofs are empty; a side with a secret refuses a missing or wrong
-proof. Frozen forever, so any two versions can tell each other why they disagree: the frame
+as D's. The ids must tell the two ends apart: a peer may present our own node id (a state
+dir copied to another Mac), and with equal ids an attacker holding no secret can relay our own
+Welcome proof back to us through a second connection it dials to us. So either refuse a peer
+with our node id before proofs, or pass ids that include the machine (f"{node}@{machine}").
+Without a secret proofs are empty; a side with a secret refuses a missing or wrong proof.
+Frozen forever, so any two versions can tell each other why they disagree: the frame
 prefix, the "t" and "version" keys of hello/welcome, and the refuse message.
 """
 
@@ -45,7 +49,7 @@ import math
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -154,7 +158,10 @@ PAYLOAD_FIELD: dict[type, str] = {Tensor: "data"}  # the one field that travels 
 
 def make_proof(secret: bytes, my_nonce: bytes, their_nonce: bytes, my_id: str, their_id: str,
                role: str) -> bytes:
-    """HMAC-SHA256 proving we hold `secret`, bound to both nonces, both ids and our role."""
+    """HMAC-SHA256 proving we hold `secret`, bound to both nonces, both ids and our role.
+
+    `my_id` and `their_id` must differ (see the module notes: include the machine when a peer
+    may share our node id)."""
     if not secret:
         raise ValueError("an empty cluster secret proves nothing")
     if role not in ROLES:
@@ -191,47 +198,59 @@ def proof_refusal(secret: bytes | None, proof: bytes, their_nonce: bytes, my_non
 
 # --- schema: dataclass <-> msgpack value, validated on the way in ----------------------------
 
-Check = Callable[[Any, str], Any]  # (wire value, field path for the error) -> python value
+Check = Callable[[Any], Any]  # wire value -> python value; raises _Bad
 
 
-def _fail(path: str, what: str) -> ProtocolError:
-    return ProtocolError(f"{path}: {what}")
+class _Bad(Exception):
+    """A field's fault; containers add their part of the path as it propagates (so the
+    path is only built for a bad field, not for every good one)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.path: list[str] = []  # innermost first
+
+    def at(self, part: str) -> _Bad:
+        self.path.append(part)
+        return self
+
+    def error(self, root: str) -> ProtocolError:
+        return ProtocolError(f"{root}{''.join(reversed(self.path))}: {self.what}")
 
 
 def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def _check_int(value: Any, path: str) -> int:
+def _check_int(value: Any) -> int:
     if type(value) is not int:  # not isinstance: True is not a count
-        raise _fail(path, f"expected an integer, got {_kind(value)}")
+        raise _Bad(f"expected an integer, got {_kind(value)}")
     if value < 0:
-        raise _fail(path, f"negative ({value})")
+        raise _Bad(f"negative ({value})")
     return value
 
 
-def _check_float(value: Any, path: str) -> float:
+def _check_float(value: Any) -> float:
     if type(value) is int:  # another implementation may write 0 for 0.0
         value = float(value)
     elif type(value) is not float:
-        raise _fail(path, f"expected a number, got {_kind(value)}")
+        raise _Bad(f"expected a number, got {_kind(value)}")
     if not math.isfinite(value) or value < 0:
-        raise _fail(path, f"not a finite number >= 0 ({value})")
+        raise _Bad(f"not a finite number >= 0 ({value})")
     return value
 
 
-def _check_bool(value: Any, path: str) -> bool:
+def _check_bool(value: Any) -> bool:
     if type(value) is not bool:
-        raise _fail(path, f"expected a bool, got {_kind(value)}")
+        raise _Bad(f"expected a bool, got {_kind(value)}")
     return value
 
 
 def _sized(kind: type) -> Check:
-    def check(value: Any, path: str) -> Any:
+    def check(value: Any) -> Any:
         if type(value) is not kind:
-            raise _fail(path, f"expected {kind.__name__}, got {_kind(value)}")
+            raise _Bad(f"expected {kind.__name__}, got {_kind(value)}")
         if len(value) > MAX_TEXT:
-            raise _fail(path, f"{len(value)} long, at most {MAX_TEXT}")
+            raise _Bad(f"{len(value)} long, at most {MAX_TEXT}")
         return value
     return check
 
@@ -240,43 +259,54 @@ _check_str = _sized(str)
 _check_bytes = _sized(bytes)
 
 
-def _check_map(value: Any, path: str) -> dict:
-    if type(value) is not dict:
-        raise _fail(path, f"expected a map, got {_kind(value)}")
-    return _check_plain(value, path)
-
-
-def _check_list(value: Any, path: str) -> list:
+def _check_list(value: Any) -> list:
     if type(value) is not list:
-        raise _fail(path, f"expected a list, got {_kind(value)}")
+        raise _Bad(f"expected a list, got {_kind(value)}")
     if len(value) > MAX_ITEMS:
-        raise _fail(path, f"{len(value)} items, at most {MAX_ITEMS}")
+        raise _Bad(f"{len(value)} items, at most {MAX_ITEMS}")
     return value
 
 
-def _check_plain(value: Any, path: str, depth: int = 0) -> Any:
+def _check_map(value: Any) -> dict:
+    if type(value) is not dict:
+        raise _Bad(f"expected a map, got {_kind(value)}")
+    return _check_plain(value)
+
+
+def _check_plain(value: Any, depth: int = 0) -> Any:
     """Free-form data (Tensor.meta): msgpack scalars, lists and str-keyed maps, bounded."""
-    if value is None or type(value) in (bool, int):
+    kind = type(value)
+    if value is None or kind is bool or kind is int:
         return value
-    if type(value) is str:
-        return _check_str(value, path)
-    if type(value) is bytes:
-        return _check_bytes(value, path)
-    if type(value) is float:
+    if kind is str or kind is bytes:
+        return _sized(kind)(value)
+    if kind is float:
         if not math.isfinite(value):
-            raise _fail(path, f"not a finite number ({value})")
+            raise _Bad(f"not a finite number ({value})")
         return value
-    if depth >= MAX_META_DEPTH and type(value) in (list, dict):
-        raise _fail(path, f"nested deeper than {MAX_META_DEPTH}")
-    if type(value) is list:
-        return [_check_plain(v, f"{path}[{i}]", depth + 1)
-                for i, v in enumerate(_check_list(value, path))]
-    if type(value) is dict:
-        if len(value) > MAX_ITEMS:
-            raise _fail(path, f"{len(value)} keys, at most {MAX_ITEMS}")
-        return {_check_str(k, f"{path} key"): _check_plain(v, f"{path}.{k}", depth + 1)
-                for k, v in value.items()}
-    raise _fail(path, f"unsupported {_kind(value)}")
+    if kind is not list and kind is not dict:
+        raise _Bad(f"unsupported {_kind(value)}")
+    if depth >= MAX_META_DEPTH:
+        raise _Bad(f"nested deeper than {MAX_META_DEPTH}")
+    if len(value) > MAX_ITEMS:
+        raise _Bad(f"{len(value)} items, at most {MAX_ITEMS}")
+    if kind is list:
+        for i, item in enumerate(value):
+            try:
+                _check_plain(item, depth + 1)
+            except _Bad as bad:
+                raise bad.at(f"[{i}]") from None
+        return value
+    for key, item in value.items():
+        try:
+            _check_str(key)
+        except _Bad as bad:
+            raise bad.at(" key") from None
+        try:
+            _check_plain(item, depth + 1)
+        except _Bad as bad:
+            raise bad.at(f".{key}") from None
+    return value
 
 
 def _checker(tp: Any) -> Check:
@@ -290,25 +320,29 @@ def _checker(tp: Any) -> Check:
         return _check_map
     if origin in (Union, UnionType) and len(args) == 2 and type(None) in args:
         inner = _checker(next(a for a in args if a is not type(None)))
-        return lambda value, path: None if value is None else inner(value, path)
+        return lambda value: None if value is None else inner(value)
     if origin is Literal:
-        def check_choice(value: Any, path: str) -> Any:
+        def check_choice(value: Any) -> Any:
             if type(value) is not str or value not in args:
-                raise _fail(path, f"expected one of {list(args)}, got {value!r:.40}")
+                raise _Bad(f"expected one of {list(args)}, got {value!r:.40}")
             return value
         return check_choice
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        item = _checker(args[0])
-        return lambda value, path: tuple(
-            item(v, f"{path}[{i}]") for i, v in enumerate(_check_list(value, path)))
     if origin is tuple:
-        items = [_checker(a) for a in args]
+        variadic = len(args) == 2 and args[1] is Ellipsis
+        items = [_checker(a) for a in args[:1 if variadic else None]]
 
-        def check_fixed(value: Any, path: str) -> tuple:
-            if len(_check_list(value, path)) != len(items):
-                raise _fail(path, f"expected {len(items)} items, got {len(value)}")
-            return tuple(check(v, f"{path}[{i}]") for i, (check, v) in enumerate(zip(items, value)))
-        return check_fixed
+        def check_tuple(value: Any) -> tuple:
+            _check_list(value)
+            if not variadic and len(value) != len(items):
+                raise _Bad(f"expected {len(items)} items, got {len(value)}")
+            out = []
+            for i, item in enumerate(value):
+                try:
+                    out.append(items[0 if variadic else i](item))
+                except _Bad as bad:
+                    raise bad.at(f"[{i}]") from None
+            return tuple(out)
+        return check_tuple
     if is_dataclass(tp):
         return _dataclass_checker(tp)
     raise TypeError(f"no wire form for {tp!r}")
@@ -322,23 +356,26 @@ def _dataclass_checker(cls: type) -> Check:
     names = {name for name, _, _ in specs}
     extra = _SEMANTIC.get(cls)
 
-    def check(value: Any, path: str) -> Any:
+    def check(value: Any) -> Any:
         if type(value) is not dict:
-            raise _fail(path, f"expected a map, got {_kind(value)}")
-        unknown = value.keys() - names
-        if unknown:
-            raise _fail(path, f"unknown field {sorted(map(str, unknown))[0]!r:.40}")
+            raise _Bad(f"expected a map, got {_kind(value)}")
+        if not value.keys() <= names:
+            unknown = sorted(map(str, value.keys() - names))[0]
+            raise _Bad(f"unknown field {unknown!r:.40}")
         kwargs = {}
         for name, check_field, required in specs:
             if name in value:
-                kwargs[name] = check_field(value[name], f"{path}.{name}")
+                try:
+                    kwargs[name] = check_field(value[name])
+                except _Bad as bad:
+                    raise bad.at(f".{name}") from None
             elif required:
-                raise _fail(path, f"missing field {name!r}")
+                raise _Bad(f"missing field {name!r}")
         if skip:
             kwargs[skip] = b""  # the payload is attached once it has arrived
         obj = cls(**kwargs)
         if extra and (why := extra(obj)):
-            raise _fail(path, why)
+            raise _Bad(why)
         return obj
     return check
 
@@ -388,13 +425,13 @@ def _decode_header(header: bytes | memoryview, payload_len: int) -> Any:
     if payload_len and cls not in PAYLOAD_FIELD:
         raise ProtocolError(f"a {tag} frame carries no payload, got {payload_len} bytes")
     try:
-        message = check(value, tag)
-    except ProtocolError:
+        message = check(value)
+    except _Bad as bad:
         version = value.get("version")
         if cls in (Hello, Welcome) and type(version) is int and version != PROTOCOL_VERSION:
             # Another version's greeting may not fit ours; its version is the real reason.
             raise ProtocolError(f"protocol version {version}, we speak {PROTOCOL_VERSION}") from None
-        raise
+        raise bad.error(tag) from None
     if cls is Tensor and message.nbytes != payload_len:
         raise ProtocolError(f"tensor {message.dtype}{list(message.shape)} needs {message.nbytes} "
                             f"bytes, the frame has {payload_len}")
@@ -414,7 +451,8 @@ def _as_map(obj: Any) -> dict[str, Any]:
 def encode(message: Any) -> list[bytes | memoryview]:
     """The frame for `message`, in pieces for `transport.writelines`: prefix + header, and for
     a Tensor its data as a flat memoryview of the caller's buffer (not copied here; keep the
-    array unchanged until the transport has sent it)."""
+    array unchanged until the transport has sent it). asyncio before Python 3.12 joins the
+    pieces of `writelines` (one copy there); 3.12+ sends them with sendmsg, uncopied."""
     tag = TAGS.get(type(message))
     if tag is None:
         raise TypeError(f"not a wire message: {type(message).__name__}")
@@ -465,7 +503,7 @@ class FrameDecoder:
         self._pos = 0  # start of the unconsumed bytes in _buf
         self._lengths: tuple[int, int] | None = None  # the current frame's, once its prefix is in
         self._pending: Tensor | None = None  # a decoded header waiting for its payload
-        self._payload: bytearray | None = None
+        self._payload: memoryview | None = None  # of a bytearray: its slices copy with memcpy
         self._filled = 0
         self._ready: deque[Any] = deque()
         self._error: ProtocolError | None = None
@@ -530,7 +568,7 @@ class FrameDecoder:
             if not payload_len:
                 self._ready.append(message)
                 continue
-            self._pending, self._payload, self._filled = message, bytearray(payload_len), 0
+            self._pending, self._payload, self._filled = message, memoryview(bytearray(payload_len)), 0
             with memoryview(buf) as whole, whole[self._pos:] as rest:  # released at once
                 self._pos += self._fill(rest)
 
@@ -541,7 +579,10 @@ class FrameDecoder:
         self._payload[self._filled:self._filled + take] = view[:take]
         self._filled += take
         if self._filled == len(self._payload):
-            self._ready.append(replace(self._pending, data=memoryview(self._payload)))
+            # The pending Tensor is ours alone: attach the payload in place (as dataclasses'
+            # own __init__ does for frozen classes) instead of building a copy with replace().
+            object.__setattr__(self._pending, "data", self._payload)
+            self._ready.append(self._pending)
             self._pending = self._payload = None
             self._filled = 0
         return take
@@ -569,6 +610,9 @@ def decode(frame: bytes | bytearray | memoryview) -> Any:
 # --- tensors <-> arrays -------------------------------------------------------------------------
 
 
+_NUMPY_NAMES = {np.dtype(name): name for name in DTYPES if name != "bfloat16"}  # native order
+
+
 def tensor_from_array(array: Any, request: str = "", step: int = 0,
                       meta: dict[str, Any] | None = None) -> Tensor:
     """A Tensor viewing a numpy or MLX array's own memory (no copy when it is C-contiguous).
@@ -576,11 +620,15 @@ def tensor_from_array(array: Any, request: str = "", step: int = 0,
     An MLX array is evaluated (its lazy graph computed) by taking the view; a non-contiguous
     one (a transpose, a strided slice) is first copied into row-major order.
     """
+    if isinstance(array, np.generic):  # a numpy scalar
+        array = np.asarray(array)
     shape = tuple(int(d) for d in array.shape)
     if isinstance(array, np.ndarray):
-        dtype = array.dtype.name
-        if dtype in DTYPES and not array.dtype.isnative:
-            array = array.astype(array.dtype.newbyteorder("="))
+        dtype = _NUMPY_NAMES.get(array.dtype)  # a dict lookup: dtype.name costs 2 us
+        if dtype is None:
+            dtype = array.dtype.name
+            if dtype in DTYPES and not array.dtype.isnative:
+                array = array.astype(array.dtype.newbyteorder("="))
         if not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
         view = memoryview(array)
