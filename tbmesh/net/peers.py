@@ -57,18 +57,26 @@ def _check_hello(me: Me, hello: wire.Hello) -> None:
         raise Refused("refused: that is ourselves")
 
 
-def _proof(me: Me, mine: bytes, theirs: bytes, peer: str, role: str) -> bytes:
+def _who(node: str, machine: str) -> str:
+    # Proofs name the machine too: a stranger that claims our own node id from another
+    # machine cannot relay our own proof back to us (the ids in the MAC would match).
+    return f"{node}@{machine}"
+
+
+def _proof(me: Me, mine: bytes, theirs: bytes, peer: wire.Hello, role: str) -> bytes:
     if me.secret is None:
         return b""
-    return wire.make_proof(me.secret, mine, theirs, me.node, peer, role)
+    return wire.make_proof(me.secret, mine, theirs, _who(me.node, me.machine),
+                           _who(peer.node, peer.machine), role)
 
 
-def _verify(me: Me, proof: bytes, mine: bytes, theirs: bytes, peer: str, role: str) -> None:
+def _verify(me: Me, proof: bytes, mine: bytes, theirs: bytes, peer: wire.Hello, role: str) -> None:
     if me.secret is None:
         if proof:
             raise Refused("refused: the peer has a cluster secret and we have none")
         return
-    reason = wire.proof_refusal(me.secret, proof, theirs, mine, peer, me.node, role)
+    reason = wire.proof_refusal(me.secret, proof, theirs, mine, _who(peer.node, peer.machine),
+                                _who(me.node, me.machine), role)
     if reason:
         raise Refused(reason)
 
@@ -171,16 +179,16 @@ async def _dial_handshake(reader, writer, decoder, me: Me, purpose: str) -> Chan
     writer.writelines(wire.encode(_hello(me, purpose, nonce)))
     answer = await _next(reader, decoder)
     if isinstance(answer, wire.Refuse):
-        raise Refused(f"refused by the peer: {answer.reason}")
+        raise Refused(f"the peer says: {answer.reason}")
     if not isinstance(answer, wire.Welcome):
         raise Refused(f"expected a welcome, got {type(answer).__name__}")
     try:
         _check_hello(me, answer)
-        _verify(me, answer.proof, nonce, answer.nonce, answer.node, "listener")
+        _verify(me, answer.proof, nonce, answer.nonce, answer, "listener")
     except Refused as error:
         writer.writelines(wire.encode(wire.Refuse(str(error))))
         raise
-    writer.writelines(wire.encode(wire.Auth(_proof(me, nonce, answer.nonce, answer.node, "dialer"))))
+    writer.writelines(wire.encode(wire.Auth(_proof(me, nonce, answer.nonce, answer, "dialer"))))
     return Channel(answer, reader, writer, decoder, dialed=True)
 
 
@@ -202,7 +210,11 @@ async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, me:
 
 
 async def _answer_handshake(reader, writer, decoder, me: Me) -> Channel:
-    hello = await _next(reader, decoder)
+    try:
+        hello = await _next(reader, decoder)
+    except wire.ProtocolError as error:
+        writer.writelines(wire.encode(wire.Refuse(f"refused: {error}")))  # tell the dialer why
+        raise
     if not isinstance(hello, wire.Hello) or isinstance(hello, wire.Welcome):
         raise Refused(f"expected a hello, got {type(hello).__name__}")
     try:
@@ -211,15 +223,15 @@ async def _answer_handshake(reader, writer, decoder, me: Me) -> Channel:
         writer.writelines(wire.encode(wire.Refuse(str(error))))
         raise
     nonce = os.urandom(16)
-    proof = _proof(me, nonce, hello.nonce, hello.node, "listener")
+    proof = _proof(me, nonce, hello.nonce, hello, "listener")
     writer.writelines(wire.encode(_hello(me, hello.purpose, nonce, wire.Welcome, proof)))
     auth = await _next(reader, decoder)
     if isinstance(auth, wire.Refuse):
-        raise Refused(f"refused by the peer: {auth.reason}")
+        raise Refused(f"the peer says: {auth.reason}")
     if not isinstance(auth, wire.Auth):
         raise Refused(f"expected auth, got {type(auth).__name__}")
     try:
-        _verify(me, auth.proof, nonce, hello.nonce, hello.node, "dialer")
+        _verify(me, auth.proof, nonce, hello.nonce, hello, "dialer")
     except Refused as error:
         writer.writelines(wire.encode(wire.Refuse(str(error))))
         raise
