@@ -30,11 +30,7 @@ from tbmesh.net.interfaces import (
     thunderbolt_devices_macos,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "macos"
-
-
-def recorded(name: str) -> str:
-    return (FIXTURES / name).read_text()
+from recorded import recorded
 
 
 def ports_of(n: int) -> list[HardwarePort]:
@@ -295,3 +291,11 @@ def test_run_command_returns_output_and_fails_in_one_line():
     assert str(failed.value).endswith("no such key")
     with pytest.raises(system.CommandError):
         system.run_command(["tbmesh-no-such-command"])
+
+
+def test_interface_patterns_match_what_exists_now_and_missing_names_are_skipped_when_not_strict():
+    assert "lo" in select_interfaces(["l*"])
+    assert select_interfaces(["nosuch*"]) == []  # a pattern may match nothing yet
+    assert select_interfaces(["lo", "gone0"], strict=False) == ["lo"]
+    with pytest.raises(InterfaceError, match="gone0"):
+        select_interfaces(["lo", "gone0"])

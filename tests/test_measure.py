@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
@@ -29,11 +28,7 @@ from tbmesh.measure import (
 )
 from tbmesh.system import CommandError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "macos"
-
-
-def recorded(name: str) -> str:
-    return (FIXTURES / name).read_text()
+from recorded import recorded
 
 
 def device_info(n: int) -> dict:

@@ -9,11 +9,13 @@ a logged reason: input from the network never takes the daemon down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from tbmesh.net import wire
 
@@ -146,93 +148,78 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _next(reader: asyncio.StreamReader, decoder: wire.FrameDecoder) -> object:
-    while True:
-        message = decoder.next_message()
-        if message is not None:
-            return message
+async def _next(reader: asyncio.StreamReader, decoder: wire.FrameDecoder, kind: type) -> Any:
+    """The next handshake message, which must be a `kind`."""
+    while (message := decoder.next_message()) is None:
         data = await reader.read(READ_CHUNK)
         if not data:
             raise Refused("the peer closed the connection during the handshake")
         decoder.feed(data)
+    if isinstance(message, wire.Refuse):
+        raise Refused(f"the peer says: {message.reason}")
+    if type(message) is not kind:
+        raise Refused(f"expected {kind.__name__.lower()}, got {type(message).__name__.lower()}")
+    return message
+
+
+@contextlib.contextmanager
+def _telling(writer: asyncio.StreamWriter) -> Iterator[None]:
+    """A refusal (or an undecodable frame) raised inside is sent to the peer, then raised."""
+    try:
+        yield
+    except (Refused, wire.ProtocolError) as error:
+        reason = str(error) if isinstance(error, Refused) else f"refused: {error}"
+        if not reason.startswith("the peer says"):
+            writer.writelines(wire.encode(wire.Refuse(reason)))
+        raise
+
+
+async def _handshake(steps: Awaitable[Channel], writer: asyncio.StreamWriter) -> Channel:
+    """Run one side of the handshake within the time limit; every failure is Refused."""
+    try:
+        return await asyncio.wait_for(steps, HANDSHAKE_TIMEOUT)
+    except asyncio.TimeoutError:
+        error: Exception = Refused("handshake timed out")
+    except wire.ProtocolError as protocol_error:
+        error = Refused(f"protocol error: {protocol_error}")
+    except (Refused, OSError) as other:
+        error = other
+    writer.close()
+    raise error
 
 
 async def dial(host: str, port: int, me: Me, purpose: str = "peer") -> Channel:
     """Connect and handshake; raises Refused or OSError."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT)
     _nodelay(writer)
-    decoder = wire.FrameDecoder()
-    try:
-        return await asyncio.wait_for(_dial_handshake(reader, writer, decoder, me, purpose),
-                                      HANDSHAKE_TIMEOUT)
-    except (Refused, wire.ProtocolError, asyncio.TimeoutError, OSError) as error:
-        writer.close()
-        if isinstance(error, asyncio.TimeoutError):
-            raise Refused("handshake timed out") from None
-        if isinstance(error, wire.ProtocolError):
-            raise Refused(f"protocol error: {error}") from None
-        raise
+    return await _handshake(_dial_steps(reader, writer, wire.FrameDecoder(), me, purpose), writer)
 
 
-async def _dial_handshake(reader, writer, decoder, me: Me, purpose: str) -> Channel:
+async def _dial_steps(reader, writer, decoder, me: Me, purpose: str) -> Channel:
     nonce = os.urandom(16)
     writer.writelines(wire.encode(_hello(me, purpose, nonce)))
-    answer = await _next(reader, decoder)
-    if isinstance(answer, wire.Refuse):
-        raise Refused(f"the peer says: {answer.reason}")
-    if not isinstance(answer, wire.Welcome):
-        raise Refused(f"expected a welcome, got {type(answer).__name__}")
-    try:
-        _check_hello(me, answer)
-        _verify(me, answer.proof, nonce, answer.nonce, answer, "listener")
-    except Refused as error:
-        writer.writelines(wire.encode(wire.Refuse(str(error))))
-        raise
-    writer.writelines(wire.encode(wire.Auth(_proof(me, nonce, answer.nonce, answer, "dialer"))))
-    return Channel(answer, reader, writer, decoder, dialed=True)
+    with _telling(writer):
+        welcome = await _next(reader, decoder, wire.Welcome)
+        _check_hello(me, welcome)
+        _verify(me, welcome.proof, nonce, welcome.nonce, welcome, "listener")
+    writer.writelines(wire.encode(wire.Auth(_proof(me, nonce, welcome.nonce, welcome, "dialer"))))
+    return Channel(welcome, reader, writer, decoder, dialed=True)
 
 
 async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, me: Me) -> Channel:
     """Handshake an accepted connection; raises Refused (after telling the peer why)."""
     _nodelay(writer)
-    decoder = wire.FrameDecoder()
-    try:
-        return await asyncio.wait_for(_answer_handshake(reader, writer, decoder, me), HANDSHAKE_TIMEOUT)
-    except asyncio.TimeoutError:
-        writer.close()
-        raise Refused("handshake timed out") from None
-    except wire.ProtocolError as error:
-        writer.close()
-        raise Refused(f"protocol error: {error}") from None
-    except Refused:
-        writer.close()
-        raise
+    return await _handshake(_answer_steps(reader, writer, wire.FrameDecoder(), me), writer)
 
 
-async def _answer_handshake(reader, writer, decoder, me: Me) -> Channel:
-    try:
-        hello = await _next(reader, decoder)
-    except wire.ProtocolError as error:
-        writer.writelines(wire.encode(wire.Refuse(f"refused: {error}")))  # tell the dialer why
-        raise
-    if not isinstance(hello, wire.Hello) or isinstance(hello, wire.Welcome):
-        raise Refused(f"expected a hello, got {type(hello).__name__}")
-    try:
+async def _answer_steps(reader, writer, decoder, me: Me) -> Channel:
+    with _telling(writer):
+        hello = await _next(reader, decoder, wire.Hello)
         _check_hello(me, hello)
-    except Refused as error:
-        writer.writelines(wire.encode(wire.Refuse(str(error))))
-        raise
     nonce = os.urandom(16)
     proof = _proof(me, nonce, hello.nonce, hello, "listener")
     writer.writelines(wire.encode(_hello(me, hello.purpose, nonce, wire.Welcome, proof)))
-    auth = await _next(reader, decoder)
-    if isinstance(auth, wire.Refuse):
-        raise Refused(f"the peer says: {auth.reason}")
-    if not isinstance(auth, wire.Auth):
-        raise Refused(f"expected auth, got {type(auth).__name__}")
-    try:
+    with _telling(writer):
+        auth = await _next(reader, decoder, wire.Auth)
         _verify(me, auth.proof, nonce, hello.nonce, hello, "dialer")
-    except Refused as error:
-        writer.writelines(wire.encode(wire.Refuse(str(error))))
-        raise
     return Channel(hello, reader, writer, decoder, dialed=False)
