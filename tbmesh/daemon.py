@@ -29,7 +29,7 @@ from tbmesh.core.membership import PeerState, Timing
 from tbmesh.core.messages import Disconnect, Event, Send
 from tbmesh.core.types import ModelSpec, NodeInfo
 from tbmesh.net import interfaces as netif
-from tbmesh.net import peers, wire
+from tbmesh.net import peers, probe, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
 from tbmesh.net.watch import InterfaceWatcher
 
@@ -424,8 +424,6 @@ class Daemon:
 
     async def _probe(self, peer: str) -> None:
         """Measure the link's bandwidth on a separate connection, one probe at a time."""
-        from tbmesh.net import probe
-
         async with self._probe_lock:
             found = self.known.get(peer)
             channel = self.channels.get(peer)
@@ -448,8 +446,6 @@ class Daemon:
             log.info("link to %s: %.2f Gbit/s", found.name, result.bytes_per_s * 8 / 1e9)
 
     async def _answer_probe(self, channel: peers.Channel) -> None:
-        from tbmesh.net import probe
-
         try:
             channel.writer.write(b"G")  # the dialer streams only after this: nothing is buffered
             await probe.probe_receive(channel.reader, channel.writer)

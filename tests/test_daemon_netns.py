@@ -96,3 +96,21 @@ def test_plugging_a_cable_joins_a_running_mac_and_pulling_it_kills_it(lab, macs)
     wait_for(lambda: all(state_of(x.status(), d_id) == "dead" for x in pair), 5, "d declared dead")
     assert time.monotonic() - pulled_at < 3
     wait_for(lambda: agreed(pair), 10, "a plan without d")
+
+
+def test_a_shaped_cable_is_measured_within_ten_percent(lab, macs):
+    a, b = lab.add_mac("a"), lab.add_mac("b")
+    lab.cable(a, b, rate="1gbit")
+    daemons = start_all([macs(a), macs(b)])  # probes on: a link is measured when it appears
+    wait_for(lambda: agreed(daemons), 30, "a cluster of two")
+
+    def measured() -> float:
+        links = daemons[0].status()["links"]
+        return links[0]["bandwidth_bps"] if links and links[0]["bandwidth_bps"] else 0.0
+
+    rate = wait_for(measured, 15, "the link's bandwidth")
+    assert abs(rate - 1e9) / 1e9 < 0.10, rate
+    # the other end sees the same figure, and heartbeats measure the round-trip time
+    assert daemons[1].status()["links"][0]["bandwidth_bps"] == rate
+    rtt = wait_for(lambda: daemons[0].status()["links"][0]["rtt_s"], 5, "the round-trip time")
+    assert 0 < rtt < 0.05
