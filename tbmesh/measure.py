@@ -31,6 +31,7 @@ LINUX_MARGIN_SHARE = 0.10
 LINUX_MARGIN_MIN = 1 * GiB
 MEMORY_USABLE_ENV = "TBMESH_MEMORY_USABLE"
 MEMORY_TOTAL_ENV = "TBMESH_MEMORY_TOTAL"
+MACHINE_ENV = "TBMESH_MACHINE"  # pretend to be another machine (tests, demos of many "Macs")
 LINUX_MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
 
@@ -227,7 +228,7 @@ def machine_identity(platform: str = sys.platform) -> str:
     A state dir copied to another Mac keeps its node id; comparing this id tells the daemon
     it now runs elsewhere and needs a new node id.
     """
-    return hash_identity(raw_machine_identity(platform))
+    return hash_identity(os.environ.get(MACHINE_ENV) or raw_machine_identity(platform))
 
 
 def hash_identity(raw: str) -> str:
