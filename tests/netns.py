@@ -56,7 +56,6 @@ PREFIX_RE = re.compile(r"^tbm(\d+)[a-z]-")
 BRIDGE_OCTET = 200  # bridged Macs: 169.254.200.<mac>/16 on br0
 MAX_CABLES = BRIDGE_OCTET - 1  # cable k: 169.254.<k>.<mac>/32, k = 1..199 (0 is reserved)
 MAX_MACS = 254
-IFNAME_MAX = 15  # IFNAMSIZ - 1
 
 _seq = count()
 _open_labs: set[Lab] = set()

@@ -44,6 +44,11 @@ def test_loopback_probe_is_positive_and_quick() -> None:
     assert elapsed < 1.0
 
 
+def test_a_very_short_probe_still_measures() -> None:
+    result, elapsed = asyncio.run(loopback_probe(duration=0.01))
+    assert result.bytes_per_s > 0 and elapsed < 0.5
+
+
 def test_probe_leaves_the_event_loop_responsive() -> None:
     """Heartbeats share the loop with a probe: no tick may wait long."""
     async def main() -> float:

@@ -143,8 +143,9 @@ async def probe_receive(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     timeout: float = DEFAULT_TIMEOUT,
-) -> None:
-    """Count and time the sender's bytes until EOF, then send the report.
+) -> ProbeResult:
+    """Count and time the sender's bytes until EOF, send the report, and return it (both
+    ends then know the same figure).
 
     Raises ProbeError on a bad header, a sender silent for `timeout` seconds, one that
     streams past its announced duration by more than `timeout`, or a reset connection.
@@ -153,11 +154,12 @@ async def probe_receive(
     try:
         header = await asyncio.wait_for(reader.readexactly(HEADER.size), timeout)
         duration = _parse_header(header)
-        async with asyncio.timeout(duration + timeout):
-            total, measured, seconds = await _count(reader, writer.get_extra_info("socket"),
-                                                    duration, timeout)
-        writer.write(REPORT.pack(MAGIC, total, measured, seconds))
+        total, measured, seconds = await _count(reader, writer.get_extra_info("socket"),
+                                                duration, timeout)
+        report = REPORT.pack(MAGIC, total, measured, seconds)
+        writer.write(report)
         await asyncio.wait_for(writer.drain(), timeout)
+        return _parse_report(report)
     except TimeoutError as exc:
         raise ProbeError("probe sender went silent or overran its duration") from exc
     except asyncio.IncompleteReadError as exc:
@@ -197,28 +199,37 @@ async def _count(reader: asyncio.StreamReader, sock: socket.socket | None, durat
     `read so far + still queued` bytes. Counting what is still queued matters when the
     receiver falls behind (a busy core): bytes that arrived before the window opened but are
     read after it would otherwise inflate the rate. The window closes at the first read
-    that finds everything arrived, not at the last read, for the same reason.
+    that found everything arrived, not at the last read, for the same reason.
+    Raises TimeoutError when no byte comes for `idle` s or the sender overruns its duration.
     """
+    loop = asyncio.get_running_loop()
+    hard_end = loop.time() + duration + idle
     warmup = duration * WARMUP_FRACTION
     total = 0
-    points: list[tuple[float, int]] = []  # (time, bytes arrived by then)
+    first: tuple[float, int] | None = None  # (time, bytes arrived by then) at the first read
+    opened: tuple[float, int] | None = None  # the first point past the warm-up
+    latest = (0.0, 0)  # the first point that saw the most bytes arrived so far
     next_yield = 0.0
-    while True:
-        data = await asyncio.wait_for(reader.read(READ_SIZE), idle)
-        now = time.perf_counter()
-        if not data:
-            break
-        total += len(data)
-        points.append((now, total + _queued(sock)))
-        if now >= next_yield:
-            await asyncio.sleep(0)  # read() does not yield while data is waiting
-            next_yield = now + YIELD_EVERY
-    if len(points) < 2:
+    async with asyncio.timeout(None) as deadline:
+        while True:
+            deadline.reschedule(min(hard_end, loop.time() + idle))
+            data = await reader.read(READ_SIZE)
+            now = time.perf_counter()
+            if not data:
+                break
+            total += len(data)
+            point = (now, total + _queued(sock))
+            if first is None:
+                first = point
+            elif opened is None and now - first[0] >= warmup:
+                opened = point
+            if point[1] > latest[1]:
+                latest = point
+            if now >= next_yield:
+                await asyncio.sleep(0)  # read() does not yield while data is waiting
+                next_yield = now + YIELD_EVERY
+    if first is None or latest[1] < total:
         return total, 0, 0.0
-    first = points[0][0]
-    # Opens at the first point past the warm-up; without one (a tiny transfer), at the first.
-    t0, n0 = next(((t, n) for t, n in points if t - first >= warmup), points[0])
-    t1, n1 = next((t, n) for t, n in points if n >= total)
-    if t1 - t0 < MIN_WINDOW:
-        t0, n0 = points[0]
-    return total, n1 - n0, t1 - t0
+    if opened is None or latest[0] - opened[0] < MIN_WINDOW:
+        opened = first  # a tiny transfer: measure from the first read, warm-up and all
+    return total, latest[1] - opened[1], latest[0] - opened[0]
