@@ -448,7 +448,10 @@ class Daemon:
     async def _answer_probe(self, channel: peers.Channel) -> None:
         try:
             channel.writer.write(b"G")  # the dialer streams only after this: nothing is buffered
-            await probe.probe_receive(channel.reader, channel.writer)
+            result = await probe.probe_receive(channel.reader, channel.writer)
+            # both ends publish the figure the receiver measured
+            self._carry_out(self.core.set_link_bandwidth(channel.peer_id, result.bytes_per_s,
+                                                         self.loop.time()))
         except (OSError, asyncio.TimeoutError, probe.ProbeError) as error:
             log.info("bandwidth probe from %s failed: %s", channel.peer.name, error)
         finally:

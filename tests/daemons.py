@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,13 +97,16 @@ class DaemonProcess:
         return json.loads(self.get("/status"))
 
     def get(self, path: str) -> bytes:
-        if self.mac is None:
-            with urllib.request.urlopen(self.api_url() + path, timeout=2) as response:
-                return response.read()
+        return self.request("GET", path)
+
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 5) -> bytes:
         host, port = self.api_url().split("//")[1].split(":")
-        connection = _NamespacedHTTP(self.mac, host, int(port), timeout=2)
+        if self.mac is None:
+            connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        else:
+            connection = _NamespacedHTTP(self.mac, host, int(port), timeout=timeout)
         try:
-            connection.request("GET", path)
+            connection.request(method, path, body)
             return connection.getresponse().read()
         finally:
             connection.close()

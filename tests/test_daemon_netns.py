@@ -5,6 +5,7 @@ Needs root and iproute2; skipped with the reason otherwise.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -114,3 +115,10 @@ def test_a_shaped_cable_is_measured_within_ten_percent(lab, macs):
     assert daemons[1].status()["links"][0]["bandwidth_bps"] == rate
     rtt = wait_for(lambda: daemons[0].status()["links"][0]["rtt_s"], 5, "the round-trip time")
     assert 0 < rtt < 0.05
+
+    # on request, the link is measured again
+    lab.cables[0].shape("500mbit")
+    answer = json.loads(daemons[1].request("POST", "/probe"))
+    rate = answer["links"][0]["bandwidth_bps"]
+    assert abs(rate - 0.5e9) / 0.5e9 < 0.10, rate
+    wait_for(lambda: measured() == rate, 5, "the other end to publish the new figure")

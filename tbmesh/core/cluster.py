@@ -195,9 +195,10 @@ class ClusterNode:
         return infos
 
     def links(self) -> list[LinkInfo]:
-        """Direct links among reachable nodes, with the best measurement of either end."""
+        """Direct links among reachable nodes. Both ends publish a link's figures; ours
+        come first (freshest here), else the smaller id's, so every node reads the same."""
         best: dict[tuple[str, str], LinkInfo] = {}
-        for origin in sorted(self._members):
+        for origin in sorted(self._members, key=lambda n: (n != self.id, n)):
             state = self.db.states.get(origin)
             if state is None:
                 continue
@@ -206,9 +207,11 @@ class ClusterNode:
                     continue
                 pair = (min(origin, adj.peer), max(origin, adj.peer))
                 held = best.get(pair)
-                bw = max(adj.bytes_per_s, held.bytes_per_s if held else 0.0)
-                rtt = adj.rtt_s if held is None or held.rtt_s == 0 else held.rtt_s
-                best[pair] = LinkInfo(pair[0], pair[1], bw, rtt)
+                if held is None:
+                    best[pair] = LinkInfo(pair[0], pair[1], adj.bytes_per_s, adj.rtt_s)
+                elif not (held.bytes_per_s and held.rtt_s):
+                    best[pair] = LinkInfo(pair[0], pair[1], held.bytes_per_s or adj.bytes_per_s,
+                                          held.rtt_s or adj.rtt_s)
         return [best[pair] for pair in sorted(best)]
 
     # ----- message handlers -----------------------------------------------------------
