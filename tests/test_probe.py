@@ -179,7 +179,7 @@ async def cable_probe(a: netns.Mac, b: netns.Mac, cable: netns.Cable) -> tuple[P
     start = time.perf_counter()
     result = await probe_send(reader, writer)
     elapsed = time.perf_counter() - start
-    await receiving
+    assert await receiving == result  # both ends know the same figure
     writer.close()
     server_writer.close()
     return result, elapsed

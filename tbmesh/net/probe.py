@@ -4,7 +4,7 @@ The daemon runs it on a separate TCP connection (after its own handshake) when a
 and on request, so it never holds an inference connection for long:
 
     dialer:   result = await probe_send(reader, writer)       # streams, then reads the report
-    listener: await probe_receive(reader, writer)             # counts, times, reports
+    listener: result = await probe_receive(reader, writer)    # counts, times, reports
 
 Wire format (all big-endian):
     sender -> receiver   header  "TBPR", version u8, duration f64 (s)
