@@ -32,6 +32,7 @@ from tbmesh.core.messages import (
     LinkStates,
     Message,
     Send,
+    ShardState,
 )
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement, Plan, Stage
 
@@ -73,6 +74,7 @@ class ClusterNode:
         self.leader: str | None = None
         self.plan: Plan | None = None  # the running plan (ours if we lead, else accepted)
         self.no_fit: str | None = None  # the planner's reason when the model does not fit
+        self.shard: ShardState | None = None  # what our runtime has loaded
         self.started_at = now
         self.leaderless_since: float | None = now
         self.seq = 0
@@ -160,6 +162,11 @@ class ClusterNode:
         self.info = info
         return self._update(now)
 
+    def set_shard(self, shard: ShardState | None, now: float) -> list[Action]:
+        """What this node's runtime has loaded (published so every node sees who serves)."""
+        self.shard = shard
+        return self._update(now)
+
     def leave(self, now: float) -> list[Action]:
         """Say goodbye: peers mark us dead at once instead of waiting for silence."""
         self._left = True
@@ -187,6 +194,14 @@ class ClusterNode:
         if node in self._members:
             return PeerState.SUSPECT if self._members[node] else PeerState.ALIVE
         return PeerState.DEAD
+
+    def shards(self) -> dict[str, ShardState]:
+        """What each reachable node has loaded."""
+        found = {n: s.shard for n in self._members
+                 if (s := self.db.states.get(n)) is not None and s.shard is not None}
+        if self.shard is not None:
+            found[self.id] = self.shard
+        return found
 
     def node_infos(self) -> dict[str, NodeInfo]:
         """Every node ever heard of, with the info it last published."""
@@ -447,6 +462,7 @@ class ClusterNode:
             leader=self.leader,
             plan=self.plan,
             no_fit=self.no_fit if self.is_leader else None,
+            shard=self.shard,
             left=self._left,
         )
         if self._published is not None and replace(self._published, version=self.version) == state:

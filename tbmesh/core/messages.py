@@ -38,6 +38,17 @@ class Adjacency:
 
 
 @dataclass(frozen=True)
+class ShardState:
+    """The layers a node has in memory (or is loading), for the plan epoch they belong to."""
+
+    model: str
+    start: int
+    end: int
+    epoch: int
+    progress: float = 1.0  # 1.0 = loaded and serving
+
+
+@dataclass(frozen=True)
 class LinkState:
     """Everything one node publishes about itself. Newer = higher (incarnation, version)."""
 
@@ -50,6 +61,7 @@ class LinkState:
     leader: str | None = None
     plan: Plan | None = None  # the plan the origin runs; authoritative only from its leader
     no_fit: str | None = None  # from a leader: why the model does not fit the group
+    shard: ShardState | None = None  # the origin's loaded layers
     left: bool = False  # the origin said goodbye
 
     @property

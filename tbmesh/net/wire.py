@@ -143,12 +143,32 @@ class Tensor:
         return math.prod(self.shape) * DTYPES[self.dtype]
 
 
-WireMessage = Hello | Welcome | Auth | Refuse | Heartbeat | LinkStates | DatabaseSummary | Goodbye | Tensor
+@dataclass(frozen=True)
+class Token:
+    """A token the last stage sampled, on its way to the request's entry node `to`."""
+
+    request: str
+    step: int
+    token: int
+    to: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """A request ended or was abandoned: the stage on node `to` frees its caches."""
+
+    request: str
+    to: str
+    reason: str = ""
+
+
+WireMessage = (Hello | Welcome | Auth | Refuse | Heartbeat | LinkStates | DatabaseSummary | Goodbye
+               | Tensor | Token | Cancel)
 
 TAGS: dict[type, str] = {
     Hello: "hello", Welcome: "welcome", Auth: "auth", Refuse: "refuse",
     Heartbeat: "heartbeat", LinkStates: "link_states", DatabaseSummary: "db_summary",
-    Goodbye: "goodbye", Tensor: "tensor",
+    Goodbye: "goodbye", Tensor: "tensor", Token: "token", Cancel: "cancel",
 }
 PAYLOAD_FIELD: dict[type, str] = {Tensor: "data"}  # the one field that travels as the payload
 
