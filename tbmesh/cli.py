@@ -445,3 +445,110 @@ def status(
         console.print(f"plan epoch {plan['epoch']}: {stages}")
     elif data.get("no_fit"):
         console.print(f"[red]model does not fit:[/] {data['no_fit']}")
+
+
+# --- chat with the cluster's model -------------------------------------------------------
+
+CHAT_READ_TIMEOUT = 600.0  # s between two pieces of the answer (a long prefill on a big model)
+
+
+class ApiProblem(Exception):
+    """The daemon does not answer, or answers with an error: one line to show."""
+
+
+def _no_daemon(api: str, reason: object) -> ApiProblem:
+    return ApiProblem(f"no tbmesh daemon answers at {api} ({reason}); start one with "
+                      "`tbmesh daemon` (or point --api at one)")  # fmt: skip
+
+
+def _open_api(api: str, path: str, body: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+    """An HTTP response of the daemon's API (standard library only); raises ApiProblem."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(api.rstrip("/") + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        with error:
+            raise ApiProblem(_api_error_message(error.code, error.read())) from None
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise _no_daemon(api, getattr(error, "reason", error)) from None
+
+
+def _api_error_message(status: int, body: bytes) -> str:
+    """The message of an OpenAI-style error body, else the status."""
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"the API answered HTTP {status}"
+
+
+def _stream_chat(response: Any, write: Any) -> None:
+    """Write the content of each server-sent chat chunk as it arrives, up to [DONE]."""
+    for raw in response:
+        line = raw.decode("utf-8").strip()
+        if not line.startswith("data:"):
+            continue  # the blank line between events, comments
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise ApiProblem(_api_error_message(500, data.encode()))
+        for choice in event.get("choices", []):
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                write(text)
+    raise ApiProblem("the answer ended before it was complete")
+
+
+@app.command()
+def chat(
+    prompt: str = typer.Argument(..., help="What to ask."),
+    api: str = typer.Option(DEFAULT_API, "--api", help="The daemon's API URL."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model id [default: the first the daemon serves]."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens in the answer [default: the API's]."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 picks the likeliest token each step [default: 1]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sample the same answer every time."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),
+) -> None:  # fmt: skip
+    """Ask the cluster's model through the local daemon's API; the answer streams as it comes."""
+    wrote = False
+
+    def write(text: str) -> None:
+        nonlocal wrote
+        wrote = True
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def fail(message: str, code: int = 1) -> None:
+        if wrote:
+            print()  # end the half-written answer's line first
+        print(f"error: {_one_line(message)}", file=sys.stderr)
+        raise typer.Exit(code)
+
+    try:
+        if model is None:
+            with _open_api(api, "/v1/models") as response:
+                served = [m["id"] for m in json.loads(response.read())["data"]]
+            if not served:
+                raise ApiProblem(f"the daemon at {api} serves no model (start it with --model DIR)")
+            model = served[0]
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": prompt}]  # fmt: skip
+        body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+        for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
+            if value is not None:
+                body[key] = value
+        with _open_api(api, "/v1/chat/completions", body, timeout=CHAT_READ_TIMEOUT) as response:
+            _stream_chat(response, write)
+        print()
+    except ApiProblem as error:
+        fail(str(error))
+    except (OSError, ValueError) as error:  # the connection dropped mid-answer, a garbled event
+        fail(f"the answer from {api} broke off: {error}")
+    except KeyboardInterrupt:  # closing the connection cancels the generation in the cluster
+        print()
+        raise typer.Exit(130)

@@ -1,0 +1,693 @@
+"""OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions and /v1/models.
+
+The HTTP layer (request checking, chat templates, streaming detokenization, stop strings,
+server-sent events, client disconnects) is the same whatever generates the tokens: a `Backend`
+yields token ids, either the cluster's pipeline (tbmesh.pipeline) or `LocalBackend`, the whole
+model in one process (what a single Mac runs, and the baseline for the benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    import mlx.core as mx
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+log = logging.getLogger(__name__)
+
+
+# --- the interface to whatever generates the tokens ----------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status)
+
+
+class Backend(Protocol):
+    def models(self) -> list[str]:
+        """The model ids served (the model directory's name)."""
+
+    def unavailable(self, model: str) -> ApiError | None:
+        """Why `model` cannot serve requests now (a 503), or None when it can."""
+
+    def tokenizer(self, model: str) -> TokenizerWrapper:
+        """mlx-lm's tokenizer wrapper of `model` (chat template, eos ids, streaming detokenizer)."""
+
+    def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
+        """Yield the generated token ids. Ends after max_tokens, or at an EOS token, which is not
+        yielded. Closing the iterator early (aclose) cancels the generation everywhere and frees
+        its caches. Raise ApiError for an error the client should see as such."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 8 * 2**20
+    max_tokens: int = 32768  # the most a request may ask for
+    default_max_tokens: int = 2048  # when the request does not say
+    max_stop: int = 16  # stop strings per request (OpenAI allows 4; some clients send more)
+
+
+# --- parsing requests ------------------------------------------------------------------------
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass
+class CompletionRequest:
+    chat: bool  # /v1/chat/completions, else /v1/completions
+    model: str
+    params: GenerationParams
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    messages: list[dict[str, str]] = field(default_factory=list)  # chat
+    prompt: str | list[int] = ""  # completions: text, or token ids
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, f"'{name}' must be an integer, not {_type_name(value)}")
+    if value < low or (high is not None and value > high):
+        raise _bad(name, f"'{name}' must be {f'{low} to {high}' if high is not None else f'at least {low}'}, not {value}")
+    return value
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(name, f"'{name}' must be a number, not {_type_name(value)}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise _bad(name, f"'{name}' must be {low:g} to {high:g}, not {value}")
+    return float(value)
+
+
+def _boolean(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(name, f"'{name}' must be a boolean, not {_type_name(value)}")
+    return value
+
+
+def _stop_strings(body: dict[str, Any], limits: Limits) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    strings = [value] if isinstance(value, str) else value
+    if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
+        raise _bad("stop", "'stop' must be a string or an array of strings")
+    if len(strings) > limits.max_stop:
+        raise _bad("stop", f"'stop' may hold at most {limits.max_stop} strings, not {len(strings)}")
+    return [s for s in strings if s]  # an empty stop string would end every answer at once
+
+
+def _content(message: dict[str, Any], where: str) -> str:
+    """A message's text: a string, or an array of text parts (joined)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if content is None and message.get("role") == "assistant":  # e.g. a tool-calling turn
+        return ""
+    if not isinstance(content, list):
+        raise _bad("messages", f"'{where}.content' must be a string or an array of text parts, not {_type_name(content)}")
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise _bad("messages", f"'{where}.content[{i}]' is not a text part "
+                                   '({"type": "text", "text": "..."}); only text is supported')  # fmt: skip
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("messages", "'messages' is required")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "'messages' must be a non-empty array of messages")
+    result = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad("messages", f"'{where}' must be an object, not {_type_name(message)}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _bad("messages", f"'{where}.role' must be one of {', '.join(ROLES)}, not {json.dumps(role)}")
+        # OpenAI's "developer" is the newer name of "system", which chat templates know
+        result.append({"role": "system" if role == "developer" else role, "content": _content(message, where)})
+    return result
+
+
+def _prompt(body: dict[str, Any]) -> str | list[int]:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise _bad("prompt", "'prompt' is required")
+    # OpenAI takes a batch too (an array of strings or of token arrays): one prompt is served
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise _bad("prompt", f"only one prompt per request is supported, not {len(prompt)}")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise _bad("prompt", "'prompt' must be a string or an array of token ids")
+
+
+def parse_request(body: Any, chat: bool, limits: Limits) -> CompletionRequest:
+    """Check a request body; raises ApiError(400) naming the first bad field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {_type_name(body)}")
+    model = body.get("model")
+    if model is None:
+        raise _bad("model", "'model' is required (GET /v1/models lists them)")
+    if not isinstance(model, str):
+        raise _bad("model", f"'model' must be a string, not {_type_name(model)}")
+    n = _integer(body, "n", 1)
+    if n is not None and n != 1:
+        raise _bad("n", f"only n=1 is supported, not {n}")
+    # max_completion_tokens is the newer name; it wins when both are given (as in mlx-lm)
+    max_tokens = _integer(body, "max_completion_tokens", 1, limits.max_tokens)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1, limits.max_tokens)
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    seed = _integer(body, "seed", -(2**63), 2**63 - 1)
+    stop = _stop_strings(body, limits)
+    stream = _boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise _bad("stream_options", f"'stream_options' must be an object, not {_type_name(options)}")
+    include_usage = _boolean(options or {}, "include_usage")
+    params = GenerationParams(
+        max_tokens=limits.default_max_tokens if max_tokens is None else max_tokens,
+        temperature=1.0 if temperature is None else temperature,  # OpenAI's defaults
+        top_p=1.0 if top_p is None else top_p,
+        seed=seed,
+    )
+    request = CompletionRequest(chat, model, params, stop, stream, stream and include_usage)
+    if chat:
+        request.messages = _messages(body)
+    else:
+        request.prompt = _prompt(body)
+    return request
+
+
+def prompt_tokens(tokenizer: TokenizerWrapper, request: CompletionRequest) -> list[int]:
+    """The prompt as token ids: chat messages through the model's chat template."""
+    if request.chat:
+        if not tokenizer.has_chat_template:
+            raise ApiError(400, f"the model {request.model} has no chat template: use /v1/completions",
+                           param="messages")
+        try:
+            tokens = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
+        except Exception as error:  # jinja's own errors, and the templates' raise_exception()
+            raise ApiError(400, f"the chat template refused the messages: {error}", param="messages") from None
+        return list(tokens)
+    if isinstance(request.prompt, str):
+        tokens = tokenizer.encode(request.prompt)  # with the BOS token where the model wants one, as mlx-lm
+        if not tokens:
+            raise _bad("prompt", "'prompt' is empty")
+        return list(tokens)
+    if not request.prompt:
+        raise _bad("prompt", "'prompt' is empty")
+    vocabulary = len(tokenizer)
+    wrong = next((t for t in request.prompt if not 0 <= t < vocabulary), None)
+    if wrong is not None:
+        raise _bad("prompt", f"token id {wrong} is not in the vocabulary (0 to {vocabulary - 1})")
+    return list(request.prompt)
+
+
+# --- from tokens to text ---------------------------------------------------------------------
+
+
+class StopText:
+    """Cuts streamed text at the first stop string, holding back any text that might be the
+    start of one, so that no part of a stop string is ever sent."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """The text that is safe to send, and whether a stop string was met."""
+        if not self.stops:
+            return text, False
+        text = self.pending + text
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.pending = ""
+            return text[: min(found)], True
+        held = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)  # fmt: skip
+        self.pending = text[len(text) - held :]
+        return text[: len(text) - held], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+class ClientGone(Exception):
+    """The client closed its connection: stop generating for it."""
+
+
+DISCONNECT_POLL = 0.1  # s: how often a wait for the next token checks that the client is still there
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _next_token(request: web.Request, tokens: AsyncIterator[int]) -> int | None:
+    """The backend's next token (None at the end); raises ClientGone when the client leaves.
+
+    aiohttp does not cancel a handler when its client disconnects (unless the server was made
+    with handler_cancellation), so a long wait watches the connection itself.
+    """
+
+    async def step() -> int | None:
+        try:
+            return await anext(tokens)
+        except StopAsyncIteration:
+            return None
+
+    task = asyncio.ensure_future(step())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL)
+            if done or _client_gone(request):
+                break
+        if _client_gone(request):
+            raise ClientGone()
+    except BaseException:
+        if not task.done():
+            task.cancel()  # cancels the backend's generation where it waits
+            await asyncio.wait({task})  # the iterator must stop running before it can be closed
+        raise
+    return task.result()
+
+
+@dataclass
+class Outcome:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    finish_reason: str = "length"
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}  # fmt: skip
+
+
+async def generate_text(request: web.Request, backend: Backend, tokenizer: TokenizerWrapper,
+                        completion: CompletionRequest, prompt: list[int], outcome: Outcome) -> AsyncIterator[str]:  # fmt: skip
+    """The answer's text, piece by piece as it is decoded; fills in `outcome`.
+
+    The backend's iterator is closed whatever ends this: the end of the answer, a stop string,
+    an error, the client leaving, or the caller closing this generator.
+    """
+    params = completion.params
+    detokenizer = tokenizer.detokenizer  # mlx-lm's streaming detokenizer: whole characters only
+    stop = StopText(completion.stop)
+    eos = tokenizer.eos_token_ids
+    tokens = backend.generate(completion.model, prompt, params)
+    try:
+        outcome.finish_reason = "stop"
+        while outcome.completion_tokens < params.max_tokens:
+            token = await _next_token(request, tokens)
+            if token is None or token in eos:  # EOS (the backend should not yield it, but may)
+                break
+            outcome.completion_tokens += 1
+            detokenizer.add_token(token)
+            text, stopped = stop.feed(detokenizer.last_segment)
+            if text:
+                yield text
+            if stopped:
+                return
+        else:
+            outcome.finish_reason = "length"
+        detokenizer.finalize()
+        text, stopped = stop.feed(detokenizer.last_segment)
+        if stopped:
+            outcome.finish_reason = "stop"
+        else:
+            text += stop.flush()
+        if text:
+            yield text
+    finally:
+        await tokens.aclose()
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+def _failure(error: Exception) -> ApiError:
+    """An error of the backend as the client sees it."""
+    if isinstance(error, ApiError):
+        return error
+    log.error("generation failed", exc_info=error)
+    return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
+
+
+class Responder:
+    """Answers one completion request, streamed or not, in OpenAI's shapes."""
+
+    def __init__(self, request: web.Request, backend: Backend, completion: CompletionRequest) -> None:
+        self.request = request
+        self.backend = backend
+        self.completion = completion
+        self.id = f"{'chatcmpl' if completion.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _object(self, chunk: bool) -> str:
+        if not self.completion.chat:
+            return "text_completion"  # both streamed and not
+        return "chat.completion.chunk" if chunk else "chat.completion"
+
+    def _envelope(self, chunk: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.id, "object": self._object(chunk), "created": self.created,
+                "model": self.completion.model, "choices": choices}  # fmt: skip
+
+    def _choice(self, text: str, finish_reason: str | None, chunk: bool) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if not self.completion.chat:
+            choice["text"] = text
+        elif chunk:
+            choice["delta"] = {"content": text} if text else {}
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish_reason
+        return choice
+
+    async def answer(self, tokenizer: TokenizerWrapper, prompt: list[int]) -> web.StreamResponse:
+        outcome = Outcome(prompt_tokens=len(prompt))
+        pieces = generate_text(self.request, self.backend, tokenizer, self.completion, prompt, outcome)
+        if self.completion.stream:
+            return await self._stream(pieces, outcome)
+        try:
+            async with aclosing(pieces):
+                text = "".join([piece async for piece in pieces])
+        except ClientGone:
+            return web.Response(status=499)  # nobody reads it: nginx's "client closed request"
+        except Exception as error:
+            return _failure(error).response()
+        body = self._envelope(False, [self._choice(text, outcome.finish_reason, chunk=False)])
+        body["usage"] = outcome.usage()
+        return web.json_response(body)
+
+    async def _stream(self, pieces: AsyncIterator[str], outcome: Outcome) -> web.StreamResponse:
+        """Server-sent events. The response starts with the first piece of text, so that an error
+        before any (no plan any more, a failed prefill) is still an HTTP error status."""
+        response: web.StreamResponse | None = None
+        usage: dict[str, Any] = {"usage": None} if self.completion.include_usage else {}
+
+        async def send(event: dict[str, Any] | str) -> None:
+            nonlocal response
+            try:
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+                    await response.prepare(self.request)
+                    if self.completion.chat:  # OpenAI's first chunk gives the role
+                        first = self._envelope(True, [self._choice("", None, chunk=True)])
+                        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                        await response.write(_event({**first, **usage}))
+                await response.write(_event(event))
+            except ConnectionError:  # aiohttp's ClientConnectionResetError: the client went away
+                raise ClientGone() from None
+
+        try:
+            async with aclosing(pieces):
+                async for text in pieces:
+                    await send({**self._envelope(True, [self._choice(text, None, chunk=True)]), **usage})
+            await send({**self._envelope(True, [self._choice("", outcome.finish_reason, chunk=True)]), **usage})
+            if self.completion.include_usage:
+                await send({**self._envelope(True, []), "usage": outcome.usage()})
+            await send("[DONE]")
+        except ClientGone:
+            return response or web.Response(status=499)
+        except Exception as error:
+            failure = _failure(error)
+            if response is None:
+                return failure.response()
+            try:  # the status has gone out already: an error event, then the end
+                await send(failure.body())
+                await send("[DONE]")
+            except ClientGone:
+                pass
+        return response  # type: ignore[return-value]  # set by send()
+
+
+def _event(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    """The request's JSON body, read up to `limit` bytes (413 beyond)."""
+    too_big = ApiError(413, f"the request body is larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_big
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            raise too_big
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+
+
+def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
+    """Add the OpenAI endpoints. Call it before adding any catch-all route: aiohttp matches
+    routes in the order they were added."""
+    created = int(time.time())
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "tbmesh"}
+
+    def check_model(model: str) -> None:
+        served = backend.models()
+        if model not in served:
+            raise ApiError(404, f"the model {model!r} does not exist here; this node serves: "
+                                f"{', '.join(served) or 'no model'}", param="model", code="model_not_found")  # fmt: skip
+        reason = backend.unavailable(model)
+        if reason is not None:
+            raise reason
+
+    async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            completion = parse_request(await read_json(request, limits.max_body_bytes), chat, limits)
+            check_model(completion.model)
+            tokenizer = backend.tokenizer(completion.model)
+            prompt = prompt_tokens(tokenizer, completion)
+        except ApiError as error:
+            return error.response()
+        except Exception as error:  # a backend that fails to say what it serves or to tokenize
+            return _failure(error).response()
+        return await Responder(request, backend, completion).answer(tokenizer, prompt)
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        return await complete(request, chat=True)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await complete(request, chat=False)
+
+    async def list_models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [model_card(m) for m in backend.models()]})
+
+    async def get_model(request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in backend.models():
+            return ApiError(404, f"the model {name!r} does not exist here", param="model",
+                            code="model_not_found").response()  # fmt: skip
+        return web.json_response(model_card(name))
+
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
+
+
+# --- a single-process backend ------------------------------------------------------------------
+
+
+PREFILL_STEP = 2048  # as mlx-lm's generate_step, so that results match it exactly
+
+
+@dataclass(frozen=True)
+class Sampling:  # TODO: tbmesh.runtime.sampling's, when it lands
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+def sample(logits: mx.array, sampling: Sampling, step: int) -> int:
+    """One token from the last position's logits, with a key made of (seed, step): the same
+    seed gives the same tokens, whatever else runs at the same time."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p
+
+    logits = logits.reshape(-1).astype(mx.float32)
+    if sampling.temperature == 0:
+        return int(mx.argmax(logits).item())
+    logprobs = logits - mx.logsumexp(logits)
+    if sampling.top_p < 1.0:
+        logprobs = apply_top_p(logprobs[None], sampling.top_p)[0]
+    seed = (sampling.seed or 0) & (2**64 - 1)
+    key = mx.random.key((seed * 0x9E3779B97F4A7C15 + step) & (2**64 - 1))
+    return int(mx.random.categorical(logprobs / sampling.temperature, key=key).item())
+
+
+@dataclass
+class _LocalRequest:
+    sampling: Sampling
+    cache: list[Any] | None = None  # mlx-lm's KV cache of this request alone
+
+
+class LocalBackend:
+    """The whole model in this process (mlx_lm.load). All MLX work runs in one worker thread,
+    never on the event loop; requests interleave there token by token, each with its own cache."""
+
+    def __init__(self, model_dir: str | Path, name: str | None = None) -> None:
+        from mlx_lm.utils import load
+
+        self.model_dir = Path(model_dir)
+        self.name = name or self.model_dir.name
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tbmesh-mlx")
+        # loaded in the worker thread too, as the arrays belong to the thread that uses them
+        self._model, self._tokenizer = self._executor.submit(load, str(self.model_dir)).result()
+        self.requests: dict[str, _LocalRequest] = {}  # in flight, with their caches
+        self.cancelled: list[str] = []  # requests closed before their end
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def models(self) -> list[str]:
+        return [self.name]
+
+    def unavailable(self, model: str) -> ApiError | None:
+        return None
+
+    def tokenizer(self, model: str) -> TokenizerWrapper:
+        return self._tokenizer
+
+    async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
+        if model != self.name:
+            raise ApiError(404, f"the model {model!r} does not exist here", param="model", code="model_not_found")
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        loop = asyncio.get_running_loop()
+        # no seed: a random one of this request's own, never the global RNG shared by all
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        state = _LocalRequest(Sampling(params.temperature, params.top_p, seed))
+        name = uuid.uuid4().hex
+        self.requests[name] = state
+        eos = self._tokenizer.eos_token_ids
+        try:
+            token = await loop.run_in_executor(self._executor, self._prefill, state, prompt)
+            for step in range(params.max_tokens):
+                if token in eos:
+                    return
+                yield token
+                if step + 1 == params.max_tokens:
+                    return
+                token = await loop.run_in_executor(self._executor, self._decode, state, token, step + 1)
+        except (GeneratorExit, asyncio.CancelledError):
+            self.cancelled.append(name)
+            raise
+        finally:
+            del self.requests[name]
+            state.cache = None  # the KV cache goes with the request (once a running step ends)
+
+    # in the worker thread
+
+    def _prefill(self, state: _LocalRequest, prompt: list[int]) -> int:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        state.cache = make_prompt_cache(self._model)
+        tokens = mx.array(prompt)
+        while tokens.size > 1:  # all but the last token, in mlx-lm's chunks
+            n = min(PREFILL_STEP, tokens.size - 1)
+            self._model(tokens[:n][None], cache=state.cache)
+            mx.eval([c.state for c in state.cache])
+            tokens = tokens[n:]
+        return self._next(state, tokens, 0)
+
+    def _decode(self, state: _LocalRequest, token: int, step: int) -> int:
+        import mlx.core as mx
+
+        return self._next(state, mx.array([token]), step)
+
+    def _next(self, state: _LocalRequest, tokens: mx.array, step: int) -> int:
+        if state.cache is None:
+            raise RuntimeError("the request was cancelled")
+        logits = self._model(tokens[None], cache=state.cache)[:, -1, :]
+        return sample(logits, state.sampling, step)

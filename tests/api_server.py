@@ -1,0 +1,116 @@
+"""A real aiohttp server with the OpenAI routes, on 127.0.0.1 in a thread of its own, and a
+LocalBackend whose availability and failures tests can steer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any
+
+from aiohttp import web
+
+from tbmesh.openai_api import ApiError, Backend, GenerationParams, Limits, LocalBackend, add_openai_routes
+
+
+class ApiServer:
+    """Serves one backend as the daemon does (an AppRunner: no handler cancellation)."""
+
+    def __init__(self, backend: Backend, limits: Limits = Limits()) -> None:
+        self.backend = backend
+        self.limits = limits
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> ApiServer:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        add_openai_routes(app, self.backend, self.limits)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    # --- a client, with the standard library ---
+
+    def post(self, path: str, body: Any, raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
+        data = raw if raw is not None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, json.loads(error.read())
+
+    def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, json.loads(error.read())
+
+    def stream(self, path: str, body: dict[str, Any]) -> list[Any]:
+        """The server-sent events of a streamed answer: parsed JSON objects, then "[DONE]"."""
+        request = urllib.request.Request(self.url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            raw = response.read().decode()
+        assert raw.endswith("\n\n")
+        events = []
+        for block in raw[:-2].split("\n\n"):
+            assert block.startswith("data: "), block
+            data = block[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+        return events
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class SteeredBackend(LocalBackend):
+    """A LocalBackend that tests can make unavailable, or fail after some tokens."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reset()
+
+    def reset(self) -> None:
+        self.reason: ApiError | None = None  # what unavailable() answers
+        self.fail_after: int | None = None  # raise after yielding this many tokens
+        self.failure: Callable[[], Exception] = lambda: RuntimeError("stage 1 went away")
+
+    def unavailable(self, model: str) -> ApiError | None:
+        return self.reason
+
+    async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
+        async with aclosing(super().generate(model, prompt, params)) as tokens:
+            count = 0
+            async for token in tokens:
+                if count == self.fail_after:
+                    raise self.failure()
+                yield token
+                count += 1

@@ -1,0 +1,452 @@
+"""The OpenAI-compatible API over a real aiohttp server and LocalBackend on a tiny model."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import mlx_lm
+import pytest
+from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+from api_server import ApiServer, SteeredBackend, wait_until
+from tbmesh.openai_api import ApiError, GenerationParams, Limits, StopText
+from tiny_chat_model import make_chat_model
+
+MODEL = "tiny"
+HELLO = [{"role": "user", "content": "Hello café 🙂"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_chat_model(tmp_path_factory.mktemp("models") / MODEL)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Any:
+    """mlx-lm itself, in the test's thread (only used while the server is idle)."""
+    return mlx_lm.load(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir: Path) -> Iterator[SteeredBackend]:
+    backend = SteeredBackend(model_dir)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def module_server(backend: SteeredBackend) -> Iterator[ApiServer]:
+    with ApiServer(backend, Limits(max_body_bytes=64 * 1024, default_max_tokens=16)) as server:
+        yield server
+
+
+@pytest.fixture
+def server(module_server: ApiServer, backend: SteeredBackend) -> Iterator[ApiServer]:
+    backend.reset()
+    yield module_server
+    backend.reset()
+    # every test leaves no generation behind: each one was ended and its cache freed
+    wait_until(lambda: not backend.requests, 5, "the backend to free every request")
+
+
+def greedy(reference: Any, prompt: list[int], max_tokens: int) -> tuple[list[int], str]:
+    """The tokens mlx-lm generates at temperature 0, and their text as mlx-lm streams it."""
+    model, tokenizer = reference
+    tokens, text = [], ""
+    for response in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        text += response.text
+        if response.finish_reason != "stop":  # "stop" carries the EOS token, which is no output
+            tokens.append(response.token)
+    return tokens, text
+
+
+def chat_prompt(reference: Any, messages: list[dict[str, str]]) -> list[int]:
+    return reference[1].apply_chat_template(messages, add_generation_prompt=True)
+
+
+def content(events: list[Any]) -> str:
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in events if isinstance(e, dict) and e["choices"])
+
+
+# --- answers -------------------------------------------------------------------------------
+
+
+def test_models(server: ApiServer) -> None:
+    status, body = server.get("/v1/models")
+    assert status == 200
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == [MODEL]
+    assert body["data"][0]["object"] == "model"
+    assert server.get(f"/v1/models/{MODEL}")[1]["id"] == MODEL
+    status, body = server.get("/v1/models/nope")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+def test_chat_is_mlx_lm_greedy_text_with_usage(server: ApiServer, reference: Any) -> None:
+    prompt = chat_prompt(reference, HELLO)
+    tokens, text = greedy(reference, prompt, 12)
+    assert text == reference[1].decode(tokens)
+    status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 12,
+                                                        "temperature": 0})  # fmt: skip
+    assert status == 200
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["model"] == MODEL and isinstance(body["created"], int)
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": text}
+    assert choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 12, "total_tokens": len(prompt) + 12}
+
+
+def test_chat_stream_is_the_same_text_in_openai_chunks(server: ApiServer, reference: Any) -> None:
+    _, text = greedy(reference, chat_prompt(reference, HELLO), 12)
+    events = server.stream("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 12,
+                                                    "temperature": 0, "stream_options": {"include_usage": True}})  # fmt: skip
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    *deltas, last, usage = chunks
+    assert all(d["choices"][0]["finish_reason"] is None and d["usage"] is None for d in deltas)
+    assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    assert content(chunks) == text
+    assert len(deltas) > 2  # streamed piece by piece
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 12
+    assert usage["usage"]["prompt_tokens"] == len(chat_prompt(reference, HELLO))
+    # without include_usage: no usage chunk, no usage fields
+    plain = server.stream("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 12, "temperature": 0})
+    assert all("usage" not in c for c in plain[:-1]) and content(plain) == text
+
+
+def test_content_parts_system_and_developer_roles(server: ApiServer, reference: Any) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    _, text = greedy(reference, chat_prompt(reference, messages), 6)
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Hi there"}]}]  # fmt: skip
+    status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": parts, "max_tokens": 6,
+                                                        "temperature": 0})  # fmt: skip
+    assert status == 200 and body["choices"][0]["message"]["content"] == text
+
+
+def test_completion_of_text_and_of_token_ids(server: ApiServer, reference: Any) -> None:
+    prompt = reference[1].encode("The quick brown")
+    tokens, text = greedy(reference, prompt, 10)
+    for given in ("The quick brown", prompt, [prompt], ["The quick brown"]):
+        status, body = server.post("/v1/completions", {"model": MODEL, "prompt": given, "max_tokens": 10,
+                                                       "temperature": 0})  # fmt: skip
+        assert status == 200, body
+        assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
+        assert body["choices"][0]["text"] == text == reference[1].decode(tokens)
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 10, "total_tokens": len(prompt) + 10}
+    events = server.stream("/v1/completions", {"model": MODEL, "prompt": "The quick brown", "max_tokens": 10,
+                                               "temperature": 0, "stream_options": {"include_usage": True}})  # fmt: skip
+    *chunks, usage, done = events
+    assert done == "[DONE]" and usage["usage"]["completion_tokens"] == 10
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_default_max_tokens_applies(server: ApiServer) -> None:
+    status, body = server.post("/v1/completions", {"model": MODEL, "prompt": "Hello", "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] == 16  # the server's default here
+
+
+def test_seed_gives_the_same_sample(server: ApiServer) -> None:
+    def ask(seed: int | None, stream: bool = False) -> str:
+        body = {"model": MODEL, "messages": HELLO, "max_tokens": 16, "temperature": 1.0, "top_p": 0.95}
+        if seed is not None:
+            body["seed"] = seed
+        if stream:
+            return content(server.stream("/v1/chat/completions", body))
+        return server.post("/v1/chat/completions", body)[1]["choices"][0]["message"]["content"]
+
+    first = ask(42)
+    assert ask(42) == first
+    assert ask(42, stream=True) == first
+    assert ask(7) != first
+    assert ask(None) != ask(None)  # each request its own random key
+
+
+def test_stop_strings_end_the_answer_and_the_generation(server: ApiServer, reference: Any, backend: SteeredBackend) -> None:
+    _, text = greedy(reference, chat_prompt(reference, HELLO), 24)
+    # a stop string first met well inside the answer, that no earlier text begins
+    start = next(i for i in range(4, len(text) - 2) if text.find(text[i:i + 2]) == i)
+    stop = text[start:start + 2]
+    cancelled = len(backend.cancelled)
+    request = {"model": MODEL, "messages": HELLO, "max_tokens": 24, "temperature": 0}
+    status, body = server.post("/v1/chat/completions", {**request, "stop": ["never said", stop]})
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == text[:start]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] < 24
+    events = server.stream("/v1/chat/completions", {**request, "stop": stop})
+    assert content(events) == text[:start]
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    wait_until(lambda: len(backend.cancelled) == cancelled + 2, 5, "both generations cancelled")
+
+
+def test_eos_ends_the_answer_with_stop(model_dir: Path, reference: Any) -> None:
+    """A token made EOS for this backend ends the answer where the model first says it."""
+    prompt = chat_prompt(reference, HELLO)
+    tokens, _ = greedy(reference, prompt, 12)
+    eos = tokens[3]
+    end = tokens.index(eos)
+    backend = SteeredBackend(model_dir)
+    backend.tokenizer(MODEL).eos_token_ids = {*backend.tokenizer(MODEL).eos_token_ids, eos}
+    try:
+        with ApiServer(backend) as server:
+            status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": HELLO,
+                                                                "max_tokens": 12, "temperature": 0})  # fmt: skip
+            assert body["choices"][0]["finish_reason"] == "stop"
+            assert body["choices"][0]["message"]["content"] == reference[1].decode(tokens[:end])
+            assert body["usage"]["completion_tokens"] == end
+    finally:
+        backend.close()
+
+
+def test_concurrent_requests_are_each_right(server: ApiServer, reference: Any) -> None:
+    asks = [[{"role": "user", "content": f"Question number {i}"}] for i in range(4)]
+    expected = [greedy(reference, chat_prompt(reference, m), 8 + i)[1] for i, m in enumerate(asks)]
+    answers: list[str | None] = [None] * 4
+
+    def ask(i: int) -> None:
+        body = {"model": MODEL, "messages": asks[i], "max_tokens": 8 + i, "temperature": 0}
+        if i % 2:
+            answers[i] = content(server.stream("/v1/chat/completions", body))
+        else:
+            answers[i] = server.post("/v1/chat/completions", body)[1]["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == expected
+
+
+# --- errors --------------------------------------------------------------------------------
+
+CHAT = {"model": MODEL, "messages": HELLO}
+BAD_CHATS = [
+    ({"messages": HELLO}, "model"),
+    ({**CHAT, "model": 3}, "model"),
+    ({"model": MODEL}, "messages"),
+    ({**CHAT, "messages": []}, "messages"),
+    ({**CHAT, "messages": "hi"}, "messages"),
+    ({**CHAT, "messages": ["hi"]}, "messages"),
+    ({**CHAT, "messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+    ({**CHAT, "messages": [{"role": "user"}]}, "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({**CHAT, "max_tokens": "10"}, "max_tokens"),
+    ({**CHAT, "max_tokens": 0}, "max_tokens"),
+    ({**CHAT, "max_tokens": 32769}, "max_tokens"),
+    ({**CHAT, "max_tokens": True}, "max_tokens"),
+    ({**CHAT, "max_completion_tokens": 2.5}, "max_completion_tokens"),
+    ({**CHAT, "temperature": "hot"}, "temperature"),
+    ({**CHAT, "temperature": -0.1}, "temperature"),
+    ({**CHAT, "temperature": 2.5}, "temperature"),
+    ({**CHAT, "top_p": 1.5}, "top_p"),
+    ({**CHAT, "seed": "x"}, "seed"),
+    ({**CHAT, "seed": 1.5}, "seed"),
+    ({**CHAT, "stop": 5}, "stop"),
+    ({**CHAT, "stop": ["a", 1]}, "stop"),
+    ({**CHAT, "stop": [str(i) for i in range(17)]}, "stop"),
+    ({**CHAT, "stream": "yes"}, "stream"),
+    ({**CHAT, "stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
+    ({**CHAT, "stream_options": []}, "stream_options"),
+    ({**CHAT, "n": 2}, "n"),
+    ({**CHAT, "n": "one"}, "n"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_CHATS)
+def test_bad_chat_fields_are_400_naming_the_field(server: ApiServer, body: dict[str, Any], param: str) -> None:
+    status, answer = server.post("/v1/chat/completions", body)
+    assert status == 400
+    error = answer["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert param in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("prompt", [None, {"text": "hi"}, ["a", "b"], [[1], [2]], [1, "a"], [-1], [10**6], "", []])
+def test_bad_prompts_are_400(server: ApiServer, prompt: Any) -> None:
+    body = {"model": MODEL, "max_tokens": 2} | ({} if prompt is None else {"prompt": prompt})
+    status, answer = server.post("/v1/completions", body)
+    assert status == 400 and answer["error"]["param"] == "prompt", answer
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', "{\"model\": \"\xe9\"}".encode("latin-1")])
+def test_malformed_bodies_are_400(server: ApiServer, raw: bytes) -> None:
+    status, answer = server.post("/v1/chat/completions", None, raw=raw)
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_too_large_a_body_is_413(server: ApiServer) -> None:
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]}
+    status, answer = server.post("/v1/chat/completions", big)
+    assert status == 413 and "larger than" in answer["error"]["message"]
+
+
+def test_unknown_fields_are_ignored(server: ApiServer) -> None:
+    body = {**CHAT, "max_tokens": 2, "user": "me", "frequency_penalty": 0, "logit_bias": {}, "n": 1,
+            "metadata": {"a": 1}, "stream": False, "stop": None, "seed": None}  # fmt: skip
+    status, answer = server.post("/v1/chat/completions", body)
+    assert status == 200, answer
+
+
+def test_unknown_model_is_404(server: ApiServer) -> None:
+    for path, body in (("/v1/chat/completions", {**CHAT, "model": "gpt-4"}),
+                       ("/v1/completions", {"model": "gpt-4", "prompt": "hi"})):  # fmt: skip
+        status, answer = server.post(path, body)
+        assert status == 404
+        assert answer["error"]["code"] == "model_not_found" and answer["error"]["param"] == "model"
+        assert MODEL in answer["error"]["message"]  # says what is served
+
+
+def test_unavailable_model_is_503_with_its_reason(server: ApiServer, backend: SteeredBackend) -> None:
+    backend.reason = ApiError(503, "no plan yet: waiting for the leader's plan", "service_unavailable")
+    for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", {"model": MODEL, "prompt": "hi"})):
+        status, answer = server.post(path, body)
+        assert status == 503
+        assert answer["error"] == {"message": "no plan yet: waiting for the leader's plan",
+                                   "type": "service_unavailable", "param": None, "code": None}  # fmt: skip
+    backend.reason = None
+    assert server.post("/v1/chat/completions", {**CHAT, "max_tokens": 2})[0] == 200
+
+
+def test_backend_failure_mid_answer(server: ApiServer, backend: SteeredBackend) -> None:
+    backend.fail_after = 3
+    request = {**CHAT, "max_tokens": 10, "temperature": 0}
+    status, answer = server.post("/v1/chat/completions", request)
+    assert status == 500
+    assert answer["error"]["type"] == "server_error" and "stage 1 went away" in answer["error"]["message"]
+    events = server.stream("/v1/chat/completions", request)  # the status went out with the first text
+    assert events[-1] == "[DONE]"
+    assert "stage 1 went away" in events[-2]["error"]["message"]
+    # a failure that the backend words itself keeps its status
+    backend.failure = lambda: ApiError(503, "the plan changed", "service_unavailable")
+    status, answer = server.post("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 10})
+    assert status == 503 and answer["error"]["message"] == "the plan changed"
+    # before any text, a stream is still answered with the error's status
+    backend.fail_after = 0
+    status, answer = server.post("/v1/chat/completions", {**request, "stream": True})
+    assert status == 503 and answer["error"]["message"] == "the plan changed"
+    backend.reset()
+    assert server.post("/v1/chat/completions", {**CHAT, "max_tokens": 2})[0] == 200  # still serving
+
+
+# --- client disconnects --------------------------------------------------------------------
+
+
+def _send(server: ApiServer, body: dict[str, Any]) -> http.client.HTTPConnection:
+    connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    return connection
+
+
+def test_closing_a_stream_cancels_the_generation(server: ApiServer, backend: SteeredBackend) -> None:
+    cancelled = len(backend.cancelled)
+    connection = _send(server, {**CHAT, "max_tokens": 30000, "temperature": 0, "stream": True})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # the answer is under way
+    assert len(backend.requests) == 1
+    connection.close()  # long before the end: 30000 tokens take a minute here
+    wait_until(lambda: not backend.requests and len(backend.cancelled) == cancelled + 1, 3,
+               "the backend to see the cancellation and free the request")  # fmt: skip
+
+
+def test_leaving_a_request_cancels_the_generation(server: ApiServer, backend: SteeredBackend) -> None:
+    cancelled = len(backend.cancelled)
+    connection = _send(server, {**CHAT, "max_tokens": 30000, "temperature": 0})
+    wait_until(lambda: backend.requests, 5, "the generation to start")
+    connection.close()
+    wait_until(lambda: not backend.requests and len(backend.cancelled) == cancelled + 1, 3,
+               "the backend to see the cancellation and free the request")  # fmt: skip
+    assert server.post("/v1/chat/completions", {**CHAT, "max_tokens": 2})[0] == 200
+
+
+# --- text pieces: multi-byte characters and stop strings over scripted tokens ----------------
+
+
+class ScriptedBackend:
+    """Yields the tokens of a fixed text: exact control over what is streamed."""
+
+    def __init__(self, model_dir: Path, text: str, extra: list[int] | None = None) -> None:
+        self._tokenizer = load_tokenizer(model_dir)
+        self.tokens = self._tokenizer.encode(text, add_special_tokens=False) + (extra or [])
+        self.closed = 0
+
+    def models(self) -> list[str]:
+        return [MODEL]
+
+    def unavailable(self, model: str) -> ApiError | None:
+        return None
+
+    def tokenizer(self, model: str) -> Any:
+        return self._tokenizer
+
+    async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
+        try:
+            for token in self.tokens[: params.max_tokens]:
+                yield token
+        finally:
+            self.closed += 1
+
+
+TEXT = "Café crème 日本語 🙂🚀 done"
+
+
+def test_multibyte_characters_stream_whole(model_dir: Path) -> None:
+    backend = ScriptedBackend(model_dir, TEXT)
+    tokenizer = backend.tokenizer(MODEL)
+    # the emoji are split over byte tokens that do not decode alone
+    assert any("\ufffd" in tokenizer.decode([t]) for t in backend.tokens)
+    with ApiServer(backend) as server:
+        events = server.stream("/v1/chat/completions", {**CHAT, "max_tokens": 100})
+        pieces = [e["choices"][0]["delta"].get("content", "") for e in events[:-1]]
+        assert "".join(pieces) == TEXT
+        assert not any("\ufffd" in piece for piece in pieces)
+        assert len([p for p in pieces if p]) > 3
+        assert events[-2]["choices"][0]["finish_reason"] == "stop"  # the backend ended before max_tokens
+        events = server.stream("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 100, "stop": "日本"})
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "Café crème "
+
+
+def test_an_eos_token_from_the_backend_is_no_text(model_dir: Path) -> None:
+    backend = ScriptedBackend(model_dir, "Hello")
+    eos = next(iter(backend.tokenizer(MODEL).eos_token_ids))
+    backend.tokens += [eos] + backend.tokens
+    with ApiServer(backend) as server:
+        status, body = server.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 100})
+        assert body["choices"][0] == {"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "stop"}
+        assert backend.closed == 1
+
+
+@pytest.mark.parametrize("stops,pieces,expected", [
+    (["ab"], ["xa", "bc"], ("x", True)),
+    (["abc"], ["xab", "d"], ("xabd", False)),
+    (["abc", "bd"], ["xab", "d"], ("xa", True)),
+    (["ü"], ["..", "ü."], ("..", True)),
+    ([], ["ab"], ("ab", False)),
+])  # fmt: skip
+def test_stop_text(stops: list[str], pieces: list[str], expected: tuple[str, bool]) -> None:
+    stop = StopText(stops)
+    sent, stopped = "", False
+    for piece in pieces:
+        text, stopped = stop.feed(piece)
+        sent += text
+        if stopped:
+            break
+    if not stopped:
+        sent += stop.flush()
+    assert (sent, stopped) == expected
