@@ -242,11 +242,15 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> CompletionRequest:
     if options is not None and not isinstance(options, dict):
         raise _bad("stream_options", f"'stream_options' must be an object, not {_type_name(options)}")
     include_usage = _boolean(options or {}, "include_usage")
+    temperature = 1.0 if temperature is None else temperature  # OpenAI's defaults
+    top_p = 1.0 if top_p is None else top_p
+    if top_p == 0:  # only the likeliest token is left: greedy
+        temperature, top_p = 0.0, 1.0
     params = GenerationParams(
         max_tokens=limits.default_max_tokens if max_tokens is None else max_tokens,
-        temperature=1.0 if temperature is None else temperature,  # OpenAI's defaults
-        top_p=1.0 if top_p is None else top_p,
-        seed=seed,
+        temperature=temperature,
+        top_p=top_p,
+        seed=None if seed is None else seed % 2**64,  # OpenAI's are signed, the samplers' keys not
     )
     request = CompletionRequest(chat, model, params, stop, stream, stream and include_usage)
     if chat:

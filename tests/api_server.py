@@ -21,9 +21,10 @@ from tbmesh.openai_api import ApiError, Backend, GenerationParams, Limits, Local
 class ApiServer:
     """Serves one backend as the daemon does (an AppRunner: no handler cancellation)."""
 
-    def __init__(self, backend: Backend, limits: Limits = Limits()) -> None:
+    def __init__(self, backend: Backend, limits: Limits = Limits(), handler_cancellation: bool = False) -> None:
         self.backend = backend
         self.limits = limits
+        self.handler_cancellation = handler_cancellation  # True in aiohttp's own test server
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.url = ""
@@ -41,7 +42,7 @@ class ApiServer:
     async def _start(self) -> None:
         app = web.Application()
         add_openai_routes(app, self.backend, self.limits)
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=self.handler_cancellation)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()

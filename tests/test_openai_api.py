@@ -169,6 +169,7 @@ def test_seed_gives_the_same_sample(server: ApiServer) -> None:
 
     first = ask(42)
     assert ask(42) == first
+    assert ask(-1) == ask(-1) != first  # OpenAI's seeds are signed 64-bit integers
     assert ask(42, stream=True) == first
     assert ask(7) != first
     assert ask(None) != ask(None)  # each request its own random key
@@ -373,6 +374,24 @@ def test_leaving_a_request_cancels_the_generation(server: ApiServer, backend: St
     wait_until(lambda: not backend.requests and len(backend.cancelled) == cancelled + 1, 3,
                "the backend to see the cancellation and free the request")  # fmt: skip
     assert server.post("/v1/chat/completions", {**CHAT, "max_tokens": 2})[0] == 200
+
+
+def test_leaving_a_cancelling_server_cancels_the_generation(backend: SteeredBackend) -> None:
+    """A server that cancels the handler of a client that left (as aiohttp's test server does)."""
+    with ApiServer(backend, handler_cancellation=True) as server:
+        for stream in (False, True):
+            cancelled = len(backend.cancelled)
+            connection = _send(server, {**CHAT, "max_tokens": 30000, "temperature": 0, "stream": stream})
+            wait_until(lambda: backend.requests, 5, "the generation to start")
+            connection.close()
+            wait_until(lambda: not backend.requests and len(backend.cancelled) == cancelled + 1, 3,
+                       "the backend to see the cancellation and free the request")  # fmt: skip
+
+
+def test_top_p_zero_is_greedy(server: ApiServer, reference: Any) -> None:
+    _, text = greedy(reference, chat_prompt(reference, HELLO), 8)
+    body = {**CHAT, "max_tokens": 8, "temperature": 1.5, "top_p": 0}
+    assert server.post("/v1/chat/completions", body)[1]["choices"][0]["message"]["content"] == text
 
 
 # --- text pieces: multi-byte characters and stop strings over scripted tokens ----------------
