@@ -1,0 +1,234 @@
+"""A pipeline stage's share of an mlx-lm model: layers [start, end), plus the ends it needs.
+
+A node never holds more than its shard. The mlx-lm model class is built from config.json
+without evaluating anything (MLX arrays are lazy: the random initial weights never exist),
+its layer list is cut to the shard's layers, the embedding is dropped unless this is the
+first stage and the final norm and head unless it is the last (with tied embeddings the last
+stage keeps the embedding matrix: it is the output projection). The safetensors files are
+opened lazily with mx.load, so only the shard's tensors are ever read from disk.
+
+The forward is written out flat, as the supported families' own __call__ does it: embed
+(first stage), attention mask, the layers with their caches, norm and head (last stage).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import _get_classes, _takes_global_scale, infer_quant_config
+
+from tbmesh.core.modelspec import ModelFormatError
+from tbmesh.runtime.modeldir import read_config, weight_files
+from tbmesh.runtime.sampling import Sampling, draw, logprobs_of
+
+# mlx-lm model modules (after its MODEL_REMAPPING: mistral, kimi_k2, ... map onto these) whose
+# forward is exactly embed -> layers(h, mask, cache) -> norm -> lm_head or tied embedding,
+# with no embedding scale or per-layer extra input. The value: whether the model asks
+# create_attention_mask for an array (deepseek_v3's MLA needs one) instead of "causal".
+FAMILIES: dict[str, bool] = {
+    "llama": False,  # also mistral; its sliding-window layers get their own mask
+    "qwen2": False,
+    "qwen3": False,
+    "qwen3_moe": False,
+    "deepseek_v3": True,  # also kimi_k2
+    "kimi_k25": True,  # deepseek_v3's text model under language_model.
+}
+
+# Legacy quantization configs that mlx_lm.load turns into packed layers (the others, such as
+# DeepSeek's fp8, are dequantized by the model's sanitize and need nothing from us).
+_PACKED_QUANT_METHODS = {"bitnet", "mxfp4", "mxfp8", "compressed-tensors", "modelopt", "awq", "gptq"}
+
+
+class ShardError(ModelFormatError):
+    """A shard that cannot be loaded (unsupported model, bad range, missing tensors); one line."""
+
+
+class Shard:
+    """Layers [start, end) of a model, ready to run one pipeline stage."""
+
+    def __init__(self, model: nn.Module, config: dict[str, Any], start: int, end: int,
+                 num_layers: int, array_mask: bool) -> None:
+        self.model = model  # mlx-lm's outer Model, cut down to the shard
+        self.config = config
+        self.start, self.end, self.num_layers = start, end, num_layers
+        self.first, self.last = start == 0, end == num_layers
+        self._lm = model["language_model"] if "language_model" in model else model
+        self._inner = self._lm["model"]
+        self._array_mask = array_mask
+        self._window = getattr(self._inner, "sliding_window", None)
+        self.weight_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+
+    def __repr__(self) -> str:
+        return f"Shard([{self.start}, {self.end}) of {self.num_layers}, {self.weight_bytes} bytes)"
+
+    def make_cache(self) -> list[Any]:
+        """A fresh KV cache for this shard's layers (one per request)."""
+        return make_prompt_cache(self.model)
+
+    def forward(self, x: mx.array, cache: Sequence[Any]) -> mx.array:
+        """Token ids (1, n) on the first stage, else hidden states (1, n, hidden); returns
+        hidden states (1, n, hidden), or on the last stage the last position's logits (1, vocab)."""
+        h = self._inner.embed_tokens(x) if self.first else x
+        masks: dict[int | None, Any] = {}  # one per attention kind, as the families build them
+        for layer, c in zip(self._inner.layers, cache):
+            window = self._window if getattr(layer, "use_sliding", False) else None
+            if window not in masks:
+                masks[window] = create_attention_mask(h, c, window_size=window, return_array=self._array_mask)
+            h = layer(h, masks[window], cache=c)
+        if not self.last:
+            return h
+        # only the last position is sampled; generate_step's steps that sample have one token
+        h = self._inner.norm(h[:, -1:])
+        out = self._lm.lm_head(h) if "lm_head" in self._lm else self._inner.embed_tokens.as_linear(h)
+        return out[:, -1, :]
+
+
+def load_shard(model_dir: str | Path, start: int, end: int) -> Shard:
+    """Load layers [start, end) of the mlx-lm model in `model_dir`, and nothing more."""
+    root = Path(model_dir)
+    config = read_config(root)
+    model = _build(root.name, config)
+    lm = model["language_model"] if "language_model" in model else model
+    inner = lm["model"]
+    num_layers = len(inner.layers)
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= num_layers):
+        raise ShardError(f"{root.name}: layers [{start}, {end}) are not a range of its {num_layers} layers")
+
+    weights: dict[str, mx.array] = {}
+    for file in weight_files(root):
+        weights.update(mx.load(str(file)))  # lazy: nothing is read until evaluated
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)  # on the full, original numbering, as mlx_lm.load
+
+    first, last = start == 0, end == num_layers
+    tied = "lm_head" not in lm
+    inner.layers = inner.layers[start:end]
+    if not first and not (last and tied):
+        del inner.embed_tokens
+    if not last:
+        del inner.norm
+        if not tied:
+            del lm.lm_head
+
+    prefix = ("language_model." if lm is not model else "") + "model.layers."
+    weights = _renumber(weights, prefix, start, end)
+    if config.get("quantization") is not None:
+        _quantize(model, config["quantization"], weights, prefix, start)
+    model.eval()
+
+    wanted = [name for name, _ in tree_flatten(model.parameters())]
+    missing = [name for name in wanted if name not in weights]
+    if missing:
+        raise ShardError(f"{root.name} has no tensor {_original(missing[0], prefix, start)} "
+                         f"(needed by layers [{start}, {end}); {len(missing)} missing)")
+    try:
+        model.load_weights([(name, weights[name]) for name in wanted], strict=True)
+    except ValueError as error:  # a shape that does not match the config
+        raise ShardError(f"{root.name}: {' '.join(str(error).split())}") from None
+    mx.eval(model.parameters())
+    return Shard(model, config, start, end, num_layers, FAMILIES[_family(model)])
+
+
+def generate_locally(shards: Sequence[Shard], prompt: Sequence[int], max_tokens: int,
+                     sampler: Sampling, prefill_step_size: int = 2048) -> list[int]:
+    """Generate with the shards chained in one process, step for step as the pipeline does.
+
+    The prompt is processed as mlx-lm's generate_step does (all but the last token in chunks
+    of prefill_step_size, then the last token alone, which gives the first sampled token), so
+    the floating-point results, hence the tokens, are mlx-lm's own.
+    """
+    caches = [s.make_cache() for s in shards]
+
+    def run(tokens: Sequence[int]) -> mx.array:
+        x = mx.array([list(tokens)], dtype=mx.int32)
+        for shard, cache in zip(shards, caches):
+            x = shard.forward(x, cache)
+            if not shard.last:
+                mx.eval(x)  # a stage hands over an evaluated tensor
+        return x
+
+    rest = list(prompt)
+    while len(rest) > 1:
+        n = min(prefill_step_size, len(rest) - 1)
+        run(rest[:n])
+        mx.eval([c.state for cache in caches for c in cache])  # the chunk's logits are unused
+        rest = rest[n:]
+    out: list[int] = []
+    for step in range(max_tokens):
+        token = draw(logprobs_of(run(rest)), sampler, step).item()
+        out.append(token)
+        rest = [token]
+    return out
+
+
+def _build(name: str, config: dict[str, Any]) -> nn.Module:
+    """The full mlx-lm model, lazily (nothing evaluated), after checking we support it."""
+    try:
+        model_class, args_class = _get_classes(config)
+    except (ValueError, KeyError) as error:
+        raise ShardError(f"{name}: mlx-lm does not support model type {config.get('model_type')!r}") from None
+    family = model_class.__module__.rsplit(".", 1)[-1]
+    if family not in FAMILIES:
+        raise ShardError(f"{name}: tbmesh cannot shard model type {config.get('model_type')!r} yet "
+                         f"(supported: {', '.join(sorted(FAMILIES))})")
+    legacy = config.get("quantization_config") or {}
+    method = legacy.get("quant_method") if isinstance(legacy, dict) else None
+    if config.get("quantization") is None and (method in _PACKED_QUANT_METHODS or method == "fp8"
+                                               and legacy.get("scale_fmt") == "ue8m0"):
+        raise ShardError(f"{name}: {method} quantization_config is not supported (convert with mlx_lm)")
+    if config.get("quantize_activations"):
+        raise ShardError(f"{name}: quantize_activations is not supported")
+    try:
+        return model_class(args_class.from_dict(config))
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ShardError(f"{name}: mlx-lm cannot build it from config.json: {' '.join(str(error).split())}") from None
+
+
+def _family(model: nn.Module) -> str:
+    return type(model).__module__.rsplit(".", 1)[-1]
+
+
+def _renumber(weights: dict[str, mx.array], prefix: str, start: int, end: int) -> dict[str, mx.array]:
+    """The shard's layers as layers 0..end-start-1; other layers' tensors left out."""
+    layer = re.compile(re.escape(prefix) + r"(\d+)\.")
+    out = {}
+    for name, value in weights.items():
+        m = layer.match(name)
+        if m is None:
+            out[name] = value
+        elif start <= (i := int(m.group(1))) < end:
+            out[f"{prefix}{i - start}.{name[m.end():]}"] = value
+    return out
+
+
+def _original(name: str, prefix: str, start: int) -> str:
+    """A shard parameter's name in the checkpoint."""
+    m = re.match(re.escape(prefix) + r"(\d+)(\.|$)", name)
+    return f"{prefix}{int(m.group(1)) + start}{name[m.end(1):]}" if m else name
+
+
+def _quantize(model: nn.Module, quantization: dict[str, Any], weights: dict[str, mx.array],
+              prefix: str, start: int) -> None:
+    """Quantize the layers the checkpoint holds quantized, with mlx_lm.load's predicate."""
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        original = _original(path, prefix, start)  # per-layer settings use checkpoint names
+        if original in quantization:
+            return quantization[original]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        params = infer_quant_config(path, module, weights)
+        if f"{path}.global_scale" in weights and _takes_global_scale(module):
+            params["global_scale"] = True
+        return params
+
+    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
