@@ -156,6 +156,27 @@ def test_a_chain_without_a_bridge_spreads_the_view_over_several_hops():
     assert set(sim.nodes["e"].members()) == {"d", "e"}
 
 
+def test_a_mac_that_led_itself_while_unplugged_rejoins_the_group_plan():
+    """While alone, d leads itself at a higher term and plans for itself; back in the group,
+    the group's plan must be stamped newer than d's, or d would refuse it forever."""
+    for seed in range(12):
+        sim = Simulator(seed=seed, config=CONFIG)
+        ids = ["a", "b", "c", "d"]
+        for n in ids:
+            sim.add_node(n)
+        for x, y in zip(ids, ids[1:]):
+            sim.cable(x, y)
+        assert sim.run_until_true(lambda: sim.converged() and sim.plans_agree(), 10) is not None
+        sim.unplug("c", "d")
+        alone = sim.run_until_true(lambda: sim.nodes["d"].plan is not None
+                                   and sim.nodes["d"].plan.considered == {"d"}, 10)
+        assert alone is not None
+        sim.run_for(sim.rng.random())
+        sim.cable("c", "d")
+        assert sim.run_until_true(lambda: sim.converged() and sim.plans_agree(), 10) is not None, seed
+        assert sim.nodes["d"].plan.considered == set(ids)
+
+
 def test_lost_messages_are_repaired_by_anti_entropy():
     sim = start(5, seed=7, network=NetworkModel(drop=0.2))
     leader = leader_of(sim, "n0")

@@ -382,18 +382,19 @@ class ClusterNode:
         model = self.config.model
         if model is None:
             return
-        # The newest plan anyone in the group runs: adopted as it is when it was made for
-        # exactly this group (a new leader changes nothing), else the hint for re-planning.
-        running = max(
-            (p for p in self._visible_plans() if p.model == model.name),
-            key=lambda p: p.key,
-            default=None,
-        )
+        plans = [p for p in self._visible_plans() if p.model == model.name]
+        newest = max(plans, key=lambda p: p.key, default=None)
         members = frozenset(self._members)
-        if running is not None and running.considered == members:
+        ours = max((p for p in plans if p.considered == members), key=lambda p: p.key, default=None)
+        if ours is not None:
+            # A plan made for exactly this group is adopted as it is: a new leader changes
+            # nothing. When a member runs a newer plan (the one it made while it was alone),
+            # the same stages are stamped newer still, or that member would refuse ours.
+            if ours.key < newest.key:
+                ours = replace(ours, term=self.term, epoch=newest.epoch + 1)
             self._planned_for = members
             self.no_fit = None
-            self._accept(running, now)
+            self._accept(ours, now)
             return
         if members == self._planned_for:
             return  # already planned for this group (e.g. the model does not fit)
@@ -406,7 +407,7 @@ class ClusterNode:
             [infos[n] for n in sorted(members)],
             self.links(),
             context=self.config.context,
-            previous=running.stages if running else None,
+            previous=(self.plan or newest).stages if (self.plan or newest) else None,
         )
         if not placement.fits:
             if self.no_fit != placement.reason:

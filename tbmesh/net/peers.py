@@ -103,10 +103,18 @@ class Channel:
     def send(self, message: object) -> bool:
         if self.closed:
             return False
-        if self.writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+        transport = self.writer.transport
+        if transport.is_closing():  # e.g. a broken pipe the reader has not seen yet
+            self.close("the connection broke")
+            return False
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             self.close("the peer stopped reading")
             return False
-        self.writer.writelines(wire.encode(message))
+        try:
+            self.writer.writelines(wire.encode(message))
+        except (RuntimeError, OSError) as error:  # uvloop raises on a transport closed under us
+            self.close(f"send failed: {error}")
+            return False
         return True
 
     async def drain(self) -> None:
