@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import math
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +26,8 @@ from aiohttp import web
 if TYPE_CHECKING:
     import mlx.core as mx
     from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from tbmesh.runtime.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +361,7 @@ async def _next_token(request: web.Request, tokens: AsyncIterator[int]) -> int |
 class Outcome:
     prompt_tokens: int
     completion_tokens: int = 0
-    finish_reason: str = "length"
+    finish_reason: str = "stop"  # or "length" when max_tokens ended the answer
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -380,7 +381,6 @@ async def generate_text(request: web.Request, backend: Backend, tokenizer: Token
     eos = tokenizer.eos_token_ids
     tokens = backend.generate(completion.model, prompt, params)
     try:
-        outcome.finish_reason = "stop"
         while outcome.completion_tokens < params.max_tokens:
             token = await _next_token(request, tokens)
             if token is None or token in eos:  # EOS (the backend should not yield it, but may)
@@ -585,33 +585,9 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
 PREFILL_STEP = 2048  # as mlx-lm's generate_step, so that results match it exactly
 
 
-@dataclass(frozen=True)
-class Sampling:  # TODO: tbmesh.runtime.sampling's, when it lands
-    temperature: float
-    top_p: float
-    seed: int | None
-
-
-def sample(logits: mx.array, sampling: Sampling, step: int) -> int:
-    """One token from the last position's logits, with a key made of (seed, step): the same
-    seed gives the same tokens, whatever else runs at the same time."""
-    import mlx.core as mx
-    from mlx_lm.sample_utils import apply_top_p
-
-    logits = logits.reshape(-1).astype(mx.float32)
-    if sampling.temperature == 0:
-        return int(mx.argmax(logits).item())
-    logprobs = logits - mx.logsumexp(logits)
-    if sampling.top_p < 1.0:
-        logprobs = apply_top_p(logprobs[None], sampling.top_p)[0]
-    seed = (sampling.seed or 0) & (2**64 - 1)
-    key = mx.random.key((seed * 0x9E3779B97F4A7C15 + step) & (2**64 - 1))
-    return int(mx.random.categorical(logprobs / sampling.temperature, key=key).item())
-
-
 @dataclass
 class _LocalRequest:
-    sampling: Sampling
+    sampling: Sampling  # with a seed: its own random keys
     cache: list[Any] | None = None  # mlx-lm's KV cache of this request alone
 
 
@@ -647,10 +623,11 @@ class LocalBackend:
             raise ApiError(404, f"the model {model!r} does not exist here", param="model", code="model_not_found")
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
+        from tbmesh.runtime.sampling import Sampling
+
         loop = asyncio.get_running_loop()
         # no seed: a random one of this request's own, never the global RNG shared by all
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        state = _LocalRequest(Sampling(params.temperature, params.top_p, seed))
+        state = _LocalRequest(Sampling(params.temperature, params.top_p, params.seed).seeded())
         name = uuid.uuid4().hex
         self.requests[name] = state
         eos = self._tokenizer.eos_token_ids
@@ -693,5 +670,7 @@ class LocalBackend:
     def _next(self, state: _LocalRequest, tokens: mx.array, step: int) -> int:
         if state.cache is None:
             raise RuntimeError("the request was cancelled")
+        from tbmesh.runtime.sampling import sample
+
         logits = self._model(tokens[None], cache=state.cache)[:, -1, :]
         return sample(logits, state.sampling, step)

@@ -15,6 +15,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from api_server import ApiServer, SteeredBackend, wait_until
 from tbmesh.openai_api import ApiError, GenerationParams, Limits, StopText
+from tbmesh.runtime.sampling import Sampling, make_sampler
 from tiny_chat_model import make_chat_model
 
 MODEL = "tiny"
@@ -173,6 +174,14 @@ def test_seed_gives_the_same_sample(server: ApiServer) -> None:
     assert ask(42, stream=True) == first
     assert ask(7) != first
     assert ask(None) != ask(None)  # each request its own random key
+
+
+def test_seeded_sample_is_mlx_lm_with_the_same_sampler(server: ApiServer, reference: Any) -> None:
+    prompt = chat_prompt(reference, HELLO)
+    sampler = make_sampler(Sampling(temperature=0.8, top_p=0.9, seed=3))
+    text = mlx_lm.generate(*reference, prompt, max_tokens=12, sampler=sampler)
+    body = {**CHAT, "max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 3}
+    assert server.post("/v1/chat/completions", body)[1]["choices"][0]["message"]["content"] == text
 
 
 def test_stop_strings_end_the_answer_and_the_generation(server: ApiServer, reference: Any, backend: SteeredBackend) -> None:
