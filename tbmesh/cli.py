@@ -508,9 +508,9 @@ def _stream_chat(response: Any, write: Any) -> None:
 def chat(
     prompt: str = typer.Argument(..., help="What to ask."),
     api: str = typer.Option(DEFAULT_API, "--api", help="The daemon's API URL."),
-    model: Optional[str] = typer.Option(None, "--model", help="The model id [default: the first the daemon serves]."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens in the answer [default: the API's]."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 picks the likeliest token each step [default: 1]."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model id (default: the first the daemon serves)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens in the answer (default: the API's, 2048)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 picks the likeliest token each step (default: 1)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sample the same answer every time."),
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),
 ) -> None:  # fmt: skip
