@@ -552,3 +552,43 @@ def chat(
     except KeyboardInterrupt:  # closing the connection cancels the generation in the cluster
         print()
         raise typer.Exit(130)
+
+
+# --- model directories ------------------------------------------------------------------
+
+model_app = typer.Typer(help="Make model directories.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("tiny")
+def model_tiny(
+    directory: Path = typer.Argument(..., help="Where to write the model (a new or empty directory)."),
+    arch: str = typer.Option("llama", "--arch", help="llama, qwen3 or qwen3_moe (8 experts, 2 per token)."),
+    layers: int = typer.Option(8, "--layers", help="Transformer layers."),
+    hidden: int = typer.Option(256, "--hidden", help="Hidden size (heads of 64)."),
+    vocab: int = typer.Option(512, "--vocab", help="Vocabulary size (at least 260)."),
+    seed: int = typer.Option(0, "--seed", help="The same seed writes the same bytes."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    force: bool = typer.Option(False, "--force", help="Write into a directory that already holds files."),
+) -> None:  # fmt: skip
+    """Write a small random-weight model for tests and demos, made offline.
+
+    A real architecture, random weights and a tokenizer trained here, as mlx_lm.load reads them.
+    The same arguments write the same bytes.
+    """
+    import math
+
+    from tbmesh.runtime.modeldir import read_header
+    from tbmesh.runtime.tiny import FILES, WEIGHTS_FILE, make_tiny_model
+
+    try:
+        root = make_tiny_model(directory, arch=arch, layers=layers, hidden=hidden, vocab=vocab, seed=seed,
+                               dtype=dtype, force=force)  # fmt: skip
+    except FileExistsError as error:
+        _fail(f"{error}; --force writes into it")
+    except (ValueError, OSError) as error:  # bad sizes, a directory in use, a disk problem
+        _fail(str(error))
+    parameters = sum(math.prod(shape) for _, shape in read_header(root / WEIGHTS_FILE).values())
+    size = sum((root / name).stat().st_size for name in FILES)
+    print(f"wrote {root}: {arch}, {layers} layers, hidden {hidden}, vocab {vocab}, {dtype}, seed {seed}; "
+          f"{parameters / 1e6:.2f}M parameters, {format_bytes(size)} in {len(FILES)} files")  # fmt: skip
