@@ -5,6 +5,8 @@ prefill, it times decode steps of:
   full      mlx-lm's own model (mlx_lm.utils.load_model): model(token, cache), eval logits
   shards-N  the model split into N shards (load_shard): each shard's forward evaluated on
             its own, as a pipeline stage does; the figure is the sum of the N stage times
+  shards-3-one-eval  the 3 shards' forwards chained lazily and evaluated once (what the
+            shard code costs without a stage's synchronisation point)
 and, as a baseline for the noise of this machine, full-again: the full model timed a second
 time in the same rounds. The variants' steps are interleaved one by one, in rotating order,
 so that drift (this machine's cores are shared) hits them alike; figures are medians over
@@ -63,7 +65,7 @@ def full_stepper(path: Path) -> Callable[[int], tuple[int, float]]:
     return step
 
 
-def shard_stepper(shards: list[Shard]) -> Callable[[int], tuple[int, float]]:
+def shard_stepper(shards: list[Shard], eval_each: bool = True) -> Callable[[int], tuple[int, float]]:
     caches = [s.make_cache() for s in shards]
     x = mx.array([list(range(1, PROMPT + 1))])
     for shard, cache in zip(shards, caches):
@@ -72,11 +74,16 @@ def shard_stepper(shards: list[Shard]) -> Callable[[int], tuple[int, float]]:
 
     def step(token: int) -> tuple[int, float]:
         x, total = mx.array([[token]]), 0.0
+        start = time.perf_counter()
         for shard, cache in zip(shards, caches):
-            start = time.perf_counter()
             x = shard.forward(x, cache)
-            mx.eval(x)  # a stage evaluates its output before sending it on
-            total += time.perf_counter() - start
+            if eval_each:
+                mx.eval(x)  # a stage evaluates its output before sending it on
+                total += time.perf_counter() - start
+                start = time.perf_counter()
+        if not eval_each:
+            mx.eval(x)
+            total = time.perf_counter() - start
         return mx.argmax(x, axis=-1).item(), total
     return step
 
@@ -87,6 +94,8 @@ def case(path: Path, steps: int, rounds: int) -> dict[str, Any]:
         "full": lambda: full_stepper(path),
         "shards_2": lambda: shard_stepper([load_shard(path, 0, 4), load_shard(path, 4, n)]),
         "shards_3": lambda: shard_stepper([load_shard(path, 0, 3), load_shard(path, 3, 6), load_shard(path, 6, n)]),
+        "shards_3_one_eval": lambda: shard_stepper(
+            [load_shard(path, 0, 3), load_shard(path, 3, 6), load_shard(path, 6, n)], eval_each=False),
         "full_again": lambda: full_stepper(path),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -110,6 +119,7 @@ def case(path: Path, steps: int, rounds: int) -> dict[str, Any]:
         **{f"{name}_ms": round(v, 4) for name, v in ms.items()},
         "shards_2_vs_full": round(ms["shards_2"] / ms["full"], 4),
         "shards_3_vs_full": round(ms["shards_3"] / ms["full"], 4),
+        "shards_3_one_eval_vs_full": round(ms["shards_3_one_eval"] / ms["full"], 4),
         "baseline_full_again_vs_full": round(ms["full_again"] / ms["full"], 4),
     }
 
@@ -129,6 +139,7 @@ def main() -> None:
             print(f"{name:18} {r['model_bytes'] / 1e6:6.1f} MB  full {r['full_ms']:7.3f} ms  "
                   f"2 shards {r['shards_2_ms']:7.3f} ms ({r['shards_2_vs_full']:.3f}x)  "
                   f"3 shards {r['shards_3_ms']:7.3f} ms ({r['shards_3_vs_full']:.3f}x)  "
+                  f"3 shards, one eval {r['shards_3_one_eval_ms']:7.3f} ms ({r['shards_3_one_eval_vs_full']:.3f}x)  "
                   f"full again {r['full_again_ms']:7.3f} ms ({r['baseline_full_again_vs_full']:.3f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

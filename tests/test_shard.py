@@ -80,6 +80,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     made = {name: make_model(root / name, name) for name in CONFIGS}
     made["llama_q4"] = make_model(root / "llama_q4", "llama", bits=4)
+    made["llama_tied_q4"] = make_model(root / "llama_tied_q4", "llama_tied", bits=4)
     made["qwen3_moe_q8"] = make_model(root / "qwen3_moe_q8", "qwen3_moe", bits=8)
     made["llama_split"] = make_model(root / "llama_split", "llama", files=3)
     return made
@@ -104,7 +105,7 @@ def reference(path: Path, prompt: list[int], max_tokens: int, sampler=None, pref
 
 # ----- exactness ---------------------------------------------------------------------------
 
-MODELS = [*CONFIGS, "llama_q4", "qwen3_moe_q8"]
+MODELS = [*CONFIGS, "llama_q4", "llama_tied_q4", "qwen3_moe_q8"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -154,7 +155,8 @@ def test_seeded_sampling_matches_mlx_lm_with_the_same_sampler(models):
 
 # ----- what a shard holds ------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["llama", "llama_tied", "llama_q4", "qwen3_moe_q8", "deepseek_v3", "kimi_k25"])
+@pytest.mark.parametrize("name", ["llama", "llama_tied", "llama_q4", "llama_tied_q4", "qwen3_moe_q8",
+                                  "deepseek_v3", "kimi_k25"])
 def test_weight_bytes_are_the_planners_stage_bytes(models, name):
     spec = describe_model_dir(models[name])
     tied = "tied" in name
@@ -269,10 +271,14 @@ def test_range_outside_the_model(models, start, end):
 
 
 def test_unsupported_and_unknown_model_types(tmp_path):
-    for model_type, words in (("gemma", "cannot shard model type 'gemma'"), ("no_such_model", "does not support")):
+    for model_type, extra, words in (
+        ("gemma", {}, "cannot shard model type 'gemma'"),
+        ("no_such_model", {}, "does not support model type 'no_such_model'"),
+        ("llama", {"quantization_config": {"quant_method": "awq"}}, "awq quantization_config is not supported"),
+    ):
         root = tmp_path / model_type
         root.mkdir()
-        (root / "config.json").write_text(json.dumps({**LLAMA, "model_type": model_type}))
+        (root / "config.json").write_text(json.dumps({**LLAMA, "model_type": model_type, **extra}))
         mx.save_safetensors(str(root / "model.safetensors"), {"x": mx.zeros(1)})
         assert words in one_line(root, 0, 1)
 

@@ -60,8 +60,7 @@ class Shard:
         self.config = config
         self.start, self.end, self.num_layers = start, end, num_layers
         self.first, self.last = start == 0, end == num_layers
-        self._lm = model["language_model"] if "language_model" in model else model
-        self._inner = self._lm["model"]
+        self._lm, self._inner = _text_model(model)
         self._array_mask = array_mask
         self._window = getattr(self._inner, "sliding_window", None)
         self.weight_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
@@ -95,9 +94,8 @@ def load_shard(model_dir: str | Path, start: int, end: int) -> Shard:
     """Load layers [start, end) of the mlx-lm model in `model_dir`, and nothing more."""
     root = Path(model_dir)
     config = read_config(root)
-    model = _build(root.name, config)
-    lm = model["language_model"] if "language_model" in model else model
-    inner = lm["model"]
+    model = _build(root, config)
+    lm, inner = _text_model(model)
     num_layers = len(inner.layers)
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= num_layers):
         raise ShardError(f"{root.name}: layers [{start}, {end}) are not a range of its {num_layers} layers")
@@ -169,27 +167,47 @@ def generate_locally(shards: Sequence[Shard], prompt: Sequence[int], max_tokens:
     return out
 
 
-def _build(name: str, config: dict[str, Any]) -> nn.Module:
+def _build(root: Path, config: dict[str, Any]) -> nn.Module:
     """The full mlx-lm model, lazily (nothing evaluated), after checking we support it."""
+    name = root.name
     try:
         model_class, args_class = _get_classes(config)
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError):
         raise ShardError(f"{name}: mlx-lm does not support model type {config.get('model_type')!r}") from None
     family = model_class.__module__.rsplit(".", 1)[-1]
     if family not in FAMILIES:
         raise ShardError(f"{name}: tbmesh cannot shard model type {config.get('model_type')!r} yet "
                          f"(supported: {', '.join(sorted(FAMILIES))})")
-    legacy = config.get("quantization_config") or {}
-    method = legacy.get("quant_method") if isinstance(legacy, dict) else None
-    if config.get("quantization") is None and (method in _PACKED_QUANT_METHODS or method == "fp8"
-                                               and legacy.get("scale_fmt") == "ue8m0"):
-        raise ShardError(f"{name}: {method} quantization_config is not supported (convert with mlx_lm)")
+    if config.get("quantization") is None and (method := _packed_quantization(root, config)):
+        raise ShardError(f"{name}: {method} quantization_config is not supported (convert it with mlx_lm.convert)")
     if config.get("quantize_activations"):
         raise ShardError(f"{name}: quantize_activations is not supported")
     try:
         return model_class(args_class.from_dict(config))
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise ShardError(f"{name}: mlx-lm cannot build it from config.json: {' '.join(str(error).split())}") from None
+
+
+def _packed_quantization(root: Path, config: dict[str, Any]) -> str | None:
+    """The legacy quant_method that mlx_lm.load would turn into packed layers, if any.
+
+    Others (DeepSeek's 128-block fp8) are dequantized by the model's sanitize, as in mlx-lm.
+    """
+    if (root / "hf_quant_config.json").exists():
+        return "modelopt"
+    legacy = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if not isinstance(legacy, dict):
+        return None
+    method = legacy.get("quant_method")
+    mxfp8 = (method == "fp8" and legacy.get("scale_fmt") == "ue8m0"
+             and list(legacy.get("weight_block_size", ())) == [32, 32])
+    return method if method in _PACKED_QUANT_METHODS or mxfp8 else None
+
+
+def _text_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the module holding lm_head, the one holding embed_tokens/layers/norm)."""
+    lm = model["language_model"] if "language_model" in model else model
+    return lm, lm["model"]
 
 
 def _family(model: nn.Module) -> str:
