@@ -27,8 +27,11 @@ def make_app(daemon: Daemon) -> web.Application:
     async def not_found(request: web.Request) -> web.Response:
         return error_response(404, f"no such endpoint: {request.method} {request.path}")
 
+    from tbmesh.openai_api import add_openai_routes
+
     app = web.Application()
     app.router.add_get("/status", status)
     app.router.add_post("/probe", probe)
+    add_openai_routes(app, daemon.pipeline)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

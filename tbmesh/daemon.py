@@ -19,9 +19,10 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tbmesh import measure, state
 from tbmesh.core.cluster import ClusterNode, CoreConfig
@@ -32,6 +33,9 @@ from tbmesh.net import interfaces as netif
 from tbmesh.net import peers, probe, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
 from tbmesh.net.watch import InterfaceWatcher
+
+if TYPE_CHECKING:
+    from tbmesh.pipeline import Pipeline
 
 log = logging.getLogger("tbmesh")
 
@@ -86,6 +90,8 @@ class Daemon:
         self._watcher: InterfaceWatcher | None = None
         self._api = None
         self._stopping = False
+        self.pipeline: Pipeline | None = None  # the data plane
+        self._last_plan = None
 
     # ----- life cycle ------------------------------------------------------------------
 
@@ -106,8 +112,11 @@ class Daemon:
         machine = measure.machine_identity()
         self.identity = state.load_identity(cfg.state_dir, machine)
         info = await self._measure()
-        self.core = ClusterNode(info, self.identity.incarnation, self.loop.time(),
+        self.core = ClusterNode(info, self.identity.incarnation, self.now(),
                                 CoreConfig(cfg.timing, self.model, cfg.context))
+        from tbmesh.pipeline import Pipeline
+
+        self.pipeline = Pipeline(self, cfg.model)
         await self._start_server()
         await self._start_api()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
@@ -139,7 +148,7 @@ class Daemon:
         self._stopping = True
         self.stopped.set()
         if self.core is not None:
-            self._carry_out(self.core.leave(self.loop.time()))
+            self.carry_out(self.core.leave(self.now()))
         await asyncio.gather(*(c.drain() for c in list(self.channels.values())))
         if self._watcher is not None:
             await self._watcher.stop()
@@ -149,6 +158,8 @@ class Daemon:
             task.cancel()
         for channel in list(self.channels.values()):
             channel.close("daemon stopping")
+        if self.pipeline is not None:
+            self.pipeline.close()
         if self._server is not None:
             self._server.close()
         if self._api is not None:
@@ -216,11 +227,16 @@ class Daemon:
 
     # ----- the core's clock and actions ------------------------------------------------
 
+    @staticmethod
+    def now() -> float:
+        # not loop.time(): uvloop's counts whole milliseconds, too coarse for a Thunderbolt RTT
+        return time.monotonic()
+
     async def _ticker(self) -> None:
         interval = self.config.timing.heartbeat_interval / 4
         while True:
             await asyncio.sleep(interval)
-            self._carry_out(self.core.tick(self.loop.time()))
+            self.carry_out(self.core.tick(self.now()))
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -229,9 +245,9 @@ class Daemon:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self._carry_out(self.core.flush(self.loop.time()))
+        self.carry_out(self.core.flush(self.now()))
 
-    def _carry_out(self, actions: list) -> None:
+    def carry_out(self, actions: list) -> None:
         for action in actions:
             if isinstance(action, Send):
                 channel = self.channels.get(action.to)
@@ -243,6 +259,32 @@ class Daemon:
                     channel.close("declared dead")
         for event in self.core.drain_events():
             self._record(event)
+        if self.pipeline is not None and self.core.plan is not self._last_plan:
+            self._last_plan = self.core.plan
+            self.pipeline.on_plan(self._last_plan)
+
+    def send_to(self, node: str, message: object) -> bool:
+        """Send to `node` directly, or through the neighbour on the shortest path to it
+        (a chain of Macs without a bridge: the entry and stage 0 may be two cables apart)."""
+        channel = self.channels.get(node) or self.channels.get(self._next_hop(node) or "")
+        return channel is not None and channel.send(message)
+
+    def _next_hop(self, node: str) -> str | None:
+        graph: dict[str, set[str]] = collections.defaultdict(set)
+        for link in self.core.links():
+            graph[link.a].add(link.b)
+            graph[link.b].add(link.a)
+        first_hop = {n: n for n in graph[self.core.id] if n in self.channels}
+        queue = collections.deque(sorted(first_hop))
+        while queue:
+            here = queue.popleft()
+            if here == node:
+                return first_hop[here]
+            for there in sorted(graph[here]):
+                if there not in first_hop and there != self.core.id:
+                    first_hop[there] = first_hop[here]
+                    queue.append(there)
+        return None
 
     def _record(self, event: Event) -> None:
         self.events.append({"at": event.at, "kind": event.kind, "node": event.node,
@@ -282,7 +324,7 @@ class Daemon:
                 return
             existing.close("replaced by a newer connection")
         self.channels[peer] = channel
-        self._carry_out(self.core.peer_connected(peer, channel.peer.incarnation, self.loop.time()))
+        self.carry_out(self.core.peer_connected(peer, channel.peer.incarnation, self.now()))
         self._spawn(self._read(channel))
         if channel.dialed and self.config.probe_links:
             self._spawn(self._probe(peer))
@@ -301,7 +343,14 @@ class Daemon:
                 if self.channels.get(peer) is not channel:
                     break
                 try:
-                    self._carry_out(self.core.receive(peer, message, self.loop.time()))
+                    if isinstance(message, (wire.Tensor, wire.Token, wire.Cancel)):
+                        self.pipeline.receive(message)
+                        continue
+                    self.carry_out(self.core.receive(peer, message, self.now()))
+                except wire.ProtocolError as error:
+                    log.warning("dropping %s: %s", channel.peer.name, error)
+                    channel.close(f"protocol error: {error}")
+                    break
                 except Exception:  # a bug must cost one connection, not the daemon
                     log.exception("handling a message from %s", peer)
                     channel.close("internal error")
@@ -312,7 +361,7 @@ class Daemon:
             if self.channels.get(peer) is channel:
                 del self.channels[peer]
                 log.info("connection to %s closed: %s", channel.peer.name, channel.close_reason)
-                self._carry_out(self.core.peer_disconnected(peer, self.loop.time()))
+                self.carry_out(self.core.peer_disconnected(peer, self.now()))
                 self._wake_dialer(peer)
 
     def _duplicate_id(self, channel: peers.Channel) -> None:
@@ -330,7 +379,7 @@ class Daemon:
         self.channels.clear()
         info = NodeInfo(self.identity.node_id, self.core.info.name, self.core.info.chip,
                         self.core.info.memory_total, self.core.info.memory_usable, self.core.info.flops)
-        self.core = ClusterNode(info, self.identity.incarnation, self.loop.time(), self.core.config)
+        self.core = ClusterNode(info, self.identity.incarnation, self.now(), self.core.config)
         await self._discovery.stop()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
         await self._discovery.start()
@@ -365,20 +414,23 @@ class Daemon:
         last_error = ""
         while not self._stopping:
             channel = self.channels.get(peer)
-            if channel is not None and not channel.closed:
-                wake.clear()
-                await wake.wait()
-                backoff = 0.0
+            if channel is not None:
+                if channel.closed:  # its reader has not cleaned up yet: let it run
+                    await asyncio.sleep(0.02)
+                else:
+                    wake.clear()
+                    await wake.wait()
+                    backoff = 0.0
                 continue
             if backoff:
                 wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), backoff)
+                if peer in self.channels:
+                    continue  # it dialled us meanwhile
             found = self.known.get(peer)
             if found is None or found.version != wire.PROTOCOL_VERSION:
                 return
-            if peer in self.channels:
-                continue
             try:
                 channel = await self._dial_any(found)
             except (peers.Refused, OSError) as error:
@@ -442,7 +494,7 @@ class Daemon:
                     probe.ProbeError) as error:
                 log.info("bandwidth probe to %s failed: %s", peer, error)
                 return
-            self._carry_out(self.core.set_link_bandwidth(peer, result.bytes_per_s, self.loop.time()))
+            self.carry_out(self.core.set_link_bandwidth(peer, result.bytes_per_s, self.now()))
             log.info("link to %s: %.2f Gbit/s", found.name, result.bytes_per_s * 8 / 1e9)
 
     async def _answer_probe(self, channel: peers.Channel) -> None:
@@ -450,8 +502,8 @@ class Daemon:
             channel.writer.write(b"G")  # the dialer streams only after this: nothing is buffered
             result = await probe.probe_receive(channel.reader, channel.writer)
             # both ends publish the figure the receiver measured
-            self._carry_out(self.core.set_link_bandwidth(channel.peer_id, result.bytes_per_s,
-                                                         self.loop.time()))
+            self.carry_out(self.core.set_link_bandwidth(channel.peer_id, result.bytes_per_s,
+                                                         self.now()))
         except (OSError, asyncio.TimeoutError, probe.ProbeError) as error:
             log.info("bandwidth probe from %s failed: %s", channel.peer.name, error)
         finally:
@@ -474,6 +526,10 @@ class Daemon:
         if addresses != self.addresses:
             log.info("interfaces changed: %s %s", ",".join(self.interfaces), addresses)
             self.addresses = addresses
+            for channel in list(self.channels.values()):
+                local = channel.writer.get_extra_info("sockname")
+                if local is not None and local[0] not in addresses:
+                    channel.close("its interface went away")  # suspected now, not after silence
         if self._discovery is not None:
             # a cable plugged into a bridge changes no address, but there may be new peers
             # behind it: rebind if needed, announce ourselves and ask again either way
@@ -494,6 +550,14 @@ class Daemon:
                 "flops": info.flops,
                 "role": "leader" if node_id == core.leader and state_ is not PeerState.DEAD else "follower",
             })
+        shards = core.shards()
+        stage_bytes = {s.node: s.bytes for s in core.plan.stages} if core.plan else {}
+        for node in nodes:
+            held = shards.get(node["id"])
+            node["shard"] = None if held is None else {
+                "start": held.start, "end": held.end, "epoch": held.epoch,
+                "bytes": stage_bytes.get(node["id"]), "progress": held.progress,
+                "loaded": held.progress >= 1.0}
         links = [{"a": link.a, "b": link.b, "bandwidth_bps": link.bytes_per_s * 8, "rtt_s": link.rtt_s}
                  for link in core.links()]
         plan = core.plan
@@ -513,5 +577,6 @@ class Daemon:
                 "left_out": list(plan.left_out),
             },
             "no_fit": core.no_fit,
+            "requests": self.pipeline.status() if self.pipeline else None,
             "events": list(self.events)[-50:],
         }
