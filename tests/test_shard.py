@@ -301,3 +301,21 @@ def test_missing_and_misshapen_tensors(models, tmp_path):
 def test_supported_families_are_the_tested_ones():
     tested = {_get_classes(c)[0].__module__.rsplit(".", 1)[-1] for c in CONFIGS.values()}
     assert tested == set(FAMILIES)
+
+
+def test_bfloat16_model_with_tokenizer_matches_stream_generate(tmp_path):
+    """mlx_lm.load + stream_generate on a tokenizer-carrying bf16 model (tbmesh model tiny's)."""
+    tiny = pytest.importorskip("tbmesh.runtime.tiny")
+    from mlx_lm import load, stream_generate
+
+    path = tmp_path / "tiny"
+    tiny.make_tiny_model(path, arch="llama", layers=4, hidden=128, dtype="bfloat16")
+    model, tokenizer = load(str(path))
+    prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    shards = [load_shard(path, 0, 1), load_shard(path, 1, 3), load_shard(path, 3, 4)]
+    for sampling in (Sampling(), Sampling(0.8, 0.9, seed=7)):
+        want = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=24,
+                                                 sampler=make_sampler(sampling))]
+        got = generate_locally(shards, prompt, 24, sampling)  # does not stop at EOS
+        assert got[: len(want)] == want
+        assert len(want) == 24 or want[-1] in tokenizer.eos_token_ids
