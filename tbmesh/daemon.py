@@ -577,6 +577,6 @@ class Daemon:
                 "left_out": list(plan.left_out),
             },
             "no_fit": core.no_fit,
-            "requests": self.pipeline.status() if self.pipeline else None,
+            "runtime": self.pipeline.status() if self.pipeline else None,
             "events": list(self.events)[-50:],
         }

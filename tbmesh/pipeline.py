@@ -314,4 +314,9 @@ class Pipeline:
     # ----- status ----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {"requests": len(self.conducting), "stage_requests": len(self.caches)}
+        return {
+            "requests": len(self.conducting),  # entering here, in flight
+            "stage_requests": len(self.caches),  # holding a KV cache in our layers
+            "weight_bytes": self.shard.weight_bytes if self.shard else 0,
+            "active_memory": mx.get_active_memory(),
+        }

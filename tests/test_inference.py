@@ -1,0 +1,193 @@
+"""Distributed inference through real daemons on loopback, token for token against mlx-lm."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+
+from daemons import DaemonProcess, agreed, start_all, wait_for
+from tbmesh.runtime.sampling import Sampling, make_sampler
+from tbmesh.runtime.tiny import make_tiny_model
+
+PROMPTS = ["The quick brown fox", "Thunderbolt cables link the Macs", "Hello"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("m") / "tiny", layers=8, hidden=128, vocab=512)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Single-process mlx-lm on the same directory: the tokens every run must reproduce."""
+    model, tokenizer = load(str(model_dir))
+
+    def generate(prompt: str, max_tokens: int, sampling: Sampling = Sampling()) -> str:
+        detokenizer = tokenizer.detokenizer  # the streaming one, as the API's (and mlx_lm.generate's)
+        detokenizer.reset()
+        count = 0
+        for token, _ in generate_step(mx_prompt(tokenizer, prompt), model, max_tokens=max_tokens,
+                                      sampler=make_sampler(sampling)):
+            if token in tokenizer.eos_token_ids:
+                break
+            detokenizer.add_token(token)
+            count += 1
+        detokenizer.finalize()
+        return detokenizer.text, count
+
+    generate.tokenizer = tokenizer
+    return generate
+
+
+def mx_prompt(tokenizer, prompt: str):
+    import mlx.core as mx
+
+    return mx.array(tokenizer.encode(prompt))
+
+
+@pytest.fixture
+def cluster(tmp_path, model_dir):
+    name = f"i{uuid.uuid4().hex[:8]}"
+    started: list[DaemonProcess] = []
+
+    def start(n: int, memory: str = "4GB") -> list[DaemonProcess]:
+        daemons = [DaemonProcess(f"n{i}", tmp_path / f"n{i}", ["--interface", "lo", "--memory", memory,
+                                                                  "--model", str(model_dir), "--cluster", name,
+                                                                  "--no-probe"]) for i in range(n)]
+        started.extend(daemons)
+        return start_all(daemons)
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+def serving(daemons: list[DaemonProcess], stages: int) -> dict:
+    """Wait for one plan of `stages` stages with every shard loaded."""
+
+    def ready():
+        view = agreed(daemons)
+        if view is None or len(view["plan"]["stages"]) != stages:
+            return None
+        loaded = [n["shard"] for n in view["nodes"] if n["shard"]]
+        return view if len(loaded) == stages and all(s["loaded"] for s in loaded) else None
+
+    return wait_for(ready, 30, f"{stages} loaded stages")
+
+
+def post(daemon: DaemonProcess, path: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
+    host, port = daemon.api_url().split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def complete(daemon: DaemonProcess, prompt: str, max_tokens: int, **sampling) -> tuple[str, int]:
+    status, body = post(daemon, "/v1/completions", {"model": "tiny", "prompt": prompt,
+                                                     "max_tokens": max_tokens, **sampling})
+    assert status == 200, body
+    return body["choices"][0]["text"], body["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_the_pipeline_gives_mlx_lm_tokens_at_temperature_zero_from_every_entry(cluster, reference, stages):
+    daemons = cluster(stages)
+    view = serving(daemons, stages)
+    assert [s["start"] for s in view["plan"]["stages"]][0] == 0
+    for i, prompt in enumerate(PROMPTS):
+        entry = daemons[i % stages]  # a request may enter at any node
+        assert complete(entry, prompt, 24, temperature=0) == reference(prompt, 24)
+
+
+def test_seeded_sampling_gives_the_single_process_tokens(cluster, reference):
+    daemons = cluster(3)
+    serving(daemons, 3)
+    for seed in (7, 8):
+        expected = reference(PROMPTS[0], 24, Sampling(0.8, 0.9, seed))
+        assert complete(daemons[1], PROMPTS[0], 24, temperature=0.8, top_p=0.9, seed=seed) == expected
+    # different seeds draw differently (else the test above would prove nothing)
+    assert reference(PROMPTS[0], 24, Sampling(0.8, 0.9, 7)) != reference(PROMPTS[0], 24, Sampling(0.8, 0.9, 8))
+
+
+def test_eight_concurrent_requests_all_get_their_own_tokens(cluster, reference):
+    daemons = cluster(3)
+    serving(daemons, 3)
+    jobs = [(PROMPTS[i % 3] + " " * (i // 3), 8 + 2 * i) for i in range(8)]
+    results: dict[int, tuple[str, int]] = {}
+
+    def run(i: int) -> None:
+        prompt, max_tokens = jobs[i]
+        results[i] = complete(daemons[i % 3], prompt, max_tokens, temperature=0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for i, (prompt, max_tokens) in enumerate(jobs):
+        assert results[i] == reference(prompt, max_tokens), i
+
+
+def test_a_client_that_goes_away_frees_the_caches_on_every_stage(cluster):
+    daemons = cluster(3)
+    serving(daemons, 3)
+    host, port = daemons[0].api_url().split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("POST", "/v1/completions", json.dumps(
+        {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 2000, "stream": True, "temperature": 0}))
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # it is generating
+    wait_for(lambda: all(d.status()["runtime"]["stage_requests"] == 1 for d in daemons), 10,
+             "every stage holding the request's cache")
+    connection.close()  # the client disconnects mid-stream
+
+    def idle(daemon: DaemonProcess) -> bool:
+        runtime = daemon.status()["runtime"]
+        return runtime["requests"] == 0 and runtime["stage_requests"] == 0
+
+    wait_for(lambda: all(idle(d) for d in daemons), 10, "the caches freed everywhere")
+
+
+def test_each_node_holds_only_its_shard(cluster, model_dir):
+    from tbmesh.runtime.modeldir import describe_model_dir
+
+    total = describe_model_dir(model_dir).weight_bytes
+    daemons = cluster(3)
+    view = serving(daemons, 3)
+    planned = {s["node"]: s["bytes"] for s in view["plan"]["stages"]}
+    for daemon in daemons:
+        status = daemon.status()
+        shard = status["runtime"]
+        assert shard["weight_bytes"] == planned[status["node"]["id"]]
+        assert shard["weight_bytes"] < 0.6 * total
+        # MLX's resident memory is the shard (plus small buffers), not the model
+        assert shard["weight_bytes"] <= shard["active_memory"] < shard["weight_bytes"] + 0.3 * total
+
+
+def test_bad_requests_and_a_model_that_does_not_fit_get_openai_errors(cluster):
+    daemons = cluster(2, memory="1MB")  # the tiny model needs more than 2 x 1 MB
+    node = daemons[0]
+    status, body = post(node, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 4})
+    assert status == 503
+    reason = wait_for(lambda: node.status()["no_fit"], 20, "the planner's verdict")
+    status, body = post(node, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 4})
+    assert status == 503 and "does not fit" in body["error"]["message"] and reason in body["error"]["message"]
+    assert post(node, "/v1/completions", {"model": "nope", "prompt": "hi"})[0] == 404
+    assert post(node, "/v1/chat/completions", {"model": "tiny", "messages": "not a list"})[0] == 400
+    host, port = node.api_url().split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("POST", "/v1/completions", b"{not json")
+    assert connection.getresponse().status == 400
+    assert node.alive() and node.status()["node"]["name"] == "n0"
