@@ -433,11 +433,17 @@ def status(
     console.print(f"[bold]{data['node']['name']}[/] in cluster {data['cluster']!r}, leader "
                   f"{names.get(data['leader'], data['leader'])}, term {data['term']}")
     table = Table(show_edge=False)
-    for column in ("node", "state", "role", "usable", "TFLOP/s"):
+    for column in ("node", "state", "role", "usable", "GFLOP/s", "layers", "shard"):
         table.add_column(column)
     for n in data["nodes"]:
+        shard = n.get("shard")
+        layers = f"{shard['start']}-{shard['end'] - 1}" if shard else ""
+        held = ""
+        if shard:
+            held = format_bytes(shard["bytes"] or 0) + (" loaded" if shard["loaded"]
+                                                        else f" loading {shard['progress']:.0%}")
         table.add_row(n["name"], n["state"], n["role"], format_bytes(n["memory_usable"]),
-                      f"{n['flops'] / 1e12:.2f}")
+                      f"{n['flops'] / 1e9:.1f}", layers, held)
     console.print(table)
     plan = data.get("plan")
     if plan:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -174,6 +177,12 @@ def test_each_node_holds_only_its_shard(cluster, model_dir):
         assert shard["weight_bytes"] < 0.6 * total
         # MLX's resident memory is the shard (plus small buffers), not the model
         assert shard["weight_bytes"] <= shard["active_memory"] < shard["weight_bytes"] + 0.3 * total
+    # and `tbmesh status` shows who holds which layers
+    out = subprocess.run([sys.executable, "-m", "tbmesh", "status", "--api", daemons[0].api_url()],
+                         capture_output=True, text=True, timeout=30, env={**os.environ, "COLUMNS": "120"})
+    for stage in view["plan"]["stages"]:
+        assert f"{stage['start']}-{stage['end'] - 1}" in out.stdout
+    assert out.stdout.count("loaded") == 3
 
 
 def test_bad_requests_and_a_model_that_does_not_fit_get_openai_errors(cluster):
