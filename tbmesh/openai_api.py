@@ -601,13 +601,29 @@ class LocalBackend:
         self.model_dir = Path(model_dir)
         self.name = name or self.model_dir.name
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tbmesh-mlx")
+        self._closed = False
         # loaded in the worker thread too, as the arrays belong to the thread that uses them
         self._model, self._tokenizer = self._executor.submit(load, str(self.model_dir)).result()
         self.requests: dict[str, _LocalRequest] = {}  # in flight, with their caches
         self.cancelled: list[str] = []  # requests closed before their end
 
     def close(self) -> None:
+        """Stop the worker thread. Call it before the process exits: MLX (0.32) now and then
+        aborts the exit ("terminate called without an active exception") when a thread that
+        used it still has its streams; clearing them in that thread first makes the exit clean."""
+        import mlx.core as mx
+
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.submit(mx.clear_streams).result()
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def models(self) -> list[str]:
         return [self.name]
