@@ -13,28 +13,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
-from mlx_lm.models import llama
-
-TINY_LLAMA = {
-    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 8,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 256,
-    "tie_word_embeddings": False,
-}
+from tbmesh.runtime.tiny import make_tiny_model
 
 
 def tiny_model_dir(root: Path) -> Path:
-    """A real (random) llama directory in mlx-lm's format; enough for planning."""
+    """A real (random) 8-layer llama with its tokenizer, in mlx-lm's format."""
     if (root / "config.json").exists():
         return root
-    root.mkdir(parents=True, exist_ok=True)
-    model = llama.Model(llama.ModelArgs.from_dict(TINY_LLAMA))
-    weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-    mx.save_safetensors(str(root / "model.safetensors"), weights)
-    (root / "config.json").write_text(json.dumps(TINY_LLAMA))
-    return root
+    return make_tiny_model(root, layers=8, hidden=64, vocab=320)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:

@@ -297,6 +297,11 @@ class Mac:
         """Run `ip` inside this Mac and return its output."""
         return _ip("-n", self.netns, *args).stdout
 
+    def ip_batch(self, commands: str) -> None:
+        """Several `ip` commands inside this Mac at once (`ip -batch -`): one burst of changes."""
+        subprocess.run(["ip", "-n", self.netns, "-batch", "-"], input=commands, check=True,
+                       capture_output=True, text=True)
+
     def run(self, args: list[str], **popen_kw: Any) -> subprocess.Popen:
         """Start a process inside this Mac; the Lab kills it (and its group) on close."""
         popen_kw.setdefault("start_new_session", True)

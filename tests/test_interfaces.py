@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from _netns import exec_in, ip, netns
 from tbmesh import system
 from tbmesh.net import interfaces
 from tbmesh.net.interfaces import (
@@ -262,7 +261,7 @@ def test_addresses_of_loopback():
     assert interface_addresses(["lo"])["lo"] == ["127.0.0.1"]  # ::1 is not link-local
 
 
-def test_addresses_and_selection_inside_a_network_namespace():
+def test_addresses_and_selection_inside_a_network_namespace(lab):
     """Real interfaces, as a cluster test uses them: a veth pair in a namespace."""
     script = (
         "import json; from tbmesh.net.interfaces import interface_addresses, select_interfaces\n"
@@ -270,15 +269,14 @@ def test_addresses_and_selection_inside_a_network_namespace():
         "try:\n    select_interfaces(['eth0']); missing = ''\nexcept ValueError as e:\n    missing = str(e)\n"
         "print(json.dumps([chosen, interface_addresses(['tbA', 'tbB']), missing]))"
     )
-    with netns() as ns:
-        ip(ns, "-batch", "-", stdin=(
-            "link add tbA type veth peer name tbB\n"
-            "addr add 10.5.0.1/24 dev tbA\n"
-            "addr add fe80::1/64 dev tbA nodad\n"
-            "addr add fd00::1/64 dev tbA nodad\n"
-        ))
-        out = subprocess.run(exec_in(ns, sys.executable, "-c", script), capture_output=True, text=True, check=True)
-    chosen, found, missing = json.loads(out.stdout)
+    mac = lab.add_mac("w")
+    mac.ip_batch(
+        "link add tbA type veth peer name tbB\n"
+        "addr add 10.5.0.1/24 dev tbA\n"
+        "addr add fe80::1/64 dev tbA nodad\n"
+        "addr add fd00::1/64 dev tbA nodad\n"
+    )
+    chosen, found, missing = json.loads(mac.check_output([sys.executable, "-c", script]))
     assert chosen == ["tbA"]
     assert found == {"tbA": ["10.5.0.1", "fe80::1%tbA"], "tbB": []}
     assert "'eth0'" in missing  # the root namespace's eth0 is not visible in there

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from _netns import exec_in, ip, netns
 from tbmesh.net import watch
 from tbmesh.net.watch import InterfaceWatcher, default_method, is_interface_change, route_message_types
 
@@ -123,7 +122,7 @@ class WatchProcess:
     def __init__(self, ns: str, method: str, poll_interval: float) -> None:
         command = [sys.executable, "-m", "tbmesh.net.watch", "--method", method,
                    "--poll-interval", str(poll_interval)]
-        self.proc = subprocess.Popen(exec_in(ns, *command), stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *command], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.other: list[str] = []
@@ -177,35 +176,35 @@ class WatchProcess:
 
 
 @pytest.mark.parametrize("method,poll_interval", [("netlink", 1.0), ("poll", 0.3)])
-def test_watcher_fires_on_link_add_up_and_down(method, poll_interval):
-    with netns() as ns:
-        watcher = WatchProcess(ns, method, poll_interval)
-        try:
-            assert watcher.changes_within(0.4) == 0, "changes reported while nothing changed"
-            steps = [
-                ("link add", lambda: ip(ns, "link", "add", "tbA", "type", "veth", "peer", "name", "tbB")),
-                ("link up", lambda: ip(ns, "link", "set", "tbA", "up")),
-                ("link down", lambda: ip(ns, "link", "set", "tbA", "down")),
-            ]
-            for what, action in steps:
-                watcher.settle()
-                took = watcher.first_change_after(action, limit=1.0)
-                assert took <= 1.0, f"{method}: no change reported within 1 s of {what} ({watcher.other})"
-        finally:
-            watcher.close()
+def test_watcher_fires_on_link_add_up_and_down(lab, method, poll_interval):
+    mac = lab.add_mac("w")
+    watcher = WatchProcess(mac.netns, method, poll_interval)
+    try:
+        assert watcher.changes_within(0.4) == 0, "changes reported while nothing changed"
+        steps = [
+            ("link add", lambda: mac.ip("link", "add", "tbA", "type", "veth", "peer", "name", "tbB")),
+            ("link up", lambda: mac.ip("link", "set", "tbA", "up")),
+            ("link down", lambda: mac.ip("link", "set", "tbA", "down")),
+        ]
+        for what, action in steps:
+            watcher.settle()
+            took = watcher.first_change_after(action, limit=1.0)
+            assert took <= 1.0, f"{method}: no change reported within 1 s of {what} ({watcher.other})"
+    finally:
+        watcher.close()
 
 
-def test_netlink_burst_of_kernel_messages_gives_one_change():
-    with netns() as ns:
-        watcher = WatchProcess(ns, "netlink", 1.0)
-        try:
-            # one veth pair, an MTU and two addresses: half a dozen netlink messages at once
-            ip(ns, "-batch", "-", stdin=(
-                "link add tbC type veth peer name tbD\n"
-                "link set tbC mtu 9000\n"
-                "addr add 10.9.0.1/24 dev tbC\n"
-                "addr add 10.9.1.1/24 dev tbD\n"
-            ))
-            assert watcher.changes_within(1.0) == 1
-        finally:
-            watcher.close()
+def test_netlink_burst_of_kernel_messages_gives_one_change(lab):
+    mac = lab.add_mac("w")
+    watcher = WatchProcess(mac.netns, "netlink", 1.0)
+    try:
+        # one veth pair, an MTU and two addresses: half a dozen netlink messages at once
+        mac.ip_batch(
+            "link add tbC type veth peer name tbD\n"
+            "link set tbC mtu 9000\n"
+            "addr add 10.9.0.1/24 dev tbC\n"
+            "addr add 10.9.1.1/24 dev tbD\n"
+        )
+        assert watcher.changes_within(1.0) == 1
+    finally:
+        watcher.close()
