@@ -16,8 +16,8 @@ from mlx_lm.generate import stream_generate
 from tbmesh.runtime.modeldir import describe_model_dir, read_header
 from tbmesh.runtime.tiny import BOS, EOS, FILES, IM_END, IM_START, WEIGHTS_FILE, make_tiny_model
 
-SMALL = {"layers": 4, "hidden": 64}  # fast; heads of 64 would leave one head, so use 2
-HEADS = {"heads": 2, "kv_heads": 1}
+SMALL = {"layers": 4, "hidden": 64}  # fast
+HEADS = {"heads": 2, "kv_heads": 1}  # the default (heads of 64) would leave one, with no grouping
 ARCHS = ("llama", "qwen3", "qwen3_moe")
 
 
@@ -59,6 +59,15 @@ def test_logits_stay_sane_over_sixteen_layers(tmp_path: Path) -> None:
         assert mx.all(mx.isfinite(logits)).item()
         assert 1.0 < logits.std().item() < 4.0  # peaked enough to matter, not one-hot
         assert len(set(logits.argmax(axis=-1).tolist())) > 1  # positions disagree
+
+
+def test_tied_embeddings_have_no_output_projection(tmp_path: Path) -> None:
+    path = make_tiny_model(tmp_path / "m", arch="qwen3", tie_embeddings=True, **SMALL, **HEADS)
+    assert not any(name.startswith("lm_head.") for name in read_header(path / WEIGHTS_FILE))
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
+    model, tokenizer = mlx_lm.load(str(path))
+    logits = model(mx.array([tokenizer.encode("The river was wide")]))[0]
+    assert 1.0 < logits.std().item() < 4.0
 
 
 def test_tokenizer_round_trips_and_has_chat_template(models: dict[str, Path]) -> None:
@@ -123,16 +132,18 @@ def test_existing_directory_needs_force(tmp_path: Path) -> None:
     path = make_tiny_model(tmp_path / "m", layers=1, hidden=64, **HEADS)
     with pytest.raises(FileExistsError):
         make_tiny_model(path, layers=1, hidden=64, **HEADS)
-    stale = path / "model-00002-of-00002.safetensors"  # would be loaded with the new weights
-    stale.write_bytes(b"")
+    # another model's files that mlx-lm would read along with the new ones
+    stale = [path / "model-00002-of-00002.safetensors", path / "generation_config.json", path / "chat_template.jinja"]
+    for file in stale:
+        file.write_text("{}")
     make_tiny_model(path, layers=2, hidden=64, force=True, **HEADS)
-    assert not stale.exists()
+    assert not any(file.exists() for file in stale)
     assert describe_model_dir(path).num_layers == 2
 
 
 @pytest.mark.parametrize(
     "options",
-    [{"arch": "gpt9"}, {"vocab": 100}, {"hidden": 64, "heads": 3}, {"layers": 0}, {"dtype": "int8"},
+    [{"arch": "gpt9"}, {"vocab": 100}, {"hidden": 64, "heads": 3}, {"layers": 0}, {"heads": 0}, {"dtype": "int8"},
      {"arch": "qwen3_moe", "experts": 2, "experts_per_token": 3}],
 )  # fmt: skip
 def test_bad_options_are_refused_before_writing(tmp_path: Path, options: dict) -> None:

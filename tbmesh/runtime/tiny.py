@@ -42,6 +42,10 @@ CHAT_TEMPLATE = (
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 FILES = (WEIGHTS_FILE, "config.json", *TOKENIZER_FILES)
+# Files of another model that mlx-lm or transformers would read along with ours (all the
+# weights, a generation config's EOS, a chat template file) and so are removed by `force`.
+STALE = ("model*.safetensors", "model.safetensors.index.json", "generation_config.json", "chat_template.jinja",
+         "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "*.tiktoken")  # fmt: skip
 
 
 def make_tiny_model(
@@ -68,9 +72,9 @@ def make_tiny_model(
     bad sizes and FileExistsError when `path` already holds files, unless `force`.
     """
     root = Path(path)
-    heads = heads or max(1, hidden // HEAD_DIM)
-    kv_heads = kv_heads or max(1, heads // 2)
-    intermediate = intermediate or 3 * hidden
+    heads = max(1, hidden // HEAD_DIM) if heads is None else heads
+    kv_heads = max(1, heads // 2) if kv_heads is None else kv_heads
+    intermediate = 3 * hidden if intermediate is None else intermediate
     _check(arch, layers, hidden, vocab, dtype, heads, kv_heads, intermediate, experts, experts_per_token)
     _prepare_dir(root, force)
     tokenizer = train_tokenizer(vocab)
@@ -110,9 +114,9 @@ def _prepare_dir(root: Path, force: bool) -> None:
     if root.is_dir() and any(root.iterdir()):
         if not force:
             raise FileExistsError(f"{root} is not empty")
-        # mlx-lm loads every model*.safetensors, so weights left from another model would mix in
-        for stale in [*root.glob("model*.safetensors"), root / "model.safetensors.index.json"]:
-            stale.unlink(missing_ok=True)
+        for pattern in STALE:
+            for stale in root.glob(pattern):
+                stale.unlink()
     root.mkdir(parents=True, exist_ok=True)
 
 
