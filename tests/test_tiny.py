@@ -143,7 +143,7 @@ def test_existing_directory_needs_force(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"arch": "gpt9"}, {"vocab": 100}, {"hidden": 64, "heads": 3}, {"layers": 0}, {"heads": 0}, {"dtype": "int8"},
+    [{"arch": "gpt9"}, {"vocab": 100}, {"hidden": 64, "heads": 3}, {"hidden": 99}, {"layers": 0}, {"heads": 0}, {"dtype": "int8"},
      {"arch": "qwen3_moe", "experts": 2, "experts_per_token": 3}],
 )  # fmt: skip
 def test_bad_options_are_refused_before_writing(tmp_path: Path, options: dict) -> None:

@@ -101,6 +101,8 @@ def _check(
         raise ValueError("layers, hidden, heads, kv_heads, intermediate and experts must be at least 1")
     if hidden % heads or heads % kv_heads:
         raise ValueError(f"hidden {hidden} must split into {heads} heads, and those into {kv_heads} KV heads")
+    if (hidden // heads) % 2:
+        raise ValueError(f"head size {hidden // heads} is odd: rotary embeddings turn pairs of values")
     if experts_per_token > experts:
         raise ValueError(f"{experts_per_token} experts per token but only {experts} experts")
     smallest = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
