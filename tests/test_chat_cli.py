@@ -13,15 +13,15 @@ import mlx_lm
 import pytest
 
 from api_server import ApiServer, SteeredBackend
+from tbmesh.runtime.tiny import make_tiny_model
 from tbmesh.openai_api import ApiError
-from tiny_chat_model import make_chat_model
 
 MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_chat_model(tmp_path_factory.mktemp("models") / MODEL)
+    return make_tiny_model(tmp_path_factory.mktemp("models") / MODEL, layers=2, hidden=128)
 
 
 @pytest.fixture(scope="module")

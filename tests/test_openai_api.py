@@ -16,15 +16,18 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from api_server import ApiServer, SteeredBackend, wait_until
 from tbmesh.openai_api import ApiError, GenerationParams, Limits, StopText
 from tbmesh.runtime.sampling import Sampling, make_sampler
-from tiny_chat_model import make_chat_model
+from tbmesh.runtime.tiny import make_tiny_model
 
 MODEL = "tiny"
 HELLO = [{"role": "user", "content": "Hello café 🙂"}]
+HI = [{"role": "user", "content": "Hi there"}]
+# the tiny model's own EOS ends its answer to HELLO within 24 tokens; its answer to HI goes on
+CASES = [(HELLO, 24), (HI, 12)]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_chat_model(tmp_path_factory.mktemp("models") / MODEL)
+    return make_tiny_model(tmp_path_factory.mktemp("models") / MODEL, layers=2, hidden=128)
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +58,26 @@ def server(module_server: ApiServer, backend: SteeredBackend) -> Iterator[ApiSer
     wait_until(lambda: not backend.requests, 5, "the backend to free every request")
 
 
-def greedy(reference: Any, prompt: list[int], max_tokens: int) -> tuple[list[int], str]:
-    """The tokens mlx-lm generates at temperature 0, and their text as mlx-lm streams it."""
+@pytest.fixture
+def endless(backend: SteeredBackend) -> Iterator[None]:
+    """No EOS: every generation goes on to max_tokens (unless its client leaves)."""
+    tokenizer = backend.tokenizer(MODEL)
+    eos = tokenizer.eos_token_ids
+    tokenizer.eos_token_ids = set()
+    yield
+    tokenizer.eos_token_ids = eos
+
+
+def greedy(reference: Any, prompt: list[int], max_tokens: int) -> tuple[list[int], str, str]:
+    """The tokens mlx-lm generates at temperature 0, their text as mlx-lm streams it, and why it ended."""
     model, tokenizer = reference
-    tokens, text = [], ""
+    tokens, text, finish = [], "", ""
     for response in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
         text += response.text
-        if response.finish_reason != "stop":  # "stop" carries the EOS token, which is no output
+        finish = response.finish_reason or ""
+        if finish != "stop":  # "stop" carries the EOS token, which is no output
             tokens.append(response.token)
-    return tokens, text
+    return tokens, text, finish
 
 
 def chat_prompt(reference: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -89,44 +103,50 @@ def test_models(server: ApiServer) -> None:
 
 
 def test_chat_is_mlx_lm_greedy_text_with_usage(server: ApiServer, reference: Any) -> None:
-    prompt = chat_prompt(reference, HELLO)
-    tokens, text = greedy(reference, prompt, 12)
-    assert text == reference[1].decode(tokens)
-    status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 12,
-                                                        "temperature": 0})  # fmt: skip
-    assert status == 200
-    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
-    assert body["model"] == MODEL and isinstance(body["created"], int)
-    (choice,) = body["choices"]
-    assert choice["message"] == {"role": "assistant", "content": text}
-    assert choice["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 12, "total_tokens": len(prompt) + 12}
+    finishes = set()
+    for messages, max_tokens in CASES:
+        prompt = chat_prompt(reference, messages)
+        tokens, text, finish = greedy(reference, prompt, max_tokens)
+        assert text == reference[1].decode(tokens)
+        status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": messages,
+                                                            "max_tokens": max_tokens, "temperature": 0})  # fmt: skip
+        assert status == 200
+        assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+        assert body["model"] == MODEL and isinstance(body["created"], int)
+        (choice,) = body["choices"]
+        assert choice["message"] == {"role": "assistant", "content": text}
+        assert choice["finish_reason"] == finish
+        n = len(tokens)
+        assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+        finishes.add(finish)
+    assert finishes == {"stop", "length"}  # the model's EOS and max_tokens
 
 
 def test_chat_stream_is_the_same_text_in_openai_chunks(server: ApiServer, reference: Any) -> None:
-    _, text = greedy(reference, chat_prompt(reference, HELLO), 12)
-    events = server.stream("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 12,
-                                                    "temperature": 0, "stream_options": {"include_usage": True}})  # fmt: skip
-    assert events[-1] == "[DONE]"
-    chunks = events[:-1]
-    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
-    assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL for c in chunks)
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    *deltas, last, usage = chunks
-    assert all(d["choices"][0]["finish_reason"] is None and d["usage"] is None for d in deltas)
-    assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
-    assert content(chunks) == text
-    assert len(deltas) > 2  # streamed piece by piece
-    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 12
-    assert usage["usage"]["prompt_tokens"] == len(chat_prompt(reference, HELLO))
-    # without include_usage: no usage chunk, no usage fields
-    plain = server.stream("/v1/chat/completions", {"model": MODEL, "messages": HELLO, "max_tokens": 12, "temperature": 0})
-    assert all("usage" not in c for c in plain[:-1]) and content(plain) == text
+    for messages, max_tokens in CASES:
+        tokens, text, finish = greedy(reference, chat_prompt(reference, messages), max_tokens)
+        request = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        events = server.stream("/v1/chat/completions", {**request, "stream_options": {"include_usage": True}})
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+        assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL for c in chunks)
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        *deltas, last, usage = chunks
+        assert all(d["choices"][0]["finish_reason"] is None and d["usage"] is None for d in deltas)
+        assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
+        assert content(chunks) == text
+        assert len(deltas) > 2  # streamed piece by piece
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(tokens)
+        assert usage["usage"]["prompt_tokens"] == len(chat_prompt(reference, messages))
+        # without include_usage: no usage chunk, no usage fields
+        plain = server.stream("/v1/chat/completions", request)
+        assert all("usage" not in c for c in plain[:-1]) and content(plain) == text
 
 
 def test_content_parts_system_and_developer_roles(server: ApiServer, reference: Any) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    _, text = greedy(reference, chat_prompt(reference, messages), 6)
+    _, text, _ = greedy(reference, chat_prompt(reference, messages), 6)
     parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
              {"role": "user", "content": [{"type": "text", "text": "Hi there"}]}]  # fmt: skip
     status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": parts, "max_tokens": 6,
@@ -136,7 +156,8 @@ def test_content_parts_system_and_developer_roles(server: ApiServer, reference: 
 
 def test_completion_of_text_and_of_token_ids(server: ApiServer, reference: Any) -> None:
     prompt = reference[1].encode("The quick brown")
-    tokens, text = greedy(reference, prompt, 10)
+    tokens, text, finish = greedy(reference, prompt, 10)
+    assert finish == "length"
     for given in ("The quick brown", prompt, [prompt], ["The quick brown"]):
         status, body = server.post("/v1/completions", {"model": MODEL, "prompt": given, "max_tokens": 10,
                                                        "temperature": 0})  # fmt: skip
@@ -154,14 +175,15 @@ def test_completion_of_text_and_of_token_ids(server: ApiServer, reference: Any) 
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_default_max_tokens_applies(server: ApiServer) -> None:
+def test_default_max_tokens_applies(server: ApiServer, reference: Any) -> None:
+    tokens, _, _ = greedy(reference, reference[1].encode("Hello"), 16)  # the server's default here
     status, body = server.post("/v1/completions", {"model": MODEL, "prompt": "Hello", "temperature": 0})
-    assert status == 200 and body["usage"]["completion_tokens"] == 16  # the server's default here
+    assert status == 200 and body["usage"]["completion_tokens"] == len(tokens)
 
 
-def test_seed_gives_the_same_sample(server: ApiServer) -> None:
+def test_seed_gives_the_same_sample(server: ApiServer, endless: None) -> None:
     def ask(seed: int | None, stream: bool = False) -> str:
-        body = {"model": MODEL, "messages": HELLO, "max_tokens": 16, "temperature": 1.0, "top_p": 0.95}
+        body = {"model": MODEL, "messages": HI, "max_tokens": 16, "temperature": 1.0, "top_p": 0.95}
         if seed is not None:
             body["seed"] = seed
         if stream:
@@ -185,12 +207,12 @@ def test_seeded_sample_is_mlx_lm_with_the_same_sampler(server: ApiServer, refere
 
 
 def test_stop_strings_end_the_answer_and_the_generation(server: ApiServer, reference: Any, backend: SteeredBackend) -> None:
-    _, text = greedy(reference, chat_prompt(reference, HELLO), 24)
+    _, text, _ = greedy(reference, chat_prompt(reference, HI), 24)
     # a stop string first met well inside the answer, that no earlier text begins
     start = next(i for i in range(4, len(text) - 2) if text.find(text[i:i + 2]) == i)
     stop = text[start:start + 2]
     cancelled = len(backend.cancelled)
-    request = {"model": MODEL, "messages": HELLO, "max_tokens": 24, "temperature": 0}
+    request = {"model": MODEL, "messages": HI, "max_tokens": 24, "temperature": 0}
     status, body = server.post("/v1/chat/completions", {**request, "stop": ["never said", stop]})
     assert status == 200
     assert body["choices"][0]["message"]["content"] == text[:start]
@@ -204,15 +226,15 @@ def test_stop_strings_end_the_answer_and_the_generation(server: ApiServer, refer
 
 def test_eos_ends_the_answer_with_stop(model_dir: Path, reference: Any) -> None:
     """A token made EOS for this backend ends the answer where the model first says it."""
-    prompt = chat_prompt(reference, HELLO)
-    tokens, _ = greedy(reference, prompt, 12)
+    prompt = chat_prompt(reference, HI)
+    tokens, _, _ = greedy(reference, prompt, 12)
     eos = tokens[3]
     end = tokens.index(eos)
     backend = SteeredBackend(model_dir)
     backend.tokenizer(MODEL).eos_token_ids = {*backend.tokenizer(MODEL).eos_token_ids, eos}
     try:
         with ApiServer(backend) as server:
-            status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": HELLO,
+            status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": HI,
                                                                 "max_tokens": 12, "temperature": 0})  # fmt: skip
             assert body["choices"][0]["finish_reason"] == "stop"
             assert body["choices"][0]["message"]["content"] == reference[1].decode(tokens[:end])
@@ -287,7 +309,7 @@ def test_bad_chat_fields_are_400_naming_the_field(server: ApiServer, body: dict[
     assert set(error) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize("prompt", [None, {"text": "hi"}, ["a", "b"], [[1], [2]], [1, "a"], [-1], [10**6], "", []])
+@pytest.mark.parametrize("prompt", [None, {"text": "hi"}, ["a", "b"], [[1], [2]], [1, "a"], [-1], [10**6], []])
 def test_bad_prompts_are_400(server: ApiServer, prompt: Any) -> None:
     body = {"model": MODEL, "max_tokens": 2} | ({} if prompt is None else {"prompt": prompt})
     status, answer = server.post("/v1/completions", body)
@@ -344,7 +366,8 @@ def test_backend_failure_mid_answer(server: ApiServer, backend: SteeredBackend) 
     assert "stage 1 went away" in events[-2]["error"]["message"]
     # a failure that the backend words itself keeps its status
     backend.failure = lambda: ApiError(503, "the plan changed", "service_unavailable")
-    status, answer = server.post("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 10})
+    status, answer = server.post("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 10,
+                                                     "temperature": 0})  # fmt: skip
     assert status == 503 and answer["error"]["message"] == "the plan changed"
     # before any text, a stream is still answered with the error's status
     backend.fail_after = 0
@@ -363,7 +386,7 @@ def _send(server: ApiServer, body: dict[str, Any]) -> http.client.HTTPConnection
     return connection
 
 
-def test_closing_a_stream_cancels_the_generation(server: ApiServer, backend: SteeredBackend) -> None:
+def test_closing_a_stream_cancels_the_generation(server: ApiServer, backend: SteeredBackend, endless: None) -> None:
     cancelled = len(backend.cancelled)
     connection = _send(server, {**CHAT, "max_tokens": 30000, "temperature": 0, "stream": True})
     response = connection.getresponse()
@@ -375,7 +398,7 @@ def test_closing_a_stream_cancels_the_generation(server: ApiServer, backend: Ste
                "the backend to see the cancellation and free the request")  # fmt: skip
 
 
-def test_leaving_a_request_cancels_the_generation(server: ApiServer, backend: SteeredBackend) -> None:
+def test_leaving_a_request_cancels_the_generation(server: ApiServer, backend: SteeredBackend, endless: None) -> None:
     cancelled = len(backend.cancelled)
     connection = _send(server, {**CHAT, "max_tokens": 30000, "temperature": 0})
     wait_until(lambda: backend.requests, 5, "the generation to start")
@@ -385,7 +408,7 @@ def test_leaving_a_request_cancels_the_generation(server: ApiServer, backend: St
     assert server.post("/v1/chat/completions", {**CHAT, "max_tokens": 2})[0] == 200
 
 
-def test_leaving_a_cancelling_server_cancels_the_generation(backend: SteeredBackend) -> None:
+def test_leaving_a_cancelling_server_cancels_the_generation(backend: SteeredBackend, endless: None) -> None:
     """A server that cancels the handler of a client that left (as aiohttp's test server does)."""
     with ApiServer(backend, handler_cancellation=True) as server:
         for stream in (False, True):
@@ -398,7 +421,7 @@ def test_leaving_a_cancelling_server_cancels_the_generation(backend: SteeredBack
 
 
 def test_top_p_zero_is_greedy(server: ApiServer, reference: Any) -> None:
-    _, text = greedy(reference, chat_prompt(reference, HELLO), 8)
+    _, text, _ = greedy(reference, chat_prompt(reference, HI), 8)
     body = {**CHAT, "max_tokens": 8, "temperature": 1.5, "top_p": 0}
     assert server.post("/v1/chat/completions", body)[1]["choices"][0]["message"]["content"] == text
 
