@@ -1,19 +1,15 @@
-"""HTTP API on every node (127.0.0.1 by default): the cluster status, and later the
-OpenAI-compatible endpoints. Errors use OpenAI's error format."""
-
+"""HTTP API on every node (127.0.0.1 by default): the cluster status and the OpenAI-compatible
+endpoints. Errors use OpenAI's error format."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from tbmesh.openai_api import ApiError, add_openai_routes
+
 if TYPE_CHECKING:
     from tbmesh.daemon import Daemon
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "code": status}},
-                             status=status)
 
 
 def make_app(daemon: Daemon) -> web.Application:
@@ -25,9 +21,7 @@ def make_app(daemon: Daemon) -> web.Application:
         return web.json_response({"links": daemon.status()["links"]})
 
     async def not_found(request: web.Request) -> web.Response:
-        return error_response(404, f"no such endpoint: {request.method} {request.path}")
-
-    from tbmesh.openai_api import add_openai_routes
+        return ApiError(404, f"no such endpoint: {request.method} {request.path}").response()
 
     app = web.Application()
     app.router.add_get("/status", status)

@@ -159,7 +159,7 @@ class Daemon:
         for channel in list(self.channels.values()):
             channel.close("daemon stopping")
         if self.pipeline is not None:
-            self.pipeline.close()
+            await self.pipeline.close()
         if self._server is not None:
             self._server.close()
         if self._api is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -99,9 +100,13 @@ class Pipeline:
     def me(self) -> str:
         return self.daemon.core.id
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for queue in self.conducting.values():
             queue.put_nowait(PipelineBroken("the node is stopping"))
+        # MLX 0.32 aborts the process at exit (SIGABRT) now and then when a thread that used
+        # it still has streams: clear them in that thread first (ml-explore/mlx#3126)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.wrap_future(self.executor.submit(mx.clear_streams)), 10)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # ----- following the plan ----------------------------------------------------------
