@@ -1,5 +1,6 @@
 """HTTP API on every node (127.0.0.1 by default): the cluster status and the OpenAI-compatible
 endpoints. Errors use OpenAI's error format."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
