@@ -25,8 +25,11 @@ daemon does, so that neither the HTTP clients nor this script share its interpre
             reference: all tokens / (first request sent -> last token received)
   memory    per daemon: the plan's shard bytes; runtime.weight_bytes and active_memory from
             GET /status when loaded, and the largest active_memory seen while polling /status
-            every 0.25 s during the prefill and concurrency runs; peak RSS (the kernel's
-            VmHWM). The baseline: MLX active memory of the whole model, MLX peak, peak RSS.
+            every 0.25 s during the prefill and concurrency runs; RSS when loaded, and peak RSS
+            (the kernel's VmHWM) during the runs, counted afresh once the clusters serve: before
+            that, every daemon's peak is its start-up, when it is alone for a moment, plans the
+            whole model onto itself and loads it (shown apart). The baseline: MLX active memory
+            of the whole model, MLX peak, RSS when loaded, peak RSS.
 
     .venv/bin/python bench/inference.py [--rounds 7] [--out bench/results/inference.json]
     .venv/bin/python bench/inference.py --trace    # where a token's time goes, per hop
@@ -198,6 +201,14 @@ def vmhwm(pid: int, field: str = "VmHWM") -> int | None:
     except OSError:
         pass
     return None
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start the kernel's peak-RSS count (VmHWM) afresh (Linux >= 4.0)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def model_dir(layers: int, hidden: int, vocab: int) -> Path:
@@ -504,8 +515,8 @@ if os.environ.get("TBMESH_BENCH_TRACE") and "daemon" in sys.argv:
         setattr(P.Pipeline, name, wrapper)
     _wrap("_send_tokens", before=lambda request, plan, step, *_: _rec("send", request, step))
     _wrap("_run_stage", before=lambda t, f: _rec(f"arrive", t.request, t.step, f.stage))
-    _wrap("_compute", before=lambda s, p, t, f: _rec("cstart", t.request, t.step),
-          after=lambda s, p, t, f: _rec("cend", t.request, t.step))
+    _wrap("_compute", before=lambda s, p, t, f: _rec("cstart", t.request, t.step, time.process_time()),
+          after=lambda s, p, t, f: _rec("cend", t.request, t.step, time.process_time()))
     _wrap("_computed", before=lambda fut, t, f: _rec("computed", t.request, t.step))
     _wrap("receive", before=lambda m: isinstance(m, W.Token) and _rec("token", m.request, m.step))
     _forward, _sample, _event = P.Shard.forward, P.sample, O._event
@@ -545,6 +556,7 @@ def trace_breakdown(prefix: str, clusters: list[Cluster], skip_steps: int = 2) -
         legs: dict[str, list[float]] = collections.defaultdict(list)
         periods: list[float] = []
         computes: list[float] = []
+        cpu: dict[int, list[float]] = collections.defaultdict(list)
         outside: list[float] = []
         builds: dict[int, list[float]] = collections.defaultdict(list)
         samples: list[float] = []
@@ -561,8 +573,11 @@ def trace_breakdown(prefix: str, clusters: list[Cluster], skip_steps: int = 2) -
                 if step + 1 not in sends:
                     continue
                 period = (sends[step + 1] - sends[step]) * 1e3
-                starts = {e[1]: e[0] for e in mine if e[4] == step and e[2] == "cstart"}
-                compute = sum(e[0] - starts[e[1]] for e in mine if e[4] == step and e[2] == "cend") * 1e3
+                starts = {e[1]: e for e in mine if e[4] == step and e[2] == "cstart"}
+                ends = [e for e in mine if e[4] == step and e[2] == "cend"]
+                compute = sum(e[0] - starts[e[1]][0] for e in ends) * 1e3
+                for e in ends:  # the process's CPU time (all its threads: MLX's own too) in the leg
+                    cpu[e[1]].append((e[5] - starts[e[1]][5]) * 1e3)
                 periods.append(period)
                 computes.append(compute)
                 outside.append(period - compute)
@@ -577,6 +592,7 @@ def trace_breakdown(prefix: str, clusters: list[Cluster], skip_steps: int = 2) -
             "steps": len(periods), "ms_per_step": round(median(periods), 3), "legs_ms": table,
             "compute_ms": round(median(computes), 3),  # per step: the stages' compute legs summed
             "outside_compute_ms": round(median(outside), 3),  # per step: the rest of the step
+            "compute_cpu_ms": {f"stage {s}": round(median(v), 3) for s, v in sorted(cpu.items())},
             "graph_build_ms": {f"stage {s}": round(median(v[-200:]), 3) for s, v in sorted(builds.items())},
             "sample_eval_ms": round(median(samples[-200:]), 3),
         }
@@ -667,6 +683,11 @@ def main() -> None:
             for c in clusters), flush=True)
         loaded = {d.name: d.status()["runtime"] for d in everyone}
         rss_loaded = {d.name: vmhwm(d.proc.pid, "VmRSS") for d in everyone}  # before any request
+        # each daemon's peak so far is its start-up (a lone daemon plans and loads the whole model
+        # before its peers are found): the runs' peak is counted from here, for the baseline too
+        rss_startup = {d.name: vmhwm(d.proc.pid) for d in everyone}
+        for pid in [d.proc.pid for d in everyone] + [baseline.proc.pid]:
+            reset_peak_rss(pid)
 
         prompt = pick_prompts(baseline, 1, args.tokens)[0]
         print(f"decode: {args.tokens} tokens, {len(prompt)}-token prompt, {args.rounds} rounds (tokens/s)", flush=True)
@@ -701,11 +722,13 @@ def main() -> None:
                     "active_memory_max_seen": poller.peak.get(daemon.name),
                     "active_memory_end": daemon.status()["runtime"]["active_memory"],
                     "rss_loaded": rss_loaded[daemon.name], "rss_peak": vmhwm(daemon.proc.pid),
+                    "rss_peak_startup": rss_startup[daemon.name],
                 })
         mem = baseline.call("memory")
         results["memory"] = {"nodes": nodes, "mlx_lm": {
             "weight_bytes": mem["weight_bytes"], "active_memory_loaded": mem["active_memory"],
             "peak_memory_prefill_and_decode": mem["peak_memory"], "rss_loaded": info["vmrss"],
+            "rss_peak_startup": info["vmhwm"],
             "rss_peak": mem["vmhwm"]}}
         report(results)
     finally:
@@ -745,19 +768,21 @@ def report(r: dict[str, Any]) -> None:
             f"{n} concurrent: {v['tokens_per_s']:5.1f} ({v['vs_one_request']:.2f}x one request)"
             for n, v in by_n.items()) + " |")
     mem = r["memory"]
-    print("\nmemory per node, MB (MLX max seen: polling /status every 0.25 s during prefill and concurrency)")
+    print("\nmemory per node, MB (MLX max seen: polling /status every 0.25 s during prefill and concurrency; "
+          "peak RSS: the kernel's, during the runs; start-up peak: before the clusters served)")
     print(f"| {'stages':>6} | {'node':<5} | {'layers':<6} | {'plan':>6} | {'weights':>7} | {'MLX active':>10} | "
-          f"{'MLX max seen':>12} | {'RSS loaded':>10} | {'peak RSS':>8} |")
+          f"{'MLX max seen':>12} | {'RSS loaded':>10} | {'peak RSS':>8} | {'start-up peak RSS':>17} |")
     for n in mem["nodes"]:
         seen = n["active_memory_max_seen"]
         print(f"| {n['stages']:>6} | {n['node']:<5} | {n['layers']:<6} | {n['plan_bytes'] / 1e6:6.1f} | "
               f"{n['weight_bytes'] / 1e6:7.1f} | {n['active_memory_loaded'] / 1e6:10.1f} | "
               f"{'' if seen is None else f'{seen / 1e6:.1f}':>12} | {(n['rss_loaded'] or 0) / 1e6:10.1f} | "
-              f"{(n['rss_peak'] or 0) / 1e6:8.1f} |")
+              f"{(n['rss_peak'] or 0) / 1e6:8.1f} | {(n['rss_peak_startup'] or 0) / 1e6:17.1f} |")
     b = mem["mlx_lm"]
     print(f"mlx_lm (whole model, one process): weights {b['weight_bytes'] / 1e6:.1f} MB, MLX active "
           f"{b['active_memory_loaded'] / 1e6:.1f} MB, MLX peak {b['peak_memory_prefill_and_decode'] / 1e6:.1f} MB, "
-          f"RSS loaded {(b['rss_loaded'] or 0) / 1e6:.1f} MB, peak RSS {(b['rss_peak'] or 0) / 1e6:.1f} MB")
+          f"RSS loaded {(b['rss_loaded'] or 0) / 1e6:.1f} MB, peak RSS {(b['rss_peak'] or 0) / 1e6:.1f} MB "
+          f"(loading: {(b['rss_peak_startup'] or 0) / 1e6:.1f} MB)")
 
 
 def report_trace(r: dict[str, Any]) -> None:
@@ -768,6 +793,7 @@ def report_trace(r: dict[str, Any]) -> None:
               f"{t['compute_ms']:.2f} ms, outside compute {t['outside_compute_ms']:.2f} ms (medians); the legs' medians:")
         for leg, ms in sorted(t["legs_ms"].items(), key=lambda kv: -kv[1]):
             print(f"  {ms:7.3f} ms  {leg}")
+        print(f"  CPU time of the stage's process during its compute leg: {t['compute_cpu_ms']}")
         print(f"  of compute: graph building (Shard.forward) {t['graph_build_ms']}, eval+sample "
               f"{t['sample_eval_ms']:.3f} ms at the last stage")
 
