@@ -118,6 +118,7 @@ class Pipeline:
                 self.conducting[request].put_nowait(PipelineBroken("the cluster re-planned"))
         stage = plan.stage_of(self.me) if plan is not None and plan.model == self.model_name else None
         if stage is None:
+            self._loading = None  # a load still under way is for a plan we are not in
             if self.shard_state is not None:
                 self._publish(None)
                 self.executor.submit(self._drop)
@@ -157,8 +158,9 @@ class Pipeline:
         self.shard = future.result()
         log.info("loaded layers %d-%d (%.1f MB)", wanted[0], wanted[1] - 1,
                  self.shard.weight_bytes / 1e6)
-        plan = self.daemon.core.plan
-        if plan is not None and plan.stage_of(self.me) is not None:
+        plan = self.daemon.core.plan  # the same layers may belong to a newer plan by now
+        stage = plan.stage_of(self.me) if plan is not None else None
+        if stage is not None and (stage.start, stage.end) == wanted:
             epoch = plan.epoch
         self._publish(ShardState(self.model_name, wanted[0], wanted[1], epoch))
 
