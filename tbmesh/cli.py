@@ -345,6 +345,8 @@ def daemon(
     context: int = typer.Option(DEFAULT_CONTEXT, "--context", help="Tokens of KV cache each stage keeps room for."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Pretend this much memory is usable (tests, demos), e.g. 24GB."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Measure each link's bandwidth when it appears."),
+    mqtt: Optional[str] = typer.Option(None, "--mqtt", help="Publish state and events to this MQTT broker: mqtt://host[:port]."),
+    resume_wait: float = typer.Option(30.0, "--resume-wait", help="Seconds a request in flight waits for the cluster to serve the model again (after a Mac leaves) before it fails."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:  # fmt: skip
     """Run this Mac's node: discover peers on Thunderbolt, join the cluster, serve the API."""
@@ -361,6 +363,8 @@ def daemon(
             _fail(f"bad {flag} {value}: a port is 0 to 65535")
     if context < 0:
         _fail("--context must be 0 or more tokens")
+    if not resume_wait >= 0:
+        _fail("--resume-wait must be 0 or more seconds")
     if secret is not None and secret_file is not None:
         _fail("give --secret or --secret-file, not both")
     secret_bytes = None
@@ -374,11 +378,19 @@ def daemon(
         _fail(str(error))
     if secret_bytes is not None and not secret_bytes:
         _fail("the cluster secret is empty")
+    if mqtt is not None:
+        from tbmesh import telemetry
+
+        try:
+            telemetry.parse_url(mqtt)
+            telemetry.check_topic_level("--cluster", cluster)
+        except ValueError as error:
+            _fail(str(error))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = DaemonConfig(
         interfaces=interface or None, port=port, api_host=api_host, api_port=api_port,
         cluster=cluster, model=model, secret=secret_bytes, context=context,
-        memory_usable=usable, probe_links=probe,
+        memory_usable=usable, probe_links=probe, mqtt=mqtt, resume_wait=resume_wait,
     )
     if state_dir is not None:
         config.state_dir = state_dir
@@ -451,6 +463,156 @@ def status(
         console.print(f"plan epoch {plan['epoch']}: {stages}")
     elif data.get("no_fit"):
         console.print(f"[red]model does not fit:[/] {data['no_fit']}")
+
+
+# --- the launchd service ------------------------------------------------------------------
+
+NOT_MACOS = "tbmesh {command} is for macOS (launchd); use --dry-run to see the {what}"
+
+
+def _service_for(user_agent: bool, user: Optional[str], flags: Any = None) -> Any:
+    """The launchd service to install or remove: a LaunchDaemon running as the user who ran sudo
+    (or --user), or with --user-agent a LaunchAgent of the current user."""
+    import getpass
+    import os
+
+    from tbmesh.launchd import AGENT, DAEMON, InstallError, find_program, make_service
+
+    if user_agent and user is not None:
+        _fail("--user is for the LaunchDaemon; a LaunchAgent runs as the user who installs it")
+    if user_agent:
+        who = getpass.getuser()
+    else:
+        who = user or os.environ.get("SUDO_USER") or getpass.getuser()
+        if who == "root" and user is None:
+            _fail("which user should tbmesh run as? run install with sudo from that user's account, "
+                  "or give --user NAME")  # fmt: skip
+    try:
+        arguments = flags.arguments() if flags is not None else []
+        return make_service(AGENT if user_agent else DAEMON, who, find_program(), arguments)
+    except InstallError as error:
+        _fail(str(error))
+
+
+def _check_can_change(command: str, user_agent: bool) -> None:
+    """Refuse before touching anything: not a Mac, or the wrong privileges for the kind."""
+    import os
+    import shlex
+
+    if sys.platform != "darwin":
+        _fail(NOT_MACOS.format(command=command, what="plist and commands" if command == "install" else "commands"))
+    if not user_agent and os.geteuid() != 0:
+        from tbmesh.launchd import InstallError, find_program
+
+        try:
+            program = str(find_program())  # sudo's PATH does not have the venv's bin
+        except InstallError:
+            program = "tbmesh"
+        _fail(f"the LaunchDaemon is installed by root: sudo {shlex.join([program, *sys.argv[1:]])} "
+              "(or --user-agent to run tbmesh only while you are logged in)")  # fmt: skip
+    if user_agent and os.geteuid() == 0:
+        _fail("a LaunchAgent is installed by its own user, without sudo")
+
+
+def _print_commands(commands: list[list[str]]) -> None:
+    import shlex
+
+    for command in commands:
+        print(shlex.join(command))
+
+
+@app.command()
+def install(
+    interface: list[str] = typer.Option([], "--interface", help="Serve on this interface (repeat); default: the Thunderbolt ones."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The mlx-lm model directory to plan and serve."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help='Only Macs with the same cluster name join (default: "default").'),
+    secret_file: Optional[Path] = typer.Option(None, "--secret-file", help="Read the cluster secret from this file (a secret itself would be readable in the plist)."),
+    name: Optional[str] = typer.Option(None, "--name", help="This Mac's name in the cluster (default: host name)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Control port for peers (default: 7470)."),
+    api_host: Optional[str] = typer.Option(None, "--api-host", help="Where the HTTP API listens (default: 127.0.0.1)."),
+    api_port: Optional[int] = typer.Option(None, "--api-port", help="HTTP API port (default: 7471)."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the node id is kept (default: the user's)."),
+    context: Optional[int] = typer.Option(None, "--context", help=f"Tokens of KV cache each stage keeps room for (default: {DEFAULT_CONTEXT})."),
+    log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning or error (default: info)."),
+    user: Optional[str] = typer.Option(None, "--user", help="The account the LaunchDaemon runs as (default: the user who ran sudo)."),
+    user_agent: bool = typer.Option(False, "--user-agent", help="A LaunchAgent instead: no sudo, runs only while you are logged in."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plist and the launchctl commands; change nothing."),
+) -> None:  # fmt: skip
+    """Run `tbmesh daemon` at every boot as a launchd service, with these daemon options.
+
+    By default a LaunchDaemon (sudo; starts at boot with nobody logged in, as your user, so it
+    keeps your node id and reads your models). Logs: ~/Library/Logs/tbmesh/daemon.log.
+    """
+    from tbmesh.launchd import DaemonFlags, InstallError, install_commands, other_kind_plist, plist_bytes, protected_paths
+    from tbmesh.launchd import install as install_service
+
+    if not dry_run:
+        _check_can_change("install", user_agent)
+    for flag, value in (("--port", port), ("--api-port", api_port)):
+        if value is not None and not 0 <= value <= 65535:
+            _fail(f"bad {flag} {value}: a port is 0 to 65535")
+    if context is not None and context < 0:
+        _fail("--context must be 0 or more tokens")
+    if log_level is not None and log_level.lower() not in ("debug", "info", "warning", "error"):
+        _fail(f"bad --log-level {log_level!r}: use debug, info, warning or error")
+    # the service would only fail at every start, every 10 s: catch a wrong path now
+    if model is not None and not model.expanduser().is_dir():
+        _fail(f"--model {model}: no such directory")
+    if secret_file is not None and not secret_file.expanduser().is_file():
+        _fail(f"--secret-file {secret_file}: no such file")
+    flags = DaemonFlags(tuple(interface), model, cluster, secret_file, name, port, api_host, api_port,
+                        state_dir, context, log_level)  # fmt: skip
+    service = _service_for(user_agent, user, flags)
+    for path in protected_paths(service):
+        print(f"warning: {path} is in a folder macOS keeps from launchd services unless their program "
+              "has Full Disk Access; move it, or grant it (see the README)", file=sys.stderr)  # fmt: skip
+    other = other_kind_plist(service)
+    if other.exists():
+        print(f"warning: {other} is installed too and would run a second daemon on the same ports; "
+              f"remove it with: tbmesh uninstall{'' if user_agent else ' --user-agent'}", file=sys.stderr)  # fmt: skip
+    if dry_run:
+        print(f"# would write {service.plist_path}:")
+        sys.stdout.write(plist_bytes(service).decode())
+        print(f"# would create {service.log_path} (owned by {service.user}), then run:")
+        _print_commands(install_commands(service))
+        return
+    try:
+        install_service(service)
+    except (InstallError, OSError) as error:
+        hint = ""
+        if user_agent:
+            hint = " (a LaunchAgent needs you logged in to the desktop; without that use the LaunchDaemon: sudo tbmesh install)"
+        _fail(f"{error}{hint}")
+    print(f"installed {service.plist_path}: tbmesh daemon runs as {service.user} "
+          f"{'at every login' if user_agent else 'from boot'}; logs in {service.log_path}")  # fmt: skip
+
+
+@app.command()
+def uninstall(
+    user_agent: bool = typer.Option(False, "--user-agent", help="Remove the LaunchAgent instead of the LaunchDaemon."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the launchctl commands; change nothing."),
+) -> None:  # fmt: skip
+    """Stop the launchd service and remove its plist (the logs and the node id stay)."""
+    from tbmesh.launchd import InstallError, uninstall_commands
+    from tbmesh.launchd import uninstall as uninstall_service
+
+    if not dry_run:
+        _check_can_change("uninstall", user_agent)
+    # the user does not matter here (the label and the plist path are the same for everyone)
+    # except for a LaunchAgent's domain, gui/<uid>: the current user's
+    service = _service_for(user_agent, None if user_agent else "root")
+    if dry_run:
+        _print_commands(uninstall_commands(service))
+        print(f"# then would remove {service.plist_path}")
+        return
+    try:
+        loaded, removed = uninstall_service(service)
+    except (InstallError, OSError) as error:
+        _fail(str(error))
+    if not loaded and not removed:
+        print(f"tbmesh was not installed ({service.plist_path} does not exist)")
+    else:
+        print(f"{'stopped and ' if loaded else ''}removed {service.target}" + (f" ({service.plist_path})" if removed else ""))
 
 
 # --- chat with the cluster's model -------------------------------------------------------

@@ -28,7 +28,7 @@ from tbmesh import measure, state
 from tbmesh.core.cluster import ClusterNode, CoreConfig
 from tbmesh.core.membership import PeerState, Timing
 from tbmesh.core.messages import Disconnect, Event, Send
-from tbmesh.core.types import ModelSpec, NodeInfo
+from tbmesh.core.types import ModelSpec, NodeInfo, Plan
 from tbmesh.net import interfaces as netif
 from tbmesh.net import peers, probe, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
@@ -36,6 +36,7 @@ from tbmesh.net.watch import InterfaceWatcher
 
 if TYPE_CHECKING:
     from tbmesh.pipeline import Pipeline
+    from tbmesh.telemetry import Telemetry
 
 log = logging.getLogger("tbmesh")
 
@@ -63,6 +64,8 @@ class DaemonConfig:
     memory_usable: int | None = None  # pretend to have this much (tests, demos)
     timing: Timing = field(default_factory=Timing)
     probe_links: bool = True
+    resume_wait: float = 30.0  # s a request in flight waits for the cluster to serve again
+    mqtt: str | None = None  # mqtt://host[:port]: publish state and events there (tbmesh.telemetry)
 
 
 class Daemon:
@@ -92,6 +95,7 @@ class Daemon:
         self._stopping = False
         self.pipeline: Pipeline | None = None  # the data plane
         self._last_plan = None
+        self.telemetry: Telemetry | None = None
 
     # ----- life cycle ------------------------------------------------------------------
 
@@ -116,7 +120,7 @@ class Daemon:
                                 CoreConfig(cfg.timing, self.model, cfg.context))
         from tbmesh.pipeline import Pipeline
 
-        self.pipeline = Pipeline(self, cfg.model)
+        self.pipeline = Pipeline(self, cfg.model, cfg.resume_wait)
         await self._start_server()
         await self._start_api()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
@@ -124,6 +128,8 @@ class Daemon:
         self._watcher = InterfaceWatcher(self._on_interfaces_changed)
         await self._watcher.start()
         self._spawn(self._ticker())
+        if cfg.mqtt is not None:
+            self._start_telemetry(cfg.mqtt)
         # where `tbmesh status` (and tests) find this daemon's API
         state.write_atomically(cfg.state_dir / "api.json", json.dumps(
             {"url": f"http://{cfg.api_host}:{self.api_port}", "pid": os.getpid(), "port": self.port}))
@@ -164,6 +170,8 @@ class Daemon:
             self._server.close()
         if self._api is not None:
             await self._api.cleanup()
+        if self.telemetry is not None:
+            await self.telemetry.close()  # "offline" now, not when the broker notices
         with contextlib.suppress(OSError):
             (self.config.state_dir / "api.json").unlink()
         log.info("stopped")
@@ -238,6 +246,26 @@ class Daemon:
             await asyncio.sleep(interval)
             self.carry_out(self.core.tick(self.now()))
 
+    def _start_telemetry(self, url: str) -> None:
+        from tbmesh.telemetry import Telemetry
+
+        try:
+            self.telemetry = Telemetry(url, self.config.cluster, self.core.id)
+        except ValueError as error:
+            raise StartupError(str(error)) from None
+        self.telemetry.start()
+        self._spawn(self._report_telemetry())
+
+    async def _report_telemetry(self) -> None:
+        """Hand the status to telemetry twice a second (status() is not free); it publishes
+        only what changed, from its own task, so a slow broker never holds this loop."""
+        while True:
+            try:
+                self.telemetry.update(self.status())
+            except Exception:  # a bug in status() must not end telemetry for good
+                log.exception("status for telemetry")
+            await asyncio.sleep(0.5)
+
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -259,9 +287,10 @@ class Daemon:
                     channel.close("declared dead")
         for event in self.core.drain_events():
             self._record(event)
-        if self.pipeline is not None and self.core.plan is not self._last_plan:
-            self._last_plan = self.core.plan
-            self.pipeline.on_plan(self._last_plan)
+        view = (self.core.plan, self.core.preparing)
+        if self.pipeline is not None and view != self._last_plan:
+            self._last_plan = view
+            self.pipeline.on_view(*view)
 
     def send_to(self, node: str, message: object) -> bool:
         """Send to `node` directly, or through the neighbour on the shortest path to it
@@ -286,10 +315,16 @@ class Daemon:
                     queue.append(there)
         return None
 
+    def record(self, kind: str, node: str | None, detail: str) -> None:
+        """An event of the data plane (a request resumed, ...) for the event log."""
+        self._record(Event(self.now(), kind, node, detail))
+
     def _record(self, event: Event) -> None:
         self.events.append({"at": event.at, "kind": event.kind, "node": event.node,
                             "detail": event.detail})
         log.info("%s %s", event.kind, event.detail)
+        if self.telemetry is not None:
+            self.telemetry.event(self.events[-1])
 
     # ----- connections -----------------------------------------------------------------
 
@@ -557,7 +592,7 @@ class Daemon:
             node["shard"] = None if held is None else {
                 "start": held.start, "end": held.end, "epoch": held.epoch,
                 "bytes": stage_bytes.get(node["id"]), "progress": held.progress,
-                "loaded": held.progress >= 1.0}
+                "loaded": held.ready, "serving": held.serving}
         links = [{"a": link.a, "b": link.b, "bandwidth_bps": link.bytes_per_s * 8, "rtt_s": link.rtt_s}
                  for link in core.links()]
         plan = core.plan
@@ -565,18 +600,29 @@ class Daemon:
             "node": {"id": core.id, "name": core.info.name, "incarnation": core.incarnation,
                      "port": self.port, "interfaces": self.interfaces, "addresses": self.addresses},
             "cluster": self.config.cluster,
+            "now": self.now(),  # the clock of events[].at
             "leader": core.leader,
             "term": core.term,
             "model": self.model.name if self.model else None,
             "nodes": nodes,
             "links": links,
-            "plan": None if plan is None else {
-                "term": plan.term, "epoch": plan.epoch, "model": plan.model,
-                "stages": [{"node": s.node, "start": s.start, "end": s.end, "bytes": s.bytes}
-                           for s in plan.stages],
-                "left_out": list(plan.left_out),
+            "plan": _plan_json(plan),
+            "preparing": None if core.preparing is None else {
+                **_plan_json(core.preparing),
+                "progress": {s.node: (held.progress if (held := shards.get(s.node)) is not None
+                                      and held.epoch == core.preparing.epoch else 0.0)
+                             for s in core.preparing.stages},
             },
             "no_fit": core.no_fit,
             "runtime": self.pipeline.status() if self.pipeline else None,
             "events": list(self.events)[-50:],
         }
+
+
+def _plan_json(plan: Plan | None) -> dict[str, Any] | None:
+    return None if plan is None else {
+        "term": plan.term, "epoch": plan.epoch, "model": plan.model,
+        "stages": [{"node": s.node, "start": s.start, "end": s.end, "bytes": s.bytes}
+                   for s in plan.stages],
+        "left_out": list(plan.left_out),
+    }

@@ -1,4 +1,4 @@
-"""The data plane: serve this node's stage of the plan, and conduct the requests that enter here.
+"""The data plane: serve this node's stages of the plans, and conduct the requests that enter here.
 
 A request is conducted by the node whose API it entered (its *entry*): the entry tokenizes,
 sends the prompt to stage 0, and for every token the last stage samples it streams the token
@@ -9,6 +9,16 @@ thread, in order, so the event loop (and the heartbeats) never wait for it.
     entry --Tensor(tokens)--> stage 0 --Tensor(hidden)--> ... --> last stage
       ^                                                             |
       +--------------------------Token(sampled)---------------------+
+
+Every tensor carries its *route* (node and layer range of each stage, fixed by the entry when
+the attempt starts), so a stage needs no plan to run it: it runs the layers the route names
+if it holds them, and says so to the entry when it does not. That is what lets a plan change
+under running requests: the entry keeps each request's prompt and the tokens produced so far,
+and when its route is gone (a stage died, or a commit moved the layers) it starts a new
+attempt on the new plan with prompt + tokens as the prefill. The client only sees a pause.
+
+Shards: a node holds its stage of the running plan and, while a new plan is prepared, its
+stage of that one too (layers they share are one copy); see core/assignment.py.
 """
 
 from __future__ import annotations
@@ -17,22 +27,23 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
-from tbmesh.core.messages import ShardState
+from tbmesh.core.assignment import Assignment, Range
 from tbmesh.core.types import Plan
 from tbmesh.net import wire
 from tbmesh.openai_api import ApiError, GenerationParams
 from tbmesh.runtime.sampling import Sampling, sample
-from tbmesh.runtime.shard import Shard, load_shard
+from tbmesh.runtime.shard import LoadAbandoned, Shard, load_shard
 
 if TYPE_CHECKING:
     from tbmesh.daemon import Daemon
@@ -40,40 +51,57 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFILL_STEP = 2048  # as mlx-lm's generate_step: same chunks, same floating-point results
+POLL = 0.01  # s between looks at the view while a request waits for a usable plan
+MAX_FAILURES = 6  # attempts in a row without a token before a request gives up (~3 s of back-off)
+
+Route = tuple[tuple[str, int, int], ...]  # (node, start, end) per stage
 
 
 class PipelineBroken(Exception):
-    """The request cannot go on in this plan (a stage went away, the plan changed)."""
+    """This attempt cannot go on (a stage went away or lost its cache, the plan changed)."""
 
 
 @dataclass(frozen=True)
 class Forward:
     """What a stage needs to know about a tensor, beyond the tensor (Tensor.meta on the wire)."""
 
-    to: str  # the node that must run stage `stage`
+    route: Route
     entry: str  # where sampled tokens go
     stage: int
-    epoch: int
+    fresh: bool  # the attempt's first chunk: the stage makes a new KV cache for it
     sample: bool  # the last stage samples after this step (false for early prefill chunks)
     temperature: float
     top_p: float
     seed: int | None
 
+    @property
+    def to(self) -> str:
+        return self.route[self.stage][0]
+
+    @property
+    def layers(self) -> Range:
+        return self.route[self.stage][1:]
+
     def meta(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "to": self.to, "route": [list(r) for r in self.route]}
+
+    def next(self) -> Forward:
+        return Forward(self.route, self.entry, self.stage + 1, self.fresh, self.sample,
+                       self.temperature, self.top_p, self.seed)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Forward:
         """Validated: a peer's tensor meta is untrusted input."""
         try:
-            forward = cls(str(meta["to"]), str(meta["entry"]), int(meta["stage"]),
-                          int(meta["epoch"]), bool(meta["sample"]), float(meta["temperature"]),
-                          float(meta["top_p"]), None if meta["seed"] is None else int(meta["seed"]))
+            route = tuple((str(n), int(s), int(e)) for n, s, e in meta["route"])
+            forward = cls(route, str(meta["entry"]), int(meta["stage"]), bool(meta["fresh"]),
+                          bool(meta["sample"]), float(meta["temperature"]), float(meta["top_p"]),
+                          None if meta["seed"] is None else int(meta["seed"]))
             forward.sampling  # noqa: B018  (validates the sampling fields)
         except (KeyError, TypeError, ValueError) as error:
             raise wire.ProtocolError(f"tensor meta: {error}") from None
-        if forward.stage < 0:
-            raise wire.ProtocolError(f"tensor meta: stage {forward.stage}")
+        if not 0 <= forward.stage < len(route) or any(not 0 <= s < e for _, s, e in route):
+            raise wire.ProtocolError(f"tensor meta: stage {forward.stage} of route {route}")
         return forward
 
     @property
@@ -81,92 +109,142 @@ class Forward:
         return Sampling(self.temperature, self.top_p, self.seed)
 
 
+def route_of(plan: Plan) -> Route:
+    return tuple((s.node, s.start, s.end) for s in plan.stages)
+
+
+@dataclass
+class Conducted:
+    """A request this node is the entry of: what it needs to start over on another plan."""
+
+    prompt: list[int]
+    sampling: Sampling
+    tokens: list[int] = field(default_factory=list)
+    attempt: str = ""  # the wire id of the current attempt
+    route: Route = ()
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class Counters:
+    loads: int = 0  # shards loaded
+    layers_read: int = 0  # layers read from disk
+    layers_kept: int = 0  # layers a new shard took from one already in memory
+    bytes_read: int = 0
+    resumed: int = 0  # attempts started again on another route
+    tokens: int = 0  # tokens streamed by this entry
+
+
 class Pipeline:
-    def __init__(self, daemon: Daemon, model_dir: Path | None) -> None:
+    def __init__(self, daemon: Daemon, model_dir: Path | None, resume_wait: float = 30.0) -> None:
         self.daemon = daemon
         self.model_dir = model_dir
         self.model_name = model_dir.name if model_dir is not None else None
+        self.resume_wait = resume_wait
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
-        self.shard: Shard | None = None
-        self.shard_state: ShardState | None = None
-        self.caches: dict[str, list] = {}  # request -> KV cache of our layers (worker thread only)
+        self.held: dict[Range, Shard] = {}  # loaded shards (event loop side)
+        self.caches: dict[str, tuple[Range, list]] = {}  # attempt -> KV cache (worker thread only)
         self.cancelled: collections.deque[str] = collections.deque(maxlen=4096)
-        self.conducting: dict[str, asyncio.Queue] = {}  # request -> tokens (entry side)
-        self.conducting_epoch: dict[str, int] = {}
+        self.conducting: dict[str, Conducted] = {}  # attempt -> request (entry side)
+        self.counters = Counters()
+        self._recent_tokens: collections.deque[float] = collections.deque(maxlen=4096)
         self._tokenizer: Any = None
-        self._loading: tuple[int, int] | None = None
+        self._assignment: Assignment | None = None
+        self._loading: Range | None = None
+        self._progress = 0.0
 
     @property
     def me(self) -> str:
         return self.daemon.core.id
 
     async def close(self) -> None:
-        for queue in self.conducting.values():
-            queue.put_nowait(PipelineBroken("the node is stopping"))
+        for request in self.conducting.values():
+            request.queue.put_nowait(ApiError(503, "the node is stopping", "service_unavailable"))
+        self._loading = None  # a load under way stops at its next layer
         # MLX 0.32 aborts the process at exit (SIGABRT) now and then when a thread that used
         # it still has streams: clear them in that thread first (ml-explore/mlx#3126)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.wrap_future(self.executor.submit(mx.clear_streams)), 10)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    # ----- following the plan ----------------------------------------------------------
+    # ----- following the plans -----------------------------------------------------------
 
-    def on_plan(self, plan: Plan | None) -> None:
-        """Called after every change of the view: load our stage when the plan moves it."""
-        for request, epoch in list(self.conducting_epoch.items()):
-            if plan is None or plan.epoch != epoch:
-                self.conducting[request].put_nowait(PipelineBroken("the cluster re-planned"))
-        stage = plan.stage_of(self.me) if plan is not None and plan.model == self.model_name else None
-        if stage is None:
-            self._loading = None  # a load still under way is for a plan we are not in
-            if self.shard_state is not None:
-                self._publish(None)
-                self.executor.submit(self._drop)
-            return
-        wanted = (stage.start, stage.end)
-        held = self.shard_state
-        if held is not None and (held.start, held.end) == wanted and held.progress >= 1.0:
-            if held.epoch != plan.epoch:  # same layers in a new plan: nothing to load
-                self._publish(ShardState(held.model, stage.start, stage.end, plan.epoch))
-            return
-        if self._loading == wanted:
-            return
-        self._loading = wanted
-        self._publish(ShardState(self.model_name, stage.start, stage.end, plan.epoch, 0.0))
-        future = self.executor.submit(self._load, stage.start, stage.end)
-        asyncio.wrap_future(future).add_done_callback(
-            lambda f, epoch=plan.epoch, want=wanted: self._loaded(f, epoch, want))
+    def on_view(self, plan: Plan | None, preparing: Plan | None) -> None:
+        """Called when the running plan or the one being prepared changes: load our stage of
+        the newest, keep what either needs, drop the rest, and move requests off lost routes."""
+        route = route_of(plan) if plan is not None else ()
+        for request in self.conducting.values():
+            if request.route and request.route != route:
+                request.queue.put_nowait(PipelineBroken("the cluster committed a new plan"))
+        self._assignment = Assignment.of(self.me, self.model_name, plan, preparing)
+        self._follow()
 
-    def _load(self, start: int, end: int) -> Shard:
-        self._drop()
-        return load_shard(self.model_dir, start, end)
+    def _follow(self) -> None:
+        assignment = self._assignment
+        if assignment is None:
+            return
+        for dropped in [r for r in self.held if r not in assignment.keep]:
+            del self.held[dropped]
+            log.info("dropped layers %d-%d", dropped[0], dropped[1] - 1)
+            self.executor.submit(self._drop, dropped)
+        target = assignment.target
+        if target is not None and target not in self.held and self._loading != target:
+            self._start_load(target)
+        elif target != self._loading:
+            self._loading = None  # the load under way is for a plan we left: it stops
+        self._publish()
 
-    def _drop(self) -> None:
-        self.shard = None
-        self.caches.clear()
+    def _start_load(self, target: Range) -> None:
+        self._loading, self._progress = target, 0.0
+        keep = list(self.held.values())
+        future = self.executor.submit(self._load, target, keep)
+        asyncio.wrap_future(future).add_done_callback(lambda f: self._loaded(f, target))
+
+    def _load(self, target: Range, keep: list[Shard]) -> Shard:
+        """Worker thread."""
+        def on_layer(done: int, total: int) -> bool:
+            self.daemon.loop.call_soon_threadsafe(self._on_progress, target, done / total)
+            return self._loading == target
+
+        return load_shard(self.model_dir, *target, keep=keep, on_layer=on_layer)
+
+    def _on_progress(self, target: Range, progress: float) -> None:
+        if self._loading == target and progress - self._progress >= 0.1:
+            self._progress = progress  # published in steps: each publication floods the cluster
+            self._publish()
+
+    def _drop(self, dropped: Range) -> None:
+        """Worker thread: the caches of dropped layers go with them."""
+        for request in [r for r, (layers, _) in self.caches.items() if layers == dropped]:
+            del self.caches[request]
         mx.clear_cache()
 
-    def _loaded(self, future: asyncio.Future, epoch: int, wanted: tuple[int, int]) -> None:
-        if self._loading != wanted:
-            return  # superseded by a newer plan
+    def _loaded(self, future: asyncio.Future, target: Range) -> None:
+        if self._loading != target:
+            return  # abandoned, or superseded by a newer plan
         self._loading = None
-        if future.cancelled() or future.exception() is not None:
-            log.error("loading layers %d-%d failed: %r", *wanted,
-                      None if future.cancelled() else future.exception())
-            self._publish(None)
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or isinstance(error, LoadAbandoned):
             return
-        self.shard = future.result()
-        log.info("loaded layers %d-%d (%.1f MB)", wanted[0], wanted[1] - 1,
-                 self.shard.weight_bytes / 1e6)
-        plan = self.daemon.core.plan  # the same layers may belong to a newer plan by now
-        stage = plan.stage_of(self.me) if plan is not None else None
-        if stage is not None and (stage.start, stage.end) == wanted:
-            epoch = plan.epoch
-        self._publish(ShardState(self.model_name, wanted[0], wanted[1], epoch))
+        if error is not None:
+            log.error("loading layers %d-%d failed: %r", target[0], target[1] - 1, error)
+            self._publish()
+            return
+        shard = future.result()
+        self.held[target] = shard
+        c = self.counters
+        c.loads, c.layers_read, c.layers_kept = c.loads + 1, c.layers_read + shard.read_layers, \
+            c.layers_kept + shard.kept_layers
+        c.bytes_read += shard.read_bytes
+        log.info("loaded layers %d-%d (%.1f MB; %d layers read, %d kept)", target[0], target[1] - 1,
+                 shard.weight_bytes / 1e6, shard.read_layers, shard.kept_layers)
+        self._follow()
 
-    def _publish(self, state: ShardState | None) -> None:
-        self.shard_state = state
-        self.daemon.carry_out(self.daemon.core.set_shard(state, self.daemon.now()))
+    def _publish(self) -> None:
+        assignment = self._assignment
+        state = None if assignment is None else assignment.state(set(self.held), self._progress)
+        if state != self.daemon.core.shard:
+            self.daemon.carry_out(self.daemon.core.set_shard(state, self.daemon.now()))
 
     # ----- the entry side: what the OpenAI API calls --------------------------------------
 
@@ -181,68 +259,141 @@ class Pipeline:
         return self._tokenizer
 
     def unavailable(self, model: str) -> ApiError | None:
+        """Why a request cannot start now. With a running plan it waits instead (up to
+        resume_wait) for the plan's nodes to be ready, as a request in flight does."""
+        if self.daemon.core.plan is not None:
+            return None
+        return self._why_not()
+
+    def _why_not(self) -> ApiError | None:
+        """Why the running plan cannot serve now, or None when it can."""
         core = self.daemon.core
         plan = core.plan
-        if plan is None:
-            if core.no_fit:
-                return ApiError(503, f"the model does not fit the cluster: {core.no_fit}",
-                                "service_unavailable")
-            waiting = "a leader" if core.leader is None else "the leader's plan"
-            return ApiError(503, f"no plan yet: waiting for {waiting}", "service_unavailable")
+        if core.no_fit:
+            return ApiError(503, f"the model does not fit the cluster: {core.no_fit}",
+                            "service_unavailable")
         shards = core.shards()
         names = {n: i.name for n, i in core.node_infos().items()}
-        loading = []
-        for stage in plan.stages:
-            held = shards.get(stage.node)
-            if held is None or (held.start, held.end, held.epoch) != (stage.start, stage.end, plan.epoch) \
-                    or held.progress < 1.0:
-                progress = f" {held.progress:.0%}" if held is not None and held.progress < 1 else ""
-                loading.append(f"{names.get(stage.node, stage.node)} (layers {stage.start}-"
-                               f"{stage.end - 1}{progress})")
-        if loading:
-            return ApiError(503, "waiting for shards to load: " + ", ".join(loading),
+        if plan is None:
+            if core.preparing is None:
+                waiting = "a leader" if core.leader is None else "the leader's plan"
+                return ApiError(503, f"no plan yet: waiting for {waiting}", "service_unavailable")
+            loading = [self._loading_text(s, core.preparing, shards.get(s.node), names)
+                       for s in core.preparing.stages]
+            return ApiError(503, "waiting for shards to load: " + ", ".join(filter(None, loading)),
+                            "service_unavailable")
+        members = core.members()  # node -> suspected
+        gone = [names.get(s.node, s.node) for s in plan.stages if members.get(s.node, True)]
+        if gone:
+            return ApiError(503, f"{', '.join(gone)} stopped answering: waiting for a new plan",
+                            "service_unavailable")
+        waiting = [names.get(s.node, s.node) for s in plan.stages
+                   if (held := shards.get(s.node)) is None or held.serving != plan.epoch]
+        if waiting:
+            return ApiError(503, f"waiting for {', '.join(waiting)} to serve epoch {plan.epoch}",
                             "service_unavailable")
         return None
 
+    @staticmethod
+    def _loading_text(stage, plan: Plan, held, names: dict[str, str]) -> str | None:
+        if held is not None and held.ready and (held.start, held.end, held.epoch) == \
+                (stage.start, stage.end, plan.epoch):
+            return None
+        progress = f" {held.progress:.0%}" if held is not None and held.epoch == plan.epoch else ""
+        return f"{names.get(stage.node, stage.node)} (layers {stage.start}-{stage.end - 1}{progress})"
+
+    async def _usable_route(self, deadline: float, failed: Route = (), retry_at: float = 0.0) -> tuple[Route, int]:
+        """The running plan's route once every stage of it serves; ApiError at the deadline.
+        The route that just `failed` is taken again only from `retry_at` on (a stage that
+        restarted is back once it reloads; a dead one is gone once the others notice)."""
+        while True:
+            error = self._why_not()
+            now = time.monotonic()
+            if error is None:
+                plan = self.daemon.core.plan
+                if route_of(plan) != failed or now >= retry_at:
+                    return route_of(plan), plan.epoch
+            elif now >= deadline:
+                raise error
+            await asyncio.sleep(POLL)
+
     async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
-        """Run one request through the pipeline; yields sampled tokens until EOS or max_tokens."""
-        plan = self.daemon.core.plan
-        if plan is None or (error := self.unavailable(model)) is not None:
-            raise error or ApiError(503, "no plan yet", "service_unavailable")
-        request = uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
-        self.conducting[request] = queue
-        self.conducting_epoch[request] = plan.epoch
+        """Run one request through the pipeline; yields sampled tokens until EOS or max_tokens.
+        Survives plan changes: each new route gets the prompt and the tokens so far."""
+        if (error := self.unavailable(model)) is not None:
+            raise error
         eos = set(self.tokenizer(model).eos_token_ids)
         # the seed is fixed once per request, so a replay draws the same tokens
-        sampling = Sampling(params.temperature, params.top_p, params.seed).seeded()
+        request = Conducted(list(prompt), Sampling(params.temperature, params.top_p, params.seed).seeded())
+        base, attempts, started = uuid.uuid4().hex, 0, time.monotonic()
+        failed: Route = ()
+        failures, retry_at = 0, 0.0  # attempts in a row that ended without a token
         try:
-            rest = list(prompt)
-            while len(rest) > 1:  # all but the last prompt token, in mlx-lm's chunks
-                chunk, rest = rest[: min(PREFILL_STEP, len(rest) - 1)], rest[min(PREFILL_STEP, len(rest) - 1):]
-                self._send_tokens(request, plan, 0, chunk, sampling, sample=False)
-            self._send_tokens(request, plan, 0, rest, sampling, sample=True)
-            for step in range(params.max_tokens):
-                token = await queue.get()
-                if isinstance(token, Exception):
-                    raise token
-                if token in eos:
+            while True:
+                route, epoch = await self._usable_route(time.monotonic() + self.resume_wait,
+                                                        failed, retry_at)
+                if attempts:
+                    self.counters.resumed += 1
+                    self.daemon.record("resumed", None, f"request {base[:8]} on epoch {epoch} after "
+                                       f"{len(request.tokens)} tokens ({time.monotonic() - started:.2f} s in)")
+                request.attempt, request.route = f"{base}.{attempts}", route
+                attempts += 1
+                self.conducting[request.attempt] = request
+                produced = len(request.tokens)
+                try:
+                    async for token in self._attempt(request, params.max_tokens):
+                        if token in eos:
+                            return
+                        request.tokens.append(token)
+                        self.counters.tokens += 1
+                        self._recent_tokens.append(time.monotonic())
+                        yield token
                     return
-                yield token
-                if step + 1 < params.max_tokens:
-                    self._send_tokens(request, plan, step + 1, [token], sampling, sample=True)
+                except PipelineBroken as why:
+                    failures = 0 if len(request.tokens) > produced else failures + 1
+                    if failures > MAX_FAILURES:
+                        raise ApiError(503, f"the request failed {failures} times in a row: {why}",
+                                       "service_unavailable") from None
+                    failed, retry_at = route, time.monotonic() + 0.05 * 2 ** failures
+                    log.info("request %s: %s; starting again from %d tokens", base[:8], why,
+                             len(request.tokens))
+                finally:
+                    self._end_attempt(request)
         finally:
-            del self.conducting[request]
-            del self.conducting_epoch[request]
-            for stage in plan.stages:  # free the caches everywhere, whatever ended the request
-                self.deliver(wire.Cancel(request, stage.node, "finished"))
+            self._end_attempt(request)
 
-    def _send_tokens(self, request: str, plan: Plan, step: int, tokens: list[int],
-                     sampling: Sampling, sample: bool) -> None:
-        forward = Forward(plan.stages[0].node, self.me, 0, plan.epoch, sample,
-                          sampling.temperature, sampling.top_p, sampling.seed)
+    async def _attempt(self, request: Conducted, max_tokens: int) -> AsyncIterator[int]:
+        """Prefill prompt + tokens so far on the attempt's route, then decode step by step."""
+        rest = request.prompt + request.tokens
+        fresh = True
+        while len(rest) > 1:  # all but the last token, in mlx-lm's chunks
+            n = min(PREFILL_STEP, len(rest) - 1)
+            self._send_tokens(request, 0, rest[:n], fresh, sample=False)
+            rest, fresh = rest[n:], False
+        step = len(request.tokens)
+        self._send_tokens(request, step, rest, fresh, sample=True)
+        while step < max_tokens:
+            token = await request.queue.get()
+            if isinstance(token, Exception):
+                raise token
+            yield token
+            step += 1
+            if step < max_tokens:
+                self._send_tokens(request, step, [token], False, sample=True)
+
+    def _end_attempt(self, request: Conducted) -> None:
+        if self.conducting.pop(request.attempt, None) is None:
+            return
+        for node in dict.fromkeys(n for n, _, _ in request.route):  # free its caches everywhere
+            self.deliver(wire.Cancel(request.attempt, node, "finished"))
+        request.queue = asyncio.Queue()  # nothing of this attempt reaches the next one
+
+    def _send_tokens(self, request: Conducted, step: int, tokens: list[int], fresh: bool,
+                     sample: bool) -> None:
+        s = request.sampling
+        forward = Forward(request.route, self.me, 0, fresh, sample, s.temperature, s.top_p, s.seed)
         array = np.array([tokens], dtype=np.int32)  # numpy: no MLX on the event loop
-        self.deliver(wire.tensor_from_array(array, request, step, forward.meta()))
+        self.deliver(wire.tensor_from_array(array, request.attempt, step, forward.meta()))
 
     # ----- delivery: direct, relayed, or to ourselves ------------------------------------
 
@@ -253,8 +404,14 @@ class Pipeline:
         elif not self.daemon.send_to(to, message):
             log.warning("no route to %s: dropping %s of request %s", to,
                         type(message).__name__.lower(), message.request)
-            if isinstance(message, wire.Tensor) and message.request in self.conducting:
-                self.conducting[message.request].put_nowait(PipelineBroken(f"no route to {to}"))
+            if isinstance(message, wire.Tensor):
+                self._fail(message, f"no route to {to}")
+
+    def _fail(self, tensor: wire.Tensor, why: str) -> None:
+        """Tell the tensor's entry that its attempt cannot go on."""
+        entry = tensor.meta.get("entry")
+        if isinstance(entry, str):
+            self.deliver(wire.Cancel(tensor.request, entry, why))
 
     def receive(self, message: wire.Tensor | wire.Token | wire.Cancel) -> None:
         """A data-plane message for us, or one to pass on toward its node."""
@@ -263,43 +420,46 @@ class Pipeline:
             self.deliver(message)
             return
         if isinstance(message, wire.Token):
-            queue = self.conducting.get(message.request)
-            if queue is not None:  # a negative token: the step failed at some stage
-                queue.put_nowait(message.token if message.token >= 0
-                                 else PipelineBroken("a stage failed to compute its step"))
+            request = self.conducting.get(message.request)
+            if request is not None:  # a negative token: the step failed at some stage
+                request.queue.put_nowait(message.token if message.token >= 0
+                                         else PipelineBroken("a stage failed to compute its step"))
         elif isinstance(message, wire.Cancel):
             self.cancelled.append(message.request)
             self.executor.submit(self.caches.pop, message.request, None)  # after queued work
+            request = self.conducting.get(message.request)
+            if request is not None:  # a stage gave up on it
+                request.queue.put_nowait(PipelineBroken(message.reason))
         else:
             self._run_stage(message, Forward.from_meta(message.meta))
 
     def _run_stage(self, tensor: wire.Tensor, forward: Forward) -> None:
-        shard, plan = self.shard, self.daemon.core.plan
         if tensor.request in self.cancelled:
             return
-        if shard is None or plan is None or forward.epoch != plan.epoch \
-                or forward.stage >= len(plan.stages) or plan.stages[forward.stage].node != self.me:
-            log.info("dropping a step of request %s: not our stage in epoch %d", tensor.request,
-                     forward.epoch)
+        shard = self.held.get(forward.layers)
+        if shard is None:
+            self._fail(tensor, f"{self.daemon.core.info.name} does not hold layers "
+                               f"{forward.layers[0]}-{forward.layers[1] - 1}")
             return
-        future = self.executor.submit(self._compute, shard, plan, tensor, forward)
+        future = self.executor.submit(self._compute, shard, tensor, forward)
         asyncio.wrap_future(future).add_done_callback(lambda f: self._computed(f, tensor, forward))
 
-    def _compute(self, shard: Shard, plan: Plan, tensor: wire.Tensor, forward: Forward) -> wire.Tensor | int | None:
+    def _compute(self, shard: Shard, tensor: wire.Tensor, forward: Forward) -> wire.Tensor | int | str | None:
         """Worker thread: one step of one request through our layers; returns the tensor
-        for the next stage, the sampled token (last stage), or None (a prefill chunk)."""
+        for the next stage, the sampled token (last stage), None (a prefill chunk), or why
+        the step cannot run."""
         if tensor.request in self.cancelled:
             return None
-        cache = self.caches.get(tensor.request)
-        if cache is None:
-            cache = self.caches[tensor.request] = shard.make_cache()
+        held = self.caches.get(tensor.request)
+        if held is None:
+            if not forward.fresh:  # we restarted, or dropped these layers, since its prefill
+                return f"{self.daemon.core.info.name} lost the request's cache"
+            held = self.caches[tensor.request] = (forward.layers, shard.make_cache())
+        cache = held[1]
         out = shard.forward(wire.array_from_tensor(tensor), cache)
         if not shard.last:
             mx.eval(out)
-            nxt = forward.stage + 1
-            meta = Forward(plan.stages[nxt].node, forward.entry, nxt, forward.epoch, forward.sample,
-                           forward.temperature, forward.top_p, forward.seed).meta()
-            return wire.tensor_from_array(out, tensor.request, tensor.step, meta)
+            return wire.tensor_from_array(out, tensor.request, tensor.step, forward.next().meta())
         if not forward.sample:
             mx.eval([c.state for c in cache])
             return None
@@ -313,7 +473,9 @@ class Pipeline:
             self.deliver(wire.Token(tensor.request, tensor.step, -1, forward.entry))
             return
         out = future.result()
-        if isinstance(out, int):
+        if isinstance(out, str):
+            self._fail(tensor, out)
+        elif isinstance(out, int):
             self.deliver(wire.Token(tensor.request, tensor.step, out, forward.entry))
         elif out is not None:
             self.deliver(out)
@@ -321,9 +483,27 @@ class Pipeline:
     # ----- status ----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        recent = sum(1 for t in self._recent_tokens if now - t <= 5.0)
         return {
             "requests": len(self.conducting),  # entering here, in flight
             "stage_requests": len(self.caches),  # holding a KV cache in our layers
-            "weight_bytes": self.shard.weight_bytes if self.shard else 0,
+            "held": [list(r) for r in sorted(self.held)],
+            "loading": None if self._loading is None else
+            {"start": self._loading[0], "end": self._loading[1], "progress": self._progress},
+            "weight_bytes": _weight_bytes(self.held.values()),
             "active_memory": mx.get_active_memory(),
+            "tokens_per_s": recent / 5.0,
+            **self.counters.__dict__,
         }
+
+
+def _weight_bytes(shards) -> int:
+    """Bytes of the held shards, counting a layer two of them share once."""
+    from mlx.utils import tree_flatten
+
+    seen: dict[int, int] = {}
+    for shard in shards:
+        for _, array in tree_flatten(shard.model.parameters()):
+            seen[id(array)] = array.nbytes
+    return sum(seen.values())

@@ -14,6 +14,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from tbmesh.core.assignment import Assignment, Range
 from tbmesh.core.cluster import ClusterNode, CoreConfig, Planner
 from tbmesh.core.messages import Action, Disconnect, Event, Message, Send
 from tbmesh.core.types import NodeInfo
@@ -33,6 +34,7 @@ class NetworkModel:
     connect_delay: float = 0.005  # TCP + hello
     reconnect_interval: float = 0.5  # how often the shell retries a missing connection
     flush_delay: float = 0.001  # the shell runs the core's flush this soon after a receive
+    load_delay: float = 0.05  # a node's runtime takes this long to load a shard
 
 
 @dataclass
@@ -68,6 +70,10 @@ class Simulator:
         self._order = itertools.count()
         self._fifo: dict[tuple[str, str], float] = {}
         self._flush_pending: set[str] = set()
+        self.held: dict[str, set[Range]] = {}  # node -> the layer ranges its "runtime" holds
+        self.loads: dict[str, list[Range]] = {}  # node -> every range it loaded
+        self._loading: dict[str, Range] = {}
+        self._followed: dict[str, tuple] = {}
         self._schedule(self.net.reconnect_interval, self._reconnect_loop)
 
     # ----- scenario verbs ------------------------------------------------------------
@@ -179,7 +185,8 @@ class Simulator:
         return True
 
     def plans_agree(self) -> bool:
-        """Each group runs one plan, made for exactly that group."""
+        """Each group runs one committed plan, made for exactly that group (or knows why
+        the model does not fit it), and prepares nothing more."""
         for group in self.components():
             plans = {self.nodes[n].plan for n in group}
             if len(plans) != 1:
@@ -187,6 +194,11 @@ class Simulator:
             (plan,) = plans
             if plan is not None and plan.considered != group:
                 return False
+            if any(self.nodes[n].preparing is not None for n in group):
+                return False  # still loading the next one
+            if plan is None and self.config.model is not None \
+                    and not any(self.nodes[n].no_fit for n in group):
+                return False  # not planned yet
         return True
 
     # ----- the shell ---------------------------------------------------------------------
@@ -196,6 +208,9 @@ class Simulator:
         self.incarnations[node] = incarnation
         core = ClusterNode(self.infos[node], incarnation, self.now, self.config, self.planner)
         self.nodes[node] = core
+        self.held[node] = set()  # a restart loses what was in memory
+        self._loading.pop(node, None)
+        self._followed.pop(node, None)
         phase = self.rng.random() * self.config.timing.heartbeat_interval / 2
         self._schedule(phase, lambda: self._tick(node, core))
         for pair in sorted(self.cables, key=sorted):
@@ -247,6 +262,35 @@ class Simulator:
                         peer = action.peer
                         self._later(self.net.delay, peer,
                                     lambda n, p=node: n.peer_disconnected(p, self.now))
+
+        if core is not None and core.config.model is not None:
+            self._follow_plan(node, core)
+
+    def _follow_plan(self, node: str, core: ClusterNode, force: bool = False) -> None:
+        """The runtime's part: load the stage the plans give us (after load_delay), drop
+        what no plan wants, and publish what we hold, as the daemon's pipeline does."""
+        seen = (core.plan, core.preparing)
+        if not force and self._followed.get(node) == seen:
+            return
+        self._followed[node] = seen
+        assignment = Assignment.of(node, core.config.model.name, core.plan, core.preparing)
+        held = self.held[node]
+        held &= assignment.keep
+        target = assignment.target
+        if target is not None and target not in held and self._loading.get(node) != target:
+            self._loading[node] = target
+
+            def loaded(target: Range = target) -> None:
+                if self.nodes.get(node) is core and self._loading.get(node) == target:
+                    del self._loading[node]
+                    self.held[node].add(target)
+                    self.loads.setdefault(node, []).append(target)
+                    self._follow_plan(node, core, force=True)
+
+            self._schedule(self.net.load_delay, loaded)
+        state = assignment.state(held, 0.0)
+        if state != core.shard:
+            self._carry_out(node, core.set_shard(state, self.now))
 
     def _transmit(self, src: str, dst: str, message: Message) -> None:
         pair = frozenset((src, dst))

@@ -73,6 +73,7 @@ class ClusterNode:
         self.term = 0
         self.leader: str | None = None
         self.plan: Plan | None = None  # the running plan (ours if we lead, else accepted)
+        self.preparing: Plan | None = None  # the next plan, loading; committed when all are ready
         self.no_fit: str | None = None  # the planner's reason when the model does not fit
         self.shard: ShardState | None = None  # what our runtime has loaded
         self.started_at = now
@@ -370,15 +371,18 @@ class ClusterNode:
         self._planned_for = None
         self._event(now, "leader", self.id, f"{self.info.name} leads term {self.term}")
 
-    def _visible_plans(self) -> list[Plan]:
-        plans = [self.plan] if self.plan else []
+    def _visible_plans(self, preparing: bool = False) -> list[Plan]:
+        """The running plans (or the ones being prepared) that we and reachable nodes publish."""
+        plans = [p] if (p := self.preparing if preparing else self.plan) else []
         for node in self._members:
             state = self.db.states.get(node)
-            if state is not None and state.plan is not None:
-                plans.append(state.plan)
+            if state is not None and (p := state.preparing if preparing else state.plan):
+                plans.append(p)
         return plans
 
     def _lead(self, now: float) -> None:
+        """Plan for the group, prepare the plan (every node loads its new stage while the
+        old plan keeps serving), and commit it when every node of it reports ready."""
         model = self.config.model
         if model is None:
             return
@@ -394,29 +398,74 @@ class ClusterNode:
                 ours = replace(ours, term=self.term, epoch=newest.epoch + 1)
             self._planned_for = members
             self.no_fit = None
+            if self.preparing is not None:
+                self._abandon(now, "the group is back to the one the running plan was made for")
             self._accept(ours, now)
             return
+        if self.preparing is None:  # a new leader takes over what its predecessor prepared
+            self.preparing = max((p for p in self._visible_preparing(model.name)
+                                  if p.considered == members), key=lambda p: p.key, default=None)
+        if self.preparing is not None:
+            # Joins wait for the commit (a new plan now would restart every load), unless
+            # nothing serves yet: at start-up the first Mac must not load the whole model
+            # alone before the others, found a moment later, get their share.
+            joined_first = self.plan is None and members != self._planned_for
+            if set(self.preparing.nodes) <= members and not joined_first:
+                if self._prepared(self.preparing):
+                    self._commit(now)
+                return
+            if now - self._members_since < self.timing.settle:
+                return  # keep it until the group settles
+            if lost := sorted(set(self.preparing.nodes) - members):
+                self._abandon(now, f"{', '.join(map(self._name, lost))} went away while it loaded")
+            self.preparing, self._planned_for = None, None
         if members == self._planned_for:
             return  # already planned for this group (e.g. the model does not fit)
         if now - self._members_since < self.timing.settle:
             return
         self._planned_for = members
         infos = self.node_infos()
+        previous = self.plan or newest
         placement = self.planner(
             model,
             [infos[n] for n in sorted(members)],
             self.links(),
             context=self.config.context,
-            previous=(self.plan or newest).stages if (self.plan or newest) else None,
+            previous=previous.stages if previous else None,
         )
         if not placement.fits:
             if self.no_fit != placement.reason:
                 self._event(now, "no-fit", None, placement.reason or "")
-            self.no_fit, self.plan = placement.reason, None
+            self.no_fit, self.plan, self.preparing = placement.reason, None, None
             return
         self.no_fit = None
-        epoch = max((p.epoch for p in self._visible_plans()), default=0) + 1
-        self._accept(placement.stamp(self.term, epoch, model.name), now)
+        epoch = max((p.epoch for p in self._visible_plans() + self._visible_plans(True)), default=0) + 1
+        plan = placement.stamp(self.term, epoch, model.name)
+        if self.plan is not None and plan.stages == self.plan.stages:
+            self._accept(plan, now)  # nothing moves: nothing to load, commit at once
+            return
+        self.preparing = plan
+        stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end}" for s in plan.stages)
+        self._event(now, "prepare", None, f"epoch {plan.epoch}: {stages}",
+                    {"term": plan.term, "epoch": plan.epoch})
+
+    def _abandon(self, now: float, why: str) -> None:
+        self._event(now, "abandoned", None, f"epoch {self.preparing.epoch}: {why}")
+        self.preparing = None
+
+    def _visible_preparing(self, model: str) -> list[Plan]:
+        running = self.plan.key if self.plan else (0, 0)
+        return [p for p in self._visible_plans(True) if p.model == model and p.key > running]
+
+    def _prepared(self, plan: Plan) -> bool:
+        shards = self.shards()
+        return all((held := shards.get(s.node)) is not None and held.ready
+                   and (held.start, held.end, held.epoch) == (s.start, s.end, plan.epoch)
+                   for s in plan.stages)
+
+    def _commit(self, now: float) -> None:
+        plan, self.preparing = self.preparing, None
+        self._accept(plan, now)
 
     def _follow(self, now: float) -> None:
         if self.leader is None:
@@ -430,6 +479,10 @@ class ClusterNode:
             self.no_fit = None
         elif state.no_fit is not None:
             self.plan, self.no_fit = None, state.no_fit
+        preparing = state.preparing
+        if preparing is not None and self.plan is not None and preparing.key <= self.plan.key:
+            preparing = None  # committed already, or fenced off
+        self.preparing = preparing
 
     def _accept(self, plan: Plan, now: float) -> None:
         """Run `plan`, refusing anything older than what we run (stale terms are fenced)."""
@@ -462,6 +515,7 @@ class ClusterNode:
             term=self.term,
             leader=self.leader,
             plan=self.plan,
+            preparing=self.preparing,
             no_fit=self.no_fit if self.is_leader else None,
             shard=self.shard,
             left=self._left,

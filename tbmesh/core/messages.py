@@ -39,13 +39,23 @@ class Adjacency:
 
 @dataclass(frozen=True)
 class ShardState:
-    """The layers a node has in memory (or is loading), for the plan epoch they belong to."""
+    """The layers a node has in memory (or is loading), for the plan epoch they belong to.
+
+    While a new plan is prepared this describes the node's stage in it, and `serving` says
+    whether the node still holds its stage of the running plan (it keeps serving that one
+    until the commit).
+    """
 
     model: str
     start: int
     end: int
     epoch: int
-    progress: float = 1.0  # 1.0 = loaded and serving
+    progress: float = 1.0  # 1.0 = every layer of [start, end) is in memory
+    serving: int = 0  # the epoch of the committed plan whose stage this node can run now
+
+    @property
+    def ready(self) -> bool:
+        return self.progress >= 1.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class LinkState:
     term: int = 0
     leader: str | None = None
     plan: Plan | None = None  # the plan the origin runs; authoritative only from its leader
+    preparing: Plan | None = None  # the plan being loaded, to be committed when all are ready
     no_fit: str | None = None  # from a leader: why the model does not fit the group
     shard: ShardState | None = None  # the origin's loaded layers
     left: bool = False  # the origin said goodbye

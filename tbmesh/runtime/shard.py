@@ -14,7 +14,7 @@ The forward is written out flat, as the supported families' own __call__ does it
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,11 @@ class Shard:
         self._array_mask = array_mask
         self._window = getattr(self._inner, "sliding_window", None)
         self.weight_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+        self.read_layers, self.kept_layers, self.read_bytes = end - start, 0, self.weight_bytes
+
+    def layer(self, index: int) -> nn.Module:
+        """The module of layer `index` (numbered as in the whole model)."""
+        return self._inner.layers[index - self.start]
 
     def __repr__(self) -> str:
         return f"Shard([{self.start}, {self.end}) of {self.num_layers}, {self.weight_bytes} bytes)"
@@ -90,8 +95,20 @@ class Shard:
         return out[:, -1, :]
 
 
-def load_shard(model_dir: str | Path, start: int, end: int) -> Shard:
-    """Load layers [start, end) of the mlx-lm model in `model_dir`, and nothing more."""
+class LoadAbandoned(Exception):
+    """`on_layer` asked to stop: the plan no longer wants this shard."""
+
+
+def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard] = (),
+               on_layer: Callable[[int, int], bool] | None = None) -> Shard:
+    """Load layers [start, end) of the mlx-lm model in `model_dir`, and nothing more.
+
+    Layers (and the embedding, norm and head) that a shard in `keep` already holds are taken
+    from it as they are, not read again: a node whose range moves from [0, 20) to [10, 30)
+    reads only layers 20-29. The rest is read layer by layer; after each one
+    `on_layer(done, total)` is called, and when it returns False the load stops with
+    LoadAbandoned (a newer plan wants other layers), having read at most one more layer.
+    """
     root = Path(model_dir)
     config = read_config(root)
     model = _build(root, config)
@@ -131,8 +148,45 @@ def load_shard(model_dir: str | Path, start: int, end: int) -> Shard:
         model.load_weights([(name, weights[name]) for name in wanted], strict=True)
     except ValueError as error:  # a shape that does not match the config
         raise ShardError(f"{root.name}: {' '.join(str(error).split())}") from None
-    mx.eval(model.parameters())
-    return Shard(model, config, start, end, num_layers, FAMILIES[_family(model)])
+    # Still lazy: swap in what we hold already (its lazy replacement is never read), then
+    # read the rest one layer at a time, so a load can report progress and be abandoned.
+    kept = _take_kept(lm, inner, start, end, keep)
+    layers = [layer for layer in inner.layers if id(layer) not in kept]
+    todo = [m for m in _ends(lm, inner) if id(m) not in kept] + layers
+    for done, module in enumerate(todo, 1):
+        mx.eval(module.parameters())
+        if on_layer is not None and not on_layer(done, len(todo)):
+            raise LoadAbandoned(f"layers [{start}, {end})")
+    shard = Shard(model, config, start, end, num_layers, FAMILIES[_family(model)])
+    shard.read_layers, shard.kept_layers = len(layers), end - start - len(layers)
+    shard.read_bytes = sum(a.nbytes for m in todo for _, a in tree_flatten(m.parameters()))
+    return shard
+
+
+def _ends(lm: nn.Module, inner: nn.Module) -> list[nn.Module]:
+    """The embedding, final norm and head this shard has (whichever it has)."""
+    return [m for m in (inner.get("embed_tokens"), inner.get("norm"), lm.get("lm_head")) if m is not None]
+
+
+def _take_kept(lm: nn.Module, inner: nn.Module, start: int, end: int,
+               keep: Sequence[Shard]) -> set[int]:
+    """Put the modules `keep` holds for our layers and ends into our model; their ids."""
+    taken: set[int] = set()
+    for shard in keep:
+        for i in range(max(start, shard.start), min(end, shard.end)):
+            layer = shard.layer(i)
+            inner.layers[i - start] = layer
+            taken.add(id(layer))
+        for held_in, name in ((inner, "embed_tokens"), (inner, "norm"), (lm, "lm_head")):
+            ours, theirs = held_in.get(name), _holder(shard, held_in is lm).get(name)
+            if ours is not None and theirs is not None and type(ours) is type(theirs):
+                held_in[name] = theirs
+                taken.add(id(theirs))
+    return taken
+
+
+def _holder(shard: Shard, lm: bool) -> nn.Module:
+    return shard._lm if lm else shard._inner
 
 
 def generate_locally(shards: Sequence[Shard], prompt: Sequence[int], max_tokens: int,
