@@ -34,7 +34,7 @@ from tbmesh.core.messages import (
     Send,
     ShardState,
 )
-from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement, Plan, Stage
+from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement, Plan
 
 Planner = Callable[..., Placement]
 

@@ -1,0 +1,146 @@
+"""Hot re-assignment through real daemons on loopback: Macs die, leave and join while a
+long answer streams, and the answer is still mlx-lm's, token for token.
+
+The answers are long (hundreds of tokens at ~50 tokens/s with three daemons sharing two
+cores) so that the faults land mid-generation; the prompt is one whose greedy continuation
+in the tiny model has no end-of-sequence token for 1500 tokens.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from daemons import DaemonProcess, start_all, wait_for
+from serving import Stream, cluster, model_dir, reference, serving  # noqa: F401  (fixtures)
+
+PROMPT = "Thunderbolt cables link the Macs"
+
+
+def by_id(daemons: list[DaemonProcess]) -> dict[str, DaemonProcess]:
+    return {d.node_id: d for d in daemons}
+
+
+def events(daemon: DaemonProcess, kind: str) -> list[dict]:
+    return [e for e in daemon.status()["events"] if e["kind"] == kind]
+
+
+def new_plan_without(daemons: list[DaemonProcess], gone: str, stages: int) -> dict:
+    def ready():
+        view = daemons[0].status()
+        plan = view["plan"]
+        return view if plan and gone not in {s["node"] for s in plan["stages"]} \
+            and len(plan["stages"]) == stages else None
+    return wait_for(ready, 30, f"a plan of {stages} stages without the dead node")
+
+
+@pytest.mark.parametrize("victim", ["middle", "leader"])
+def test_a_stage_killed_mid_generation_and_the_answer_goes_on(cluster, reference, victim):
+    daemons = cluster(3)
+    view = serving(daemons, 3)
+    nodes = by_id(daemons)
+    stages = [s["node"] for s in view["plan"]["stages"]]
+    dead = nodes[stages[1] if victim == "middle" else view["leader"]]
+    entry = next(d for d in daemons if d is not dead)
+    expected, count = reference(PROMPT, 300)
+    assert count == 300
+    stream = Stream(entry, PROMPT, 300, temperature=0)
+    stream.wait_pieces(40)
+    dead_id = dead.node_id
+    dead.kill()  # kill -9
+    assert stream.result() == expected
+    assert len(stream.pieces) > 40 and events(entry, "resumed"), "the request was not resumed"
+    new_plan_without([d for d in daemons if d is not dead], dead_id, 2)
+
+
+def test_a_node_that_joins_mid_generation_is_given_layers_and_nothing_unchanged_is_read_again(
+        cluster, reference, tmp_path, model_dir):
+    daemons = cluster(3)
+    view = serving(daemons, 3)
+    before = {d.node_id: d.status() for d in daemons}
+    old_ranges = {s["node"]: set(range(s["start"], s["end"])) for s in view["plan"]["stages"]}
+    expected, count = reference(PROMPT, 500)
+    stream = Stream(daemons[0], PROMPT, 500, temperature=0)
+    stream.wait_pieces(20)
+    joiner = DaemonProcess("n3", tmp_path / "n3", ["--interface", "lo", "--memory", "4GB", "--model",
+                                                   str(model_dir), "--cluster", view["cluster"], "--no-probe"])
+    start_all([joiner])
+    daemons.append(joiner)
+    view4 = serving(daemons, 4)
+    assert len(stream.pieces) < count, "the join did not land mid-generation"
+    assert stream.result() == expected
+    assert events(daemons[0], "resumed")  # the commit moved layers under the request
+    new_ranges = {s["node"]: set(range(s["start"], s["end"])) for s in view4["plan"]["stages"]}
+    assert any(new_ranges[n] & old and new_ranges[n] != old for n, old in old_ranges.items())
+    for node, old in old_ranges.items():
+        runtime, was = by_id(daemons)[node].status()["runtime"], before[node]["runtime"]
+        # only the layers new to a node were read from disk; the ones it kept were not
+        assert runtime["layers_read"] - was["layers_read"] == len(new_ranges[node] - old)
+        if new_ranges[node] == old:  # same layers: no load at all
+            assert runtime["loads"] == was["loads"]
+        else:
+            assert runtime["layers_kept"] - was["layers_kept"] == len(new_ranges[node] & old)
+        assert runtime["held"] == [[min(new_ranges[node]), max(new_ranges[node]) + 1]]  # dropped the rest
+    leader = by_id(daemons)[view4["leader"]]
+    assert events(leader, "prepare") and events(leader, "plan")
+
+
+@pytest.fixture
+def pair_that_needs_both(tmp_path, model_dir):
+    """Two daemons, each with room for a bit more than half the model; a third can be added."""
+    from tbmesh.core.planner import plan_layers
+    from tbmesh.core.types import NodeInfo
+    from tbmesh.runtime.modeldir import describe_model_dir
+
+    spec = describe_model_dir(model_dir)
+
+    def fits_alone(memory: int) -> bool:
+        return plan_layers(spec, [NodeInfo("a", "a", "", memory, memory, 1e12)], [],
+                           context=4096).fits
+
+    low, high = 1, 10 * spec.weight_bytes + 10**8  # the least memory that holds it alone
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits_alone(mid) else (mid + 1, high)
+    memory = str(int(low * 0.62))  # half of it and a margin: two are needed, two suffice
+    name = f"f{uuid.uuid4().hex[:8]}"
+    started: list[DaemonProcess] = []
+
+    def make(i: int, resume_wait: float) -> DaemonProcess:
+        daemon = DaemonProcess(f"n{i}", tmp_path / f"n{i}", [
+            "--interface", "lo", "--memory", memory, "--model", str(model_dir), "--cluster", name,
+            "--no-probe", "--resume-wait", str(resume_wait)])
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        daemon.kill()
+
+
+def test_a_leave_that_makes_the_model_not_fit_ends_the_request_with_why_after_the_wait(
+        pair_that_needs_both, reference):
+    daemons = start_all([pair_that_needs_both(i, resume_wait=3) for i in range(2)])
+    serving(daemons, 2)
+    stream = Stream(daemons[0], PROMPT, 400, temperature=0)
+    stream.wait_pieces(20)
+    daemons[1].kill()
+    stream.join(60)
+    assert not stream.is_alive()
+    assert stream.error is not None and "does not fit" in stream.error["message"], stream.error
+    expected, _ = reference(PROMPT, 400)
+    assert expected.startswith(stream.text)  # what it did stream was right
+    assert daemons[0].alive()
+
+
+def test_a_join_within_the_wait_lets_the_request_complete(pair_that_needs_both, reference):
+    daemons = start_all([pair_that_needs_both(i, resume_wait=60) for i in range(2)])
+    serving(daemons, 2)
+    expected, _ = reference(PROMPT, 400)
+    stream = Stream(daemons[0], PROMPT, 400, temperature=0)
+    stream.wait_pieces(20)
+    daemons[1].kill()
+    wait_for(lambda: daemons[0].status()["no_fit"], 20, "the planner's verdict")
+    start_all([pair_that_needs_both(2, resume_wait=60)])
+    assert stream.result(120) == expected
