@@ -45,6 +45,10 @@ DEFAULT_API_PORT = 7471
 PROBE_SECONDS = 0.5
 
 
+# Events after which messages to or from the node may have been lost with its connection.
+LOSSY = frozenset({"suspect", "dead", "left", "restarted"})
+
+
 class StartupError(Exception):
     """A one-line reason the daemon cannot start (port in use, no such interface, ...)."""
 
@@ -287,6 +291,8 @@ class Daemon:
                     channel.close("declared dead")
         for event in self.core.drain_events():
             self._record(event)
+            if event.kind in LOSSY and event.node is not None and self.pipeline is not None:
+                self.pipeline.on_node_trouble(event.node)
         view = (self.core.plan, self.core.preparing)
         if self.pipeline is not None and view != self._last_plan:
             self._last_plan = view

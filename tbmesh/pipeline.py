@@ -179,6 +179,18 @@ class Pipeline:
         self._assignment = Assignment.of(self.me, self.model_name, plan, preparing)
         self._follow()
 
+    def on_node_trouble(self, node: str) -> None:
+        """A node stopped answering, restarted or left: a step of ours that was on its way
+        through it may be lost with its connection, so attempts that route through it start
+        again (on the same plan once it answers, or on the next plan without it)."""
+        for request in self.conducting.values():
+            if any(n == node for n, _, _ in request.route):
+                request.queue.put_nowait(PipelineBroken(f"{self._name(node)} stopped answering"))
+
+    def _name(self, node: str) -> str:
+        info = self.daemon.core.node_infos().get(node)
+        return info.name if info is not None else node
+
     def _follow(self) -> None:
         assignment = self._assignment
         if assignment is None:
@@ -220,12 +232,10 @@ class Pipeline:
         mx.clear_cache()
 
     def _loaded(self, future: asyncio.Future, target: Range) -> None:
-        if self._loading != target:
+        error = None if future.cancelled() else future.exception()
+        if self._loading != target or future.cancelled() or isinstance(error, LoadAbandoned):
             return  # abandoned, or superseded by a newer plan
         self._loading = None
-        error = None if future.cancelled() else future.exception()
-        if future.cancelled() or isinstance(error, LoadAbandoned):
-            return
         if error is not None:
             log.error("loading layers %d-%d failed: %r", target[0], target[1] - 1, error)
             self._publish()
@@ -438,7 +448,7 @@ class Pipeline:
             return
         shard = self.held.get(forward.layers)
         if shard is None:
-            self._fail(tensor, f"{self.daemon.core.info.name} does not hold layers "
+            self._fail(tensor, f"{self._name(self.me)} does not hold layers "
                                f"{forward.layers[0]}-{forward.layers[1] - 1}")
             return
         future = self.executor.submit(self._compute, shard, tensor, forward)

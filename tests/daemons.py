@@ -85,12 +85,15 @@ class DaemonProcess:
     def get(self, path: str) -> bytes:
         return self.request("GET", path)
 
-    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 5) -> bytes:
+    def connection(self, timeout: float = 5) -> http.client.HTTPConnection:
+        """An HTTP connection to the daemon's API (from inside its Mac when it has one)."""
         host, port = self.api_url().split("//")[1].split(":")
         if self.mac is None:
-            connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
-        else:
-            connection = _NamespacedHTTP(self.mac, host, int(port), timeout=timeout)
+            return http.client.HTTPConnection(host, int(port), timeout=timeout)
+        return _NamespacedHTTP(self.mac, host, int(port), timeout=timeout)
+
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 5) -> bytes:
+        connection = self.connection(timeout)
         try:
             connection.request(method, path, body)
             return connection.getresponse().read()

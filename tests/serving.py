@@ -108,7 +108,7 @@ class Stream(threading.Thread):
     def __init__(self, daemon: DaemonProcess, prompt: str, max_tokens: int, timeout: float = 120,
                  **sampling) -> None:
         super().__init__(daemon=True)
-        self.url = daemon.api_url()
+        self.daemon = daemon
         self.body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "stream": True,
                      **sampling}
         self.timeout = timeout
@@ -119,8 +119,7 @@ class Stream(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        host, port = self.url.split("//")[1].split(":")
-        connection = http.client.HTTPConnection(host, int(port), timeout=self.timeout)
+        connection = self.daemon.connection(self.timeout)
         try:
             connection.request("POST", "/v1/completions", json.dumps(self.body),
                                {"Content-Type": "application/json"})
