@@ -426,12 +426,18 @@ def fetch_status(api: str, timeout: float = 2.0) -> dict[str, Any]:
                               "`tbmesh daemon` (or point --api at one)") from None
 
 
+STATUS_REFRESH_S = 0.5  # the live screen polls the daemon twice a second
+
+
 @app.command()
 def status(
     api: str = typer.Option(DEFAULT_API, "--api", help="The daemon's API URL."),
-    as_json: bool = typer.Option(False, "--json", help="Print the status JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status JSON and exit."),
+    once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
 ) -> None:  # fmt: skip
-    """Show the cluster as the local daemon sees it."""
+    """Watch the cluster as the local daemon sees it: a live screen, refreshed twice a second
+    (Ctrl-C to leave). When stdout is not a terminal (a pipe, a script), print one frame and
+    exit, as with --once."""
     try:
         data = fetch_status(api)
     except ConnectionError as error:
@@ -440,29 +446,38 @@ def status(
     if as_json:
         print(json.dumps(data, indent=2))
         return
+    from tbmesh import status_view
+
     console = Console(highlight=False)
-    names = {n["id"]: n["name"] for n in data["nodes"]}
-    console.print(f"[bold]{data['node']['name']}[/] in cluster {data['cluster']!r}, leader "
-                  f"{names.get(data['leader'], data['leader'])}, term {data['term']}")
-    table = Table(show_edge=False)
-    for column in ("node", "state", "role", "usable", "GFLOP/s", "layers", "shard"):
-        table.add_column(column)
-    for n in data["nodes"]:
-        shard = n.get("shard")
-        layers = f"{shard['start']}-{shard['end'] - 1}" if shard else ""
-        held = ""
-        if shard:
-            held = format_bytes(shard["bytes"] or 0) + (" loaded" if shard["loaded"]
-                                                        else f" loading {shard['progress']:.0%}")
-        table.add_row(n["name"], n["state"], n["role"], format_bytes(n["memory_usable"]),
-                      f"{n['flops'] / 1e9:.1f}", layers, held)
-    console.print(table)
-    plan = data.get("plan")
-    if plan:
-        stages = ", ".join(f"{names.get(s['node'], s['node'])} {s['start']}-{s['end'] - 1}" for s in plan["stages"])
-        console.print(f"plan epoch {plan['epoch']}: {stages}")
-    elif data.get("no_fit"):
-        console.print(f"[red]model does not fit:[/] {data['no_fit']}")
+    if once or not console.is_terminal:
+        console.print(status_view.render(data, console.width))
+        return
+    try:
+        _watch_status(api, data, console)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how one leaves the screen: exit 0, no traceback
+
+
+def _watch_status(api: str, data: dict[str, Any], console: Console) -> None:
+    """Redraw from GET /status until Ctrl-C; while the daemon does not answer, keep the last
+    frame under a red line and keep asking."""
+    import time
+
+    from rich.live import Live
+
+    from tbmesh import status_view
+
+    error = None
+    # the alternate screen: a full-screen view that leaves the shell as it was on exit
+    with Live(console=console, screen=True, auto_refresh=False) as live:
+        while True:
+            width, height = console.size  # read each time: the terminal may be resized
+            live.update(status_view.render(data, width, height, error), refresh=True)
+            time.sleep(STATUS_REFRESH_S)
+            try:
+                data, error = fetch_status(api, timeout=1.0), None
+            except ConnectionError:
+                error = f"daemon not answering at {api}; showing its last status, retrying"
 
 
 # --- the launchd service ------------------------------------------------------------------
@@ -665,8 +680,8 @@ def _stream_chat(response: Any, write: Any) -> None:
         event = json.loads(data)
         if "error" in event:
             raise ApiProblem(_api_error_message(500, data.encode()))
-        for choice in event.get("choices", []):
-            text = (choice.get("delta") or {}).get("content")
+        for choice in event.get("choices", []):  # chat chunks have a delta, completions text
+            text = (choice.get("delta") or {}).get("content") or choice.get("text")
             if text:
                 write(text)
     raise ApiProblem("the answer ended before it was complete")
@@ -720,6 +735,32 @@ def chat(
     except KeyboardInterrupt:  # closing the connection cancels the generation in the cluster
         print()
         raise typer.Exit(130)
+
+
+# --- the local demo -----------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    nodes: int = typer.Option(3, "--nodes", help="How many daemons (Macs) to run on this machine."),
+    ui: Optional[bool] = typer.Option(None, "--ui/--no-ui", help="Show the live status screen [default: when stdout is a terminal]."),
+    tokens: int = typer.Option(400, "--tokens", help="Length of the answer streamed through the pipeline."),
+) -> None:  # fmt: skip
+    """A whole cluster on this machine: start NODES daemons on loopback with a small model,
+    stream an answer through their pipeline, stop one of them mid-answer and watch the
+    cluster re-form and the answer go on; everything started is stopped at the end."""
+    from tbmesh import demo as local_demo
+
+    if ui is None:
+        ui = sys.stdout.isatty()
+    try:
+        code = local_demo.run(nodes=nodes, ui=ui, tokens=tokens)
+    except local_demo.DemoError as error:
+        print(f"error: {_one_line(str(error))}", file=sys.stderr)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    raise typer.Exit(code)
 
 
 # --- model directories ------------------------------------------------------------------

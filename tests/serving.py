@@ -56,16 +56,24 @@ def mx_prompt(tokenizer, prompt: str):
 
 @pytest.fixture
 def cluster(tmp_path, model_dir):
-    name = f"i{uuid.uuid4().hex[:8]}"
+    cluster_name = f"i{uuid.uuid4().hex[:8]}"
     started: list[DaemonProcess] = []
 
-    def start(n: int, memory: str = "4GB") -> list[DaemonProcess]:
-        daemons = [DaemonProcess(f"n{i}", tmp_path / f"n{i}", ["--interface", "lo", "--memory", memory,
-                                                                  "--model", str(model_dir), "--cluster", name,
-                                                                  "--no-probe"]) for i in range(n)]
-        started.extend(daemons)
-        return start_all(daemons)
+    def make(name: str, memory: str) -> DaemonProcess:
+        daemon = DaemonProcess(name, tmp_path / name, ["--interface", "lo", "--memory", memory,
+                                                       "--model", str(model_dir), "--cluster", cluster_name,
+                                                       "--no-probe"])
+        started.append(daemon)
+        return daemon
 
+    def start(n: int, memory: str = "4GB") -> list[DaemonProcess]:
+        return start_all([make(f"n{i}", memory) for i in range(n)])
+
+    def join(name: str, memory: str = "4GB") -> DaemonProcess:
+        """One more daemon in the same cluster."""
+        return make(name, memory).start()
+
+    start.join = join
     yield start
     for daemon in started:
         daemon.kill()

@@ -63,9 +63,7 @@ def test_a_node_that_joins_mid_generation_is_given_layers_and_nothing_unchanged_
     expected, count = reference(PROMPT, 500)
     stream = Stream(daemons[0], PROMPT, 500, temperature=0)
     stream.wait_pieces(20)
-    joiner = DaemonProcess("n3", tmp_path / "n3", ["--interface", "lo", "--memory", "4GB", "--model",
-                                                   str(model_dir), "--cluster", view["cluster"], "--no-probe"])
-    start_all([joiner])
+    joiner = cluster.join("n3")
     daemons.append(joiner)
     view4 = serving(daemons, 4)
     assert len(stream.pieces) < count, "the join did not land mid-generation"

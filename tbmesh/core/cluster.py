@@ -445,6 +445,9 @@ class ClusterNode:
             self._accept(plan, now)  # nothing moves: nothing to load, commit at once
             return
         self.preparing = plan
+        self._prepare_event(now, plan)
+
+    def _prepare_event(self, now: float, plan: Plan) -> None:
         stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end}" for s in plan.stages)
         self._event(now, "prepare", None, f"epoch {plan.epoch}: {stages}",
                     {"term": plan.term, "epoch": plan.epoch})
@@ -482,6 +485,8 @@ class ClusterNode:
         preparing = state.preparing
         if preparing is not None and self.plan is not None and preparing.key <= self.plan.key:
             preparing = None  # committed already, or fenced off
+        if preparing is not None and preparing != self.preparing:
+            self._prepare_event(now, preparing)
         self.preparing = preparing
 
     def _accept(self, plan: Plan, now: float) -> None:

@@ -1,0 +1,388 @@
+"""One frame of the `tbmesh status` screen, drawn from a daemon's GET /status JSON.
+
+Pure: render() takes the status dict and the terminal size and returns a rich renderable; the
+polling loop is in cli.py. Any key may be missing or None (an older daemon, a daemon without a
+model), so the status is only ever read with .get().
+
+Every line is built to fit the width (cells never wrap, bars are sized to the panel), except
+the planner's no-fit reason, which is worth word-wrapping rather than cutting.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from tbmesh.units import format_bytes
+
+MAX_EVENTS = 8
+STATE_STYLES = {"alive": "green", "suspect": "yellow", "dead": "bold red"}
+EVENT_STYLES = {"joined": "green", "left": "yellow", "suspect": "yellow", "dead": "red",
+                "leader": "magenta", "plan": "cyan"}
+# a colour per plan stage; the two block characters alternate so that stage boundaries show
+# without colour too (pipes, tmux capture-pane)
+STAGE_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red")
+STAGE_BLOCKS = ("█", "▓")
+EMPTY_BLOCK = "░"
+PANEL_CHROME = 4  # a panel's two borders and its padding of one on each side
+
+Status = dict[str, Any]
+
+
+def render(status: Status, width: int, height: int | None = None, error: str | None = None) -> RenderableType:
+    """The whole screen for `width` columns; with `height`, fewer events so that it fits."""
+    status = status or {}
+    names = {n.get("id"): n.get("name") or _short(n.get("id")) for n in _list(status.get("nodes"))}
+    top: list[RenderableType] = []
+    if error:
+        top.append(Text(error, style="bold red"))
+    top.append(_header(status, names, width))
+    top += _nodes_and_links(status, names, width)
+    top.append(_panel(Group(*_plan_lines(status, names, width - PANEL_CHROME)), _plan_title(status)))
+    limit = MAX_EVENTS if height is None else min(MAX_EVENTS, height - _lines(Group(*top), width) - 3)
+    if limit > 0 and _list(status.get("events")):
+        top.append(_panel(_events_table(status, limit), "events"))
+    return Group(*top)
+
+
+def _nodes_and_links(status: Status, names: dict[str, str], width: int) -> list[RenderableType]:
+    """Side by side when both fit whole, else one above the other; on narrow screens the nodes
+    table drops columns rather than cut names, and the links take two columns to save lines."""
+    full = _nodes_table(status, squeeze=0)
+    links = _list(status.get("links"))
+    links_table = _links_table(links, names)
+    nodes_width, links_width = _width(full) + PANEL_CHROME, _width(links_table) + PANEL_CHROME
+    if nodes_width + links_width <= width:
+        rows = max(_table_height(status.get("nodes")), _table_height(links))
+        return [_side_by_side(_panel(full, "nodes"), _panel(links_table, "links"), nodes_width, rows)]
+    nodes = full
+    for squeeze in (1, 2):
+        if _width(nodes) + PANEL_CHROME <= width:
+            break
+        nodes = _nodes_table(status, squeeze)
+    if len(links) > 1 and 2 * _width(links_table) + 3 + PANEL_CHROME <= width:
+        half = (len(links) + 1) // 2
+        grid = Table.grid(padding=(0, 3))
+        grid.add_row(_links_table(links[:half], names), _links_table(links[half:], names))
+        links_table = grid
+    return [_panel(nodes, "nodes"), _panel(links_table, "links")]
+
+
+# ----- header ---------------------------------------------------------------------------
+
+def _header(status: Status, names: dict[str, str], width: int) -> Text:
+    me = status.get("node") or {}
+    leader = status.get("leader")
+    parts = [
+        Text.assemble(("tbmesh ", "bold"), (str(me.get("name") or "?"), "bold cyan")),
+        Text.assemble(("cluster ", "dim"), str(status.get("cluster") or "?")),
+        Text.assemble(("leader ", "dim"), (names.get(leader, _short(leader)) if leader else "none yet",
+                                           "magenta" if leader else "yellow")),
+        Text.assemble(("term ", "dim"), str(status.get("term", "?"))),
+        Text.assemble(("model ", "dim"), str(status.get("model") or "none")),
+    ]
+    return _pack(parts, width)
+
+
+# ----- nodes and links ------------------------------------------------------------------
+
+def _nodes_table(status: Status, squeeze: int) -> Table:
+    """One row per node. To fit narrower screens, squeeze 1 drops the chip column and shortens
+    the memory bars; squeeze 2 also leaves the followers' role blank (the leader's is shown)."""
+    me = (status.get("node") or {}).get("id")
+    compact = squeeze > 0
+    table = _table()
+    _column(table, "node", min_width=6)
+    if not compact:
+        _column(table, "chip", max_width=24)
+    _column(table, "role")
+    _column(table, "state")
+    _column(table, "memory used / usable")
+    _column(table, "compute", justify="right")
+    _column(table, "layers")
+    for node in _list(status.get("nodes")):
+        leader = node.get("role") == "leader"
+        name = Text(("★ " if leader else "  ") + str(node.get("name") or _short(node.get("id"))),
+                    style="bold" if node.get("id") == me else "")
+        role = str(node.get("role") or "") if squeeze < 2 or leader else ""
+        state = str(node.get("state") or "?")
+        row = [name] + ([str(node.get("chip") or "")] if not compact else [])
+        row += [Text(role, style="magenta" if leader else "dim"),
+                Text(state, style=STATE_STYLES.get(state, "")),
+                _memory(node, bar_width=8 if compact else 20),
+                _flops(node.get("flops")),
+                _layers(node.get("shard"))]
+        table.add_row(*row)
+    return table
+
+
+def _memory(node: dict[str, Any], bar_width: int) -> Text:
+    shard = node.get("shard") or {}
+    used = shard.get("bytes") or 0  # the loaded shard; the rest of the usable memory is free
+    usable = node.get("memory_usable") or 0
+    filled = 0 if usable <= 0 else min(bar_width, round(bar_width * used / usable))
+    used_text, usable_text = format_bytes(used), format_bytes(usable)
+    if used_text.split()[-1] == usable_text.split()[-1]:  # "153.6/464.0 GB": one unit is enough
+        used_text = used_text.split()[0] + "/"
+    else:
+        used_text += " / "
+    return Text.assemble(("█" * filled, "green"), (EMPTY_BLOCK * (bar_width - filled), "dim"),
+                         f" {used_text}{usable_text}")
+
+
+def _layers(shard: dict[str, Any] | None) -> Text:
+    if not shard or shard.get("start") is None or shard.get("end") is None:
+        return Text("")
+    text = Text(_range(shard["start"], shard["end"]))
+    if not shard.get("loaded", True):
+        text.append(f" {shard.get('progress') or 0:.0%}", style="yellow")
+    return text
+
+
+def _links_table(links: list[dict[str, Any]], names: dict[str, str]) -> Table | Text:
+    if not links:
+        return Text("no links measured yet", style="dim")
+    table = _table()
+    _column(table, "link")
+    _column(table, "bandwidth", justify="right")
+    _column(table, "RTT", justify="right")
+    for link in links:
+        ends = f"{names.get(link.get('a'), _short(link.get('a')))} ↔ {names.get(link.get('b'), _short(link.get('b')))}"
+        table.add_row(ends, _bandwidth(link.get("bandwidth_bps")), _rtt(link.get("rtt_s")))
+    return table
+
+
+def _side_by_side(left: Panel, right: Panel, left_width: int, rows: int) -> Table:
+    """Two panels on one row, of the same height so that their borders line up; the left one
+    as wide as its table needs, the right one takes the rest."""
+    left.height = right.height = rows + 2
+    grid = Table.grid(expand=True)
+    grid.add_column(width=left_width)
+    grid.add_column(ratio=1)
+    grid.add_row(left, right)
+    return grid
+
+
+# ----- the plan -------------------------------------------------------------------------
+
+def _plan_title(status: Status) -> str:
+    plan = status.get("plan") or {}
+    model = plan.get("model") or status.get("model")
+    return f"plan of {model}" if model else "plan"
+
+
+def _plan_lines(status: Status, names: dict[str, str], width: int) -> list[RenderableType]:
+    lines: list[RenderableType] = []
+    plan = status.get("plan")
+    if plan and _list(plan.get("stages")):
+        stages = _list(plan["stages"])
+        lines.append(_pack([Text(f"epoch {plan.get('epoch', '?')}", style="bold"),
+                            Text(f"term {plan.get('term', '?')}"),
+                            Text(f"{_layer_count(stages)} layers on {_plural(len(stages), 'node')}", style="dim")], width))
+        lines += _bar(stages, names, width)
+        left_out = [names.get(n, _short(n)) for n in _list(plan.get("left_out"))]
+        if left_out:
+            lines.append(_pack([Text("left out:", style="yellow")] + [Text(n) for n in left_out], width))
+    else:
+        lines.append(_no_plan(status))
+    preparing = status.get("preparing")
+    if preparing and _list(preparing.get("stages")):
+        lines.append(Text(""))
+        lines.append(_pack([Text(f"preparing epoch {preparing.get('epoch', '?')}", style="bold yellow"),
+                            Text(f"term {preparing.get('term', '?')}"),
+                            Text("loading shards", style="dim")], width))
+        lines += _bar(_list(preparing["stages"]), names, width, preparing.get("progress") or {})
+    runtime = _runtime(status.get("runtime"), width)
+    if runtime is not None:
+        lines += [Text(""), runtime]
+    return lines
+
+
+def _no_plan(status: Status) -> Text:
+    if status.get("no_fit"):
+        return Text.assemble(("does not fit: ", "bold red"), (str(status["no_fit"]), "red"))
+    if not status.get("model"):
+        return Text("no model: this daemon only keeps membership (give it --model DIR to serve one)",
+                    style="dim")
+    if not status.get("leader"):
+        return Text("waiting for a leader…", style="yellow")
+    return Text("waiting for the leader's plan…", style="yellow")
+
+
+def _bar(stages: list[dict[str, Any]], names: dict[str, str], width: int,
+         progress: dict[str, float] | None = None) -> list[Text]:
+    """A bar of layer ranges, one segment per stage in proportion to its layers, labelled below;
+    with `progress` ({node: 0..1}), each segment fills as its node loads its shard."""
+    widths = _segment_widths([max(0, s.get("end", 0) - s.get("start", 0)) for s in stages], width)
+    bar, labels, legend, cut = Text(), Text(), [], False
+    for i, (stage, cells) in enumerate(zip(stages, widths)):
+        colour, block = STAGE_COLOURS[i % len(STAGE_COLOURS)], STAGE_BLOCKS[i % 2]
+        label = f"{names.get(stage.get('node'), _short(stage.get('node')))} {_range(stage.get('start', 0), stage.get('end', 0))}"
+        if progress is not None:
+            done = max(0.0, min(1.0, float(progress.get(stage.get("node"), 0) or 0)))
+            filled = round(cells * done)
+            bar.append(block * filled, colour)
+            bar.append(EMPTY_BLOCK * (cells - filled), colour)
+            label += f" {done:.0%}"
+        else:
+            bar.append(block * cells, colour)
+        legend.append(Text(f"{block} {label}", style=colour))
+        room = cells - 1 if i < len(stages) - 1 else cells  # a space between neighbouring labels
+        cut = cut or len(label) > room
+        piece = Text(label, style=colour)
+        piece.truncate(max(room, 0), overflow="ellipsis", pad=True)
+        labels.append(piece)
+        labels.append(" " * (cells - max(room, 0)))
+    lines = [bar, labels]
+    if cut:  # some labels did not fit their segment: list them all in full
+        lines.append(_pack(legend, width))
+    return lines
+
+
+def _segment_widths(sizes: list[int], width: int) -> list[int]:
+    """Split `width` cells in proportion to `sizes`, at least one cell each (largest remainder)."""
+    if not sizes:
+        return []
+    total = sum(sizes) or len(sizes)
+    sizes = sizes if sum(sizes) else [1] * len(sizes)
+    spare = max(width - len(sizes), 0)  # one cell each first, the rest shared out
+    exact = [spare * s / total for s in sizes]
+    widths = [1 + int(e) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    for i in by_remainder[: max(width - sum(widths), 0)]:
+        widths[i] += 1
+    return widths
+
+
+def _runtime(runtime: dict[str, Any] | None, width: int) -> Text | None:
+    if not runtime:
+        return None
+    parts = [Text.assemble(("requests in flight ", "dim"), (str(runtime.get("requests", 0)), "bold"))]
+    if runtime.get("tokens_per_s") is not None:
+        parts.append(Text.assemble((f"{runtime['tokens_per_s']:.1f}", "bold"), (" tokens/s", "dim")))
+    if runtime.get("tokens") is not None:
+        parts.append(Text.assemble((f"{runtime['tokens']:,}", "bold"), (" tokens", "dim")))
+    return _pack(parts, width)
+
+
+# ----- events ---------------------------------------------------------------------------
+
+def _events_table(status: Status, limit: int) -> Table:
+    """The newest `limit` events, newest first, with their age on the daemon's clock."""
+    now = status.get("now")
+    table = _table(header=False, expand=True)  # the details get all the room there is
+    _column(table, "age", justify="right")
+    _column(table, "kind")
+    _column(table, "detail", ratio=1)
+    for event in reversed(_list(status.get("events"))[-limit:]):
+        kind = str(event.get("kind") or "")
+        table.add_row(_age(now, event.get("at")), Text(kind, style=EVENT_STYLES.get(kind, "")),
+                      str(event.get("detail") or ""))
+    return table
+
+
+# ----- small helpers --------------------------------------------------------------------
+
+def _panel(body: RenderableType, title: str) -> Panel:
+    return Panel(body, title=title, title_align="left", box=box.ROUNDED, padding=(0, 1))
+
+
+def _table(header: bool = True, expand: bool = False) -> Table:
+    """A borderless table; its cells never wrap (see _column)."""
+    return Table(box=None, show_header=header, header_style="dim", pad_edge=False,
+                 expand=expand, padding=(0, 1))
+
+
+def _column(table: Table, header: str, **kwargs: Any) -> None:
+    """A column whose too-long cells end in "…" rather than wrap onto a second line."""
+    table.add_column(header, no_wrap=True, overflow="ellipsis", **kwargs)
+
+
+def _table_height(rows: Any) -> int:
+    return 1 + max(len(_list(rows)), 1)  # the header and the rows (or one "none" line)
+
+
+def _pack(parts: list[Text], width: int, sep: str = "  ") -> Text:
+    """Parts on as few lines as fit `width`, never breaking a part (a too-long one gets "…")."""
+    lines: list[Text] = []
+    for part in parts:
+        if lines and lines[-1].cell_len + len(sep) + part.cell_len <= width:
+            lines[-1].append(sep)
+            lines[-1].append_text(part)
+        else:
+            lines.append(part.copy())
+    for line in lines:
+        line.truncate(width, overflow="ellipsis")
+    return Text("\n").join(lines)
+
+
+def _width(renderable: RenderableType) -> int:
+    """The cells `renderable` needs to show without cutting anything."""
+    console = Console(width=1000, file=io.StringIO(), color_system=None)
+    return Measurement.get(console, console.options, renderable).maximum
+
+
+def _lines(renderable: RenderableType, width: int) -> int:
+    """How many lines `renderable` takes at `width` (rendered in memory, not shown)."""
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    return len(console.render_lines(renderable, console.options, pad=False))
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _short(node_id: Any) -> str:
+    return str(node_id)[:8] if node_id else "?"
+
+
+def _range(start: int, end: int) -> str:
+    """Layers [start, end) as people count them: "0-15" (both ends included)."""
+    if end - start <= 1:
+        return str(start) if end - start == 1 else "none"
+    return f"{start}-{end - 1}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+def _layer_count(stages: list[dict[str, Any]]) -> int:
+    return sum(max(0, s.get("end", 0) - s.get("start", 0)) for s in stages)
+
+
+def _flops(flops: float | None) -> str:
+    if not flops:
+        return "–"
+    if flops >= 1e12:
+        return f"{flops / 1e12:.1f} TFLOP/s"
+    return f"{flops / 1e9:.1f} GFLOP/s"
+
+
+def _bandwidth(bits_per_s: float | None) -> str:
+    if not bits_per_s:
+        return "–"  # not measured yet
+    return f"{bits_per_s / 1e9:.1f} Gbit/s" if bits_per_s >= 1e9 else f"{bits_per_s / 1e6:.0f} Mbit/s"
+
+
+def _rtt(seconds: float | None) -> str:
+    if not seconds:
+        return "–"
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs"
+
+
+def _age(now: float | None, at: float | None) -> str:
+    if now is None or at is None:
+        return ""
+    seconds = max(0, int(now - at))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
