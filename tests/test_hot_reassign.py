@@ -8,6 +8,7 @@ in the tiny model has no end-of-sequence token for 1500 tokens.
 
 from __future__ import annotations
 
+import signal
 import uuid
 
 import pytest
@@ -142,3 +143,23 @@ def test_a_join_within_the_wait_lets_the_request_complete(pair_that_needs_both, 
     wait_for(lambda: daemons[0].status()["no_fit"], 20, "the planner's verdict")
     start_all([pair_that_needs_both(2, resume_wait=60)])
     assert stream.result(120) == expected
+
+
+def test_a_mac_that_sleeps_and_wakes_rejoins_as_itself_and_is_given_layers_again(cluster, reference):
+    daemons = cluster(3)
+    serving(daemons, 3)
+    sleeper = daemons[2]
+    sleeper_id, incarnation = sleeper.node_id, sleeper.status()["node"]["incarnation"]
+    expected, _ = reference(PROMPT, 400)
+    stream = Stream(daemons[0], PROMPT, 400, temperature=0)
+    stream.wait_pieces(20)
+    sleeper.proc.send_signal(signal.SIGSTOP)  # the lid closes: no crash, no goodbye, just silence
+    try:
+        new_plan_without(daemons[:2], sleeper_id, 2)
+    finally:
+        sleeper.proc.send_signal(signal.SIGCONT)
+    back = serving(daemons, 3)  # it rejoins and the next plan gives it layers again
+    assert sleeper_id in {s["node"] for s in back["plan"]["stages"]}
+    assert sleeper.status()["node"]["incarnation"] == incarnation  # not a restart
+    assert next(n for n in back["nodes"] if n["id"] == sleeper_id)["state"] == "alive"
+    assert stream.result() == expected

@@ -166,3 +166,17 @@ def test_a_preparing_plan_from_an_older_term_is_refused():
 def test_ready_means_loaded_for_that_epoch():
     state = ShardState("m", 0, 4, 7, 0.5, serving=6)
     assert not state.ready and ShardState("m", 0, 4, 7, 1.0).ready
+
+
+def test_nodes_that_miss_the_commit_catch_up_from_the_leader():
+    sim = Simulator(seed=3, config=CONFIG, network=NetworkModel(load_delay=0.5, drop=0.3))
+    for node in "abcd":
+        sim.add_node(node)
+    for x, y in itertools.combinations("abcd", 2):
+        sim.cable(x, y)
+    # with three messages in ten lost, link-state anti-entropy still brings every node the
+    # committed plan, and no node runs an older one
+    assert sim.run_until_true(lambda: settled(sim), 30) is not None
+    plan = sim.nodes["a"].plan
+    assert plan.considered == set("abcd") and sim.stats.dropped > 0
+    assert all(sim.nodes[n].shard.serving == plan.epoch for n in "abcd")
