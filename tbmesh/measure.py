@@ -204,19 +204,25 @@ def measure_flops(seconds_budget: float = 0.5) -> float:
         device, dtype, n = mx.gpu, mx.float16, 4096
     else:
         device, dtype, n = mx.cpu, mx.float32, 256
-    # A stream created in this thread: MLX streams are thread-local since 0.31.2.
+    # A stream created in this thread: MLX streams are thread-local since 0.31.2. They are
+    # cleared before the thread goes back to its pool: MLX 0.32 aborts the process at exit
+    # now and then when a thread that used it still has streams (ml-explore/mlx#3126).
     stream = mx.new_stream(device)
-    a = mx.random.normal((n, n), dtype=dtype, stream=stream)
-    b = mx.random.normal((n, n), dtype=dtype, stream=stream)
-    mx.eval(mx.matmul(a, b, stream=stream))  # warm-up: allocation, kernel compilation
-    count = 0
-    start = time.perf_counter()
-    while True:
-        mx.eval(mx.matmul(a, b, stream=stream))
-        count += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds_budget / 2:
-            return 2 * n**3 * count / elapsed
+    try:
+        a = mx.random.normal((n, n), dtype=dtype, stream=stream)
+        b = mx.random.normal((n, n), dtype=dtype, stream=stream)
+        mx.eval(mx.matmul(a, b, stream=stream))  # warm-up: allocation, kernel compilation
+        count = 0
+        start = time.perf_counter()
+        while True:
+            mx.eval(mx.matmul(a, b, stream=stream))
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds_budget / 2:
+                return 2 * n**3 * count / elapsed
+    finally:
+        del stream
+        mx.clear_streams()
 
 
 # --- identity ------------------------------------------------------------------------

@@ -13,7 +13,9 @@ Every daemon publishes its own state to one broker under `tbmesh/<cluster>/`:
     tbmesh/<cluster>/leader               yes       the leader  {"id","name","term","members":[{"id","name","state"}]}
     tbmesh/<cluster>/plan                 yes       the leader  {"model","fits","reason","term","epoch",
                                                                  "stages":[{"node","name","start","end","bytes"}],
-                                                                 "left_out"}  (only with --model)
+                                                                 "left_out","preparing"}  (only with --model;
+                                                                 "preparing": the next plan while it loads,
+                                                                 with "progress" per node, or null)
     tbmesh/<cluster>/events               no        every node  {"time","kind","node","detail","by"}
 
 - Each retained topic has one writer, so a dashboard never sees two daemons fight over it.
@@ -35,7 +37,8 @@ Every daemon publishes its own state to one broker under `tbmesh/<cluster>/`:
   bounded queue (the newest EVENT_BACKLOG); older ones are dropped.
 
 The URL is `mqtt://[user[:password]@]host[:port][?keepalive=SECONDS]` (port 1883,
-keepalive 15 s by default).
+keepalive 15 s by default: the broker marks a silent node offline after 1.5 x keepalive, or
+a little later, as mosquitto checks coarsely).
 """
 
 from __future__ import annotations
@@ -146,13 +149,19 @@ def retained_state(status: dict[str, Any]) -> dict[str, bytes]:
             "id": me, "name": names.get(me), "term": status["term"],
             "members": [{"id": n["id"], "name": n["name"], "state": n["state"]} for n in status["nodes"]],
         }
-        plan = status["plan"]
-        if plan is not None or status.get("no_fit"):
+        plan, preparing, no_fit = status["plan"], status.get("preparing"), status.get("no_fit")
+
+        def named(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{**s, "name": names.get(s["node"])} for s in stages]
+
+        if plan is not None or preparing is not None or no_fit:
             out[f"{prefix}/plan"] = {
-                "model": status["model"], "fits": plan is not None, "reason": status.get("no_fit"),
+                "model": status["model"], "fits": not no_fit, "reason": no_fit,
                 "term": plan["term"] if plan else status["term"], "epoch": plan["epoch"] if plan else None,
-                "stages": [{**s, "name": names.get(s["node"])} for s in plan["stages"]] if plan else [],
+                "stages": named(plan["stages"]) if plan else [],
                 "left_out": plan["left_out"] if plan else [],
+                # the next plan while its shards load (the running one serves meanwhile)
+                "preparing": None if preparing is None else {**preparing, "stages": named(preparing["stages"])},
             }
     return {topic: _canonical(payload) for topic, payload in out.items()}
 
