@@ -477,7 +477,7 @@ def _watch_status(api: str, data: dict[str, Any], console: Console) -> None:
             try:
                 data, error = fetch_status(api, timeout=1.0), None
             except ConnectionError:
-                error = f"daemon not answering at {api}; showing its last status, retrying"
+                error = f"daemon not answering at {api}: its last status below; retrying"
 
 
 # --- the launchd service ------------------------------------------------------------------

@@ -25,7 +25,7 @@ from tbmesh.units import format_bytes
 MAX_EVENTS = 8
 STATE_STYLES = {"alive": "green", "suspect": "yellow", "dead": "bold red"}
 EVENT_STYLES = {"joined": "green", "left": "yellow", "suspect": "yellow", "dead": "red",
-                "leader": "magenta", "plan": "cyan"}
+                "leader": "magenta", "plan": "cyan", "prepare": "blue", "no-fit": "red"}
 # a colour per plan stage; the two block characters alternate so that stage boundaries show
 # without colour too (pipes, tmux capture-pane)
 STAGE_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red")
@@ -45,7 +45,9 @@ def render(status: Status, width: int, height: int | None = None, error: str | N
         top.append(Text(error, style="bold red"))
     top.append(_header(status, names, width))
     top += _nodes_and_links(status, names, width)
-    top.append(_panel(Group(*_plan_lines(status, names, width - PANEL_CHROME)), _plan_title(status)))
+    plan = _panel(Group(*_plan_lines(status, names, width - PANEL_CHROME)), _plan_title(status))
+    plan.subtitle, plan.subtitle_align = _runtime(status.get("runtime")), "right"  # on its bottom border
+    top.append(plan)
     limit = MAX_EVENTS if height is None else min(MAX_EVENTS, height - _lines(Group(*top), width) - 3)
     if limit > 0 and _list(status.get("events")):
         top.append(_panel(_events_table(status, limit), "events"))
@@ -67,6 +69,9 @@ def _nodes_and_links(status: Status, names: dict[str, str], width: int) -> list[
         if _width(nodes) + PANEL_CHROME <= width:
             break
         nodes = _nodes_table(status, squeeze)
+    excess = _width(nodes) + PANEL_CHROME - width
+    if excess > 0:  # the last resort before cutting text: shorter memory bars
+        nodes = _nodes_table(status, 2, bar_width=max(8 - excess, 3))
     if len(links) > 1 and 2 * _width(links_table) + 3 + PANEL_CHROME <= width:
         half = (len(links) + 1) // 2
         grid = Table.grid(padding=(0, 3))
@@ -83,7 +88,7 @@ def _header(status: Status, names: dict[str, str], width: int) -> Text:
     parts = [
         Text.assemble(("tbmesh ", "bold"), (str(me.get("name") or "?"), "bold cyan")),
         Text.assemble(("cluster ", "dim"), str(status.get("cluster") or "?")),
-        Text.assemble(("leader ", "dim"), (names.get(leader, _short(leader)) if leader else "none yet",
+        Text.assemble(("leader ", "dim"), (_name(names, leader) if leader else "none yet",
                                            "magenta" if leader else "yellow")),
         Text.assemble(("term ", "dim"), str(status.get("term", "?"))),
         Text.assemble(("model ", "dim"), str(status.get("model") or "none")),
@@ -93,7 +98,7 @@ def _header(status: Status, names: dict[str, str], width: int) -> Text:
 
 # ----- nodes and links ------------------------------------------------------------------
 
-def _nodes_table(status: Status, squeeze: int) -> Table:
+def _nodes_table(status: Status, squeeze: int, bar_width: int | None = None) -> Table:
     """One row per node. To fit narrower screens, squeeze 1 drops the chip column and shortens
     the memory bars; squeeze 2 also leaves the followers' role blank (the leader's is shown)."""
     me = (status.get("node") or {}).get("id")
@@ -108,7 +113,8 @@ def _nodes_table(status: Status, squeeze: int) -> Table:
     _column(table, "compute", justify="right")
     _column(table, "layers")
     for node in _list(status.get("nodes")):
-        leader = node.get("role") == "leader"
+        # (an older daemon without "role": the leader is the one status names)
+        leader = node.get("role", "leader" if node.get("id") == status.get("leader") else "") == "leader"
         name = Text(("★ " if leader else "  ") + str(node.get("name") or _short(node.get("id"))),
                     style="bold" if node.get("id") == me else "")
         role = str(node.get("role") or "") if squeeze < 2 or leader else ""
@@ -116,7 +122,7 @@ def _nodes_table(status: Status, squeeze: int) -> Table:
         row = [name] + ([str(node.get("chip") or "")] if not compact else [])
         row += [Text(role, style="magenta" if leader else "dim"),
                 Text(state, style=STATE_STYLES.get(state, "")),
-                _memory(node, bar_width=8 if compact else 20),
+                _memory(node, bar_width or (8 if compact else 20)),
                 _flops(node.get("flops")),
                 _layers(node.get("shard"))]
         table.add_row(*row)
@@ -138,10 +144,12 @@ def _memory(node: dict[str, Any], bar_width: int) -> Text:
 
 
 def _layers(shard: dict[str, Any] | None) -> Text:
-    if not shard or shard.get("start") is None or shard.get("end") is None:
+    if not shard or _span(shard) == (0, 0):
         return Text("")
-    text = Text(_range(shard["start"], shard["end"]))
-    if not shard.get("loaded", True):
+    text = Text(_range(*_span(shard)))
+    if shard.get("loaded"):
+        text.append(" loaded", style="green")
+    elif "loaded" in shard:  # still loading: how far
         text.append(f" {shard.get('progress') or 0:.0%}", style="yellow")
     return text
 
@@ -154,7 +162,7 @@ def _links_table(links: list[dict[str, Any]], names: dict[str, str]) -> Table | 
     _column(table, "bandwidth", justify="right")
     _column(table, "RTT", justify="right")
     for link in links:
-        ends = f"{names.get(link.get('a'), _short(link.get('a')))} ↔ {names.get(link.get('b'), _short(link.get('b')))}"
+        ends = f"{_name(names, link.get('a'))} ↔ {_name(names, link.get('b'))}"
         table.add_row(ends, _bandwidth(link.get("bandwidth_bps")), _rtt(link.get("rtt_s")))
     return table
 
@@ -185,9 +193,10 @@ def _plan_lines(status: Status, names: dict[str, str], width: int) -> list[Rende
         stages = _list(plan["stages"])
         lines.append(_pack([Text(f"epoch {plan.get('epoch', '?')}", style="bold"),
                             Text(f"term {plan.get('term', '?')}"),
-                            Text(f"{_layer_count(stages)} layers on {_plural(len(stages), 'node')}", style="dim")], width))
+                            Text(f"{_layer_count(stages)} layers on {_plural(len(stages), 'node')}",
+                                 style="dim")], width))
         lines += _bar(stages, names, width)
-        left_out = [names.get(n, _short(n)) for n in _list(plan.get("left_out"))]
+        left_out = [_name(names, n) for n in _list(plan.get("left_out"))]
         if left_out:
             lines.append(_pack([Text("left out:", style="yellow")] + [Text(n) for n in left_out], width))
     else:
@@ -199,9 +208,6 @@ def _plan_lines(status: Status, names: dict[str, str], width: int) -> list[Rende
                             Text(f"term {preparing.get('term', '?')}"),
                             Text("loading shards", style="dim")], width))
         lines += _bar(_list(preparing["stages"]), names, width, preparing.get("progress") or {})
-    runtime = _runtime(status.get("runtime"), width)
-    if runtime is not None:
-        lines += [Text(""), runtime]
     return lines
 
 
@@ -220,11 +226,11 @@ def _bar(stages: list[dict[str, Any]], names: dict[str, str], width: int,
          progress: dict[str, float] | None = None) -> list[Text]:
     """A bar of layer ranges, one segment per stage in proportion to its layers, labelled below;
     with `progress` ({node: 0..1}), each segment fills as its node loads its shard."""
-    widths = _segment_widths([max(0, s.get("end", 0) - s.get("start", 0)) for s in stages], width)
+    widths = _segment_widths([_layer_count([s]) for s in stages], width)
     bar, labels, legend, cut = Text(), Text(), [], False
     for i, (stage, cells) in enumerate(zip(stages, widths)):
         colour, block = STAGE_COLOURS[i % len(STAGE_COLOURS)], STAGE_BLOCKS[i % 2]
-        label = f"{names.get(stage.get('node'), _short(stage.get('node')))} {_range(stage.get('start', 0), stage.get('end', 0))}"
+        label = f"{_name(names, stage.get('node'))} {_range(*_span(stage))}"
         if progress is not None:
             done = max(0.0, min(1.0, float(progress.get(stage.get("node"), 0) or 0)))
             filled = round(cells * done)
@@ -235,8 +241,8 @@ def _bar(stages: list[dict[str, Any]], names: dict[str, str], width: int,
             bar.append(block * cells, colour)
         legend.append(Text(f"{block} {label}", style=colour))
         room = cells - 1 if i < len(stages) - 1 else cells  # a space between neighbouring labels
-        cut = cut or len(label) > room
         piece = Text(label, style=colour)
+        cut = cut or piece.cell_len > room
         piece.truncate(max(room, 0), overflow="ellipsis", pad=True)
         labels.append(piece)
         labels.append(" " * (cells - max(room, 0)))
@@ -261,15 +267,16 @@ def _segment_widths(sizes: list[int], width: int) -> list[int]:
     return widths
 
 
-def _runtime(runtime: dict[str, Any] | None, width: int) -> Text | None:
+def _runtime(runtime: dict[str, Any] | None) -> Text | None:
+    """Requests in flight and, from daemons that count them, tokens/s and tokens."""
     if not runtime:
         return None
-    parts = [Text.assemble(("requests in flight ", "dim"), (str(runtime.get("requests", 0)), "bold"))]
+    text = Text.assemble(" ", ("requests in flight ", "dim"), (str(runtime.get("requests", 0)), "bold"))
     if runtime.get("tokens_per_s") is not None:
-        parts.append(Text.assemble((f"{runtime['tokens_per_s']:.1f}", "bold"), (" tokens/s", "dim")))
+        text.append_text(Text.assemble("  ", (f"{runtime['tokens_per_s']:.1f}", "bold"), (" tokens/s", "dim")))
     if runtime.get("tokens") is not None:
-        parts.append(Text.assemble((f"{runtime['tokens']:,}", "bold"), (" tokens", "dim")))
-    return _pack(parts, width)
+        text.append_text(Text.assemble("  ", (f"{runtime['tokens']:,}", "bold"), (" tokens", "dim")))
+    return text.append(" ")
 
 
 # ----- events ---------------------------------------------------------------------------
@@ -339,6 +346,10 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+def _name(names: dict[str, str], node_id: Any) -> str:
+    return names.get(node_id) or _short(node_id)
+
+
 def _short(node_id: Any) -> str:
     return str(node_id)[:8] if node_id else "?"
 
@@ -354,8 +365,14 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
+def _span(stage: dict[str, Any]) -> tuple[int, int]:
+    """A stage's [start, end) of layers, (0, 0) where unknown."""
+    start, end = stage.get("start"), stage.get("end")
+    return (start, end) if isinstance(start, int) and isinstance(end, int) else (0, 0)
+
+
 def _layer_count(stages: list[dict[str, Any]]) -> int:
-    return sum(max(0, s.get("end", 0) - s.get("start", 0)) for s in stages)
+    return sum(max(0, end - start) for start, end in map(_span, stages))
 
 
 def _flops(flops: float | None) -> str:

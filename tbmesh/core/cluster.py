@@ -448,7 +448,7 @@ class ClusterNode:
         self._prepare_event(now, plan)
 
     def _prepare_event(self, now: float, plan: Plan) -> None:
-        stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end}" for s in plan.stages)
+        stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end - 1}" for s in plan.stages)
         self._event(now, "prepare", None, f"epoch {plan.epoch}: {stages}",
                     {"term": plan.term, "epoch": plan.epoch})
 
@@ -494,7 +494,7 @@ class ClusterNode:
         if self.plan is not None and plan.key < self.plan.key:
             return
         if plan != self.plan:
-            stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end}" for s in plan.stages)
+            stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end - 1}" for s in plan.stages)
             self._event(now, "plan", None, f"epoch {plan.epoch} term {plan.term}: {stages}",
                         {"term": plan.term, "epoch": plan.epoch})
         self.plan = plan
