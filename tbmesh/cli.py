@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tbmesh.client import DEFAULT_API, ApiProblem, fetch_status, open_api, stream_answer
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement
 from tbmesh.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
 
@@ -408,24 +409,6 @@ def daemon(
         pass
 
 
-DEFAULT_API = "http://127.0.0.1:7471"
-
-
-def fetch_status(api: str, timeout: float = 2.0) -> dict[str, Any]:
-    """GET /status from a daemon; raises ConnectionError with a one-line reason."""
-    import urllib.error
-    import urllib.request
-
-    url = api.rstrip("/") + "/status"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        raise ConnectionError(f"no tbmesh daemon answers at {api} ({reason}); start one with "
-                              "`tbmesh daemon` (or point --api at one)") from None
-
-
 STATUS_REFRESH_S = 0.5  # the live screen polls the daemon twice a second
 
 
@@ -635,58 +618,6 @@ def uninstall(
 CHAT_READ_TIMEOUT = 600.0  # s between two pieces of the answer (a long prefill on a big model)
 
 
-class ApiProblem(Exception):
-    """The daemon does not answer, or answers with an error: one line to show."""
-
-
-def _no_daemon(api: str, reason: object) -> ApiProblem:
-    return ApiProblem(f"no tbmesh daemon answers at {api} ({reason}); start one with "
-                      "`tbmesh daemon` (or point --api at one)")  # fmt: skip
-
-
-def _open_api(api: str, path: str, body: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
-    """An HTTP response of the daemon's API (standard library only); raises ApiProblem."""
-    import urllib.error
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(api.rstrip("/") + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        return urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as error:
-        with error:
-            raise ApiProblem(_api_error_message(error.code, error.read())) from None
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        raise _no_daemon(api, getattr(error, "reason", error)) from None
-
-
-def _api_error_message(status: int, body: bytes) -> str:
-    """The message of an OpenAI-style error body, else the status."""
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return f"the API answered HTTP {status}"
-
-
-def _stream_chat(response: Any, write: Any) -> None:
-    """Write the content of each server-sent chat chunk as it arrives, up to [DONE]."""
-    for raw in response:
-        line = raw.decode("utf-8").strip()
-        if not line.startswith("data:"):
-            continue  # the blank line between events, comments
-        data = line[len("data:"):].strip()
-        if data == "[DONE]":
-            return
-        event = json.loads(data)
-        if "error" in event:
-            raise ApiProblem(_api_error_message(500, data.encode()))
-        for choice in event.get("choices", []):  # chat chunks have a delta, completions text
-            text = (choice.get("delta") or {}).get("content") or choice.get("text")
-            if text:
-                write(text)
-    raise ApiProblem("the answer ended before it was complete")
-
-
 @app.command()
 def chat(
     prompt: str = typer.Argument(..., help="What to ask."),
@@ -714,7 +645,7 @@ def chat(
 
     try:
         if model is None:
-            with _open_api(api, "/v1/models") as response:
+            with open_api(api, "/v1/models") as response:
                 served = [m["id"] for m in json.loads(response.read())["data"]]
             if not served:
                 raise ApiProblem(f"the daemon at {api} serves no model (start it with --model DIR)")
@@ -725,8 +656,8 @@ def chat(
         for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
             if value is not None:
                 body[key] = value
-        with _open_api(api, "/v1/chat/completions", body, timeout=CHAT_READ_TIMEOUT) as response:
-            _stream_chat(response, write)
+        with open_api(api, "/v1/chat/completions", body, timeout=CHAT_READ_TIMEOUT) as response:
+            stream_answer(response, write)
         print()
     except ApiProblem as error:
         fail(str(error))

@@ -28,6 +28,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from tbmesh.client import ApiProblem, fetch_status, open_api, stream_answer
+
 PROMPT = "Thunderbolt cables link the Macs"  # its greedy answer in the demo model runs long
 KILL_AFTER = 0.3  # of the answer's tokens, stop a stage
 
@@ -54,8 +56,6 @@ class Node:
     api: str = ""
 
     def status(self) -> dict[str, Any]:
-        from tbmesh.cli import fetch_status
-
         return fetch_status(self.api, timeout=2.0)
 
 
@@ -165,8 +165,6 @@ class Demo:
         threading.Thread(target=self._stream, daemon=True).start()
 
     def _stream(self) -> None:
-        from tbmesh.cli import ApiProblem, _open_api, _stream_chat
-
         body = {"model": model_dir(self.cache).name, "stream": True, "temperature": 0,
                 "max_tokens": self.tokens, "prompt": PROMPT}
 
@@ -176,8 +174,8 @@ class Demo:
             self.answer.arrivals.append(time.monotonic())
 
         try:
-            with _open_api(self.nodes[0].api, "/v1/completions", body, timeout=120) as response:
-                _stream_chat(response, write)
+            with open_api(self.nodes[0].api, "/v1/completions", body, timeout=120) as response:
+                stream_answer(response, write)
         except (ApiProblem, OSError, ValueError) as error:
             self.answer.error = str(error)
         finally:
