@@ -532,6 +532,8 @@ def install(
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the node id is kept (default: the user's)."),
     context: Optional[int] = typer.Option(None, "--context", help=f"Tokens of KV cache each stage keeps room for (default: {DEFAULT_CONTEXT})."),
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning or error (default: info)."),
+    mqtt: Optional[str] = typer.Option(None, "--mqtt", help="Publish state and events to this MQTT broker: mqtt://host[:port]."),
+    resume_wait: Optional[float] = typer.Option(None, "--resume-wait", help="Seconds a request in flight waits for the cluster to serve again (default: 30)."),
     user: Optional[str] = typer.Option(None, "--user", help="The account the LaunchDaemon runs as (default: the user who ran sudo)."),
     user_agent: bool = typer.Option(False, "--user-agent", help="A LaunchAgent instead: no sudo, runs only while you are logged in."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plist and the launchctl commands; change nothing."),
@@ -553,13 +555,22 @@ def install(
         _fail("--context must be 0 or more tokens")
     if log_level is not None and log_level.lower() not in ("debug", "info", "warning", "error"):
         _fail(f"bad --log-level {log_level!r}: use debug, info, warning or error")
+    if resume_wait is not None and not resume_wait >= 0:
+        _fail("--resume-wait must be 0 or more seconds")
+    if mqtt is not None:
+        from tbmesh import telemetry
+
+        try:
+            telemetry.parse_url(mqtt)
+        except ValueError as error:
+            _fail(str(error))
     # the service would only fail at every start, every 10 s: catch a wrong path now
     if model is not None and not model.expanduser().is_dir():
         _fail(f"--model {model}: no such directory")
     if secret_file is not None and not secret_file.expanduser().is_file():
         _fail(f"--secret-file {secret_file}: no such file")
     flags = DaemonFlags(tuple(interface), model, cluster, secret_file, name, port, api_host, api_port,
-                        state_dir, context, log_level)  # fmt: skip
+                        state_dir, context, log_level, mqtt, resume_wait)  # fmt: skip
     service = _service_for(user_agent, user, flags)
     for path in protected_paths(service):
         print(f"warning: {path} is in a folder macOS keeps from launchd services unless their program "

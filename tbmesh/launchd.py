@@ -106,6 +106,8 @@ class DaemonFlags:
     state_dir: Path | None = None
     context: int | None = None
     log_level: str | None = None
+    mqtt: str | None = None
+    resume_wait: float | None = None
 
     def arguments(self) -> list[str]:
         """The flags as arguments after `tbmesh daemon`; paths made absolute (launchd's working
@@ -117,7 +119,7 @@ class DaemonFlags:
             ("--model", self.model), ("--cluster", self.cluster), ("--secret-file", self.secret_file),
             ("--name", self.name), ("--port", self.port), ("--api-host", self.api_host),
             ("--api-port", self.api_port), ("--state-dir", self.state_dir), ("--context", self.context),
-            ("--log-level", self.log_level),
+            ("--log-level", self.log_level), ("--mqtt", self.mqtt), ("--resume-wait", self.resume_wait),
         )  # fmt: skip
         for flag, value in options:
             if value is not None:
