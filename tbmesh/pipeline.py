@@ -13,9 +13,11 @@ thread, in order, so the event loop (and the heartbeats) never wait for it.
 Every tensor carries its *route* (node and layer range of each stage, fixed by the entry when
 the attempt starts), so a stage needs no plan to run it: it runs the layers the route names
 if it holds them, and says so to the entry when it does not. That is what lets a plan change
-under running requests: the entry keeps each request's prompt and the tokens produced so far,
-and when its route is gone (a stage died, or a commit moved the layers) it starts a new
-attempt on the new plan with prompt + tokens as the prefill. The client only sees a pause.
+under running requests: a commit that only moves layers lets requests in flight finish on
+their route (nodes keep those layers while they are used), and when a route is gone (a stage
+died, or its layers were dropped) the entry, which keeps each request's prompt and the tokens
+produced so far, starts a new attempt on the current plan with prompt + tokens as the
+prefill. The client only sees a pause.
 
 Shards: a node holds its stage of the running plan and, while a new plan is prepared, its
 stage of that one too (layers they share are one copy); see core/assignment.py.
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 
 PREFILL_STEP = 2048  # as mlx-lm's generate_step: same chunks, same floating-point results
 POLL = 0.01  # s between looks at the view while a request waits for a usable plan
+DRAIN_S = 30.0  # the longest requests in flight keep layers a new plan moved away
+LINGER_S = 5.0  # layers no plan wants and no request uses stay this long (a join may want them)
 MAX_FAILURES = 6  # attempts in a row without a token before a request gives up (~3 s of back-off)
 
 Route = tuple[tuple[str, int, int], ...]  # (node, start, end) per stage
@@ -152,6 +156,9 @@ class Pipeline:
         self._assignment: Assignment | None = None
         self._loading: Range | None = None
         self._progress = 0.0
+        self._users: dict[Range, set[str]] = {}  # layers -> attempts holding a cache in them
+        self._unwanted_since: dict[Range, float] = {}  # held layers no plan wants, since when
+        self._recheck: asyncio.TimerHandle | None = None
 
     @property
     def me(self) -> str:
@@ -171,11 +178,7 @@ class Pipeline:
 
     def on_view(self, plan: Plan | None, preparing: Plan | None) -> None:
         """Called when the running plan or the one being prepared changes: load our stage of
-        the newest, keep what either needs, drop the rest, and move requests off lost routes."""
-        route = route_of(plan) if plan is not None else ()
-        for request in self.conducting.values():
-            if request.route and request.route != route:
-                request.queue.put_nowait(PipelineBroken("the cluster committed a new plan"))
+        the newest, keep what either needs, and let go of the rest (see _follow)."""
         self._assignment = Assignment.of(self.me, self.model_name, plan, preparing)
         self._follow()
 
@@ -195,16 +198,40 @@ class Pipeline:
         assignment = self._assignment
         if assignment is None:
             return
-        for dropped in [r for r in self.held if r not in assignment.keep]:
-            del self.held[dropped]
-            log.info("dropped layers %d-%d", dropped[0], dropped[1] - 1)
-            self.executor.submit(self._drop, dropped)
         target = assignment.target
         if target is not None and target not in self.held and self._loading != target:
-            self._start_load(target)
+            self._start_load(target)  # first: the load keeps any held layer it can use
         elif target != self._loading:
             self._loading = None  # the load under way is for a plan we left: it stops
+        self._let_go(assignment.keep, linger=target is None)
         self._publish()
+
+    def _let_go(self, keep: set[Range], linger: bool) -> None:
+        """Drop layers no plan wants, once nothing needs them.
+
+        Requests in flight finish on the route they started on (a commit that only moves
+        layers costs them nothing; a re-prefill would), so layers stay while attempts use
+        them, up to DRAIN_S. While no plan gives us a stage (`linger`), unused layers stay
+        LINGER_S: a Mac that ran alone and joins keeps what it holds for the stage the next
+        plan gives it, a moment later.
+        """
+        now = time.monotonic()
+        for layers in list(self.held):
+            if layers in keep:
+                self._unwanted_since.pop(layers, None)
+                continue
+            since = self._unwanted_since.setdefault(layers, now)
+            users = self._users.get(layers)
+            if now - since >= DRAIN_S or (not users and (not linger or now - since >= LINGER_S)):
+                del self.held[layers], self._unwanted_since[layers]
+                self._users.pop(layers, None)
+                log.info("dropped layers %d-%d", layers[0], layers[1] - 1)
+                self.executor.submit(self._drop, layers)
+        if self._unwanted_since and self._recheck is None:
+            def recheck() -> None:
+                self._recheck = None
+                self._follow()
+            self._recheck = self.daemon.loop.call_later(1.0, recheck)
 
     def _start_load(self, target: Range) -> None:
         self._loading, self._progress = target, 0.0
@@ -437,6 +464,8 @@ class Pipeline:
         elif isinstance(message, wire.Cancel):
             self.cancelled.append(message.request)
             self.executor.submit(self.caches.pop, message.request, None)  # after queued work
+            for users in self._users.values():
+                users.discard(message.request)
             request = self.conducting.get(message.request)
             if request is not None:  # a stage gave up on it
                 request.queue.put_nowait(PipelineBroken(message.reason))
@@ -451,6 +480,8 @@ class Pipeline:
             self._fail(tensor, f"{self._name(self.me)} does not hold layers "
                                f"{forward.layers[0]}-{forward.layers[1] - 1}")
             return
+        if forward.fresh:
+            self._users.setdefault(forward.layers, set()).add(tensor.request)
         future = self.executor.submit(self._compute, shard, tensor, forward)
         asyncio.wrap_future(future).add_done_callback(lambda f: self._computed(f, tensor, forward))
 

@@ -115,3 +115,19 @@ def test_two_partitions_heal_into_one_cluster_and_both_sides_answers_complete(la
     assert len(view["plan"]["stages"]) == 4
     for stream in streams:
         assert stream.result(120) == expected
+
+
+def test_a_mac_that_ran_alone_joins_without_reading_again_the_layers_it_holds(lab, macs):
+    a, b, d = (lab.add_mac(n) for n in "abd")
+    lab.cable(a, b)
+    pair = start_all([macs(a), macs(b)])
+    serving(pair)
+    loner = macs(d).start()  # no cable yet: it plans the whole model for itself and loads it
+    alone = serving([loner])
+    assert alone["plan"]["stages"][0]["start"] == 0 and len(alone["plan"]["stages"]) == 1
+    read_alone = loner.status()["runtime"]["layers_read"]
+    lab.cable(b, d)
+    view = serving(pair + [loner])
+    assert loner.node_id in {s["node"] for s in view["plan"]["stages"]}
+    # its new stage came out of the layers it held: nothing read from disk again
+    assert loner.status()["runtime"]["layers_read"] == read_alone
