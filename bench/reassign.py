@@ -31,11 +31,12 @@ Fresh daemons for every repetition; medians over `--reps`, each rep's raw figure
             Mac d with its daemon running alone (no cable; it loads the whole model for
             itself). A streamed answer enters at stage 0's node; after `--kill-after` pieces a
             cable c-d is plugged. From the cable's creation: "joined" (d, at the leader) ->
-            "prepare" (a plan with d) -> "plan" (its commit) -> "resumed" at the entry. The
-            pause the answer sees at the switch: the gap between the pieces around the
-            entry's "resumed" event, and the largest gap after the commit, each minus the
-            median gap before the plug (target < 100 ms); and, as for recovery, the time to
-            first token of a fresh request with the same prefill as the resumed attempt. Per
+            "prepare" (a plan with d) -> "plan" (its commit) -> "resumed" at the entry, if the
+            answer was moved (since requests in flight finish on their route, it is not). The
+            pause the answer sees at the switch: the largest gap after the commit (and the
+            gap around a "resumed" event, if any), minus the median gap before the plug
+            (target < 100 ms); for a moved answer, as for recovery, the time to first token
+            of a fresh request with the same prefill as the resumed attempt. Per
             node: bytes and layers read and layers kept (runtime counters) across the join,
             against the layers new to it (not in its plan's stage, nor held, before).
 
@@ -525,10 +526,13 @@ def report_join(r: dict) -> None:
           f"{r['tokens']}-token answer; medians of {r['reps']} (ms after the cable's creation)")
     for k, v in r["marks_s"].items():
         print(f"    {k:22s} {ms(v):>8s}")
+    # A request that was not moved (it finishes on its route) has no switch gap: its pause is
+    # the largest gap after the commit, the loads and the commit's bookkeeping included.
+    pause = r["pause_s"] if r["pause_s"] is not None else r["pause_largest_s"]
     print(f"  pause at the switch: gap {ms(r['switch_gap_s'])} - normal gap {ms(r['normal_gap_s'])} = "
           f"{ms(r['pause_s'])} (largest gap after the commit {ms(r['largest_gap_after_commit_s'])}: "
           f"{ms(r['pause_largest_s'])}); target < 100 ms -> "
-          f"{'met' if (r['pause_s'] if r['pause_s'] is not None else 9) < 0.1 else 'MISSED'}")
+          f"{'met' if (pause if pause is not None else 9) < 0.1 else 'MISSED'}")
     print(f"  the switch's gap vs a fresh request's TTFT with the same prefill ({ms(r['fresh_ttft_s'])}): "
           f"{fmt_x(r['switch_gap_over_fresh_ttft'])} (difference {signed_ms(r['switch_gap_minus_fresh_ttft_s'])})")
     print(f"  gap between pieces on the 4-stage plan: {ms(r['gap_after_switch_s'])}")

@@ -4,7 +4,8 @@ A request is conducted by the node whose API it entered (its *entry*): the entry
 sends the prompt to stage 0, and for every token the last stage samples it streams the token
 to the client and feeds it back to stage 0. Stages pass hidden states along as raw tensors;
 each keeps the KV cache of its own layers per request. All MLX work runs in one worker
-thread, in order, so the event loop (and the heartbeats) never wait for it.
+thread, in order, so the event loop (and the heartbeats) never wait for it; while that thread
+loads a shard, the steps of requests in flight run between two layers of the load.
 
     entry --Tensor(tokens)--> stage 0 --Tensor(hidden)--> ... --> last stage
       ^                                                             |
@@ -27,12 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,7 +146,7 @@ class Pipeline:
         self.model_dir = model_dir
         self.model_name = model_dir.name if model_dir is not None else None
         self.resume_wait = resume_wait
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
         self.held: dict[Range, Shard] = {}  # loaded shards (event loop side)
         self.caches: dict[str, tuple[Range, list]] = {}  # attempt -> KV cache (worker thread only)
         self.cancelled: collections.deque[str] = collections.deque(maxlen=4096)
@@ -159,6 +160,8 @@ class Pipeline:
         self._users: dict[Range, set[str]] = {}  # layers -> attempts holding a cache in them
         self._unwanted_since: dict[Range, float] = {}  # held layers no plan wants, since when
         self._recheck: asyncio.TimerHandle | None = None
+        self._queued: collections.deque[tuple[concurrent.futures.Future, Callable[..., Any], tuple]] = \
+            collections.deque()  # MLX work other than loads (see _in_worker)
 
     @property
     def me(self) -> str:
@@ -226,7 +229,7 @@ class Pipeline:
                 del self.held[layers], self._unwanted_since[layers]
                 self._users.pop(layers, None)
                 log.info("dropped layers %d-%d", layers[0], layers[1] - 1)
-                self.executor.submit(self._drop, layers)
+                self._in_worker(self._drop, layers)
         if self._unwanted_since and self._recheck is None:
             def recheck() -> None:
                 self._recheck = None
@@ -243,9 +246,28 @@ class Pipeline:
         """Worker thread."""
         def on_layer(done: int, total: int) -> bool:
             self.daemon.loop.call_soon_threadsafe(self._on_progress, target, done / total)
+            self._run_queued()  # steps of requests in flight go between layers, not after the load
             return self._loading == target
 
         return load_shard(self.model_dir, *target, keep=keep, on_layer=on_layer)
+
+    def _in_worker(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Run fn(*args) in the MLX thread after the work queued before it; during a load it
+        runs between two layers."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queued.append((future, fn, args))
+        self.executor.submit(self._run_queued)
+        return future
+
+    def _run_queued(self) -> None:
+        """Worker thread: everything queued so far, in order."""
+        while self._queued:
+            future, fn, args = self._queued.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:  # noqa: BLE001  (the event loop side reads it)
+                    future.set_exception(error)
 
     def _on_progress(self, target: Range, progress: float) -> None:
         if self._loading == target and progress - self._progress >= 0.1:
@@ -463,7 +485,7 @@ class Pipeline:
                                          else PipelineBroken("a stage failed to compute its step"))
         elif isinstance(message, wire.Cancel):
             self.cancelled.append(message.request)
-            self.executor.submit(self.caches.pop, message.request, None)  # after queued work
+            self._in_worker(self.caches.pop, message.request, None)  # after queued work
             for users in self._users.values():
                 users.discard(message.request)
             request = self.conducting.get(message.request)
@@ -482,7 +504,7 @@ class Pipeline:
             return
         if forward.fresh:
             self._users.setdefault(forward.layers, set()).add(tensor.request)
-        future = self.executor.submit(self._compute, shard, tensor, forward)
+        future = self._in_worker(self._compute, shard, tensor, forward)
         asyncio.wrap_future(future).add_done_callback(lambda f: self._computed(f, tensor, forward))
 
     def _compute(self, shard: Shard, tensor: wire.Tensor, forward: Forward) -> wire.Tensor | int | str | None:
