@@ -19,8 +19,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ log = logging.getLogger("tbmesh")
 DEFAULT_PORT = 7470
 DEFAULT_API_PORT = 7471
 PROBE_SECONDS = 0.5
+MEMORY_CHECK_S = 10.0
 
 
 # Events after which messages to or from the node may have been lost with its connection.
@@ -132,6 +134,8 @@ class Daemon:
         self._watcher = InterfaceWatcher(self._on_interfaces_changed)
         await self._watcher.start()
         self._spawn(self._ticker())
+        if sys.platform == "darwin" and cfg.memory_usable is None:
+            self._spawn(self._watch_memory())
         if cfg.mqtt is not None:
             self._start_telemetry(cfg.mqtt)
         # where `tbmesh status` (and tests) find this daemon's API
@@ -249,6 +253,22 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             self.carry_out(self.core.tick(self.now()))
+
+    async def _watch_memory(self) -> None:
+        """Measure the usable memory again now and then (`sysctl iogpu.wired_limit_mb` can be
+        changed while we run); the leader plans again when it moved a lot. macOS only: on
+        Linux the usable memory follows the free memory, which our own shard takes."""
+        while True:
+            await asyncio.sleep(MEMORY_CHECK_S)
+            try:
+                total, usable = await asyncio.to_thread(measure.memory, self.config.memory_usable)
+            except Exception:  # a failed probe is no reason to stop watching
+                log.exception("measuring memory")
+                continue
+            info = self.core.info
+            if abs(usable - info.memory_usable) > 0.02 * info.memory_usable:
+                self.carry_out(self.core.update_info(
+                    replace(info, memory_total=total, memory_usable=usable), self.now()))
 
     def _start_telemetry(self, url: str) -> None:
         from tbmesh.telemetry import Telemetry

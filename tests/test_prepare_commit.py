@@ -180,3 +180,22 @@ def test_nodes_that_miss_the_commit_catch_up_from_the_leader():
     plan = sim.nodes["a"].plan
     assert plan.considered == set("abcd") and sim.stats.dropped > 0
     assert all(sim.nodes[n].shard.serving == plan.epoch for n in "abcd")
+
+
+def test_a_large_change_of_a_nodes_usable_memory_plans_again_and_a_small_one_does_not():
+    from dataclasses import replace
+
+    sim = cluster(["a", "b", "c"], load_delay=0.2)
+    before = sim.nodes["a"].plan
+    node = sim.nodes["b"]
+    sim._carry_out("b", node.update_info(replace(node.info, memory_usable=int(node.info.memory_usable * 0.95)),
+                                         sim.now))
+    sim.run_for(2.0)
+    assert sim.nodes["a"].plan == before  # 5 %: noise, not a reason to move layers
+    sim._carry_out("b", node.update_info(replace(node.info, memory_usable=node.info.memory_usable // 3),
+                                         sim.now))
+    assert sim.run_until_true(lambda: settled(sim) and sim.nodes["a"].plan.key > before.key, 5) is not None
+    after = sim.nodes["a"].plan
+    size = {s.node: s.end - s.start for s in after.stages}
+    old = {s.node: s.end - s.start for s in before.stages}
+    assert size["b"] < old["b"]  # b, with a third of its memory, holds fewer layers

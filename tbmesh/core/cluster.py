@@ -38,6 +38,8 @@ from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement, Plan
 
 Planner = Callable[..., Placement]
 
+MEMORY_CHANGE = 0.10  # a member's usable memory moving by more than this fraction re-plans
+
 
 @dataclass(frozen=True)
 class CoreConfig:
@@ -89,6 +91,7 @@ class ClusterNode:
         self._members: dict[str, bool] = {self.id: False}  # reachable -> suspected
         self._members_since = now
         self._planned_for: frozenset[str] | None = None
+        self._planned_memory: dict[str, int] = {}  # usable memory of each member when planned
         self._election_key: tuple | None = None
         self._claims_cache: dict[str, election.Claim] = {}
         self._best: str | None = None
@@ -390,6 +393,18 @@ class ClusterNode:
         newest = max(plans, key=lambda p: p.key, default=None)
         members = frozenset(self._members)
         ours = max((p for p in plans if p.considered == members), key=lambda p: p.key, default=None)
+        if self.preparing is None:  # a new leader takes over what its predecessor prepared
+            self.preparing = max((p for p in self._visible_preparing(model.name)
+                                  if p.considered == members), key=lambda p: p.key, default=None)
+        if members != self._planned_for:
+            self._planned_memory = {}
+        if self._memory_moved(members):
+            self._event(now, "memory", None, "a node's usable memory changed: planning again")
+            self._planned_for, self._planned_memory, ours = None, {}, None
+            if self.preparing is not None:
+                self._abandon(now, "a node's usable memory changed")
+        elif self.preparing is not None and self.preparing.considered == members:
+            ours = None  # a newer plan for this same group is on its way
         if ours is not None:
             # A plan made for exactly this group is adopted as it is: a new leader changes
             # nothing. When a member runs a newer plan (the one it made while it was alone),
@@ -397,14 +412,12 @@ class ClusterNode:
             if ours.key < newest.key:
                 ours = replace(ours, term=self.term, epoch=newest.epoch + 1)
             self._planned_for = members
+            self._planned_memory = self._planned_memory or self._memory_of(members)
             self.no_fit = None
             if self.preparing is not None:
                 self._abandon(now, "the group is back to the one the running plan was made for")
             self._accept(ours, now)
             return
-        if self.preparing is None:  # a new leader takes over what its predecessor prepared
-            self.preparing = max((p for p in self._visible_preparing(model.name)
-                                  if p.considered == members), key=lambda p: p.key, default=None)
         if self.preparing is not None:
             # Joins wait for the commit (a new plan now would restart every load), unless
             # nothing serves yet: at start-up the first Mac must not load the whole model
@@ -423,7 +436,7 @@ class ClusterNode:
             return  # already planned for this group (e.g. the model does not fit)
         if now - self._members_since < self.timing.settle:
             return
-        self._planned_for = members
+        self._planned_for, self._planned_memory = members, self._memory_of(members)
         infos = self.node_infos()
         previous = self.plan or newest
         placement = self.planner(
@@ -451,6 +464,16 @@ class ClusterNode:
         stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end - 1}" for s in plan.stages)
         self._event(now, "prepare", None, f"epoch {plan.epoch}: {stages}",
                     {"term": plan.term, "epoch": plan.epoch})
+
+    def _memory_of(self, members: frozenset[str]) -> dict[str, int]:
+        infos = self.node_infos()
+        return {n: infos[n].memory_usable for n in members if n in infos}
+
+    def _memory_moved(self, members: frozenset[str]) -> bool:
+        """Whether a member's usable memory moved by more than MEMORY_CHANGE since we planned."""
+        infos = self.node_infos()
+        return any(abs(infos[n].memory_usable - held) > MEMORY_CHANGE * held
+                   for n, held in self._planned_memory.items() if n in members and n in infos)
 
     def _abandon(self, now: float, why: str) -> None:
         self._event(now, "abandoned", None, f"epoch {self.preparing.epoch}: {why}")
