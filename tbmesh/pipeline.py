@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 PREFILL_STEP = 2048  # as mlx-lm's generate_step: same chunks, same floating-point results
 POLL = 0.01  # s between looks at the view while a request waits for a usable plan
 DRAIN_S = 30.0  # the longest requests in flight keep layers a new plan moved away
+LOAD_RETRY_S = 10.0  # a load that failed (a bad file) is tried again after this long
 LINGER_S = 5.0  # layers no plan wants and no request uses stay this long (a join may want them)
 MAX_FAILURES = 6  # attempts in a row without a token before a request gives up (~3 s of back-off)
 
@@ -160,6 +161,7 @@ class Pipeline:
         self._users: dict[Range, set[str]] = {}  # layers -> attempts holding a cache in them
         self._unwanted_since: dict[Range, float] = {}  # held layers no plan wants, since when
         self._recheck: asyncio.TimerHandle | None = None
+        self._failed: tuple[Range, float] | None = None  # the last load that failed, and when
         self._queued: collections.deque[tuple[concurrent.futures.Future, Callable[..., Any], tuple]] = \
             collections.deque()  # MLX work other than loads (see _in_worker)
 
@@ -202,7 +204,9 @@ class Pipeline:
         if assignment is None:
             return
         target = assignment.target
-        if target is not None and target not in self.held and self._loading != target:
+        failed = self._failed is not None and self._failed[0] == target \
+            and time.monotonic() - self._failed[1] < LOAD_RETRY_S
+        if target is not None and target not in self.held and self._loading != target and not failed:
             self._start_load(target)  # first: the load keeps any held layer it can use
         elif target != self._loading:
             self._loading = None  # the load under way is for a plan we left: it stops
@@ -287,6 +291,8 @@ class Pipeline:
         self._loading = None
         if error is not None:
             log.error("loading layers %d-%d failed: %r", target[0], target[1] - 1, error)
+            self._failed = (target, time.monotonic())  # tried again after LOAD_RETRY_S, not at once
+            self.daemon.loop.call_later(LOAD_RETRY_S, self._follow)
             self._publish()
             return
         shard = future.result()
