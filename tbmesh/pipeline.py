@@ -161,7 +161,7 @@ class Pipeline:
         self._users: dict[Range, set[str]] = {}  # layers -> attempts holding a cache in them
         self._unwanted_since: dict[Range, float] = {}  # held layers no plan wants, since when
         self._recheck: asyncio.TimerHandle | None = None
-        self._failed: tuple[Range, float] | None = None  # the last load that failed, and when
+        self._failed: tuple[Range, float, str] | None = None  # the last load that failed: when, why
         self._queued: collections.deque[tuple[concurrent.futures.Future, Callable[..., Any], tuple]] = \
             collections.deque()  # MLX work other than loads (see _in_worker)
 
@@ -241,7 +241,7 @@ class Pipeline:
             self._recheck = self.daemon.loop.call_later(1.0, recheck)
 
     def _start_load(self, target: Range) -> None:
-        self._loading, self._progress = target, 0.0
+        self._loading, self._progress, self._failed = target, 0.0, None
         keep = list(self.held.values())
         future = self.executor.submit(self._load, target, keep)
         asyncio.wrap_future(future).add_done_callback(lambda f: self._loaded(f, target))
@@ -291,7 +291,8 @@ class Pipeline:
         self._loading = None
         if error is not None:
             log.error("loading layers %d-%d failed: %r", target[0], target[1] - 1, error)
-            self._failed = (target, time.monotonic())  # tried again after LOAD_RETRY_S, not at once
+            # tried again after LOAD_RETRY_S, not at once; meanwhile the leader plans without us
+            self._failed = (target, time.monotonic(), f"{type(error).__name__}: {error}")
             self.daemon.loop.call_later(LOAD_RETRY_S, self._follow)
             self._publish()
             return
@@ -307,7 +308,8 @@ class Pipeline:
 
     def _publish(self) -> None:
         assignment = self._assignment
-        state = None if assignment is None else assignment.state(set(self.held), self._progress)
+        failed = self._failed[2] if self._failed and assignment and self._failed[0] == assignment.target else ""
+        state = None if assignment is None else assignment.state(set(self.held), self._progress, failed)
         if state != self.daemon.core.shard:
             self.daemon.carry_out(self.daemon.core.set_shard(state, self.daemon.now()))
 

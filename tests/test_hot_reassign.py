@@ -8,13 +8,16 @@ in the tiny model has no end-of-sequence token for 1500 tokens.
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import uuid
+from pathlib import Path
 
 import pytest
 
 from daemons import DaemonProcess, start_all, wait_for
-from serving import Stream, cluster, model_dir, reference, serving  # noqa: F401  (fixtures)
+from serving import Stream, cluster, model_dir, post, reference, serving  # noqa: F401  (fixtures)
 
 PROMPT = "Thunderbolt cables link the Macs"
 
@@ -166,3 +169,51 @@ def test_a_mac_that_sleeps_and_wakes_rejoins_as_itself_and_is_given_layers_again
     assert sleeper.status()["node"]["incarnation"] == incarnation  # not a restart
     assert next(n for n in back["nodes"] if n["id"] == sleeper_id)["state"] == "alive"
     assert stream.result() == expected
+
+
+def damage(model: Path, into: Path) -> Path:
+    """A copy of `model` whose MLP weights have their shapes transposed: the same bytes, so
+    the daemon starts and plans with it, but no layer of it can be loaded."""
+    copy = into / model.name
+    shutil.copytree(model, copy)
+    for file in copy.glob("*.safetensors"):
+        data = bytearray(file.read_bytes())
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size])
+        for name, entry in header.items():
+            if name.endswith("mlp.gate_proj.weight"):
+                entry["shape"] = entry["shape"][::-1]
+        encoded = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+        assert len(encoded) == size
+        file.write_bytes(bytes(data[:8]) + encoded + bytes(data[8 + size:]))
+    return copy
+
+
+def test_a_mac_that_cannot_load_its_layers_is_planned_around(tmp_path, model_dir, reference):
+    name = f"d{uuid.uuid4().hex[:8]}"
+    damaged = damage(model_dir, tmp_path / "damaged")
+    good = DaemonProcess("good", tmp_path / "good", ["--interface", "lo", "--memory", "4GB", "--model",
+                                                     str(model_dir), "--cluster", name, "--no-probe"])
+    bad = DaemonProcess("bad", tmp_path / "bad", ["--interface", "lo", "--memory", "4GB", "--model",
+                                                  str(damaged), "--cluster", name, "--no-probe"])
+    try:
+        start_all([good, bad])
+        bad_id = bad.node_id
+
+        def planned_around() -> dict | None:
+            view = good.status()
+            plan = view["plan"]
+            alive = {n["id"] for n in view["nodes"] if n["state"] == "alive"}
+            return view if plan and bad_id in alive and [s["node"] for s in plan["stages"]] == \
+                [good.node_id] and view["preparing"] is None else None
+
+        view = wait_for(planned_around, 30, "a plan without the Mac that cannot load")
+        failures = [e for d in (good, bad) for e in d.status()["events"] if e["kind"] == "load-failed"]
+        assert failures and "could not load layers" in failures[0]["detail"]
+        assert bad.alive() and good.alive()
+        status, body = post(good, "/v1/completions", {"model": "tiny", "prompt": PROMPT,
+                                                      "max_tokens": 24, "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"] == reference(PROMPT, 24)[0]
+    finally:
+        good.kill()
+        bad.kill()

@@ -199,7 +199,7 @@ def test_probe_measures_a_shaped_cable(cable_pair, rate: str) -> None:
     measured = []
     for _ in range(3):  # a probe starved of CPU reads low: the capacity is the best of three
         result, elapsed = asyncio.run(cable_probe(a, b, cable))
-        assert elapsed < 1.0
+        assert elapsed < 2.0  # a 0.5 s probe; generous for a loaded machine
         measured.append(result.bytes_per_s * 8)
         if measured[-1] == pytest.approx(payload_rate, rel=0.03):
             break

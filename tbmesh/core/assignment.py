@@ -44,11 +44,12 @@ class Assignment:
         """Every range worth keeping in memory; anything else is dropped."""
         return {(s.start, s.end) for s in (self.serve, self.prepare) if s is not None}
 
-    def state(self, held: set[Range], progress: float) -> ShardState | None:
-        """What to publish, holding the `held` ranges and `progress` of the target's load."""
+    def state(self, held: set[Range], progress: float, failed: str = "") -> ShardState | None:
+        """What to publish, holding the `held` ranges and `progress` of the target's load
+        (or why it `failed`)."""
         if self.target is None:
             return None
         epoch = self.prepare_epoch if self.prepare else self.serve_epoch
         done = 1.0 if self.target in held else progress
         serving = self.serve_epoch if self.serve and (self.serve.start, self.serve.end) in held else 0
-        return ShardState(self.model, *self.target, epoch, done, serving)
+        return ShardState(self.model, *self.target, epoch, done, serving, failed)

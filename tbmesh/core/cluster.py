@@ -92,6 +92,8 @@ class ClusterNode:
         self._members_since = now
         self._planned_for: frozenset[str] | None = None
         self._planned_memory: dict[str, int] = {}  # usable memory of each member when planned
+        self._unable: dict[str, str] = {}  # members that could not load their layers -> why
+        self._unable_in: frozenset[str] = frozenset()  # the membership that holds for
         self._election_key: tuple | None = None
         self._claims_cache: dict[str, election.Claim] = {}
         self._best: str | None = None
@@ -391,7 +393,7 @@ class ClusterNode:
             return
         plans = [p for p in self._visible_plans() if p.model == model.name]
         newest = max(plans, key=lambda p: p.key, default=None)
-        members = frozenset(self._members)
+        members = self._eligible(frozenset(self._members), now)
         ours = max((p for p in plans if p.considered == members), key=lambda p: p.key, default=None)
         if self.preparing is None:  # a new leader takes over what its predecessor prepared
             self.preparing = max((p for p in self._visible_preparing(model.name)
@@ -464,6 +466,25 @@ class ClusterNode:
         stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end - 1}" for s in plan.stages)
         self._event(now, "prepare", None, f"epoch {plan.epoch}: {stages}",
                     {"term": plan.term, "epoch": plan.epoch})
+
+    def _eligible(self, members: frozenset[str], now: float) -> frozenset[str]:
+        """The members to plan for: all but those that could not load their layers (until
+        the membership changes, when they may try again)."""
+        if members != self._unable_in:
+            self._unable, self._unable_in = {}, members
+        shards = self.shards()
+        for plan in (self.preparing, self.plan):
+            for stage in plan.stages if plan is not None else ():
+                held = shards.get(stage.node)
+                if held is not None and held.failed and stage.node not in self._unable \
+                        and (held.start, held.end, held.epoch) == (stage.start, stage.end, plan.epoch):
+                    self._unable[stage.node] = held.failed
+                    self._event(now, "load-failed", stage.node, f"{self._name(stage.node)} could not "
+                                f"load layers {stage.start}-{stage.end - 1}: {held.failed}")
+                    if plan is self.preparing:
+                        self._abandon(now, f"{self._name(stage.node)} could not load its layers")
+                    self._planned_for = None
+        return members - frozenset(self._unable)
 
     def _memory_of(self, members: frozenset[str]) -> dict[str, int]:
         infos = self.node_infos()

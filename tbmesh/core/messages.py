@@ -52,6 +52,7 @@ class ShardState:
     epoch: int
     progress: float = 1.0  # 1.0 = every layer of [start, end) is in memory
     serving: int = 0  # the epoch of the committed plan whose stage this node can run now
+    failed: str = ""  # why loading [start, end) failed (a damaged file): the leader plans without us
 
     @property
     def ready(self) -> bool:
