@@ -249,11 +249,16 @@ class Pipeline:
     def _load(self, target: Range, keep: list[Shard]) -> Shard:
         """Worker thread."""
         def on_layer(done: int, total: int) -> bool:
-            self.daemon.loop.call_soon_threadsafe(self._on_progress, target, done / total)
+            self._to_loop(self._on_progress, target, done / total)
             self._run_queued()  # steps of requests in flight go between layers, not after the load
             return self._loading == target
 
         return load_shard(self.model_dir, *target, keep=keep, on_layer=on_layer)
+
+    def _to_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """From the worker thread: call fn(*args) on the event loop (unless it has closed)."""
+        with contextlib.suppress(RuntimeError):
+            self.daemon.loop.call_soon_threadsafe(fn, *args)
 
     def _in_worker(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         """Run fn(*args) in the MLX thread after the work queued before it; during a load it
@@ -408,7 +413,7 @@ class Pipeline:
                 self.conducting[request.attempt] = request
                 produced = len(request.tokens)
                 try:
-                    async for token in self._attempt(request, params.max_tokens):
+                    async for token in self._attempt(request, params.max_tokens, eos):
                         if token in eos:
                             return
                         request.tokens.append(token)
@@ -429,7 +434,7 @@ class Pipeline:
         finally:
             self._end_attempt(request)
 
-    async def _attempt(self, request: Conducted, max_tokens: int) -> AsyncIterator[int]:
+    async def _attempt(self, request: Conducted, max_tokens: int, eos: set[int]) -> AsyncIterator[int]:
         """Prefill prompt + tokens so far on the attempt's route, then decode step by step."""
         rest = request.prompt + request.tokens
         fresh = True
@@ -443,10 +448,10 @@ class Pipeline:
             token = await request.queue.get()
             if isinstance(token, Exception):
                 raise token
-            yield token
             step += 1
-            if step < max_tokens:
-                self._send_tokens(request, step, [token], False, sample=True)
+            if step < max_tokens and token not in eos:  # the next step first: the pipeline
+                self._send_tokens(request, step, [token], False, sample=True)  # works while
+            yield token  # the client is written to
 
     def _end_attempt(self, request: Conducted) -> None:
         if self.conducting.pop(request.attempt, None) is None:
@@ -513,7 +518,8 @@ class Pipeline:
         if forward.fresh:
             self._users.setdefault(forward.layers, set()).add(tensor.request)
         future = self._in_worker(self._compute, shard, tensor, forward)
-        asyncio.wrap_future(future).add_done_callback(lambda f: self._computed(f, tensor, forward))
+        # straight back to the event loop from the worker (wrap_future would take two turns)
+        future.add_done_callback(lambda f: self._to_loop(self._computed, f, tensor, forward))
 
     def _compute(self, shard: Shard, tensor: wire.Tensor, forward: Forward) -> wire.Tensor | int | str | None:
         """Worker thread: one step of one request through our layers; returns the tensor
@@ -536,7 +542,7 @@ class Pipeline:
             return None
         return sample(out, forward.sampling, tensor.step)
 
-    def _computed(self, future: asyncio.Future, tensor: wire.Tensor, forward: Forward) -> None:
+    def _computed(self, future: concurrent.futures.Future, tensor: wire.Tensor, forward: Forward) -> None:
         if future.cancelled():
             return
         if future.exception() is not None:
