@@ -217,3 +217,44 @@ def test_a_mac_that_cannot_load_its_layers_is_planned_around(tmp_path, model_dir
     finally:
         good.kill()
         bad.kill()
+
+
+def test_the_leader_dying_disturbs_nothing_when_it_holds_no_layers(tmp_path, model_dir, reference):
+    from tbmesh.measure import machine_identity
+    from tbmesh.state import Identity, save_identity
+
+    name = f"l{uuid.uuid4().hex[:8]}"
+
+    def daemon(node: str, memory: str) -> DaemonProcess:
+        return DaemonProcess(node, tmp_path / node, ["--interface", "lo", "--memory", memory, "--model",
+                                                     str(model_dir), "--cluster", name, "--no-probe"])
+
+    # the smallest id, started first: it leads; with 1 MB it is given no layers
+    boss = daemon("boss", "1MB")
+    (tmp_path / "boss").mkdir()
+    save_identity(tmp_path / "boss", Identity("0" * 16, machine_identity(), 0))
+    workers = [daemon("a", "4GB"), daemon("b", "4GB")]
+    try:
+        boss.start()
+        wait_for(lambda: boss.status()["leader"] == "0" * 16, 10, "boss leading itself")
+        start_all(workers)
+        everyone = workers + [boss]
+        view = serving(everyone, 2)
+        assert view["leader"] == "0" * 16 and view["plan"]["left_out"] == ["0" * 16]
+        before = {d.node_id: d.status()["runtime"] for d in workers}
+        expected, _ = reference(PROMPT, 300)
+        stream = Stream(workers[0], PROMPT, 300, temperature=0)
+        stream.wait_pieces(30)
+        boss.kill()  # kill -9 the leader
+        after = wait_for(lambda: (v := workers[0].status())["leader"] in before
+                         and set(v["plan"]["left_out"]) == set() and v or None, 20, "a new leader")
+        assert [s["node"] for s in after["plan"]["stages"]] == [s["node"] for s in view["plan"]["stages"]]
+        assert stream.result() == expected
+        assert not events(workers[0], "resumed")  # the answer never stopped
+        for d in workers:  # and no layer was loaded again because the leader changed
+            runtime = d.status()["runtime"]
+            assert (runtime["loads"], runtime["layers_read"]) == \
+                (before[d.node_id]["loads"], before[d.node_id]["layers_read"])
+    finally:
+        for d in [boss, *workers]:
+            d.kill()
