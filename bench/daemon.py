@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from daemons import DaemonProcess, start_all, tiny_model_dir, wait_for  # noqa: E402
-from netns import Cable, Lab, Mac, in_netns  # noqa: E402
+from netns import Cable, Lab, Mac  # noqa: E402
 
 from tbmesh.core.cluster import CoreConfig  # noqa: E402
 from tbmesh.core.membership import Timing  # noqa: E402

@@ -8,6 +8,9 @@ import pytest
 
 import netns
 
+# the fixtures of tests that generate through real daemons: model_dir, reference, cluster
+pytest_plugins = ["serving"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(

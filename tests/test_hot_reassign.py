@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from daemons import DaemonProcess, start_all, wait_for
-from serving import Stream, cluster, model_dir, post, reference, serving  # noqa: F401  (fixtures)
+from serving import Stream, post, serving
 
 PROMPT = "Thunderbolt cables link the Macs"
 
@@ -207,7 +207,7 @@ def test_a_mac_that_cannot_load_its_layers_is_planned_around(tmp_path, model_dir
             return view if plan and bad_id in alive and [s["node"] for s in plan["stages"]] == \
                 [good.node_id] and view["preparing"] is None else None
 
-        view = wait_for(planned_around, 30, "a plan without the Mac that cannot load")
+        wait_for(planned_around, 30, "a plan without the Mac that cannot load")
         failures = [e for d in (good, bad) for e in d.status()["events"] if e["kind"] == "load-failed"]
         assert failures and "could not load layers" in failures[0]["detail"]
         assert bad.alive() and good.alive()

@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from daemons import DaemonProcess, agreed, start_all, wait_for
-from serving import Stream, model_dir, reference  # noqa: F401  (fixtures)
+from serving import Stream
 
 pytestmark = pytest.mark.needs_root
 

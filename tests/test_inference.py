@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from daemons import DaemonProcess, wait_for
-from serving import PROMPTS, cluster, complete, model_dir, post, reference, serving  # noqa: F401  (fixtures)
+from serving import PROMPTS, complete, post, serving
 from tbmesh.runtime.sampling import Sampling
 
 

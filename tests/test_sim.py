@@ -6,7 +6,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tbmesh.core.cluster import CoreConfig
-from tbmesh.core.membership import Timing
 from tbmesh.core.types import ModelSpec
 from tbmesh.sim import GB, NetworkModel, Simulator, make_info
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tbmesh.core import messages
-from tbmesh.core.messages import DatabaseSummary, Goodbye, Heartbeat
+from tbmesh.core.messages import Goodbye, Heartbeat
 from tbmesh.core.types import Stage
 from tbmesh.net import wire
 from tbmesh.net.wire import PREFIX, Auth, Hello, ProtocolError, Refuse, Tensor, Welcome
