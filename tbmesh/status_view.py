@@ -392,7 +392,7 @@ def _bandwidth(bits_per_s: float | None) -> str:
 def _rtt(seconds: float | None) -> str:
     if not seconds:
         return "–"
-    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs"
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 0.9995e-3 else f"{seconds * 1e6:.0f} µs"
 
 
 def _age(now: float | None, at: float | None) -> str:
