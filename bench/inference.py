@@ -513,29 +513,26 @@ if os.environ.get("TBMESH_BENCH_TRACE") and "daemon" in sys.argv:
             finally:
                 after and after(*args)
         setattr(P.Pipeline, name, wrapper)
-    _wrap("_send_tokens", before=lambda request, plan, step, *_: _rec("send", request, step))
+    _wrap("_send_tokens", before=lambda request, step, *_: _rec("send", request.attempt, step))
     _wrap("_run_stage", before=lambda t, f: _rec(f"arrive", t.request, t.step, f.stage))
-    _wrap("_compute", before=lambda s, p, t, f: _rec("cstart", t.request, t.step, time.process_time()),
-          after=lambda s, p, t, f: _rec("cend", t.request, t.step, time.process_time()))
+    _wrap("_compute", before=lambda s, t, f: _rec("cstart", t.request, t.step, time.process_time()),
+          after=lambda s, t, f: _rec("cend", t.request, t.step, time.process_time()))
     _wrap("_computed", before=lambda fut, t, f: _rec("computed", t.request, t.step))
     _wrap("receive", before=lambda m: isinstance(m, W.Token) and _rec("token", m.request, m.step))
-    _forward, _sample, _event = P.Shard.forward, P.sample, O._event
-    def forward(self, x, cache):
-        start = time.monotonic()
-        try:
-            return _forward(self, x, cache)
-        finally:
-            _rec("build", value=time.monotonic() - start)
-    def sample(logits, sampling, step):
-        start = time.monotonic()
-        try:
-            return _sample(logits, sampling, step)
-        finally:
-            _rec("sample", value=time.monotonic() - start)
+    def _timed(what, fn):
+        def timed(*args):
+            start = time.monotonic()
+            try:
+                return fn(*args)
+            finally:
+                _rec(what, value=time.monotonic() - start)
+        return timed
+    _event = O._event
     def event(data):
         _rec("sse")
         return _event(data)
-    P.Shard.forward, P.sample, O._event = forward, sample, event
+    P.Shard.forward, P.sample = _timed("build", P.Shard.forward), _timed("sample", P.sample)
+    O._event = event
 '''
 
 
