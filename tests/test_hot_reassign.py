@@ -200,16 +200,20 @@ def test_a_mac_that_cannot_load_its_layers_is_planned_around(tmp_path, model_dir
         start_all([good, bad])
         bad_id = bad.node_id
 
+        def failures() -> list[dict]:
+            return [e for d in (good, bad) for e in d.status()["events"] if e["kind"] == "load-failed"]
+
         def planned_around() -> dict | None:
+            # after the failure: before it, a plan of `good` alone was only the one made
+            # before `bad` joined
             view = good.status()
             plan = view["plan"]
             alive = {n["id"] for n in view["nodes"] if n["state"] == "alive"}
-            return view if plan and bad_id in alive and [s["node"] for s in plan["stages"]] == \
-                [good.node_id] and view["preparing"] is None else None
+            return view if failures() and plan and bad_id in alive and [s["node"] for s in plan["stages"]] \
+                == [good.node_id] and view["preparing"] is None else None
 
         wait_for(planned_around, 30, "a plan without the Mac that cannot load")
-        failures = [e for d in (good, bad) for e in d.status()["events"] if e["kind"] == "load-failed"]
-        assert failures and "could not load layers" in failures[0]["detail"]
+        assert "could not load layers" in failures()[0]["detail"]
         assert bad.alive() and good.alive()
         status, body = post(good, "/v1/completions", {"model": "tiny", "prompt": PROMPT,
                                                       "max_tokens": 24, "temperature": 0})
