@@ -100,7 +100,7 @@ class Daemon:
         self._api = None
         self._stopping = False
         self.pipeline: Pipeline | None = None  # the data plane
-        self._last_plan = None
+        self._last_view: tuple | None = None  # (plan, preparing) the pipeline last saw
         self.telemetry: Telemetry | None = None
 
     # ----- life cycle ------------------------------------------------------------------
@@ -314,8 +314,8 @@ class Daemon:
             if event.kind in LOSSY and event.node is not None and self.pipeline is not None:
                 self.pipeline.on_node_trouble(event.node)
         view = (self.core.plan, self.core.preparing)
-        if self.pipeline is not None and view != self._last_plan:
-            self._last_plan = view
+        if self.pipeline is not None and view != self._last_view:
+            self._last_view = view
             self.pipeline.on_view(*view)
 
     def send_to(self, node: str, message: object) -> bool:

@@ -212,10 +212,8 @@ def run(nodes: int = 3, ui: bool = True, tokens: int = 400, cache: Path | None =
 def _scenario(demo: Demo, say: Callable[[str], None], draw: Callable[[], None]) -> None:
     demo.start()
     view = demo.serving(demo.nodes)
-    stages = ", ".join(f"{_name(view, s['node'])} layers {s['start']}-{s['end'] - 1}"
-                       for s in view["plan"]["stages"])
     say(f"the cluster formed: leader {_name(view, view['leader'])}, plan epoch "
-        f"{view['plan']['epoch']}: {stages}")
+        f"{view['plan']['epoch']}: {_stages(view)}")
     draw()
     say(f"asking {demo.nodes[0].name}: {PROMPT!r} ({demo.tokens} tokens, temperature 0)")
     demo.ask()
@@ -237,9 +235,8 @@ def _scenario(demo: Demo, say: Callable[[str], None], draw: Callable[[], None]) 
     after = [t for t in demo.answer.arrivals if t > stopped_at]
     pause = after[0] - stopped_at if after else float("nan")
     view = demo.serving(survivors)
-    stages = ", ".join(f"{_name(view, s['node'])} layers {s['start']}-{s['end'] - 1}"
-                       for s in view["plan"]["stages"])
-    say(f"the cluster re-formed without {victim.name}: plan epoch {view['plan']['epoch']}: {stages}")
+    say(f"the cluster re-formed without {victim.name}: plan epoch {view['plan']['epoch']}: "
+        f"{_stages(view)}")
     say(f"the answer went on: {before} pieces before the kill, {len(after)} after; "
         f"it paused {pause:.2f} s")
     resumed = [e for e in survivors[0].status()["events"] if e["kind"] == "resumed"]
@@ -260,6 +257,11 @@ def _frame(demo: Demo, log: list[str], width: int) -> Group:
     tail = demo.answer.text[-6 * max(width - 4, 20):]
     return Group(screen, Panel(Text(tail or "…"), title=f"answer ({demo.answer.tokens} pieces)"),
                  Text("\n".join(log[-6:]), style="bold"))
+
+
+def _stages(view: dict[str, Any]) -> str:
+    return ", ".join(f"{_name(view, s['node'])} layers {s['start']}-{s['end'] - 1}"
+                     for s in view["plan"]["stages"])
 
 
 def _name(view: dict[str, Any], node_id: str | None) -> str:

@@ -400,39 +400,36 @@ class Pipeline:
         base, attempts, started = uuid.uuid4().hex, 0, time.monotonic()
         failed: Route = ()
         failures, retry_at = 0, 0.0  # attempts in a row that ended without a token
-        try:
-            while True:
-                route, epoch = await self._usable_route(time.monotonic() + self.resume_wait,
-                                                        failed, retry_at)
-                if attempts:
-                    self.counters.resumed += 1
-                    self.daemon.record("resumed", None, f"request {base[:8]} on epoch {epoch} after "
-                                       f"{len(request.tokens)} tokens ({time.monotonic() - started:.2f} s in)")
-                request.attempt, request.route = f"{base}.{attempts}", route
-                attempts += 1
-                self.conducting[request.attempt] = request
-                produced = len(request.tokens)
-                try:
-                    async for token in self._attempt(request, params.max_tokens, eos):
-                        if token in eos:
-                            return
-                        request.tokens.append(token)
-                        self.counters.tokens += 1
-                        self._recent_tokens.append(time.monotonic())
-                        yield token
-                    return
-                except PipelineBroken as why:
-                    failures = 0 if len(request.tokens) > produced else failures + 1
-                    if failures > MAX_FAILURES:
-                        raise ApiError(503, f"the request failed {failures} times in a row: {why}",
-                                       "service_unavailable") from None
-                    failed, retry_at = route, time.monotonic() + 0.05 * 2 ** failures
-                    log.info("request %s: %s; starting again from %d tokens", base[:8], why,
-                             len(request.tokens))
-                finally:
-                    self._end_attempt(request)
-        finally:
-            self._end_attempt(request)
+        while True:
+            route, epoch = await self._usable_route(time.monotonic() + self.resume_wait,
+                                                    failed, retry_at)
+            if attempts:
+                self.counters.resumed += 1
+                self.daemon.record("resumed", None, f"request {base[:8]} on epoch {epoch} after "
+                                   f"{len(request.tokens)} tokens ({time.monotonic() - started:.2f} s in)")
+            request.attempt, request.route = f"{base}.{attempts}", route
+            attempts += 1
+            self.conducting[request.attempt] = request
+            produced = len(request.tokens)
+            try:
+                async for token in self._attempt(request, params.max_tokens, eos):
+                    if token in eos:
+                        return
+                    request.tokens.append(token)
+                    self.counters.tokens += 1
+                    self._recent_tokens.append(time.monotonic())
+                    yield token
+                return
+            except PipelineBroken as why:
+                failures = 0 if len(request.tokens) > produced else failures + 1
+                if failures > MAX_FAILURES:
+                    raise ApiError(503, f"the request failed {failures} times in a row: {why}",
+                                   "service_unavailable") from None
+                failed, retry_at = route, time.monotonic() + 0.05 * 2 ** failures
+                log.info("request %s: %s; starting again from %d tokens", base[:8], why,
+                         len(request.tokens))
+            finally:
+                self._end_attempt(request)
 
     async def _attempt(self, request: Conducted, max_tokens: int, eos: set[int]) -> AsyncIterator[int]:
         """Prefill prompt + tokens so far on the attempt's route, then decode step by step."""
@@ -454,8 +451,7 @@ class Pipeline:
             yield token  # the client is written to
 
     def _end_attempt(self, request: Conducted) -> None:
-        if self.conducting.pop(request.attempt, None) is None:
-            return
+        del self.conducting[request.attempt]
         for node in dict.fromkeys(n for n, _, _ in request.route):  # free its caches everywhere
             self.deliver(wire.Cancel(request.attempt, node, "finished"))
         request.queue = asyncio.Queue()  # nothing of this attempt reaches the next one

@@ -463,8 +463,7 @@ class ClusterNode:
         self._prepare_event(now, plan)
 
     def _prepare_event(self, now: float, plan: Plan) -> None:
-        stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end - 1}" for s in plan.stages)
-        self._event(now, "prepare", None, f"epoch {plan.epoch}: {stages}",
+        self._event(now, "prepare", None, f"epoch {plan.epoch}: {self._stages_text(plan)}",
                     {"term": plan.term, "epoch": plan.epoch})
 
     def _eligible(self, members: frozenset[str], now: float) -> frozenset[str]:
@@ -538,8 +537,7 @@ class ClusterNode:
         if self.plan is not None and plan.key < self.plan.key:
             return
         if plan != self.plan:
-            stages = ", ".join(f"{self._name(s.node)} {s.start}-{s.end - 1}" for s in plan.stages)
-            self._event(now, "plan", None, f"epoch {plan.epoch} term {plan.term}: {stages}",
+            self._event(now, "plan", None, f"epoch {plan.epoch} term {plan.term}: {self._stages_text(plan)}",
                         {"term": plan.term, "epoch": plan.epoch})
         self.plan = plan
 
@@ -607,6 +605,9 @@ class ClusterNode:
 
     def _send(self, peer: str, message: Message) -> None:
         self._out.append(Send(peer, message))
+
+    def _stages_text(self, plan: Plan) -> str:
+        return ", ".join(f"{self._name(s.node)} {s.start}-{s.end - 1}" for s in plan.stages)
 
     def _name(self, node: str) -> str:
         if node == self.id:
