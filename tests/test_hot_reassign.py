@@ -241,7 +241,9 @@ def test_the_leader_dying_disturbs_nothing_when_it_holds_no_layers(tmp_path, mod
     try:
         boss.start()
         wait_for(lambda: boss.status()["leader"] == "0" * 16, 10, "boss leading itself")
-        start_all(workers)
+        for worker in workers:  # one at a time: two newcomers that met before finding the boss
+            worker.start()      # would elect one of them (two followers beat one)
+            wait_for(lambda: worker.status()["leader"] == "0" * 16, 20, "following the boss")
         everyone = workers + [boss]
         view = serving(everyone, 2)
         assert view["leader"] == "0" * 16 and view["plan"]["left_out"] == ["0" * 16]
