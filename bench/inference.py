@@ -17,7 +17,11 @@ daemon does, so that neither the HTTP clients nor this script share its interpre
             UTF-8 character sends no event), and every answer is checked to be mlx-lm's.
             Also, for reference, `mlx_sync`: the same model in a plain loop (forward, argmax,
             .item(), next token), i.e. without generate_step's async_eval overlap, which is
-            how a pipeline stage must run (it needs the token before the next step)
+            how a pipeline stage must run (it needs the token before the next step); and
+            `pipes_N`, the floor of an N-stage pipeline on this machine: N processes, each
+            running tbmesh's Shard on its layers (the plan's split), joined by OS pipes in a
+            ring, with no daemon, asyncio, threads or sockets: what splitting the model over
+            processes costs here by itself
   ttft      time to first token of a `--prompt-tokens`-token prompt (max_tokens 1): request
             sent -> first event; mlx-lm: generate_step called -> first token
   aggregate tokens/s of 1, 4 and 8 concurrent streamed requests (distinct prompts, each
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import http.client
 import json
 import os
@@ -64,6 +69,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 CACHE = Path(tempfile.gettempdir()) / "tbmesh-bench"
 WORKER = "--baseline-worker"
+RING = "--ring-stage"
 
 
 # --- the single-process baseline, in a worker process --------------------------------------------
@@ -189,6 +195,96 @@ class Baseline:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+# --- the floor: the same split over N processes joined by pipes, no daemon -------------------------
+
+
+def ring_stage_main(path: str, start: int, end: int, read_fd: int, write_fd: int) -> None:
+    """One stage of the pipe ring: frames in, our layers, frames out. A frame is a kind byte
+    (P: a prompt, fresh cache; D: one decode step; Q: quit), a length and the payload:
+    token ids into the first stage, float32 hidden states between stages, the argmax token
+    out of the last."""
+    import numpy as np
+    import mlx.core as mx
+    from tbmesh.runtime.shard import load_shard
+
+    shard = load_shard(path, start, end)
+    hidden = json.loads((Path(path) / "config.json").read_text())["hidden_size"]
+    into, out = os.fdopen(read_fd, "rb", buffering=0), os.fdopen(write_fd, "wb", buffering=0)
+    cache = shard.make_cache()
+    while True:
+        kind, payload = read_frame(into)
+        if kind == b"Q":
+            write_frame(out, kind, b"")
+            return
+        if kind == b"P":
+            cache = shard.make_cache()
+        x = np.frombuffer(payload, dtype=np.int32 if shard.first else np.float32)
+        h = shard.forward(mx.array(x.reshape(1, -1) if shard.first else x.reshape(1, -1, hidden)), cache)
+        if shard.last:
+            payload = np.array([mx.argmax(h, axis=-1).item()], dtype=np.int32).tobytes()
+        else:
+            mx.eval(h)
+            payload = np.array(h).tobytes()
+        write_frame(out, kind, payload)
+
+
+def read_frame(stream: Any) -> tuple[bytes, bytes]:
+    head = stream.read(5)
+    size = int.from_bytes(head[1:], "little")
+    payload = b""
+    while len(payload) < size:
+        payload += stream.read(size - len(payload))
+    return head[:1], payload
+
+
+def write_frame(stream: Any, kind: bytes, payload: bytes) -> None:
+    stream.write(kind + len(payload).to_bytes(4, "little") + payload)
+
+
+class PipeRing:
+    """N stage processes in a ring of pipes, this process at its ends."""
+
+    def __init__(self, path: Path, splits: list[tuple[int, int]]) -> None:
+        self.size = len(splits)
+        pipes = [os.pipe() for _ in range(self.size + 1)]
+        self.procs = [subprocess.Popen([sys.executable, __file__, RING, str(path), str(a), str(b),
+                                        str(pipes[i][0]), str(pipes[i + 1][1])],
+                                       pass_fds=(pipes[i][0], pipes[i + 1][1]))
+                      for i, (a, b) in enumerate(splits)]
+        for r, w in pipes[1:-1]:
+            os.close(r)
+            os.close(w)
+        os.close(pipes[0][0])
+        os.close(pipes[-1][1])
+        self.into = os.fdopen(pipes[0][1], "wb", buffering=0)
+        self.out = os.fdopen(pipes[-1][0], "rb", buffering=0)
+
+    def generate(self, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+        """Greedy tokens and the seconds after the call at which each arrived."""
+        import numpy as np
+
+        tokens, times = [], []
+        start = time.perf_counter()
+        write_frame(self.into, b"P", np.array(prompt, dtype=np.int32).tobytes())
+        while True:
+            _, payload = read_frame(self.out)
+            times.append(time.perf_counter() - start)
+            tokens.append(int(np.frombuffer(payload, dtype=np.int32)[0]))
+            if len(tokens) == max_tokens:
+                return tokens, times
+            write_frame(self.into, b"D", payload)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            write_frame(self.into, b"Q", b"")
+            read_frame(self.out)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def vmhwm(pid: int, field: str = "VmHWM") -> int | None:
@@ -376,19 +472,24 @@ def pick_prompts(baseline: Baseline, n: int, tokens: int) -> list[list[int]]:
     raise RuntimeError(f"only {len(found)} of the corpus's sentences give {tokens} tokens without EOS")
 
 
-def measure_decode(baseline: Baseline, clusters: list[Cluster], prompt: list[int], tokens: int,
-                   rounds: int) -> dict[str, Any]:
+def measure_decode(baseline: Baseline, clusters: list[Cluster], rings: list[PipeRing], prompt: list[int],
+                   tokens: int, rounds: int) -> dict[str, Any]:
     expected, _ = baseline.generate(prompt, tokens)
     shown = baseline.call("events", tokens=expected)
     text, emitted = shown["text"], shown["emitted"]
-    names = ["mlx_lm", "mlx_sync", *(f"tbmesh_{c.size}" for c in clusters)]
+    names = ["mlx_lm", "mlx_sync", *(f"pipes_{r.size}" for r in rings), *(f"tbmesh_{c.size}" for c in clusters)]
     rates: dict[str, list[float]] = {name: [] for name in names}
     ratios: dict[str, list[float]] = {name: [] for name in names[1:]}
-    variants: list[Any] = ["mlx_lm", "mlx_sync", *clusters]
+    variants: list[Any] = ["mlx_lm", "mlx_sync", *rings, *clusters]
     for r in range(rounds):
         got: dict[str, float] = {}
         for variant in rotate(variants, r):
-            if isinstance(variant, str):
+            if isinstance(variant, PipeRing):
+                out, times = variant.generate(prompt, len(expected))
+                if out != expected:
+                    raise RuntimeError(f"the ring of {variant.size} pipes gave other tokens than generate_step")
+                got[f"pipes_{variant.size}"] = (len(out) - 1) / (times[-1] - times[0])
+            elif isinstance(variant, str):
                 out, times = baseline.generate(prompt, tokens, sync=variant == "mlx_sync")
                 if out != expected:
                     raise RuntimeError(f"{variant} gave other tokens than generate_step")
@@ -412,6 +513,9 @@ def measure_decode(baseline: Baseline, clusters: list[Cluster], prompt: list[int
         "ratio_vs_mlx_lm": {k: round(median(v), 3) for k, v in ratios.items()},  # medians of paired ratios
         "extra_ms_per_token_vs_mlx_lm": {k: round(1e3 / med[k] - 1e3 / med["mlx_lm"], 2) for k in ratios},
         "runs_tokens_per_s": {k: [round(x, 2) for x in v] for k, v in rates.items()},
+        # tbmesh against the floor of its split on this machine (paired by round)
+        "ratio_vs_pipes": {f"tbmesh_{n}": round(median([a / b for a, b in zip(rates[f"tbmesh_{n}"], rates[f"pipes_{n}"])]), 3)
+                           for n in (r.size for r in rings) if f"tbmesh_{n}" in rates},
     }
 
 
@@ -650,6 +754,7 @@ def main() -> None:
     baseline = Baseline(path)
     clusters = [Cluster(n, path, work) for n in sizes]
     everyone = [d for c in clusters for d in c.daemons]
+    rings: list[PipeRing] = []
     results: dict[str, Any] = {
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -687,8 +792,9 @@ def main() -> None:
             reset_peak_rss(pid)
 
         prompt = pick_prompts(baseline, 1, args.tokens)[0]
+        rings.extend(PipeRing(path, [(s["start"], s["end"]) for _, s in c.stages()]) for c in clusters if c.size > 1)
         print(f"decode: {args.tokens} tokens, {len(prompt)}-token prompt, {args.rounds} rounds (tokens/s)", flush=True)
-        results["decode"] = measure_decode(baseline, clusters, prompt, args.tokens, args.rounds)
+        results["decode"] = measure_decode(baseline, clusters, rings, prompt, args.tokens, args.rounds)
         if args.trace:
             results["trace"] = trace_breakdown(str(work / "trace"), clusters)
             report_trace(results)
@@ -731,6 +837,8 @@ def main() -> None:
     finally:
         for cluster in clusters:
             cluster.stop()
+        for ring in rings:
+            ring.close()
         baseline.close()
         results["seconds"] = round(time.perf_counter() - began, 1)
         if "decode" in results:
@@ -751,6 +859,8 @@ def report(r: dict[str, Any]) -> None:
         ratio, extra = d["ratio_vs_mlx_lm"].get(name), d["extra_ms_per_token_vs_mlx_lm"].get(name)
         print(f"| {name:<9} | {rate:8.2f} | {d['ms_per_token'][name]:8.2f} | "
               f"{'' if ratio is None else f'{ratio:.3f}':>9} | {'' if extra is None else f'{extra:+.2f}':>14} |")
+    for name, ratio in d["ratio_vs_pipes"].items():
+        print(f"{name} vs the same split over pipes without a daemon (pipes_{name[7:]}): {ratio:.3f}")
     t = r["ttft"]
     print(f"\ntime to first token, {t['prompt_tokens']}-token prompt, medians of {t['rounds']} rounds")
     print(f"| {'':<9} | {'ms':>8} | {'vs mlx_lm':>9} |")
@@ -798,5 +908,7 @@ def report_trace(r: dict[str, Any]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == WORKER:
         worker_main(sys.argv[2])
+    elif len(sys.argv) == 7 and sys.argv[1] == RING:
+        ring_stage_main(sys.argv[2], *map(int, sys.argv[3:]))
     else:
         main()

@@ -313,6 +313,8 @@ class Daemon:
             self._record(event)
             if event.kind in LOSSY and event.node is not None and self.pipeline is not None:
                 self.pipeline.on_node_trouble(event.node)
+                if event.kind != "suspect":
+                    self.pipeline.on_node_gone(event.node)
         view = (self.core.plan, self.core.preparing)
         if self.pipeline is not None and view != self._last_view:
             self._last_view = view

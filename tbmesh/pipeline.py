@@ -159,6 +159,7 @@ class Pipeline:
         self._loading: Range | None = None
         self._progress = 0.0
         self._users: dict[Range, set[str]] = {}  # layers -> attempts holding a cache in them
+        self._entries: dict[str, str] = {}  # attempt -> its entry node, for attempts we hold a cache of
         self._unwanted_since: dict[Range, float] = {}  # held layers no plan wants, since when
         self._recheck: asyncio.TimerHandle | None = None
         self._failed: tuple[Range, float, str] | None = None  # the last load that failed: when, why
@@ -194,6 +195,20 @@ class Pipeline:
         for request in self.conducting.values():
             if any(n == node for n, _, _ in request.route):
                 request.queue.put_nowait(PipelineBroken(f"{self._name(node)} stopped answering"))
+
+    def on_node_gone(self, node: str) -> None:
+        """A node died, left or restarted: the attempts it entered will send no Cancel, so
+        their caches here go now (not only when their layers are dropped)."""
+        for attempt in [a for a, entry in self._entries.items() if entry == node]:
+            self._forget(attempt)
+
+    def _forget(self, attempt: str) -> None:
+        """Free an attempt's cache here and refuse its steps still on their way."""
+        self.cancelled.append(attempt)
+        self._in_worker(self.caches.pop, attempt, None)  # after queued work
+        self._entries.pop(attempt, None)
+        for users in self._users.values():
+            users.discard(attempt)
 
     def _name(self, node: str) -> str:
         info = self.daemon.core.node_infos().get(node)
@@ -231,7 +246,8 @@ class Pipeline:
             users = self._users.get(layers)
             if now - since >= DRAIN_S or (not users and (not linger or now - since >= LINGER_S)):
                 del self.held[layers], self._unwanted_since[layers]
-                self._users.pop(layers, None)
+                for attempt in self._users.pop(layers, ()):
+                    self._entries.pop(attempt, None)
                 log.info("dropped layers %d-%d", layers[0], layers[1] - 1)
                 self._in_worker(self._drop, layers)
         if self._unwanted_since and self._recheck is None:
@@ -493,10 +509,7 @@ class Pipeline:
                 request.queue.put_nowait(message.token if message.token >= 0
                                          else PipelineBroken("a stage failed to compute its step"))
         elif isinstance(message, wire.Cancel):
-            self.cancelled.append(message.request)
-            self._in_worker(self.caches.pop, message.request, None)  # after queued work
-            for users in self._users.values():
-                users.discard(message.request)
+            self._forget(message.request)
             request = self.conducting.get(message.request)
             if request is not None:  # a stage gave up on it
                 request.queue.put_nowait(PipelineBroken(message.reason))
@@ -513,6 +526,7 @@ class Pipeline:
             return
         if forward.fresh:
             self._users.setdefault(forward.layers, set()).add(tensor.request)
+            self._entries[tensor.request] = forward.entry
         future = self._in_worker(self._compute, shard, tensor, forward)
         # straight back to the event loop from the worker (wrap_future would take two turns)
         future.add_done_callback(lambda f: self._to_loop(self._computed, f, tensor, forward))

@@ -223,6 +223,11 @@ def test_a_mac_that_cannot_load_its_layers_is_planned_around(tmp_path, model_dir
         bad.kill()
 
 
+def member(tmp_path: Path, model_dir: Path, cluster: str, node: str, memory: str) -> DaemonProcess:
+    return DaemonProcess(node, tmp_path / node, ["--interface", "lo", "--memory", memory, "--model",
+                                                 str(model_dir), "--cluster", cluster, "--no-probe"])
+
+
 def test_the_leader_dying_disturbs_nothing_when_it_holds_no_layers(tmp_path, model_dir, reference):
     from tbmesh.measure import machine_identity
     from tbmesh.state import Identity, save_identity
@@ -230,8 +235,7 @@ def test_the_leader_dying_disturbs_nothing_when_it_holds_no_layers(tmp_path, mod
     name = f"l{uuid.uuid4().hex[:8]}"
 
     def daemon(node: str, memory: str) -> DaemonProcess:
-        return DaemonProcess(node, tmp_path / node, ["--interface", "lo", "--memory", memory, "--model",
-                                                     str(model_dir), "--cluster", name, "--no-probe"])
+        return member(tmp_path, model_dir, name, node, memory)
 
     # the smallest id, started first: it leads; with 1 MB it is given no layers
     boss = daemon("boss", "1MB")
@@ -263,4 +267,27 @@ def test_the_leader_dying_disturbs_nothing_when_it_holds_no_layers(tmp_path, mod
                 (before[d.node_id]["loads"], before[d.node_id]["layers_read"])
     finally:
         for d in [boss, *workers]:
+            d.kill()
+
+
+def test_the_stages_free_the_caches_of_an_entry_that_died_mid_answer(tmp_path, model_dir):
+    name = f"e{uuid.uuid4().hex[:8]}"
+    entry = member(tmp_path, model_dir, name, "entry", "1MB")  # given no layers: only an entry
+    stages = [member(tmp_path, model_dir, name, node, "4GB") for node in ("a", "b")]
+    try:
+        start_all([entry, *stages])
+        view = serving([entry, *stages], 2)
+        assert view["plan"]["left_out"] == [entry.node_id]
+        stream = Stream(entry, PROMPT, 2000, temperature=0)
+        stream.wait_pieces(5)
+        wait_for(lambda: all(d.status()["runtime"]["stage_requests"] == 1 for d in stages), 10,
+                 "both stages holding the request's cache")
+        entry.kill()  # kill -9: no Cancel will ever come from it
+        wait_for(lambda: all(d.status()["runtime"]["stage_requests"] == 0 for d in stages), 15,
+                 "the caches of the dead entry's request freed")
+        for d in stages:  # and nothing else changed: the same layers, still loaded
+            assert d.status()["runtime"]["held"] == [[s["start"], s["end"]] for s in view["plan"]["stages"]
+                                                      if s["node"] == d.node_id]
+    finally:
+        for d in [entry, *stages]:
             d.kill()
