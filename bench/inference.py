@@ -244,12 +244,13 @@ def write_frame(stream: Any, kind: bytes, payload: bytes) -> None:
 
 
 class PipeRing:
-    """N stage processes in a ring of pipes, this process at its ends."""
+    """N stage processes in a ring of pipes, this process at its ends; `prefix` goes before
+    each stage's command (e.g. taskset)."""
 
-    def __init__(self, path: Path, splits: list[tuple[int, int]]) -> None:
+    def __init__(self, path: Path, splits: list[tuple[int, int]], prefix: list[str] | None = None) -> None:
         self.size = len(splits)
         pipes = [os.pipe() for _ in range(self.size + 1)]
-        self.procs = [subprocess.Popen([sys.executable, __file__, RING, str(path), str(a), str(b),
+        self.procs = [subprocess.Popen([*(prefix or []), sys.executable, __file__, RING, str(path), str(a), str(b),
                                         str(pipes[i][0]), str(pipes[i + 1][1])],
                                        pass_fds=(pipes[i][0], pipes[i + 1][1]))
                       for i, (a, b) in enumerate(splits)]

@@ -46,7 +46,7 @@ from tbmesh.core.types import Plan
 from tbmesh.net import wire
 from tbmesh.openai_api import ApiError, GenerationParams
 from tbmesh.runtime.sampling import Sampling, sample
-from tbmesh.runtime.shard import LoadAbandoned, Shard, load_shard
+from tbmesh.runtime.shard import Kept, LoadAbandoned, Shard, load_shard
 
 if TYPE_CHECKING:
     from tbmesh.daemon import Daemon
@@ -136,6 +136,8 @@ class Counters:
     loads: int = 0  # shards loaded
     layers_read: int = 0  # layers read from disk
     layers_kept: int = 0  # layers a new shard took from one already in memory
+    tight_loads: int = 0  # loads begun after letting the running stage go (both did not fit)
+    peak_weight_bytes: int = 0  # the most weight bytes held at once (at the end of a load)
     bytes_read: int = 0
     resumed: int = 0  # attempts started again on another route
     tokens: int = 0  # tokens streamed by this entry
@@ -185,7 +187,9 @@ class Pipeline:
     def on_view(self, plan: Plan | None, preparing: Plan | None) -> None:
         """Called when the running plan or the one being prepared changes: load our stage of
         the newest, keep what either needs, and let go of the rest (see _follow)."""
-        self._assignment = Assignment.of(self.me, self.model_name, plan, preparing)
+        core = self.daemon.core
+        self._assignment = Assignment.of(self.me, self.model_name, plan, preparing, core.config.model,
+                                         core.info.memory_usable, core.config.context)
         self._follow()
 
     def on_node_trouble(self, node: str) -> None:
@@ -222,20 +226,21 @@ class Pipeline:
         failed = self._failed is not None and self._failed[0] == target \
             and time.monotonic() - self._failed[1] < LOAD_RETRY_S
         if target is not None and target not in self.held and self._loading != target and not failed:
-            self._start_load(target)  # first: the load keeps any held layer it can use
+            self._start_load(target, assignment.tight)  # first: the load keeps any held layer it can use
         elif target != self._loading:
             self._loading = None  # the load under way is for a plan we left: it stops
-        self._let_go(assignment.keep, linger=target is None)
+        self._let_go(assignment.keep, linger=target is None, at_once=assignment.tight)
         self._publish()
 
-    def _let_go(self, keep: set[Range], linger: bool) -> None:
+    def _let_go(self, keep: set[Range], linger: bool, at_once: bool = False) -> None:
         """Drop layers no plan wants, once nothing needs them.
 
         Requests in flight finish on the route they started on (a commit that only moves
         layers costs them nothing; a re-prefill would), so layers stay while attempts use
         them, up to DRAIN_S. While no plan gives us a stage (`linger`), unused layers stay
         LINGER_S: a Mac that ran alone and joins keeps what it holds for the stage the next
-        plan gives it, a moment later.
+        plan gives it, a moment later. `at_once`: memory cannot wait (the running and the
+        prepared stage do not fit together), the attempts using them resume on the new plan.
         """
         now = time.monotonic()
         for layers in list(self.held):
@@ -244,7 +249,7 @@ class Pipeline:
                 continue
             since = self._unwanted_since.setdefault(layers, now)
             users = self._users.get(layers)
-            if now - since >= DRAIN_S or (not users and (not linger or now - since >= LINGER_S)):
+            if at_once or now - since >= DRAIN_S or (not users and (not linger or now - since >= LINGER_S)):
                 del self.held[layers], self._unwanted_since[layers]
                 for attempt in self._users.pop(layers, ()):
                     self._entries.pop(attempt, None)
@@ -256,13 +261,15 @@ class Pipeline:
                 self._follow()
             self._recheck = self.daemon.loop.call_later(1.0, recheck)
 
-    def _start_load(self, target: Range) -> None:
+    def _start_load(self, target: Range, tight: bool = False) -> None:
         self._loading, self._progress, self._failed = target, 0.0, None
-        keep = list(self.held.values())
+        # tight: hold on to the parts the target reuses only, so the rest is freed before reading
+        keep = [shard.parts_for(*target) if tight else shard for shard in self.held.values()]
+        self.counters.tight_loads += tight
         future = self.executor.submit(self._load, target, keep)
         asyncio.wrap_future(future).add_done_callback(lambda f: self._loaded(f, target))
 
-    def _load(self, target: Range, keep: list[Shard]) -> Shard:
+    def _load(self, target: Range, keep: list[Shard | Kept]) -> Shard:
         """Worker thread."""
         def on_layer(done: int, total: int) -> bool:
             self._to_loop(self._on_progress, target, done / total)
@@ -320,6 +327,7 @@ class Pipeline:
         shard = future.result()
         self.held[target] = shard
         c = self.counters
+        c.peak_weight_bytes = max(c.peak_weight_bytes, _weight_bytes(self.held.values()))
         c.loads, c.layers_read, c.layers_kept = c.loads + 1, c.layers_read + shard.read_layers, \
             c.layers_kept + shard.kept_layers
         c.bytes_read += shard.read_bytes

@@ -273,7 +273,8 @@ class Simulator:
         if not force and self._followed.get(node) == seen:
             return
         self._followed[node] = seen
-        assignment = Assignment.of(node, core.config.model.name, core.plan, core.preparing)
+        assignment = Assignment.of(node, core.config.model.name, core.plan, core.preparing,
+                                   core.config.model, core.info.memory_usable, core.config.context)
         held = self.held[node]
         held &= assignment.keep
         target = assignment.target

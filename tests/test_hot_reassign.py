@@ -291,3 +291,49 @@ def test_the_stages_free_the_caches_of_an_entry_that_died_mid_answer(tmp_path, m
     finally:
         for d in [entry, *stages]:
             d.kill()
+
+
+def test_a_mac_without_room_for_its_old_and_new_layers_lets_the_old_go_before_loading(
+        tmp_path, model_dir, reference):
+    from tbmesh.core.assignment import kv_room, union_bytes
+    from tbmesh.core.types import Stage
+    from tbmesh.runtime.modeldir import describe_model_dir
+
+    # 8 layers of 0.79 MB weights + 2.1 MB of KV room each (4096 tokens): three Macs of 12.2 MB
+    # hold 3/3/2 layers, two of them 4/4 (11.8 MB); the one that moves to the front would need
+    # its old and new layers together (>= 12.6 MB) while it loads
+    memory, spec = 12_200_000, describe_model_dir(model_dir)
+    name = f"t{uuid.uuid4().hex[:8]}"
+    daemons = [member(tmp_path, model_dir, name, node, "12.2MB") for node in ("a", "b", "c")]
+    try:
+        start_all(daemons)
+        view = serving(daemons, 3)
+        old = {s["node"]: s for s in view["plan"]["stages"]}
+        ids = by_id(daemons)
+        first, *survivors = [s["node"] for s in view["plan"]["stages"]]
+        before = {n: ids[n].status()["runtime"] for n in survivors}
+        stream = Stream(ids[survivors[-1]], PROMPT, 120, temperature=0)
+        stream.wait_pieces(10)
+        ids[first].kill()
+        after = new_plan_without([ids[n] for n in survivors], first, 2)
+        new = {s["node"]: s for s in after["plan"]["stages"]}
+
+        def stage(s: dict) -> Stage:
+            return Stage(s["node"], s["start"], s["end"], s["bytes"])
+
+        tight = {n for n in survivors
+                 if union_bytes(spec, stage(old[n]), stage(new[n])) + kv_room(spec, stage(new[n]), 4096) > memory}
+        assert tight and tight != set(survivors)  # the scenario has both kinds
+        assert stream.result() == reference(PROMPT, 120)[0]
+        for n in survivors:
+            runtime = ids[n].status()["runtime"]
+            gained = set(range(new[n]["start"], new[n]["end"])) - set(range(old[n]["start"], old[n]["end"]))
+            assert runtime["tight_loads"] - before[n]["tight_loads"] == (n in tight)
+            # letting the old stage go first costs no re-read of the layers it keeps
+            assert runtime["layers_read"] - before[n]["layers_read"] == len(gained)
+            assert runtime["held"] == [[new[n]["start"], new[n]["end"]]]
+            if n in tight:  # it never held both stages' layers
+                assert runtime["peak_weight_bytes"] < union_bytes(spec, stage(old[n]), stage(new[n]))
+    finally:
+        for d in daemons:
+            d.kill()

@@ -7,6 +7,7 @@ leader's rules with every node's loading in the loop.
 
 import itertools
 
+from tbmesh.core.assignment import union_bytes
 from tbmesh.core.cluster import CoreConfig
 from tbmesh.core.messages import ShardState
 from tbmesh.core.types import ModelSpec
@@ -199,3 +200,30 @@ def test_a_large_change_of_a_nodes_usable_memory_plans_again_and_a_small_one_doe
     size = {s.node: s.end - s.start for s in after.stages}
     old = {s.node: s.end - s.start for s in before.stages}
     assert size["b"] < old["b"]  # b, with a third of its memory, holds fewer layers
+
+
+def test_a_node_that_cannot_hold_its_old_and_new_stage_together_lets_the_old_one_go_first():
+    # 17 GB of model on three 10 GB Macs. The first stage dies: the middle one moves to the
+    # front, and its old and new layers together would pass its 10 GB: it must not hold both
+    # while it loads (the last stage only grows, and keeps what it has).
+    infos = {n: make_info(n, 10 * GB) for n in "abc"}
+    sim = cluster(["a", "b", "c"], infos=infos)
+    old = sim.nodes["a"].plan
+    first = old.stages[0].node
+    sim.crash(first)
+    alive = [n for n in "abc" if n != first]
+    sim.run_until_true(lambda: (p := sim.nodes[alive[0]].preparing) is not None and first not in p.nodes, 5)
+    preparing = sim.nodes[alive[0]].preparing
+    tight = {n for n in alive
+             if union_bytes(MODEL, old.stage_of(n), preparing.stage_of(n)) > infos[n].memory_usable}
+    assert tight and tight != set(alive)  # the scenario has both kinds
+    sim.run_for(LOAD / 2)  # loading
+    for n in alive:
+        was, new = old.stage_of(n), preparing.stage_of(n)
+        if n in tight:  # it let the old stage go: it holds nothing but what it loads
+            assert sim.held[n] <= {(new.start, new.end)} and sim.nodes[n].shard.serving == 0
+        else:  # it keeps its old stage while it loads
+            assert (was.start, was.end) in sim.held[n] and sim.nodes[n].shard.serving == old.epoch
+    assert sim.run_until_true(lambda: settled(sim), LOAD + 3) is not None
+    assert sim.nodes[alive[0]].plan == preparing
+    assert all(sim.nodes[n].shard.serving == preparing.epoch for n in alive)

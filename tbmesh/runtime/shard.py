@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,16 @@ class Shard:
     def __repr__(self) -> str:
         return f"Shard([{self.start}, {self.end}) of {self.num_layers}, {self.weight_bytes} bytes)"
 
+    def parts_for(self, start: int, end: int) -> Kept:
+        """What a shard of [start, end) can take from this one: our layers in that range and
+        the ends it may need. Holding only this (not the shard) lets the rest be freed."""
+        last = end == self.num_layers
+        ends = {name: module for held_in, name, wanted in (
+                    (self._inner, "embed_tokens", start == 0 or last),  # tied heads use it too
+                    (self._inner, "norm", last), (self._lm, "lm_head", last))
+                if wanted and (module := held_in.get(name)) is not None}
+        return Kept({i: self.layer(i) for i in range(max(start, self.start), min(end, self.end))}, ends)
+
     def make_cache(self) -> list[Any]:
         """A fresh KV cache for this shard's layers (one per request)."""
         return make_prompt_cache(self.model)
@@ -99,13 +110,21 @@ class LoadAbandoned(Exception):
     """`on_layer` asked to stop: the plan no longer wants this shard."""
 
 
-def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard] = (),
+@dataclass(frozen=True)
+class Kept:
+    """Modules of a held shard that a new one reuses: layers by index, ends by name."""
+
+    layers: dict[int, nn.Module]
+    ends: dict[str, nn.Module]
+
+
+def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard | Kept] = (),
                on_layer: Callable[[int, int], bool] | None = None) -> Shard:
     """Load layers [start, end) of the mlx-lm model in `model_dir`, and nothing more.
 
-    Layers (and the embedding, norm and head) that a shard in `keep` already holds are taken
-    from it as they are, not read again: a node whose range moves from [0, 20) to [10, 30)
-    reads only layers 20-29. The rest is read layer by layer; after each one
+    Layers (and the embedding, norm and head) that a shard in `keep` already holds (or the
+    parts of one, see Shard.parts_for) are taken from it as they are, not read again: a node
+    whose range moves from [0, 20) to [10, 30) reads only layers 20-29. The rest is read layer by layer; after each one
     `on_layer(done, total)` is called, and when it returns False the load stops with
     LoadAbandoned (a newer plan wants other layers), having read at most one more layer.
     """
@@ -169,24 +188,21 @@ def _ends(lm: nn.Module, inner: nn.Module) -> list[nn.Module]:
 
 
 def _take_kept(lm: nn.Module, inner: nn.Module, start: int, end: int,
-               keep: Sequence[Shard]) -> set[int]:
+               keep: Sequence[Shard | Kept]) -> set[int]:
     """Put the modules `keep` holds for our layers and ends into our model; their ids."""
     taken: set[int] = set()
-    for shard in keep:
-        for i in range(max(start, shard.start), min(end, shard.end)):
-            layer = shard.layer(i)
-            inner.layers[i - start] = layer
-            taken.add(id(layer))
+    for held in keep:
+        parts = held.parts_for(start, end) if isinstance(held, Shard) else held
+        for i, layer in parts.layers.items():
+            if start <= i < end:
+                inner.layers[i - start] = layer
+                taken.add(id(layer))
         for held_in, name in ((inner, "embed_tokens"), (inner, "norm"), (lm, "lm_head")):
-            ours, theirs = held_in.get(name), _holder(shard, held_in is lm).get(name)
+            ours, theirs = held_in.get(name), parts.ends.get(name)
             if ours is not None and theirs is not None and type(ours) is type(theirs):
                 held_in[name] = theirs
                 taken.add(id(theirs))
     return taken
-
-
-def _holder(shard: Shard, lm: bool) -> nn.Module:
-    return shard._lm if lm else shard._inner
 
 
 def generate_locally(shards: Sequence[Shard], prompt: Sequence[int], max_tokens: int,
