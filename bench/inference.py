@@ -718,6 +718,8 @@ def leg_name(a: tuple, b: tuple) -> str:
         return "entry: SSE event -> next step sent"
     if wa == "send" and wb == "arrive":
         return "entry: next step sent -> at stage 0"
+    if wa == "arrive" and wb == "sse":  # the entry holds stage 0: the step is there before the event
+        return "entry: next step at stage 0 -> SSE event written"
     return f"{wa}[{sa}] -> {wb}[{sb}]"
 
 
