@@ -276,8 +276,9 @@ def test_the_stages_free_the_caches_of_an_entry_that_died_mid_answer(tmp_path, m
     stages = [member(tmp_path, model_dir, name, node, "4GB") for node in ("a", "b")]
     try:
         start_all([entry, *stages])
-        view = serving([entry, *stages], 2)
-        assert view["plan"]["left_out"] == [entry.node_id]
+        serving([entry, *stages], 2)
+        view = wait_for(lambda: (v := entry.status())["plan"]["left_out"] == [entry.node_id] and v, 20,
+                        "a plan that considered the entry and gave it no layers")
         stream = Stream(entry, PROMPT, 2000, temperature=0)
         stream.wait_pieces(5)
         wait_for(lambda: all(d.status()["runtime"]["stage_requests"] == 1 for d in stages), 10,
