@@ -124,9 +124,10 @@ def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard
 
     Layers (and the embedding, norm and head) that a shard in `keep` already holds (or the
     parts of one, see Shard.parts_for) are taken from it as they are, not read again: a node
-    whose range moves from [0, 20) to [10, 30) reads only layers 20-29. The rest is read layer by layer; after each one
-    `on_layer(done, total)` is called, and when it returns False the load stops with
-    LoadAbandoned (a newer plan wants other layers), having read at most one more layer.
+    whose range moves from [0, 20) to [10, 30) reads only layers 20-29. The rest is read
+    layer by layer; after each one `on_layer(done, total)` is called, and when it returns
+    False the load stops with LoadAbandoned (a newer plan wants other layers), having read
+    at most one more layer.
     """
     root = Path(model_dir)
     config = read_config(root)
