@@ -35,6 +35,7 @@ class NetworkModel:
     reconnect_interval: float = 0.5  # how often the shell retries a missing connection
     flush_delay: float = 0.001  # the shell runs the core's flush this soon after a receive
     load_delay: float = 0.05  # a node's runtime takes this long to load a shard
+    load_retry: float = 10.0  # a load that failed is tried again after this (the daemon's LOAD_RETRY_S)
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Simulator:
         self.held: dict[str, set[Range]] = {}  # node -> the layer ranges its "runtime" holds
         self.loads: dict[str, list[Range]] = {}  # node -> every range it loaded
         self._loading: dict[str, Range] = {}
+        self.unloadable: set[str] = set()  # nodes whose loads fail (a damaged model copy)
+        self._failed: dict[str, tuple[Range, float]] = {}  # node -> the range whose load failed, when
         self._followed: dict[str, tuple] = {}
         self._schedule(self.net.reconnect_interval, self._reconnect_loop)
 
@@ -278,18 +281,25 @@ class Simulator:
         held = self.held[node]
         held &= assignment.keep
         target = assignment.target
-        if target is not None and target not in held and self._loading.get(node) != target:
+        failed = self._failed.get(node)
+        failed = failed is not None and failed[0] == target and self.now - failed[1] < self.net.load_retry
+        if target is not None and target not in held and self._loading.get(node) != target and not failed:
             self._loading[node] = target
 
             def loaded(target: Range = target) -> None:
                 if self.nodes.get(node) is core and self._loading.get(node) == target:
                     del self._loading[node]
-                    self.held[node].add(target)
-                    self.loads.setdefault(node, []).append(target)
+                    if node in self.unloadable:
+                        self._failed[node] = (target, self.now)
+                        self._schedule(self.net.load_retry, lambda: self._follow_plan(node, core, force=True))
+                    else:
+                        self._failed.pop(node, None)
+                        self.held[node].add(target)
+                        self.loads.setdefault(node, []).append(target)
                     self._follow_plan(node, core, force=True)
 
             self._schedule(self.net.load_delay, loaded)
-        state = assignment.state(held, 0.0)
+        state = assignment.state(held, 0.0, "unreadable" if failed else "")
         if state != core.shard:
             self._carry_out(node, core.set_shard(state, self.now))
 

@@ -6,9 +6,11 @@ leader's rules with every node's loading in the loop.
 """
 
 import itertools
+from dataclasses import replace
 
 from tbmesh.core.assignment import union_bytes
 from tbmesh.core.cluster import CoreConfig
+from tbmesh.core.membership import Timing
 from tbmesh.core.messages import ShardState
 from tbmesh.core.types import ModelSpec
 from tbmesh.sim import GB, NetworkModel, Simulator, make_info
@@ -227,3 +229,34 @@ def test_a_node_that_cannot_hold_its_old_and_new_stage_together_lets_the_old_one
     assert sim.run_until_true(lambda: settled(sim), LOAD + 3) is not None
     assert sim.nodes[alive[0]].plan == preparing
     assert all(sim.nodes[n].shard.serving == preparing.epoch for n in alive)
+
+
+def test_a_node_that_cannot_load_is_planned_around_and_tried_again_with_a_back_off():
+    config = CoreConfig(replace(Timing(), retry_unable=5.0), MODEL)
+    sim = Simulator(seed=3, config=config, network=NetworkModel(load_delay=0.5, load_retry=1.0))
+    sim.unloadable.add("c")  # its model copy is damaged
+    for node in "abc":
+        sim.add_node(node)
+    for a, b in itertools.combinations("abc", 2):
+        sim.cable(a, b)
+
+    def serving(nodes: set[str]) -> bool:  # every node runs one committed plan of `nodes`
+        plan = sim.nodes["a"].plan
+        return sim.converged() and plan is not None and set(plan.nodes) == nodes and all(
+            sim.nodes[n].plan == plan and sim.nodes[n].preparing is None for n in "abc") and all(
+            sim.nodes[n].shard.serving == plan.epoch for n in nodes)
+
+    assert sim.run_until_true(lambda: serving({"a", "b"}), 10) is not None
+    leader = sim.nodes["a"].leader
+
+    def at(kind: str) -> list[float]:
+        return [e.at for n, e in sim.stats.events if n == leader and e.kind == kind and e.node == "c"]
+
+    sim.run_for(20)  # failures at t0, then retries after 5 s, then 10 s: each fails again
+    failed, retried = at("load-failed"), at("retry")
+    assert len(failed) >= 2 and len(retried) >= 2
+    assert 5 <= retried[0] - failed[0] < 6 and 10 <= retried[1] - failed[1] < 11  # doubling
+    assert sim.nodes["a"].plan is not None and "c" not in sim.nodes["a"].plan.nodes  # a and b serve on
+    sim.unloadable.discard("c")  # repaired: at the next retry it loads, and is given layers
+    assert sim.run_until_true(lambda: serving({"a", "b", "c"}), 25) is not None
+    assert settled(sim)

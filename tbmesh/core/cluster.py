@@ -92,7 +92,8 @@ class ClusterNode:
         self._members_since = now
         self._planned_for: frozenset[str] | None = None
         self._planned_memory: dict[str, int] = {}  # usable memory of each member when planned
-        self._unable: dict[str, str] = {}  # members that could not load their layers -> why
+        self._unable: dict[str, float] = {}  # members that could not load their layers -> since
+        self._unable_failures: dict[str, int] = {}  # failures in a row, for the back-off
         self._unable_in: frozenset[str] = frozenset()  # the membership that holds for
         self._election_key: tuple | None = None
         self._claims_cache: dict[str, election.Claim] = {}
@@ -467,17 +468,31 @@ class ClusterNode:
                     {"term": plan.term, "epoch": plan.epoch})
 
     def _eligible(self, members: frozenset[str], now: float) -> frozenset[str]:
-        """The members to plan for: all but those that could not load their layers (until
-        the membership changes, when they may try again)."""
+        """The members to plan for: all but those that could not load their layers, until
+        the membership changes or their back-off ends (retry_unable, doubling at each
+        failure in a row): a Mac whose model copy was repaired is used again."""
         if members != self._unable_in:
-            self._unable, self._unable_in = {}, members
+            self._unable, self._unable_failures, self._unable_in = {}, {}, members
         shards = self.shards()
+        for stage in self.plan.stages if self.plan is not None else ():
+            held = shards.get(stage.node)
+            if held is not None and held.serving == self.plan.epoch:
+                self._unable_failures.pop(stage.node, None)  # it loads again: the back-off restarts
+        for node, since in list(self._unable.items()):
+            failures = self._unable_failures[node]
+            wait = min(self.timing.retry_unable * 2 ** (failures - 1), self.timing.retry_unable_max)
+            if now - since >= wait:
+                del self._unable[node]
+                self._planned_for = None
+                self._event(now, "retry", node, f"{self._name(node)} is planned for again "
+                            f"({failures} failed load{'s' if failures > 1 else ''} in a row)")
         for plan in (self.preparing, self.plan):
             for stage in plan.stages if plan is not None else ():
                 held = shards.get(stage.node)
                 if held is not None and held.failed and stage.node not in self._unable \
                         and (held.start, held.end, held.epoch) == (stage.start, stage.end, plan.epoch):
-                    self._unable[stage.node] = held.failed
+                    self._unable[stage.node] = now
+                    self._unable_failures[stage.node] = self._unable_failures.get(stage.node, 0) + 1
                     self._event(now, "load-failed", stage.node, f"{self._name(stage.node)} could not "
                                 f"load layers {stage.start}-{stage.end - 1}: {held.failed}")
                     if plan is self.preparing:

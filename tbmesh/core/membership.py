@@ -33,6 +33,8 @@ class Timing:
     startup_grace: float = 1.0  # a new node listens this long before leading alone
     settle: float = 0.3  # membership unchanged this long -> the leader re-plans
     summary_interval: float = 1.0  # at most one database summary per peer per interval
+    retry_unable: float = 60.0  # a node that could not load is planned for again after this,
+    retry_unable_max: float = 3600.0  # doubling at each failure in a row, up to this
 
 
 @dataclass
