@@ -160,8 +160,7 @@ class Pipeline:
         self._assignment: Assignment | None = None
         self._loading: Range | None = None
         self._progress = 0.0
-        self._users: dict[Range, set[str]] = {}  # layers -> attempts holding a cache in them
-        self._entries: dict[str, str] = {}  # attempt -> its entry node, for attempts we hold a cache of
+        self._stage_attempts: dict[str, tuple[Range, str]] = {}  # attempt -> (layers, entry), cache held
         self._unwanted_since: dict[Range, float] = {}  # held layers no plan wants, since when
         self._recheck: asyncio.TimerHandle | None = None
         self._failed: tuple[Range, float, str] | None = None  # the last load that failed: when, why
@@ -203,16 +202,14 @@ class Pipeline:
     def on_node_gone(self, node: str) -> None:
         """A node died, left or restarted: the attempts it entered will send no Cancel, so
         their caches here go now (not only when their layers are dropped)."""
-        for attempt in [a for a, entry in self._entries.items() if entry == node]:
+        for attempt in [a for a, (_, entry) in self._stage_attempts.items() if entry == node]:
             self._forget(attempt)
 
     def _forget(self, attempt: str) -> None:
         """Free an attempt's cache here and refuse its steps still on their way."""
         self.cancelled.append(attempt)
         self._in_worker(self.caches.pop, attempt, None)  # after queued work
-        self._entries.pop(attempt, None)
-        for users in self._users.values():
-            users.discard(attempt)
+        self._stage_attempts.pop(attempt, None)
 
     def _name(self, node: str) -> str:
         info = self.daemon.core.node_infos().get(node)
@@ -248,11 +245,11 @@ class Pipeline:
                 self._unwanted_since.pop(layers, None)
                 continue
             since = self._unwanted_since.setdefault(layers, now)
-            users = self._users.get(layers)
+            users = [a for a, (used, _) in self._stage_attempts.items() if used == layers]
             if at_once or now - since >= DRAIN_S or (not users and (not linger or now - since >= LINGER_S)):
                 del self.held[layers], self._unwanted_since[layers]
-                for attempt in self._users.pop(layers, ()):
-                    self._entries.pop(attempt, None)
+                for attempt in users:
+                    del self._stage_attempts[attempt]
                 log.info("dropped layers %d-%d", layers[0], layers[1] - 1)
                 self._in_worker(self._drop, layers)
         if self._unwanted_since and self._recheck is None:
@@ -533,8 +530,7 @@ class Pipeline:
                                f"{forward.layers[0]}-{forward.layers[1] - 1}")
             return
         if forward.fresh:
-            self._users.setdefault(forward.layers, set()).add(tensor.request)
-            self._entries[tensor.request] = forward.entry
+            self._stage_attempts[tensor.request] = (forward.layers, forward.entry)
         future = self._in_worker(self._compute, shard, tensor, forward)
         # straight back to the event loop from the worker (wrap_future would take two turns)
         future.add_done_callback(lambda f: self._to_loop(self._computed, f, tensor, forward))
