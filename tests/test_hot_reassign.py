@@ -91,6 +91,13 @@ def test_a_node_that_joins_mid_generation_is_given_layers_and_nothing_unchanged_
     assert events(leader, "prepare") and events(leader, "plan")
 
 
+def member(tmp_path: Path, model_dir: Path, cluster: str, node: str, memory: str,
+           *more: str) -> DaemonProcess:
+    """A daemon on loopback with `memory` usable, serving `model_dir` in `cluster`."""
+    return DaemonProcess(node, tmp_path / node, ["--interface", "lo", "--memory", memory, "--model",
+                                                 str(model_dir), "--cluster", cluster, "--no-probe", *more])
+
+
 @pytest.fixture
 def pair_that_needs_both(tmp_path, model_dir):
     """Two daemons, each with room for a bit more than half the model; a third can be added."""
@@ -113,9 +120,7 @@ def pair_that_needs_both(tmp_path, model_dir):
     started: list[DaemonProcess] = []
 
     def make(i: int, resume_wait: float) -> DaemonProcess:
-        daemon = DaemonProcess(f"n{i}", tmp_path / f"n{i}", [
-            "--interface", "lo", "--memory", memory, "--model", str(model_dir), "--cluster", name,
-            "--no-probe", "--resume-wait", str(resume_wait)])
+        daemon = member(tmp_path, model_dir, name, f"n{i}", memory, "--resume-wait", str(resume_wait))
         started.append(daemon)
         return daemon
 
@@ -192,10 +197,8 @@ def damage(model: Path, into: Path) -> Path:
 def test_a_mac_that_cannot_load_its_layers_is_planned_around(tmp_path, model_dir, reference):
     name = f"d{uuid.uuid4().hex[:8]}"
     damaged = damage(model_dir, tmp_path / "damaged")
-    good = DaemonProcess("good", tmp_path / "good", ["--interface", "lo", "--memory", "4GB", "--model",
-                                                     str(model_dir), "--cluster", name, "--no-probe"])
-    bad = DaemonProcess("bad", tmp_path / "bad", ["--interface", "lo", "--memory", "4GB", "--model",
-                                                  str(damaged), "--cluster", name, "--no-probe"])
+    good = member(tmp_path, model_dir, name, "good", "4GB")
+    bad = member(tmp_path, damaged, name, "bad", "4GB")
     try:
         start_all([good, bad])
         bad_id = bad.node_id
@@ -221,11 +224,6 @@ def test_a_mac_that_cannot_load_its_layers_is_planned_around(tmp_path, model_dir
     finally:
         good.kill()
         bad.kill()
-
-
-def member(tmp_path: Path, model_dir: Path, cluster: str, node: str, memory: str) -> DaemonProcess:
-    return DaemonProcess(node, tmp_path / node, ["--interface", "lo", "--memory", memory, "--model",
-                                                 str(model_dir), "--cluster", cluster, "--no-probe"])
 
 
 def test_the_leader_dying_disturbs_nothing_when_it_holds_no_layers(tmp_path, model_dir, reference):
