@@ -720,6 +720,8 @@ def model_tiny(
     vocab: int = typer.Option(512, "--vocab", help="Vocabulary size (at least 260)."),
     seed: int = typer.Option(0, "--seed", help="The same seed writes the same bytes."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    early_end: bool = typer.Option(False, "--early-end", help="Greedy answers soon end with <|end_of_text|>, "
+                                   "the second end id of config.json (a test of end ids)."),
     force: bool = typer.Option(False, "--force", help="Write into a directory that already holds files."),
 ) -> None:  # fmt: skip
     """Write a small random-weight model for tests and demos, made offline.
@@ -734,7 +736,7 @@ def model_tiny(
 
     try:
         root = make_tiny_model(directory, arch=arch, layers=layers, hidden=hidden, vocab=vocab, seed=seed,
-                               dtype=dtype, force=force)  # fmt: skip
+                               dtype=dtype, early_end=early_end, force=force)  # fmt: skip
     except FileExistsError as error:
         _fail(f"{error}; --force writes into it")
     except (ValueError, OSError) as error:  # bad sizes, a directory in use, a disk problem

@@ -346,7 +346,7 @@ class Pipeline:
 
     def tokenizer(self, model: str) -> Any:
         if self._tokenizer is None:
-            from mlx_lm.utils import load_tokenizer
+            from tbmesh.runtime.modeldir import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model_dir)
         return self._tokenizer

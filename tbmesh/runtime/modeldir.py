@@ -109,3 +109,13 @@ def _entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[str, list
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+def load_tokenizer(root: Path) -> Any:
+    """mlx-lm's tokenizer of the model in `root` with the end ids `mlx_lm.load` gives it: those
+    config.json lists (generation_config.json's when it lists any), not only the tokenizer's
+    own eos token, or an answer would run past an end id mlx-lm stops at."""
+    from mlx_lm.utils import load_config
+    from mlx_lm.utils import load_tokenizer as load
+
+    return load(root, eos_token_ids=load_config(root).get("eos_token_id"))

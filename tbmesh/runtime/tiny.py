@@ -63,13 +63,17 @@ def make_tiny_model(
     experts: int = 8,
     experts_per_token: int = 2,
     tie_embeddings: bool = False,
+    early_end: bool = False,
     force: bool = False,
 ) -> Path:
     """Write a random-weight `arch` model and its tokenizer into `path`; returns `path`.
 
     `heads` defaults to hidden / 64, `kv_heads` to half of them (grouped-query attention),
-    `intermediate` to 3 x hidden; `experts` apply to qwen3_moe only. Raises ValueError on
-    bad sizes and FileExistsError when `path` already holds files, unless `force`.
+    `intermediate` to 3 x hidden; `experts` apply to qwen3_moe only. `early_end`: greedy
+    answers soon meet <|end_of_text|>, the end id config.json lists beside the tokenizer's own
+    (<|im_end|>), as instruct models do: a test that a server stops on every end id.
+    Raises ValueError on bad sizes and FileExistsError when `path` already holds files,
+    unless `force`.
     """
     root = Path(path)
     heads = max(1, hidden // HEAD_DIM) if heads is None else heads
@@ -83,6 +87,8 @@ def make_tiny_model(
     if arch == "qwen3_moe":
         config.update(num_experts=experts, num_experts_per_tok=experts_per_token, moe_intermediate_size=intermediate)
     weights = random_weights(config, seed, dtype)
+    if early_end:
+        _favour_token(weights, ids[EOS])
     mx.save_safetensors(str(root / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
     _write_json(root / "config.json", config)
     write_tokenizer(root, tokenizer)
@@ -198,6 +204,14 @@ def _draw(name: str, init: mx.array, key: mx.array, layers: int, hidden: int, ti
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             std /= math.sqrt(2 * layers)  # each of 2 x layers writes into the residual (GPT-2)
     return mx.random.normal(init.shape, dtype=mx.float32, key=key) * std
+
+
+def _favour_token(weights: dict[str, mx.array], token: int) -> None:
+    """Scale `token`'s output row: its logit, 8 times as spread, leads a third of the time."""
+    name = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"
+    matrix = weights[name]
+    weights[name] = mx.concatenate([matrix[:token], matrix[token : token + 1] * 8, matrix[token + 1 :]])
+    mx.eval(weights[name])
 
 
 # --- tokenizer ----------------------------------------------------------------------------
