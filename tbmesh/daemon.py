@@ -205,7 +205,7 @@ class Daemon:
 
         from tbmesh.api import make_app
 
-        runner = web.AppRunner(make_app(self), access_log=None)
+        runner = web.AppRunner(make_app(self.status, self._probe_links, self.pipeline), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.config.api_host, self.config.api_port)
         try:
@@ -574,6 +574,11 @@ class Daemon:
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe(p) for p in list(self.channels)))
+
+    async def _probe_links(self) -> dict[str, Any]:
+        """POST /probe: every link measured again, then the links as /status gives them."""
+        await self.probe_all()
+        return {"links": self.status()["links"]}
 
     # ----- interfaces ------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions and /v1/models.
 
 The HTTP layer (request checking, chat templates, streaming detokenization, stop strings,
-server-sent events, client disconnects) is the same whatever generates the tokens: a `Backend`
-yields token ids, either the cluster's pipeline (tbmesh.pipeline) or `LocalBackend`, the whole
-model in one process (what a single Mac runs, and the baseline for the benchmarks).
+server-sent events, client disconnects) is the same whatever generates the tokens: a
+`tbmesh.generation.Backend` yields token ids, either the cluster's serving engine or
+`tbmesh.runtime.local.LocalBackend`, the whole model in one process. This module alone maps
+the backends' errors to HTTP status codes.
 """
 
 from __future__ import annotations
@@ -15,32 +16,18 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from tbmesh.generation import Backend, BadRequest, GenerationParams, Unavailable
+
 if TYPE_CHECKING:
-    import mlx.core as mx
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-    from tbmesh.runtime.sampling import Sampling
-
 log = logging.getLogger(__name__)
-
-
-# --- the interface to whatever generates the tokens ----------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
 
 
 class ApiError(Exception):
@@ -60,22 +47,6 @@ class ApiError(Exception):
 
     def response(self) -> web.Response:
         return web.json_response(self.body(), status=self.status)
-
-
-class Backend(Protocol):
-    def models(self) -> list[str]:
-        """The model ids served (the model directory's name)."""
-
-    def unavailable(self, model: str) -> ApiError | None:
-        """Why `model` cannot serve requests now (a 503), or None when it can."""
-
-    def tokenizer(self, model: str) -> TokenizerWrapper:
-        """mlx-lm's tokenizer wrapper of `model` (chat template, eos ids, streaming detokenizer)."""
-
-    def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
-        """Yield the generated token ids. Ends after max_tokens, or at an EOS token, which is not
-        yielded. Closing the iterator early (aclose) cancels the generation everywhere and frees
-        its caches. Raise ApiError for an error the client should see as such."""
 
 
 @dataclass(frozen=True)
@@ -413,6 +384,10 @@ def _failure(error: Exception) -> ApiError:
     """An error of the backend as the client sees it."""
     if isinstance(error, ApiError):
         return error
+    if isinstance(error, Unavailable):
+        return ApiError(503, str(error), "service_unavailable")
+    if isinstance(error, BadRequest):
+        return ApiError(400, str(error), param=error.param)
     log.error("generation failed", exc_info=error)
     return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
 
@@ -543,7 +518,7 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
                                 f"{', '.join(served) or 'no model'}", param="model", code="model_not_found")  # fmt: skip
         reason = backend.unavailable(model)
         if reason is not None:
-            raise reason
+            raise _failure(reason)
 
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
@@ -577,116 +552,3 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
-
-
-# --- a single-process backend ------------------------------------------------------------------
-
-
-PREFILL_STEP = 2048  # as mlx-lm's generate_step, so that results match it exactly
-
-
-@dataclass
-class _LocalRequest:
-    sampling: Sampling  # with a seed: its own random keys
-    cache: list[Any] | None = None  # mlx-lm's KV cache of this request alone
-
-
-class LocalBackend:
-    """The whole model in this process (mlx_lm.load). All MLX work runs in one worker thread,
-    never on the event loop; requests interleave there token by token, each with its own cache."""
-
-    def __init__(self, model_dir: str | Path, name: str | None = None) -> None:
-        from mlx_lm.utils import load
-
-        self.model_dir = Path(model_dir)
-        self.name = name or self.model_dir.name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tbmesh-mlx")
-        self._closed = False
-        # loaded in the worker thread too, as the arrays belong to the thread that uses them
-        self._model, self._tokenizer = self._executor.submit(load, str(self.model_dir)).result()
-        self.requests: dict[str, _LocalRequest] = {}  # in flight, with their caches
-        self.cancelled: list[str] = []  # requests closed before their end
-
-    def close(self) -> None:
-        """Stop the worker thread. Call it before the process exits: MLX (0.32) now and then
-        aborts the exit ("terminate called without an active exception") when a thread that
-        used it still has its streams; clearing them in that thread first makes the exit clean."""
-        import mlx.core as mx
-
-        if self._closed:
-            return
-        self._closed = True
-        self._executor.submit(mx.clear_streams).result()
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> LocalBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def models(self) -> list[str]:
-        return [self.name]
-
-    def unavailable(self, model: str) -> ApiError | None:
-        return None
-
-    def tokenizer(self, model: str) -> TokenizerWrapper:
-        return self._tokenizer
-
-    async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
-        if model != self.name:
-            raise ApiError(404, f"the model {model!r} does not exist here", param="model", code="model_not_found")
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        from tbmesh.runtime.sampling import Sampling
-
-        loop = asyncio.get_running_loop()
-        # no seed: a random one of this request's own, never the global RNG shared by all
-        state = _LocalRequest(Sampling(params.temperature, params.top_p, params.seed).seeded())
-        name = uuid.uuid4().hex
-        self.requests[name] = state
-        eos = self._tokenizer.eos_token_ids
-        try:
-            token = await loop.run_in_executor(self._executor, self._prefill, state, prompt)
-            for step in range(params.max_tokens):
-                if token in eos:
-                    return
-                yield token
-                if step + 1 == params.max_tokens:
-                    return
-                token = await loop.run_in_executor(self._executor, self._decode, state, token, step + 1)
-        except (GeneratorExit, asyncio.CancelledError):
-            self.cancelled.append(name)
-            raise
-        finally:
-            del self.requests[name]
-            state.cache = None  # the KV cache goes with the request (once a running step ends)
-
-    # in the worker thread
-
-    def _prefill(self, state: _LocalRequest, prompt: list[int]) -> int:
-        import mlx.core as mx
-        from mlx_lm.models.cache import make_prompt_cache
-
-        state.cache = make_prompt_cache(self._model)
-        tokens = mx.array(prompt)
-        while tokens.size > 1:  # all but the last token, in mlx-lm's chunks
-            n = min(PREFILL_STEP, tokens.size - 1)
-            self._model(tokens[:n][None], cache=state.cache)
-            mx.eval([c.state for c in state.cache])
-            tokens = tokens[n:]
-        return self._next(state, tokens, 0)
-
-    def _decode(self, state: _LocalRequest, token: int, step: int) -> int:
-        import mlx.core as mx
-
-        return self._next(state, mx.array([token]), step)
-
-    def _next(self, state: _LocalRequest, tokens: mx.array, step: int) -> int:
-        if state.cache is None:
-            raise RuntimeError("the request was cancelled")
-        from tbmesh.runtime.sampling import sample
-
-        logits = self._model(tokens[None], cache=state.cache)[:, -1, :]
-        return sample(logits, state.sampling, step)

@@ -44,7 +44,7 @@ import numpy as np
 from tbmesh.core.assignment import Assignment, Range
 from tbmesh.core.types import Plan
 from tbmesh.net import wire
-from tbmesh.openai_api import ApiError, GenerationParams
+from tbmesh.generation import GenerationParams, Unavailable
 from tbmesh.runtime.sampling import Sampling, sample
 from tbmesh.runtime.shard import Kept, LoadAbandoned, Shard, load_shard
 
@@ -173,7 +173,7 @@ class Pipeline:
 
     async def close(self) -> None:
         for request in self.conducting.values():
-            request.queue.put_nowait(ApiError(503, "the node is stopping", "service_unavailable"))
+            request.queue.put_nowait(Unavailable("the node is stopping"))
         self._loading = None  # a load under way stops at its next layer
         # MLX 0.32 aborts the process at exit (SIGABRT) now and then when a thread that used
         # it still has streams: clear them in that thread first (ml-explore/mlx#3126)
@@ -351,40 +351,36 @@ class Pipeline:
             self._tokenizer = load_tokenizer(self.model_dir)
         return self._tokenizer
 
-    def unavailable(self, model: str) -> ApiError | None:
+    def unavailable(self, model: str) -> Unavailable | None:
         """Why a request cannot start now. With a running plan it waits instead (up to
         resume_wait) for the plan's nodes to be ready, as a request in flight does."""
         if self.daemon.core.plan is not None:
             return None
         return self._why_not()
 
-    def _why_not(self) -> ApiError | None:
+    def _why_not(self) -> Unavailable | None:
         """Why the running plan cannot serve now, or None when it can."""
         core = self.daemon.core
         plan = core.plan
         if core.no_fit:
-            return ApiError(503, f"the model does not fit the cluster: {core.no_fit}",
-                            "service_unavailable")
+            return Unavailable(f"the model does not fit the cluster: {core.no_fit}")
         shards = core.shards()
         names = {n: i.name for n, i in core.node_infos().items()}
         if plan is None:
             if core.preparing is None:
                 waiting = "a leader" if core.leader is None else "the leader's plan"
-                return ApiError(503, f"no plan yet: waiting for {waiting}", "service_unavailable")
+                return Unavailable(f"no plan yet: waiting for {waiting}")
             loading = [self._loading_text(s, core.preparing, shards.get(s.node), names)
                        for s in core.preparing.stages]
-            return ApiError(503, "waiting for shards to load: " + ", ".join(filter(None, loading)),
-                            "service_unavailable")
+            return Unavailable("waiting for shards to load: " + ", ".join(filter(None, loading)))
         members = core.members()  # node -> suspected
         gone = [names.get(s.node, s.node) for s in plan.stages if members.get(s.node, True)]
         if gone:
-            return ApiError(503, f"{', '.join(gone)} stopped answering: waiting for a new plan",
-                            "service_unavailable")
+            return Unavailable(f"{', '.join(gone)} stopped answering: waiting for a new plan")
         waiting = [names.get(s.node, s.node) for s in plan.stages
                    if (held := shards.get(s.node)) is None or held.serving != plan.epoch]
         if waiting:
-            return ApiError(503, f"waiting for {', '.join(waiting)} to serve epoch {plan.epoch}",
-                            "service_unavailable")
+            return Unavailable(f"waiting for {', '.join(waiting)} to serve epoch {plan.epoch}")
         return None
 
     @staticmethod
@@ -396,7 +392,7 @@ class Pipeline:
         return f"{names.get(stage.node, stage.node)} (layers {stage.start}-{stage.end - 1}{progress})"
 
     async def _usable_route(self, deadline: float, failed: Route = (), retry_at: float = 0.0) -> tuple[Route, int]:
-        """The running plan's route once every stage of it serves; ApiError at the deadline.
+        """The running plan's route once every stage of it serves; Unavailable at the deadline.
         The route that just `failed` is taken again only from `retry_at` on (a stage that
         restarted is back once it reloads; a dead one is gone once the others notice)."""
         while True:
@@ -444,8 +440,7 @@ class Pipeline:
             except PipelineBroken as why:
                 failures = 0 if len(request.tokens) > produced else failures + 1
                 if failures > MAX_FAILURES:
-                    raise ApiError(503, f"the request failed {failures} times in a row: {why}",
-                                   "service_unavailable") from None
+                    raise Unavailable(f"the request failed {failures} times in a row: {why}") from None
                 failed, retry_at = route, time.monotonic() + 0.05 * 2 ** failures
                 log.info("request %s: %s; starting again from %d tokens", base[:8], why,
                          len(request.tokens))

@@ -15,7 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from tbmesh.openai_api import ApiError, Backend, GenerationParams, Limits, LocalBackend, add_openai_routes
+from tbmesh.generation import Backend, GenerationParams, Unavailable
+from tbmesh.openai_api import Limits, add_openai_routes
+from tbmesh.runtime.local import LocalBackend
 
 
 class ApiServer:
@@ -100,11 +102,11 @@ class SteeredBackend(LocalBackend):
         self.reset()
 
     def reset(self) -> None:
-        self.reason: ApiError | None = None  # what unavailable() answers
+        self.reason: Unavailable | None = None  # what unavailable() answers
         self.fail_after: int | None = None  # raise after yielding this many tokens
         self.failure: Callable[[], Exception] = lambda: RuntimeError("stage 1 went away")
 
-    def unavailable(self, model: str) -> ApiError | None:
+    def unavailable(self, model: str) -> Unavailable | None:
         return self.reason
 
     async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:

@@ -14,7 +14,7 @@ import pytest
 
 from api_server import ApiServer, SteeredBackend
 from tbmesh.runtime.tiny import make_tiny_model
-from tbmesh.openai_api import ApiError
+from tbmesh.generation import Unavailable
 
 MODEL = "tiny"
 
@@ -84,7 +84,7 @@ def test_api_errors_are_one_line(server: ApiServer, steered: SteeredBackend) -> 
     assert result.stderr == "error: the model 'gpt-4' does not exist here; this node serves: tiny\n"
     result = tbmesh("chat", "Hi", "--api", server.url, "--max-tokens", "0")
     assert result.returncode == 1 and result.stderr == "error: 'max_tokens' must be 1 to 32768, not 0\n"
-    steered.reason = ApiError(503, "no plan yet: waiting for a leader", "service_unavailable")
+    steered.reason = Unavailable("no plan yet: waiting for a leader")
     result = tbmesh("chat", "Hi", "--api", server.url)
     assert result.returncode == 1 and result.stderr == "error: no plan yet: waiting for a leader\n"
 

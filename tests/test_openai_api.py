@@ -14,7 +14,8 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from api_server import ApiServer, SteeredBackend, wait_until
-from tbmesh.openai_api import ApiError, GenerationParams, Limits, StopText
+from tbmesh.generation import GenerationParams, Unavailable
+from tbmesh.openai_api import Limits, StopText
 from tbmesh.runtime.sampling import Sampling, make_sampler
 from tbmesh.runtime.tiny import make_tiny_model
 
@@ -345,7 +346,7 @@ def test_unknown_model_is_404(server: ApiServer) -> None:
 
 
 def test_unavailable_model_is_503_with_its_reason(server: ApiServer, backend: SteeredBackend) -> None:
-    backend.reason = ApiError(503, "no plan yet: waiting for the leader's plan", "service_unavailable")
+    backend.reason = Unavailable("no plan yet: waiting for the leader's plan")
     for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", {"model": MODEL, "prompt": "hi"})):
         status, answer = server.post(path, body)
         assert status == 503
@@ -365,7 +366,7 @@ def test_backend_failure_mid_answer(server: ApiServer, backend: SteeredBackend) 
     assert events[-1] == "[DONE]"
     assert "stage 1 went away" in events[-2]["error"]["message"]
     # a failure that the backend words itself keeps its status
-    backend.failure = lambda: ApiError(503, "the plan changed", "service_unavailable")
+    backend.failure = lambda: Unavailable("the plan changed")
     status, answer = server.post("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 10,
                                                      "temperature": 0})  # fmt: skip
     assert status == 503 and answer["error"]["message"] == "the plan changed"
@@ -440,7 +441,7 @@ class ScriptedBackend:
     def models(self) -> list[str]:
         return [MODEL]
 
-    def unavailable(self, model: str) -> ApiError | None:
+    def unavailable(self, model: str) -> Unavailable | None:
         return None
 
     def tokenizer(self, model: str) -> Any:
