@@ -2,18 +2,27 @@
 
 Each preset embeds the architecture fields of the model's published config.json and the
 quantization of the mlx-community checkpoint people run. Per-layer bytes are not written by
-hand: tbmesh.runtime.shapes builds the mlx-lm model lazily from the config and reads the
-parameter shapes, then tbmesh.core.modelspec sums them exactly as for a model directory.
+hand: `python -m tbmesh.runtime.presets_table` builds each mlx-lm model lazily from these
+configs, sums its tensors with tbmesh.core.modelspec exactly as for a model directory, and
+writes the sizes to presets.json next to this file. Reading that table keeps the core (and
+`tbmesh plan`) free of MLX; tests/test_presets_table.py fails when it is out of date.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tbmesh.core.modelspec import describe_model
 from tbmesh.core.types import ModelSpec
+
+TABLE_FILE = Path(__file__).with_name("presets.json")  # package data (pyproject.toml)
+REGENERATE = "python -m tbmesh.runtime.presets_table"
+# Per preset, the table holds a ModelSpec's fields but its name (the key): what the planner
+# needs and no more (the tensor shapes behind them would be thousands of lines per preset).
+SIZE_FIELDS = ("layer_bytes", "embed_bytes", "head_bytes", "kv_bytes_per_token_per_layer")
 
 
 @dataclass(frozen=True)
@@ -244,13 +253,22 @@ def get_preset(name: str) -> Preset:
         raise UnknownPreset(f"unknown preset {name!r} (known: {', '.join(PRESETS)})") from None
 
 
-@functools.cache
 def preset_spec(name: str) -> ModelSpec:
-    """The ModelSpec of a preset, sized from the mlx-lm model class (no weights, no memory)."""
+    """The ModelSpec of a preset, as sized from its mlx-lm model class into presets.json."""
     preset = get_preset(name)
-    # imported here: MLX is only needed for presets, and core stays importable without it
-    from tbmesh.runtime.shapes import Quantization, model_tensors
+    sizes = read_table().get(preset.name)
+    if sizes is None:
+        raise RuntimeError(f"preset {preset.name!r} is missing from {TABLE_FILE.name}: regenerate it with {REGENERATE}")
+    return ModelSpec(
+        name=preset.name,
+        layer_bytes=tuple(sizes["layer_bytes"]),
+        embed_bytes=sizes["embed_bytes"],
+        head_bytes=sizes["head_bytes"],
+        kv_bytes_per_token_per_layer=sizes["kv_bytes_per_token_per_layer"],
+    )
 
-    quantization = None if preset.bits is None else Quantization(preset.bits, preset.group_size, preset.quantize_only)
-    tensors = model_tensors(preset.config, preset.dtype, quantization)
-    return describe_model(preset.name, preset.config, tensors)
+
+@functools.cache
+def read_table() -> dict[str, dict[str, Any]]:
+    """{preset name: {size field: value}} from presets.json."""
+    return json.loads(TABLE_FILE.read_text())["presets"]
