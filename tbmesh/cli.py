@@ -16,10 +16,11 @@ from rich.text import Text
 
 from tbmesh.client import DEFAULT_API, ApiProblem, fetch_status, open_api, stream_answer
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement
+from tbmesh.serving.settings import ServingSettings
 from tbmesh.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
 
 EXIT_FITS, EXIT_USAGE, EXIT_DOES_NOT_FIT = 0, 2, 3
-DEFAULT_CONTEXT = 4096
+DEFAULT_CONTEXT = ServingSettings.context
 
 
 class _App(typer.Typer):
@@ -347,7 +348,10 @@ def daemon(
     memory: Optional[str] = typer.Option(None, "--memory", help="Pretend this much memory is usable (tests, demos), e.g. 24GB."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Measure each link's bandwidth when it appears."),
     mqtt: Optional[str] = typer.Option(None, "--mqtt", help="Publish state and events to this MQTT broker: mqtt://host[:port]."),
-    resume_wait: float = typer.Option(30.0, "--resume-wait", help="Seconds a request in flight waits for the cluster to serve the model again (after a Mac leaves) before it fails."),
+    resume_wait: float = typer.Option(ServingSettings.resume_wait, "--resume-wait", help="Seconds a request in flight waits for the cluster to serve the model again (after a Mac leaves) before it fails."),
+    prefill_chunk: int = typer.Option(ServingSettings.prefill_chunk, "--prefill-chunk", help="The most prompt tokens one step prefills; streams already decoding take a step between two chunks."),
+    max_batch: int = typer.Option(ServingSettings.max_batch, "--max-batch", help="The most requests one decode step runs."),
+    prefix_cache: bool = typer.Option(ServingSettings.prefix_cache, "--prefix-cache/--no-prefix-cache", help="Keep the KV of recent prompts and answers, so a prompt that starts the same prefills only the rest."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:  # fmt: skip
     """Run this Mac's node: discover peers on Thunderbolt, join the cluster, serve the API."""
@@ -366,6 +370,8 @@ def daemon(
         _fail("--context must be 0 or more tokens")
     if not resume_wait >= 0:
         _fail("--resume-wait must be 0 or more seconds")
+    if prefill_chunk < 1 or max_batch < 1:
+        _fail("--prefill-chunk and --max-batch must be 1 or more")
     if secret is not None and secret_file is not None:
         _fail("give --secret or --secret-file, not both")
     secret_bytes = None
@@ -390,8 +396,9 @@ def daemon(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = DaemonConfig(
         interfaces=interface or None, port=port, api_host=api_host, api_port=api_port,
-        cluster=cluster, model=model, secret=secret_bytes, context=context,
-        memory_usable=usable, probe_links=probe, mqtt=mqtt, resume_wait=resume_wait,
+        cluster=cluster, model=model, secret=secret_bytes, memory_usable=usable, probe_links=probe, mqtt=mqtt,
+        serving=ServingSettings(context=context, prefill_chunk=prefill_chunk, max_batch=max_batch,
+                                resume_wait=resume_wait, prefix_cache=prefix_cache),
     )
     if state_dir is not None:
         config.state_dir = state_dir

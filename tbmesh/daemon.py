@@ -34,9 +34,12 @@ from tbmesh.net import interfaces as netif
 from tbmesh.net import peers, probe, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
 from tbmesh.net.watch import InterfaceWatcher
+from tbmesh.serving.settings import ServingSettings
 
 if TYPE_CHECKING:
-    from tbmesh.pipeline import Pipeline
+    from tbmesh.core.messages import ShardState
+    from tbmesh.serving.engine import Engine
+    from tbmesh.serving.view import ClusterView
     from tbmesh.telemetry import Telemetry
 
 log = logging.getLogger("tbmesh")
@@ -66,11 +69,10 @@ class DaemonConfig:
     cluster: str = "default"
     model: Path | None = None
     secret: bytes | None = None
-    context: int = 4096
     memory_usable: int | None = None  # pretend to have this much (tests, demos)
     timing: Timing = field(default_factory=Timing)
     probe_links: bool = True
-    resume_wait: float = 30.0  # s a request in flight waits for the cluster to serve again
+    serving: ServingSettings = field(default_factory=ServingSettings)  # context, resume wait, batching
     mqtt: str | None = None  # mqtt://host[:port]: publish state and events there (tbmesh.telemetry)
 
 
@@ -99,8 +101,8 @@ class Daemon:
         self._watcher: InterfaceWatcher | None = None
         self._api = None
         self._stopping = False
-        self.pipeline: Pipeline | None = None  # the data plane
-        self._last_view: tuple | None = None  # (plan, preparing) the pipeline last saw
+        self.engine: Engine | None = None  # the data plane
+        self._last_view: tuple | None = None  # (plan, preparing) the engine last saw
         self.telemetry: Telemetry | None = None
 
     # ----- life cycle ------------------------------------------------------------------
@@ -123,10 +125,10 @@ class Daemon:
         self.identity = state.load_identity(cfg.state_dir, machine)
         info = await self._measure()
         self.core = ClusterNode(info, self.identity.incarnation, self.now(),
-                                CoreConfig(cfg.timing, self.model, cfg.context))
-        from tbmesh.pipeline import Pipeline
+                                CoreConfig(cfg.timing, self.model, cfg.serving.context))
+        from tbmesh.serving.engine import Engine
 
-        self.pipeline = Pipeline(self, cfg.model, cfg.resume_wait)
+        self.engine = Engine(self, cfg.model, cfg.serving)
         await self._start_server()
         await self._start_api()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
@@ -172,8 +174,8 @@ class Daemon:
             task.cancel()
         for channel in list(self.channels.values()):
             channel.close("daemon stopping")
-        if self.pipeline is not None:
-            await self.pipeline.close()
+        if self.engine is not None:
+            await self.engine.close()
         if self._server is not None:
             self._server.close()
         if self._api is not None:
@@ -205,7 +207,7 @@ class Daemon:
 
         from tbmesh.api import make_app
 
-        runner = web.AppRunner(make_app(self.status, self._probe_links, self.pipeline), access_log=None)
+        runner = web.AppRunner(make_app(self.status, self._probe_links, self.engine), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.config.api_host, self.config.api_port)
         try:
@@ -311,16 +313,14 @@ class Daemon:
                     channel.close("declared dead")
         for event in self.core.drain_events():
             self._record(event)
-            if event.kind in LOSSY and event.node is not None and self.pipeline is not None:
-                self.pipeline.on_node_trouble(event.node)
-                if event.kind != "suspect":
-                    self.pipeline.on_node_gone(event.node)
+            if event.kind in LOSSY and event.node is not None and self.engine is not None:
+                self.engine.on_node_trouble(event.node, gone=event.kind != "suspect")
         view = (self.core.plan, self.core.preparing)
-        if self.pipeline is not None and view != self._last_view:
+        if self.engine is not None and view != self._last_view:
             self._last_view = view
-            self.pipeline.on_view(*view)
+            self.engine.on_view(*view)
 
-    def send_to(self, node: str, message: object) -> bool:
+    def send(self, node: str, message: object) -> bool:
         """Send to `node` directly, or through the neighbour on the shortest path to it
         (a chain of Macs without a bridge: the entry and stage 0 may be two cables apart)."""
         channel = self.channels.get(node) or self.channels.get(self._next_hop(node) or "")
@@ -342,6 +342,28 @@ class Daemon:
                     first_hop[there] = first_hop[here]
                     queue.append(there)
         return None
+
+    # ----- what the serving engine is handed (tbmesh.serving.host.Host) -----------------
+
+    @property
+    def me(self) -> str:
+        return self.core.id
+
+    @property
+    def name(self) -> str:
+        return self.core.info.name
+
+    def view(self) -> ClusterView:
+        from tbmesh.serving.view import ClusterView
+
+        core = self.core
+        return ClusterView(core.id, core.plan, core.preparing, core.no_fit or "", core.leader, core.shards(),
+                           {n: i.name for n, i in core.node_infos().items()}, core.members(),
+                           core.config.model, core.info.memory_usable, core.config.context)
+
+    def shard_changed(self, state: ShardState | None) -> None:
+        if state != self.core.shard:
+            self.carry_out(self.core.set_shard(state, self.now()))
 
     def record(self, kind: str, node: str | None, detail: str) -> None:
         """An event of the data plane (a request resumed, ...) for the event log."""
@@ -406,8 +428,8 @@ class Daemon:
                 if self.channels.get(peer) is not channel:
                     break
                 try:
-                    if isinstance(message, (wire.Tensor, wire.Token, wire.Cancel)):
-                        self.pipeline.receive(message)
+                    if isinstance(message, (wire.Tensor, wire.Tokens, wire.Cancel)):
+                        self.engine.receive(message)
                         continue
                     self.carry_out(self.core.receive(peer, message, self.now()))
                 except wire.ProtocolError as error:
@@ -647,7 +669,7 @@ class Daemon:
                              for s in core.preparing.stages},
             },
             "no_fit": core.no_fit,
-            "runtime": self.pipeline.status() if self.pipeline else None,
+            "runtime": self.engine.status() if self.engine else None,
             "events": list(self.events)[-50:],
         }
 

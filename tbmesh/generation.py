@@ -8,12 +8,35 @@ A `Backend` turns prompt token ids into generated token ids: the cluster's servi
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a request samples: temperature 0 is greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), not {self.seed}")
+
+    def seeded(self) -> Sampling:
+        """This sampling with a random seed if it has none: fix it once per request so that
+        a replay (after a re-assignment) draws the same tokens."""
+        return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from tbmesh.core.assignment import Assignment, Range
 from tbmesh.core.cluster import ClusterNode, CoreConfig, Planner
 from tbmesh.core.messages import Action, Disconnect, Event, Message, Send
 from tbmesh.core.types import NodeInfo
+from tbmesh.serving import keeper as k
 
 GB = 10**9
 
@@ -35,7 +36,7 @@ class NetworkModel:
     reconnect_interval: float = 0.5  # how often the shell retries a missing connection
     flush_delay: float = 0.001  # the shell runs the core's flush this soon after a receive
     load_delay: float = 0.05  # a node's runtime takes this long to load a shard
-    load_retry: float = 10.0  # a load that failed is tried again after this (the daemon's LOAD_RETRY_S)
+    load_retry: float = k.LOAD_RETRY_S  # a load that failed is tried again after this
 
 
 @dataclass
@@ -71,11 +72,9 @@ class Simulator:
         self._order = itertools.count()
         self._fifo: dict[tuple[str, str], float] = {}
         self._flush_pending: set[str] = set()
-        self.held: dict[str, set[Range]] = {}  # node -> the layer ranges its "runtime" holds
+        self.keepers: dict[str, k.Keeper] = {}  # node -> its runtime's keeper (as the daemon's engine)
         self.loads: dict[str, list[Range]] = {}  # node -> every range it loaded
-        self._loading: dict[str, Range] = {}
         self.unloadable: set[str] = set()  # nodes whose loads fail (a damaged model copy)
-        self._failed: dict[str, tuple[Range, float]] = {}  # node -> the range whose load failed, when
         self._followed: dict[str, tuple] = {}
         self._schedule(self.net.reconnect_interval, self._reconnect_loop)
 
@@ -211,8 +210,7 @@ class Simulator:
         self.incarnations[node] = incarnation
         core = ClusterNode(self.infos[node], incarnation, self.now, self.config, self.planner)
         self.nodes[node] = core
-        self.held[node] = set()  # a restart loses what was in memory
-        self._loading.pop(node, None)
+        self.keepers[node] = k.Keeper(retry_s=self.net.load_retry)  # a restart loses what was in memory
         self._followed.pop(node, None)
         phase = self.rng.random() * self.config.timing.heartbeat_interval / 2
         self._schedule(phase, lambda: self._tick(node, core))
@@ -269,39 +267,48 @@ class Simulator:
         if core is not None and core.config.model is not None:
             self._follow_plan(node, core)
 
-    def _follow_plan(self, node: str, core: ClusterNode, force: bool = False) -> None:
-        """The runtime's part: load the stage the plans give us (after load_delay), drop
-        what no plan wants, and publish what we hold, as the daemon's pipeline does."""
+    @property
+    def held(self) -> dict[str, set[Range]]:
+        """node -> the layer ranges its runtime holds."""
+        return {node: keeper.held for node, keeper in self.keepers.items()}
+
+    def _follow_plan(self, node: str, core: ClusterNode) -> None:
+        """The runtime's part, by the daemon's own rules (serving.keeper): load the stage the
+        plans give us (taking load_delay), drop what no plan wants, publish what we hold."""
         seen = (core.plan, core.preparing)
-        if not force and self._followed.get(node) == seen:
+        if self._followed.get(node) == seen:
             return
         self._followed[node] = seen
         assignment = Assignment.of(node, core.config.model.name, core.plan, core.preparing,
                                    core.config.model, core.info.memory_usable, core.config.context)
-        held = self.held[node]
-        held &= assignment.keep
-        target = assignment.target
-        failed = self._failed.get(node)
-        failed = failed is not None and failed[0] == target and self.now - failed[1] < self.net.load_retry
-        if target is not None and target not in held and self._loading.get(node) != target and not failed:
-            self._loading[node] = target
+        self._keep(node, core, self.keepers[node].assign(assignment, self.now, set()))
 
-            def loaded(target: Range = target) -> None:
-                if self.nodes.get(node) is core and self._loading.get(node) == target:
-                    del self._loading[node]
-                    if node in self.unloadable:
-                        self._failed[node] = (target, self.now)
-                        self._schedule(self.net.load_retry, lambda: self._follow_plan(node, core, force=True))
+    def _keep(self, node: str, core: ClusterNode, actions: list[k.Action]) -> None:
+        keeper = self.keepers[node]
+
+        def running() -> bool:
+            return self.nodes.get(node) is core and self.keepers.get(node) is keeper
+
+        for action in actions:
+            if isinstance(action, k.Load):
+                def loaded(target: Range = action.target) -> None:
+                    if not running():
+                        return
+                    if keeper.loading != target:
+                        keeper.load_abandoned(target)  # a newer plan wants other layers
+                    elif node in self.unloadable:
+                        self._keep(node, core, keeper.load_failed(target, "unreadable", self.now, set()))
                     else:
-                        self._failed.pop(node, None)
-                        self.held[node].add(target)
                         self.loads.setdefault(node, []).append(target)
-                    self._follow_plan(node, core, force=True)
+                        self._keep(node, core, keeper.loaded(target, self.now, set()))
 
-            self._schedule(self.net.load_delay, loaded)
-        state = assignment.state(held, 0.0, "unreadable" if failed else "")
-        if state != core.shard:
-            self._carry_out(node, core.set_shard(state, self.now))
+                self._schedule(self.net.load_delay, loaded)
+            elif isinstance(action, k.Publish):
+                if action.state != core.shard:
+                    self._carry_out(node, core.set_shard(action.state, self.now))
+            elif isinstance(action, k.WakeAt):
+                self._schedule(max(0.0, action.at - self.now),
+                               lambda: running() and self._keep(node, core, keeper.tick(self.now, set())))
 
     def _transmit(self, src: str, dst: str, message: Message) -> None:
         pair = frozenset((src, dst))

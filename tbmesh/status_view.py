@@ -45,7 +45,8 @@ def render(status: Status, width: int, height: int | None = None, error: str | N
         top.append(Text(error, style="bold red"))
     top.append(_header(status, names, width))
     top += _nodes_and_links(status, names, width)
-    plan = _panel(Group(*_plan_lines(status, names, width - PANEL_CHROME)), _plan_title(status))
+    serving = _serving(status.get("runtime"), width - PANEL_CHROME)
+    plan = _panel(Group(*_plan_lines(status, names, width - PANEL_CHROME), *serving), _plan_title(status))
     plan.subtitle, plan.subtitle_align = _runtime(status.get("runtime")), "right"  # on its bottom border
     top.append(plan)
     limit = MAX_EVENTS if height is None else min(MAX_EVENTS, height - _lines(Group(*top), width) - 3)
@@ -277,6 +278,23 @@ def _runtime(runtime: dict[str, Any] | None) -> Text | None:
     if runtime.get("tokens") is not None:
         text.append_text(Text.assemble("  ", (f"{runtime['tokens']:,}", "bold"), (" tokens", "dim")))
     return text.append(" ")
+
+
+def _serving(runtime: dict[str, Any] | None, width: int) -> list[Text]:
+    """The batch, the KV room and the prefix cache, from daemons that serve with them."""
+    if not runtime or runtime.get("kv_room") is None:
+        return []
+    parts = [Text.assemble(("decoding ", "dim"), (str(runtime.get("decoding") or 0), "bold"),
+                           (" queued ", "dim"), (str(runtime.get("queued") or 0), "bold")),
+             Text.assemble(("KV ", "dim"), (f"{runtime.get('kv_tokens') or 0:,}", "bold"),
+                           (f" of {runtime['kv_room']:,} tokens", "dim"))]
+    lookups, hits = runtime.get("prefix_lookups") or 0, runtime.get("prefix_hits") or 0
+    cached = Text.assemble(("prefix cache ", "dim"), (f"{runtime.get('prefix_tokens') or 0:,}", "bold"),
+                           (" tokens ", "dim"), (format_bytes(runtime.get("prefix_bytes") or 0), "bold"))
+    if lookups:
+        cached.append_text(Text.assemble(("  hits ", "dim"), (f"{hits / lookups:.0%}", "bold"),
+                                         (f" of {lookups:,}", "dim")))
+    return [_pack(parts + [cached], width)]
 
 
 # ----- events ---------------------------------------------------------------------------

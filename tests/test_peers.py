@@ -97,7 +97,7 @@ def test_proofs_bind_the_machine_so_our_own_id_cannot_be_relayed_back():
             hello = decoder.next_message()
             nonce = os.urandom(16)
             proof = wire.make_proof(b"s", nonce, hello.nonce, "b", hello.node, "listener")
-            welcome = wire.Welcome(1, "b", 1, "b", "c", "machine-of-b", "peer", nonce, proof)
+            welcome = wire.Welcome(wire.PROTOCOL_VERSION, "b", 1, "b", "c", "machine-of-b", "peer", nonce, proof)
             writer.writelines(wire.encode(welcome))
             await reader.read(65536)
 

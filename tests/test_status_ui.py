@@ -59,7 +59,9 @@ def kimi_status(now: float = 1000.0) -> dict:
                              "bytes": int((RANGES[n][1] - RANGES[n][0]) * 9.6 * GB)} for n in names]},
         "no_fit": None,
         "runtime": {"requests": 2, "stage_requests": 2, "weight_bytes": 153 * GB, "active_memory": 160 * GB,
-                    "tokens_per_s": 14.2, "tokens": 18234},
+                    "tokens_per_s": 14.2, "tokens": 18234, "decoding": 7, "queued": 1, "kv_tokens": 5210,
+                    "kv_room": 32768, "prefix_tokens": 3100, "prefix_bytes": int(2.5 * GB),
+                    "prefix_hits": 9, "prefix_lookups": 12},
         "events": [{"at": now - 600 + 30 * i, "kind": kind, "node": None, "detail": detail}
                    for i, (kind, detail) in enumerate(KIMI_EVENTS)],
     }
@@ -124,6 +126,8 @@ def test_frame_shows_nodes_leader_links_plan_runtime_and_events(width):
     bar = width - 4
     assert abs((columns[1] - columns[0]) / bar - 16 / 61) < 0.03
     assert "requests in flight 2" in text and "14.2 tokens/s" in text and "18,234 tokens" in text
+    assert "decoding 7 queued 1" in text and "KV 5,210 of 32,768 tokens" in text
+    assert "prefix cache 3,100 tokens 2.5 GB" in text and "hits 75% of 12" in text
     assert "5m ago  dead     studio-e" in text
     assert text.index("dead     studio-e") < text.index("joined   studio-e")  # newest first
 
@@ -176,8 +180,8 @@ def test_fewer_events_on_a_small_terminal():
         return sum(" ago " in line for line in text.splitlines())
 
     assert shown(frame(kimi_status(), 80)) == 8  # no height (--once, a pipe): the last 8
-    small = frame(kimi_status(), 80, 26)
-    assert len(small.splitlines()) < 26 and 0 < shown(small) < 8
+    small = frame(kimi_status(), 80, 28)
+    assert len(small.splitlines()) < 28 and 0 < shown(small) < 8
     assert "dead     studio-e" in small  # the newest are the ones kept
 
 

@@ -97,13 +97,13 @@ HB_MAP = {"t": "heartbeat", "sender": "mac1", "incarnation": 3, "seq": 7, "sent_
 NONCE_D, NONCE_L = b"d" * 16, b"l" * 16
 
 
-def hello(kind: type = Hello, version: int = 1, node: str = "D", nonce: bytes = NONCE_D,
+def hello(kind: type = Hello, version: int = wire.PROTOCOL_VERSION, node: str = "D", nonce: bytes = NONCE_D,
           proof: bytes = b"") -> Hello:
     return kind(version, node, 1, f"{node}'s Mac", "home", "machine-" + node, "peer", nonce, proof)
 
 
 def hello_map(**changes: Any) -> dict:
-    m = {"t": "hello", "version": 1, "node": "D", "incarnation": 1, "name": "n", "cluster": "c",
+    m = {"t": "hello", "version": wire.PROTOCOL_VERSION, "node": "D", "incarnation": 1, "name": "n", "cluster": "c",
          "machine": "m", "purpose": "peer", "nonce": NONCE_D, "proof": b""}
     return m | changes
 
@@ -267,7 +267,7 @@ def test_a_payload_on_a_control_message_is_refused_from_its_header():
 
 def test_a_hello_from_another_version_names_the_version():
     future = hello_map(version=7, features=["rdma"])
-    refused(frame(future), r"^protocol version 7, we speak 1$")
+    refused(frame(future), rf"^protocol version 7, we speak {wire.PROTOCOL_VERSION}$")
     refused(frame(hello_map(nonce=b"")), r"hello: nonce of 0 bytes")  # our version: the real fault
 
 
@@ -468,7 +468,7 @@ def test_make_proof_rejects_an_empty_secret_and_unknown_roles():
 
 def test_a_wrong_version_is_refused_with_both_versions():
     future = wire.decode(frame(hello_map(version=7)))  # fits our schema: decodes, then refused
-    assert wire.version_refusal(future) == "refused: protocol version 7, we speak 1"
+    assert wire.version_refusal(future) == f"refused: protocol version 7, we speak {wire.PROTOCOL_VERSION}"
     assert wire.version_refusal(hello()) is None
 
 

@@ -59,7 +59,7 @@ import numpy as np
 from tbmesh.core.messages import DatabaseSummary, Goodbye, Heartbeat, LinkStates
 from tbmesh.core.types import Stage
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: batched serving (Tokens, Cancel.kind, the steps in Tensor.meta)
 
 PREFIX = struct.Struct(">II")  # header length, payload length
 MAX_HEADER = 1 << 20  # 1 MiB of msgpack: a link-state database of ~1000 Macs with a plan
@@ -144,31 +144,44 @@ class Tensor:
 
 
 @dataclass(frozen=True)
-class Token:
-    """A token the last stage sampled, on its way to the request's entry node `to`."""
+class Sampled:
+    """Token `token`, step `step` of attempt `attempt`."""
 
-    request: str
+    attempt: str
     step: int
     token: int
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """What the last stage sampled in one step of lane `lane`, on its way to node `to`: the
+    route's stage 0 (which feeds them back) or an entry (which streams its requests')."""
+
     to: str
+    lane: str
+    tokens: tuple[Sampled, ...]
 
 
 @dataclass(frozen=True)
 class Cancel:
-    """A request ended or was abandoned: the stage on node `to` frees its caches."""
+    """An attempt is over, for node `to`. `end`: its entry ended it (to stage 0: keep its
+    caches as a prefix-cache entry); `fail`: a stage could not run it (to its entry and
+    stage 0: `reason` says why); `preempt`: stage 0 needed its KV room (to its entry: start
+    it again, it waits for room)."""
 
     request: str
     to: str
     reason: str = ""
+    kind: Literal["end", "fail", "preempt"] = "fail"
 
 
 WireMessage = (Hello | Welcome | Auth | Refuse | Heartbeat | LinkStates | DatabaseSummary | Goodbye
-               | Tensor | Token | Cancel)
+               | Tensor | Tokens | Cancel)
 
 TAGS: dict[type, str] = {
     Hello: "hello", Welcome: "welcome", Auth: "auth", Refuse: "refuse",
     Heartbeat: "heartbeat", LinkStates: "link_states", DatabaseSummary: "db_summary",
-    Goodbye: "goodbye", Tensor: "tensor", Token: "token", Cancel: "cancel",
+    Goodbye: "goodbye", Tensor: "tensor", Tokens: "tokens", Cancel: "cancel",
 }
 PAYLOAD_FIELD: dict[type, str] = {Tensor: "data"}  # the one field that travels as the payload
 

@@ -1,0 +1,530 @@
+"""The serving engine: the asyncio + MLX adapter that drives the pure parts of serving.
+
+    conductor.py  the requests entering here (attempts, routes, retries)
+    scheduler.py  stage 0 of a route: admission, lanes, chunked prefill, the prefix cache
+    keeper.py     the layers this node holds, loads and lets go
+    stage.py      one step over our layers, with the KV caches (MLX)
+
+It carries out what they decide: messages to other nodes through the `Host` it is handed
+(never the daemon itself), loads, and steps, all MLX work in one worker thread, in order,
+so that the event loop (and the heartbeats) never wait for it. While the worker loads a
+shard, the steps queued meanwhile run between two layers of the load. Stage 0's next step
+is asked for whenever the worker has no step to run, so that a batch takes every request
+ready at the last moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from tbmesh.core.assignment import Assignment, Range
+from tbmesh.core.types import Plan
+from tbmesh.generation import BadRequest, GenerationParams, Sampling, Unavailable
+from tbmesh.net import wire
+from tbmesh.runtime.shard import Kept, LoadAbandoned, Shard, load_shard
+from tbmesh.serving import conductor as c
+from tbmesh.serving import keeper as k
+from tbmesh.serving.conductor import Conductor
+from tbmesh.serving.host import Host
+from tbmesh.serving.keeper import Keeper
+from tbmesh.serving.messages import Admit, Member, Route, Step, route_of
+from tbmesh.serving.scheduler import Scheduler
+from tbmesh.serving.settings import ServingSettings
+from tbmesh.serving.stage import Outcome, StageCaches
+from tbmesh.serving.view import usable
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.01  # how often requests waiting for a usable plan look at the view again
+
+DataMessage = wire.Tensor | wire.Tokens | wire.Cancel
+
+
+@dataclass
+class Counters:
+    loads: int = 0  # shards loaded
+    layers_read: int = 0  # layers read from disk
+    layers_kept: int = 0  # layers a new shard took from one already in memory
+    tight_loads: int = 0  # loads begun after letting the running stage go (both did not fit)
+    peak_weight_bytes: int = 0  # the most weight bytes held at once (at the end of a load)
+    bytes_read: int = 0
+    resumed: int = 0  # attempts started again on another route
+    tokens: int = 0  # tokens streamed by this entry
+    steps: int = 0  # steps this node's stages ran
+
+
+class Worker:
+    """The one thread that runs MLX, in order. A long job (a load) runs the jobs queued
+    meanwhile at its own pace (`run_queued`), never another long one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._jobs: collections.deque[tuple[bool, Callable[[], Any], Callable[[Any, BaseException | None], None]]] = \
+            collections.deque()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mlx", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None],
+               long: bool = False) -> None:
+        """Run fn() in the worker, then done(result, error) on the event loop."""
+        with self._ready:
+            self._jobs.append((long, fn, done))
+            self._ready.notify()
+
+    def stop(self) -> None:
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+
+    def run_queued(self) -> None:
+        """From inside a long job: run the short jobs queued so far."""
+        while True:
+            with self._ready:
+                job = next((j for j in self._jobs if not j[0]), None)
+                if job is None:
+                    return
+                self._jobs.remove(job)
+            self._call(job)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._jobs and not self._stopping:
+                    self._ready.wait()
+                if self._stopping:
+                    return
+                job = self._jobs.popleft()
+            self._call(job)
+
+    def _call(self, job: tuple[bool, Callable[[], Any], Callable[[Any, BaseException | None], None]]) -> None:
+        _, fn, done = job
+        try:
+            result, error = fn(), None
+        except BaseException as failure:  # noqa: BLE001  (the event loop side reads it)
+            result, error = None, failure
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            self.loop.call_soon_threadsafe(done, result, error)
+
+
+class Engine:
+    def __init__(self, host: Host, model_dir: Path | None, settings: ServingSettings = ServingSettings()) -> None:
+        self.host = host
+        self.me = host.me
+        self.model_dir = model_dir
+        self.model_name = model_dir.name if model_dir is not None else None
+        self.settings = settings
+        self.conductor = Conductor(self.me, settings.resume_wait, _new_id)
+        self.scheduler = Scheduler(settings, _new_id)
+        self.keeper = Keeper()
+        self.caches = StageCaches(self.me, host.name)  # the worker's
+        self.worker = Worker(host.loop)
+        self.held: dict[Range, Shard] = {}
+        self.counters = Counters()
+        self._queues: dict[str, asyncio.Queue] = {}  # request -> what generate() yields
+        self._tokenizer: Any = None
+        self._busy = 0  # steps in the worker
+        self._wake: asyncio.TimerHandle | None = None
+        self._poll: asyncio.TimerHandle | None = None
+        self._recent_tokens: collections.deque[float] = collections.deque(maxlen=4096)
+        self._in_use: set[Range] = set()  # caches.in_use(), as of the last step
+        self._figures: dict[str, int] = {}  # caches.figures(), as of the last step
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True
+        for queue in self._queues.values():
+            queue.put_nowait(Unavailable("the node is stopping"))
+        self.keeper.loading = None  # a load under way stops at its next layer
+        # MLX 0.32 aborts the process at exit (SIGABRT) now and then when a thread that used
+        # it still has streams: clear them in that thread first (ml-explore/mlx#3126)
+        done = self.host.loop.create_future()
+        self.worker.submit(mx.clear_streams, lambda *_: done.done() or done.set_result(None))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done, 10)
+        self.worker.stop()
+
+    # ----- the API's side (tbmesh.generation.Backend) ------------------------------------
+
+    def models(self) -> list[str]:
+        return [self.model_name] if self.model_name else []
+
+    def tokenizer(self, model: str) -> Any:
+        if self._tokenizer is None:
+            from tbmesh.runtime.modeldir import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_dir)
+        return self._tokenizer
+
+    def unavailable(self, model: str) -> Unavailable | None:
+        """Why a request cannot start now. With a running plan it waits instead (up to
+        resume_wait) for the plan's nodes to be ready, as a request in flight does."""
+        view = self.host.view()
+        if view.plan is not None:
+            return None
+        why = usable(view)
+        return Unavailable(why) if isinstance(why, str) else None
+
+    async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
+        """Run one request through the cluster; yields sampled tokens until an end token or
+        max_tokens. Survives plan changes: each new route gets the prompt and the tokens so far."""
+        if (error := self.unavailable(model)) is not None:
+            raise error
+        context = self.settings.context
+        if len(prompt) + params.max_tokens > context:
+            raise BadRequest(f"the prompt ({len(prompt)} tokens) and max_tokens ({params.max_tokens}) "
+                             f"need {len(prompt) + params.max_tokens} tokens of context; this cluster "
+                             f"has {context} (--context): shorten the prompt or lower max_tokens to at "
+                             f"most {max(context - len(prompt), 0)}", param="max_tokens")
+        ends = tuple(self.tokenizer(model).eos_token_ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        sampling = Sampling(params.temperature, params.top_p, params.seed)
+        request, actions = self.conductor.submit(prompt, params.max_tokens, sampling, ends, time.monotonic(),
+                                                 self._usable())
+        self._queues[request] = queue
+        self._conduct(actions)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self._queues.pop(request, None)
+            self._conduct(self.conductor.close(request))
+
+    def _usable(self) -> tuple[Route, int] | str:
+        return usable(self.host.view())
+
+    def _conduct(self, actions: list[c.Action]) -> None:
+        for action in actions:
+            if isinstance(action, c.SendAdmit):
+                self._send_admit(action.admit)
+            elif isinstance(action, c.SendCancel):
+                self._deliver(action.to, wire.Cancel(action.attempt, action.to, "ended", "end"))
+            elif isinstance(action, c.Emit):
+                self.counters.tokens += 1
+                self._recent_tokens.append(time.monotonic())
+                self._put(action.request, action.token)
+            elif isinstance(action, c.Finish):
+                self._put(action.request, None)
+            elif isinstance(action, c.Fail):
+                self._put(action.request, action.error)
+            elif isinstance(action, c.Resumed):
+                self.counters.resumed += 1
+                self.host.record("resumed", None, f"request {action.request[:8]} on epoch {action.epoch} "
+                                 f"after {action.tokens} tokens ({action.after:.2f} s in)")
+        if self.conductor.waiting and self._poll is None:
+            self._poll = self.host.loop.call_later(POLL_S, self._tick_conductor)
+
+    def _tick_conductor(self) -> None:
+        self._poll = None
+        self._conduct(self.conductor.tick(time.monotonic(), self._usable()))
+
+    def _put(self, request: str, item: Any) -> None:
+        queue = self._queues.get(request)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _send_admit(self, admit: Admit) -> None:
+        tokens = np.array(admit.tokens, dtype=np.int32)
+        tensor = wire.tensor_from_array(tokens, admit.attempt, admit.produced, admit.meta())
+        if not self._deliver(admit.to, tensor):
+            self._conduct(self.conductor.on_failed(admit.attempt, f"no route to {self._name(admit.to)}",
+                                                   False, time.monotonic(), self._usable()))
+
+    # ----- the cluster's side --------------------------------------------------------------
+
+    def on_view(self, plan: Plan | None, preparing: Plan | None) -> None:
+        """The running plan or the one being prepared changed: follow it."""
+        view = self.host.view()
+        assignment = Assignment.of(self.me, self.model_name, plan, preparing, view.model,
+                                   view.memory_usable, view.context)
+        self._keep(self.keeper.assign(assignment, time.monotonic(), self._in_use))
+        self.scheduler.retire({route_of(plan)} if plan is not None else set())
+        if self.conductor.waiting:
+            self._tick_conductor()
+
+    def on_node_trouble(self, node: str, gone: bool) -> None:
+        """A node stopped answering (`gone`: it died, left or restarted). Attempts routed through
+        it start again; when it is gone, so are the routes through it and the requests it
+        entered, here (no Cancel will come from it)."""
+        now = time.monotonic()
+        self._conduct(self.conductor.on_node_trouble(node, now, self._usable()))
+        if not gone:
+            return
+        for attempt, entry in self.scheduler.drop_routes_through(node):
+            self._fail_at_entry(attempt, entry, f"{self._name(node)} is gone")
+        self.scheduler.drop_entered_by(node)
+        self._in_worker(lambda: self.caches.drop(lambda route: all(n != node for n, _, _ in route)))
+        self._pump()
+
+    # ----- messages --------------------------------------------------------------------
+
+    def receive(self, message: DataMessage) -> None:
+        """A data-plane message for us, or one to pass on toward its node. A malformed one
+        raises wire.ProtocolError (the connection it came on is closed)."""
+        to = message.meta.get("to") if isinstance(message, wire.Tensor) else message.to
+        if to != self.me:
+            self._deliver(to, message)
+            return
+        if isinstance(message, wire.Tokens):
+            self._on_tokens(message)
+        elif isinstance(message, wire.Cancel):
+            self._on_cancel(message)
+        elif message.meta.get("kind") == "admit":
+            tokens = wire.array_from_tensor(message, "numpy").reshape(-1).tolist()
+            admit = Admit.from_meta(message.request, tokens, message.meta)
+            if admit.route[0][0] != self.me:
+                raise wire.ProtocolError(f"admit for stage 0 on {admit.route[0][0]}")
+            self.scheduler.admit(admit)
+            self._pump()
+        else:
+            step = Step.from_meta(message.meta)
+            if step.to != self.me or step.stage == 0 or step.rows != (message.shape[0] if message.shape else 0) \
+                    and step.kind != "flush":
+                raise wire.ProtocolError(f"step for stage {step.stage} on {step.to} with shape {message.shape}")
+            self._run(step, message)
+
+    def _on_tokens(self, message: wire.Tokens) -> None:
+        sampled = {s.attempt: (s.step, s.token) for s in message.tokens}
+        self.scheduler.on_tokens(message.lane, sampled)
+        self._conduct(self.conductor.on_tokens([(s.attempt, s.step, s.token) for s in message.tokens],
+                                               time.monotonic()))
+        self._pump()
+
+    def _on_cancel(self, message: wire.Cancel) -> None:
+        if message.kind == "end":
+            self.scheduler.cancel(message.request, failed=False)
+        else:
+            if message.kind == "fail":
+                self.scheduler.cancel(message.request, failed=True)
+            self._conduct(self.conductor.on_failed(message.request, message.reason, message.kind == "preempt",
+                                                   time.monotonic(), self._usable()))
+        self._pump()
+
+    def _deliver(self, to: str, message: DataMessage) -> bool:
+        if to == self.me:
+            self.receive(message)
+            return True
+        if self.host.send(to, message):
+            return True
+        log.warning("no route to %s: dropping a %s", self._name(to), type(message).__name__.lower())
+        return False
+
+    def _fail_at_entry(self, attempt: str, entry: str, why: str) -> None:
+        self._deliver(entry, wire.Cancel(attempt, entry, why, "fail"))
+
+    def _name(self, node: str) -> str:
+        return self.host.view().name(node)
+
+    # ----- steps -----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Stage 0's next steps, while the worker has none to run."""
+        while self._busy == 0 and not self._closed:
+            found = self.scheduler.next_step()
+            for refused in self.scheduler.take_refused():
+                self._deliver(refused.entry, wire.Cancel(refused.attempt, refused.entry, refused.reason,
+                                                         "preempt" if refused.preempted else "fail"))
+            if found is None:
+                return
+            step, tokens = found
+            array = np.array(tokens, dtype=np.int32).reshape((len(step.members), 1) if step.kind == "decode"
+                                                              else (1, len(tokens)))
+            self._run(step, wire.tensor_from_array(array, step.lane, 0, step.meta()))
+
+    def _run(self, step: Step, tensor: wire.Tensor) -> None:
+        shard = self.held.get(step.layers)
+        if shard is None and step.kind != "flush":
+            self._failed(step, step.members, f"{self._name(self.me)} does not hold layers "
+                                             f"{step.layers[0]}-{step.layers[1] - 1}")
+            return
+        self._busy += 1
+        self.worker.submit(lambda: self._compute(shard, step, tensor),
+                           lambda result, error: self._computed(step, result, error))
+
+    def _compute(self, shard: Shard | None, step: Step, tensor: wire.Tensor) -> tuple[Outcome, wire.Tensor | None]:
+        """Worker thread."""
+        x = wire.array_from_tensor(tensor) if step.kind != "flush" else None
+        outcome = self.caches.run(shard, step, x) if shard is not None else Outcome()
+        forward = None
+        if not step.last:
+            following = step.at(step.stage + 1)
+            if outcome.out is None or len(outcome.ran) < len(step.members):
+                following = Step(following.route, following.stage,
+                                 following.kind if outcome.out is not None else "flush", following.lane,
+                                 outcome.ran if outcome.out is not None else (), following.start,
+                                 following.length, following.releases, following.evictions)
+            if outcome.out is not None:
+                forward = wire.tensor_from_array(outcome.out, step.lane, 0, following.meta())
+            else:
+                forward = wire.tensor_from_array(np.zeros((0,), np.int32), step.lane, 0, following.meta())
+        self._in_use, self._figures = self.caches.in_use(), self.caches.figures()
+        return outcome, forward
+
+    def _computed(self, step: Step, result: tuple[Outcome, wire.Tensor | None] | None,
+                  error: BaseException | None) -> None:
+        self._busy -= 1
+        if error is not None:
+            log.error("a %s step of layers %d-%d failed: %r", step.kind, *step.layers, error)
+            self._failed(step, step.members, f"{self._name(self.me)} failed to compute a step")
+        elif result is not None:
+            outcome, forward = result
+            self.counters.steps += step.kind != "flush"
+            if outcome.failed:
+                for member, why in outcome.failed:
+                    self._failed(step, (member,), why)
+            if forward is not None:
+                if not self._deliver(step.route[step.stage + 1][0], forward):
+                    self._failed(step, outcome.ran, f"no route to {self._name(step.route[step.stage + 1][0])}")
+            elif step.kind == "decode" and step.last:
+                self._send_tokens(step, outcome)
+        self._pump()
+
+    def _send_tokens(self, step: Step, outcome: Outcome) -> None:
+        sampled = [(m, wire.Sampled(m.attempt, m.step, outcome.tokens[m.attempt])) for m in outcome.ran]
+        stage0 = step.route[0][0]
+        self._deliver(stage0, wire.Tokens(stage0, step.lane, tuple(s for _, s in sampled)))
+        for entry in dict.fromkeys(m.entry for m, _ in sampled if m.entry != stage0):
+            self._deliver(entry, wire.Tokens(entry, step.lane, tuple(s for m, s in sampled if m.entry == entry)))
+
+    def _failed(self, step: Step, members: tuple[Member, ...], why: str) -> None:
+        """Attempts that cannot go on: their entry and stage 0 hear why."""
+        stage0 = step.route[0][0]
+        for member in members:
+            for node in dict.fromkeys((stage0, member.entry)):
+                self._deliver(node, wire.Cancel(member.attempt, node, why, "fail"))
+
+    def _in_worker(self, fn: Callable[[], Any]) -> None:
+        self.worker.submit(fn, lambda result, error: error and log.error("worker job failed: %r", error))
+
+    # ----- layers ----------------------------------------------------------------------
+
+    def _keep(self, actions: list[k.Action]) -> None:
+        for action in actions:
+            if isinstance(action, k.Load):
+                self._load(action.target, action.tight)
+            elif isinstance(action, k.Drop):
+                self._drop(action.layers)
+            elif isinstance(action, k.Publish):
+                self.host.shard_changed(action.state)
+            elif isinstance(action, k.WakeAt):
+                self._wake_at(action.at)
+
+    def _wake_at(self, at: float) -> None:
+        delay = max(0.0, at - time.monotonic())
+        if self._wake is not None and self._wake.when() <= self.host.loop.time() + delay:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+
+        def wake() -> None:
+            self._wake = None
+            self._keep(self.keeper.tick(time.monotonic(), self._in_use))
+
+        self._wake = self.host.loop.call_later(delay, wake)
+
+    def _load(self, target: Range, tight: bool) -> None:
+        # tight: hold on to the parts the target reuses only, so the rest is freed before reading
+        keep: list[Shard | Kept] = [shard.parts_for(*target) if tight else shard for shard in self.held.values()]
+
+        def on_layer(done: int, total: int) -> bool:
+            self.host.loop.call_soon_threadsafe(self._progressed, target, done / total)
+            self.worker.run_queued()  # steps of requests in flight go between layers
+            return self.keeper.loading == target
+
+        self.worker.submit(lambda: load_shard(self.model_dir, *target, keep=keep, on_layer=on_layer),
+                           lambda shard, error: self._loaded(target, shard, error), long=True)
+
+    def _progressed(self, target: Range, progress: float) -> None:
+        self._keep(self.keeper.progressed(target, progress))
+
+    def _loaded(self, target: Range, shard: Shard | None, error: BaseException | None) -> None:
+        now = time.monotonic()
+        if isinstance(error, LoadAbandoned):
+            self.keeper.load_abandoned(target)
+            self._keep(self.keeper.tick(now, self._in_use))
+            return
+        if error is not None:
+            log.error("loading layers %d-%d failed: %r", target[0], target[1] - 1, error)
+            self._keep(self.keeper.load_failed(target, f"{type(error).__name__}: {error}", now, self._in_use))
+            return
+        self.held[target] = shard
+        counters = self.counters
+        counters.peak_weight_bytes = max(counters.peak_weight_bytes, weight_bytes(self.held.values()))
+        counters.loads += 1
+        counters.layers_read += shard.read_layers
+        counters.layers_kept += shard.kept_layers
+        counters.bytes_read += shard.read_bytes
+        log.info("loaded layers %d-%d (%.1f MB; %d layers read, %d kept)", target[0], target[1] - 1,
+                 shard.weight_bytes / 1e6, shard.read_layers, shard.kept_layers)
+        self._keep(self.keeper.loaded(target, now, self._in_use))
+        self._pump()
+
+    def _drop(self, layers: Range) -> None:
+        self.held.pop(layers, None)
+        log.info("dropped layers %d-%d", layers[0], layers[1] - 1)
+        for attempt, entry in self.scheduler.drop_routes_from(self.me, layers):
+            self._fail_at_entry(attempt, entry, f"{self._name(self.me)} dropped layers {layers[0]}-{layers[1] - 1}")
+        stage = (self.me, *layers)
+
+        def drop() -> None:
+            self.caches.drop(lambda route: stage not in route)
+            self._in_use, self._figures = self.caches.in_use(), self.caches.figures()
+
+        self._in_worker(drop)
+
+    # ----- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        recent = sum(1 for t in self._recent_tokens if now - t <= 5.0)
+        loading = self.keeper.loading
+        self.counters.tight_loads = self.keeper.tight_loads
+        scheduled = self.scheduler.status()  # as stage 0 of the routes that start here
+        return {
+            "requests": len(self.conductor.requests),  # entering here, in flight
+            "stage_requests": 0,  # holding a KV cache in our layers
+            "held": [list(r) for r in sorted(self.held)],
+            "loading": None if loading is None else
+            {"start": loading[0], "end": loading[1], "progress": self.keeper.progress},
+            "weight_bytes": weight_bytes(self.held.values()),
+            "active_memory": mx.get_active_memory(),
+            "tokens_per_s": recent / 5.0,
+            **self.counters.__dict__,
+            **scheduled,
+            "prefix_entries": 0, "prefix_tokens": 0, "prefix_bytes": 0, "kv_bytes": 0,
+            **self._figures,  # what this node holds (a stage of a route started elsewhere, too)
+        }
+
+
+def weight_bytes(shards: Any) -> int:
+    """Bytes of the held shards, counting a layer two of them share once."""
+    from mlx.utils import tree_flatten
+
+    seen: dict[int, int] = {}
+    for shard in shards:
+        for _, array in tree_flatten(shard.model.parameters()):
+            seen[id(array)] = array.nbytes
+    return sum(seen.values())
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:16]

@@ -1,0 +1,28 @@
+"""The narrow interface the serving engine is handed instead of the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from tbmesh.core.messages import ShardState
+from tbmesh.serving.view import ClusterView
+
+
+class Host(Protocol):
+    me: str  # our node id
+    name: str  # and name
+    loop: asyncio.AbstractEventLoop
+
+    def view(self) -> ClusterView:
+        """The cluster as the control plane sees it now."""
+
+    def send(self, node: str, message: object) -> bool:
+        """Send a data-plane message to `node` (directly, or through a neighbour); False when
+        no connection leads there."""
+
+    def shard_changed(self, state: ShardState | None) -> None:
+        """What we hold or load changed: publish it to the cluster."""
+
+    def record(self, kind: str, node: str | None, detail: str) -> None:
+        """An event for the event log (a request resumed, ...)."""

@@ -1,0 +1,251 @@
+"""A stage's MLX work: the steps of the routes this node serves a stage of, over its layers,
+with the KV caches stage 0 decided it keeps. Runs in the engine's MLX worker thread only.
+
+What a node keeps for a route:
+- the cache of each attempt whose prompt is being prefilled (mlx-lm's KVCache, its own);
+- per lane, one batched cache of all its rows (mlx-lm's BatchKVCache: rows left-padded to a
+  common length and masked, so each row's attention sees exactly its own tokens). A row
+  joins by `extend` and leaves by `filter`; both copy the lane's cache once, not per step;
+- the prefix-cache entries, each a cache of exactly its tokens, copied and trimmed when an
+  attempt starts from one.
+
+Every cache's length is also counted here in Python, and checked against what stage 0 says
+each step expects: a stage that missed a step (a connection lost with it) refuses the
+attempt instead of computing on a cache out of step.
+
+At the last stage each row is sampled on its own (its temperature, top-p, and the key of
+its seed and step), so a seeded request draws the same tokens whatever else is in its batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from tbmesh.runtime.sampling import draw
+from tbmesh.runtime.shard import Shard
+from tbmesh.serving.messages import Member, Origin, Range, Route, Step
+from tbmesh.serving.settings import KV_BLOCK
+
+Cache = list[Any]  # one mlx-lm cache object per layer of the shard
+
+
+@dataclass
+class Alone:
+    """The cache of one attempt outside any lane (its prompt is being prefilled)."""
+
+    route: Route
+    cache: Cache
+    length: int
+
+
+@dataclass
+class LaneCache:
+    members: list[str] = field(default_factory=list)  # attempt per row
+    lengths: list[int] = field(default_factory=list)  # tokens in each row's cache
+    cache: Cache | None = None  # batched, one per layer; None while the lane has no row
+
+
+@dataclass
+class Outcome:
+    """What a step produced here: `out` for the next stage (hidden states) or the sampled
+    tokens (last stage: member -> token), the members it ran, and those it could not."""
+
+    out: mx.array | None = None
+    ran: tuple[Member, ...] = ()
+    tokens: dict[str, int] = field(default_factory=dict)
+    failed: list[tuple[Member, str]] = field(default_factory=list)
+
+
+class StageCaches:
+    def __init__(self, me: str, name: str) -> None:
+        self.me = me  # this node's id
+        self.name = name  # and name, for the reasons given to entries
+        self.alone: dict[str, Alone] = {}
+        self.lanes: dict[tuple[Route, str], LaneCache] = {}
+        self.entries: dict[tuple[Route, str], tuple[Cache, int]] = {}  # prefix cache: (cache, length)
+
+    # ----- bookkeeping -----------------------------------------------------------------
+
+    def attempts(self) -> int:
+        """Attempts holding a KV cache here."""
+        return len(self.alone) + sum(len(lane.members) for lane in self.lanes.values())
+
+    def in_use(self) -> set[Range]:
+        """Layer ranges that attempts hold caches on (they keep those layers in memory)."""
+        routes = [a.route for a in self.alone.values()] + [r for (r, _), lane in self.lanes.items() if lane.members]
+        return {(s, e) for route in routes for n, s, e in route if n == self.me}
+
+    def figures(self) -> dict[str, int]:
+        """What the status shows of the caches held here."""
+        live = [a.cache for a in self.alone.values()] + [lane.cache for lane in self.lanes.values() if lane.cache]
+        entries = [cache for cache, _ in self.entries.values()]
+        return {"stage_requests": self.attempts(),
+                "kv_bytes": sum(c.nbytes for cache in live + entries for c in cache),
+                "prefix_entries": len(self.entries),
+                "prefix_tokens": sum(length for _, length in self.entries.values()),
+                "prefix_bytes": sum(c.nbytes for cache in entries for c in cache)}
+
+    def drop(self, keep: Any) -> None:
+        """Forget every route for which keep(route) is false."""
+        for attempt in [a for a, alone in self.alone.items() if not keep(alone.route)]:
+            del self.alone[attempt]
+        for key in [k for k in self.lanes if not keep(k[0])]:
+            del self.lanes[key]
+        for key in [k for k in self.entries if not keep(k[0])]:
+            del self.entries[key]
+
+    def forget(self, attempt: str) -> None:
+        """Free an attempt's cache (its entry ended it, and we never heard from stage 0)."""
+        self.alone.pop(attempt, None)
+        for lane in self.lanes.values():
+            if attempt in lane.members:
+                self._leave(lane, [attempt])
+
+    # ----- one step --------------------------------------------------------------------
+
+    def run(self, shard: Shard, step: Step, x: mx.array) -> Outcome:
+        """Step `step` over our layers with input `x` (token ids at stage 0, else hidden
+        states), one row per member of a decode step, the chunk of a prefill."""
+        for release in step.releases:
+            self._release(step.route, release.attempt, release.length, release.save_as)
+        for entry in step.evictions:
+            self.entries.pop((step.route, entry), None)
+        if step.kind == "flush":
+            return Outcome()
+        if step.kind == "prefill":
+            return self._prefill(shard, step, x)
+        return self._decode(shard, step, x)
+
+    def _prefill(self, shard: Shard, step: Step, x: mx.array) -> Outcome:
+        (member,) = step.members
+        alone = self.alone.get(member.attempt)
+        if alone is None and member.origin is not None:
+            alone = self._start(shard, step.route, member.origin)
+            if isinstance(alone, str):
+                return Outcome(failed=[(member, alone)])
+            self.alone[member.attempt] = alone
+        if alone is None or alone.length != step.start:
+            self.alone.pop(member.attempt, None)
+            return Outcome(failed=[(member, f"{self.name} lost the request's cache")])
+        out = shard.forward(x, alone.cache)
+        alone.length += step.length
+        if shard.last:
+            mx.eval([c.state for c in alone.cache])
+            return Outcome(ran=step.members)
+        mx.eval(out)
+        return Outcome(out, step.members)
+
+    def _decode(self, shard: Shard, step: Step, x: mx.array) -> Outcome:
+        lane = self.lanes.setdefault((step.route, step.lane), LaneCache())
+        wanted = [m.attempt for m in step.members]
+        self._leave(lane, [a for a in lane.members if a not in wanted])
+        outcome = Outcome()
+        if lane.members != wanted[: len(lane.members)]:  # never from stage 0: rows only leave or join at the end
+            outcome.failed += [(m, f"{self.name} holds the batch in another order") for m in step.members]
+            self._leave(lane, list(lane.members))
+            return outcome
+        joining = []
+        for member in step.members[len(lane.members):]:
+            alone = self.alone.pop(member.attempt, None)
+            if alone is None and member.origin is not None:
+                alone = self._start(shard, step.route, member.origin)
+            if isinstance(alone, Alone):
+                joining.append((member, alone))
+            else:
+                outcome.failed.append((member, alone or f"{self.name} lost the request's cache"))
+        if joining:
+            self._join(lane, joining)
+        out_of_step = [m for m in step.members if m.attempt in lane.members
+                       and lane.lengths[lane.members.index(m.attempt)] != m.position]
+        self._leave(lane, [m.attempt for m in out_of_step])
+        outcome.failed += [(m, f"{self.name} lost the request's cache") for m in out_of_step]
+        ran = tuple(m for m in step.members if m.attempt in lane.members)
+        if not ran:
+            self.lanes.pop((step.route, step.lane), None)
+            return outcome
+        if len(ran) < len(step.members):
+            x = x[mx.array([i for i, m in enumerate(step.members) if m.attempt in lane.members])]
+        out = shard.forward(x, lane.cache)
+        lane.lengths = [n + 1 for n in lane.lengths]
+        outcome.ran = ran
+        if not shard.last:
+            mx.eval(out)
+            outcome.out = out
+            return outcome
+        outcome.tokens = sample_rows(out, ran)
+        return outcome
+
+    # ----- caches ----------------------------------------------------------------------
+
+    def _start(self, shard: Shard, route: Route, origin: Origin) -> Alone | str:
+        """A new cache: empty, or a copy of a prefix-cache entry trimmed to origin.length."""
+        if not origin.entry:
+            return Alone(route, _fresh(shard), 0)
+        held = self.entries.get((route, origin.entry))
+        if held is None or held[1] < origin.length:
+            return f"{self.name} does not hold prefix-cache entry {origin.entry}"
+        cache = copy.deepcopy(held[0])
+        for c in cache:
+            c.trim(held[1] - origin.length)
+        return Alone(route, cache, origin.length)
+
+    def _join(self, lane: LaneCache, joining: list[tuple[Member, Alone]]) -> None:
+        # mlx-lm's KVCache.merge: the rows as one batched cache, left-padded to the longest
+        merged = [type(layer[0]).merge(list(layer)) for layer in zip(*(alone.cache for _, alone in joining))]
+        if lane.cache is None:
+            lane.cache = merged
+        else:
+            for mine, theirs in zip(lane.cache, merged):
+                mine.extend(theirs)
+        for c in lane.cache:
+            c.step = KV_BLOCK
+        lane.members += [m.attempt for m, _ in joining]
+        lane.lengths += [alone.length for _, alone in joining]
+
+    def _leave(self, lane: LaneCache, attempts: list[str]) -> None:
+        if not attempts:
+            return
+        keep = [i for i, a in enumerate(lane.members) if a not in attempts]
+        lane.members = [lane.members[i] for i in keep]
+        lane.lengths = [lane.lengths[i] for i in keep]
+        if not keep:
+            lane.cache = None
+        elif lane.cache is not None:
+            for c in lane.cache:
+                c.filter(keep)
+
+    def _release(self, route: Route, attempt: str, length: int, save_as: str) -> None:
+        alone = self.alone.pop(attempt, None)
+        cache, held = (alone.cache, alone.length) if alone is not None else (None, -1)
+        for (lane_route, _), lane in self.lanes.items():
+            if lane_route == route and attempt in lane.members and lane.cache is not None:
+                row = lane.members.index(attempt)
+                held = lane.lengths[row]
+                cache = [c.extract(row) for c in lane.cache] if save_as else None
+                self._leave(lane, [attempt])
+                break
+        if save_as and cache is not None and held == length:  # a cache out of step is no entry
+            for c in cache:
+                c.step = KV_BLOCK
+            self.entries[(route, save_as)] = (cache, length)
+
+
+def _fresh(shard: Shard) -> Cache:
+    cache = shard.make_cache()
+    for c in cache:
+        c.step = KV_BLOCK
+    return cache
+
+
+def sample_rows(logits: mx.array, members: tuple[Member, ...]) -> dict[str, int]:
+    """Each row's token: greedy rows by one argmax, the others drawn with their own keys."""
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    greedy = mx.argmax(logprobs, axis=-1)
+    drawn = [greedy[i : i + 1] if m.sampling.temperature == 0 else draw(logprobs[i : i + 1], m.sampling, m.step)
+             for i, m in enumerate(members)]
+    tokens = mx.concatenate(drawn).tolist()
+    return {m.attempt: token for m, token in zip(members, tokens)}
