@@ -98,6 +98,7 @@ class Daemon:
         self._discovery: Discovery | None = None
         self._watcher: InterfaceWatcher | None = None
         self._api = None
+        self._state_lock: int | None = None  # the state directory's lock, held while we run
         self._stopping = False
         self.pipeline: Pipeline | None = None  # the data plane
         self._last_view: tuple | None = None  # (plan, preparing) the pipeline last saw
@@ -107,6 +108,13 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
+        try:  # first: a second daemon here must not even count a new incarnation
+            self._state_lock = state.lock_state_dir(cfg.state_dir)
+        except state.StateDirInUse as error:
+            raise StartupError(f"{error}; give each daemon its own --state-dir") from None
+        except OSError as error:
+            raise StartupError(f"cannot use the state directory {cfg.state_dir}: "
+                               f"{error.strerror}") from None
         try:
             self.interfaces = netif.select_interfaces(cfg.interfaces)
         except ValueError as error:
@@ -182,6 +190,8 @@ class Daemon:
             await self.telemetry.close()  # "offline" now, not when the broker notices
         with contextlib.suppress(OSError):
             (self.config.state_dir / "api.json").unlink()
+        if self._state_lock is not None:
+            state.unlock_state_dir(self._state_lock)
         log.info("stopped")
 
     async def _measure(self) -> NodeInfo:

@@ -195,6 +195,30 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_second_daemon_on_a_state_dir_in_use_is_a_one_line_error(tmp_path):
+    state_dir = tmp_path / "s"
+    args = ["--interface", "lo", "--memory", "1GB", "--cluster", f"t{uuid.uuid4().hex[:8]}"]
+    first = DaemonProcess("a", state_dir, args).start()
+    try:
+        # it stops before it measures or listens: a TimeoutExpired here is a second daemon running
+        second = subprocess.run(
+            [sys.executable, "-m", "tbmesh", "daemon", "--name", "a", "--state-dir", str(state_dir),
+             "--port", "0", "--api-port", "0", *args], capture_output=True, text=True, timeout=20)
+        assert second.returncode == 2
+        assert second.stderr.splitlines() == [(
+            f"error: the state directory {state_dir} is in use by another tbmesh daemon "
+            f"(pid {first.proc.pid}); give each daemon its own --state-dir")]
+        assert first.alive() and first.status()["node"]["incarnation"] == 1  # untouched by the second
+
+        # the lock goes with its process, however it ends
+        assert first.terminate() == 0
+        assert first.start().status()["node"]["incarnation"] == 2
+        first.kill()  # kill -9: the kernel releases the lock
+        assert first.start().status()["node"]["incarnation"] == 3
+    finally:
+        first.kill()
+
+
 def test_bad_flags_are_one_line_errors(tmp_path):
     for args, expected in [
         (["--interface", "nosuch0"], "nosuch0"),
