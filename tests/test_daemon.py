@@ -14,6 +14,7 @@ import time
 import uuid
 
 import msgpack
+import psutil
 import pytest
 
 from tbmesh.net import peers, wire
@@ -178,6 +179,30 @@ def test_a_stranger_without_the_secret_is_refused(cluster, tmp_path):
 
     asyncio.run(dial())
     assert alive_ids(a.status()) == {a.node_id, b.node_id}
+
+
+def test_the_control_port_listens_on_the_served_addresses_only(cluster):
+    a = cluster("a")  # --interface lo: 127.0.0.1
+    port = a.control_port
+    # every other address of this machine: 127.0.0.2 (lo answers all of 127/8), eth0's, ...
+    others = {"127.0.0.2"} | {address.address for addresses in psutil.net_if_addrs().values()
+                              for address in addresses
+                              if address.family == socket.AF_INET and address.address != "127.0.0.1"}
+    for address in sorted(others):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((address, port), timeout=3).close()
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                               check=True).stdout.split()
+    assert [word for word in listening if word.endswith(f":{port}")] == [f"127.0.0.1:{port}"]
+
+    # on 127.0.0.1 the daemon answers a handshake (here, refusing a stranger's cluster)
+    me = peers.Me("visitor", 1, "visitor", "not-" + a.status()["cluster"], "m")
+
+    async def dial():
+        with pytest.raises(peers.Refused, match="cluster"):
+            await peers.dial("127.0.0.1", port, me)
+
+    asyncio.run(dial())
 
 
 def test_a_port_in_use_is_a_one_line_error(tmp_path):
