@@ -96,10 +96,11 @@ class Daemon:
         self._dialers: dict[str, asyncio.Task] = {}
         self._flush_scheduled = False
         self._probe_lock = asyncio.Lock()
-        self._server: asyncio.Server | None = None
+        self._listeners: dict[str, asyncio.Server] = {}  # control port listeners, by address
         self._discovery: Discovery | None = None
         self._watcher: InterfaceWatcher | None = None
         self._api = None
+        self._state_lock: int | None = None  # the state directory's lock, held while we run
         self._stopping = False
         self.engine: Engine | None = None  # the data plane
         self._last_view: tuple | None = None  # (plan, preparing) the engine last saw
@@ -109,6 +110,13 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.config
+        try:  # first: a second daemon here must not even count a new incarnation
+            self._state_lock = state.lock_state_dir(cfg.state_dir)
+        except state.StateDirInUse as error:
+            raise StartupError(f"{error}; give each daemon its own --state-dir") from None
+        except OSError as error:
+            raise StartupError(f"cannot use the state directory {cfg.state_dir}: "
+                               f"{error.strerror}") from None
         try:
             self.interfaces = netif.select_interfaces(cfg.interfaces)
         except ValueError as error:
@@ -176,14 +184,16 @@ class Daemon:
             channel.close("daemon stopping")
         if self.engine is not None:
             await self.engine.close()
-        if self._server is not None:
-            self._server.close()
+        for listener in self._listeners.values():
+            listener.close()
         if self._api is not None:
             await self._api.cleanup()
         if self.telemetry is not None:
             await self.telemetry.close()  # "offline" now, not when the broker notices
         with contextlib.suppress(OSError):
             (self.config.state_dir / "api.json").unlink()
+        if self._state_lock is not None:
+            state.unlock_state_dir(self._state_lock)
         log.info("stopped")
 
     async def _measure(self) -> NodeInfo:
@@ -193,14 +203,38 @@ class Daemon:
         return NodeInfo(self.identity.node_id, self.config.name, measure.chip(), total, usable, flops)
 
     async def _start_server(self) -> None:
+        """Listen for peers on the served addresses only, never 0.0.0.0: nothing on Wi-Fi or
+        Ethernet can even connect. mDNS advertises one port for all addresses, so the number
+        is settled here, at start, even with no cable yet: the one asked for if nothing
+        listens on it at any address, or with --port 0 one the kernel finds free on all
+        of them. Addresses that appear later are listened on with that number
+        (_follow_addresses); something else may take it meanwhile, which is then logged."""
         try:
-            self._server = await asyncio.start_server(self._on_accept, host="0.0.0.0", port=self.config.port)
+            self.port = _port_free_everywhere(self.config.port)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
                 raise StartupError(f"control port {self.config.port} is in use (another tbmesh "
                                    "daemon?); choose another with --port") from None
             raise StartupError(f"cannot listen on port {self.config.port}: {error.strerror}") from None
-        self.port = self._server.sockets[0].getsockname()[1]
+        for address, error in (await self._follow_addresses(self.addresses)).items():
+            raise StartupError(f"cannot listen on {address} port {self.port}: {error.strerror}")
+
+    async def _follow_addresses(self, addresses: list[str]) -> dict[str, OSError]:
+        """Listen on each of `addresses` and on no other; returns those that failed to bind
+        (tried again at the next interface change)."""
+        for address in [a for a in self._listeners if a not in addresses]:
+            # its connections are closed by _on_interfaces_changed (close() leaves them open)
+            self._listeners.pop(address).close()
+            log.info("control port closed on %s", address)
+        failed: dict[str, OSError] = {}
+        for address in addresses:
+            if address not in self._listeners:
+                try:
+                    self._listeners[address] = await asyncio.start_server(
+                        self._on_accept, host=address, port=self.port)
+                except OSError as error:
+                    failed[address] = error
+        return failed
 
     async def _start_api(self) -> None:
         from aiohttp import web
@@ -620,6 +654,9 @@ class Daemon:
                 local = channel.writer.get_extra_info("sockname")
                 if local is not None and local[0] not in addresses:
                     channel.close("its interface went away")  # suspected now, not after silence
+        # listening there before we announce ourselves there (and again where a bind failed)
+        for address, error in (await self._follow_addresses(addresses)).items():
+            log.error("cannot listen on %s port %d: %s", address, self.port, error.strerror)
         if self._discovery is not None:
             # a cable plugged into a bridge changes no address, but there may be new peers
             # behind it: rebind if needed, announce ourselves and ask again either way
@@ -672,6 +709,16 @@ class Daemon:
             "runtime": self.engine.status() if self.engine else None,
             "events": list(self.events)[-50:],
         }
+
+
+def _port_free_everywhere(port: int) -> int:
+    """`port` when no socket listens on it at any address, or with 0 a port no socket does
+    (the kernel's choice); raises OSError (EADDRINUSE). Bound with SO_REUSEADDR as asyncio's
+    listeners are: connections of an earlier run left in TIME_WAIT do not count."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))  # the wildcard conflicts with a listener on any address
+        return sock.getsockname()[1]
 
 
 def _plan_json(plan: Plan | None) -> dict[str, Any] | None:

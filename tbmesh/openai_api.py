@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -52,6 +53,7 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 8 * 2**20
+    max_json_depth: int = 64  # nested arrays and objects; a request needs 4, a tool schema a dozen
     max_tokens: int = 32768  # the most a request may ask for
     default_max_tokens: int = 2048  # when the request does not say
     max_stop: int = 16  # stop strings per request (OpenAI allows 4; some clients send more)
@@ -136,11 +138,22 @@ def _stop_strings(body: dict[str, Any], limits: Limits) -> list[str]:
     return [s for s in strings if s]  # an empty stop string would end every answer at once
 
 
+def _unicode(text: str, where: str, param: str) -> str:
+    """`text`, if it can be encoded: JSON's \\ud800 escapes decode to lone surrogates, which
+    no tokenizer takes (UTF-8 has no encoding for them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise _bad(param, f"'{where}' is not valid Unicode: it holds a lone surrogate "
+                          f"(U+{ord(text[error.start]):04X}) at character {error.start}") from None
+    return text
+
+
 def _content(message: dict[str, Any], where: str) -> str:
     """A message's text: a string, or an array of text parts (joined)."""
     content = message.get("content")
     if isinstance(content, str):
-        return content
+        return _unicode(content, f"{where}.content", "messages")
     if content is None and message.get("role") == "assistant":  # e.g. a tool-calling turn
         return ""
     if not isinstance(content, list):
@@ -150,7 +163,7 @@ def _content(message: dict[str, Any], where: str) -> str:
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise _bad("messages", f"'{where}.content[{i}]' is not a text part "
                                    '({"type": "text", "text": "..."}); only text is supported')  # fmt: skip
-        texts.append(part["text"])
+        texts.append(_unicode(part["text"], f"{where}.content[{i}].text", "messages"))
     return "".join(texts)
 
 
@@ -183,7 +196,7 @@ def _prompt(body: dict[str, Any]) -> str | list[int]:
             raise _bad("prompt", f"only one prompt per request is supported, not {len(prompt)}")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return prompt
+        return _unicode(prompt, "prompt", "prompt")
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     raise _bad("prompt", "'prompt' must be a string or an array of token ids")
@@ -487,8 +500,27 @@ def _event(data: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-async def read_json(request: web.Request, limit: int) -> Any:
-    """The request's JSON body, read up to `limit` bytes (413 beyond)."""
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth_exceeds(text: str, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than `limit` in `text` (brackets in strings do not
+    count). Without recursion: json.loads recurses per level and a body of 100 000 brackets
+    raises RecursionError. An invalid body may be misjudged; json.loads refuses it anyway."""
+    depth = 0
+    for bracket in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += _NESTING[bracket]
+        if depth > limit:
+            return True
+    return False
+
+
+async def read_json(request: web.Request, limits: Limits) -> Any:
+    """The request's JSON body, read up to its size limit (413 beyond) and its depth limit
+    checked before it is decoded (400 beyond)."""
+    limit = limits.max_body_bytes
     too_big = ApiError(413, f"the request body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_big
@@ -498,7 +530,12 @@ async def read_json(request: web.Request, limit: int) -> Any:
         if len(data) > limit:
             raise too_big
     try:
-        return json.loads(data)
+        # as json.loads decodes bytes: UTF-8 (BOM or not), UTF-16 or UTF-32
+        text = data.decode(json.detect_encoding(data), "surrogatepass")
+        if json_depth_exceeds(text, limits.max_json_depth):
+            raise ApiError(400, f"the request body nests arrays and objects deeper than "
+                                f"{limits.max_json_depth} levels")
+        return json.loads(text)
     except (UnicodeDecodeError, ValueError) as error:
         raise ApiError(400, f"the request body is not valid JSON: {error}") from None
 
@@ -522,7 +559,7 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
 
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
-            completion = parse_request(await read_json(request, limits.max_body_bytes), chat, limits)
+            completion = parse_request(await read_json(request, limits), chat, limits)
             check_model(completion.model)
             tokenizer = backend.tokenizer(completion.model)
             prompt = prompt_tokens(tokenizer, completion)

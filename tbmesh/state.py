@@ -8,6 +8,8 @@ id instead of fighting the original over the same one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -32,6 +34,44 @@ class Identity:
     node_id: str
     machine: str
     incarnation: int
+
+
+class StateDirInUse(Exception):
+    """Another process holds the state directory's lock."""
+
+    def __init__(self, state_dir: Path, pid: int | None) -> None:
+        super().__init__(f"the state directory {state_dir} is in use by another tbmesh daemon"
+                         f"{f' (pid {pid})' if pid is not None else ''}")
+        self.pid = pid
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the state directory for this process: an advisory lock (flock) on its `lock` file,
+    which holds our pid. Two daemons on one directory would share a node id and clash in mDNS.
+
+    Returns the lock's file descriptor: keep it open as long as the process runs (the kernel
+    releases the lock when the process ends, even by kill -9). Raises StateDirInUse.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()  # empty while it writes it
+        os.close(fd)
+        raise StateDirInUse(state_dir, int(holder) if holder.isdigit() else None) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    # the file stays when we stop: removing it would let a newcomer lock a file already replaced
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def unlock_state_dir(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def new_node_id() -> str:

@@ -14,6 +14,7 @@ import time
 import uuid
 
 import msgpack
+import psutil
 import pytest
 
 from tbmesh.net import peers, wire
@@ -180,6 +181,30 @@ def test_a_stranger_without_the_secret_is_refused(cluster, tmp_path):
     assert alive_ids(a.status()) == {a.node_id, b.node_id}
 
 
+def test_the_control_port_listens_on_the_served_addresses_only(cluster):
+    a = cluster("a")  # --interface lo: 127.0.0.1
+    port = a.control_port
+    # every other address of this machine: 127.0.0.2 (lo answers all of 127/8), eth0's, ...
+    others = {"127.0.0.2"} | {address.address for addresses in psutil.net_if_addrs().values()
+                              for address in addresses
+                              if address.family == socket.AF_INET and address.address != "127.0.0.1"}
+    for address in sorted(others):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((address, port), timeout=3).close()
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                               check=True).stdout.split()
+    assert [word for word in listening if word.endswith(f":{port}")] == [f"127.0.0.1:{port}"]
+
+    # on 127.0.0.1 the daemon answers a handshake (here, refusing a stranger's cluster)
+    me = peers.Me("visitor", 1, "visitor", "not-" + a.status()["cluster"], "m")
+
+    async def dial():
+        with pytest.raises(peers.Refused, match="cluster"):
+            await peers.dial("127.0.0.1", port, me)
+
+    asyncio.run(dial())
+
+
 def test_a_port_in_use_is_a_one_line_error(tmp_path):
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))
@@ -193,6 +218,30 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: control port {port} is in use (another tbmesh daemon?); choose another with --port")
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_daemon_on_a_state_dir_in_use_is_a_one_line_error(tmp_path):
+    state_dir = tmp_path / "s"
+    args = ["--interface", "lo", "--memory", "1GB", "--cluster", f"t{uuid.uuid4().hex[:8]}"]
+    first = DaemonProcess("a", state_dir, args).start()
+    try:
+        # it stops before it measures or listens: a TimeoutExpired here is a second daemon running
+        second = subprocess.run(
+            [sys.executable, "-m", "tbmesh", "daemon", "--name", "a", "--state-dir", str(state_dir),
+             "--port", "0", "--api-port", "0", *args], capture_output=True, text=True, timeout=20)
+        assert second.returncode == 2
+        assert second.stderr.splitlines() == [(
+            f"error: the state directory {state_dir} is in use by another tbmesh daemon "
+            f"(pid {first.proc.pid}); give each daemon its own --state-dir")]
+        assert first.alive() and first.status()["node"]["incarnation"] == 1  # untouched by the second
+
+        # the lock goes with its process, however it ends
+        assert first.terminate() == 0
+        assert first.start().status()["node"]["incarnation"] == 2
+        first.kill()  # kill -9: the kernel releases the lock
+        assert first.start().status()["node"]["incarnation"] == 3
+    finally:
+        first.kill()
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):

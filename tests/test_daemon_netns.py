@@ -122,3 +122,32 @@ def test_a_shaped_cable_is_measured_within_ten_percent(lab, macs):
     rate = answer["links"][0]["bandwidth_bps"]
     assert abs(rate - 0.5e9) / 0.5e9 < 0.10, rate
     wait_for(lambda: measured() == rate, 5, "the other end to publish the new figure")
+
+
+def listening(mac, port: int) -> set[str]:
+    """The addresses on which something in `mac` listens on TCP `port` (`ss -ltn`)."""
+    lines = mac.check_output(["ss", "-ltnH", f"sport = :{port}"]).splitlines()
+    return {line.split()[3].rsplit(":", 1)[0] for line in lines}
+
+
+def test_the_control_port_follows_the_cables(lab, macs):
+    a, b, c = lab.add_mac("a"), lab.add_mac("b"), lab.add_mac("c")
+    lab.cable(a, b)
+    pair = start_all([macs(a, "--no-probe"), macs(b, "--no-probe")])
+    newcomer = macs(c, "--no-probe").start()  # running, but no cable yet
+    wait_for(lambda: agreed(pair), 30, "a and b")
+    port, port_c = pair[0].control_port, newcomer.control_port
+    assert listening(a, port) == {"169.254.1.1"}  # the cable's address, nothing else
+    assert port_c and listening(c, port_c) == set()  # its port is chosen; nowhere to listen yet
+
+    cable = lab.cable(a, c)
+    wait_for(lambda: listening(a, port) == {"169.254.1.1", "169.254.2.1"}, 5, "a listening on its new cable")
+    wait_for(lambda: listening(c, port_c) == {"169.254.2.3"}, 5, "c listening on its first cable")
+    with c.socket() as sock:  # reachable from behind the new cable
+        sock.settimeout(3)
+        sock.connect(("169.254.2.1", port))
+    wait_for(lambda: agreed(pair + [newcomer]), 15, "c joining through the new cable")
+
+    cable.unplug()
+    wait_for(lambda: listening(a, port) == {"169.254.1.1"}, 5, "the listener of the pulled cable closed")
+    assert "control port closed on 169.254.2.1" in pair[0].log()

@@ -323,6 +323,71 @@ def test_malformed_bodies_are_400(server: ApiServer, raw: bytes) -> None:
     assert status == 400 and answer["error"]["type"] == "invalid_request_error"
 
 
+# JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer can encode
+LONE_SURROGATES = [
+    ("/v1/completions", rb'{"model": "tiny", "prompt": "\ud800", "max_tokens": 2}', "prompt", "'prompt'"),
+    ("/v1/completions", rb'{"model": "tiny", "prompt": ["ok \udfff"], "max_tokens": 2}', "prompt", "'prompt'"),
+    # the surrogate's own bytes rather than its escape (json.loads takes them too)
+    ("/v1/completions", b'{"model": "tiny", "prompt": "\xed\xa0\x80", "max_tokens": 2}', "prompt", "'prompt'"),
+    ("/v1/chat/completions", rb'{"model": "tiny", "messages": [{"role": "user", "content": "\ud800"}]}',
+     "messages", "'messages[0].content'"),
+    ("/v1/chat/completions", (rb'{"model": "tiny", "messages": [{"role": "system", "content": "hi"}, '
+                              rb'{"role": "user", "content": [{"type": "text", "text": "a\udc00"}]}]}'),
+     "messages", "'messages[1].content[0].text'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path,raw,param,field", LONE_SURROGATES)
+def test_a_lone_surrogate_is_400_naming_the_field(server: ApiServer, path: str, raw: bytes, param: str, field: str) -> None:
+    status, answer = server.post(path, None, raw=raw)
+    assert status == 400, answer
+    error = answer["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert error["message"].startswith(f"{field} is not valid Unicode"), error
+
+
+def _nested(depth: int) -> bytes:
+    """A chat request whose body nests `depth` levels: the object, then arrays in "metadata"."""
+    return (b'{"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "[[[[{{{{"}], '
+            b'"metadata": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}")  # fmt: skip
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b"[" * 100_000, b'{"a": ' * 50_000,
+                                 _nested(65)])  # fmt: skip
+def test_too_deep_a_body_is_400_saying_the_limit(backend: SteeredBackend, raw: bytes) -> None:
+    with ApiServer(backend) as server:  # the daemon's limits: 100 000 levels are well within 8 MiB
+        status, answer = server.post("/v1/chat/completions", None, raw=raw)
+        assert status == 400, answer
+        assert answer["error"]["message"] == "the request body nests arrays and objects deeper than 64 levels"
+        assert server.post("/v1/chat/completions", None, raw=_nested(64))[0] == 200  # brackets in strings do not count
+
+
+ODD_VALUES = [
+    (b'"temperature": NaN', "temperature"),
+    (b'"temperature": Infinity', "temperature"),
+    (b'"top_p": -Infinity', "top_p"),
+    (b'"top_p": 1e999', "top_p"),
+    (b'"max_tokens": 1e999', "max_tokens"),
+    (b'"max_tokens": 1e2', "max_tokens"),
+    (b'"max_tokens": 10000000000000000000000000000000', "max_tokens"),
+    (b'"max_tokens": ' + b"9" * 5000, None),  # beyond Python's int digits: json.loads refuses it
+    (b'"seed": 18446744073709551616', "seed"),
+    (b'"seed": NaN', "seed"),
+    (b'"n": 1.0', "n"),
+    (b'"stop": {"a": 1}', "stop"),
+    (b'"stream_options": {"include_usage": 1}', "include_usage"),
+    (b'"max_tokens": "12"', "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("field,param", ODD_VALUES)
+def test_odd_values_are_400(server: ApiServer, field: bytes, param: str | None) -> None:
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], ' + field + b"}"
+    status, answer = server.post("/v1/chat/completions", None, raw=raw)
+    assert status == 400, answer
+    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
+
+
 def test_too_large_a_body_is_413(server: ApiServer) -> None:
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]}
     status, answer = server.post("/v1/chat/completions", big)
