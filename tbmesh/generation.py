@@ -72,6 +72,9 @@ class Backend(Protocol):
     def unavailable(self, model: str) -> Unavailable | None:
         """Why `model` cannot serve requests now, or None when it can."""
 
+    def context(self, model: str) -> int | None:
+        """The most tokens (prompt and answer) one request may hold, or None for no limit."""
+
     def tokenizer(self, model: str) -> TokenizerWrapper:
         """mlx-lm's tokenizer wrapper of `model` (chat template, eos ids, streaming detokenizer)."""
 

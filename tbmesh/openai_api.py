@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -73,6 +73,7 @@ class CompletionRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    max_tokens_given: bool = True  # else params.max_tokens is the default, cut to the context
     messages: list[dict[str, str]] = field(default_factory=list)  # chat
     prompt: str | list[int] = ""  # completions: text, or token ids
 
@@ -237,7 +238,8 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> CompletionRequest:
         top_p=top_p,
         seed=None if seed is None else seed % 2**64,  # OpenAI's are signed, the samplers' keys not
     )
-    request = CompletionRequest(chat, model, params, stop, stream, stream and include_usage)
+    request = CompletionRequest(chat, model, params, stop, stream, stream and include_usage,
+                                max_tokens_given=max_tokens is not None)
     if chat:
         request.messages = _messages(body)
     else:
@@ -268,6 +270,24 @@ def prompt_tokens(tokenizer: TokenizerWrapper, request: CompletionRequest) -> li
     if wrong is not None:
         raise _bad("prompt", f"token id {wrong} is not in the vocabulary (0 to {vocabulary - 1})")
     return list(request.prompt)
+
+
+def fit_context(request: CompletionRequest, prompt: int, context: int | None) -> GenerationParams:
+    """The parameters with max_tokens within the backend's context (the KV room of a stage):
+    a default cut to what is left, a prompt and max_tokens that can never fit a 400."""
+    params = request.params
+    if context is None:
+        return params
+    if prompt >= context:
+        raise _bad("messages" if request.chat else "prompt",
+                   f"the prompt has {prompt} tokens; the context is {context} tokens (--context)")
+    if not request.max_tokens_given:
+        return replace(params, max_tokens=min(params.max_tokens, context - prompt))
+    if prompt + params.max_tokens > context:
+        raise _bad("max_tokens", f"the prompt ({prompt} tokens) and max_tokens ({params.max_tokens}) need "
+                                 f"{prompt + params.max_tokens} tokens; the context is {context} tokens "
+                                 f"(--context): lower max_tokens to at most {context - prompt}")
+    return params
 
 
 # --- from tokens to text ---------------------------------------------------------------------
@@ -563,6 +583,7 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
             check_model(completion.model)
             tokenizer = backend.tokenizer(completion.model)
             prompt = prompt_tokens(tokenizer, completion)
+            completion.params = fit_context(completion, len(prompt), backend.context(completion.model))
         except ApiError as error:
             return error.response()
         except Exception as error:  # a backend that fails to say what it serves or to tokenize

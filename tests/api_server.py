@@ -103,11 +103,15 @@ class SteeredBackend(LocalBackend):
 
     def reset(self) -> None:
         self.reason: Unavailable | None = None  # what unavailable() answers
+        self.room: int | None = None  # what context() answers
         self.fail_after: int | None = None  # raise after yielding this many tokens
         self.failure: Callable[[], Exception] = lambda: RuntimeError("stage 1 went away")
 
     def unavailable(self, model: str) -> Unavailable | None:
         return self.reason
+
+    def context(self, model: str) -> int | None:
+        return self.room
 
     async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
         async with aclosing(super().generate(model, prompt, params)) as tokens:

@@ -31,12 +31,15 @@ def reference(model_dir):
     """Single-process mlx-lm on the same directory: the tokens every run must reproduce."""
     model, tokenizer = load(str(model_dir))
 
-    def generate(prompt: str, max_tokens: int, sampling: Sampling = Sampling()) -> str:
+    def generate(prompt: str | list[int], max_tokens: int, sampling: Sampling = Sampling()) -> tuple[str, int]:
+        """The text and the number of tokens mlx-lm answers to a prompt (text, or token ids)."""
+        import mlx.core as mx
+
         detokenizer = tokenizer.detokenizer  # the streaming one, as the API's (and mlx_lm.generate's)
         detokenizer.reset()
         count = 0
-        for token, _ in generate_step(mx_prompt(tokenizer, prompt), model, max_tokens=max_tokens,
-                                      sampler=make_sampler(sampling)):
+        ids = mx.array(prompt) if isinstance(prompt, list) else mx_prompt(tokenizer, prompt)
+        for token, _ in generate_step(ids, model, max_tokens=max_tokens, sampler=make_sampler(sampling)):
             if token in tokenizer.eos_token_ids:
                 break
             detokenizer.add_token(token)
@@ -59,15 +62,16 @@ def cluster(tmp_path, model_dir):
     cluster_name = f"i{uuid.uuid4().hex[:8]}"
     started: list[DaemonProcess] = []
 
-    def make(name: str, memory: str) -> DaemonProcess:
+    def make(name: str, memory: str, extra: tuple[str, ...] = ()) -> DaemonProcess:
         daemon = DaemonProcess(name, tmp_path / name, ["--interface", "lo", "--memory", memory,
                                                        "--model", str(model_dir), "--cluster", cluster_name,
-                                                       "--no-probe"])
+                                                       "--no-probe", *extra])
         started.append(daemon)
         return daemon
 
-    def start(n: int, memory: str = "4GB") -> list[DaemonProcess]:
-        return start_all([make(f"n{i}", memory) for i in range(n)])
+    def start(n: int, memory: str = "4GB", extra: tuple[str, ...] = ()) -> list[DaemonProcess]:
+        """`n` daemons (with `extra` flags) of one cluster, started at once."""
+        return start_all([make(f"n{i}", memory, extra) for i in range(n)])
 
     def join(name: str, memory: str = "4GB") -> DaemonProcess:
         """One more daemon in the same cluster."""

@@ -58,6 +58,23 @@ def test_a_stage_killed_mid_generation_and_the_answer_goes_on(cluster, reference
     new_plan_without([d for d in daemons if d is not dead], dead_id, 2)
 
 
+def test_a_stage_killed_mid_batch_and_every_answer_of_the_batch_goes_on(cluster, reference):
+    daemons = cluster(3)
+    view = serving(daemons, 3)
+    dead = by_id(daemons)[view["plan"]["stages"][1]["node"]]
+    entries = [d for d in daemons if d is not dead]
+    prompts = [f"{PROMPT} {word}" for word in ("now", "then", "again", "here", "there", "twice", "once", "so")]
+    streams = [Stream(entries[i % 2], prompt, 150 + 10 * i, temperature=0) for i, prompt in enumerate(prompts)]
+    for stream in streams:
+        stream.wait_pieces(10)
+    dead_id = dead.node_id
+    dead.kill()  # kill -9, with all eight in its caches
+    for i, stream in enumerate(streams):
+        assert stream.result() == reference(prompts[i], 150 + 10 * i)[0], i
+    new_plan_without(entries, dead_id, 2)
+    assert sum(len(events(d, "resumed")) for d in entries) >= 6  # those still going went on elsewhere
+
+
 def test_a_node_that_joins_mid_generation_is_given_layers_and_nothing_unchanged_is_read_again(
         cluster, reference, tmp_path, model_dir):
     daemons = cluster(3)

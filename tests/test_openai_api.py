@@ -509,6 +509,9 @@ class ScriptedBackend:
     def unavailable(self, model: str) -> Unavailable | None:
         return None
 
+    def context(self, model: str) -> int | None:
+        return None
+
     def tokenizer(self, model: str) -> Any:
         return self._tokenizer
 
@@ -567,3 +570,27 @@ def test_stop_text(stops: list[str], pieces: list[str], expected: tuple[str, boo
     if not stopped:
         sent += stop.flush()
     assert (sent, stopped) == expected
+
+
+# --- the context: the most a request may hold --------------------------------------------------
+
+
+def test_a_request_that_cannot_fit_the_context_is_400_with_the_numbers(server: ApiServer, backend: SteeredBackend,
+                                                                         endless: None) -> None:
+    import openai
+
+    backend.room = 40  # a cluster's --context
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    prompt = [backend.tokenizer(MODEL).bos_token_id] + [300] * 29  # 30 tokens
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=11, temperature=0)
+    error = raised.value.body
+    assert error["param"] == "max_tokens" and "the prompt (30 tokens) and max_tokens (11) need 41 tokens; " \
+        "the context is 40 tokens (--context): lower max_tokens to at most 10" in error["message"]
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model=MODEL, prompt=prompt * 2, temperature=0)
+    assert raised.value.body["param"] == "prompt" and "the prompt has 60 tokens; the context is 40" in str(raised.value)
+    # without max_tokens the answer gets what is left of the context (the default, 16, is more)
+    answer = client.completions.create(model=MODEL, prompt=prompt, temperature=0)
+    assert answer.usage.completion_tokens == 10 and answer.choices[0].finish_reason == "length"
+    assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0).usage.completion_tokens == 10

@@ -66,6 +66,9 @@ class LocalBackend:
     def models(self) -> list[str]:
         return [self.name]
 
+    def context(self, model: str) -> int | None:
+        return None  # as mlx_lm.server: the cache grows as the answer does
+
     def unavailable(self, model: str) -> Unavailable | None:
         return None
 

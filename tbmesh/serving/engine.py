@@ -163,6 +163,9 @@ class Engine:
     def models(self) -> list[str]:
         return [self.model_name] if self.model_name else []
 
+    def context(self, model: str) -> int | None:
+        return self.settings.context  # the KV room of a stage: what one request may hold at most
+
     def tokenizer(self, model: str) -> Any:
         if self._tokenizer is None:
             from tbmesh.runtime.modeldir import load_tokenizer
@@ -184,12 +187,9 @@ class Engine:
         max_tokens. Survives plan changes: each new route gets the prompt and the tokens so far."""
         if (error := self.unavailable(model)) is not None:
             raise error
-        context = self.settings.context
-        if len(prompt) + params.max_tokens > context:
+        if len(prompt) + params.max_tokens > self.settings.context:  # the API checks it first
             raise BadRequest(f"the prompt ({len(prompt)} tokens) and max_tokens ({params.max_tokens}) "
-                             f"need {len(prompt) + params.max_tokens} tokens of context; this cluster "
-                             f"has {context} (--context): shorten the prompt or lower max_tokens to at "
-                             f"most {max(context - len(prompt), 0)}", param="max_tokens")
+                             f"need more than the context of {self.settings.context} tokens", "max_tokens")
         ends = tuple(self.tokenizer(model).eos_token_ids)
         queue: asyncio.Queue = asyncio.Queue()
         sampling = Sampling(params.temperature, params.top_p, params.seed)

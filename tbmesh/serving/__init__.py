@@ -1,0 +1,1 @@
+"""The serving engine: see engine.py."""
