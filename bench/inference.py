@@ -323,14 +323,15 @@ def model_dir(layers: int, hidden: int, vocab: int) -> Path:
 
 
 class Cluster:
-    def __init__(self, size: int, path: Path, work: Path) -> None:
+    def __init__(self, size: int, path: Path, work: Path, args: list[str] | None = None) -> None:
+        """`size` daemons of one cluster; `args`: more `tbmesh daemon` flags (e.g. --context)."""
         from daemons import DaemonProcess
 
         self.size = size
         self.name = f"bench-{size}-{uuid.uuid4().hex[:8]}"
         self.daemons = [DaemonProcess(f"s{size}n{i}", work / self.name / f"n{i}",
                                       ["--interface", "lo", "--memory", "8GB", "--no-probe", "--model", str(path),
-                                       "--cluster", self.name, "--log-level", "info"], log_dir=work)
+                                       "--cluster", self.name, "--log-level", "info", *(args or [])], log_dir=work)
                         for i in range(size)]
         self.model = path.name
         self.view: dict[str, Any] = {}
