@@ -36,18 +36,13 @@ daemon does, so that neither the HTTP clients nor this script share its interpre
             of the whole model, MLX peak, RSS when loaded, peak RSS.
 
     .venv/bin/python bench/inference.py [--rounds 7] [--out bench/results/inference.json]
-    .venv/bin/python bench/inference.py --trace    # where a token's time goes, per hop
 
---trace runs only the decode comparison, with daemons that timestamp each step of the data
-plane (a sitecustomize on their PYTHONPATH wraps Pipeline methods; the code is unchanged),
-and writes bench/results/inference-trace.json. Every daemon is stopped at the end, also on
-failure, Ctrl-C or SIGTERM.
+Every daemon is stopped at the end, also on failure, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import http.client
 import json
@@ -150,6 +145,27 @@ def worker_main(path: str) -> None:
             emitted.append(len(tokens) - 1)
         return {"text": detokenizer.text, "emitted": emitted}
 
+    def batch(prompts: list[list[int]], max_tokens: int) -> list[list[float]]:
+        """mlx-lm's own continuous batching in this process (BatchGenerator, as mlx_lm.server
+        drives it: 32 decodes and 16 prompts at once): the time of each token of each prompt,
+        in seconds after the call."""
+        from mlx_lm.generate import BatchGenerator
+
+        generator = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in eos],
+                                   completion_batch_size=32, prefill_batch_size=16)
+        start = time.perf_counter()
+        uids = generator.insert(prompts, max_tokens=[max_tokens] * len(prompts))
+        times: dict[int, list[float]] = {uid: [] for uid in uids}
+        open_ = set(uids)
+        while open_:
+            for response in generator.next_generated():
+                if response.finish_reason != "stop":  # an end token is no token of the answer
+                    times[response.uid].append(time.perf_counter() - start)
+                if response.finish_reason is not None:
+                    open_.discard(response.uid)
+        generator.close()
+        return [times[uid] for uid in uids]
+
     def memory() -> dict[str, Any]:
         return {**loaded, "peak_memory": mx.get_peak_memory(), "vmhwm": vmhwm(os.getpid()),
                 "vmrss": vmhwm(os.getpid(), "VmRSS")}
@@ -157,7 +173,7 @@ def worker_main(path: str) -> None:
     def reset_peak() -> None:
         mx.reset_peak_memory()
 
-    handlers = {"forward_ms": forward_ms, "generate": generate, "sync": sync, "events": events,
+    handlers = {"forward_ms": forward_ms, "generate": generate, "sync": sync, "events": events, "batch": batch,
                 "encode": lambda text: tokenizer.encode(text), "memory": memory, "reset_peak": reset_peak}
     for line in sys.stdin:
         command = json.loads(line)
@@ -598,110 +614,6 @@ def measure_concurrency(clusters: list[Cluster], baseline: Baseline, levels: lis
     return out
 
 
-# --- tracing the data plane (--trace) ------------------------------------------------------------
-
-TRACER = '''
-import os, sys, threading, time
-if os.environ.get("TBMESH_BENCH_TRACE") and "daemon" in sys.argv:
-    _out = open(os.environ["TBMESH_BENCH_TRACE"] + "." + str(os.getpid()), "a", buffering=1)
-    _lock = threading.Lock()
-    def _rec(what, request="-", step=-1, value=0.0):
-        with _lock:
-            _out.write(f"{time.monotonic():.6f} {what} {request[:8] or '-'} {step} {value:.6f}\\n")
-    import tbmesh.openai_api as O, tbmesh.pipeline as P
-    from tbmesh.net import wire as W
-    def _wrap(name, before=None, after=None):
-        original = getattr(P.Pipeline, name)
-        def wrapper(self, *args, **kwargs):
-            before and before(*args)
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                after and after(*args)
-        setattr(P.Pipeline, name, wrapper)
-    _wrap("_send_tokens", before=lambda request, step, *_: _rec("send", request.attempt, step))
-    _wrap("_run_stage", before=lambda t, f: _rec(f"arrive", t.request, t.step, f.stage))
-    _wrap("_compute", before=lambda s, t, f: _rec("cstart", t.request, t.step, time.process_time()),
-          after=lambda s, t, f: _rec("cend", t.request, t.step, time.process_time()))
-    _wrap("_computed", before=lambda fut, t, f: _rec("computed", t.request, t.step))
-    _wrap("receive", before=lambda m: isinstance(m, W.Token) and _rec("token", m.request, m.step))
-    def _timed(what, fn):
-        def timed(*args):
-            start = time.monotonic()
-            try:
-                return fn(*args)
-            finally:
-                _rec(what, value=time.monotonic() - start)
-        return timed
-    _event = O._event
-    def event(data):
-        _rec("sse")
-        return _event(data)
-    P.Shard.forward, P.sample = _timed("build", P.Shard.forward), _timed("sample", P.sample)
-    O._event = event
-'''
-
-
-def trace_breakdown(prefix: str, clusters: list[Cluster], skip_steps: int = 2) -> dict[str, Any]:
-    """Median time of each leg of a decode step, per cluster, from the daemons' timestamps
-    (CLOCK_MONOTONIC is one clock for all processes)."""
-    out = {}
-    for cluster in clusters:
-        stage_of = {str(d.proc.pid): i for i, (d, _) in enumerate(cluster.stages())}
-        events = []
-        for pid, stage in stage_of.items():
-            path = Path(f"{prefix}.{pid}")
-            if path.exists():
-                for line in path.read_text().splitlines():
-                    t, what, request, step, value = line.split()
-                    events.append((float(t), stage, what, request, int(step), float(value)))
-        events.sort()
-        legs: dict[str, list[float]] = collections.defaultdict(list)
-        periods: list[float] = []
-        computes: list[float] = []
-        cpu: dict[int, list[float]] = collections.defaultdict(list)
-        outside: list[float] = []
-        builds: dict[int, list[float]] = collections.defaultdict(list)
-        samples: list[float] = []
-        for e in events:
-            if e[2] == "build":
-                builds[e[1]].append(e[5] * 1e3)
-            elif e[2] == "sample":
-                samples.append(e[5] * 1e3)
-        requests = dict.fromkeys(e[3] for e in events if e[2] == "send")
-        for request in requests:
-            mine = [e for e in events if e[3] == request]
-            sends = {e[4]: e[0] for e in mine if e[2] == "send"}
-            for step in range(skip_steps, max(sends) if sends else 0):
-                if step + 1 not in sends:
-                    continue
-                period = (sends[step + 1] - sends[step]) * 1e3
-                starts = {e[1]: e for e in mine if e[4] == step and e[2] == "cstart"}
-                ends = [e for e in mine if e[4] == step and e[2] == "cend"]
-                compute = sum(e[0] - starts[e[1]][0] for e in ends) * 1e3
-                for e in ends:  # the process's CPU time (all its threads: MLX's own too) in the leg
-                    cpu[e[1]].append((e[5] - starts[e[1]][5]) * 1e3)
-                periods.append(period)
-                computes.append(compute)
-                outside.append(period - compute)
-                window = [e for e in mine if e[4] == step or (e[2] == "send" and e[4] == step + 1)]
-                window += [e for e in events if e[2] == "sse" and e[1] == 0
-                           and window[0][0] <= e[0] <= sends[step + 1]]
-                window.sort()
-                for a, b in zip(window, window[1:]):
-                    legs[leg_name(a, b)].append((b[0] - a[0]) * 1e3)
-        table = {name: round(median(v), 3) for name, v in legs.items()}
-        out[f"tbmesh_{cluster.size}"] = {
-            "steps": len(periods), "ms_per_step": round(median(periods), 3), "legs_ms": table,
-            "compute_ms": round(median(computes), 3),  # per step: the stages' compute legs summed
-            "outside_compute_ms": round(median(outside), 3),  # per step: the rest of the step
-            "compute_cpu_ms": {f"stage {s}": round(median(v), 3) for s, v in sorted(cpu.items())},
-            "graph_build_ms": {f"stage {s}": round(median(v[-200:]), 3) for s, v in sorted(builds.items())},
-            "sample_eval_ms": round(median(samples[-200:]), 3),
-        }
-    return out
-
-
 def leg_name(a: tuple, b: tuple) -> str:
     (_, sa, wa, *_), (_, sb, wb, *_) = a, b
     if wa == "cstart" and wb == "cend":
@@ -740,21 +652,15 @@ def main() -> None:
     parser.add_argument("--concurrent-rounds", type=int, default=3)
     parser.add_argument("--levels", default="1,4,8")
     parser.add_argument("--stages", default="1,2,3")
-    parser.add_argument("--trace", action="store_true", help="only decode, with timestamping daemons")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
     sizes = [int(n) for n in args.stages.split(",")]
-    out = Path(args.out or ROOT / f"bench/results/inference{'-trace' if args.trace else ''}.json")
+    out = Path(args.out or ROOT / "bench/results/inference.json")
 
     began = time.perf_counter()
     path = model_dir(args.layers, args.hidden, args.vocab)
     work = Path(tempfile.mkdtemp(prefix="tbmesh-bench-inference-"))
-    if args.trace:
-        (work / "tracer").mkdir()
-        (work / "tracer" / "sitecustomize.py").write_text(TRACER)
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(work / "tracer"), os.environ.get("PYTHONPATH")]))
-        os.environ["TBMESH_BENCH_TRACE"] = str(work / "trace")
     baseline = Baseline(path)
     clusters = [Cluster(n, path, work) for n in sizes]
     everyone = [d for c in clusters for d in c.daemons]
@@ -799,10 +705,6 @@ def main() -> None:
         rings.extend(PipeRing(path, [(s["start"], s["end"]) for _, s in c.stages()]) for c in clusters if c.size > 1)
         print(f"decode: {args.tokens} tokens, {len(prompt)}-token prompt, {args.rounds} rounds (tokens/s)", flush=True)
         results["decode"] = measure_decode(baseline, clusters, rings, prompt, args.tokens, args.rounds)
-        if args.trace:
-            results["trace"] = trace_breakdown(str(work / "trace"), clusters)
-            report_trace(results)
-            return
 
         from tbmesh.runtime.tiny import CORPUS
 
@@ -894,19 +796,6 @@ def report(r: dict[str, Any]) -> None:
           f"{b['active_memory_loaded'] / 1e6:.1f} MB, MLX peak {b['peak_memory_prefill_and_decode'] / 1e6:.1f} MB, "
           f"RSS loaded {(b['rss_loaded'] or 0) / 1e6:.1f} MB, peak RSS {(b['rss_peak'] or 0) / 1e6:.1f} MB "
           f"(loading: {(b['rss_peak_startup'] or 0) / 1e6:.1f} MB)")
-
-
-def report_trace(r: dict[str, Any]) -> None:
-    d = r["decode"]
-    print("\ndecode tokens/s (timestamping daemons): " + "  ".join(f"{k} {v:.1f}" for k, v in d["tokens_per_s"].items()))
-    for name, t in r["trace"].items():
-        print(f"\n{name}: {t['ms_per_step']:.2f} ms per step (median of {t['steps']}); of a step: compute "
-              f"{t['compute_ms']:.2f} ms, outside compute {t['outside_compute_ms']:.2f} ms (medians); the legs' medians:")
-        for leg, ms in sorted(t["legs_ms"].items(), key=lambda kv: -kv[1]):
-            print(f"  {ms:7.3f} ms  {leg}")
-        print(f"  CPU time of the stage's process during its compute leg: {t['compute_cpu_ms']}")
-        print(f"  of compute: graph building (Shard.forward) {t['graph_build_ms']}, eval+sample "
-              f"{t['sample_eval_ms']:.3f} ms at the last stage")
 
 
 if __name__ == "__main__":

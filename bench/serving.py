@@ -16,6 +16,8 @@ by three servers, all started by this script and all up at once:
   tbmesh_1   one `tbmesh daemon` (--interface lo --memory 8GB --no-probe --context C), a
              cluster of its own
   tbmesh_3   three of them in another cluster: a 3-stage pipeline (`--stages` says which)
+  mlx_lm_batch  (concurrency only) mlx-lm's BatchGenerator in a worker process with no server, as
+             mlx_lm.server drives it: the compute floor of batching with mlx-lm's caches here
 
 Every request is the same streaming chat completion through the official openai SDK
 (openai.AsyncOpenAI, one client per server, no retries): `messages`, temperature 0,
@@ -36,15 +38,19 @@ last token's text and the detokenizer's flush in one chunk, tbmesh in two).
                usage.completion_tokens summed / (first request sent -> last content chunk);
                TTFT p50/p95 over the requests; inter-token latency p50/p95 over all the gaps
                between consecutive content chunks of each stream
-  chat         two turns: a ~300-token system prompt (the same every round) and a short
-               question; then the same system prompt, the question, the server's own turn-1
-               answer as it returned it and a new question. TTFT of both turns (a new pair of
-               questions each round: from round 2 a server with a prefix cache holds the system
-               prompt too; turn 1 of round 1 is shown apart), and turn 2 / turn 1. The random
+  chat         two turns: a ~300-token system prompt new to every server (each round's starts
+               with its own "Conversation N.") and a short question; then the same system
+               prompt, the question, the server's own turn-1 answer as it returned it and a new
+               question; then "again": a new conversation with that system prompt and another
+               question. TTFT of the three, turn 2 / turn 1 and again / turn 1. The random
                model's answers are mostly bytes that are not whole UTF-8 characters, which come
                back as U+FFFD: the answer as returned re-tokenizes to other (and more) tokens
                than were generated, so a cache of the turn-1 conversation serves turn 2 only up
                to the end of the turn-1 prompt (the usage's cached_tokens shows it)
+  exact chat   (tbmesh only) the same two turns as a real model's answer comes back: turn 2's
+               prompt is turn 1's tokens, the answer's own tokens and the template's tokens of
+               the next question, sent as token ids to /v1/completions (which mlx_lm.server
+               does not take)
   memory       per tbmesh daemon, during its runs at the top level (16 streams): the largest
                runtime.active_memory seen polling GET /status every 0.25 s, and the peak RSS
                (the kernel's VmHWM, reset before each such run), next to what its plan asks
@@ -232,6 +238,28 @@ class TbmeshServer:
         self.cluster.stop()
 
 
+class BatchFloor:
+    """mlx-lm's own continuous batching with no server: BatchGenerator in the baseline worker
+    process (bench/inference.py), as mlx_lm.server drives it (32 decodes, 16 prompts at
+    once). The compute floor of batching with mlx-lm's caches on this machine: what the
+    servers' aggregate tokens/s are also measured against. Concurrency only."""
+
+    name = "mlx_lm_batch"
+
+    def __init__(self, baseline: Baseline, tokenizer: Any) -> None:
+        self.baseline = baseline
+        self.tokenizer = tokenizer
+        self.pids = [baseline.proc.pid]
+
+    async def burst(self, prompts: list[str], max_tokens: int) -> list[Answer]:
+        ids = [list(self.tokenizer.apply_chat_template(user(p), add_generation_prompt=True)) for p in prompts]
+        times = await asyncio.to_thread(self.baseline.call, "batch", prompts=ids, max_tokens=max_tokens)
+        return [Answer(sent=0.0, chunks=t, completion_tokens=len(t)) for t in times]
+
+    def stop(self) -> None:
+        pass
+
+
 # --- one streamed request ----------------------------------------------------------------------
 
 
@@ -259,6 +287,23 @@ class Answer:
     @property
     def tokens(self) -> int:
         return self.completion_tokens if self.completion_tokens is not None else len(self.chunks)
+
+
+async def complete_ids(client: Any, model: str, prompt: list[int], max_tokens: int) -> Answer:
+    """A streamed completion of a prompt given as token ids."""
+    answer = Answer(sent=time.perf_counter())
+    stream = await client.completions.create(model=model, prompt=prompt, stream=True, temperature=0,
+                                             max_tokens=max_tokens, stream_options={"include_usage": True})
+    async with stream:
+        async for chunk in stream:
+            now = time.perf_counter()
+            for choice in chunk.choices:
+                if choice.text:
+                    answer.chunks.append(now)
+                    answer.pieces.append(choice.text)
+            if chunk.usage is not None:
+                answer.completion_tokens = chunk.usage.completion_tokens
+    return answer
 
 
 async def ask(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> Answer:
@@ -328,8 +373,10 @@ class Identity:
 
 
 class Bench:
-    def __init__(self, servers: list[Any], tokens: int, rounds: int, levels: list[int]) -> None:
+    def __init__(self, servers: list[Any], tokens: int, rounds: int, levels: list[int],
+                 floor: BatchFloor | None = None) -> None:
         self.servers = servers
+        self.floor = floor  # measured with the servers in the concurrency runs
         self.tokens = tokens
         self.rounds = rounds
         self.levels = levels
@@ -342,6 +389,7 @@ class Bench:
 
         self.clients = {s.name: openai.AsyncOpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=600)
                         for s in self.servers}
+        self.raw = {s.name: s for s in self.servers}
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -352,6 +400,8 @@ class Bench:
         return await ask(self.clients[server.name], server.model, messages, max_tokens)
 
     async def burst(self, server: Any, prompts: list[str], max_tokens: int) -> list[Answer]:
+        if isinstance(server, BatchFloor):
+            return await server.burst(prompts, max_tokens)
         return list(await asyncio.gather(*(self.ask(server, user(p), max_tokens) for p in prompts)))
 
     async def warm_up(self) -> None:
@@ -396,17 +446,19 @@ class Bench:
 
     async def concurrency(self, memory: Memory) -> dict[str, Any]:
         top = max(self.levels)
-        runs: dict[str, dict[int, list[dict[str, Any]]]] = {s.name: {n: [] for n in self.levels} for s in self.servers}
+        contenders = self.servers + ([self.floor] if self.floor else [])
+        runs: dict[str, dict[int, list[dict[str, Any]]]] = {s.name: {n: [] for n in self.levels} for s in contenders}
         for r in range(self.rounds):
             line = []
             for i, level in enumerate(self.levels):
                 prompts = self.prompts.take(level)
                 texts: dict[str, list[str]] = {}
-                for server in rotate(self.servers, r + i):
+                for server in rotate(contenders, r + i):
                     with memory.watch(server) if level == top else contextlib.nullcontext():
                         answers = await self.burst(server, prompts, self.tokens)
                     runs[server.name][level].append(figures(answers))
-                    texts[server.name] = [a.text for a in answers]
+                    if server is not self.floor:
+                        texts[server.name] = [a.text for a in answers]
                     line.append(f"{server.name} x{level} {runs[server.name][level][-1]['tokens_per_s']:.1f}")
                 for k in range(level):
                     self.identity.check(f"concurrency {level}, round {r + 1}, stream {k}",
@@ -421,6 +473,7 @@ class Bench:
         rates = {name: {n: [run["tokens_per_s"] for run in v] for n, v in by_level.items()} for name, by_level in runs.items()}
         names = [s.name for s in self.servers]
         pairs = [(n, "mlx_lm") for n in names if n != "mlx_lm"]
+        pairs += [(n, self.floor.name) for n in names] if self.floor else []
         tb = sorted((n for n in names if n.startswith("tbmesh_")), key=lambda n: int(n.split("_")[1]))
         pairs += [(tb[-1], tb[0])] if len(tb) > 1 else []
         for a, b in pairs:
@@ -431,43 +484,70 @@ class Bench:
         runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in self.servers}
         for r in range(self.rounds):
             first, second = questions(r)
-            turn1 = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": first}]
+            third = questions(r + self.rounds)[0]
+            system = {"role": "system", "content": f"Conversation {r + 1}. {SYSTEM_PROMPT}"}  # new to every server
+            turn1 = [system, {"role": "user", "content": first}]
             texts1, texts2 = {}, {}
             for server in rotate(self.servers, r):
                 a1 = await self.ask(server, turn1, self.tokens)
                 turn2 = [*turn1, {"role": "assistant", "content": a1.text}, {"role": "user", "content": second}]
                 a2 = await self.ask(server, turn2, self.tokens)
+                a3 = await self.ask(server, [system, {"role": "user", "content": third}], self.tokens)
                 runs[server.name].append({
                     "turn1_ttft_ms": ms(a1.ttft), "turn2_ttft_ms": ms(a2.ttft), "turn2/turn1": round(a2.ttft / a1.ttft, 3),
+                    "again_ttft_ms": ms(a3.ttft), "again/turn1": round(a3.ttft / a1.ttft, 3),
                     "turn1_prompt_tokens": a1.prompt_tokens, "turn2_prompt_tokens": a2.prompt_tokens,
                     "turn1_cached_tokens": a1.cached_tokens, "turn2_cached_tokens": a2.cached_tokens,
-                    "questions": [first, second]})
+                    "questions": [first, second, third]})
                 texts1[server.name], texts2[server.name] = a1.text, a2.text
             self.identity.check(f"chat turn 1, round {r + 1}", texts1)
             self.identity.check(f"chat turn 2, round {r + 1}", texts2)
+            print(f"  round {r + 1}/{self.rounds} (TTFT ms, turn 1 -> turn 2, the system prompt again): " + "  ".join(
+                f"{n} {v[-1]['turn1_ttft_ms']:.0f} -> {v[-1]['turn2_ttft_ms']:.0f}, {v[-1]['again_ttft_ms']:.0f}"
+                for n, v in runs.items()), flush=True)
+        return {"tokens": self.tokens, "rounds": self.rounds, **chat_summary(runs)}
+
+    async def exact_chat(self, baseline: Baseline, tokenizer: Any) -> dict[str, Any]:
+        """Two turns as a real model's answer comes back: turn 2's prompt is turn 1's prompt,
+        the answer's own tokens (generate_step's, which the servers give at temperature 0) and
+        the template's tokens of the next question. /v1/completions with token ids, so tbmesh
+        only (mlx_lm.server takes text prompts)."""
+        runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in self.servers if isinstance(s, TbmeshServer)}
+        for r in range(self.rounds):
+            first, second = questions(r + 2 * self.rounds)
+            system = {"role": "system", "content": f"Exact conversation {r + 1}. {SYSTEM_PROMPT}"}
+            ids1 = list(tokenizer.apply_chat_template([system, user(first)[0]], add_generation_prompt=True))
+            answer, _ = await asyncio.to_thread(baseline.generate, ids1, self.tokens)
+            marked = tokenizer.apply_chat_template([system, user(first)[0], {"role": "assistant", "content": "\x00"},
+                                                    user(second)[0]], add_generation_prompt=True, tokenize=False)
+            ids2 = ids1 + answer + tokenizer.encode(marked.split("\x00", 1)[1], add_special_tokens=False)
+            for server in (s for s in rotate(self.servers, r) if s.name in runs):
+                a1 = await complete_ids(self.clients[server.name], server.model, ids1, self.tokens)
+                a2 = await complete_ids(self.clients[server.name], server.model, ids2, self.tokens)
+                runs[server.name].append({"turn1_ttft_ms": ms(a1.ttft), "turn2_ttft_ms": ms(a2.ttft),
+                                          "turn2/turn1": round(a2.ttft / a1.ttft, 3),
+                                          "prompt_tokens": [len(ids1), len(ids2)], "answer_tokens": len(answer)})
             print(f"  round {r + 1}/{self.rounds} (TTFT ms, turn 1 -> turn 2): " + "  ".join(
                 f"{n} {v[-1]['turn1_ttft_ms']:.0f} -> {v[-1]['turn2_ttft_ms']:.0f}" for n, v in runs.items()), flush=True)
-        return {"tokens": self.tokens, "rounds": self.rounds, **chat_summary(runs)}
+        return {"tokens": self.tokens, "rounds": self.rounds, "servers": {
+            name: {"turn1_ttft_ms": round(median([x["turn1_ttft_ms"] for x in v]), 2),
+                   "turn2_ttft_ms": round(median([x["turn2_ttft_ms"] for x in v]), 2),
+                   "turn2/turn1": round(median([x["turn2/turn1"] for x in v]), 3), "runs": v}
+            for name, v in runs.items()}}
 
 
 def chat_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Medians of the chat rounds, and turn 1 of the first round (a system prompt new to every
-    server) apart from the later ones' (a server with a prefix cache holds it by then)."""
-    out: dict[str, Any] = {"servers": {}, "ratios": {}}
-    for name, v in runs.items():
-        out["servers"][name] = {
-            "turn1_ttft_ms": round(median([x["turn1_ttft_ms"] for x in v]), 2),
-            "turn2_ttft_ms": round(median([x["turn2_ttft_ms"] for x in v]), 2),
-            "turn2/turn1": round(median([x["turn2/turn1"] for x in v]), 3),
-            "turn1_ttft_ms_first_round": v[0]["turn1_ttft_ms"],
-            "turn1_ttft_ms_later_rounds": round(median([x["turn1_ttft_ms"] for x in v[1:]]), 2) if v[1:] else None,
-            "runs": v}
-    turn2 = {n: [x["turn2_ttft_ms"] for x in v] for n, v in runs.items()}
-    turn1 = {n: [x["turn1_ttft_ms"] for x in v] for n, v in runs.items()}
+    """Medians of the chat rounds: turn 1 (a system prompt new to the server), turn 2 (the
+    conversation again with one more question) and again (the system prompt again, with
+    another question), and their ratios."""
+    keys = ("turn1_ttft_ms", "turn2_ttft_ms", "again_ttft_ms", "turn2/turn1", "again/turn1")
+    out: dict[str, Any] = {"servers": {name: {**{k: round(median([x[k] for x in v]), 3) for k in keys}, "runs": v}
+                                       for name, v in runs.items()}, "ratios": {}}
     for name in runs:
         if name != "mlx_lm":
-            out["ratios"][f"{name}/mlx_lm"] = {"turn1_ttft": paired(turn1, name, "mlx_lm"),
-                                               "turn2_ttft": paired(turn2, name, "mlx_lm")}
+            out["ratios"][f"{name}/mlx_lm"] = {
+                k.replace("_ms", ""): paired({n: [x[k] for x in v] for n, v in runs.items()}, name, "mlx_lm")
+                for k in ("turn1_ttft_ms", "turn2_ttft_ms", "again_ttft_ms")}
     return out
 
 
@@ -593,7 +673,6 @@ def main() -> None:
             ids = tokenizer.apply_chat_template(user(prompt), add_generation_prompt=True)
             answer, _ = baseline.generate(ids, tokens)
             expected.append(baseline.call("events", tokens=answer))
-        baseline.close()
         for daemon in (d for c in clusters for d in c.daemons):
             daemon.wait_started()
         for cluster in clusters:
@@ -607,7 +686,7 @@ def main() -> None:
         memory = Memory(servers)
 
         async def measure() -> None:
-            async with Bench(servers, tokens, rounds, levels) as bench:
+            async with Bench(servers, tokens, rounds, levels, BatchFloor(baseline, tokenizer)) as bench:
                 await bench.warm_up()
                 print(f"one request: {tokens} tokens, {rounds} round(s)", flush=True)
                 results["one_request"] = await bench.one_request(expected, one_prompts)
@@ -616,6 +695,8 @@ def main() -> None:
                 print(f"chat: {system_tokens}-token system prompt, 2 turns of {tokens} tokens, {rounds} round(s)",
                       flush=True)
                 results["chat"] = await bench.chat()
+                print(f"exact chat: the answers' own tokens sent back, {rounds} round(s)", flush=True)
+                results["exact_chat"] = await bench.exact_chat(baseline, tokenizer)
                 results["identity"] = bench.identity.result()
 
         asyncio.run(measure())
@@ -657,28 +738,39 @@ def report(r: dict[str, Any]) -> None:
     c = r["concurrency"]
     print(f"\nconcurrent streams, {c['tokens_per_request']} tokens each (aggregate tokens/s; TTFT over requests, "
           "inter-token latency over all chunk gaps)")
-    print(f"| {'server':<9} | {'streams':>7} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p95':>8} | {'ITL p50':>7} | "
-          f"{'ITL p95':>7} | {'vs mlx_lm':>9} | {'vs 1 stage':>10} |")
+    print(f"| {'server':<12} | {'streams':>7} | {'tok/s':>7} | {'TTFT p50':>8} | {'TTFT p95':>8} | {'ITL p50':>7} | "
+          f"{'ITL p95':>7} | {'vs mlx_lm':>9} | {'vs batch':>8} | {'vs 1 stage':>10} |")
     for name, by_level in c["servers"].items():
         for n, v in by_level.items():
             vs_mlx = c["ratios"].get(f"{name}/mlx_lm", {}).get(n)
+            vs_floor = c["ratios"].get(f"{name}/mlx_lm_batch", {}).get(n)
             vs_one = next((x.get(n) for k, x in c["ratios"].items() if k.startswith(f"{name}/tbmesh_")), None)
-            print(f"| {name:<9} | {n:>7} | {v['tokens_per_s']:7.1f} | {v['ttft_ms_p50']:8.0f} | {v['ttft_ms_p95']:8.0f} | "
-                  f"{v['itl_ms_p50']:7.1f} | {v['itl_ms_p95']:7.1f} | {fmt(vs_mlx):>9} | {fmt(vs_one):>10} |")
+            print(f"| {name:<12} | {n:>7} | {v['tokens_per_s']:7.1f} | {v['ttft_ms_p50']:8.0f} | {v['ttft_ms_p95']:8.0f} | "
+                  f"{v['itl_ms_p50']:7.1f} | {v['itl_ms_p95']:7.1f} | {fmt(vs_mlx):>9} | {fmt(vs_floor):>8} | "
+                  f"{fmt(vs_one):>10} |")
     ch = r["chat"]
-    print(f"\nmulti-turn chat, {st['system_prompt_tokens']}-token system prompt, {ch['tokens']}-token answers "
-          "(TTFT ms; turn 1 of round 1, when the system prompt is new to every server, and of the later rounds; "
-          "prompt tokens and the tokens the server says it reused from its cache, turn 1 / turn 2, last round)")
-    print(f"| {'server':<9} | {'turn 1':>7} | {'round 1':>7} | {'later':>7} | {'turn 2':>7} | {'turn2/turn1':>11} | "
+    print(f"\nmulti-turn chat, {st['system_prompt_tokens']}-token system prompt new to the servers each round, "
+          f"{ch['tokens']}-token answers (TTFT ms: turn 1; turn 2 = the conversation and one more question; again "
+          "= a new conversation with the same system prompt; prompt tokens and the tokens the server says it "
+          "reused from its cache, turn 1 / turn 2, last round)")
+    print(f"| {'server':<9} | {'turn 1':>7} | {'turn 2':>7} | {'again':>7} | {'turn2/turn1':>11} | {'again/turn1':>11} | "
           f"{'turn 2 vs mlx_lm':>16} | {'prompt tokens':>13} | {'cached':>9} |")
     for name, v in ch["servers"].items():
         last = v["runs"][-1]
         cached = "" if last["turn1_cached_tokens"] is None else f"{last['turn1_cached_tokens']}/{last['turn2_cached_tokens']}"
-        later = v["turn1_ttft_ms_later_rounds"]
-        print(f"| {name:<9} | {v['turn1_ttft_ms']:7.0f} | {v['turn1_ttft_ms_first_round']:7.0f} | "
-              f"{'' if later is None else f'{later:.0f}':>7} | {v['turn2_ttft_ms']:7.0f} | {v['turn2/turn1']:11.3f} | "
+        print(f"| {name:<9} | {v['turn1_ttft_ms']:7.0f} | {v['turn2_ttft_ms']:7.0f} | {v['again_ttft_ms']:7.0f} | "
+              f"{v['turn2/turn1']:11.3f} | {v['again/turn1']:11.3f} | "
               f"{fmt(ch['ratios'].get(f'{name}/mlx_lm', {}).get('turn2_ttft')):>16} | "
               f"{str(last['turn1_prompt_tokens']) + '/' + str(last['turn2_prompt_tokens']):>13} | {cached:>9} |")
+    if r.get("exact_chat"):
+        ex = r["exact_chat"]
+        print("\nthe same as a real model's answer comes back (turn 2 = turn 1's tokens, the answer's own tokens, "
+              "the next question; /v1/completions with token ids, tbmesh only; TTFT ms)")
+        print(f"| {'server':<9} | {'turn 1':>7} | {'turn 2':>7} | {'turn2/turn1':>11} | {'prompt tokens':>13} |")
+        for name, v in ex["servers"].items():
+            tokens = v["runs"][-1]["prompt_tokens"]
+            print(f"| {name:<9} | {v['turn1_ttft_ms']:7.0f} | {v['turn2_ttft_ms']:7.0f} | {v['turn2/turn1']:11.3f} | "
+                  f"{str(tokens[0]) + '/' + str(tokens[1]):>13} |")
     mem = r["memory"]
     print(f"\nmemory per node under {mem['streams']} concurrent streams, MB (planned: the plan's bytes + KV room of "
           f"{mem['context']} tokens; MLX active: largest seen polling /status; peak RSS: the kernel's VmHWM)")

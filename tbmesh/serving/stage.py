@@ -115,10 +115,13 @@ class StageCaches:
         for entry in step.evictions:
             self.entries.pop((step.route, entry), None)
         if step.kind == "flush":
-            return Outcome()
-        if step.kind == "prefill":
-            return self._prefill(shard, step, x)
-        return self._decode(shard, step, x)
+            outcome = Outcome()
+        elif step.kind == "prefill":
+            outcome = self._prefill(shard, step, x)
+        else:
+            outcome = self._decode(shard, step, x)
+        self.lanes = {key: lane for key, lane in self.lanes.items() if lane.members}
+        return outcome
 
     def _prefill(self, shard: Shard, step: Step, x: mx.array) -> Outcome:
         (member,) = step.members
@@ -231,6 +234,7 @@ class StageCaches:
         if save_as and cache is not None and held == length:  # a cache out of step is no entry
             for c in cache:
                 c.step = KV_BLOCK
+            mx.eval([c.state for c in cache])  # unevaluated, a row would hold on to its whole batch
             self.entries[(route, save_as)] = (cache, length)
 
 
