@@ -178,14 +178,17 @@ class Daemon:
             await self._watcher.stop()
         if self._discovery is not None:
             await self._discovery.stop()
-        for task in list(self._tasks) + list(self._dialers.values()):
+        for listener in self._listeners.values():
+            listener.close()  # no new peer now: nothing starts while the rest stops
+        tasks = list(self._tasks) + list(self._dialers.values())
+        for task in tasks:
             task.cancel()
         for channel in list(self.channels.values()):
             channel.close("daemon stopping")
+        if tasks:  # each ends its own way (a reader closes its channel) before the loop goes
+            await asyncio.wait(tasks, timeout=5)
         if self.engine is not None:
             await self.engine.close()
-        for listener in self._listeners.values():
-            listener.close()
         if self._api is not None:
             await self._api.cleanup()
         if self.telemetry is not None:
@@ -414,15 +417,15 @@ class Daemon:
 
     async def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         local = writer.get_extra_info("sockname")
-        if local is None or local[0] not in self.addresses:
-            writer.close()  # a connection on an interface we do not serve (Wi-Fi, Ethernet)
+        if self._stopping or local is None or local[0] not in self.addresses:
+            writer.close()  # stopping, or a connection on an interface we do not serve (Wi-Fi, Ethernet)
             return
         try:
             channel = await peers.answer(reader, writer, self._me())
         except peers.Refused as error:
             log.warning("refused a connection from %s: %s", writer.get_extra_info("peername"), error)
             return
-        except (OSError, ConnectionError):
+        except (OSError, ConnectionError, asyncio.CancelledError):  # cancelled: the daemon stops
             writer.close()
             return
         if channel.peer.purpose == "probe":
@@ -432,6 +435,9 @@ class Daemon:
 
     def _adopt(self, channel: peers.Channel) -> None:
         """A handshaken peer connection: keep it (or the one we had) and start reading."""
+        if self._stopping:
+            channel.close("daemon stopping")
+            return
         peer = channel.peer_id
         if peer == self.core.id:
             self._duplicate_id(channel)

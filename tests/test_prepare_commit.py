@@ -260,3 +260,15 @@ def test_a_node_that_cannot_load_is_planned_around_and_tried_again_with_a_back_o
     sim.unloadable.discard("c")  # repaired: at the next retry it loads, and is given layers
     assert sim.run_until_true(lambda: serving({"a", "b", "c"}), 25) is not None
     assert settled(sim)
+
+
+def test_when_no_mac_can_load_the_reason_says_which_and_why_not_that_no_node_fits():
+    config = CoreConfig(replace(Timing(), retry_unable=60.0), MODEL)
+    sim = Simulator(seed=4, config=config, network=NetworkModel(load_delay=0.5))
+    sim.unloadable |= {"a", "b"}  # their model directories vanished
+    for node in "ab":
+        sim.add_node(node)
+    sim.cable("a", "b")
+    assert sim.run_until_true(lambda: bool(sim.nodes["a"].no_fit) and "b could" in sim.nodes["a"].no_fit, 10)
+    leader = sim.nodes[sim.nodes["a"].leader]
+    assert leader.no_fit == "a could not load its layers: unreadable; b could not load its layers: unreadable"

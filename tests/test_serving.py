@@ -125,3 +125,34 @@ def test_a_request_that_cannot_fit_the_context_is_refused_at_once(cluster):
     with pytest.raises(openai.BadRequestError) as raised:
         client(daemons[0]).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=100)
     assert "lower max_tokens to at most" in str(raised.value) and raised.value.body["param"] == "max_tokens"
+
+
+def test_stopping_with_requests_in_flight_logs_nothing_at_error_level(cluster):
+    daemons = cluster(3)
+    serving(daemons, 3)
+    streams = [threading.Thread(target=lambda i=i: _ignore(stream_text, daemons[i % 3], f"{PROMPTS[i % 3]} {i}", 400))
+               for i in range(4)]
+    for thread in streams:
+        thread.start()
+    connection = daemons[0].connection(10)  # and a client that goes away mid-answer
+    connection.request("POST", "/v1/completions", b'{"model": "tiny", "prompt": "Hello", "max_tokens": 400, '
+                                                  b'"stream": true}', {"Content-Type": "application/json"})
+    connection.getresponse().readline()
+    connection.close()
+    wait_for(lambda: all(d.status()["runtime"]["stage_requests"] >= 1 for d in daemons), 20, "requests in flight")
+    for daemon in daemons:
+        assert daemon.terminate() == 0  # SIGTERM: a clean stop
+    for thread in streams:
+        thread.join(30)
+    for daemon in daemons:
+        bad = [line for line in daemon.log().splitlines()
+               if " ERROR " in line or " CRITICAL " in line or "Traceback" in line or "Task was destroyed" in line]
+        assert not bad, f"{daemon.name}: {bad[:5]}"
+
+
+def _ignore(fn, *args) -> None:
+    """Run fn, whatever it raises (a stream cut by its server stopping)."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        pass

@@ -94,6 +94,7 @@ class ClusterNode:
         self._planned_memory: dict[str, int] = {}  # usable memory of each member when planned
         self._unable: dict[str, float] = {}  # members that could not load their layers -> since
         self._unable_failures: dict[str, int] = {}  # failures in a row, for the back-off
+        self._unable_why: dict[str, str] = {}  # what their last failed load said
         self._unable_in: frozenset[str] = frozenset()  # the membership that holds for
         self._election_key: tuple | None = None
         self._claims_cache: dict[str, election.Claim] = {}
@@ -450,9 +451,10 @@ class ClusterNode:
             previous=previous.stages if previous else None,
         )
         if not placement.fits:
-            if self.no_fit != placement.reason:
-                self._event(now, "no-fit", None, placement.reason or "")
-            self.no_fit, self.plan, self.preparing = placement.reason, None, None
+            reason = self._unable_reason(members, placement.reason or "")
+            if self.no_fit != reason:
+                self._event(now, "no-fit", None, reason)
+            self.no_fit, self.plan, self.preparing = reason, None, None
             return
         self.no_fit = None
         epoch = max((p.epoch for p in self._visible_plans() + self._visible_plans(True)), default=0) + 1
@@ -493,12 +495,22 @@ class ClusterNode:
                         and (held.start, held.end, held.epoch) == (stage.start, stage.end, plan.epoch):
                     self._unable[stage.node] = now
                     self._unable_failures[stage.node] = self._unable_failures.get(stage.node, 0) + 1
+                    self._unable_why[stage.node] = held.failed
                     self._event(now, "load-failed", stage.node, f"{self._name(stage.node)} could not "
                                 f"load layers {stage.start}-{stage.end - 1}: {held.failed}")
                     if plan is self.preparing:
                         self._abandon(now, f"{self._name(stage.node)} could not load its layers")
                     self._planned_for = None
         return members - frozenset(self._unable)
+
+    def _unable_reason(self, eligible: frozenset[str], reason: str) -> str:
+        """The planner's reason, led by the members left out because they could not load
+        their layers (a damaged or vanished model directory): that is what to repair."""
+        unable = [f"{self._name(n)} could not load its layers: {self._unable_why.get(n, '')}"
+                  for n in sorted(self._unable) if n in self._members]
+        if not unable:
+            return reason
+        return "; ".join(unable) + (f"; the other Macs alone: {reason}" if eligible else "")
 
     def _memory_of(self, members: frozenset[str]) -> dict[str, int]:
         infos = self.node_infos()

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -453,6 +454,13 @@ class Engine:
         self.worker.submit(lambda: load_shard(self.model_dir, *target, keep=keep, on_layer=on_layer),
                            lambda shard, error: self._loaded(target, shard, error), long=True)
 
+    def _load_failure(self, error: BaseException) -> str:
+        """Why a load failed, in one line for the cluster to read."""
+        if not (self.model_dir is not None and self.model_dir.is_dir() and os.access(self.model_dir, os.R_OK)):
+            return (f"the model directory {self.model_dir} is unreadable on {self.host.name} "
+                    f"({type(error).__name__}: {error}); it keeps serving the layers it holds")
+        return f"{type(error).__name__}: {error}"
+
     def _progressed(self, target: Range, progress: float) -> None:
         self._keep(self.keeper.progressed(target, progress))
 
@@ -464,7 +472,7 @@ class Engine:
             return
         if error is not None:
             log.error("loading layers %d-%d failed: %r", target[0], target[1] - 1, error)
-            self._keep(self.keeper.load_failed(target, f"{type(error).__name__}: {error}", now, self._in_use))
+            self._keep(self.keeper.load_failed(target, self._load_failure(error), now, self._in_use))
             return
         self.held[target] = shard
         counters = self.counters
