@@ -25,17 +25,21 @@ def test_the_serving_benchmark_smoke_run_writes_every_section(tmp_path):
     assert set(result["one_request"]["servers"]) == servers
     assert set(result["one_request"]["ratios"]) == {"tbmesh_1/mlx_lm", "tbmesh_3/mlx_lm"}
     concurrency = result["concurrency"]
-    assert set(concurrency["servers"]) == servers
+    assert set(concurrency["servers"]) == servers | {"mlx_lm_batch"}  # mlx-lm's BatchGenerator, no server
     for by_level in concurrency["servers"].values():
         assert set(by_level) == {"1", "4"}
         for figures in by_level.values():
             assert figures["tokens_per_s"] > 0
             assert {"ttft_ms_p50", "ttft_ms_p95", "itl_ms_p50", "itl_ms_p95", "runs"} <= set(figures)
-    assert set(concurrency["ratios"]) == {"tbmesh_1/mlx_lm", "tbmesh_3/mlx_lm", "tbmesh_3/tbmesh_1"}
+    assert set(concurrency["ratios"]) == {"tbmesh_1/mlx_lm", "tbmesh_3/mlx_lm", "tbmesh_3/tbmesh_1", "mlx_lm/mlx_lm_batch",
+                                          "tbmesh_1/mlx_lm_batch", "tbmesh_3/mlx_lm_batch"}
     chat = result["chat"]
     assert set(chat["servers"]) == servers
-    assert all(v["turn1_ttft_ms"] > 0 and v["turn2_ttft_ms"] > 0 and "turn2/turn1" in v for v in chat["servers"].values())
+    assert all(v["turn1_ttft_ms"] > 0 and v["turn2_ttft_ms"] > 0 and v["again_ttft_ms"] > 0 and "turn2/turn1" in v
+               for v in chat["servers"].values())
     assert set(chat["ratios"]) == {"tbmesh_1/mlx_lm", "tbmesh_3/mlx_lm"}
+    exact = result["exact_chat"]["servers"]
+    assert set(exact) == {"tbmesh_1", "tbmesh_3"} and all(v["turn2_ttft_ms"] > 0 for v in exact.values())
     nodes = result["memory"]["nodes"]
     assert [n["server"] for n in nodes] == ["tbmesh_1"] + ["tbmesh_3"] * 3
     assert all(n["planned_bytes"] == n["plan_bytes"] + n["kv_room_bytes"] > 0 and n["rss_peak"] for n in nodes)

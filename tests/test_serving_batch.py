@@ -200,3 +200,25 @@ def test_a_full_kv_room_makes_requests_wait_and_preempts_the_youngest_but_answer
     for i in (1, 2, 4, 5):
         assert harness.out[f"r{i}"] == reference(mlx_lm_model, PROMPTS[i], 40), i
     assert harness.scheduler.stats.preempted >= 1
+
+
+def test_an_attempt_started_again_on_the_same_route_starts_from_what_its_caches_kept(model_dir, mlx_lm_model):
+    # a stage stopped answering for a moment: the entry ended the attempt (stage 0 keeps its
+    # caches as a prefix-cache entry on every stage) and starts it again on the same route
+    harness = Harness(model_dir, [(0, 3), (3, 6)], ServingSettings(prefill_chunk=16))
+    prompt = PROMPTS[5]
+    arrivals = {0: [("a.0", prompt, 40)]}
+    for t in range(10_000):
+        for args in arrivals.pop(t, []):
+            harness.admit(*args)
+        if len(harness.out["a"]) == 12 and "a.1" not in harness.current.values():
+            harness.scheduler.cancel("a.0", failed=False)  # the entry's Cancel (kind "end")
+            harness.current["a"] = ""
+            produced = list(harness.out["a"])
+            prefilled = harness.scheduler.stats.prefilled
+            arrivals[t + 1] = [("a.1", prompt + produced, 40, Sampling(), len(produced))]
+        if not harness.tick() and not arrivals:
+            break
+    assert harness.out["a"] == reference(mlx_lm_model, prompt, 40)
+    assert harness.scheduler.stats.prefilled == prefilled  # nothing prefilled again: the last token decodes
+    assert harness.scheduler.status()["prefix_hits"] == 1

@@ -458,7 +458,8 @@ class Engine:
         """Why a load failed, in one line for the cluster to read."""
         if not (self.model_dir is not None and self.model_dir.is_dir() and os.access(self.model_dir, os.R_OK)):
             return (f"the model directory {self.model_dir} is unreadable on {self.host.name} "
-                    f"({type(error).__name__}: {error}); it keeps serving the layers it holds")
+                    f"({type(error).__name__}: {error}): it loads no new layers until it is readable again, "
+                    "and keeps serving the ones it holds while a plan uses them")
         return f"{type(error).__name__}: {error}"
 
     def _progressed(self, target: Range, progress: float) -> None:
