@@ -662,7 +662,8 @@ def main() -> None:
     path = model_dir(args.layers, args.hidden, args.vocab)
     work = Path(tempfile.mkdtemp(prefix="tbmesh-bench-inference-"))
     baseline = Baseline(path)
-    clusters = [Cluster(n, path, work) for n in sizes]
+    # raw speed: no prefix cache (the rounds send the same prompts; bench/serving.py measures the cache)
+    clusters = [Cluster(n, path, work, ["--no-prefix-cache"]) for n in sizes]
     everyone = [d for c in clusters for d in c.daemons]
     rings: list[PipeRing] = []
     results: dict[str, Any] = {
