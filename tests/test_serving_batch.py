@@ -155,8 +155,9 @@ def test_seeded_requests_draw_the_tokens_they_draw_alone(model_dir, mlx_lm_model
     assert harness.out["r0"] != reference(mlx_lm_model, PROMPTS[0], 20, Sampling(0.8, 0.9, 8))
 
 
-def test_a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest(model_dir, mlx_lm_model):
-    harness = Harness(model_dir, [(0, 2), (2, 4), (4, 6)], ServingSettings(prefill_chunk=8))
+@pytest.mark.parametrize("splits", [[(0, 6)], [(0, 2), (2, 4), (4, 6)]])  # one stage builds each step ahead
+def test_a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest(model_dir, mlx_lm_model, splits):
+    harness = Harness(model_dir, splits, ServingSettings(prefill_chunk=8))
     system = PROMPTS[5]  # 65 tokens said before every question
     harness.run({0: [("a.0", system + [40, 41, 42], 10)]})
     first = harness.out["a"]
@@ -177,9 +178,11 @@ def test_a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest(model_d
     assert status["prefix_hits"] == 2 and status["prefix_lookups"] == 3
 
 
-def test_a_full_kv_room_makes_requests_wait_and_preempts_the_youngest_but_answers_stay_exact(model_dir, mlx_lm_model):
+@pytest.mark.parametrize("splits", [[(0, 6)], [(0, 3), (3, 6)]])
+def test_a_full_kv_room_makes_requests_wait_and_preempts_the_youngest_but_answers_stay_exact(model_dir, mlx_lm_model,
+                                                                                            splits):
     # room for about two requests at a time: the others wait, and one grows into a preemption
-    harness = Harness(model_dir, [(0, 3), (3, 6)], ServingSettings(context=200, prefix_cache=False))
+    harness = Harness(model_dir, splits, ServingSettings(context=200, prefix_cache=False))
     arrivals = {0: [(f"r{i}.0", PROMPTS[i], 40) for i in (1, 2, 4, 5)]}
     for t in range(10_000):
         for args in arrivals.pop(t, []):

@@ -20,7 +20,7 @@ its seed and step), so a seeded request draws the same tokens whatever else is i
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
@@ -47,6 +47,7 @@ class LaneCache:
     members: list[str] = field(default_factory=list)  # attempt per row
     lengths: list[int] = field(default_factory=list)  # tokens in each row's cache
     cache: Cache | None = None  # batched, one per layer; None while the lane has no row
+    ahead: mx.array | None = None  # the tokens of the lane's next step, already on its way (see _decode)
 
 
 @dataclass
@@ -170,16 +171,29 @@ class StageCaches:
         if not ran:
             self.lanes.pop((step.route, step.lane), None)
             return outcome
-        if len(ran) < len(step.members):
-            x = x[mx.array([i for i, m in enumerate(step.members) if m.attempt in lane.members])]
-        out = shard.forward(x, lane.cache)
-        lane.lengths = [n + 1 for n in lane.lengths]
         outcome.ran = ran
-        if not shard.last:
-            mx.eval(out)
-            outcome.out = out
-            return outcome
-        outcome.tokens = sample_rows(out, ran)
+        if lane.ahead is not None:  # this very step is on its way already: same rows, same inputs
+            tokens, lane.ahead = lane.ahead, None
+        else:
+            if len(ran) < len(step.members):
+                x = x[mx.array([i for i, m in enumerate(step.members) if m.attempt in lane.members])]
+            out = shard.forward(x, lane.cache)
+            if not shard.last:
+                mx.eval(out)
+                lane.lengths = [n + 1 for n in lane.lengths]
+                outcome.out = out
+                return outcome
+            tokens = sample_rows(out, ran)
+        lane.lengths = [n + 1 for n in lane.lengths]
+        mx.async_eval(tokens)
+        if shard.first and all(c.is_trimmable() for c in lane.cache):
+            # A route of one stage feeds its own tokens back: the next step is built from them
+            # before they are read, and computes while this one's go out (mlx-lm's async_eval
+            # overlap). When the next step differs (a row ends or joins), it is taken back.
+            following = tuple(replace(m, step=m.step + 1) for m in ran)
+            lane.ahead = sample_rows(shard.forward(tokens[:, None], lane.cache), following)
+            mx.async_eval(lane.ahead)
+        outcome.tokens = dict(zip((m.attempt for m in ran), tokens.tolist()))
         return outcome
 
     # ----- caches ----------------------------------------------------------------------
@@ -196,7 +210,16 @@ class StageCaches:
             c.trim(held[1] - origin.length)
         return Alone(route, cache, origin.length)
 
+    @staticmethod
+    def _take_back(lane: LaneCache) -> None:
+        """Undo the step built ahead (its position in every row's cache is given up)."""
+        if lane.ahead is not None and lane.cache is not None:
+            for c in lane.cache:
+                c.trim(1)
+        lane.ahead = None
+
     def _join(self, lane: LaneCache, joining: list[tuple[Member, Alone]]) -> None:
+        self._take_back(lane)
         # mlx-lm's KVCache.merge: the rows as one batched cache, left-padded to the longest
         merged = [type(layer[0]).merge(list(layer)) for layer in zip(*(alone.cache for _, alone in joining))]
         if lane.cache is None:
@@ -212,6 +235,7 @@ class StageCaches:
     def _leave(self, lane: LaneCache, attempts: list[str]) -> None:
         if not attempts:
             return
+        self._take_back(lane)
         keep = [i for i, a in enumerate(lane.members) if a not in attempts]
         lane.members = [lane.members[i] for i in keep]
         lane.lengths = [lane.lengths[i] for i in keep]
@@ -226,6 +250,7 @@ class StageCaches:
         cache, held = (alone.cache, alone.length) if alone is not None else (None, -1)
         for (lane_route, _), lane in self.lanes.items():
             if lane_route == route and attempt in lane.members and lane.cache is not None:
+                self._take_back(lane)
                 row = lane.members.index(attempt)
                 held = lane.lengths[row]
                 cache = [c.extract(row) for c in lane.cache] if save_as else None
@@ -245,11 +270,11 @@ def _fresh(shard: Shard) -> Cache:
     return cache
 
 
-def sample_rows(logits: mx.array, members: tuple[Member, ...]) -> dict[str, int]:
-    """Each row's token: greedy rows by one argmax, the others drawn with their own keys."""
+def sample_rows(logits: mx.array, members: tuple[Member, ...]) -> mx.array:
+    """Each row's token (lazy): greedy rows by one argmax, the others drawn with their own keys."""
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     greedy = mx.argmax(logprobs, axis=-1)
-    drawn = [greedy[i : i + 1] if m.sampling.temperature == 0 else draw(logprobs[i : i + 1], m.sampling, m.step)
-             for i, m in enumerate(members)]
-    tokens = mx.concatenate(drawn).tolist()
-    return {m.attempt: token for m, token in zip(members, tokens)}
+    if all(m.sampling.temperature == 0 for m in members):
+        return greedy
+    return mx.concatenate([greedy[i : i + 1] if m.sampling.temperature == 0 else draw(logprobs[i : i + 1], m.sampling, m.step)
+                           for i, m in enumerate(members)])
