@@ -98,9 +98,7 @@ class Harness:
                 self.failed[member.attempt] = why
                 self.scheduler.cancel(member.attempt, failed=True)
             if not step.last:
-                kind = step.kind if outcome.out is not None else "flush"
-                following = Step(step.route, i + 1, kind, step.lane, outcome.ran if outcome.out is not None else (),
-                                 step.start, step.length, step.releases, step.evictions)
+                following = step.onward(outcome.ran if outcome.out is not None else None)
                 self.on_the_way[i + 1].append((following, outcome.out))
             elif step.kind == "decode":
                 self.tokens_back.append((step.lane, {m.attempt: (m.step, outcome.tokens[m.attempt])
@@ -224,4 +222,28 @@ def test_an_attempt_started_again_on_the_same_route_starts_from_what_its_caches_
             break
     assert harness.out["a"] == reference(mlx_lm_model, prompt, 40)
     assert harness.scheduler.stats.prefilled == prefilled  # nothing prefilled again: the last token decodes
+    assert harness.scheduler.status()["prefix_hits"] == 1
+
+
+def test_a_step_built_ahead_is_taken_back_when_the_lane_changes(model_dir, mlx_lm_model):
+    # one stage builds each lane step ahead; a row that leaves (here its client goes: the
+    # entry's Cancel) takes it back, and what the row's cache keeps is exactly its tokens
+    harness = Harness(model_dir, [(0, 6)], ServingSettings())
+    arrivals = {0: [(f"r{i}.0", PROMPTS[i], 30) for i in (0, 1, 2)]}
+    left = None
+    for t in range(10_000):
+        for args in arrivals.pop(t, []):
+            harness.admit(*args)
+        lanes = [lane for caches in harness.caches for lane in caches.lanes.values()]
+        if left is None and len(harness.out["r1"]) == 10 and any(lane.ahead is not None for lane in lanes):
+            harness.scheduler.cancel("r1.0", failed=False)  # kept as a prefix-cache entry
+            harness.current["r1"] = ""
+            left = list(harness.out["r1"])
+            arrivals[t + 1] = [("c.0", PROMPTS[1] + left, 20)]  # the same conversation, again
+        if not harness.tick() and not arrivals:
+            break
+    assert left is not None
+    assert harness.out["r0"] == reference(mlx_lm_model, PROMPTS[0], 30)
+    assert harness.out["r2"] == reference(mlx_lm_model, PROMPTS[2], 30)
+    assert harness.out["c"] == reference(mlx_lm_model, PROMPTS[1] + left, 20)  # from the entry, exact
     assert harness.scheduler.status()["prefix_hits"] == 1

@@ -367,12 +367,7 @@ class Engine:
         outcome = self.caches.run(shard, step, x) if shard is not None else Outcome()
         forward = None
         if not step.last:
-            following = step.at(step.stage + 1)
-            if outcome.out is None or len(outcome.ran) < len(step.members):
-                following = Step(following.route, following.stage,
-                                 following.kind if outcome.out is not None else "flush", following.lane,
-                                 outcome.ran if outcome.out is not None else (), following.start,
-                                 following.length, following.releases, following.evictions)
+            following = step.onward(outcome.ran if outcome.out is not None else None)
             if outcome.out is not None:
                 forward = wire.tensor_from_array(outcome.out, step.lane, 0, following.meta())
             else:

@@ -17,7 +17,7 @@ payload, the description its `meta` (made by `to_meta`, read back, untrusted, by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from tbmesh.core.types import Plan
@@ -140,6 +140,7 @@ class Step:
     length: int = 0
     releases: tuple[Release, ...] = ()
     evictions: tuple[str, ...] = ()
+    ahead: bool = False  # a lane's next step will most likely be this one again (see stage.py)
 
     @property
     def to(self) -> str:
@@ -158,16 +159,19 @@ class Step:
         """Rows of the tensor the step carries."""
         return len(self.members) if self.kind == "decode" else 1
 
-    def at(self, stage: int) -> Step:
-        return Step(self.route, stage, self.kind, self.lane, self.members, self.start,
-                    self.length, self.releases, self.evictions)
+    def onward(self, ran: tuple[Member, ...] | None) -> Step:
+        """The step for the next stage, once this one ran the members `ran` (None: nothing
+        ran here, and only the releases and evictions go on)."""
+        if ran is None:
+            return replace(self, stage=self.stage + 1, kind="flush", members=())
+        return replace(self, stage=self.stage + 1, members=ran)
 
     def meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "to": self.to, "route": [list(r) for r in self.route],
                 "stage": self.stage, "lane": self.lane, "members": [m.meta() for m in self.members],
                 "start": self.start, "length": self.length,
                 "releases": [[r.attempt, r.length, r.save_as] for r in self.releases],
-                "evictions": list(self.evictions)}
+                "evictions": list(self.evictions), "ahead": self.ahead}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Step:
@@ -179,7 +183,7 @@ class Step:
                        tuple(Member.from_meta(m) for m in meta["members"]), _count(meta["start"]),
                        _count(meta["length"]),
                        tuple(Release(_text(a), _count(n), _text(s)) for a, n, s in meta["releases"]),
-                       tuple(_text(e) for e in meta["evictions"]))
+                       tuple(_text(e) for e in meta["evictions"]), _flag(meta["ahead"]))
         if step.stage >= len(step.route) or (kind == "prefill" and (len(step.members) != 1 or not step.length)):
             raise ProtocolError(f"step: stage {step.stage} of {len(step.route)}, {kind} of "
                                 f"{len(step.members)} members and {step.length} tokens")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tbmesh.serving.messages import Admit, Member, Origin, Release, Route, Step
 from tbmesh.serving.prefix_cache import PrefixIndex
@@ -287,7 +287,11 @@ class Scheduler:
             attempt.cached += 1
         lane.in_flight = list(lane.members)
         self.stats.decode_steps += 1
-        step = Step(book.route, 0, "decode", lane.id, tuple(members))
+        # one stage may build the lane's next step ahead; worth it when that step will most
+        # likely be the same rows again (nobody waits to join, nobody reaches max_tokens)
+        ahead = len(book.route) == 1 and not (book.waiting or book.prefilling or book.ready) \
+            and all(a.step + 1 < a.admit.max_tokens for a in lane.members)
+        step = Step(book.route, 0, "decode", lane.id, tuple(members), ahead=ahead)
         return self._with_instructions(book, step), [a.tokens[-1] for a in lane.members]
 
     def _prefill(self, book: Book) -> tuple[Step, list[int]]:
@@ -314,8 +318,7 @@ class Scheduler:
     def _with_instructions(self, book: Book, step: Step) -> Step:
         releases, evictions = tuple(book.releases), tuple(book.evictions)
         book.releases, book.evictions = [], []
-        return Step(step.route, step.stage, step.kind, step.lane, step.members, step.start,
-                    step.length, releases, evictions)
+        return replace(step, releases=releases, evictions=evictions)
 
     # ----- admission and room ------------------------------------------------------------
 

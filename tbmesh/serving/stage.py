@@ -186,7 +186,7 @@ class StageCaches:
             tokens = sample_rows(out, ran)
         lane.lengths = [n + 1 for n in lane.lengths]
         mx.async_eval(tokens)
-        if shard.first and all(c.is_trimmable() for c in lane.cache):
+        if step.ahead and shard.first and all(c.is_trimmable() for c in lane.cache):
             # A route of one stage feeds its own tokens back: the next step is built from them
             # before they are read, and computes while this one's go out (mlx-lm's async_eval
             # overlap). When the next step differs (a row ends or joins), it is taken back.
