@@ -361,7 +361,7 @@ class Engine:
         self.worker.submit(lambda: self._compute(shard, step, tensor),
                            lambda result, error: self._computed(step, result, error))
 
-    def _compute(self, shard: Shard | None, step: Step, tensor: wire.Tensor) -> tuple[Outcome, wire.Tensor | None]:
+    def _compute(self, shard: Shard | None, step: Step, tensor: wire.Tensor) -> tuple[Outcome, wire.Tensor | None, Any]:
         """Worker thread."""
         x = wire.array_from_tensor(tensor) if step.kind != "flush" else None
         outcome = self.caches.run(shard, step, x) if shard is not None else Outcome()
@@ -372,17 +372,28 @@ class Engine:
                 forward = wire.tensor_from_array(outcome.out, step.lane, 0, following.meta())
             else:
                 forward = wire.tensor_from_array(np.zeros((0,), np.int32), step.lane, 0, following.meta())
-        self._in_use, self._figures = self.caches.in_use(), self.caches.figures()
-        return outcome, forward
+        return outcome, forward, self._snapshot()
 
-    def _computed(self, step: Step, result: tuple[Outcome, wire.Tensor | None] | None,
+    def _snapshot(self) -> tuple[set[Range], dict[str, int]]:
+        """Worker thread: what the loop side keeps of the caches (layers in use, figures)."""
+        return self.caches.in_use(), self.caches.figures()
+
+    def _observe(self, snapshot: tuple[set[Range], dict[str, int]]) -> None:
+        """The caches changed: layers no request uses any more may go now."""
+        in_use, self._figures = snapshot
+        if in_use != self._in_use:
+            self._in_use = in_use
+            self._keep(self.keeper.tick(time.monotonic(), in_use))
+
+    def _computed(self, step: Step, result: tuple[Outcome, wire.Tensor | None, Any] | None,
                   error: BaseException | None) -> None:
         self._busy -= 1
         if error is not None:
             log.error("a %s step of layers %d-%d failed: %r", step.kind, *step.layers, error)
             self._failed(step, step.members, f"{self._name(self.me)} failed to compute a step")
         elif result is not None:
-            outcome, forward = result
+            outcome, forward, snapshot = result
+            self._observe(snapshot)
             self.counters.steps += step.kind != "flush"
             if outcome.failed:
                 for member, why in outcome.failed:
@@ -409,7 +420,14 @@ class Engine:
                 self._deliver(node, wire.Cancel(member.attempt, node, why, "fail"))
 
     def _in_worker(self, fn: Callable[[], Any]) -> None:
-        self.worker.submit(fn, lambda result, error: error and log.error("worker job failed: %r", error))
+        """Change the caches in the worker (after the steps queued before), then observe them."""
+        def done(snapshot: Any, error: BaseException | None) -> None:
+            if error is not None:
+                log.error("worker job failed: %r", error)
+            else:
+                self._observe(snapshot)
+
+        self.worker.submit(lambda: (fn(), self._snapshot())[1], done)
 
     # ----- layers ----------------------------------------------------------------------
 
@@ -489,11 +507,7 @@ class Engine:
             self._fail_at_entry(attempt, entry, f"{self._name(self.me)} dropped layers {layers[0]}-{layers[1] - 1}")
         stage = (self.me, *layers)
 
-        def drop() -> None:
-            self.caches.drop(lambda route: stage not in route)
-            self._in_use, self._figures = self.caches.in_use(), self.caches.figures()
-
-        self._in_worker(drop)
+        self._in_worker(lambda: self.caches.drop(lambda route: stage not in route))
 
     # ----- status ----------------------------------------------------------------------
 
