@@ -1,0 +1,57 @@
+"""The data plane's descriptions (serving/messages.py): a round trip through Tensor.meta, and
+untrusted metas that only ever raise the protocol error."""
+
+from __future__ import annotations
+
+import copy
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tbmesh.generation import Sampling
+from tbmesh.net import wire
+from tbmesh.serving.messages import Admit, Member, Origin, Release, Step
+
+ROUTE = (("a", 0, 4), ("b", 4, 8))
+STEP = Step(ROUTE, 1, "decode", "lane1", (Member("q.0", "e", 3, 9, Sampling(0.7, 0.9, 5), Origin("x1", 7)),
+                                         Member("r.0", "e", 0, 12, Sampling())),
+            releases=(Release("s.0", 20, "x2"),), evictions=("x0",), ahead=True)
+ADMIT = Admit("q.0", ROUTE, "e", (1, 2, 3), 1, 10, Sampling(0.5, 1.0, 42), (9, 11), use_cache=False)
+
+
+def test_steps_and_admits_travel_in_a_tensor_and_come_back_the_same():
+    tensor = wire.decode(b"".join(wire.encode(wire.tensor_from_array(__import__("numpy").zeros((2, 1, 4), "float32"),
+                                                                     "lane1", 0, STEP.meta()))))
+    assert Step.from_meta(tensor.meta) == STEP
+    assert Admit.from_meta("q.0", [1, 2, 3], ADMIT.meta()) == ADMIT
+    assert STEP.onward(None) == Step(ROUTE, 2, "flush", "lane1", (), releases=STEP.releases,
+                                     evictions=STEP.evictions, ahead=True)
+
+
+values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+                      | st.text(max_size=5), lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=12)
+
+
+def mutated(data: st.DataObject, meta: dict) -> dict:
+    """The meta with one field (or an item inside it) replaced by anything, or removed."""
+    changed = copy.deepcopy(meta)
+    target, where = changed, data.draw(st.sampled_from(sorted(changed)))
+    while isinstance(target[where], list) and target[where] and data.draw(st.booleans()):
+        target, where = target[where], data.draw(st.integers(0, len(target[where]) - 1))
+    if isinstance(target, dict) and data.draw(st.booleans()):
+        del target[where]
+    else:
+        target[where] = data.draw(values)
+    return changed
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_a_malformed_step_or_admit_is_only_ever_a_protocol_error(data):
+    for meta, read in ((STEP.meta(), Step.from_meta), (ADMIT.meta(), lambda m: Admit.from_meta("q.0", [1, 2], m))):
+        bad = mutated(data, meta)
+        try:
+            read(bad)
+        except wire.ProtocolError:
+            pass
