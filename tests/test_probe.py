@@ -10,6 +10,7 @@ import time
 import pytest
 
 import netns
+from tbmesh.core.membership import Timing
 from tbmesh.net.probe import (
     HEADER, MAGIC, VERSION, ProbeError, ProbeResult, probe_receive, probe_send,
 )
@@ -65,9 +66,13 @@ def test_probe_leaves_the_event_loop_responsive() -> None:
         task = asyncio.create_task(ticker())
         await loopback_probe()
         task.cancel()
-        return max(gaps)
+        return gaps
 
-    assert asyncio.run(main()) < 0.1
+    gaps = sorted(asyncio.run(main()))
+    # never a heartbeat interval's wait (a peer would be suspected); and almost every tick on
+    # time (a single stall of ~0.1 s is this shared VM's scheduling, seen under CI's load)
+    assert gaps[-1] < Timing().heartbeat_interval
+    assert gaps[len(gaps) * 99 // 100] < 0.02
 
 
 # --- bad peers: a clear ProbeError, never a hang --------------------------------------------
