@@ -35,11 +35,11 @@ from tbmesh.net import peers, probe, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
 from tbmesh.net.watch import InterfaceWatcher
 from tbmesh.serving.settings import ServingSettings
+from tbmesh.serving.view import ClusterView
 
 if TYPE_CHECKING:
     from tbmesh.core.messages import ShardState
     from tbmesh.serving.engine import Engine
-    from tbmesh.serving.view import ClusterView
     from tbmesh.telemetry import Telemetry
 
 log = logging.getLogger("tbmesh")
@@ -391,8 +391,6 @@ class Daemon:
         return self.core.info.name
 
     def view(self) -> ClusterView:
-        from tbmesh.serving.view import ClusterView
-
         core = self.core
         return ClusterView(core.id, core.plan, core.preparing, core.no_fit or "", core.leader, core.shards(),
                            {n: i.name for n, i in core.node_infos().items()}, core.members(),

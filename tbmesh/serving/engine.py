@@ -59,7 +59,6 @@ class Counters:
     loads: int = 0  # shards loaded
     layers_read: int = 0  # layers read from disk
     layers_kept: int = 0  # layers a new shard took from one already in memory
-    tight_loads: int = 0  # loads begun after letting the running stage go (both did not fit)
     peak_weight_bytes: int = 0  # the most weight bytes held at once (at the end of a load)
     bytes_read: int = 0
     resumed: int = 0  # attempts started again on another route
@@ -142,8 +141,8 @@ class Engine:
         self._wake: asyncio.TimerHandle | None = None
         self._poll: asyncio.TimerHandle | None = None
         self._recent_tokens: collections.deque[float] = collections.deque(maxlen=4096)
-        self._in_use: set[Range] = set()  # caches.in_use(), as of the last step
-        self._figures: dict[str, int] = {}  # caches.figures(), as of the last step
+        self._in_use: set[Range] = set()  # caches.in_use(), as of the last change in the worker
+        self._figures = self.caches.figures()  # as of the last change in the worker
         self._closed = False
 
     async def close(self) -> None:
@@ -349,7 +348,7 @@ class Engine:
             step, tokens = found
             array = np.array(tokens, dtype=np.int32).reshape((len(step.members), 1) if step.kind == "decode"
                                                               else (1, len(tokens)))
-            self._run(step, wire.tensor_from_array(array, step.lane, 0, step.meta()))
+            self._run(step, wire.tensor_from_array(array))  # stage 0 has the step itself: no meta
 
     def _run(self, step: Step, tensor: wire.Tensor) -> None:
         shard = self.held.get(step.layers)
@@ -506,7 +505,6 @@ class Engine:
         for attempt, entry in self.scheduler.drop_routes_from(self.me, layers):
             self._fail_at_entry(attempt, entry, f"{self._name(self.me)} dropped layers {layers[0]}-{layers[1] - 1}")
         stage = (self.me, *layers)
-
         self._in_worker(lambda: self.caches.drop(lambda route: stage not in route))
 
     # ----- status ----------------------------------------------------------------------
@@ -515,11 +513,8 @@ class Engine:
         now = time.monotonic()
         recent = sum(1 for t in self._recent_tokens if now - t <= 5.0)
         loading = self.keeper.loading
-        self.counters.tight_loads = self.keeper.tight_loads
-        scheduled = self.scheduler.status()  # as stage 0 of the routes that start here
         return {
             "requests": len(self.conductor.requests),  # entering here, in flight
-            "stage_requests": 0,  # holding a KV cache in our layers
             "held": [list(r) for r in sorted(self.held)],
             "loading": None if loading is None else
             {"start": loading[0], "end": loading[1], "progress": self.keeper.progress},
@@ -527,9 +522,9 @@ class Engine:
             "active_memory": mx.get_active_memory(),
             "tokens_per_s": recent / 5.0,
             **self.counters.__dict__,
-            **scheduled,
-            "prefix_entries": 0, "prefix_tokens": 0, "prefix_bytes": 0, "kv_bytes": 0,
-            **self._figures,  # what this node holds (a stage of a route started elsewhere, too)
+            "tight_loads": self.keeper.tight_loads,  # loads begun after letting the running stage go
+            **self.scheduler.status(),  # as stage 0 of the routes that start here
+            **self._figures,  # the caches this node holds (stage_requests, kv and prefix-cache bytes)
         }
 
 

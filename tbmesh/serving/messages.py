@@ -17,6 +17,8 @@ payload, the description its `meta` (made by `to_meta`, read back, untrusted, by
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -193,19 +195,13 @@ class Step:
 # --- checks of untrusted fields ----------------------------------------------------------------
 
 
-class _checking:
+@contextmanager
+def _checking(what: str) -> Iterator[None]:
     """Turns what a malformed meta raises into one ProtocolError."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
-        if error is not None and isinstance(error, (KeyError, TypeError, ValueError, IndexError)):
-            raise ProtocolError(f"{self.what} meta: {type(error).__name__}: {error}"[:200]) from None
-        return False
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise ProtocolError(f"{what} meta: {type(error).__name__}: {error}"[:200]) from None
 
 
 def _count(value: Any) -> int:

@@ -221,12 +221,12 @@ class Scheduler:
         turn = self._turn % len(books) if books else 0
         self._turn += 1
         books = books[turn:] + books[:turn]
-        decode = next((b for b in books if self._lane_for(b) is not None), None)
+        decode = next(((b, lane) for b in books if (lane := self._lane_for(b)) is not None), None)
         prefill = next((b for b in books if b.prefilling), None)
         if prefill is not None and (not self._last_prefill or decode is None):
             self._last_prefill = True
             return self._prefill(prefill)
-        if decode is not None and (found := self._decode(decode)) is not None:
+        if decode is not None and (found := self._decode(*decode)) is not None:
             self._last_prefill = False
             return found
         if prefill is not None:
@@ -253,9 +253,7 @@ class Scheduler:
             return Lane(self.new_id())
         return min(idle, key=lambda lane: len(lane.members), default=None)
 
-    def _decode(self, book: Book) -> tuple[Step, list[int]] | None:
-        lane = self._lane_for(book)
-        assert lane is not None
+    def _decode(self, book: Book, lane: Lane) -> tuple[Step, list[int]] | None:
         if lane not in book.lanes:
             book.lanes.append(lane)
         # room for the members' next token: prefix-cache entries go, then the youngest attempts
@@ -389,8 +387,7 @@ class Scheduler:
 
     @staticmethod
     def _idle(book: Book) -> bool:
-        return not book.waiting and not any(True for _ in book.live()) and not book.releases \
-            and not book.evictions
+        return not book.waiting and not Scheduler._live(book) and not book.releases and not book.evictions
 
     # ----- status ------------------------------------------------------------------------
 

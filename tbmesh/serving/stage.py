@@ -51,6 +51,15 @@ class LaneCache:
 
 
 @dataclass
+class Entry:
+    """A prefix-cache entry: the cache of exactly `length` tokens, and its bytes."""
+
+    cache: Cache
+    length: int
+    nbytes: int
+
+
+@dataclass
 class Outcome:
     """What a step produced here: `out` for the next stage (hidden states) or the sampled
     tokens (last stage: member -> token), the members it ran, and those it could not."""
@@ -67,7 +76,7 @@ class StageCaches:
         self.name = name  # and name, for the reasons given to entries
         self.alone: dict[str, Alone] = {}
         self.lanes: dict[tuple[Route, str], LaneCache] = {}
-        self.entries: dict[tuple[Route, str], tuple[Cache, int]] = {}  # prefix cache: (cache, length)
+        self.entries: dict[tuple[Route, str], Entry] = {}  # the prefix cache
 
     # ----- bookkeeping -----------------------------------------------------------------
 
@@ -83,12 +92,12 @@ class StageCaches:
     def figures(self) -> dict[str, int]:
         """What the status shows of the caches held here."""
         live = [a.cache for a in self.alone.values()] + [lane.cache for lane in self.lanes.values() if lane.cache]
-        entries = [cache for cache, _ in self.entries.values()]
+        prefix_bytes = sum(entry.nbytes for entry in self.entries.values())
         return {"stage_requests": self.attempts(),
-                "kv_bytes": sum(c.nbytes for cache in live + entries for c in cache),
+                "kv_bytes": sum(c.nbytes for cache in live for c in cache) + prefix_bytes,
                 "prefix_entries": len(self.entries),
-                "prefix_tokens": sum(length for _, length in self.entries.values()),
-                "prefix_bytes": sum(c.nbytes for cache in entries for c in cache)}
+                "prefix_tokens": sum(entry.length for entry in self.entries.values()),
+                "prefix_bytes": prefix_bytes}
 
     def drop(self, keep: Any) -> None:
         """Forget every route for which keep(route) is false."""
@@ -98,13 +107,6 @@ class StageCaches:
             del self.lanes[key]
         for key in [k for k in self.entries if not keep(k[0])]:
             del self.entries[key]
-
-    def forget(self, attempt: str) -> None:
-        """Free an attempt's cache (its entry ended it, and we never heard from stage 0)."""
-        self.alone.pop(attempt, None)
-        for lane in self.lanes.values():
-            if attempt in lane.members:
-                self._leave(lane, [attempt])
 
     # ----- one step --------------------------------------------------------------------
 
@@ -203,11 +205,11 @@ class StageCaches:
         if not origin.entry:
             return Alone(route, _fresh(shard), 0)
         held = self.entries.get((route, origin.entry))
-        if held is None or held[1] < origin.length:
+        if held is None or held.length < origin.length:
             return f"{self.name} does not hold prefix-cache entry {origin.entry}"
-        cache = copy.deepcopy(held[0])
+        cache = copy.deepcopy(held.cache)
         for c in cache:
-            c.trim(held[1] - origin.length)
+            c.trim(held.length - origin.length)
         return Alone(route, cache, origin.length)
 
     @staticmethod
@@ -260,7 +262,7 @@ class StageCaches:
             for c in cache:
                 c.step = KV_BLOCK
             mx.eval([c.state for c in cache])  # unevaluated, a row would hold on to its whole batch
-            self.entries[(route, save_as)] = (cache, length)
+            self.entries[(route, save_as)] = Entry(cache, length, sum(c.nbytes for c in cache))
 
 
 def _fresh(shard: Shard) -> Cache:

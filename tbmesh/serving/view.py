@@ -36,7 +36,8 @@ def usable(view: ClusterView) -> tuple[Route, int] | str:
         return f"the model does not fit the cluster: {view.no_fit}"
     if plan is None:
         if view.preparing is None:
-            return f"no plan yet: waiting for {'a leader' if view.leader is None else 'the leader' + chr(39) + 's plan'}"
+            awaited = "a leader" if view.leader is None else "the leader's plan"
+            return f"no plan yet: waiting for {awaited}"
         loading = [_loading(view, s, view.preparing) for s in view.preparing.stages]
         return "waiting for shards to load: " + ", ".join(filter(None, loading))
     gone = [view.name(s.node) for s in plan.stages if view.suspected.get(s.node, True)]
