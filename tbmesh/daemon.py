@@ -48,6 +48,7 @@ DEFAULT_PORT = 7470
 DEFAULT_API_PORT = 7471
 PROBE_SECONDS = 0.5
 MEMORY_CHECK_S = 10.0
+MEMORY_FILE_CHECK_S = 0.5  # TBMESH_MEMORY_FILE: reading a file is cheap, tests want it soon
 
 
 # Events after which messages to or from the node may have been lost with its connection.
@@ -104,6 +105,7 @@ class Daemon:
         self._stopping = False
         self.engine: Engine | None = None  # the data plane
         self._last_view: tuple | None = None  # (plan, preparing) the engine last saw
+        self._sound_links: frozenset[frozenset[str]] = frozenset()  # as the engine last heard
         self.telemetry: Telemetry | None = None
 
     # ----- life cycle ------------------------------------------------------------------
@@ -144,8 +146,10 @@ class Daemon:
         self._watcher = InterfaceWatcher(self._on_interfaces_changed)
         await self._watcher.start()
         self._spawn(self._ticker())
-        if sys.platform == "darwin" and cfg.memory_usable is None:
-            self._spawn(self._watch_memory())
+        if cfg.memory_usable is None and os.environ.get(measure.MEMORY_FILE_ENV):
+            self._spawn(self._watch_memory(MEMORY_FILE_CHECK_S))
+        elif sys.platform == "darwin" and cfg.memory_usable is None:
+            self._spawn(self._watch_memory(MEMORY_CHECK_S))
         if cfg.mqtt is not None:
             self._start_telemetry(cfg.mqtt)
         # where `tbmesh status` (and tests) find this daemon's API
@@ -293,12 +297,12 @@ class Daemon:
             await asyncio.sleep(interval)
             self.carry_out(self.core.tick(self.now()))
 
-    async def _watch_memory(self) -> None:
+    async def _watch_memory(self, interval: float) -> None:
         """Measure the usable memory again now and then (`sysctl iogpu.wired_limit_mb` can be
         changed while we run); the leader plans again when it moved a lot. macOS only: on
         Linux the usable memory follows the free memory, which our own shard takes."""
         while True:
-            await asyncio.sleep(MEMORY_CHECK_S)
+            await asyncio.sleep(interval)
             try:
                 total, usable = await asyncio.to_thread(measure.memory, self.config.memory_usable)
             except Exception:  # a failed probe is no reason to stop watching
@@ -352,6 +356,11 @@ class Daemon:
             self._record(event)
             if event.kind in LOSSY and event.node is not None and self.engine is not None:
                 self.engine.on_node_trouble(event.node, gone=event.kind != "suspect")
+        sound = self.core.sound_links()
+        if sound != self._sound_links:
+            troubled, self._sound_links = self._sound_links - sound, sound
+            for pair in troubled if self.engine is not None else ():
+                self.engine.on_link_trouble(*sorted(pair))
         view = (self.core.plan, self.core.preparing)
         if self.engine is not None and view != self._last_view:
             self._last_view = view

@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import psutil
@@ -31,6 +32,9 @@ LINUX_MARGIN_SHARE = 0.10
 LINUX_MARGIN_MIN = 1 * GiB
 MEMORY_USABLE_ENV = "TBMESH_MEMORY_USABLE"
 MEMORY_TOTAL_ENV = "TBMESH_MEMORY_TOTAL"
+# Pretend usable memory read from a file at every check, so a test can shrink a running
+# node's memory as a Mac's does when `sysctl iogpu.wired_limit_mb` is lowered (bench/chaos.py).
+MEMORY_FILE_ENV = "TBMESH_MEMORY_FILE"
 MACHINE_ENV = "TBMESH_MACHINE"  # pretend to be another machine (tests, demos of many "Macs")
 LINUX_MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
@@ -49,9 +53,11 @@ def memory(
     """(total, usable) bytes of this machine.
 
     Overrides, for running many pretend Macs on one test machine: the parameters, else the
-    environment variables TBMESH_MEMORY_USABLE and TBMESH_MEMORY_TOTAL ("96GB", "512GiB").
+    environment variables TBMESH_MEMORY_USABLE and TBMESH_MEMORY_TOTAL ("96GB", "512GiB"), or
+    the size written in the file TBMESH_MEMORY_FILE names.
     """
     usable_override = usable_override if usable_override is not None else _env_size(MEMORY_USABLE_ENV)
+    usable_override = usable_override if usable_override is not None else _file_size(MEMORY_FILE_ENV)
     total_override = total_override if total_override is not None else _env_size(MEMORY_TOTAL_ENV)
     ram = psutil.virtual_memory()
     total = total_override if total_override is not None else ram.total
@@ -121,6 +127,16 @@ def _env_size(name: str) -> int | None:
     try:
         return parse_size(text)
     except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+def _file_size(name: str) -> int | None:
+    path = os.environ.get(name, "").strip()
+    if not path:
+        return None
+    try:
+        return parse_size(Path(path).read_text().strip())
+    except (OSError, ValueError) as error:
         raise ValueError(f"{name}: {error}") from None
 
 

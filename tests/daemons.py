@@ -41,8 +41,9 @@ class DaemonProcess:
     """One `tbmesh daemon` in a subprocess, optionally inside a network namespace."""
 
     def __init__(self, name: str, state_dir: Path, args: Sequence[str] = (),
-                 mac: Any = None, log_dir: Path | None = None) -> None:
+                 mac: Any = None, log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.name = name
+        self.env = env or {}  # added to ours
         self.state_dir = state_dir
         self.args = list(args)
         self.mac = mac  # a netns.Mac to run in (its API is reached through its namespace)
@@ -61,7 +62,7 @@ class DaemonProcess:
                              "--state-dir", str(self.state_dir), "--port", "0", "--api-port", "0",
                              "--log-level", "debug", *self.args]
         log = open(self.log_path, "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self
@@ -170,3 +171,14 @@ def agreed(daemons: list[DaemonProcess]) -> dict | None:
     if {s["node"] for s in plan["stages"]} | set(plan["left_out"]) != ids:
         return None  # a plan made before the last node joined; the next one will have it
     return statuses[0]
+
+
+def serving_view(daemons: list[DaemonProcess]) -> dict | None:
+    """The common view when the daemons agree (see agreed), nothing is being prepared, and
+    every stage of the plan serves it; else None."""
+    view = agreed(daemons)
+    if view is None or view["preparing"] is not None:
+        return None
+    epoch = view["plan"]["epoch"]
+    serving_nodes = {n["id"] for n in view["nodes"] if n["shard"] and n["shard"]["serving"] == epoch}
+    return view if {s["node"] for s in view["plan"]["stages"]} <= serving_nodes else None

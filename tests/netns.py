@@ -396,6 +396,27 @@ class Cable:
             _ip("-n", self.a.netns, "link", "del", self.ifname, check=False)
             self.plugged = False
 
+    def plug(self) -> None:
+        """Plug the cable (back) in: the veth pair is made again, addressed, routed and shaped."""
+        if self.plugged:
+            return
+        a, b = self.a, self.b
+        # Created directly inside both namespaces, so nothing ever sits in the root namespace.
+        # The two ends get different ifindexes: the kernel treats a veth whose ifindex equals
+        # its peer's (both would be 3 in fresh namespaces) as a non-urgent link event, so its
+        # operstate, and a bridge port on it, would come up only after up to a second.
+        _ip("link", "add", self.ifname, "netns", a.netns, "index", str(100 + 2 * self.index),
+            "mtu", str(self.mtu), "type", "veth", "peer", "name", self.ifname, "netns", b.netns,
+            "index", str(101 + 2 * self.index), "mtu", str(self.mtu))
+        self.plugged = True
+        for mac in (a, b):
+            if mac.bridge:
+                # Bridge members carry no address on macOS; keep IPv6 off them here too.
+                mac.check_output(["sysctl", "-q", "-w", f"net.ipv6.conf.{self.ifname}.disable_ipv6=1"])
+            self._bring_up(mac)
+        if self.rate is not None:
+            self.shape(self.rate)
+
     def down(self) -> None:
         """Both ends go down (routes through them go with them); up() restores them."""
         self._require_plugged()
@@ -492,24 +513,11 @@ class Lab:
             raise ValueError("a cable needs two different Macs")
         if len(self.cables) >= MAX_CABLES:
             raise ValueError(f"at most {MAX_CABLES} cables per lab")
-        cable = Cable(self, len(self.cables) + 1, a, b, None, mtu)
-        # Created directly inside both namespaces, so nothing ever sits in the root namespace.
-        # The two ends get different ifindexes: the kernel treats a veth whose ifindex equals
-        # its peer's (both would be 3 in fresh namespaces) as a non-urgent link event, so its
-        # operstate, and a bridge port on it, would come up only after up to a second.
-        _ip("link", "add", cable.ifname, "netns", a.netns, "index", str(100 + 2 * cable.index),
-            "mtu", str(mtu), "type", "veth", "peer", "name", cable.ifname, "netns", b.netns,
-            "index", str(101 + 2 * cable.index), "mtu", str(mtu))
+        cable = Cable(self, len(self.cables) + 1, a, b, rate, mtu, plugged=False)
         self.cables.append(cable)
         a.cables.append(cable)
         b.cables.append(cable)
-        for mac in (a, b):
-            if mac.bridge:
-                # Bridge members carry no address on macOS; keep IPv6 off them here too.
-                mac.check_output(["sysctl", "-q", "-w", f"net.ipv6.conf.{cable.ifname}.disable_ipv6=1"])
-            cable._bring_up(mac)
-        if rate is not None:
-            cable.shape(rate)
+        cable.plug()
         return cable
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,11 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(model_dir):
     """Single-process mlx-lm on the same directory: the tokens every run must reproduce."""
+    return mlx_reference(model_dir)
+
+
+def mlx_reference(model_dir: Path):
+    """generate(prompt, max_tokens, sampling) -> (text, tokens) of single-process mlx-lm."""
     model, tokenizer = load(str(model_dir))
 
     def generate(prompt: str | list[int], max_tokens: int, sampling: Sampling = Sampling()) -> tuple[str, int]:
@@ -114,6 +120,41 @@ def complete(daemon: DaemonProcess, prompt: str, max_tokens: int, **sampling) ->
     return body["choices"][0]["text"], body["usage"]["completion_tokens"]
 
 
+def read_stream(daemon: DaemonProcess, body: dict, timeout: float,
+                on_piece: Callable[[str], None]) -> tuple[str | None, dict | None]:
+    """POST a streamed /v1/completions; each text piece to on_piece as it arrives.
+
+    Returns (finish_reason, error): the API's error object for a refusal or an error event,
+    and {"message": "the stream ended without [DONE]"} when the connection ended early.
+    Connection errors are raised.
+    """
+    connection = daemon.connection(timeout)
+    finish_reason, error, done = None, None, False
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            return None, json.loads(response.read())["error"]
+        for line in response:
+            if line.strip() == b"data: [DONE]":
+                done = True
+            if not line.startswith(b"data: ") or done:
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]
+                continue
+            for choice in event.get("choices", []):
+                if choice["text"]:
+                    on_piece(choice["text"])
+                finish_reason = choice.get("finish_reason") or finish_reason
+    finally:
+        connection.close()
+    if not done and error is None:
+        error = {"message": "the stream ended without [DONE]"}
+    return finish_reason, error
+
+
 class Stream(threading.Thread):
     """A streamed completion read in the background: the text pieces as they arrive."""
 
@@ -131,30 +172,14 @@ class Stream(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        connection = self.daemon.connection(self.timeout)
         try:
-            connection.request("POST", "/v1/completions", json.dumps(self.body),
-                               {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            if response.status != 200:
-                self.error = json.loads(response.read())["error"]
-                return
-            for line in response:
-                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    self.error = event["error"]
-                    continue
-                for choice in event.get("choices", []):
-                    if choice["text"]:
-                        self.pieces.append(choice["text"])
-                        self.arrivals.append(time.monotonic())
-                    self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            self.finish_reason, self.error = read_stream(self.daemon, self.body, self.timeout, self._piece)
         except Exception as error:  # noqa: BLE001  (the test reads it)
             self.error = {"message": repr(error)}
-        finally:
-            connection.close()
+
+    def _piece(self, text: str) -> None:
+        self.pieces.append(text)
+        self.arrivals.append(time.monotonic())
 
     @property
     def text(self) -> str:

@@ -62,6 +62,26 @@ def test_a_broken_route_starts_a_new_attempt_with_the_prompt_and_the_tokens_so_f
     assert c.on_tokens([(second.attempt, 2, 7)], 0.3) == [Emit(request, 7)]
 
 
+def test_a_broken_link_restarts_the_attempts_crossing_it_at_once_on_the_same_route_and_is_no_failure():
+    c = conductor()
+    request, actions = c.submit([1], 10, Sampling(), ENDS, 0.0, (ROUTE, 1))
+    attempt = admits(actions)[0].attempt
+    other, actions = c.submit([1], 10, Sampling(), ENDS, 0.0, (OTHER, 1))
+    untouched = admits(actions)[0].attempt
+
+    def crosses(route, entry):  # the link e-b: the tokens b sends to its entry
+        nodes = {n for n, _, _ in route} | {entry}
+        return {"e", "b"} <= nodes
+
+    for _ in range(2 * MAX_FAILURES):
+        actions = c.on_link_trouble(crosses, "the link e-b broke", 0.0, (ROUTE, 1))
+        assert actions[0] == SendCancel(attempt, "a")
+        (admit,) = admits(actions)
+        assert admit.route == ROUTE
+        attempt = admit.attempt
+    assert request in c.requests and c.on_tokens([(untouched, 0, 5)], 0.1) == [Emit(other, 5)]
+
+
 def test_the_route_that_just_failed_is_retried_after_a_back_off_that_doubles():
     c = conductor()
     request, actions = c.submit([1], 10, Sampling(), ENDS, 0.0, (ROUTE, 1))

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from daemons import DaemonProcess, agreed, start_all, wait_for
+from daemons import DaemonProcess, serving_view, start_all, wait_for
 from serving import Stream
 
 pytestmark = pytest.mark.needs_root
@@ -40,15 +40,7 @@ def macs(lab, tmp_path, model_dir):
 
 def serving(daemons: list[DaemonProcess], timeout: float = 30) -> dict:
     """One leader and one committed plan over exactly these daemons, every stage serving it."""
-    def ready():
-        view = agreed(daemons)
-        if view is None or view["preparing"] is not None:
-            return None
-        epoch = view["plan"]["epoch"]
-        serving_nodes = {n["id"] for n in view["nodes"] if n["shard"] and n["shard"]["serving"] == epoch}
-        return view if {s["node"] for s in view["plan"]["stages"]} <= serving_nodes else None
-
-    return wait_for(ready, timeout, "a committed plan that every stage serves")
+    return wait_for(lambda: serving_view(daemons), timeout, "a committed plan that every stage serves")
 
 
 @pytest.mark.parametrize("victim", ["middle", "leader"])

@@ -124,3 +124,24 @@ def test_routes_through_a_gone_node_and_requests_of_a_gone_entry_are_dropped():
     step, _ = s.next_step()
     assert step.kind == "flush" and step.releases == (Release("b", 2),)
     assert s.next_step() is None
+
+
+def test_a_broken_link_ends_the_attempts_that_cross_it_unsaved_and_their_lanes_with_them():
+    s = scheduler()
+    for name in ("r0", "r1"):
+        admit(s, name, [3], route=THREE)
+    admit(s, "other", [3], route=ONE)
+    steps = list(iter(s.next_step, None))
+    three = [step for step, _ in steps if step.route == THREE]
+    (alone,) = [step for step, _ in steps if step.route == ONE]
+    assert len(three) == 2  # r0 and r1 in two lanes, on their way
+    broken = s.break_attempts(lambda route, entry: "b" in {n for n, _, _ in route} and entry == "e")
+    assert sorted(broken) == [("r0", "e"), ("r1", "e")]
+    for step in three:
+        back(s, step)  # the tokens of the steps thought lost come after all: they find no lane
+    nxt, _ = s.next_step()
+    assert nxt.route == THREE and nxt.kind == "flush" and not nxt.members
+    assert sorted(r.attempt for r in nxt.releases) == ["r0", "r1"] and all(r.save_as == "" for r in nxt.releases)
+    back(s, alone)
+    after, _ = s.next_step()
+    assert [m.attempt for m in after.members] == ["other"]  # the route it does not cross goes on

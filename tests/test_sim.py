@@ -248,3 +248,16 @@ def test_random_faults_never_leave_two_leaders_in_one_group_once_quiet(schedule,
         assert leader in group and sim.nodes[leader].is_leader
         assert all(set(sim.nodes[n].members()) == group for n in group)
     assert sim.plans_agree()
+
+
+def test_a_pulled_cable_between_nodes_still_reachable_leaves_every_nodes_sound_links_then_returns():
+    sim = start(4)
+    everything = frozenset(frozenset(p) for p in itertools.combinations([f"n{i}" for i in range(4)], 2))
+    assert all(core.sound_links() == everything for core in sim.nodes.values())
+    sim.unplug("n0", "n1")  # n0 and n1 still reach each other through n2 and n3
+    assert sim.run_until_true(lambda: all(frozenset(("n0", "n1")) not in core.sound_links()
+                                          for core in sim.nodes.values()), 3) is not None
+    assert all(len(core.members()) == 4 for core in sim.nodes.values())
+    sim.cable("n0", "n1")
+    assert sim.run_until_true(lambda: all(core.sound_links() == everything for core in sim.nodes.values()),
+                              5) is not None

@@ -198,6 +198,28 @@ class ClusterNode:
         """Reachable nodes (ourselves included), each mapped to whether it is suspected."""
         return dict(self._members)
 
+    def sound_links(self) -> frozenset[frozenset[str]]:
+        """Pairs of reachable nodes whose connection no end suspects (ours as our detectors
+        see them now). A pair that leaves this set may have lost messages with its connection,
+        though both nodes stay reachable (by other cables): the data plane starts again what
+        went over it."""
+        published: set[frozenset[str]] = set()
+        suspected: set[frozenset[str]] = set()
+        for peer, detector in self.peers.items():
+            pair = frozenset((self.id, peer))
+            published.add(pair)
+            if detector.state is not PeerState.ALIVE or not detector.connected:
+                suspected.add(pair)
+        for origin in self._members:
+            state = self.db.states.get(origin) if origin != self.id else None
+            for adj in state.neighbours if state is not None else ():
+                if adj.peer in self._members:
+                    pair = frozenset((origin, adj.peer))
+                    published.add(pair)
+                    if adj.suspect:
+                        suspected.add(pair)
+        return frozenset(p for p in published - suspected if p <= self._members.keys())
+
     def state_of(self, node: str) -> PeerState:
         if node in self._members:
             return PeerState.SUSPECT if self._members[node] else PeerState.ALIVE

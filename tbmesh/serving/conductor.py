@@ -150,6 +150,16 @@ class Conductor:
                 actions += self._broken(request, f"{node} stopped answering", now, usable)
         return actions
 
+    def on_link_trouble(self, crosses: Callable[[Route, str], bool], why: str, now: float,
+                        usable: Usable) -> list[Action]:
+        """A connection between two nodes broke: attempts whose route (or entry) `crosses` it
+        start again at once. Not a failure of the route: both nodes are still there."""
+        actions: list[Action] = []
+        for request in list(self._by_attempt.values()):
+            if crosses(request.route, self.me):
+                actions += self._broken(request, why, now, usable, counts=False)
+        return actions
+
     def tick(self, now: float, usable: Usable) -> list[Action]:
         """Start the requests waiting for a usable route, or fail them at their deadline."""
         actions: list[Action] = []

@@ -275,6 +275,20 @@ class Engine:
         self._in_worker(lambda: self.caches.drop(lambda route: all(n != node for n, _, _ in route)))
         self._pump()
 
+    def on_link_trouble(self, a: str, b: str) -> None:
+        """The connection between nodes a and b broke or went silent, though both may still be
+        reachable by other cables: what it carried may be lost. The attempts whose route or
+        entry has both ends start again (stage 0 and the entries each do their part)."""
+        def crosses(route: Route, entry: str) -> bool:
+            nodes = {n for n, _, _ in route} | {entry}
+            return a in nodes and b in nodes
+
+        why = f"the link {self._name(a)}-{self._name(b)} broke"
+        self._conduct(self.conductor.on_link_trouble(crosses, why, time.monotonic(), self._usable()))
+        for attempt, entry in self.scheduler.break_attempts(crosses):
+            self._fail_at_entry(attempt, entry, why)
+        self._pump()
+
     # ----- messages --------------------------------------------------------------------
 
     def receive(self, message: DataMessage) -> None:

@@ -185,6 +185,19 @@ class Scheduler:
         """Stage 0 of these routes (`node`, `layers`) dropped its layers: as above."""
         return self._drop(lambda route: route[0] == (node, *layers))
 
+    def break_attempts(self, crosses: Callable[[Route, str], bool]) -> list[tuple[str, str]]:
+        """A connection broke: the attempts whose route (or entry) `crosses` it end, unsaved
+        (a step or its tokens may be lost on the way, so the stages' caches may disagree),
+        and their lanes with them. Returns them with their entries, to start again."""
+        broken = []
+        for book in self.books.values():
+            for attempt in [a for a in itertools.chain(book.waiting, book.live())
+                            if crosses(book.route, a.admit.entry)]:
+                broken.append((attempt.id, attempt.admit.entry))
+                self._end(book, attempt, save=False)
+            self._tidy(book)
+        return broken
+
     def drop_entered_by(self, node: str) -> None:
         """The entry `node` is gone: its attempts end (no Cancel will come from it)."""
         for book in self.books.values():
