@@ -693,17 +693,16 @@ def chat(
 def demo(
     nodes: int = typer.Option(3, "--nodes", help="How many daemons (Macs) to run on this machine."),
     ui: Optional[bool] = typer.Option(None, "--ui/--no-ui", help="Show the live status screen [default: when stdout is a terminal]."),
-    tokens: int = typer.Option(400, "--tokens", help="Length of the answer streamed through the pipeline."),
 ) -> None:  # fmt: skip
-    """A whole cluster on this machine: start NODES daemons on loopback with a small model,
-    stream an answer through their pipeline, stop one of them mid-answer and watch the
+    """A whole cluster on this machine: start NODES daemons on loopback with a small taught
+    model, stream its answer through their pipeline, stop one of them mid-answer and watch the
     cluster re-form and the answer go on; everything started is stopped at the end."""
     from tbmesh import demo as local_demo
 
     if ui is None:
         ui = sys.stdout.isatty()
     try:
-        code = local_demo.run(nodes=nodes, ui=ui, tokens=tokens)
+        code = local_demo.run(nodes=nodes, ui=ui)
     except local_demo.DemoError as error:
         print(f"error: {_one_line(str(error))}", file=sys.stderr)
         raise typer.Exit(1)
@@ -722,33 +721,50 @@ app.add_typer(model_app, name="model")
 def model_tiny(
     directory: Path = typer.Argument(..., help="Where to write the model (a new or empty directory)."),
     arch: str = typer.Option("llama", "--arch", help="llama, qwen3 or qwen3_moe (8 experts, 2 per token)."),
-    layers: int = typer.Option(8, "--layers", help="Transformer layers."),
-    hidden: int = typer.Option(256, "--hidden", help="Hidden size (heads of 64)."),
-    vocab: int = typer.Option(512, "--vocab", help="Vocabulary size (at least 260)."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Transformer layers (8; taught: 6)."),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden size (256, heads of 64; taught: 64, 2 heads)."),
+    vocab: Optional[int] = typer.Option(None, "--vocab", help="Vocabulary size, at least 260 (512; taught: 768)."),
     seed: int = typer.Option(0, "--seed", help="The same seed writes the same bytes."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     early_end: bool = typer.Option(False, "--early-end", help="Greedy answers soon end with <|end_of_text|>, "
                                    "the second end id of config.json (a test of end ids)."),
+    teach: Optional[str] = typer.Option(
+        None, "--teach", metavar="FILE",
+        help="Train the weights until greedy decoding repeats the conversations of FILE, or of 'default': "
+             "the built-in ones (a paragraph, a think block, a tool call). FILE is JSONL, one "
+             '{"messages": [...], "tools": [...]} a line, or a JSON array of them. A message has a role '
+             "(system, user, assistant, tool) and a content; an assistant's may have a reasoning_content "
+             '(its think block) and tool_calls ([{"function": {"name": ..., "arguments": {...}}}]).'),
     force: bool = typer.Option(False, "--force", help="Write into a directory that already holds files."),
 ) -> None:  # fmt: skip
-    """Write a small random-weight model for tests and demos, made offline.
+    """Write a small model for tests and demos, made offline.
 
     A real architecture, random weights and a tokenizer trained here, as mlx_lm.load reads them.
+    Taught (--teach), its greedy answers are the taught ones, think blocks and tool calls in Qwen3's format.
     The same arguments write the same bytes.
     """
     import math
+    import time
 
     from tbmesh.runtime.modeldir import read_header
+    from tbmesh.runtime.teach import CONVERSATIONS, read_conversations
     from tbmesh.runtime.tiny import FILES, WEIGHTS_FILE, make_tiny_model
 
+    started = time.monotonic()
     try:
+        conversations = None if teach is None else CONVERSATIONS if teach == "default" else read_conversations(teach)
         root = make_tiny_model(directory, arch=arch, layers=layers, hidden=hidden, vocab=vocab, seed=seed,
-                               dtype=dtype, early_end=early_end, force=force)  # fmt: skip
+                               dtype=dtype, early_end=early_end, teach=conversations, force=force)  # fmt: skip
     except FileExistsError as error:
         _fail(f"{error}; --force writes into it")
-    except (ValueError, OSError) as error:  # bad sizes, a directory in use, a disk problem
+    except (ValueError, OSError) as error:  # bad sizes or conversations, a directory in use, a disk problem
         _fail(str(error))
+    config = json.loads((root / "config.json").read_text())
     parameters = sum(math.prod(shape) for _, shape in read_header(root / WEIGHTS_FILE).values())
     size = sum((root / name).stat().st_size for name in FILES)
-    print(f"wrote {root}: {arch}, {layers} layers, hidden {hidden}, vocab {vocab}, {dtype}, seed {seed}; "
+    weights = "random weights"
+    if conversations is not None:
+        weights = f"taught {len(conversations)} conversations in {time.monotonic() - started:.0f} s"
+    print(f"wrote {root}: {arch}, {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
+          f"vocab {config['vocab_size']}, {dtype}, seed {seed}, {weights}; "
           f"{parameters / 1e6:.2f}M parameters, {format_bytes(size)} in {len(FILES)} files")  # fmt: skip

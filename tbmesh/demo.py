@@ -1,14 +1,16 @@
 """`tbmesh demo`: a whole cluster on this machine, no Macs needed.
 
-It builds the small random-weight model once (cached), starts N daemons on loopback (each a
-real `tbmesh daemon` process: discovery, election, planning, MLX shards, the pipeline), shows
-the cluster, streams an answer through the N-stage pipeline, stops one stage mid-answer
-(kill -9) and shows the cluster re-forming while the answer goes on, then stops everything it
-started. The answer is gibberish: the model's weights are random.
+It teaches a small model once (cached: `tbmesh model tiny --teach default`), starts N daemons
+on loopback (each a real `tbmesh daemon` process: discovery, election, planning, MLX shards,
+the pipeline), shows the cluster, asks the question the model was taught and streams its
+answer through the N-stage pipeline, stops one stage mid-answer (kill -9) and shows the
+cluster re-forming while the answer goes on, then stops everything it started. The answer is
+the taught paragraph, word for word: one that broke off or went wrong would show.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -30,21 +32,27 @@ from rich.text import Text
 
 from tbmesh.client import ApiProblem, fetch_status, open_api, stream_answer
 
-PROMPT = "Thunderbolt cables link the Macs"  # its greedy answer in the demo model runs long
-KILL_AFTER = 0.3  # of the answer's tokens, stop a stage
+KILL_AFTER = 0.3  # of the taught answer's text, stop a stage
+MAX_TOKENS = 400  # the taught answer is about 90
 
 
 class DemoError(Exception):
     """One line: why the demo cannot go on."""
 
 
-def model_dir(cache: Path) -> Path:
-    """The demo's model, built on first use (nothing is downloaded)."""
-    from tbmesh.runtime.tiny import make_tiny_model
+def model_dir(cache: Path, say: Callable[[str], None]) -> Path:
+    """The demo's model, taught on first use (nothing is downloaded).
 
-    path = cache / "demo-llama-8x128"
-    if not (path / "config.json").exists():
-        make_tiny_model(path, layers=8, hidden=128, vocab=512, force=True)
+    Its directory is named after what it is made from, so a newer tbmesh teaches a new one.
+    """
+    from tbmesh.runtime.teach import CONVERSATIONS
+    from tbmesh.runtime.tiny import CHAT_TEMPLATE, TAUGHT_SIZES, WEIGHTS_FILE, make_tiny_model
+
+    made_from = json.dumps([CONVERSATIONS, TAUGHT_SIZES, CHAT_TEMPLATE], sort_keys=True)
+    path = cache / f"demo-taught-{hashlib.sha256(made_from.encode()).hexdigest()[:8]}"
+    if not (path / WEIGHTS_FILE).exists():  # written last: a teaching cut short is taught again
+        say(f"teaching the demo model, once (seconds): {path}")
+        make_tiny_model(path, teach=CONVERSATIONS, force=True)
     return path
 
 
@@ -71,21 +79,21 @@ class Answer:
 
 
 class Demo:
-    def __init__(self, nodes: int, tokens: int, workdir: Path, cache: Path,
-                 say: Callable[[str], None]) -> None:
-        self.count, self.tokens = nodes, tokens
-        self.workdir, self.cache = workdir, cache
+    def __init__(self, nodes: int, model: Path, workdir: Path, say: Callable[[str], None]) -> None:
+        from tbmesh.runtime.teach import DEMO_ANSWER, DEMO_QUESTION
+
+        self.count, self.model, self.workdir = nodes, model, workdir
         self.say = say
         self.cluster = f"demo-{uuid.uuid4().hex[:6]}"
         self.nodes: list[Node] = []
         self.answer = Answer()
+        self.question, self.taught = DEMO_QUESTION, DEMO_ANSWER  # the answer to expect, word for word
         self.stopped: Node | None = None
 
     # ----- the cluster -----------------------------------------------------------------
 
     def start(self) -> None:
-        model = model_dir(self.cache)
-        self.say(f"model: {model} (llama, 8 layers, random weights)")
+        self.say(f"model: {self.model} (llama, 6 layers, taught a few answers)")
         for i in range(self.count):
             state = self.workdir / f"mac-{i + 1}"
             state.mkdir(parents=True)
@@ -93,7 +101,7 @@ class Demo:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tbmesh", "daemon", "--interface", "lo", "--port", "0",
                  "--api-port", "0", "--state-dir", str(state), "--name", f"mac-{i + 1}",
-                 "--cluster", self.cluster, "--model", str(model), "--memory", "4GB", "--no-probe"],
+                 "--cluster", self.cluster, "--model", str(self.model), "--memory", "4GB", "--no-probe"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             log.close()
             self.nodes.append(Node(f"mac-{i + 1}", state, proc))
@@ -165,8 +173,8 @@ class Demo:
         threading.Thread(target=self._stream, daemon=True).start()
 
     def _stream(self) -> None:
-        body = {"model": model_dir(self.cache).name, "stream": True, "temperature": 0,
-                "max_tokens": self.tokens, "prompt": PROMPT}
+        body = {"model": self.model.name, "stream": True, "temperature": 0, "max_tokens": MAX_TOKENS,
+                "messages": [{"role": "user", "content": self.question}]}
 
         def write(text: str) -> None:
             self.answer.text += text
@@ -174,7 +182,7 @@ class Demo:
             self.answer.arrivals.append(time.monotonic())
 
         try:
-            with open_api(self.nodes[0].api, "/v1/completions", body, timeout=120) as response:
+            with open_api(self.nodes[0].api, "/v1/chat/completions", body, timeout=120) as response:
                 stream_answer(response, write)
         except (ApiProblem, OSError, ValueError) as error:
             self.answer.error = str(error)
@@ -182,7 +190,7 @@ class Demo:
             self.answer.done.set()
 
 
-def run(nodes: int = 3, ui: bool = True, tokens: int = 400, cache: Path | None = None) -> int:
+def run(nodes: int = 3, ui: bool = True, cache: Path | None = None) -> int:
     """The whole demo; returns the exit code."""
     if nodes < 2:
         raise DemoError("--nodes must be 2 or more (one of them is stopped mid-answer)")
@@ -195,8 +203,9 @@ def run(nodes: int = 3, ui: bool = True, tokens: int = 400, cache: Path | None =
         if not ui:
             console.print(f"[bold]demo:[/] {line}")
 
+    model = model_dir(cache, lambda line: console.print(f"[bold]demo:[/] {line}"))  # before the live screen
     with tempfile.TemporaryDirectory(prefix="tbmesh-demo-") as tmp:
-        demo = Demo(nodes, tokens, Path(tmp), cache, say)
+        demo = Demo(nodes, model, Path(tmp), say)
         try:
             if ui:
                 with Live(console=console, refresh_per_second=4, transient=False) as live:
@@ -215,9 +224,9 @@ def _scenario(demo: Demo, say: Callable[[str], None], draw: Callable[[], None]) 
     say(f"the cluster formed: leader {_name(view, view['leader'])}, plan epoch "
         f"{view['plan']['epoch']}: {_stages(view)}")
     draw()
-    say(f"asking {demo.nodes[0].name}: {PROMPT!r} ({demo.tokens} tokens, temperature 0)")
+    say(f"asking {demo.nodes[0].name}: {demo.question!r} (temperature 0)")
     demo.ask()
-    while demo.answer.tokens < demo.tokens * KILL_AFTER and not demo.answer.done.is_set():
+    while len(demo.answer.text) < len(demo.taught) * KILL_AFTER and not demo.answer.done.is_set():
         draw()
         time.sleep(0.25)
     if demo.answer.done.is_set():
@@ -233,7 +242,8 @@ def _scenario(demo: Demo, say: Callable[[str], None], draw: Callable[[], None]) 
     if demo.answer.error:
         raise DemoError(f"the answer broke off: {demo.answer.error}")
     after = [t for t in demo.answer.arrivals if t > stopped_at]
-    pause = after[0] - stopped_at if after else float("nan")
+    # the longest wait for a piece after the kill (pieces in flight may arrive first)
+    pause = max((b - a for a, b in zip([stopped_at, *after], after)), default=float("nan"))
     view = demo.serving(survivors)
     say(f"the cluster re-formed without {victim.name}: plan epoch {view['plan']['epoch']}: "
         f"{_stages(view)}")
@@ -243,6 +253,9 @@ def _scenario(demo: Demo, say: Callable[[str], None], draw: Callable[[], None]) 
     if not resumed:
         raise DemoError("the answer was not resumed on the new plan")
     say(f"event: resumed {resumed[-1]['detail']}")
+    if demo.answer.text != demo.taught:
+        raise DemoError(f"the answer is not the taught one: {demo.answer.text!r}")
+    say("the answer is the taught one, word for word")
     draw()
 
 

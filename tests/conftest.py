@@ -33,3 +33,12 @@ def lab() -> Iterator[netns.Lab]:
         pytest.skip(reason)
     with netns.Lab() as the_lab:
         yield the_lab
+
+
+@pytest.fixture(scope="session")
+def taught_model(tmp_path_factory: pytest.TempPathFactory):
+    """`tbmesh model tiny DIR --teach default`, taught once a session (about 10 s on a CPU)."""
+    from tbmesh.runtime.teach import CONVERSATIONS
+    from tbmesh.runtime.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("taught") / "taught", teach=CONVERSATIONS)

@@ -4,7 +4,8 @@ No model can be downloaded on the machines that test tbmesh, so tests and demos 
 mlx-lm's own model class built from a config, random weights scaled so activations stay
 sane over many layers, and a byte-level BPE tokenizer trained here with `tokenizers` on an
 English text kept in this module. `mlx_lm.load(DIR)` loads the result unchanged, so the
-loading code is the same real code a Mac runs on a real checkpoint.
+loading code is the same real code a Mac runs on a real checkpoint. Taught (`teach`, see
+tbmesh.runtime.teach), the weights are trained until its greedy answers are the taught ones.
 
 The same arguments give byte-identical files.
 """
@@ -17,28 +18,98 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.utils import _get_classes  # applies MODEL_REMAPPING, as mlx_lm.load does
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from tbmesh.runtime.shapes import _cast
+from tbmesh.runtime.teach import check_conversation, corpus_texts, first_wrong, taught_answers, train
 
 ARCHITECTURES = ("llama", "qwen3", "qwen3_moe")
 DTYPES = ("float32", "bfloat16", "float16")
 HEAD_DIM = 64  # as in real models: a narrow model gets fewer heads, not narrower ones
+RANDOM_SIZES = {"layers": 8, "hidden": 256, "vocab": 512}
+# A taught model is narrow, so a CPU trains it in seconds, has 6 layers to split over stages,
+# and a vocabulary that holds the corpus' words (fewer tokens to learn: 15 to 20 steps).
+TAUGHT_SIZES = {"layers": 6, "hidden": 64, "heads": 2, "kv_heads": 1, "intermediate": 128, "vocab": 768}
 MAX_POSITIONS = 4096
 LOGIT_STD = 2.0  # peaked enough that sampling is not uniform noise, flat enough to vary
 
 BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (BOS, EOS, IM_START, IM_END)
-# ChatML (Qwen's turns) after the BOS token (as Llama 3's template starts)
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# Qwen3's added tokens around a reasoning, a tool call and a tool's result: single tokens (not
+# special: a decoded answer keeps them), from which mlx-lm's tokenizer wrapper infers thinking
+MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+# Qwen3's chat template after the BOS token (as Llama 3's starts): ChatML turns, `tools` in the
+# system turn, <tool_call> JSON in assistant turns (mlx-lm infers its json_tools parser from
+# "<tool_call>" and "tool_call.name" here), tool results in a user turn. Unlike Qwen3's, it
+# writes no empty think block and has no enable_thinking switch: a turn shows a reasoning only
+# where it has one, and only after the last user message (earlier turns lose theirs, as in Qwen3).
+CHAT_TEMPLATE = """\
+{{- bos_token }}
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- '\\n' }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(last_user=-1) %}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}
+        {%- set ns.last_user = loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = message.content if message.content is string else '' %}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- elif message.role == 'assistant' %}
+        {%- set reasoning = message.reasoning_content if message.reasoning_content is string else '' %}
+        {%- if '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].split('<think>')[-1] %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if reasoning.strip('\\n') and loop.index0 > ns.last_user %}
+            {{- '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' }}
+        {%- endif %}
+        {{- content }}
+        {%- for tool_call in message.tool_calls or [] %}
+            {%- if content or not loop.first %}
+                {{- '\\n' }}
+            {%- endif %}
+            {%- if tool_call.function %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' }}
+            {{- tool_call.arguments if tool_call.arguments is string else tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 FILES = (WEIGHTS_FILE, "config.json", *TOKENIZER_FILES)
@@ -52,9 +123,9 @@ def make_tiny_model(
     path: str | Path,
     *,
     arch: str = "llama",
-    layers: int = 8,
-    hidden: int = 256,
-    vocab: int = 512,
+    layers: int | None = None,
+    hidden: int | None = None,
+    vocab: int | None = None,
     seed: int = 0,
     dtype: str = "float32",
     heads: int | None = None,
@@ -64,35 +135,80 @@ def make_tiny_model(
     experts_per_token: int = 2,
     tie_embeddings: bool = False,
     early_end: bool = False,
+    teach: list[dict[str, Any]] | None = None,
     force: bool = False,
 ) -> Path:
     """Write a random-weight `arch` model and its tokenizer into `path`; returns `path`.
 
-    `heads` defaults to hidden / 64, `kv_heads` to half of them (grouped-query attention),
-    `intermediate` to 3 x hidden; `experts` apply to qwen3_moe only. `early_end`: greedy
-    answers soon meet <|end_of_text|>, the end id config.json lists beside the tokenizer's own
-    (<|im_end|>), as instruct models do: a test that a server stops on every end id.
-    Raises ValueError on bad sizes and FileExistsError when `path` already holds files,
-    unless `force`.
+    Sizes left out are RANDOM_SIZES' (TAUGHT_SIZES' with `teach`); `heads` defaults to
+    hidden / 64, `kv_heads` to half of them (grouped-query attention), `intermediate` to
+    3 x hidden; `experts` apply to qwen3_moe only. `early_end`: greedy answers soon meet
+    <|end_of_text|>, the end id config.json lists beside the tokenizer's own (<|im_end|>), as
+    instruct models do: a test that a server stops on every end id.
+    `teach`: conversations (tbmesh.runtime.teach.CONVERSATIONS, or read_conversations(FILE))
+    the model is trained on until mlx-lm's greedy decoding gives each of their assistant
+    turns; the tokenizer learns their words and has Qwen3's think and tool-call tokens.
+    Raises ValueError on bad sizes, a bad conversation or a failed teaching, and
+    FileExistsError when `path` already holds files, unless `force`.
     """
     root = Path(path)
-    heads = max(1, hidden // HEAD_DIM) if heads is None else heads
-    kv_heads = max(1, heads // 2) if kv_heads is None else kv_heads
-    intermediate = 3 * hidden if intermediate is None else intermediate
+    sizes = RANDOM_SIZES if teach is None else TAUGHT_SIZES
+    layers = sizes["layers"] if layers is None else layers
+    hidden = sizes["hidden"] if hidden is None else hidden
+    vocab = sizes["vocab"] if vocab is None else vocab
+    heads = sizes.get("heads", max(1, hidden // HEAD_DIM)) if heads is None else heads
+    kv_heads = sizes.get("kv_heads", max(1, heads // 2)) if kv_heads is None else kv_heads
+    intermediate = sizes.get("intermediate", 3 * hidden) if intermediate is None else intermediate
     _check(arch, layers, hidden, vocab, dtype, heads, kv_heads, intermediate, experts, experts_per_token)
+    if teach is not None:
+        _check_teaching(teach, vocab, early_end)
     _prepare_dir(root, force)
-    tokenizer = train_tokenizer(vocab)
+    if teach is None:
+        tokenizer = train_tokenizer(vocab)
+    else:  # the words of the conversations and of the template (role names, tool instructions)
+        tokenizer = train_tokenizer(vocab, corpus_texts(teach) + [CHAT_TEMPLATE], markers=True)
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     config = tiny_config(arch, layers, hidden, vocab, heads, kv_heads, intermediate, dtype, ids, tie_embeddings)
     if arch == "qwen3_moe":
         config.update(num_experts=experts, num_experts_per_tok=experts_per_token, moe_intermediate_size=intermediate)
-    weights = random_weights(config, seed, dtype)
+    _write_json(root / "config.json", config)
+    write_tokenizer(root, tokenizer)
+    if teach is None:
+        weights = random_weights(config, seed, dtype)
+    else:
+        try:
+            weights = taught_weights(root, config, seed, dtype, teach)
+        except BaseException:  # a failed teaching, ^C: no half-made model is left behind
+            for name in FILES:
+                (root / name).unlink(missing_ok=True)
+            raise
     if early_end:
         _favour_token(weights, ids[EOS])
     mx.save_safetensors(str(root / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
-    _write_json(root / "config.json", config)
-    write_tokenizer(root, tokenizer)
     return root
+
+
+def taught_weights(root: Path, config: dict[str, Any], seed: int, dtype: str,
+                   conversations: list[dict[str, Any]]) -> dict[str, mx.array]:  # fmt: skip
+    """The random weights of `seed`, trained until greedy decoding gives every taught answer.
+
+    The tokenizer is read from `root` by mlx-lm, so the answers are tokenized by the chat
+    template and the code that later serve them. Trained in float32; the answers are checked
+    again in `dtype`.
+    """
+    tokenizer = load_tokenizer(root)
+    answers = taught_answers(tokenizer, conversations)
+    model = _model(config)
+    model.update(tree_unflatten(list(random_weights(config, seed, "float32").items())))
+    train(model, answers)
+    if dtype != "float32":
+        _cast(model, getattr(mx, dtype))
+        if (wrong := first_wrong(model, answers)) is not None:
+            raise ValueError(f"in {dtype}, greedy decoding misses the taught answer {answers[wrong].text[:40]!r}: "
+                             "use float32")
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    return weights
 
 
 def _check(
@@ -114,6 +230,18 @@ def _check(
     smallest = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
     if vocab < smallest:
         raise ValueError(f"vocab {vocab} is too small: a byte-level tokenizer needs at least {smallest}")
+
+
+def _check_teaching(conversations: list[dict[str, Any]], vocab: int, early_end: bool) -> None:
+    if early_end:
+        raise ValueError("a taught model cannot also end early: its answers end where they were taught to")
+    smallest = 256 + len(SPECIAL_TOKENS) + len(MARKERS)
+    if vocab < smallest:
+        raise ValueError(f"vocab {vocab} is too small: a taught model's tokenizer needs at least {smallest}")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError("no conversation to teach")
+    for i, conversation in enumerate(conversations):
+        check_conversation(conversation, f"conversation {i + 1}")
 
 
 def _prepare_dir(root: Path, force: bool) -> None:
@@ -175,8 +303,7 @@ def random_weights(config: dict[str, Any], seed: int, dtype: str) -> dict[str, m
     the order or the sizes of the others.
     """
     mx.random.seed(seed)
-    model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))  # lazy: its own random init is never run
+    model = _model(config)  # lazy: its own random init is never run
     initial = dict(tree_flatten(model.parameters()))
     names = sorted(initial)
     keys = mx.random.split(mx.random.key(seed), len(names))
@@ -188,6 +315,12 @@ def random_weights(config: dict[str, Any], seed: int, dtype: str) -> dict[str, m
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(weights)
     return weights
+
+
+def _model(config: dict[str, Any]) -> nn.Module:
+    """mlx-lm's model class for `config`, as mlx_lm.load builds it."""
+    model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
 
 
 def _draw(name: str, init: mx.array, key: mx.array, layers: int, hidden: int, tied: bool) -> mx.array:
@@ -217,23 +350,27 @@ def _favour_token(weights: dict[str, mx.array], token: int) -> None:
 # --- tokenizer ----------------------------------------------------------------------------
 
 
-def train_tokenizer(vocab: int) -> Tokenizer:
-    """A byte-level BPE (as GPT-2 and Llama 3) trained on CORPUS, with exactly `vocab` tokens.
+def train_tokenizer(vocab: int, texts: list[str] | None = None, markers: bool = False) -> Tokenizer:
+    """A byte-level BPE (as GPT-2 and Llama 3) trained on `texts` (the paragraphs of CORPUS
+    by default), with exactly `vocab` tokens.
 
-    Learned tokens come first, then the special tokens; when the corpus runs out of merges
-    before `vocab`, reserved special tokens fill the rest (as Llama 3's do), so every id
-    the model can produce decodes.
+    Learned tokens come first, then the special tokens, then (`markers`) Qwen3's think and
+    tool-call tokens; when the texts run out of merges before `vocab`, reserved special
+    tokens fill the rest (as Llama 3's do), so every id the model can produce decodes.
     """
+    added = MARKERS if markers else ()
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab - len(SPECIAL_TOKENS),
+        vocab_size=vocab - len(SPECIAL_TOKENS) - len(added),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # any text encodes, byte by byte
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS.split("\n\n"), trainer=trainer)
+    tokenizer.train_from_iterator(CORPUS.split("\n\n") if texts is None else texts, trainer=trainer)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    # not special, as Qwen3's: an answer decoded with skip_special_tokens keeps them
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     reserved = vocab - tokenizer.get_vocab_size()
     tokenizer.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(reserved)])
     # BOS on every encoded text, as Llama 3's tokenizer adds it
