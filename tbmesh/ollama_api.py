@@ -1,0 +1,481 @@
+"""Ollama-compatible HTTP API: /api/chat, /api/generate, /api/tags, /api/show, /api/ps,
+/api/version and `GET /` (Ollama's "is it running").
+
+What Ollama clients (the `ollama` libraries, Open WebUI, editors' plugins) call to list the
+cluster's model and chat with it. The work is the OpenAI module's (tbmesh.openai_api): request
+bodies read with its limits, its field checks, its streaming detokenization and stop strings,
+its disconnect handling. Only the shapes are Ollama's: options by Ollama's names, answers
+streamed as NDJSON by default, durations in nanoseconds, and errors as {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from tbmesh.generation import Backend, GenerationParams
+from tbmesh.openai_api import (
+    ApiError,
+    ClientGone,
+    CompletionRequest,
+    Limits,
+    Outcome,
+    _bad,
+    _boolean,
+    _failure,
+    _integer,
+    _number,
+    _stop_strings,
+    _type_name,
+    _unicode,
+    fit_context,
+    generate_text,
+    read_json,
+)
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+OLLAMA_VERSION = "0.12.0"  # the Ollama release whose API this follows (clients check it for features)
+DEFAULT_TEMPERATURE = 0.8  # Ollama's defaults, when a request's options do not say
+DEFAULT_TOP_P = 0.9
+NDJSON = "application/x-ndjson"
+ROLES = ("system", "user", "assistant", "tool")
+NEVER = "9999-12-31T23:59:59Z"  # /api/ps's expires_at: the cluster keeps its model loaded
+
+
+def error_response(status: int, message: str) -> web.Response:
+    """An error in Ollama's shape: {"error": "..."}."""
+    return web.json_response({"error": message}, status=status)
+
+
+def _answer_error(error: ApiError) -> web.Response:
+    return error_response(error.status, error.message)
+
+
+def tagged(name: str) -> str:
+    """The model's name as Ollama lists it: name:tag, the tag "latest" when it has none."""
+    return name if ":" in name else f"{name}:latest"
+
+
+def _timestamp(seconds: float | None = None) -> str:
+    """RFC 3339 in UTC, as Ollama's created_at and modified_at."""
+    moment = datetime.fromtimestamp(time.time() if seconds is None else seconds, timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+# --- what the model is --------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def model_facts(model_dir: Path | None) -> dict[str, Any]:
+    """What /api/tags, /api/show and /api/ps say about a model directory, read once (config.json
+    and the safetensors headers: a few kilobytes per file). Empty when it cannot be read: the
+    listing is informational, and the errors are the serving's to report."""
+    from tbmesh.core.modelspec import ModelFormatError
+    from tbmesh.runtime.modeldir import read_config, read_header, weight_files
+
+    if model_dir is None:
+        return {}
+    try:
+        config = read_config(model_dir)
+        files = weight_files(model_dir)
+        tensors = {name: entry for file in files for name, entry in read_header(file).items()}
+        sizes = {file.name: file.stat().st_size for file in files}
+        modified = max([(model_dir / "config.json").stat().st_mtime] + [f.stat().st_mtime for f in files])
+    except (ModelFormatError, OSError):
+        return {}
+    text = {**config, **config.get("text_config", {})}  # multimodal configs nest the language model's
+    quantization = config.get("quantization") or {}
+    bits = quantization.get("bits") if isinstance(quantization, dict) else None
+    parameters = 0
+    for name, (dtype, shape) in tensors.items():
+        if name.endswith((".scales", ".biases")):
+            continue  # a quantized matrix's scales and biases are not parameters
+        count = 1
+        for size in shape:
+            count *= size
+        parameters += count * 32 // bits if bits and dtype == "U32" else count  # packed 32 / bits per word
+    dtypes = [dtype for dtype, _ in tensors.values()]
+    family = str(text.get("model_type", "unknown"))
+    digest = hashlib.sha256(json.dumps([config, sorted(sizes.items())], sort_keys=True).encode()).hexdigest()
+    info: dict[str, Any] = {"general.architecture": family, "general.parameter_count": parameters}
+    for key, ours in (("context_length", "max_position_embeddings"), ("embedding_length", "hidden_size"),
+                      ("block_count", "num_hidden_layers"), ("attention.head_count", "num_attention_heads"),
+                      ("attention.head_count_kv", "num_key_value_heads"), ("vocab_size", "vocab_size")):  # fmt: skip
+        if ours in text:
+            info[f"{family}.{key}"] = text[ours]
+    return {
+        "size": sum(sizes.values()),
+        "digest": digest,
+        "modified_at": _timestamp(modified),
+        "context_length": text.get("max_position_embeddings"),
+        "model_info": info,
+        "details": {
+            "parent_model": "",
+            "format": "safetensors",
+            "family": family,
+            "families": [family],
+            "parameter_size": _human_count(parameters),
+            "quantization_level": f"Q{bits}" if bits else (max(set(dtypes), key=dtypes.count) if dtypes else ""),
+        },
+    }
+
+
+def _human_count(n: int) -> str:
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+# --- parsing requests ---------------------------------------------------------------------------
+
+
+@dataclass
+class OllamaRequest:
+    chat: bool  # /api/chat, else /api/generate
+    model: str  # as the client named it: answers echo it
+    served: str  # the backend's name of that model
+    stream: bool
+    params: GenerationParams
+    stop: list[str]
+    max_tokens_given: bool  # else params.max_tokens is the most, cut to the context
+    messages: list[dict[str, str]] = field(default_factory=list)  # chat; empty: only load the model
+    prompt: str = ""  # generate; empty: only load the model
+    system: str | None = None  # generate
+    raw: bool = False  # generate: the prompt as it is, without the chat template
+    think: bool | None = None  # False: ask the template not to think; None: the template's default
+
+    @property
+    def loads_only(self) -> bool:
+        """Ollama's way to load a model: a request with no messages (or no prompt)."""
+        return not (self.messages if self.chat else self.prompt)
+
+    def completion(self) -> CompletionRequest:
+        """The request as the OpenAI module's generation takes it."""
+        return CompletionRequest(self.chat, self.served, self.params, self.stop, self.stream, False,
+                                 max_tokens_given=self.max_tokens_given)  # fmt: skip
+
+
+def _unsupported(body: dict[str, Any], name: str, what: str) -> None:
+    """Refuse a field that would change the answer in a way this server cannot honour (an empty
+    value is no request for it: clients send them)."""
+    if body.get(name) not in (None, "", [], {}, False):
+        raise _bad(name, f"'{name}' is not supported: {what}")
+
+
+def _options(body: dict[str, Any], limits: Limits) -> tuple[GenerationParams, list[str], bool]:
+    """The sampling options, their defaults Ollama's; other options (top_k, num_ctx,
+    repeat_penalty, ...) are ignored, as Ollama ignores those a runner does not know."""
+    options = body.get("options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise _bad("options", f"'options' must be an object, not {_type_name(options)}")
+    temperature = _number(options, "temperature", 0.0, 2.0)
+    top_p = _number(options, "top_p", 0.0, 1.0)
+    seed = _integer(options, "seed", -(2**63), 2**63 - 1)
+    # -1 (Ollama's default) and -2: as long as the context allows
+    num_predict = _integer(options, "num_predict", -2, limits.max_tokens)
+    if num_predict == 0:
+        raise _bad("num_predict", f"'num_predict' must be 1 to {limits.max_tokens}, or -1 for no limit, not 0")
+    stop = _stop_strings(options, limits)
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+    top_p = DEFAULT_TOP_P if top_p is None else top_p
+    if top_p == 0:  # only the likeliest token is left: greedy
+        temperature, top_p = 0.0, 1.0
+    given = num_predict is not None and num_predict > 0
+    params = GenerationParams(max_tokens=num_predict if given else limits.max_tokens, temperature=temperature,
+                              top_p=top_p, seed=None if seed is None else seed % 2**64)  # fmt: skip
+    return params, stop, given
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if messages is None:
+        return []
+    if not isinstance(messages, list):
+        raise _bad("messages", f"'messages' must be an array of messages, not {_type_name(messages)}")
+    result = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad("messages", f"'{where}' must be an object, not {_type_name(message)}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _bad("messages", f"'{where}.role' must be one of {', '.join(ROLES)}, not {json.dumps(role)}")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise _bad("messages", f"'{where}.content' must be a string, not {_type_name(content)}")
+        if message.get("images"):
+            raise _bad("messages", f"'{where}.images' is not supported: the model reads text only")
+        if message.get("tool_calls"):
+            raise _bad("messages", f"'{where}.tool_calls' is not supported yet: this server serves text only")
+        result.append({"role": role, "content": _unicode(content, f"{where}.content", "messages")})
+    return result
+
+
+def _string(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _bad(name, f"'{name}' must be a string, not {_type_name(value)}")
+    return None if value is None else _unicode(value, name, name)
+
+
+def parse_request(body: Any, chat: bool, backend: Backend, limits: Limits) -> OllamaRequest:
+    """Check a /api/chat or /api/generate body; raises ApiError naming the first bad field (400),
+    or the model this node does not serve (404)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {_type_name(body)}")
+    model = body.get("model")
+    if model is None or model == "":
+        raise _bad("model", "'model' is required (GET /api/tags lists them)")
+    if not isinstance(model, str):
+        raise _bad("model", f"'model' must be a string, not {_type_name(model)}")
+    served = resolve_model(backend, model)
+    stream = True if body.get("stream") is None else _boolean(body, "stream")  # Ollama streams by default
+    params, stop, given = _options(body, limits)
+    _unsupported(body, "format", "this server does not constrain answers to JSON")
+    _unsupported(body, "tools", "not yet: this server serves text only")
+    think = body.get("think")
+    if think is not None and not isinstance(think, (bool, str)):
+        raise _bad("think", f"'think' must be a boolean, not {_type_name(think)}")
+    if think not in (None, False):
+        raise _bad("think", "'think' is not supported yet: this server serves text only")
+    request = OllamaRequest(chat, model, served, stream, params, stop, given, think=think)
+    if chat:
+        request.messages = _messages(body)
+    else:
+        request.prompt = _string(body, "prompt") or ""
+        request.system = _string(body, "system")
+        request.raw = _boolean(body, "raw")
+        _unsupported(body, "images", "the model reads text only")
+        _unsupported(body, "suffix", "this server does not fill in the middle")
+        _unsupported(body, "template", "the model's own chat template is used")
+        _unsupported(body, "context", "send the conversation to /api/chat instead")
+    return request
+
+
+def resolve_model(backend: Backend, name: str) -> str:
+    """The backend's name of the model a client names, with or without its ":latest" tag;
+    raises ApiError(404) saying what this node serves."""
+    served = backend.models()
+    for model in served:
+        if name in (model, tagged(model)):
+            return model
+    raise ApiError(404, f"model {name!r} not found; this node serves "
+                        f"{', '.join(tagged(m) for m in served) or 'no model'}")  # fmt: skip
+
+
+def prompt_tokens(tokenizer: TokenizerWrapper, request: OllamaRequest) -> list[int]:
+    """The prompt as token ids: the messages (or the system prompt and the prompt of
+    /api/generate) through the model's chat template, unless raw or the model has none."""
+    if not request.chat and (request.raw or not tokenizer.has_chat_template):
+        return list(tokenizer.encode(request.prompt))  # with the BOS token where the model wants one
+    messages = request.messages
+    if not request.chat:
+        messages = ([{"role": "system", "content": request.system}] if request.system else []) + \
+            [{"role": "user", "content": request.prompt}]  # fmt: skip
+    if not tokenizer.has_chat_template:
+        raise ApiError(400, f"the model {request.model} has no chat template: use /api/generate with a prompt")
+    options = {} if request.think is None else {"enable_thinking": request.think}
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **options))
+    except Exception as error:  # jinja's own errors, and the templates' raise_exception()
+        raise ApiError(400, f"the chat template refused the messages: {error}") from None
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+class Responder:
+    """Answers one /api/chat or /api/generate request, streamed (NDJSON) or not, in Ollama's shapes."""
+
+    def __init__(self, request: web.Request, backend: Backend, ask: OllamaRequest, started: int) -> None:
+        self.request = request
+        self.backend = backend
+        self.ask = ask
+        self.started = started  # time.monotonic_ns() when the request arrived
+        self.first_text: int | None = None  # ... when the first text was ready: the prompt's end
+
+    def _part(self, text: str, done: bool) -> dict[str, Any]:
+        part: dict[str, Any] = {"model": self.ask.model, "created_at": _timestamp()}
+        if self.ask.chat:
+            part["message"] = {"role": "assistant", "content": text}
+        else:
+            part["response"] = text
+        part["done"] = done
+        return part
+
+    def _last(self, text: str, outcome: Outcome) -> dict[str, Any]:
+        """The last part: the rest of the text, why it ended, and the counts and durations (ns)."""
+        now = time.monotonic_ns()
+        first = self.first_text or now
+        return {**self._part(text, True), "done_reason": outcome.finish_reason, "total_duration": now - self.started,
+                "load_duration": 0,  # the model is loaded before requests are served
+                "prompt_eval_count": outcome.prompt_tokens, "prompt_eval_duration": first - self.started,
+                "eval_count": outcome.completion_tokens, "eval_duration": now - first}  # fmt: skip
+
+    async def _pieces(self, tokenizer: TokenizerWrapper, prompt: list[int], outcome: Outcome) -> AsyncIterator[str]:
+        async with aclosing(generate_text(self.request, self.backend, tokenizer, self.ask.completion(),
+                                          prompt, outcome)) as pieces:  # fmt: skip
+            async for text in pieces:
+                if self.first_text is None:
+                    self.first_text = time.monotonic_ns()
+                yield text
+
+    async def answer(self, tokenizer: TokenizerWrapper, prompt: list[int]) -> web.StreamResponse:
+        outcome = Outcome(prompt_tokens=len(prompt))
+        pieces = self._pieces(tokenizer, prompt, outcome)
+        if self.ask.stream:
+            return await self._stream(pieces, outcome)
+        try:
+            async with aclosing(pieces):
+                text = "".join([piece async for piece in pieces])
+        except ClientGone:
+            return web.Response(status=499)  # nobody reads it: nginx's "client closed request"
+        except Exception as error:
+            return _answer_error(_failure(error))
+        return web.json_response(self._last(text, outcome))
+
+    async def _stream(self, pieces: AsyncIterator[str], outcome: Outcome) -> web.StreamResponse:
+        """One JSON object a line. The response starts with the first piece of text, so that an
+        error before any is still an HTTP error status; after it, an {"error"} line ends it."""
+        response: web.StreamResponse | None = None
+
+        async def send(part: dict[str, Any]) -> None:
+            nonlocal response
+            try:
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache",
+                                                           "X-Accel-Buffering": "no"})  # fmt: skip
+                    await response.prepare(self.request)
+                await response.write(json.dumps(part, ensure_ascii=False).encode() + b"\n")
+            except ConnectionError:  # aiohttp's ClientConnectionResetError: the client went away
+                raise ClientGone() from None
+
+        try:
+            async with aclosing(pieces):
+                async for text in pieces:
+                    await send(self._part(text, False))
+            await send(self._last("", outcome))
+        except ClientGone:
+            return response or web.Response(status=499)
+        except Exception as error:
+            failure = _failure(error)
+            if response is None:
+                return _answer_error(failure)
+            try:
+                await send({"error": failure.message})
+            except ClientGone:
+                pass
+        return response  # type: ignore[return-value]  # set by send()
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+
+def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
+    """Add the Ollama endpoints (and `GET /`). Call it before adding any catch-all route."""
+
+    async def facts(model: str) -> dict[str, Any]:
+        return await asyncio.to_thread(model_facts, backend.model_dir)  # one model a backend
+
+    async def listing(model: str) -> dict[str, Any]:
+        about = await facts(model)
+        return {"name": tagged(model), "model": tagged(model), "modified_at": about.get("modified_at", _timestamp(0)),
+                "size": about.get("size", 0), "digest": about.get("digest", ""), "details": about.get("details", {})}  # fmt: skip
+
+    async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
+        started = time.monotonic_ns()
+        try:
+            ask = parse_request(await read_json(request, limits), chat, backend, limits)
+            reason = backend.unavailable(ask.served)
+            if reason is not None:
+                raise _failure(reason)
+            if ask.loads_only:  # the model is loaded while the cluster serves it
+                loaded = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+                return web.json_response({"model": ask.model, "created_at": _timestamp(), **loaded, "done": True,
+                                          "done_reason": "load"})  # fmt: skip
+            tokenizer = backend.tokenizer(ask.served)
+            prompt = prompt_tokens(tokenizer, ask)
+            completion = ask.completion()
+            ask.params = fit_context(completion, len(prompt), backend.context(ask.served), "num_predict")
+        except ApiError as error:
+            return _answer_error(error)
+        except Exception as error:  # a backend that fails to say what it serves or to tokenize
+            return _answer_error(_failure(error))
+        return await Responder(request, backend, ask, started).answer(tokenizer, prompt)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await generate(request, chat=True)
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        return await generate(request, chat=False)
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.json_response({"models": [await listing(m) for m in backend.models()]})
+
+    async def running(request: web.Request) -> web.Response:
+        models = []
+        for model in backend.models():
+            if backend.unavailable(model) is None:
+                about = await facts(model)
+                entry = await listing(model)
+                models.append({**entry, "expires_at": NEVER, "size_vram": entry["size"],
+                               "context_length": backend.context(model) or about.get("context_length")})  # fmt: skip
+        return web.json_response({"models": models})
+
+    async def show(request: web.Request) -> web.Response:
+        try:
+            body = await read_json(request, limits)
+            if not isinstance(body, dict):
+                raise ApiError(400, f"the request body must be a JSON object, not {_type_name(body)}")
+            name = body.get("model", body.get("name"))  # "name" is the older field
+            if not isinstance(name, str) or not name:
+                raise _bad("model", "'model' is required: a string (GET /api/tags lists them)")
+            model = resolve_model(backend, name)
+            tokenizer = backend.tokenizer(model)
+        except ApiError as error:
+            return _answer_error(error)
+        except Exception as error:
+            return _answer_error(_failure(error))
+        about = await facts(model)
+        template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
+        return web.json_response({
+            "modelfile": f"# served by tbmesh from {backend.model_dir}\nFROM {model}\n",
+            "parameters": f"temperature {DEFAULT_TEMPERATURE}\ntop_p {DEFAULT_TOP_P}",
+            "template": template,
+            "details": about.get("details", {}),
+            "model_info": about.get("model_info", {}),
+            "capabilities": ["completion"],
+            "modified_at": about.get("modified_at", _timestamp(0)),
+        })  # fmt: skip
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": OLLAMA_VERSION})
+
+    async def root(request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running")  # what Ollama answers; clients look for a 200
+
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/generate", complete)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", running)
+    app.router.add_post("/api/show", show)
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/", root)
