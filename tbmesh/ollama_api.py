@@ -283,7 +283,8 @@ def resolve_model(backend: Backend, name: str) -> str:
 
 def prompt_tokens(tokenizer: TokenizerWrapper, request: OllamaRequest) -> list[int]:
     """The prompt as token ids: the messages (or the system prompt and the prompt of
-    /api/generate) through the model's chat template, unless raw or the model has none."""
+    /api/generate) through the model's chat template, unless raw or the model has none (the
+    prompt as it is then, without the system prompt, as Ollama does)."""
     if not request.chat and (request.raw or not tokenizer.has_chat_template):
         return list(tokenizer.encode(request.prompt))  # with the BOS token where the model wants one
     messages = request.messages
@@ -455,7 +456,7 @@ def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = L
         except Exception as error:
             return _answer_error(_failure(error))
         about = await facts(model)
-        template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else ""
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""  # or None, or a dict
         return web.json_response({
             "modelfile": f"# served by tbmesh from {backend.model_dir}\nFROM {model}\n",
             "parameters": f"temperature {DEFAULT_TEMPERATURE}\ntop_p {DEFAULT_TOP_P}",
