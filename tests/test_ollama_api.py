@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +31,21 @@ HELLO_ANSWER = "Hello! I am a tiny model, taught on this machine by tbmesh. Ask 
 GREEDY = {"temperature": 0}
 
 
-def start_cluster(tmp_path: Path, model_dir: Path, n: int, extra: tuple[str, ...] = (),
-                  api_key: str | None = None) -> list[DaemonProcess]:  # fmt: skip
+@contextmanager
+def running_cluster(tmp_path: Path, model_dir: Path, n: int, extra: tuple[str, ...] = (),
+                    api_key: str | None = None) -> Iterator[list[DaemonProcess]]:  # fmt: skip
+    """`n` daemons of one cluster, serving the model in `n` stages; killed at the end, even
+    when they fail to start."""
     cluster = f"o{uuid.uuid4().hex[:8]}"
-    daemons = start_all([DaemonProcess(f"n{i}", tmp_path / f"n{i}", ["--interface", "lo", "--memory", "4GB",
-                                                                      "--model", str(model_dir), "--cluster", cluster,
-                                                                      "--no-probe", *extra], api_key=api_key)
-                         for i in range(n)])  # fmt: skip
-    serving(daemons, n)
-    return daemons
+    daemons = [DaemonProcess(f"n{i}", tmp_path / f"n{i}", ["--interface", "lo", "--memory", "4GB", "--model",
+                                                            str(model_dir), "--cluster", cluster, "--no-probe", *extra],
+                             api_key=api_key) for i in range(n)]  # fmt: skip
+    try:
+        serving(start_all(daemons), n)
+        yield daemons
+    finally:
+        for daemon in daemons:
+            daemon.kill()
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +53,15 @@ def one(tmp_path_factory: pytest.TempPathFactory, taught_model: Path) -> Iterato
     """One daemon serving the taught model on its API port and on --ollama-port, with an API key."""
     root = tmp_path_factory.mktemp("one")
     (root / "key").write_text(KEY + "\n")
-    daemons = []
-    try:
-        daemons = start_cluster(root, taught_model, 1, ("--ollama-port", "0", "--api-key-file", str(root / "key")), KEY)
+    with running_cluster(root, taught_model, 1, ("--ollama-port", "0", "--api-key-file", str(root / "key")), KEY) as daemons:
         yield daemons[0]
-    finally:
-        for daemon in daemons:
-            daemon.kill()
 
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[list[DaemonProcess]]:
     """Three daemons, one stage each, serving serving.py's random tiny model (it rarely ends)."""
-    daemons = []
-    try:
-        daemons = start_cluster(tmp_path_factory.mktemp("three"), model_dir, 3)
+    with running_cluster(tmp_path_factory.mktemp("three"), model_dir, 3) as daemons:
         yield daemons
-    finally:
-        for daemon in daemons:
-            daemon.kill()
 
 
 @pytest.fixture(scope="module")
