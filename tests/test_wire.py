@@ -254,6 +254,15 @@ def test_bad_tensor_frames_are_refused(header, payload, match):
     refused(frame(header, payload), match)
 
 
+def test_a_bad_value_under_long_or_odd_meta_keys_gives_a_short_one_line_error():
+    # The keys are the peer's text: whole, two 64 KiB keys made a 128 KiB error (and Refuse).
+    long_key = "k" * wire.MAX_TEXT
+    error = refused(frame(TENSOR_MAP | {"meta": {long_key: {long_key: float("nan")}}}, bytes(16)), "not a finite")
+    assert len(str(error)) < 200
+    refused(frame(TENSOR_MAP | {"meta": {"a\nb": {"ok": None, "x y": [float("nan")]}}}, bytes(16)),
+            r"^tensor\.meta\['a\\nb'\]\['x y'\]\[0\]: not a finite")  # refused(): and no newline
+
+
 def test_tensor_meta_keys_must_be_strings():
     raw = msgpack.packb(TENSOR_MAP | {"meta": {b"k": 1}}, use_bin_type=True)
     refused(frame(None, bytes(16), raw=raw), r"tensor\.meta key: expected str, got bytes")

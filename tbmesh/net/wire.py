@@ -338,7 +338,9 @@ def _check_plain(value: Any, depth: int = 0) -> Any:
         try:
             _check_plain(item, depth + 1)
         except _Bad as bad:
-            raise bad.at(f".{key}") from None
+            # The key is the peer's text (up to MAX_TEXT): quoted and cut unless it reads as a
+            # name, so the error stays one short line (it goes into logs and our Refuse).
+            raise bad.at(f".{key}" if key.isidentifier() and len(key) <= 40 else f"[{key!r:.40}]") from None
     return value
 
 
