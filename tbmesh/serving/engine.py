@@ -303,8 +303,7 @@ class Engine:
         elif isinstance(message, wire.Cancel):
             self._on_cancel(message)
         elif message.meta.get("kind") == "admit":
-            tokens = wire.array_from_tensor(message, "numpy").reshape(-1).tolist()
-            admit = Admit.from_meta(message.request, tokens, message.meta)
+            admit = Admit.from_tensor(message)
             if admit.route[0][0] != self.me:
                 raise wire.ProtocolError(f"admit for stage 0 on {admit.route[0][0]}")
             self.scheduler.admit(admit)
