@@ -453,13 +453,12 @@ def run_group(cluster: Cluster, group: list[Fault]) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    healed = max(f.healed for f in group)
     waited = cluster.wait_converged()
     after = cluster.rss()
     killed = {n for f in group for n in f.killed}
     growth = max((after[n] - before[n] for n in before if n in after and n not in killed), default=0)
     for fault in group:
-        fault.converge_s = None if waited is None else waited + (healed - fault.healed)
+        fault.converge_s = waited  # from the group's heal: faults at once converge as one
         fault.converged_at = time.monotonic()
         fault.rss_growth = growth
 

@@ -174,10 +174,12 @@ class Engine:
         return self._tokenizer
 
     def unavailable(self, model: str) -> Unavailable | None:
-        """Why a request cannot start now. With a running plan it waits instead (up to
-        resume_wait) for the plan's nodes to be ready, as a request in flight does."""
+        """Why a request cannot start now: the model does not fit, or its first plan is
+        loading (it may take minutes: say how far it is). With a running plan, or while a leader
+        is being elected or is planning (a node that just started or restarted), it waits
+        instead (up to resume_wait), as a request in flight does."""
         view = self.host.view()
-        if view.plan is not None:
+        if view.plan is not None or (view.preparing is None and not view.no_fit):
             return None
         why = usable(view)
         return Unavailable(why) if isinstance(why, str) else None
