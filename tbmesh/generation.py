@@ -45,6 +45,18 @@ class GenerationParams:
     temperature: float
     top_p: float
     seed: int | None
+    logprobs: int | None = None  # None: tokens only; k: each token's log-probability and the top k
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token with its log-probability and the `top` likeliest tokens of its step
+    (token id, log-probability), likeliest first: what a backend yields, instead of the bare
+    token id, for a request whose params.logprobs is set."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class GenerationError(Exception):
@@ -78,7 +90,7 @@ class Backend(Protocol):
     def tokenizer(self, model: str) -> TokenizerWrapper:
         """mlx-lm's tokenizer wrapper of `model` (chat template, eos ids, streaming detokenizer)."""
 
-    def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
-        """Yield the generated token ids. Ends after max_tokens, or at an end token, which is
+    def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:
+        """Yield the generated token ids (TokenLogprobs when params.logprobs is set). Ends after max_tokens, or at an end token, which is
         not yielded. Closing the iterator early (aclose) cancels the generation everywhere and
         frees its caches. Raises GenerationError for an error the client should see as such."""
