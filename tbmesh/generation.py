@@ -17,13 +17,18 @@ if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 
+MAX_TOP_LOGPROBS = 20  # the likeliest tokens a request may ask for with each token (as OpenAI)
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How a request samples: temperature 0 is greedy (argmax)."""
+    """How a request samples: temperature 0 is greedy (argmax). `logprobs`: None, or how many
+    of the likeliest tokens the last stage reports with each token's log-probability."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -32,6 +37,8 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), not {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], not {self.logprobs}")
 
     def seeded(self) -> Sampling:
         """This sampling with a random seed if it has none: fix it once per request so that

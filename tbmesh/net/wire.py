@@ -145,11 +145,14 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Sampled:
-    """Token `token`, step `step` of attempt `attempt`."""
+    """Token `token`, step `step` of attempt `attempt`; with its log-probability and the
+    likeliest tokens of the step (id, log-probability) when the attempt asked for them."""
 
     attempt: str
     step: int
     token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
