@@ -145,13 +145,14 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Sampled:
-    """Token `token`, step `step` of attempt `attempt`; with its log-probability and the
-    likeliest tokens of the step (id, log-probability) when the attempt asked for them."""
+    """Token `token`, step `step` of attempt `attempt`; with its surprisal (minus its
+    log-probability: wire numbers are >= 0) and the likeliest tokens of the step (id, surprisal)
+    when the attempt asked for them."""
 
     attempt: str
     step: int
     token: int
-    logprob: float | None = None
+    surprisal: float | None = None
     top: tuple[tuple[int, float], ...] = ()
 
 

@@ -320,8 +320,8 @@ class Engine:
     def _on_tokens(self, message: wire.Tokens) -> None:
         sampled = {s.attempt: (s.step, s.token) for s in message.tokens}
         self.scheduler.on_tokens(message.lane, sampled)
-        logprobs = {s.attempt: TokenLogprobs(s.token, s.logprob, s.top) for s in message.tokens
-                    if s.logprob is not None}  # fmt: skip
+        logprobs = {s.attempt: TokenLogprobs(s.token, -s.surprisal, tuple((t, -x) for t, x in s.top))
+                    for s in message.tokens if s.surprisal is not None}  # fmt: skip
         self._conduct(self.conductor.on_tokens([(s.attempt, s.step, s.token) for s in message.tokens],
                                                time.monotonic(), logprobs))
         self._pump()
@@ -566,4 +566,12 @@ def _sampled(member: Member, outcome: Outcome) -> wire.Sampled:
     logprobs = outcome.logprobs.get(member.attempt)
     if logprobs is None:
         return wire.Sampled(member.attempt, member.step, token)
-    return wire.Sampled(member.attempt, member.step, token, logprobs.logprob, logprobs.top)
+    return wire.Sampled(member.attempt, member.step, token, _surprisal(logprobs.logprob),
+                        tuple((t, _surprisal(p)) for t, p in logprobs.top))
+
+
+def _surprisal(logprob: float) -> float:
+    return min(-logprob, SURPRISAL_MAX)  # finite, as every wire number: a probability of 0 is e**-1e9
+
+
+SURPRISAL_MAX = 1e9
