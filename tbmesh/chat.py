@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +123,7 @@ class ChatReader:
     tool-call text stays text, as does a call the tool parser cannot read.
     """
 
-    def __init__(self, tokenizer: TokenizerWrapper, prompt: list[int], stops: list[str] = (),  # type: ignore[assignment]
+    def __init__(self, tokenizer: TokenizerWrapper, prompt: list[int], stops: Sequence[str] = (),
                  tools: list[dict[str, Any]] | None = None, split: bool = True) -> None:  # fmt: skip
         self.tokenizer = tokenizer
         self.tools = tools or None
