@@ -23,7 +23,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,10 +304,10 @@ class Engine:
         elif isinstance(message, wire.Cancel):
             self._on_cancel(message)
         elif message.meta.get("kind") == "admit":
-            tokens = wire.array_from_tensor(message, "numpy").reshape(-1).tolist()
-            admit = Admit.from_meta(message.request, tokens, message.meta)
+            admit = Admit.from_tensor(message)
             if admit.route[0][0] != self.me:
                 raise wire.ProtocolError(f"admit for stage 0 on {admit.route[0][0]}")
+            self._check_tokens(admit.tokens)
             self.scheduler.admit(admit)
             self._pump()
         else:
@@ -317,7 +317,19 @@ class Engine:
                 raise wire.ProtocolError(f"step for stage {step.stage} on {step.to} with shape {message.shape}")
             self._run(step, message)
 
+    def _check_tokens(self, tokens: Iterable[int]) -> None:
+        """Token ids from a peer go into stage 0's embedding, where one out of range crashes
+        MLX: refuse them as the protocol errors they are."""
+        first = next((shard for shard in self.held.values() if shard.first), None)
+        if first is None:
+            return  # no layers of stage 0 here: the attempt is refused when its step comes
+        config = first.config
+        vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+        if vocab and any(not 0 <= t < vocab for t in tokens):
+            raise wire.ProtocolError(f"a token id outside the vocabulary (0..{vocab - 1})")
+
     def _on_tokens(self, message: wire.Tokens) -> None:
+        self._check_tokens(s.token for s in message.tokens)
         sampled = {s.attempt: (s.step, s.token) for s in message.tokens}
         self.scheduler.on_tokens(message.lane, sampled)
         logprobs = {s.attempt: TokenLogprobs(s.token, -s.surprisal, tuple((t, -x) for t, x in s.top))
