@@ -73,6 +73,12 @@ def _text(value: Any, where: str) -> str:
     return "".join(texts)
 
 
+def _block_text(block: dict[str, Any], where: str) -> str:
+    if not isinstance(block.get("text"), str):
+        raise _bad(f"'{where}.text' must be a string, not {_type_name(block.get('text'))}")
+    return _unicode(block["text"], f"{where}.text", "")
+
+
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
@@ -90,7 +96,7 @@ def _user(content: Any, where: str) -> list[dict[str, Any]]:
     for i, block in enumerate(_blocks(content, where)):
         here = f"{where}.content[{i}]"
         if block["type"] == "text":
-            text = _text([block], here)
+            text = _block_text(block, here)
             if messages and messages[-1]["role"] == "user":
                 messages[-1]["content"] += text
             else:
@@ -113,7 +119,7 @@ def _assistant(content: Any, where: str) -> dict[str, Any]:
     for i, block in enumerate(_blocks(content, where)):
         here = f"{where}.content[{i}]"
         if block["type"] == "text":
-            message["content"] += _text([block], here)
+            message["content"] += _block_text(block, here)
         elif block["type"] == "thinking":
             if not isinstance(block.get("thinking"), str):
                 raise _bad(f"'{here}.thinking' must be a string")

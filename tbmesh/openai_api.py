@@ -24,7 +24,7 @@ from aiohttp import web
 
 from tbmesh.chat import (ChatReader, ClientGone, Event, Reasoning, TemplateError, Text, ToolCall,
                          chat_prompt, generate)
-from tbmesh.generation import Backend, BadRequest, GenerationParams, TokenLogprobs, Unavailable
+from tbmesh.generation import MAX_TOP_LOGPROBS, Backend, BadRequest, GenerationParams, TokenLogprobs, Unavailable
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -255,7 +255,8 @@ def _offered_tools(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> 
         return tools
     if choice == "none":
         return None
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
         raise _bad("tool_choice", "'tool_choice' must be \"none\", \"auto\", \"required\" or "
                                   '{"type": "function", "function": {"name": ...}}')
@@ -275,7 +276,6 @@ UNSUPPORTED = {
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
 }
-MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
