@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,3 +161,14 @@ def test_anthropic_errors_beyond_400_keep_anthropics_shape(server) -> None:
     assert status == 404 and answer["error"]["type"] == "not_found_error" and "'claude-sonnet-4'" in answer["error"]["message"]
     status, answer = server.post("/v1/messages", {**MESSAGE, "max_tokens": 8})
     assert status == 200 and answer["type"] == "message"  # and the server still answers
+
+
+def test_tbmesh_chat_shows_the_think_block_as_the_model_wrote_it(server, taught_model: Path) -> None:
+    question = CONVERSATIONS[1]["messages"][0]["content"]
+    model, tokenizer = mlx_lm.load(str(taught_model))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    raw = mlx_lm.generate(model, tokenizer, prompt, max_tokens=100)
+    assert raw.startswith("<think>\n40 GB") and "</think>\n\nYou need three Macs." in raw
+    result = subprocess.run([sys.executable, "-m", "tbmesh", "chat", question, "--api", server.url, "--temperature", "0"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0 and result.stdout == raw + "\n", result.stderr
