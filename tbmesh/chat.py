@@ -19,6 +19,18 @@ Two halves, neither of which knows HTTP:
   tokens into those events as mlx_lm.server does: mlx-lm's streaming detokenizer, its text state
   machine (the tokenizer's think and tool-call markers) and its tool parser
   (`tokenizer.tool_parser`). `reader.finish_reason` and the token counts say how it ended.
+
+An API module does, for one request:
+
+    prompt = chat_prompt(tokenizer, messages, tools)            # TemplateError: a 400
+    reader = ChatReader(tokenizer, prompt, stops, tools)        # tools: those offered, or None
+    async for event in generate(backend, model, prompt, params, reader, client_gone):
+        ...                                                     # Text, Reasoning, ToolCall, TokenLogprobs
+    reader.finish_reason        # "stop", "length" or "tool_calls"; reader.stop.matched: the stop string met
+    reader.prompt_tokens, reader.completion_tokens
+
+`generate` raises ClientGone when `client_gone()` turns true, and the backend's errors
+(tbmesh.generation.GenerationError) as they are: the API module maps them to its statuses.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def test_anthropic_tool_choice_and_system_through_the_template(server, tokenizer
     assert counted == rendered(tokenizer, system + WEATHER, [WEATHER_TOOL] if offered else None)
 
 
-def test_local_logprobs_are_mlx_lms(server, taught_model: Path) -> None:
+def test_local_logprobs_are_mlx_lms_and_max_completion_tokens_cuts(server, taught_model: Path) -> None:
     model, tokenizer = mlx_lm.load(str(taught_model))
     messages = CONVERSATIONS[3]["messages"][:1]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -85,8 +85,9 @@ def test_local_logprobs_are_mlx_lms(server, taught_model: Path) -> None:
         assert math.isclose(entry.logprob, logprobs[token].item(), abs_tol=1e-4)
         best = mx.argsort(-logprobs)[:2].tolist()
         assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([t]) for t in best]
-    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3, temperature=0)
     assert plain.choices[0].logprobs is None
+    assert (plain.usage.completion_tokens, plain.choices[0].finish_reason) == (3, "length")
 
 
 CHAT = {"model": MODEL, "messages": WEATHER}
