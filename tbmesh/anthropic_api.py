@@ -13,7 +13,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -208,7 +208,9 @@ def parse_request(body: Any, limits: Limits, count_only: bool = False) -> Messag
     model = body.get("model")
     if not isinstance(model, str):
         raise _bad(f"'model' is required: a string, not {_type_name(model)}")
-    max_tokens = _integer(body, "max_tokens", 1, limits.max_tokens)
+    # a ceiling, not a wish: clients (Claude Code) ask for more than a Mac's context holds, so
+    # the answer may take what is left of it (then it stops with "max_tokens")
+    max_tokens = _integer(body, "max_tokens", 1)
     if max_tokens is None and not count_only:
         raise _bad("'max_tokens' is required")
     temperature = _number(body, "temperature", 0.0, 1.0)
@@ -225,7 +227,8 @@ def parse_request(body: Any, limits: Limits, count_only: bool = False) -> Messag
         raise _bad("'thinking' must be an object with a type ({\"type\": \"enabled\", ...})")
     temperature = 1.0 if temperature is None else temperature  # Anthropic's defaults
     top_p = 1.0 if top_p is None or top_p == 0 else top_p
-    params = GenerationParams(max_tokens=max_tokens or 1, temperature=temperature, top_p=top_p, seed=None)
+    params = GenerationParams(max_tokens=min(max_tokens or 1, limits.max_tokens), temperature=temperature,
+                              top_p=top_p, seed=None)  # fmt: skip
     return MessagesRequest(model, _messages(body), _tools(body), params, [s for s in stops or [] if s],
                            _boolean(body, "stream"))
 
@@ -236,10 +239,10 @@ def _prompt(backend: Backend, tokenizer: TokenizerWrapper, request: MessagesRequ
     except TemplateError as error:
         raise _bad(str(error)) from None
     context = backend.context(request.model)
-    if context is not None and len(prompt) + request.params.max_tokens > context:
-        raise _bad(f"the prompt ({len(prompt)} tokens) and max_tokens ({request.params.max_tokens}) need "
-                   f"{len(prompt) + request.params.max_tokens} tokens; the context is {context} tokens "
-                   f"(--context): lower max_tokens to at most {max(context - len(prompt), 0)}")
+    if context is not None:
+        if len(prompt) >= context:
+            raise _bad(f"the prompt has {len(prompt)} tokens; the context is {context} tokens (--context)")
+        request.params = replace(request.params, max_tokens=min(request.params.max_tokens, context - len(prompt)))
     return prompt
 
 

@@ -19,9 +19,8 @@ import openai
 import pytest
 from mlx_lm.generate import generate_step
 
-from api_server import ApiServer
+from api_server import ApiServer, SteeredBackend
 from tbmesh.openai_api import Limits
-from tbmesh.runtime.local import LocalBackend
 from tbmesh.runtime.teach import CONVERSATIONS, WEATHER_TOOL
 
 MODEL = "taught"
@@ -33,7 +32,7 @@ MESSAGE = {"model": MODEL, "max_tokens": 8, "messages": WEATHER}
 
 @pytest.fixture(scope="module")
 def server(taught_model: Path) -> Iterator[ApiServer]:
-    with LocalBackend(taught_model) as backend, ApiServer(backend, Limits(max_body_bytes=64 * 1024)) as server:
+    with SteeredBackend(taught_model) as backend, ApiServer(backend, Limits(max_body_bytes=64 * 1024)) as server:
         yield server
 
 
@@ -173,3 +172,18 @@ def test_tbmesh_chat_shows_the_think_block_as_the_model_wrote_it(server, taught_
     result = subprocess.run([sys.executable, "-m", "tbmesh", "chat", question, "--api", server.url, "--temperature", "0"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 0 and result.stdout == raw + "\n", result.stderr
+
+
+def test_anthropic_max_tokens_is_a_ceiling_within_the_context(server, tokenizer) -> None:
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    prompt = rendered(tokenizer, WEATHER, None)
+    try:
+        server.backend.room = prompt + 4  # what the cluster's --context leaves this request
+        with client.messages.stream(model=MODEL, max_tokens=64000, messages=WEATHER) as stream:  # as Claude Code asks
+            cut = stream.get_final_message()
+        assert (cut.stop_reason, cut.usage.output_tokens) == ("max_tokens", 4)
+        server.backend.room = prompt
+        with pytest.raises(anthropic.BadRequestError, match=f"the prompt has {prompt} tokens; the context is {prompt}"):
+            client.messages.create(model=MODEL, max_tokens=10, messages=WEATHER)
+    finally:
+        server.backend.reset()
