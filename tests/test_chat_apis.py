@@ -20,6 +20,7 @@ import pytest
 from mlx_lm.generate import generate_step
 
 from api_server import ApiServer, SteeredBackend
+from tbmesh.generation import Unavailable
 from tbmesh.openai_api import Limits
 from tbmesh.runtime.teach import CONVERSATIONS, WEATHER_TOOL
 
@@ -185,5 +186,24 @@ def test_anthropic_max_tokens_is_a_ceiling_within_the_context(server, tokenizer)
         server.backend.room = prompt
         with pytest.raises(anthropic.BadRequestError, match=f"the prompt has {prompt} tokens; the context is {prompt}"):
             client.messages.create(model=MODEL, max_tokens=10, messages=WEATHER)
+    finally:
+        server.backend.reset()
+
+
+def test_anthropic_failures_before_and_during_a_stream_keep_anthropics_shape(server) -> None:
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    try:
+        server.backend.reason = Unavailable("no plan yet: waiting for a leader")
+        with pytest.raises(anthropic.APIStatusError) as before:
+            client.messages.create(model=MODEL, max_tokens=10, messages=WEATHER, stream=True)
+        assert before.value.status_code == 503 and before.value.body["error"] == {
+            "type": "overloaded_error", "message": "no plan yet: waiting for a leader"}
+        server.backend.reset()
+        server.backend.fail_after = 3
+        events = []
+        with pytest.raises(anthropic.APIStatusError, match="stage 1 went away"):
+            for event in client.messages.create(model=MODEL, max_tokens=10, messages=WEATHER, stream=True):
+                events.append(event.type)
+        assert events[0] == "message_start" and "message_stop" not in events
     finally:
         server.backend.reset()
