@@ -97,7 +97,8 @@ class Backend(Protocol):
     def tokenizer(self, model: str) -> TokenizerWrapper:
         """mlx-lm's tokenizer wrapper of `model` (chat template, eos ids, streaming detokenizer)."""
 
-    def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:
-        """Yield the generated token ids (TokenLogprobs when params.logprobs is set). Ends after max_tokens, or at an end token, which is
-        not yielded. Closing the iterator early (aclose) cancels the generation everywhere and
+    def generate(self, model: str, prompt: list[int],
+                 params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
+        """Yield the generated token ids (TokenLogprobs when params.logprobs is set). Ends after
+        max_tokens, or at an end token, which is not yielded. Closing the iterator early (aclose) cancels the generation everywhere and
         frees its caches. Raises GenerationError for an error the client should see as such."""

@@ -30,7 +30,6 @@ PREFILL_STEP = 2048  # as mlx-lm's generate_step, so that results match it exact
 @dataclass
 class _LocalRequest:
     sampling: Sampling  # with a seed: its own random keys
-    logprobs: int | None = None  # as GenerationParams.logprobs
     cache: list[Any] | None = None  # mlx-lm's KV cache of this request alone
 
 
@@ -84,19 +83,19 @@ class LocalBackend:
             raise BadRequest("the prompt is empty", param="prompt")
         loop = asyncio.get_running_loop()
         # no seed: a random one of this request's own, never the global RNG shared by all
-        state = _LocalRequest(Sampling(params.temperature, params.top_p, params.seed).seeded(), params.logprobs)
+        state = _LocalRequest(Sampling(params.temperature, params.top_p, params.seed, params.logprobs).seeded())
         name = uuid.uuid4().hex
         self.requests[name] = state
         eos = self._tokenizer.eos_token_ids
         try:
-            token = await loop.run_in_executor(self._executor, self._prefill, state, prompt)
+            token, logprobs = await loop.run_in_executor(self._executor, self._prefill, state, prompt)
             for step in range(params.max_tokens):
-                if (token.token if isinstance(token, TokenLogprobs) else token) in eos:
+                if token in eos:
                     return
-                yield token
+                yield token if logprobs is None else logprobs
                 if step + 1 == params.max_tokens:
                     return
-                token = await loop.run_in_executor(self._executor, self._decode, state, token, step + 1)
+                token, logprobs = await loop.run_in_executor(self._executor, self._decode, state, token, step + 1)
         except (GeneratorExit, asyncio.CancelledError):
             self.cancelled.append(name)
             raise
@@ -106,7 +105,7 @@ class LocalBackend:
 
     # in the worker thread
 
-    def _prefill(self, state: _LocalRequest, prompt: list[int]) -> int | TokenLogprobs:
+    def _prefill(self, state: _LocalRequest, prompt: list[int]) -> tuple[int, TokenLogprobs | None]:
         state.cache = make_prompt_cache(self._model)
         tokens = mx.array(prompt)
         while tokens.size > 1:  # all but the last token, in mlx-lm's chunks
@@ -116,15 +115,15 @@ class LocalBackend:
             tokens = tokens[n:]
         return self._next(state, tokens, 0)
 
-    def _decode(self, state: _LocalRequest, token: int | TokenLogprobs, step: int) -> int | TokenLogprobs:
-        return self._next(state, mx.array([token.token if isinstance(token, TokenLogprobs) else token]), step)
+    def _decode(self, state: _LocalRequest, token: int, step: int) -> tuple[int, TokenLogprobs | None]:
+        return self._next(state, mx.array([token]), step)
 
-    def _next(self, state: _LocalRequest, tokens: mx.array, step: int) -> int | TokenLogprobs:
+    def _next(self, state: _LocalRequest, tokens: mx.array, step: int) -> tuple[int, TokenLogprobs | None]:
+        """The token of `step`, with its log-probabilities when the request asked for them."""
         if state.cache is None:
             raise RuntimeError("the request was cancelled")
         logits = self._model(tokens[None], cache=state.cache)[:, -1, :]
         logprobs = logprobs_of(logits)
         token = draw(logprobs, state.sampling, step).item()
-        if state.logprobs is None:
-            return token
-        return token_logprobs(logprobs[0], token, state.logprobs)
+        top = state.sampling.logprobs
+        return token, None if top is None else token_logprobs(logprobs[0], token, top)
