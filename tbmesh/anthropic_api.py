@@ -84,6 +84,8 @@ def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise _bad(f"'{where}.content' must be a string or an array of content blocks, not {_type_name(content)}")
+    if not content:
+        raise _bad(f"'{where}.content' is empty")
     for i, block in enumerate(content):
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
             raise _bad(f"'{where}.content[{i}]' must be a content block (an object with a type)")
@@ -159,6 +161,9 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             raise _bad(f"'{where}.role' must be \"user\" or \"assistant\", not {json.dumps(role)} "
                        "(the system prompt is the top-level 'system')")
+    if messages[-1].get("role") == "assistant":  # the chat template starts a new turn after it
+        raise _bad(f"'messages[{len(messages) - 1}]': a last assistant message (a prefill to continue) "
+                   "is not supported: end with a user message")
     return result
 
 
