@@ -1,10 +1,12 @@
 """OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions and /v1/models.
 
-The HTTP layer (request checking, chat templates, streaming detokenization, stop strings,
-server-sent events, client disconnects) is the same whatever generates the tokens: a
-`tbmesh.generation.Backend` yields token ids, either the cluster's serving engine or
-`tbmesh.runtime.local.LocalBackend`, the whole model in one process. This module alone maps
-the backends' errors to HTTP status codes.
+The HTTP layer (request checking, server-sent events, client disconnects) is the same
+whatever generates the tokens: a `tbmesh.generation.Backend` yields token ids, either the
+cluster's serving engine or `tbmesh.runtime.local.LocalBackend`, the whole model in one
+process. The chat template, detokenization, stop strings, reasoning and tool calls are
+`tbmesh.chat`'s, shared with the other APIs. The HTTP modules alone map the backends' errors
+to HTTP status codes; the request-reading helpers here (read_json, the field checks,
+check_served, client_gone) serve the Anthropic module too.
 """
 
 from __future__ import annotations
