@@ -15,10 +15,10 @@ from tbmesh.net import wire
 from tbmesh.serving.messages import Admit, Member, Origin, Release, Step
 
 ROUTE = (("a", 0, 4), ("b", 4, 8))
-STEP = Step(ROUTE, 1, "decode", "lane1", (Member("q.0", "e", 3, 9, Sampling(0.7, 0.9, 5), Origin("x1", 7)),
+STEP = Step(ROUTE, 1, "decode", "lane1", (Member("q.0", "e", 3, 9, Sampling(0.7, 0.9, 5, logprobs=3), Origin("x1", 7)),
                                          Member("r.0", "e", 0, 12, Sampling())),
             releases=(Release("s.0", 20, "x2"),), evictions=("x0",), ahead=True)
-ADMIT = Admit("q.0", ROUTE, "e", (1, 2, 3), 1, 10, Sampling(0.5, 1.0, 42), (9, 11), use_cache=False)
+ADMIT = Admit("q.0", ROUTE, "e", (1, 2, 3), 1, 10, Sampling(0.5, 1.0, 42, logprobs=0), (9, 11), use_cache=False)
 
 
 def test_steps_and_admits_travel_in_a_tensor_and_come_back_the_same():

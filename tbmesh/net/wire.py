@@ -59,7 +59,9 @@ import numpy as np
 from tbmesh.core.messages import DatabaseSummary, Goodbye, Heartbeat, LinkStates
 from tbmesh.core.types import Stage
 
-PROTOCOL_VERSION = 2  # 2: batched serving (Tokens, Cancel.kind, the steps in Tensor.meta)
+# 2: batched serving (Tokens, Cancel.kind, the steps in Tensor.meta)
+# 3: log-probabilities (Sampled.surprisal and .top, logprobs in the sampling of Tensor.meta)
+PROTOCOL_VERSION = 3
 
 PREFIX = struct.Struct(">II")  # header length, payload length
 MAX_HEADER = 1 << 20  # 1 MiB of msgpack: a link-state database of ~1000 Macs with a plan
@@ -145,11 +147,15 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Sampled:
-    """Token `token`, step `step` of attempt `attempt`."""
+    """Token `token`, step `step` of attempt `attempt`; with its surprisal (minus its
+    log-probability: wire numbers are >= 0) and the likeliest tokens of the step (id, surprisal)
+    when the attempt asked for them."""
 
     attempt: str
     step: int
     token: int
+    surprisal: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

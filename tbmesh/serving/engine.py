@@ -33,7 +33,7 @@ import numpy as np
 
 from tbmesh.core.assignment import Assignment, Range
 from tbmesh.core.types import Plan
-from tbmesh.generation import BadRequest, GenerationParams, Sampling, Unavailable
+from tbmesh.generation import BadRequest, GenerationParams, Sampling, TokenLogprobs, Unavailable
 from tbmesh.net import wire
 from tbmesh.runtime.shard import Kept, LoadAbandoned, Shard, load_shard
 from tbmesh.serving import conductor as c
@@ -184,7 +184,8 @@ class Engine:
         why = usable(view)
         return Unavailable(why) if isinstance(why, str) else None
 
-    async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
+    async def generate(self, model: str, prompt: list[int],
+                       params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
         """Run one request through the cluster; yields sampled tokens until an end token or
         max_tokens. Survives plan changes: each new route gets the prompt and the tokens so far."""
         if (error := self.unavailable(model)) is not None:
@@ -194,7 +195,7 @@ class Engine:
                              f"need more than the context of {self.settings.context} tokens", "max_tokens")
         ends = tuple(self.tokenizer(model).eos_token_ids)
         queue: asyncio.Queue = asyncio.Queue()
-        sampling = Sampling(params.temperature, params.top_p, params.seed)
+        sampling = Sampling(params.temperature, params.top_p, params.seed, params.logprobs)
         request, actions = self.conductor.submit(prompt, params.max_tokens, sampling, ends, time.monotonic(),
                                                  self._usable())
         self._queues[request] = queue
@@ -223,7 +224,7 @@ class Engine:
             elif isinstance(action, c.Emit):
                 self.counters.tokens += 1
                 self._recent_tokens.append(time.monotonic())
-                self._put(action.request, action.token)
+                self._put(action.request, action.token if action.logprobs is None else action.logprobs)
             elif isinstance(action, c.Finish):
                 self._put(action.request, None)
             elif isinstance(action, c.Fail):
@@ -333,8 +334,10 @@ class Engine:
         self._check_tokens(s.token for s in message.tokens)
         sampled = {s.attempt: (s.step, s.token) for s in message.tokens}
         self.scheduler.on_tokens(message.lane, sampled)
+        logprobs = {s.attempt: TokenLogprobs(s.token, -s.surprisal, tuple((t, -x) for t, x in s.top))
+                    for s in message.tokens if s.surprisal is not None}  # fmt: skip
         self._conduct(self.conductor.on_tokens([(s.attempt, s.step, s.token) for s in message.tokens],
-                                               time.monotonic()))
+                                               time.monotonic(), logprobs))
         self._pump()
 
     def _on_cancel(self, message: wire.Cancel) -> None:
@@ -433,7 +436,7 @@ class Engine:
         self._pump()
 
     def _send_tokens(self, step: Step, outcome: Outcome) -> None:
-        sampled = [(m, wire.Sampled(m.attempt, m.step, outcome.tokens[m.attempt])) for m in outcome.ran]
+        sampled = [(m, _sampled(m, outcome)) for m in outcome.ran]
         stage0 = step.route[0][0]
         self._deliver(stage0, wire.Tokens(stage0, step.lane, tuple(s for _, s in sampled)))
         for entry in dict.fromkeys(m.entry for m, _ in sampled if m.entry != stage0):
@@ -569,3 +572,20 @@ def weight_bytes(shards: Any) -> int:
 
 def _new_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def _sampled(member: Member, outcome: Outcome) -> wire.Sampled:
+    """A member's token as the last stage sends it, with its log-probabilities if it asked."""
+    token = outcome.tokens[member.attempt]
+    logprobs = outcome.logprobs.get(member.attempt)
+    if logprobs is None:
+        return wire.Sampled(member.attempt, member.step, token)
+    return wire.Sampled(member.attempt, member.step, token, _surprisal(logprobs.logprob),
+                        tuple((t, _surprisal(p)) for t, p in logprobs.top))
+
+
+def _surprisal(logprob: float) -> float:
+    return min(-logprob, SURPRISAL_MAX)  # finite, as every wire number: a probability of 0 is e**-1e9
+
+
+SURPRISAL_MAX = 1e9

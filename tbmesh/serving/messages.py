@@ -64,7 +64,7 @@ class Admit:
         s = self.sampling
         return {"kind": "admit", "to": self.to, "route": [list(r) for r in self.route],
                 "entry": self.entry, "produced": self.produced, "max_tokens": self.max_tokens,
-                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
+                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "logprobs": s.logprobs,
                 "ends": list(self.ends), "cache": self.use_cache}
 
     @classmethod
@@ -115,13 +115,14 @@ class Member:
     def meta(self) -> list[Any]:
         s, o = self.sampling, self.origin
         return [self.attempt, self.entry, self.step, self.position, s.temperature, s.top_p, s.seed,
-                None if o is None else [o.entry, o.length]]
+                None if o is None else [o.entry, o.length], s.logprobs]
 
     @classmethod
     def from_meta(cls, item: Any) -> Member:
-        attempt, entry, step, position, temperature, top_p, seed, origin = item
+        attempt, entry, step, position, temperature, top_p, seed, origin, logprobs = item
         return cls(_text(attempt), _text(entry), _count(step), _count(position),
-                   Sampling(_number(temperature), _number(top_p), None if seed is None else _count(seed)),
+                   Sampling(_number(temperature), _number(top_p), None if seed is None else _count(seed),
+                            None if logprobs is None else _count(logprobs)),
                    None if origin is None else Origin(_text(origin[0]), _count(origin[1])))
 
 
@@ -252,5 +253,6 @@ def _route(value: Any) -> Route:
 
 
 def _sampling(meta: dict[str, Any]) -> Sampling:
-    seed = meta["seed"]
-    return Sampling(_number(meta["temperature"]), _number(meta["top_p"]), None if seed is None else _count(seed))
+    seed, logprobs = meta["seed"], meta["logprobs"]
+    return Sampling(_number(meta["temperature"]), _number(meta["top_p"]), None if seed is None else _count(seed),
+                    None if logprobs is None else _count(logprobs))
