@@ -328,7 +328,7 @@ class Fault:
     params: dict[str, Any]
     start: float = 0.0
     healed: float = 0.0
-    stopped_s: float = 0.0  # how long a node was SIGSTOPped (stalls may add it)
+    stopped_s: float = 0.0  # how long a node was SIGSTOPped, or a link flapped (flap mode): stalls may add it
     killed: list[str] = field(default_factory=list)
     down: list[tuple[str, float, float]] = field(default_factory=list)  # (node, from, to): API gone
     converged_without_s: float | None = None  # kill: the survivors' plan
@@ -655,19 +655,21 @@ def run_flap(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
     end = time.monotonic() + args.minutes * 60
     print(f"flapping {'-'.join(sorted(pair))} every {period:.2f} s for {args.minutes} min", flush=True)
     start = time.monotonic()
-    while time.monotonic() < end:
+    while time.monotonic() < end:  # on a schedule: the `ip` commands take time too
         share = rng.uniform(0.2, 0.8)
         cable.down()
-        time.sleep(period * share)
+        time.sleep(max(0.0, start + (flaps + share) * period - time.monotonic()))
         cable.up()
-        time.sleep(period * (1 - share))
         flaps += 1
+        time.sleep(max(0.0, start + flaps * period - time.monotonic()))
     last_flap = time.monotonic()
     converge = cluster.wait_converged()
     plans = cluster.converged()["plan"]["epoch"] - epoch_before if converge is not None else None
     clients.stop()
-    verdict = check(clients.history, [Fault("flap", ["-".join(sorted(pair))], {}, start, last_flap,
-                                            converged_at=last_flap + (converge or 0))],
+    # a link of the route down half the time does not carry much: stalls may last the flapping
+    flapping = Fault("flap", ["-".join(sorted(pair))], {}, start, last_flap, stopped_s=last_flap - start,
+                     converged_at=last_flap + (converge or 0))
+    verdict = check(clients.history, [flapping],
                     References(cluster.model), args.resume_wait)
     result = {"seed": seed, "cable": "-".join(sorted(pair)), "per_minute": args.per_minute,
               "minutes": args.minutes, "flaps": flaps, "plans_committed": plans,

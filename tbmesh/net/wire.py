@@ -172,8 +172,9 @@ class Tokens:
 class Cancel:
     """An attempt is over, for node `to`. `end`: its entry ended it (to stage 0: keep its
     caches as a prefix-cache entry); `fail`: a stage could not run it (to its entry and
-    stage 0: `reason` says why); `preempt`: stage 0 needed its KV room (to its entry: start
-    it again, it waits for room)."""
+    stage 0: `reason` says why); `preempt`: stage 0 gave it up though its route is sound (it
+    needed the KV room, or a link the attempt crossed broke): to its entry, start it again
+    at once, it is no failure."""
 
     request: str
     to: str

@@ -289,7 +289,9 @@ class Engine:
         why = f"the link {self._name(a)}-{self._name(b)} broke"
         self._conduct(self.conductor.on_link_trouble(crosses, why, time.monotonic(), self._usable()))
         for attempt, entry in self.scheduler.break_attempts(crosses):
-            self._fail_at_entry(attempt, entry, why)
+            # not a failure: the route is sound, so the entry starts it again at once and
+            # flapping cables cannot use up its failures (it may not have heard of the break)
+            self._deliver(entry, wire.Cancel(attempt, entry, why, "preempt"))
         self._pump()
 
     # ----- messages --------------------------------------------------------------------
