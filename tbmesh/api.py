@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tbmesh.anthropic_api import add_anthropic_routes
 from tbmesh.generation import Backend
 from tbmesh.ollama_api import add_ollama_routes
 from tbmesh.ollama_api import error_response as ollama_error
@@ -85,6 +86,7 @@ def make_app(status: Callable[[], dict[str, Any]], probe: Callable[[], Awaitable
     app.router.add_get("/status", get_status)
     app.router.add_post("/probe", post_probe)
     add_openai_routes(app, backend)
+    add_anthropic_routes(app, backend)
     add_ollama_routes(app, backend)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

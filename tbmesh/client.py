@@ -49,21 +49,32 @@ def fetch_status(api: str, timeout: float = 2.0, api_key: str | None = None) -> 
 
 
 def stream_answer(response: Any, write: Callable[[str], None]) -> None:
-    """Write the text of each server-sent chunk (chat or completion) as it arrives, to [DONE]."""
+    """Write the text of each server-sent chunk (chat or completion) as it arrives, to [DONE].
+    A thinking model's reasoning (reasoning_content) is written between <think> and </think>,
+    as the model wrote it."""
+    thinking = False
     for raw in response:
         line = raw.decode("utf-8").strip()
         if not line.startswith("data:"):
             continue  # the blank line between events, comments
         data = line[len("data:"):].strip()
         if data == "[DONE]":
+            if thinking:
+                write("</think>")
             return
         event = json.loads(data)
         if "error" in event:
             raise ApiProblem(_error_message(500, data.encode()))
         for choice in event.get("choices", []):  # chat chunks have a delta, completions text
-            text = (choice.get("delta") or {}).get("content") or choice.get("text")
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content")
+            text = delta.get("content") or choice.get("text")
+            if reasoning:
+                write(reasoning if thinking else "<think>" + reasoning)
+                thinking = True
             if text:
-                write(text)
+                write("</think>" + text if thinking else text)
+                thinking = False
     raise ApiProblem("the answer ended before it was complete")
 
 

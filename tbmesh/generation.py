@@ -18,13 +18,18 @@ if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 
+MAX_TOP_LOGPROBS = 20  # the likeliest tokens a request may ask for with each token (as OpenAI)
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How a request samples: temperature 0 is greedy (argmax)."""
+    """How a request samples: temperature 0 is greedy (argmax). `logprobs`: None, or how many
+    of the likeliest tokens the last stage reports with each token's log-probability."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -33,6 +38,8 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), not {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], not {self.logprobs}")
 
     def seeded(self) -> Sampling:
         """This sampling with a random seed if it has none: fix it once per request so that
@@ -46,6 +53,18 @@ class GenerationParams:
     temperature: float
     top_p: float
     seed: int | None
+    logprobs: int | None = None  # None: tokens only; k: each token's log-probability and the top k
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token with its log-probability and the `top` likeliest tokens of its step
+    (token id, log-probability), likeliest first: what a backend yields, instead of the bare
+    token id, for a request whose params.logprobs is set."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class GenerationError(Exception):
@@ -81,7 +100,8 @@ class Backend(Protocol):
     def tokenizer(self, model: str) -> TokenizerWrapper:
         """mlx-lm's tokenizer wrapper of `model` (chat template, eos ids, streaming detokenizer)."""
 
-    def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
-        """Yield the generated token ids. Ends after max_tokens, or at an end token, which is
-        not yielded. Closing the iterator early (aclose) cancels the generation everywhere and
+    def generate(self, model: str, prompt: list[int],
+                 params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
+        """Yield the generated token ids (TokenLogprobs when params.logprobs is set). Ends after
+        max_tokens, or at an end token, which is not yielded. Closing the iterator early (aclose) cancels the generation everywhere and
         frees its caches. Raises GenerationError for an error the client should see as such."""

@@ -2,10 +2,11 @@
 /api/version and `GET /` (Ollama's "is it running").
 
 What Ollama clients (the `ollama` libraries, Open WebUI, editors' plugins) call to list the
-cluster's model and chat with it. The work is the OpenAI module's (tbmesh.openai_api): request
-bodies read with its limits, its field checks, its streaming detokenization and stop strings,
-its disconnect handling. Only the shapes are Ollama's: options by Ollama's names, answers
-streamed as NDJSON by default, durations in nanoseconds, and errors as {"error": "..."}.
+cluster's model and chat with it, tools and thinking included. The work is tbmesh.chat's
+(messages and tools through the chat template; tokens to text, thinking and tool calls) and
+the OpenAI module's (request bodies read with its limits, its field checks, disconnects).
+Only the shapes are Ollama's: options by Ollama's names, answers streamed as NDJSON by
+default, tool-call arguments as objects, durations in nanoseconds, errors as {"error": "..."}.
 """
 
 from __future__ import annotations
@@ -24,23 +25,23 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from tbmesh.chat import ChatReader, ClientGone, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate
 from tbmesh.generation import Backend, GenerationParams
 from tbmesh.openai_api import (
     ApiError,
-    ClientGone,
     CompletionRequest,
     Limits,
-    Outcome,
     _bad,
     _boolean,
     _failure,
     _integer,
     _number,
     _stop_strings,
+    _tools,
     _type_name,
     _unicode,
+    client_gone,
     fit_context,
-    generate_text,
     read_json,
 )
 
@@ -152,11 +153,12 @@ class OllamaRequest:
     params: GenerationParams
     stop: list[str]
     max_tokens_given: bool  # else params.max_tokens is the most, cut to the context
-    messages: list[dict[str, str]] = field(default_factory=list)  # chat; empty: only load the model
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.chat takes them; empty: only load
+    tools: list[dict[str, Any]] | None = None  # chat: the tools offered
     prompt: str = ""  # generate; empty: only load the model
     system: str | None = None  # generate
     raw: bool = False  # generate: the prompt as it is, without the chat template
-    think: bool | None = None  # False: ask the template not to think; None: the template's default
+    think: bool | None = None  # ask the template to think, or not; None: the template's default
 
     @property
     def loads_only(self) -> bool:
@@ -164,7 +166,7 @@ class OllamaRequest:
         return not (self.messages if self.chat else self.prompt)
 
     def completion(self) -> CompletionRequest:
-        """The request as the OpenAI module's generation takes it."""
+        """The request as the OpenAI module's fit_context takes it."""
         return CompletionRequest(self.chat, self.served, self.params, self.stop, self.stream, False,
                                  max_tokens_given=self.max_tokens_given)  # fmt: skip
 
@@ -202,7 +204,27 @@ def _options(body: dict[str, Any], limits: Limits) -> tuple[GenerationParams, li
     return params, stop, given
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _tool_calls(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """An assistant message's tool calls as chat templates read them (Ollama's arguments are
+    objects already)."""
+    calls = message["tool_calls"]
+    if not isinstance(calls, list):
+        raise _bad("messages", f"'{where}.tool_calls' must be an array, not {_type_name(calls)}")
+    result = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _bad("messages", f"'{where}.tool_calls[{j}]' must be an object with a function (with a name)")
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, dict):
+            raise _bad("messages", f"'{where}.tool_calls[{j}].function.arguments' must be an object, "
+                                   f"not {_type_name(arguments)}")  # fmt: skip
+        result.append({"id": str(call.get("id") or f"call_{j}"), "type": "function",
+                       "function": {"name": function["name"], "arguments": arguments}})  # fmt: skip
+    return result
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if messages is None:
         return []
@@ -223,9 +245,15 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
             raise _bad("messages", f"'{where}.content' must be a string, not {_type_name(content)}")
         if message.get("images"):
             raise _bad("messages", f"'{where}.images' is not supported: the model reads text only")
-        if message.get("tool_calls"):
-            raise _bad("messages", f"'{where}.tool_calls' is not supported yet: this server serves text only")
-        result.append({"role": role, "content": _unicode(content, f"{where}.content", "messages")})
+        chat: dict[str, Any] = {"role": role, "content": _unicode(content, f"{where}.content", "messages")}
+        if role == "assistant" and message.get("tool_calls"):
+            chat["tool_calls"] = _tool_calls(message, where)
+        thinking = message.get("thinking")
+        if role == "assistant" and isinstance(thinking, str) and thinking:  # the turn's think block
+            chat["reasoning_content"] = _unicode(thinking, f"{where}.thinking", "messages")
+        if role == "tool" and isinstance(message.get("tool_name"), str):
+            chat["name"] = message["tool_name"]  # the function whose result this is
+        result.append(chat)
     return result
 
 
@@ -250,16 +278,17 @@ def parse_request(body: Any, chat: bool, backend: Backend, limits: Limits) -> Ol
     stream = True if body.get("stream") is None else _boolean(body, "stream")  # Ollama streams by default
     params, stop, given = _options(body, limits)
     _unsupported(body, "format", "this server does not constrain answers to JSON")
-    _unsupported(body, "tools", "not yet: this server serves text only")
+    _unsupported(body, "logprobs", "not yet on the Ollama API (the OpenAI one has them)")
     think = body.get("think")
-    if think is not None and not isinstance(think, (bool, str)):
-        raise _bad("think", f"'think' must be a boolean, not {_type_name(think)}")
-    if think not in (None, False):
-        raise _bad("think", "'think' is not supported yet: this server serves text only")
-    request = OllamaRequest(chat, model, served, stream, params, stop, given, think=think)
+    if think is not None and not isinstance(think, bool) and think not in ("high", "medium", "low"):
+        raise _bad("think", f"'think' must be a boolean (or \"high\", \"medium\", \"low\"), not {json.dumps(think)}")
+    request = OllamaRequest(chat, model, served, stream, params, stop, given,
+                            think=None if think is None else think is not False)  # fmt: skip
     if chat:
         request.messages = _messages(body)
+        request.tools = _tools(body)
     else:
+        _unsupported(body, "tools", "tools are for /api/chat")
         request.prompt = _string(body, "prompt") or ""
         request.system = _string(body, "system")
         request.raw = _boolean(body, "raw")
@@ -287,17 +316,18 @@ def prompt_tokens(tokenizer: TokenizerWrapper, request: OllamaRequest) -> list[i
     prompt as it is then, without the system prompt, as Ollama does)."""
     if not request.chat and (request.raw or not tokenizer.has_chat_template):
         return list(tokenizer.encode(request.prompt))  # with the BOS token where the model wants one
+    if request.think and not tokenizer.has_thinking:
+        raise _bad("think", f"the model {request.model} does not think (its tokenizer has no think block)")
     messages = request.messages
     if not request.chat:
         messages = ([{"role": "system", "content": request.system}] if request.system else []) + \
             [{"role": "user", "content": request.prompt}]  # fmt: skip
     if not tokenizer.has_chat_template:
         raise ApiError(400, f"the model {request.model} has no chat template: use /api/generate with a prompt")
-    options = {} if request.think is None else {"enable_thinking": request.think}
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **options))
-    except Exception as error:  # jinja's own errors, and the templates' raise_exception()
-        raise ApiError(400, f"the chat template refused the messages: {error}") from None
+        return chat_prompt(tokenizer, messages, request.tools, thinking=request.think)
+    except TemplateError as error:
+        raise ApiError(400, str(error)) from None
 
 
 # --- responses ----------------------------------------------------------------------------------
@@ -311,51 +341,76 @@ class Responder:
         self.backend = backend
         self.ask = ask
         self.started = started  # time.monotonic_ns() when the request arrived
-        self.first_text: int | None = None  # ... when the first text was ready: the prompt's end
+        self.first_event: int | None = None  # ... when the answer's first piece was ready: the prompt's end
 
-    def _part(self, text: str, done: bool) -> dict[str, Any]:
+    def _part(self, text: str, thinking: str, calls: list[ToolCall], done: bool) -> dict[str, Any]:
         part: dict[str, Any] = {"model": self.ask.model, "created_at": _timestamp()}
         if self.ask.chat:
             part["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                part["message"]["thinking"] = thinking
+            if calls:
+                part["message"]["tool_calls"] = [{"function": {"index": call.index, "name": call.name,
+                                                               "arguments": call.arguments}} for call in calls]  # fmt: skip
         else:
             part["response"] = text
+            if thinking:
+                part["thinking"] = thinking
         part["done"] = done
         return part
 
-    def _last(self, text: str, outcome: Outcome) -> dict[str, Any]:
-        """The last part: the rest of the text, why it ended, and the counts and durations (ns)."""
-        now = time.monotonic_ns()
-        first = self.first_text or now
-        return {**self._part(text, True), "done_reason": outcome.finish_reason, "total_duration": now - self.started,
-                "load_duration": 0,  # the model is loaded before requests are served
-                "prompt_eval_count": outcome.prompt_tokens, "prompt_eval_duration": first - self.started,
-                "eval_count": outcome.completion_tokens, "eval_duration": now - first}  # fmt: skip
+    def _event_part(self, event: Text | Reasoning | ToolCall) -> dict[str, Any]:
+        if isinstance(event, ToolCall):
+            return self._part("", "", [event], False)
+        return self._part(event.text if isinstance(event, Text) else "",
+                          event.text if isinstance(event, Reasoning) else "", [], False)  # fmt: skip
 
-    async def _pieces(self, tokenizer: TokenizerWrapper, prompt: list[int], outcome: Outcome) -> AsyncIterator[str]:
-        async with aclosing(generate_text(self.request, self.backend, tokenizer, self.ask.completion(),
-                                          prompt, outcome)) as pieces:  # fmt: skip
-            async for text in pieces:
-                if self.first_text is None:
-                    self.first_text = time.monotonic_ns()
-                yield text
+    def _last(self, text: str, thinking: str, calls: list[ToolCall], reader: ChatReader) -> dict[str, Any]:
+        """The last part: the rest of the answer, why it ended, and the counts and durations (ns)."""
+        now = time.monotonic_ns()
+        first = self.first_event or now
+        return {**self._part(text, thinking, calls, True),
+                "done_reason": "length" if reader.finish_reason == "length" else "stop",  # Ollama's for tool calls too
+                "total_duration": now - self.started,
+                "load_duration": 0,  # the model is loaded before requests are served
+                "prompt_eval_count": reader.prompt_tokens, "prompt_eval_duration": first - self.started,
+                "eval_count": reader.completion_tokens, "eval_duration": now - first}  # fmt: skip
+
+    async def _events(self, tokenizer: TokenizerWrapper, prompt: list[int],
+                      reader: ChatReader) -> AsyncIterator[Text | Reasoning | ToolCall]:  # fmt: skip
+        ask = self.ask
+        async with aclosing(generate(self.backend, ask.served, prompt, ask.params, reader,
+                                     lambda: client_gone(self.request))) as events:  # fmt: skip
+            async for event in events:
+                if isinstance(event, (Text, Reasoning, ToolCall)):
+                    if self.first_event is None:
+                        self.first_event = time.monotonic_ns()
+                    yield event
 
     async def answer(self, tokenizer: TokenizerWrapper, prompt: list[int]) -> web.StreamResponse:
-        outcome = Outcome(prompt_tokens=len(prompt))
-        pieces = self._pieces(tokenizer, prompt, outcome)
-        if self.ask.stream:
-            return await self._stream(pieces, outcome)
+        ask = self.ask
+        # /api/generate and a raw prompt have no messages to split: all is text
+        reader = ChatReader(tokenizer, prompt, ask.stop, ask.tools, split=ask.chat or not ask.raw)
+        events = self._events(tokenizer, prompt, reader)
+        if ask.stream:
+            return await self._stream(events, reader)
+        text, thinking, calls = [], [], []
         try:
-            async with aclosing(pieces):
-                text = "".join([piece async for piece in pieces])
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, ToolCall):
+                        calls.append(event)
+                    else:
+                        (text if isinstance(event, Text) else thinking).append(event.text)
         except ClientGone:
             return web.Response(status=499)  # nobody reads it: nginx's "client closed request"
         except Exception as error:
             return _answer_error(_failure(error))
-        return web.json_response(self._last(text, outcome))
+        return web.json_response(self._last("".join(text), "".join(thinking), calls, reader))
 
-    async def _stream(self, pieces: AsyncIterator[str], outcome: Outcome) -> web.StreamResponse:
-        """One JSON object a line. The response starts with the first piece of text, so that an
-        error before any is still an HTTP error status; after it, an {"error"} line ends it."""
+    async def _stream(self, events: AsyncIterator[Text | Reasoning | ToolCall], reader: ChatReader) -> web.StreamResponse:
+        """One JSON object a line. The response starts with the first event, so that an error
+        before any is still an HTTP error status; after it, an {"error"} line ends it."""
         response: web.StreamResponse | None = None
 
         async def send(part: dict[str, Any]) -> None:
@@ -370,10 +425,10 @@ class Responder:
                 raise ClientGone() from None
 
         try:
-            async with aclosing(pieces):
-                async for text in pieces:
-                    await send(self._part(text, False))
-            await send(self._last("", outcome))
+            async with aclosing(events):
+                async for event in events:
+                    await send(self._event_part(event))
+            await send(self._last("", "", [], reader))
         except ClientGone:
             return response or web.Response(status=499)
         except Exception as error:
@@ -463,7 +518,8 @@ def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = L
             "template": template,
             "details": about.get("details", {}),
             "model_info": about.get("model_info", {}),
-            "capabilities": ["completion"],
+            "capabilities": ["completion"] + (["tools"] if tokenizer.has_tool_calling else []) +
+                            (["thinking"] if tokenizer.has_thinking else []),
             "modified_at": about.get("modified_at", _timestamp(0)),
         })  # fmt: skip
 

@@ -1,15 +1,16 @@
 """OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions and /v1/models.
 
-The HTTP layer (request checking, chat templates, streaming detokenization, stop strings,
-server-sent events, client disconnects) is the same whatever generates the tokens: a
-`tbmesh.generation.Backend` yields token ids, either the cluster's serving engine or
-`tbmesh.runtime.local.LocalBackend`, the whole model in one process. This module alone maps
-the backends' errors to HTTP status codes.
+The HTTP layer (request checking, server-sent events, client disconnects) is the same
+whatever generates the tokens: a `tbmesh.generation.Backend` yields token ids, either the
+cluster's serving engine or `tbmesh.runtime.local.LocalBackend`, the whole model in one
+process. The chat template, detokenization, stop strings, reasoning and tool calls are
+`tbmesh.chat`'s, shared with the other APIs. The HTTP modules alone map the backends' errors
+to HTTP status codes; the request-reading helpers here (read_json, the field checks,
+check_served, client_gone) serve the Anthropic module too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -23,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tbmesh.generation import Backend, BadRequest, GenerationParams, Unavailable
+from tbmesh.chat import (ChatReader, ClientGone, Event, Reasoning, TemplateError, Text, ToolCall,
+                         chat_prompt, generate)
+from tbmesh.generation import MAX_TOP_LOGPROBS, Backend, BadRequest, GenerationParams, TokenLogprobs, Unavailable
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -74,7 +77,8 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     max_tokens_given: bool = True  # else params.max_tokens is the default, cut to the context
-    messages: list[dict[str, str]] = field(default_factory=list)  # chat
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.chat takes them
+    tools: list[dict[str, Any]] | None = None  # chat: the tools offered (tool_choice applied)
     prompt: str | list[int] = ""  # completions: text, or token ids
 
 
@@ -168,7 +172,34 @@ def _content(message: dict[str, Any], where: str) -> str:
     return "".join(texts)
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _arguments(call: dict[str, Any], where: str) -> Any:
+    """A tool call's arguments as chat templates want them: OpenAI sends a JSON string."""
+    arguments = call.get("arguments", {})
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments) if arguments.strip() else {}
+    except ValueError as error:
+        raise _bad("messages", f"'{where}.arguments' is not JSON: {error}") from None
+
+
+def _tool_calls(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        raise _bad("messages", f"'{where}.tool_calls' must be an array, not {_type_name(calls)}")
+    result = []
+    for j, call in enumerate(calls):
+        here = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _bad("messages", f"'{here}' must be an object with a function (with a name)")
+        result.append({"id": str(call.get("id") or f"call_{j}"), "type": "function",
+                       "function": {"name": function["name"], "arguments": _arguments(function, f"{here}.function")}})
+    return result
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages in the form chat templates read (see tbmesh.chat)."""
     messages = body.get("messages")
     if messages is None:
         raise _bad("messages", "'messages' is required")
@@ -183,8 +214,92 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
         if role not in ROLES:
             raise _bad("messages", f"'{where}.role' must be one of {', '.join(ROLES)}, not {json.dumps(role)}")
         # OpenAI's "developer" is the newer name of "system", which chat templates know
-        result.append({"role": "system" if role == "developer" else role, "content": _content(message, where)})
+        chat: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": _content(message, where)}
+        if role == "assistant":
+            if message.get("tool_calls") is not None:
+                chat["tool_calls"] = _tool_calls(message, where)
+            reasoning = message.get("reasoning_content", message.get("reasoning"))
+            if isinstance(reasoning, str) and reasoning:
+                chat["reasoning_content"] = _unicode(reasoning, f"{where}.reasoning_content", "messages")
+        if role == "tool":
+            for name in ("tool_call_id", "name"):
+                if isinstance(message.get(name), str):
+                    chat[name] = message[name]
+        result.append(chat)
     return result
+
+
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise _bad("tools", f"'tools' must be an array of tools, not {_type_name(tools)}")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise _bad("tools", f"'tools[{i}]' must be a function tool: {{\"type\": \"function\", \"function\": {{...}}}}")
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise _bad("tools", f"'tools[{i}].function' must be an object with a name")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise _bad("tools", f"'tools[{i}].function.parameters' must be a JSON schema object")
+    return tools or None
+
+
+def _offered_tools(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """The tools the chat template offers the model, as tool_choice says. "none": none (the
+    model is not told of them); "auto" and "required": all (nothing forces a call: mlx-lm and the
+    pipeline have no constrained decoding); a named function: only that one."""
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("auto", "required"):
+        if choice is not None and tools is None:
+            raise _bad("tool_choice", "'tool_choice' is only allowed when 'tools' are given")
+        return tools
+    if choice == "none":
+        return None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+        raise _bad("tool_choice", "'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                                  '{"type": "function", "function": {"name": ...}}')
+    named = [tool for tool in tools or [] if tool["function"]["name"] == name]
+    if not named:
+        raise _bad("tool_choice", f"'tool_choice' names the function {name!r}, which is not in 'tools'")
+    return named
+
+
+# fields OpenAI has and this server does not: refused rather than silently ignored
+UNSUPPORTED = {
+    "logit_bias": "logit biases are not supported",
+    "presence_penalty": "presence penalties are not supported",
+    "frequency_penalty": "frequency penalties are not supported",
+    "functions": "the old 'functions' are not supported: use 'tools'",
+    "function_call": "the old 'function_call' is not supported: use 'tool_choice'",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+}
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for name, why in UNSUPPORTED.items():
+        if body.get(name) not in (None, 0, {}, []):  # their neutral values are fine
+            raise _bad(name, f"'{name}': {why}")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise _bad("response_format", "'response_format': only {\"type\": \"text\"} is supported "
+                                      "(no JSON mode or schema)")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise _bad("modalities", "'modalities': only [\"text\"] is supported")
+
+
+def _logprobs(body: dict[str, Any]) -> int | None:
+    """None, or how many of the likeliest tokens to give with each token's log-probability."""
+    wanted = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return (top or 0) if wanted else None
 
 
 def _prompt(body: dict[str, Any]) -> str | list[int]:
@@ -241,8 +356,13 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> CompletionRequest:
     request = CompletionRequest(chat, model, params, stop, stream, stream and include_usage,
                                 max_tokens_given=max_tokens is not None)
     if chat:
+        _refuse_unsupported(body)
         request.messages = _messages(body)
+        request.tools = _offered_tools(body, _tools(body))
+        request.params = replace(params, logprobs=_logprobs(body))
     else:
+        if body.get("logprobs") is not None:
+            raise _bad("logprobs", "'logprobs' is not supported on /v1/completions: use /v1/chat/completions")
         request.prompt = _prompt(body)
     return request
 
@@ -254,10 +374,9 @@ def prompt_tokens(tokenizer: TokenizerWrapper, request: CompletionRequest) -> li
             raise ApiError(400, f"the model {request.model} has no chat template: use /v1/completions",
                            param="messages")
         try:
-            tokens = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
-        except Exception as error:  # jinja's own errors, and the templates' raise_exception()
-            raise ApiError(400, f"the chat template refused the messages: {error}", param="messages") from None
-        return list(tokens)
+            return chat_prompt(tokenizer, request.messages, request.tools)
+        except TemplateError as error:
+            raise ApiError(400, str(error), param="messages") from None
     if isinstance(request.prompt, str):
         tokens = tokenizer.encode(request.prompt)  # with the BOS token where the model wants one, as mlx-lm
         if not tokens:
@@ -295,121 +414,14 @@ def fit_context(request: CompletionRequest, prompt: int, context: int | None,
 # --- from tokens to text ---------------------------------------------------------------------
 
 
-class StopText:
-    """Cuts streamed text at the first stop string, holding back any text that might be the
-    start of one, so that no part of a stop string is ever sent."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """The text that is safe to send, and whether a stop string was met."""
-        if not self.stops:
-            return text, False
-        text = self.pending + text
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.pending = ""
-            return text[: min(found)], True
-        held = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
-                   default=0)  # fmt: skip
-        self.pending = text[len(text) - held :]
-        return text[: len(text) - held], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
-class ClientGone(Exception):
-    """The client closed its connection: stop generating for it."""
-
-
-DISCONNECT_POLL = 0.1  # s: how often a wait for the next token checks that the client is still there
-
-
-def _client_gone(request: web.Request) -> bool:
+def client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
 
 
-async def _next_token(request: web.Request, tokens: AsyncIterator[int]) -> int | None:
-    """The backend's next token (None at the end); raises ClientGone when the client leaves.
-
-    aiohttp does not cancel a handler when its client disconnects (unless the server was made
-    with handler_cancellation), so a long wait watches the connection itself.
-    """
-
-    async def step() -> int | None:
-        try:
-            return await anext(tokens)
-        except StopAsyncIteration:
-            return None
-
-    task = asyncio.ensure_future(step())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL)
-            if done or _client_gone(request):
-                break
-        if _client_gone(request):
-            raise ClientGone()
-    except BaseException:
-        if not task.done():
-            task.cancel()  # cancels the backend's generation where it waits
-            await asyncio.wait({task})  # the iterator must stop running before it can be closed
-        raise
-    return task.result()
-
-
-@dataclass
-class Outcome:
-    prompt_tokens: int
-    completion_tokens: int = 0
-    finish_reason: str = "stop"  # or "length" when max_tokens ended the answer
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}  # fmt: skip
-
-
-async def generate_text(request: web.Request, backend: Backend, tokenizer: TokenizerWrapper,
-                        completion: CompletionRequest, prompt: list[int], outcome: Outcome) -> AsyncIterator[str]:  # fmt: skip
-    """The answer's text, piece by piece as it is decoded; fills in `outcome`.
-
-    The backend's iterator is closed whatever ends this: the end of the answer, a stop string,
-    an error, the client leaving, or the caller closing this generator.
-    """
-    params = completion.params
-    detokenizer = tokenizer.detokenizer  # mlx-lm's streaming detokenizer: whole characters only
-    stop = StopText(completion.stop)
-    eos = tokenizer.eos_token_ids
-    tokens = backend.generate(completion.model, prompt, params)
-    try:
-        while outcome.completion_tokens < params.max_tokens:
-            token = await _next_token(request, tokens)
-            if token is None or token in eos:  # EOS (the backend should not yield it, but may)
-                break
-            outcome.completion_tokens += 1
-            detokenizer.add_token(token)
-            text, stopped = stop.feed(detokenizer.last_segment)
-            if text:
-                yield text
-            if stopped:
-                return
-        else:
-            outcome.finish_reason = "length"
-        detokenizer.finalize()
-        text, stopped = stop.feed(detokenizer.last_segment)
-        if stopped:
-            outcome.finish_reason = "stop"
-        else:
-            text += stop.flush()
-        if text:
-            yield text
-    finally:
-        await tokens.aclose()
+def usage(reader: ChatReader) -> dict[str, int]:
+    return {"prompt_tokens": reader.prompt_tokens, "completion_tokens": reader.completion_tokens,
+            "total_tokens": reader.prompt_tokens + reader.completion_tokens}  # fmt: skip
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -427,6 +439,17 @@ def _failure(error: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
 
 
+def check_served(backend: Backend, model: str) -> None:
+    """Raises ApiError: 404 for a model this node does not serve, 503 for one that cannot serve now."""
+    served = backend.models()
+    if model not in served:
+        raise ApiError(404, f"the model {model!r} does not exist here; this node serves: "
+                            f"{', '.join(served) or 'no model'}", param="model", code="model_not_found")  # fmt: skip
+    reason = backend.unavailable(model)
+    if reason is not None:
+        raise _failure(reason)
+
+
 class Responder:
     """Answers one completion request, streamed or not, in OpenAI's shapes."""
 
@@ -436,6 +459,7 @@ class Responder:
         self.completion = completion
         self.id = f"{'chatcmpl' if completion.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.tokenizer: TokenizerWrapper | None = None
 
     def _object(self, chunk: bool) -> str:
         if not self.completion.chat:
@@ -446,39 +470,87 @@ class Responder:
         return {"id": self.id, "object": self._object(chunk), "created": self.created,
                 "model": self.completion.model, "choices": choices}  # fmt: skip
 
-    def _choice(self, text: str, finish_reason: str | None, chunk: bool) -> dict[str, Any]:
+    def _choice(self, content: dict[str, Any], finish_reason: str | None, chunk: bool,
+                logprobs: list[TokenLogprobs] | None = None) -> dict[str, Any]:  # fmt: skip
+        """`content`: the text (completions), or the message's or delta's fields (chat)."""
         choice: dict[str, Any] = {"index": 0}
         if not self.completion.chat:
-            choice["text"] = text
+            choice["text"] = content.get("content", "")
         elif chunk:
-            choice["delta"] = {"content": text} if text else {}
+            choice["delta"] = content
         else:
-            choice["message"] = {"role": "assistant", "content": text}
-        choice["logprobs"] = None
+            choice["message"] = {"role": "assistant", **content}
+        choice["logprobs"] = self._logprobs(logprobs) if logprobs else None
         choice["finish_reason"] = finish_reason
         return choice
 
+    def _logprobs(self, tokens: list[TokenLogprobs]) -> dict[str, Any]:
+        """OpenAI's logprobs object of a chat choice."""
+        assert self.tokenizer is not None
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([token])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, p) for i, p in t.top]}
+                            for t in tokens], "refusal": None}  # fmt: skip
+
+    def _tool_call(self, call: ToolCall, chunk: bool) -> dict[str, Any]:
+        body = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+        return {"index": call.index, **body} if chunk else body
+
     async def answer(self, tokenizer: TokenizerWrapper, prompt: list[int]) -> web.StreamResponse:
-        outcome = Outcome(prompt_tokens=len(prompt))
-        pieces = generate_text(self.request, self.backend, tokenizer, self.completion, prompt, outcome)
-        if self.completion.stream:
-            return await self._stream(pieces, outcome)
+        self.tokenizer = tokenizer
+        completion = self.completion
+        reader = ChatReader(tokenizer, prompt, completion.stop, completion.tools, split=completion.chat)
+        events = generate(self.backend, completion.model, prompt, completion.params, reader,
+                          lambda: client_gone(self.request))
+        if completion.stream:
+            return await self._stream(events, reader)
+        text, reasoning, calls, logprobs = [], [], [], []
         try:
-            async with aclosing(pieces):
-                text = "".join([piece async for piece in pieces])
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, Text):
+                        text.append(event.text)
+                    elif isinstance(event, Reasoning):
+                        reasoning.append(event.text)
+                    elif isinstance(event, ToolCall):
+                        calls.append(self._tool_call(event, chunk=False))
+                    else:
+                        logprobs.append(event)
         except ClientGone:
             return web.Response(status=499)  # nobody reads it: nginx's "client closed request"
         except Exception as error:
             return _failure(error).response()
-        body = self._envelope(False, [self._choice(text, outcome.finish_reason, chunk=False)])
-        body["usage"] = outcome.usage()
+        message: dict[str, Any] = {"content": "".join(text)}
+        if calls and not message["content"]:
+            message["content"] = None  # as OpenAI: a turn of tool calls has no content
+        if reasoning:
+            message["reasoning_content"] = "".join(reasoning)
+        if calls:
+            message["tool_calls"] = calls
+        choice = self._choice(message, reader.finish_reason, chunk=False, logprobs=logprobs)
+        if completion.params.logprobs is not None and not logprobs:
+            choice["logprobs"] = {"content": [], "refusal": None}
+        body = self._envelope(False, [choice])
+        body["usage"] = usage(reader)
         return web.json_response(body)
 
-    async def _stream(self, pieces: AsyncIterator[str], outcome: Outcome) -> web.StreamResponse:
-        """Server-sent events. The response starts with the first piece of text, so that an error
+    def _delta(self, event: Text | Reasoning | ToolCall) -> dict[str, Any]:
+        if isinstance(event, Text):
+            return {"content": event.text}
+        if isinstance(event, Reasoning):
+            return {"reasoning_content": event.text}
+        return {"tool_calls": [self._tool_call(event, chunk=True)]}
+
+    async def _stream(self, events: AsyncIterator[Event], reader: ChatReader) -> web.StreamResponse:
+        """Server-sent events. The response starts with the first event, so that an error
         before any (no plan any more, a failed prefill) is still an HTTP error status."""
         response: web.StreamResponse | None = None
-        usage: dict[str, Any] = {"usage": None} if self.completion.include_usage else {}
+        include_usage: dict[str, Any] = {"usage": None} if self.completion.include_usage else {}
+        logprobs: list[TokenLogprobs] = []  # of the tokens since the last chunk
 
         async def send(event: dict[str, Any] | str) -> None:
             nonlocal response
@@ -488,20 +560,27 @@ class Responder:
                                                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
                     await response.prepare(self.request)
                     if self.completion.chat:  # OpenAI's first chunk gives the role
-                        first = self._envelope(True, [self._choice("", None, chunk=True)])
-                        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                        await response.write(_event({**first, **usage}))
+                        first = self._envelope(True, [self._choice({"role": "assistant", "content": ""}, None, chunk=True)])
+                        await response.write(_event({**first, **include_usage}))
                 await response.write(_event(event))
             except ConnectionError:  # aiohttp's ClientConnectionResetError: the client went away
                 raise ClientGone() from None
 
+        async def chunk(content: dict[str, Any], finish_reason: str | None) -> None:
+            choice = self._choice(content, finish_reason, chunk=True, logprobs=logprobs)
+            logprobs.clear()
+            await send({**self._envelope(True, [choice]), **include_usage})
+
         try:
-            async with aclosing(pieces):
-                async for text in pieces:
-                    await send({**self._envelope(True, [self._choice(text, None, chunk=True)]), **usage})
-            await send({**self._envelope(True, [self._choice("", outcome.finish_reason, chunk=True)]), **usage})
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, TokenLogprobs):
+                        logprobs.append(event)
+                    else:
+                        await chunk(self._delta(event), None)
+            await chunk({}, reader.finish_reason)
             if self.completion.include_usage:
-                await send({**self._envelope(True, []), "usage": outcome.usage()})
+                await send({**self._envelope(True, []), "usage": usage(reader)})
             await send("[DONE]")
         except ClientGone:
             return response or web.Response(status=499)
@@ -571,13 +650,7 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
         return {"id": name, "object": "model", "created": created, "owned_by": "tbmesh"}
 
     def check_model(model: str) -> None:
-        served = backend.models()
-        if model not in served:
-            raise ApiError(404, f"the model {model!r} does not exist here; this node serves: "
-                                f"{', '.join(served) or 'no model'}", param="model", code="model_not_found")  # fmt: skip
-        reason = backend.unavailable(model)
-        if reason is not None:
-            raise _failure(reason)
+        check_served(backend, model)
 
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         try:

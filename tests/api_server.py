@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from tbmesh.generation import Backend, GenerationParams, Unavailable
+from tbmesh.anthropic_api import add_anthropic_routes
 from tbmesh.openai_api import Limits, add_openai_routes
 from tbmesh.runtime.local import LocalBackend
 
@@ -44,6 +45,7 @@ class ApiServer:
     async def _start(self) -> None:
         app = web.Application()
         add_openai_routes(app, self.backend, self.limits)
+        add_anthropic_routes(app, self.backend, self.limits)
         self.runner = web.AppRunner(app, access_log=None, handler_cancellation=self.handler_cancellation)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)

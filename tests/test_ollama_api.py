@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import ollama
 import openai
@@ -24,6 +25,7 @@ import pytest
 from daemons import DaemonProcess, start_all, wait_for
 from serving import mlx_reference, serving
 from tbmesh.runtime.sampling import Sampling
+from tbmesh.runtime.teach import WEATHER_TOOL
 
 KEY = "test-key-" + uuid.uuid4().hex
 HELLO = [{"role": "user", "content": "Hello!"}]
@@ -238,6 +240,11 @@ BAD = [
     ("/api/chat", {**CHAT, "options": {"stop": [1]}}, 400, "'stop' must be a string or an array of strings"),
     ("/api/chat", {**CHAT, "format": "json"}, 400, "'format' is not supported"),
     ("/api/chat", {**CHAT, "think": 3}, 400, "'think' must be a boolean"),
+    ("/api/chat", {**CHAT, "tools": {"a": 1}}, 400, "'tools' must be an array"),
+    ("/api/chat", {**CHAT, "messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "x"}}]}]},
+     400, "'messages[0].tool_calls[0].function.arguments' must be an object"),
+    ("/api/chat", {**CHAT, "logprobs": True}, 400, "'logprobs' is not supported"),
+    ("/api/generate", {"model": "taught", "prompt": "x", "tools": [{"type": "function"}]}, 400, "'tools' is not supported"),
     ("/api/generate", {"model": "taught", "prompt": 5}, 400, "'prompt' must be a string"),
     ("/api/generate", {"model": "taught", "prompt": "x", "raw": "no"}, 400, "'raw' must be a boolean"),
     ("/api/generate", {"model": "taught", "prompt": "x", "suffix": "y"}, 400, "'suffix' is not supported"),
@@ -266,8 +273,50 @@ def test_bad_requests_are_4xx_in_ollama_shape_naming_the_fault(one: DaemonProces
         ollama_client.chat(model="llama3", messages=HELLO)
     assert raised.value.status_code == 404 and "taught:latest" in raised.value.error
     with pytest.raises(ollama.ResponseError) as raised:
-        ollama_client.chat(model="taught", messages=HELLO, tools=[{"type": "function", "function": {"name": "f"}}])
-    assert raised.value.status_code == 400 and "'tools'" in raised.value.error
+        ollama_client.chat(model="taught", messages=HELLO, tools=[{"type": "function", "function": {"description": "f"}}])
+    assert raised.value.status_code == 400 and "'tools[0].function' must be an object with a name" in raised.value.error
+
+
+# --- tools and thinking (the taught model has both) ---------------------------------------------
+
+
+def test_tool_calls_and_their_results(one: DaemonProcess) -> None:
+    ollama_client = client(one)
+    ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    for stream in (False, True):
+        parts = ollama_client.chat(model="taught", messages=ask, tools=[WEATHER_TOOL], stream=stream, options=GREEDY)
+        parts = list(parts) if stream else [parts]
+        calls = [call for part in parts for call in part.message.tool_calls or []]
+        assert [(c.function.name, dict(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
+        assert "".join(p.message.content for p in parts).strip() == "" and parts[-1].done_reason == "stop"
+    turn = ask + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather",
+                                                                                     "arguments": {"city": "Oslo"}}}]},
+                  {"role": "tool", "content": '{"temperature": 4, "sky": "rain"}', "tool_name": "get_weather"}]  # fmt: skip
+    answer = ollama_client.chat(model="taught", messages=turn, tools=[WEATHER_TOOL], options=GREEDY)
+    assert answer.message.content == "It is 4 degrees and raining in Oslo." and not answer.message.tool_calls
+    shown = ollama_client.show("taught")
+    assert {"completion", "tools", "thinking"} <= set(shown.capabilities)
+
+
+def test_thinking_comes_apart_from_the_answer(one: DaemonProcess, taught_reference: Any) -> None:
+    ollama_client = client(one)
+    ask = [{"role": "user", "content": "My model needs 40 GB and each Mac gives 16 GB. How many Macs do I need?"}]
+    answer = ollama_client.chat(model="taught", messages=ask, think=True, options=GREEDY)
+    assert answer.message.thinking.strip() == "40 GB over 16 GB a Mac is 2.5 Macs. Two are not enough, so three."
+    assert answer.message.content.strip() == "You need three Macs."
+    text, tokens = taught_reference(chat_ids(taught_reference, ask), 100)
+    assert "<think>" not in answer.message.content and answer.eval_count == tokens
+    parts = list(ollama_client.chat(model="taught", messages=ask, think=True, stream=True, options=GREEDY))
+    assert "".join(p.message.thinking or "" for p in parts) == answer.message.thinking
+    assert "".join(p.message.content for p in parts) == answer.message.content
+    generated = ollama_client.generate(model="taught", prompt=ask[0]["content"], think=True, options=GREEDY)
+    assert (generated.thinking, generated.response) == (answer.message.thinking, answer.message.content)
+
+
+def test_a_model_that_does_not_think_is_asked_to(three: list[DaemonProcess]) -> None:
+    with pytest.raises(ollama.ResponseError) as raised:
+        client(three[0], key=None).chat(model="tiny", messages=HELLO, think=True)
+    assert raised.value.status_code == 400 and "does not think" in raised.value.error
 
 
 # --- the API key --------------------------------------------------------------------------------
@@ -285,6 +334,12 @@ def test_the_api_key_is_asked_by_every_api_in_its_shape(one: DaemonProcess) -> N
     assert missing.status_code == 401 and "needs a key" in missing.json()["error"]["message"]
     x_api_key = httpx.get(one.api_url() + "/api/tags", headers={"x-api-key": KEY})  # Anthropic's header
     assert x_api_key.status_code == 200 and x_api_key.json()["models"][0]["model"] == "taught:latest"
+    with pytest.raises(anthropic.AuthenticationError) as refused:  # it sends x-api-key
+        anthropic.Anthropic(base_url=one.api_url(), api_key="wrong", max_retries=0).messages.count_tokens(
+            model="taught", messages=HELLO)
+    assert refused.value.body["error"] == {"type": "authentication_error", "message": "the API key is wrong"}
+    claude = anthropic.Anthropic(base_url=one.api_url(), api_key=KEY, max_retries=0)
+    assert claude.messages.count_tokens(model="taught", messages=HELLO).input_tokens > 0
     right = openai.OpenAI(base_url=one.api_url() + "/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in right.models.list()] == ["taught"]
     assert right.chat.completions.create(model="taught", messages=HELLO, temperature=0).choices[0].message.content == HELLO_ANSWER

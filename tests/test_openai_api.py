@@ -15,7 +15,8 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from api_server import ApiServer, SteeredBackend, wait_until
 from tbmesh.generation import GenerationParams, Unavailable
-from tbmesh.openai_api import Limits, StopText
+from tbmesh.chat import StopText
+from tbmesh.openai_api import Limits
 from tbmesh.runtime.sampling import Sampling, make_sampler
 from tbmesh.runtime.tiny import make_tiny_model
 

@@ -86,6 +86,14 @@ def test_another_cluster_and_another_version_are_refused_with_the_reason():
     assert isinstance(refusal, wire.Refuse) and "protocol version 7" in refusal.reason
 
 
+def test_the_refusal_of_a_long_foreign_cluster_name_is_a_valid_frame():
+    # The name (64 KiB, as much as a string field may hold) once went whole into our Refuse,
+    # whose reason then broke wire.MAX_TEXT: the dialer saw a protocol error, not the reason.
+    dialled, answered = run(handshake(me("a", cluster="x" * wire.MAX_TEXT), me("b")))
+    assert isinstance(answered, peers.Refused) and len(str(answered)) < 200
+    assert isinstance(dialled, peers.Refused) and str(dialled).startswith("the peer says: refused: cluster 'xxx")
+
+
 def test_proofs_bind_the_machine_so_our_own_id_cannot_be_relayed_back():
     """A listener proving itself over bare node ids (no machine) is refused: a stranger
     claiming our id from another machine could otherwise relay our own proof to us."""

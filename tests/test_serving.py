@@ -3,15 +3,19 @@ client: batches of streams, the prefix cache, the KV room, token for token again
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
+import numpy as np
 import openai
 import pytest
 
 from daemons import DaemonProcess, wait_for
 from serving import PROMPTS, serving
+from tbmesh.net import peers, wire
 from tbmesh.runtime.sampling import Sampling
+from tbmesh.serving.messages import Admit
 
 
 def client(daemon: DaemonProcess) -> openai.OpenAI:
@@ -156,3 +160,22 @@ def _ignore(fn, *args) -> None:
         fn(*args)
     except Exception:  # noqa: BLE001
         pass
+
+
+def test_a_peer_sending_token_ids_beyond_the_vocabulary_loses_its_connection_and_nothing_else(cluster, reference):
+    (daemon,) = cluster(1)
+    view = serving([daemon], 1)
+    stage = view["plan"]["stages"][0]
+    route = ((stage["node"], stage["start"], stage["end"]),)
+    admit = Admit("intruder-1", route, "intruder", (5, 10**6), 0, 4, Sampling(), (0,))
+    tensor = wire.tensor_from_array(np.array(admit.tokens, dtype=np.int32), admit.attempt, 0, admit.meta())
+    me = peers.Me("intruder", 1, "intruder", daemon.status()["cluster"], "m")
+
+    async def send() -> list:
+        channel = await peers.dial("127.0.0.1", daemon.control_port, me)
+        channel.send(tensor)
+        return [m async for m in channel.messages()]  # until the daemon closes it
+
+    asyncio.run(asyncio.wait_for(send(), 20))
+    assert "a token id outside the vocabulary (0..511)" in daemon.log()
+    assert stream_text(daemon, PROMPTS[0], 6, temperature=0) == reference(PROMPTS[0], 6)

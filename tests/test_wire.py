@@ -254,6 +254,15 @@ def test_bad_tensor_frames_are_refused(header, payload, match):
     refused(frame(header, payload), match)
 
 
+def test_a_bad_value_under_long_or_odd_meta_keys_gives_a_short_one_line_error():
+    # The keys are the peer's text: whole, two 64 KiB keys made a 128 KiB error (and Refuse).
+    long_key = "k" * wire.MAX_TEXT
+    error = refused(frame(TENSOR_MAP | {"meta": {long_key: {long_key: float("nan")}}}, bytes(16)), "not a finite")
+    assert len(str(error)) < 200
+    refused(frame(TENSOR_MAP | {"meta": {"a\nb": {"ok": None, "x y": [float("nan")]}}}, bytes(16)),
+            r"^tensor\.meta\['a\\nb'\]\['x y'\]\[0\]: not a finite")  # refused(): and no newline
+
+
 def test_tensor_meta_keys_must_be_strings():
     raw = msgpack.packb(TENSOR_MAP | {"meta": {b"k": 1}}, use_bin_type=True)
     refused(frame(None, bytes(16), raw=raw), r"tensor\.meta key: expected str, got bytes")
@@ -320,7 +329,7 @@ def test_random_frames_give_only_protocol_errors(header_len, payload_len, data):
         drain(decoder)
     except ProtocolError:
         pass
-    assert decoder._payload is None or len(decoder._payload) == payload_len <= wire.MAX_PAYLOAD
+    assert decoder._payload is None or len(decoder._payload) <= min(len(data), payload_len)  # only what arrived
 
 
 _values = st.recursive(_scalars, lambda ch: st.lists(ch, max_size=3)
@@ -372,7 +381,24 @@ def test_an_announced_payload_is_not_allocated_before_its_header_is_valid():
     assert peak < wire.MAX_HEADER // 2  # neither 400 MiB nor the 1 MiB header was reserved
 
 
-def test_a_large_payload_fills_one_preallocated_buffer_in_linear_time():
+def test_a_valid_header_announcing_the_largest_payload_costs_only_what_arrives():
+    # A stranger's first frame, before any handshake: 60 bytes once made the decoder allocate
+    # (and zero) MAX_PAYLOAD, held until the handshake timed out, on every connection.
+    header = msgpack.packb(TENSOR_MAP | {"dtype": "uint8", "shape": [wire.MAX_PAYLOAD]})
+    arrived = PREFIX.pack(len(header), wire.MAX_PAYLOAD) + header + bytes(1 << 20)
+    tracemalloc.start()
+    try:
+        decoder = wire.FrameDecoder()
+        for i in range(0, len(arrived), 64 << 10):
+            decoder.feed(arrived[i:i + (64 << 10)])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decoder.next_message() is None
+    assert peak < 1.5 * len(arrived)  # the payload so far (CPython over-allocates it by 1/8), not 512 MiB
+
+
+def test_a_large_payload_fills_one_buffer_in_linear_time():
     array = np.random.default_rng(0).standard_normal(2 * 2**20, dtype=np.float32)  # 8 MiB
     raw = stream([wire.tensor_from_array(array, "r", 1)])
     decoder = wire.FrameDecoder()

@@ -54,7 +54,8 @@ def _check_hello(me: Me, hello: wire.Hello) -> None:
     if reason:
         raise Refused(reason)
     if hello.cluster != me.cluster:
-        raise Refused(f"refused: cluster {hello.cluster!r}, ours is {me.cluster!r}")
+        # Theirs may be 64 KiB of text: cut, so that our Refuse stays within wire.MAX_TEXT.
+        raise Refused(f"refused: cluster {hello.cluster!r:.80}, ours is {me.cluster!r}")
     if hello.node == me.node and hello.machine == me.machine:
         raise Refused("refused: that is ourselves")
 

@@ -59,7 +59,9 @@ import numpy as np
 from tbmesh.core.messages import DatabaseSummary, Goodbye, Heartbeat, LinkStates
 from tbmesh.core.types import Stage
 
-PROTOCOL_VERSION = 2  # 2: batched serving (Tokens, Cancel.kind, the steps in Tensor.meta)
+# 2: batched serving (Tokens, Cancel.kind, the steps in Tensor.meta)
+# 3: log-probabilities (Sampled.surprisal and .top, logprobs in the sampling of Tensor.meta)
+PROTOCOL_VERSION = 3
 
 PREFIX = struct.Struct(">II")  # header length, payload length
 MAX_HEADER = 1 << 20  # 1 MiB of msgpack: a link-state database of ~1000 Macs with a plan
@@ -145,11 +147,15 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Sampled:
-    """Token `token`, step `step` of attempt `attempt`."""
+    """Token `token`, step `step` of attempt `attempt`; with its surprisal (minus its
+    log-probability: wire numbers are >= 0) and the likeliest tokens of the step (id, surprisal)
+    when the attempt asked for them."""
 
     attempt: str
     step: int
     token: int
+    surprisal: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,8 +172,9 @@ class Tokens:
 class Cancel:
     """An attempt is over, for node `to`. `end`: its entry ended it (to stage 0: keep its
     caches as a prefix-cache entry); `fail`: a stage could not run it (to its entry and
-    stage 0: `reason` says why); `preempt`: stage 0 needed its KV room (to its entry: start
-    it again, it waits for room)."""
+    stage 0: `reason` says why); `preempt`: stage 0 gave it up though its route is sound (it
+    needed the KV room, or a link the attempt crossed broke): to its entry, start it again
+    at once, it is no failure."""
 
     request: str
     to: str
@@ -338,7 +345,9 @@ def _check_plain(value: Any, depth: int = 0) -> Any:
         try:
             _check_plain(item, depth + 1)
         except _Bad as bad:
-            raise bad.at(f".{key}") from None
+            # The key is the peer's text (up to MAX_TEXT): quoted and cut unless it reads as a
+            # name, so the error stays one short line (it goes into logs and our Refuse).
+            raise bad.at(f".{key}" if key.isidentifier() and len(key) <= 40 else f"[{key!r:.40}]") from None
     return value
 
 
@@ -519,9 +528,12 @@ class FrameDecoder:
     """Turns a byte stream into messages: `feed(data)`, then `next_message()` until None.
 
     Header bytes collect in one bytearray consumed by an offset (amortised linear, however the
-    stream is chunked). A payload goes into a bytearray of its exact size, allocated only after
-    its header has been validated, which the Tensor's `data` then views: the copy in `feed`
-    (from the caller's `data` into that buffer) is the one copy this module makes of a tensor.
+    stream is chunked). A payload, once its header has been validated, goes into a bytearray
+    that grows as its bytes arrive (never by what the header merely announces: a peer that
+    claims 512 MiB and sends 50 bytes costs 50 bytes) and that the Tensor's `data` then views:
+    the copy in `feed` (from the caller's `data` into that buffer) is the one copy this module
+    makes of a tensor (growing it is a realloc, amortised: CPython over-allocates by 1/8, and
+    the C library usually moves a large block by remapping its pages, not copying them).
     Payload bytes that arrive in the same chunk as their header are copied twice (into the
     header buffer, then into the payload buffer), at most one read's worth.
 
@@ -536,8 +548,8 @@ class FrameDecoder:
         self._pos = 0  # start of the unconsumed bytes in _buf
         self._lengths: tuple[int, int] | None = None  # the current frame's, once its prefix is in
         self._pending: Tensor | None = None  # a decoded header waiting for its payload
-        self._payload: memoryview | None = None  # of a bytearray: its slices copy with memcpy
-        self._filled = 0
+        self._payload: bytearray | None = None  # its bytes so far, toward _payload_len
+        self._payload_len = 0
         self._ready: deque[Any] = deque()
         self._error: ProtocolError | None = None
 
@@ -561,7 +573,7 @@ class FrameDecoder:
         """The peer closed the connection: an unfinished frame is a truncated one."""
         if self._error is None and (self._lengths is not None or self._payload is not None
                                     or self._pos < len(self._buf)):
-            have = len(self._buf) - self._pos + self._filled
+            have = len(self._buf) - self._pos + len(self._payload or b"")
             self._error = ProtocolError(f"connection closed in the middle of a frame ({have} bytes of it)")
 
     def next_message(self) -> Any | None:
@@ -601,23 +613,21 @@ class FrameDecoder:
             if not payload_len:
                 self._ready.append(message)
                 continue
-            self._pending, self._payload, self._filled = message, memoryview(bytearray(payload_len)), 0
+            self._pending, self._payload, self._payload_len = message, bytearray(), payload_len
             with memoryview(buf) as whole, whole[self._pos:] as rest:  # released at once
                 self._pos += self._fill(rest)
 
     def _fill(self, view: memoryview) -> int:
         """Copy the start of `view` into the pending payload; return how many bytes it took."""
         assert self._payload is not None and self._pending is not None
-        take = min(len(self._payload) - self._filled, view.nbytes)
-        self._payload[self._filled:self._filled + take] = view[:take]
-        self._filled += take
-        if self._filled == len(self._payload):
+        take = min(self._payload_len - len(self._payload), view.nbytes)
+        self._payload += view[:take]
+        if len(self._payload) == self._payload_len:
             # The pending Tensor is ours alone: attach the payload in place (as dataclasses'
             # own __init__ does for frozen classes) instead of building a copy with replace().
-            object.__setattr__(self._pending, "data", self._payload)
+            object.__setattr__(self._pending, "data", memoryview(self._payload))
             self._ready.append(self._pending)
             self._pending = self._payload = None
-            self._filled = 0
         return take
 
     def _compact(self) -> None:

@@ -18,8 +18,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
-from tbmesh.generation import BadRequest, GenerationParams, Unavailable
-from tbmesh.runtime.sampling import Sampling, sample
+from tbmesh.generation import BadRequest, GenerationParams, TokenLogprobs, Unavailable
+from tbmesh.runtime.sampling import Sampling, draw, logprobs_of, token_logprobs
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -75,26 +75,27 @@ class LocalBackend:
     def tokenizer(self, model: str) -> TokenizerWrapper:
         return self._tokenizer
 
-    async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
+    async def generate(self, model: str, prompt: list[int],
+                       params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
         if model != self.name:
             raise BadRequest(f"the model {model!r} does not exist here", param="model")
         if not prompt:
             raise BadRequest("the prompt is empty", param="prompt")
         loop = asyncio.get_running_loop()
         # no seed: a random one of this request's own, never the global RNG shared by all
-        state = _LocalRequest(Sampling(params.temperature, params.top_p, params.seed).seeded())
+        state = _LocalRequest(Sampling(params.temperature, params.top_p, params.seed, params.logprobs).seeded())
         name = uuid.uuid4().hex
         self.requests[name] = state
         eos = self._tokenizer.eos_token_ids
         try:
-            token = await loop.run_in_executor(self._executor, self._prefill, state, prompt)
+            token, logprobs = await loop.run_in_executor(self._executor, self._prefill, state, prompt)
             for step in range(params.max_tokens):
                 if token in eos:
                     return
-                yield token
+                yield token if logprobs is None else logprobs
                 if step + 1 == params.max_tokens:
                     return
-                token = await loop.run_in_executor(self._executor, self._decode, state, token, step + 1)
+                token, logprobs = await loop.run_in_executor(self._executor, self._decode, state, token, step + 1)
         except (GeneratorExit, asyncio.CancelledError):
             self.cancelled.append(name)
             raise
@@ -104,7 +105,7 @@ class LocalBackend:
 
     # in the worker thread
 
-    def _prefill(self, state: _LocalRequest, prompt: list[int]) -> int:
+    def _prefill(self, state: _LocalRequest, prompt: list[int]) -> tuple[int, TokenLogprobs | None]:
         state.cache = make_prompt_cache(self._model)
         tokens = mx.array(prompt)
         while tokens.size > 1:  # all but the last token, in mlx-lm's chunks
@@ -114,11 +115,15 @@ class LocalBackend:
             tokens = tokens[n:]
         return self._next(state, tokens, 0)
 
-    def _decode(self, state: _LocalRequest, token: int, step: int) -> int:
+    def _decode(self, state: _LocalRequest, token: int, step: int) -> tuple[int, TokenLogprobs | None]:
         return self._next(state, mx.array([token]), step)
 
-    def _next(self, state: _LocalRequest, tokens: mx.array, step: int) -> int:
+    def _next(self, state: _LocalRequest, tokens: mx.array, step: int) -> tuple[int, TokenLogprobs | None]:
+        """The token of `step`, with its log-probabilities when the request asked for them."""
         if state.cache is None:
             raise RuntimeError("the request was cancelled")
         logits = self._model(tokens[None], cache=state.cache)[:, -1, :]
-        return sample(logits, state.sampling, step)
+        logprobs = logprobs_of(logits)
+        token = draw(logprobs, state.sampling, step).item()
+        top = state.sampling.logprobs
+        return token, None if top is None else token_logprobs(logprobs[0], token, top)

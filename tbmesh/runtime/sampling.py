@@ -18,9 +18,9 @@ from collections.abc import Callable
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_p
 
-from tbmesh.generation import Sampling
+from tbmesh.generation import Sampling, TokenLogprobs
 
-__all__ = ["Sampling", "draw", "logprobs_of", "make_sampler", "sample", "step_key"]
+__all__ = ["Sampling", "TokenLogprobs", "draw", "logprobs_of", "make_sampler", "sample", "step_key", "token_logprobs"]
 
 
 def step_key(seed: int, step: int) -> mx.array:
@@ -47,6 +47,17 @@ def draw(logprobs: mx.array, sampling: Sampling, step: int) -> mx.array:
 def sample(logits: mx.array, sampling: Sampling, step: int) -> int:
     """The token to emit at `step` (0 for the first generated token) from logits (1, vocab)."""
     return draw(logprobs_of(logits), sampling, step).item()
+
+
+def token_logprobs(logprobs: mx.array, token: int, top: int) -> TokenLogprobs:
+    """`token` with its log-probability and the `top` likeliest tokens, from one row (vocab,) of
+    log-probabilities (those of the model, before temperature and top-p: as mlx-lm reports them)."""
+    if top <= 0:
+        return TokenLogprobs(token, logprobs[token].item())
+    ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+    values = logprobs[ids]
+    likeliest = sorted(zip(ids.tolist(), values.tolist()), key=lambda pair: -pair[1])
+    return TokenLogprobs(token, logprobs[token].item(), tuple(likeliest))
 
 
 def make_sampler(sampling: Sampling) -> Callable[[mx.array], mx.array]:

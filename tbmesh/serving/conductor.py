@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tbmesh.generation import GenerationError, Sampling, Unavailable
+from tbmesh.generation import GenerationError, Sampling, TokenLogprobs, Unavailable
 from tbmesh.serving.messages import Admit, Route
 
 MAX_FAILURES = 6  # attempts in a row without a token before a request gives up (~3 s of back-off)
@@ -66,6 +66,7 @@ class SendCancel:
 class Emit:
     request: str
     token: int
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,10 @@ class Conductor:
         request = self.requests.pop(request_id, None)
         return [] if request is None else self._end_attempt(request)
 
-    def on_tokens(self, sampled: list[tuple[str, int, int]], now: float) -> list[Action]:
-        """Tokens (attempt, step, token) the last stage of some route sampled."""
+    def on_tokens(self, sampled: list[tuple[str, int, int]], now: float,
+                  logprobs: dict[str, TokenLogprobs] | None = None) -> list[Action]:  # fmt: skip
+        """Tokens (attempt, step, token) the last stage of some route sampled, and the
+        log-probabilities of those (by attempt) whose request asked for them."""
         actions: list[Action] = []
         for attempt, step, token in sampled:
             request = self._by_attempt.get(attempt)
@@ -128,7 +131,7 @@ class Conductor:
             request.tokens.append(token)
             request.failures = 0
             self.streamed += 1
-            actions.append(Emit(request.id, token))
+            actions.append(Emit(request.id, token, (logprobs or {}).get(attempt)))
             if len(request.tokens) >= request.max_tokens:
                 actions += self._finish(request)
         return actions

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import numpy as np
 
 from tbmesh.core.assignment import Assignment, Range
 from tbmesh.core.types import Plan
-from tbmesh.generation import BadRequest, GenerationParams, Sampling, Unavailable
+from tbmesh.generation import BadRequest, GenerationParams, Sampling, TokenLogprobs, Unavailable
 from tbmesh.net import wire
 from tbmesh.runtime.shard import Kept, LoadAbandoned, Shard, load_shard
 from tbmesh.serving import conductor as c
@@ -174,15 +174,18 @@ class Engine:
         return self._tokenizer
 
     def unavailable(self, model: str) -> Unavailable | None:
-        """Why a request cannot start now. With a running plan it waits instead (up to
-        resume_wait) for the plan's nodes to be ready, as a request in flight does."""
+        """Why a request cannot start now: the model does not fit, or its first plan is
+        loading (it may take minutes: say how far it is). With a running plan, or while a leader
+        is being elected or is planning (a node that just started or restarted), it waits
+        instead (up to resume_wait), as a request in flight does."""
         view = self.host.view()
-        if view.plan is not None:
+        if view.plan is not None or (view.preparing is None and not view.no_fit):
             return None
         why = usable(view)
         return Unavailable(why) if isinstance(why, str) else None
 
-    async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
+    async def generate(self, model: str, prompt: list[int],
+                       params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
         """Run one request through the cluster; yields sampled tokens until an end token or
         max_tokens. Survives plan changes: each new route gets the prompt and the tokens so far."""
         if (error := self.unavailable(model)) is not None:
@@ -192,7 +195,7 @@ class Engine:
                              f"need more than the context of {self.settings.context} tokens", "max_tokens")
         ends = tuple(self.tokenizer(model).eos_token_ids)
         queue: asyncio.Queue = asyncio.Queue()
-        sampling = Sampling(params.temperature, params.top_p, params.seed)
+        sampling = Sampling(params.temperature, params.top_p, params.seed, params.logprobs)
         request, actions = self.conductor.submit(prompt, params.max_tokens, sampling, ends, time.monotonic(),
                                                  self._usable())
         self._queues[request] = queue
@@ -221,7 +224,7 @@ class Engine:
             elif isinstance(action, c.Emit):
                 self.counters.tokens += 1
                 self._recent_tokens.append(time.monotonic())
-                self._put(action.request, action.token)
+                self._put(action.request, action.token if action.logprobs is None else action.logprobs)
             elif isinstance(action, c.Finish):
                 self._put(action.request, None)
             elif isinstance(action, c.Fail):
@@ -286,7 +289,9 @@ class Engine:
         why = f"the link {self._name(a)}-{self._name(b)} broke"
         self._conduct(self.conductor.on_link_trouble(crosses, why, time.monotonic(), self._usable()))
         for attempt, entry in self.scheduler.break_attempts(crosses):
-            self._fail_at_entry(attempt, entry, why)
+            # not a failure: the route is sound, so the entry starts it again at once and
+            # flapping cables cannot use up its failures (it may not have heard of the break)
+            self._deliver(entry, wire.Cancel(attempt, entry, why, "preempt"))
         self._pump()
 
     # ----- messages --------------------------------------------------------------------
@@ -303,10 +308,10 @@ class Engine:
         elif isinstance(message, wire.Cancel):
             self._on_cancel(message)
         elif message.meta.get("kind") == "admit":
-            tokens = wire.array_from_tensor(message, "numpy").reshape(-1).tolist()
-            admit = Admit.from_meta(message.request, tokens, message.meta)
+            admit = Admit.from_tensor(message)
             if admit.route[0][0] != self.me:
                 raise wire.ProtocolError(f"admit for stage 0 on {admit.route[0][0]}")
+            self._check_tokens(admit.tokens)
             self.scheduler.admit(admit)
             self._pump()
         else:
@@ -316,11 +321,25 @@ class Engine:
                 raise wire.ProtocolError(f"step for stage {step.stage} on {step.to} with shape {message.shape}")
             self._run(step, message)
 
+    def _check_tokens(self, tokens: Iterable[int]) -> None:
+        """Token ids from a peer go into stage 0's embedding, where one out of range crashes
+        MLX: refuse them as the protocol errors they are."""
+        first = next((shard for shard in self.held.values() if shard.first), None)
+        if first is None:
+            return  # no layers of stage 0 here: the attempt is refused when its step comes
+        config = first.config
+        vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+        if vocab and any(not 0 <= t < vocab for t in tokens):
+            raise wire.ProtocolError(f"a token id outside the vocabulary (0..{vocab - 1})")
+
     def _on_tokens(self, message: wire.Tokens) -> None:
+        self._check_tokens(s.token for s in message.tokens)
         sampled = {s.attempt: (s.step, s.token) for s in message.tokens}
         self.scheduler.on_tokens(message.lane, sampled)
+        logprobs = {s.attempt: TokenLogprobs(s.token, -s.surprisal, tuple((t, -x) for t, x in s.top))
+                    for s in message.tokens if s.surprisal is not None}  # fmt: skip
         self._conduct(self.conductor.on_tokens([(s.attempt, s.step, s.token) for s in message.tokens],
-                                               time.monotonic()))
+                                               time.monotonic(), logprobs))
         self._pump()
 
     def _on_cancel(self, message: wire.Cancel) -> None:
@@ -419,7 +438,7 @@ class Engine:
         self._pump()
 
     def _send_tokens(self, step: Step, outcome: Outcome) -> None:
-        sampled = [(m, wire.Sampled(m.attempt, m.step, outcome.tokens[m.attempt])) for m in outcome.ran]
+        sampled = [(m, _sampled(m, outcome)) for m in outcome.ran]
         stage0 = step.route[0][0]
         self._deliver(stage0, wire.Tokens(stage0, step.lane, tuple(s for _, s in sampled)))
         for entry in dict.fromkeys(m.entry for m, _ in sampled if m.entry != stage0):
@@ -555,3 +574,20 @@ def weight_bytes(shards: Any) -> int:
 
 def _new_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def _sampled(member: Member, outcome: Outcome) -> wire.Sampled:
+    """A member's token as the last stage sends it, with its log-probabilities if it asked."""
+    token = outcome.tokens[member.attempt]
+    logprobs = outcome.logprobs.get(member.attempt)
+    if logprobs is None:
+        return wire.Sampled(member.attempt, member.step, token)
+    return wire.Sampled(member.attempt, member.step, token, _surprisal(logprobs.logprob),
+                        tuple((t, _surprisal(p)) for t, p in logprobs.top))
+
+
+def _surprisal(logprob: float) -> float:
+    return min(-logprob, SURPRISAL_MAX)  # finite, as every wire number: a probability of 0 is e**-1e9
+
+
+SURPRISAL_MAX = 1e9

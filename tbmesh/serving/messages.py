@@ -12,19 +12,23 @@ in the order it decided it (TCP between consecutive stages keeps that order):
 
 An `Admit` and a `Step` travel as a `wire.Tensor`: the token ids or hidden states are its
 payload, the description its `meta` (made by `to_meta`, read back, untrusted, by
-`from_meta`, which raises `wire.ProtocolError` on anything malformed).
+`from_meta`, and `Admit.from_tensor` with its tokens, which raise `wire.ProtocolError` on
+anything malformed).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import numpy as np
+
 from tbmesh.core.types import Plan
 from tbmesh.generation import Sampling
-from tbmesh.net.wire import ProtocolError
+from tbmesh.net.wire import ProtocolError, Tensor
 
 Route = tuple[tuple[str, int, int], ...]  # (node, start, end) per stage
 Range = tuple[int, int]
@@ -60,8 +64,19 @@ class Admit:
         s = self.sampling
         return {"kind": "admit", "to": self.to, "route": [list(r) for r in self.route],
                 "entry": self.entry, "produced": self.produced, "max_tokens": self.max_tokens,
-                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
+                "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "logprobs": s.logprobs,
                 "ends": list(self.ends), "cache": self.use_cache}
+
+    @classmethod
+    def from_tensor(cls, tensor: Tensor) -> Admit:
+        """The admission a tensor carries: its tokens as the int32 payload (as the entry sends
+        them), the rest in its meta."""
+        if tensor.dtype != "int32" or len(tensor.shape) != 1:
+            raise ProtocolError(f"admit: tokens as {tensor.dtype}{list(tensor.shape)}, expected int32[n]")
+        tokens = np.frombuffer(tensor.data, np.int32)
+        if tokens.size and tokens.min() < 0:
+            raise ProtocolError(f"admit: token id {tokens.min()}")
+        return cls.from_meta(tensor.request, tokens.tolist(), tensor.meta)
 
     @classmethod
     def from_meta(cls, attempt: str, tokens: list[int], meta: dict[str, Any]) -> Admit:
@@ -100,13 +115,14 @@ class Member:
     def meta(self) -> list[Any]:
         s, o = self.sampling, self.origin
         return [self.attempt, self.entry, self.step, self.position, s.temperature, s.top_p, s.seed,
-                None if o is None else [o.entry, o.length]]
+                None if o is None else [o.entry, o.length], s.logprobs]
 
     @classmethod
     def from_meta(cls, item: Any) -> Member:
-        attempt, entry, step, position, temperature, top_p, seed, origin = item
+        attempt, entry, step, position, temperature, top_p, seed, origin, logprobs = item
         return cls(_text(attempt), _text(entry), _count(step), _count(position),
-                   Sampling(float(temperature), float(top_p), None if seed is None else _count(seed)),
+                   Sampling(_number(temperature), _number(top_p), None if seed is None else _count(seed),
+                            None if logprobs is None else _count(logprobs)),
                    None if origin is None else Origin(_text(origin[0]), _count(origin[1])))
 
 
@@ -210,6 +226,13 @@ def _count(value: Any) -> int:
     return value
 
 
+def _number(value: Any) -> float:
+    """A finite float (an int too, as wire allows): not a string float() would parse ("inf")."""
+    if type(value) not in (float, int) or not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r:.40}")
+    return float(value)
+
+
 def _text(value: Any) -> str:
     if type(value) is not str:
         raise ValueError(f"expected a string, got {value!r:.40}")
@@ -230,5 +253,6 @@ def _route(value: Any) -> Route:
 
 
 def _sampling(meta: dict[str, Any]) -> Sampling:
-    seed = meta["seed"]
-    return Sampling(float(meta["temperature"]), float(meta["top_p"]), None if seed is None else _count(seed))
+    seed, logprobs = meta["seed"], meta["logprobs"]
+    return Sampling(_number(meta["temperature"]), _number(meta["top_p"]), None if seed is None else _count(seed),
+                    None if logprobs is None else _count(logprobs))

@@ -25,7 +25,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from tbmesh.runtime.sampling import draw
+from tbmesh.generation import TokenLogprobs
+from tbmesh.runtime.sampling import draw, token_logprobs
 from tbmesh.runtime.shard import Shard
 from tbmesh.serving.messages import Member, Origin, Range, Route, Step
 from tbmesh.serving.settings import KV_BLOCK
@@ -47,7 +48,7 @@ class LaneCache:
     members: list[str] = field(default_factory=list)  # attempt per row
     lengths: list[int] = field(default_factory=list)  # tokens in each row's cache
     cache: Cache | None = None  # batched, one per layer; None while the lane has no row
-    ahead: mx.array | None = None  # the tokens of the lane's next step, already on its way (see _decode)
+    ahead: Rows | None = None  # the tokens of the lane's next step, already on its way (see _decode)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Outcome:
     out: mx.array | None = None
     ran: tuple[Member, ...] = ()
     tokens: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of the members that asked
     failed: list[tuple[Member, str]] = field(default_factory=list)
 
 
@@ -175,7 +177,7 @@ class StageCaches:
             return outcome
         outcome.ran = ran
         if lane.ahead is not None:  # this very step is on its way already: same rows, same inputs
-            tokens, lane.ahead = lane.ahead, None
+            rows, lane.ahead = lane.ahead, None
         else:
             if len(ran) < len(step.members):
                 x = x[mx.array([i for i, m in enumerate(step.members) if m.attempt in lane.members])]
@@ -185,7 +187,8 @@ class StageCaches:
                 lane.lengths = [n + 1 for n in lane.lengths]
                 outcome.out = out
                 return outcome
-            tokens = sample_rows(out, ran)
+            rows = sample_rows(out, ran)
+        tokens = rows.tokens
         lane.lengths = [n + 1 for n in lane.lengths]
         mx.async_eval(tokens)
         if step.ahead and shard.first and all(c.is_trimmable() for c in lane.cache):
@@ -194,8 +197,13 @@ class StageCaches:
             # overlap). When the next step differs (a row ends or joins), it is taken back.
             following = tuple(replace(m, step=m.step + 1) for m in ran)
             lane.ahead = sample_rows(shard.forward(tokens[:, None], lane.cache), following)
-            mx.async_eval(lane.ahead)
+            mx.async_eval(lane.ahead.tokens)
         outcome.tokens = dict(zip((m.attempt for m in ran), tokens.tolist()))
+        if rows.logprobs is not None:  # only when a member asked: the top-k costs a sort a row
+            for i, m in enumerate(ran):
+                if m.sampling.logprobs is not None:
+                    outcome.logprobs[m.attempt] = token_logprobs(rows.logprobs[i], outcome.tokens[m.attempt],
+                                                                 m.sampling.logprobs)  # fmt: skip
         return outcome
 
     # ----- caches ----------------------------------------------------------------------
@@ -272,11 +280,20 @@ def _fresh(shard: Shard) -> Cache:
     return cache
 
 
-def sample_rows(logits: mx.array, members: tuple[Member, ...]) -> mx.array:
+@dataclass
+class Rows:
+    """A step's sampled tokens (lazy), and its log-probabilities when a member asked for them."""
+
+    tokens: mx.array
+    logprobs: mx.array | None = None
+
+
+def sample_rows(logits: mx.array, members: tuple[Member, ...]) -> Rows:
     """Each row's token (lazy): greedy rows by one argmax, the others drawn with their own keys."""
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     greedy = mx.argmax(logprobs, axis=-1)
+    wanted = logprobs if any(m.sampling.logprobs is not None for m in members) else None
     if all(m.sampling.temperature == 0 for m in members):
-        return greedy
-    return mx.concatenate([greedy[i : i + 1] if m.sampling.temperature == 0 else draw(logprobs[i : i + 1], m.sampling, m.step)
-                           for i, m in enumerate(members)])
+        return Rows(greedy, wanted)
+    return Rows(mx.concatenate([greedy[i : i + 1] if m.sampling.temperature == 0 else draw(logprobs[i : i + 1], m.sampling, m.step)
+                                for i, m in enumerate(members)]), wanted)

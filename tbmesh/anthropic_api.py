@@ -1,0 +1,402 @@
+"""Anthropic's Messages API: POST /v1/messages and /v1/messages/count_tokens.
+
+For the `anthropic` SDK and Claude Code (ANTHROPIC_BASE_URL=http://mac:port). Requests become
+tbmesh.chat's messages and tools (content blocks: text, thinking, tool_use, tool_result), the
+answer comes back as Anthropic's content blocks (thinking, text, tool_use), streamed or not.
+Errors are in Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}.
+The `x-api-key` header is accepted (tbmesh.api checks it when the daemon has an API key).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from tbmesh.chat import ChatReader, ClientGone, Event, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate
+from tbmesh.generation import Backend, GenerationParams
+from tbmesh.openai_api import (ApiError, Limits, _boolean, _failure, _integer, _number, _type_name, _unicode,
+                               check_served, client_gone, read_json)  # fmt: skip
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+               503: "overloaded_error"}  # fmt: skip
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+def error_response(error: Exception) -> web.Response:
+    """Any error (ApiError, the backend's) as Anthropic answers it."""
+    failure = _failure(error)
+    return web.json_response(error_body(failure.status, failure.message), status=failure.status)
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+@dataclass
+class MessagesRequest:
+    model: str
+    messages: list[dict[str, Any]]  # tbmesh.chat's form, the system prompt first
+    tools: list[dict[str, Any]] | None  # tbmesh.chat's form, tool_choice applied
+    params: GenerationParams
+    stop: list[str]
+    stream: bool
+
+
+def _text(value: Any, where: str) -> str:
+    """A string, or an array of text blocks (joined)."""
+    if isinstance(value, str):
+        return _unicode(value, where, "")
+    if not isinstance(value, list):
+        raise _bad(f"'{where}' must be a string or an array of text blocks, not {_type_name(value)}")
+    texts = []
+    for i, block in enumerate(value):
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise _bad(f"'{where}[{i}]' must be a text block ({{\"type\": \"text\", \"text\": ...}})")
+        texts.append(_unicode(block["text"], f"{where}[{i}].text", ""))
+    return "".join(texts)
+
+
+def _block_text(block: dict[str, Any], where: str) -> str:
+    if not isinstance(block.get("text"), str):
+        raise _bad(f"'{where}.text' must be a string, not {_type_name(block.get('text'))}")
+    return _unicode(block["text"], f"{where}.text", "")
+
+
+def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise _bad(f"'{where}.content' must be a string or an array of content blocks, not {_type_name(content)}")
+    if not content:
+        raise _bad(f"'{where}.content' is empty")
+    for i, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise _bad(f"'{where}.content[{i}]' must be a content block (an object with a type)")
+    return content
+
+
+def _user(content: Any, where: str) -> list[dict[str, Any]]:
+    """A user turn: its tool results (each a tool message) and its text, in their order."""
+    messages: list[dict[str, Any]] = []
+    for i, block in enumerate(_blocks(content, where)):
+        here = f"{where}.content[{i}]"
+        if block["type"] == "text":
+            text = _block_text(block, here)
+            if messages and messages[-1]["role"] == "user":
+                messages[-1]["content"] += text
+            else:
+                messages.append({"role": "user", "content": text})
+        elif block["type"] == "tool_result":
+            if not isinstance(block.get("tool_use_id"), str):
+                raise _bad(f"'{here}.tool_use_id' must be a string")
+            result = block.get("content", "")
+            messages.append({"role": "tool", "tool_call_id": block["tool_use_id"],
+                             "content": _text(result, f"{here}.content")})  # fmt: skip
+        else:
+            raise _bad(f"'{here}': a user message holds text and tool_result blocks; "
+                       f"{block['type']} blocks are not supported")
+    return messages
+
+
+def _assistant(content: Any, where: str) -> dict[str, Any]:
+    """An assistant turn: its text, its think block and its tool calls, as one message."""
+    message: dict[str, Any] = {"role": "assistant", "content": ""}
+    for i, block in enumerate(_blocks(content, where)):
+        here = f"{where}.content[{i}]"
+        if block["type"] == "text":
+            message["content"] += _block_text(block, here)
+        elif block["type"] == "thinking":
+            if not isinstance(block.get("thinking"), str):
+                raise _bad(f"'{here}.thinking' must be a string")
+            message["reasoning_content"] = message.get("reasoning_content", "") + block["thinking"]
+        elif block["type"] == "redacted_thinking":
+            continue  # nothing readable to render
+        elif block["type"] == "tool_use":
+            if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                raise _bad(f"'{here}' must have an id and a name (strings)")
+            if not isinstance(block.get("input"), dict):
+                raise _bad(f"'{here}.input' must be an object, not {_type_name(block.get('input'))}")
+            message.setdefault("tool_calls", []).append(
+                {"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": block["input"]}})
+        else:
+            raise _bad(f"'{here}': an assistant message holds text, thinking and tool_use blocks; "
+                       f"{block['type']} blocks are not supported")
+    return message
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' is required: a non-empty array of messages")
+    result = []
+    system = body.get("system")
+    if system is not None:
+        result.append({"role": "system", "content": _text(system, "system")})
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(f"'{where}' must be an object, not {_type_name(message)}")
+        role = message.get("role")
+        if role == "user":
+            result += _user(message.get("content"), where)
+        elif role == "assistant":
+            result.append(_assistant(message.get("content"), where))
+        else:
+            raise _bad(f"'{where}.role' must be \"user\" or \"assistant\", not {json.dumps(role)} "
+                       "(the system prompt is the top-level 'system')")
+    if messages[-1].get("role") == "assistant":  # the chat template starts a new turn after it
+        raise _bad(f"'messages[{len(messages) - 1}]': a last assistant message (a prefill to continue) "
+                   "is not supported: end with a user message")
+    return result
+
+
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The tools offered to the model, in the chat templates' form, as tool_choice says:
+    "none" offers none, "auto" and "any" all (nothing forces a call: there is no constrained
+    decoding), {"type": "tool", "name": ...} only that one."""
+    tools = body.get("tools")
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list):
+        raise _bad(f"'tools' must be an array of tools, not {_type_name(tools)}")
+    functions = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise _bad(f"'tools[{i}]' must be an object with a name")
+        if tool.get("type") not in (None, "custom"):
+            raise _bad(f"'tools[{i}]': server tools ({tool['type']}) are not supported, only client tools")
+        schema = tool.get("input_schema")
+        if not isinstance(schema, dict):
+            raise _bad(f"'tools[{i}].input_schema' must be a JSON schema object")
+        function = {"name": tool["name"]}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        functions.append({"type": "function", "function": {**function, "parameters": schema}})
+    choice = body.get("tool_choice")
+    if choice is None:
+        return functions or None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "none":
+        return None
+    if kind in ("auto", "any"):
+        return functions or None
+    if kind == "tool":
+        named = [f for f in functions if f["function"]["name"] == choice.get("name")]
+        if not named:
+            raise _bad(f"'tool_choice' names the tool {choice.get('name')!r}, which is not in 'tools'")
+        return named
+    raise _bad("'tool_choice' must be {\"type\": \"auto\"}, {\"type\": \"any\"}, {\"type\": \"none\"} "
+               "or {\"type\": \"tool\", \"name\": ...}")
+
+
+def parse_request(body: Any, limits: Limits, count_only: bool = False) -> MessagesRequest:
+    """Check a request body; raises ApiError(400) naming the first bad field."""
+    if not isinstance(body, dict):
+        raise _bad(f"the request body must be a JSON object, not {_type_name(body)}")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise _bad(f"'model' is required: a string, not {_type_name(model)}")
+    # a ceiling, not a wish: clients (Claude Code) ask for more than a Mac's context holds, so
+    # the answer may take what is left of it (then it stops with "max_tokens")
+    max_tokens = _integer(body, "max_tokens", 1)
+    if max_tokens is None and not count_only:
+        raise _bad("'max_tokens' is required")
+    temperature = _number(body, "temperature", 0.0, 1.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    if body.get("top_k") is not None:
+        raise _bad("'top_k' is not supported (temperature and top_p are)")
+    stops = body.get("stop_sequences")
+    if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
+        raise _bad("'stop_sequences' must be an array of strings")
+    if stops is not None and len(stops) > limits.max_stop:
+        raise _bad(f"'stop_sequences' may hold at most {limits.max_stop} strings, not {len(stops)}")
+    thinking = body.get("thinking")
+    if thinking is not None and (not isinstance(thinking, dict) or not isinstance(thinking.get("type"), str)):
+        raise _bad("'thinking' must be an object with a type ({\"type\": \"enabled\", ...})")
+    temperature = 1.0 if temperature is None else temperature  # Anthropic's defaults
+    top_p = 1.0 if top_p is None or top_p == 0 else top_p
+    params = GenerationParams(max_tokens=min(max_tokens or 1, limits.max_tokens), temperature=temperature,
+                              top_p=top_p, seed=None)  # fmt: skip
+    return MessagesRequest(model, _messages(body), _tools(body), params, [s for s in stops or [] if s],
+                           _boolean(body, "stream"))
+
+
+def _prompt(backend: Backend, tokenizer: TokenizerWrapper, request: MessagesRequest) -> list[int]:
+    try:
+        prompt = chat_prompt(tokenizer, request.messages, request.tools)
+    except TemplateError as error:
+        raise _bad(str(error)) from None
+    context = backend.context(request.model)
+    if context is not None:
+        if len(prompt) >= context:
+            raise _bad(f"the prompt has {len(prompt)} tokens; the context is {context} tokens (--context)")
+        request.params = replace(request.params, max_tokens=min(request.params.max_tokens, context - len(prompt)))
+    return prompt
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+def _block_of(event: Text | Reasoning | ToolCall) -> dict[str, Any]:
+    """The content block that `event` starts, as it is before its deltas (streamed)."""
+    if isinstance(event, Text):
+        return {"type": "text", "text": ""}
+    if isinstance(event, Reasoning):
+        return {"type": "thinking", "thinking": "", "signature": ""}
+    return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": event.name, "input": {}}
+
+
+def _delta_of(event: Text | Reasoning | ToolCall) -> dict[str, Any]:
+    if isinstance(event, Text):
+        return {"type": "text_delta", "text": event.text}
+    if isinstance(event, Reasoning):
+        return {"type": "thinking_delta", "thinking": event.text}
+    return {"type": "input_json_delta", "partial_json": json.dumps(event.arguments, ensure_ascii=False)}
+
+
+def _stop(reader: ChatReader) -> tuple[str, str | None]:
+    if reader.stop.matched is not None:
+        return "stop_sequence", reader.stop.matched
+    return STOP_REASONS[reader.finish_reason], None
+
+
+class Answer:
+    """Answers one Messages request, streamed or not."""
+
+    def __init__(self, request: web.Request, backend: Backend, messages: MessagesRequest) -> None:
+        self.request = request
+        self.backend = backend
+        self.messages = messages
+        self.id = f"msg_{uuid.uuid4().hex[:24]}"
+
+    def _message(self, content: list[dict[str, Any]], reader: ChatReader, done: bool) -> dict[str, Any]:
+        stop_reason, stop_sequence = _stop(reader) if done else (None, None)
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.messages.model,
+                "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+                "usage": {"input_tokens": reader.prompt_tokens, "output_tokens": reader.completion_tokens}}
+
+    async def answer(self, tokenizer: TokenizerWrapper, prompt: list[int]) -> web.StreamResponse:
+        request = self.messages
+        reader = ChatReader(tokenizer, prompt, request.stop, request.tools)
+        events = generate(self.backend, request.model, prompt, request.params, reader,
+                          lambda: client_gone(self.request))
+        if request.stream:
+            return await self._stream(events, reader)
+        content: list[dict[str, Any]] = []
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, ToolCall):
+                        content.append({**_block_of(event), "input": event.arguments})
+                    elif isinstance(event, (Text, Reasoning)):
+                        key = "text" if isinstance(event, Text) else "thinking"
+                        if not content or content[-1]["type"] != _block_of(event)["type"]:
+                            content.append(_block_of(event))
+                        content[-1][key] += event.text
+        except ClientGone:
+            return web.Response(status=499)
+        except Exception as error:
+            return error_response(error)
+        return web.json_response(self._message(content, reader, done=True))
+
+    async def _stream(self, events: AsyncIterator[Event], reader: ChatReader) -> web.StreamResponse:
+        """Anthropic's server-sent events. The response starts with the first event, so that an
+        error before any is still an HTTP error status."""
+        response: web.StreamResponse | None = None
+        block: dict[str, Any] | None = None  # the content block open now
+        index = -1
+
+        async def send(name: str, data: dict[str, Any]) -> None:
+            nonlocal response
+            try:
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+                    await response.prepare(self.request)
+                    start = {"type": "message_start", "message": self._message([], reader, done=False)}
+                    await response.write(_event("message_start", start))
+                await response.write(_event(name, {"type": name, **data}))
+            except ConnectionError:  # the client went away
+                raise ClientGone() from None
+
+        async def close_block() -> None:
+            nonlocal block
+            if block is not None:
+                await send("content_block_stop", {"index": index})
+                block = None
+
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    if not isinstance(event, (Text, Reasoning, ToolCall)):
+                        continue
+                    starts = _block_of(event)
+                    if block is None or block["type"] != starts["type"] or isinstance(event, ToolCall):
+                        await close_block()
+                        block, index = starts, index + 1
+                        await send("content_block_start", {"index": index, "content_block": starts})
+                    await send("content_block_delta", {"index": index, "delta": _delta_of(event)})
+            await close_block()
+            stop_reason, stop_sequence = _stop(reader)
+            await send("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                                         "usage": {"output_tokens": reader.completion_tokens}})
+            await send("message_stop", {})
+        except ClientGone:
+            return response or web.Response(status=499)
+        except Exception as error:
+            failure = _failure(error)
+            if response is None:
+                return error_response(failure)
+            try:  # the status has gone out already: an error event ends the stream
+                await send("error", {"error": error_body(failure.status, failure.message)["error"]})
+            except ClientGone:
+                pass
+        return response  # type: ignore[return-value]  # set by send()
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
+    """Add POST /v1/messages and /v1/messages/count_tokens. Before any catch-all route."""
+
+    async def prepare(request: web.Request, count_only: bool) -> tuple[MessagesRequest, TokenizerWrapper, list[int]]:
+        messages = parse_request(await read_json(request, limits), limits, count_only)
+        check_served(backend, messages.model)
+        tokenizer = backend.tokenizer(messages.model)
+        return messages, tokenizer, _prompt(backend, tokenizer, messages)
+
+    async def create_message(request: web.Request) -> web.StreamResponse:
+        try:
+            messages, tokenizer, prompt = await prepare(request, count_only=False)
+        except Exception as error:  # ApiError, and a backend that fails to say what it serves
+            return error_response(error)
+        return await Answer(request, backend, messages).answer(tokenizer, prompt)
+
+    async def count_tokens(request: web.Request) -> web.Response:
+        try:
+            _, _, prompt = await prepare(request, count_only=True)
+        except Exception as error:
+            return error_response(error)
+        return web.json_response({"input_tokens": len(prompt)})
+
+    app.router.add_post("/v1/messages", create_message)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)

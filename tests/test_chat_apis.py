@@ -1,0 +1,211 @@
+"""The agents' fields of the OpenAI and Anthropic APIs over one aiohttp server and LocalBackend
+on the taught model: what tool_choice offers the model, logprobs, and every bad input answered
+with the API's own error shape and a 4xx naming the field."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import mlx.core as mx
+import mlx_lm
+import openai
+import pytest
+from mlx_lm.generate import generate_step
+
+from api_server import ApiServer, SteeredBackend
+from tbmesh.generation import Unavailable
+from tbmesh.openai_api import Limits
+from tbmesh.runtime.teach import CONVERSATIONS, WEATHER_TOOL
+
+MODEL = "taught"
+WEATHER = [{"role": "user", "content": "What is the weather in Oslo?"}]
+CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time now.",
+                                               "parameters": {"type": "object", "properties": {}}}}  # fmt: skip
+MESSAGE = {"model": MODEL, "max_tokens": 8, "messages": WEATHER}
+
+
+@pytest.fixture(scope="module")
+def server(taught_model: Path) -> Iterator[ApiServer]:
+    with SteeredBackend(taught_model) as backend, ApiServer(backend, Limits(max_body_bytes=64 * 1024)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tokenizer(taught_model: Path) -> Any:
+    return mlx_lm.load(str(taught_model))[1]
+
+
+def rendered(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    return len(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
+
+
+@pytest.mark.parametrize("tool_choice, offered", [
+    (None, [WEATHER_TOOL, CLOCK_TOOL]), ("auto", [WEATHER_TOOL, CLOCK_TOOL]), ("required", [WEATHER_TOOL, CLOCK_TOOL]),
+    ("none", None), ({"type": "function", "function": {"name": "get_time"}}, [CLOCK_TOOL]),
+])  # fmt: skip
+def test_tool_choice_decides_which_tools_the_template_offers(server, tokenizer, tool_choice, offered) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    extra = {} if tool_choice is None else {"tool_choice": tool_choice}
+    answer = client.chat.completions.create(model=MODEL, messages=WEATHER, tools=[WEATHER_TOOL, CLOCK_TOOL],
+                                            max_tokens=1, **extra)  # fmt: skip
+    assert answer.usage.prompt_tokens == rendered(tokenizer, WEATHER, offered)
+
+
+@pytest.mark.parametrize("tool_choice, offered", [
+    ({"type": "auto"}, True), ({"type": "any"}, True), ({"type": "none"}, False), ({"type": "tool", "name": "get_weather"}, True),
+])  # fmt: skip
+def test_anthropic_tool_choice_and_system_through_the_template(server, tokenizer, tool_choice, offered) -> None:
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    tool = {"name": "get_weather", "description": "The weather now in a city.",
+            "input_schema": WEATHER_TOOL["function"]["parameters"]}  # fmt: skip
+    counted = client.messages.count_tokens(model=MODEL, system="Be brief.", messages=WEATHER, tools=[tool],
+                                           tool_choice=tool_choice).input_tokens  # fmt: skip
+    system = [{"role": "system", "content": "Be brief."}]
+    assert counted == rendered(tokenizer, system + WEATHER, [WEATHER_TOOL] if offered else None)
+
+
+def test_local_logprobs_are_mlx_lms_and_max_completion_tokens_cuts(server, taught_model: Path) -> None:
+    model, tokenizer = mlx_lm.load(str(taught_model))
+    messages = CONVERSATIONS[3]["messages"][:1]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    steps = list(generate_step(mx.array(prompt), model, max_tokens=6))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=2)  # fmt: skip
+    content = answer.choices[0].logprobs.content
+    assert [e.token for e in content] == [tokenizer.decode([token]) for token, _ in steps]
+    for entry, (token, logprobs) in zip(content, steps):
+        assert math.isclose(entry.logprob, logprobs[token].item(), abs_tol=1e-4)
+        best = mx.argsort(-logprobs)[:2].tolist()
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([t]) for t in best]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None
+    assert (plain.usage.completion_tokens, plain.choices[0].finish_reason) == (3, "length")
+
+
+CHAT = {"model": MODEL, "messages": WEATHER}
+CALL = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                              "function": {"name": "f", "arguments": "{oops"}}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({**CHAT, "tools": {"type": "function"}}, "tools", "'tools' must be an array"),
+    ({**CHAT, "tools": [{"type": "retrieval"}]}, "tools", "'tools[0]' must be a function tool"),
+    ({**CHAT, "tools": [{"type": "function", "function": {}}]}, "tools", "'tools[0].function' must be an object with a name"),
+    ({**CHAT, "tool_choice": "auto"}, "tool_choice", "only allowed when 'tools' are given"),
+    ({**CHAT, "tools": [WEATHER_TOOL], "tool_choice": "always"}, "tool_choice", "'tool_choice' must be"),
+    ({**CHAT, "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": "f"}}, "tool_choice", "'tool_choice' must be"),
+    ({**CHAT, "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}}, "tool_choice", "'x'"),
+    ({**CHAT, "messages": [*WEATHER, CALL]}, "messages", "'messages[1].tool_calls[0].function.arguments' is not JSON"),
+    ({**CHAT, "messages": [*WEATHER, {**CALL, "tool_calls": [{"id": "c"}]}]}, "messages", "'messages[1].tool_calls[0]' must"),
+    ({**CHAT, "logprobs": "yes"}, "logprobs", "'logprobs' must be a boolean"),
+    ({**CHAT, "top_logprobs": 3}, "top_logprobs", "needs 'logprobs': true"),
+    ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "0 to 20"),
+    ({**CHAT, "n": 3}, "n", "only n=1"),
+    ({**CHAT, "response_format": {"type": "json_object"}}, "response_format", "only {\"type\": \"text\"}"),
+    ({**CHAT, "frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
+    ({**CHAT, "logit_bias": {"5": 10}}, "logit_bias", "not supported"),
+    ({**CHAT, "functions": [{"name": "f"}]}, "functions", "use 'tools'"),
+    ({"model": MODEL, "prompt": "Hi", "logprobs": 2}, "logprobs", "not supported on /v1/completions"),
+])  # fmt: skip
+def test_bad_openai_fields_are_400s_naming_the_field(server, body, param, words) -> None:
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    status, answer = server.post(path, body)
+    assert status == 400 and answer["error"]["param"] == param and words in answer["error"]["message"], answer
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"model": MODEL, "messages": WEATHER}, "'max_tokens' is required"),
+    ({**MESSAGE, "max_tokens": "8"}, "'max_tokens' must be an integer"),
+    ({**MESSAGE, "model": 5}, "'model' is required: a string"),
+    ({**MESSAGE, "messages": []}, "'messages' is required"),
+    ({**MESSAGE, "messages": [{"role": "system", "content": "x"}]}, "'messages[0].role' must be \"user\" or \"assistant\""),
+    ({**MESSAGE, "messages": [{"role": "user", "content": 5}]}, "'messages[0].content' must be a string or an array"),
+    ({**MESSAGE, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image blocks are not supported"),
+    ({**MESSAGE, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": 5}]}]},
+     "'messages[0].content[0].content' must be a string or an array of text blocks"),
+    ({**MESSAGE, "messages": [*WEATHER, {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": "x"}]}, *WEATHER]},
+     "'messages[1].content[0].input' must be an object"),
+    ({**MESSAGE, "system": 5}, "'system' must be a string or an array of text blocks"),
+    ({**MESSAGE, "messages": [{"role": "user", "content": []}]}, "'messages[0].content' is empty"),
+    ({**MESSAGE, "messages": [*WEATHER, {"role": "assistant", "content": "It is"}]}, "a prefill to continue) is not supported"),
+    ({**MESSAGE, "messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, "'messages[0].content[0].text' must be a string"),
+    ({**MESSAGE, "temperature": 1.5}, "'temperature' must be 0 to 1"),
+    ({**MESSAGE, "top_k": 5}, "'top_k' is not supported"),
+    ({**MESSAGE, "stop_sequences": "x"}, "'stop_sequences' must be an array of strings"),
+    ({**MESSAGE, "stream": "yes"}, "'stream' must be a boolean"),
+    ({**MESSAGE, "tools": [{"name": "f"}]}, "'tools[0].input_schema' must be a JSON schema object"),
+    ({**MESSAGE, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
+    ({**MESSAGE, "tool_choice": {"type": "tool", "name": "f"}}, "names the tool 'f', which is not in 'tools'"),
+    ({**MESSAGE, "tool_choice": "auto"}, "'tool_choice' must be"),
+    ({**MESSAGE, "thinking": "on"}, "'thinking' must be an object"),
+    ({**MESSAGE, "messages": [{"role": "user", "content": "\ud800"}]}, "lone surrogate"),
+    ([1, 2], "the request body must be a JSON object"),
+])  # fmt: skip
+def test_bad_anthropic_requests_are_400s_in_anthropics_shape(server, body, words) -> None:
+    status, answer = server.post("/v1/messages", body)
+    assert status == 400 and answer["type"] == "error", answer
+    assert answer["error"]["type"] == "invalid_request_error" and words in answer["error"]["message"], answer
+
+
+def test_anthropic_errors_beyond_400_keep_anthropics_shape(server) -> None:
+    status, answer = server.post("/v1/messages", None, raw=b"{not json")
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error" and "not valid JSON" in answer["error"]["message"]
+    status, answer = server.post("/v1/messages", None, raw=json.dumps({**MESSAGE, "system": "x" * 70_000}).encode())
+    assert status == 413 and answer["error"]["type"] == "request_too_large"
+    status, answer = server.post("/v1/messages", {**MESSAGE, "model": "claude-sonnet-4"})
+    assert status == 404 and answer["error"]["type"] == "not_found_error" and "'claude-sonnet-4'" in answer["error"]["message"]
+    status, answer = server.post("/v1/messages", {**MESSAGE, "max_tokens": 8})
+    assert status == 200 and answer["type"] == "message"  # and the server still answers
+
+
+def test_tbmesh_chat_shows_the_think_block_as_the_model_wrote_it(server, taught_model: Path) -> None:
+    question = CONVERSATIONS[1]["messages"][0]["content"]
+    model, tokenizer = mlx_lm.load(str(taught_model))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    raw = mlx_lm.generate(model, tokenizer, prompt, max_tokens=100)
+    assert raw.startswith("<think>\n40 GB") and "</think>\n\nYou need three Macs." in raw
+    result = subprocess.run([sys.executable, "-m", "tbmesh", "chat", question, "--api", server.url, "--temperature", "0"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0 and result.stdout == raw + "\n", result.stderr
+
+
+def test_anthropic_max_tokens_is_a_ceiling_within_the_context(server, tokenizer) -> None:
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    prompt = rendered(tokenizer, WEATHER, None)
+    try:
+        server.backend.room = prompt + 4  # what the cluster's --context leaves this request
+        with client.messages.stream(model=MODEL, max_tokens=64000, messages=WEATHER) as stream:  # as Claude Code asks
+            cut = stream.get_final_message()
+        assert (cut.stop_reason, cut.usage.output_tokens) == ("max_tokens", 4)
+        server.backend.room = prompt
+        with pytest.raises(anthropic.BadRequestError, match=f"the prompt has {prompt} tokens; the context is {prompt}"):
+            client.messages.create(model=MODEL, max_tokens=10, messages=WEATHER)
+    finally:
+        server.backend.reset()
+
+
+def test_anthropic_failures_before_and_during_a_stream_keep_anthropics_shape(server) -> None:
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    try:
+        server.backend.reason = Unavailable("no plan yet: waiting for a leader")
+        with pytest.raises(anthropic.APIStatusError) as before:
+            client.messages.create(model=MODEL, max_tokens=10, messages=WEATHER, stream=True)
+        assert before.value.status_code == 503 and before.value.body["error"] == {
+            "type": "overloaded_error", "message": "no plan yet: waiting for a leader"}
+        server.backend.reset()
+        server.backend.fail_after = 3
+        events = []
+        with pytest.raises(anthropic.APIStatusError, match="stage 1 went away"):
+            for event in client.messages.create(model=MODEL, max_tokens=10, messages=WEATHER, stream=True):
+                events.append(event.type)
+        assert events[0] == "message_start" and "message_stop" not in events
+    finally:
+        server.backend.reset()
