@@ -376,8 +376,7 @@ class Responder:
                 "prompt_eval_count": reader.prompt_tokens, "prompt_eval_duration": first - self.started,
                 "eval_count": reader.completion_tokens, "eval_duration": now - first}  # fmt: skip
 
-    async def _events(self, tokenizer: TokenizerWrapper, prompt: list[int],
-                      reader: ChatReader) -> AsyncIterator[Text | Reasoning | ToolCall]:  # fmt: skip
+    async def _events(self, prompt: list[int], reader: ChatReader) -> AsyncIterator[Text | Reasoning | ToolCall]:
         ask = self.ask
         async with aclosing(generate(self.backend, ask.served, prompt, ask.params, reader,
                                      lambda: client_gone(self.request))) as events:  # fmt: skip
@@ -389,9 +388,9 @@ class Responder:
 
     async def answer(self, tokenizer: TokenizerWrapper, prompt: list[int]) -> web.StreamResponse:
         ask = self.ask
-        # /api/generate and a raw prompt have no messages to split: all is text
+        # a raw prompt is not the chat template's: no think block or tool call to split from the text
         reader = ChatReader(tokenizer, prompt, ask.stop, ask.tools, split=ask.chat or not ask.raw)
-        events = self._events(tokenizer, prompt, reader)
+        events = self._events(prompt, reader)
         if ask.stream:
             return await self._stream(events, reader)
         text, thinking, calls = [], [], []
