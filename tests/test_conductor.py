@@ -122,3 +122,11 @@ def test_a_request_waits_for_a_usable_plan_and_fails_with_the_reason_after_resum
     (fail,) = c.tick(4.0, "a stopped answering")
     assert fail == Fail(request, fail.error) and isinstance(fail.error, Unavailable)
     assert str(fail.error) == "a stopped answering" and not c.requests
+
+
+def test_a_waiting_request_fails_at_once_when_the_model_does_not_fit_and_waits_otherwise():
+    c = conductor(resume_wait=30.0)
+    request, actions = c.submit([1], 10, Sampling(), ENDS, 0.0, "no plan yet: waiting for a leader")
+    assert actions == [] and c.tick(1.0, "no plan yet: waiting for a leader") == []
+    (fail,) = c.tick(2.0, "the model does not fit the cluster: add a Mac", hopeless=True)
+    assert fail.request == request and "does not fit" in str(fail.error) and not c.requests

@@ -163,11 +163,17 @@ class Conductor:
                 actions += self._broken(request, why, now, usable, counts=False)
         return actions
 
-    def tick(self, now: float, usable: Usable) -> list[Action]:
-        """Start the requests waiting for a usable route, or fail them at their deadline."""
+    def tick(self, now: float, usable: Usable, hopeless: bool = False) -> list[Action]:
+        """Start the requests waiting for a usable route, or fail them at their deadline, or
+        at once when waiting is `hopeless` (the model does not fit: `usable` says why)."""
         actions: list[Action] = []
         for request in list(self.requests.values()):
-            if not request.attempt:
+            if request.attempt:
+                continue
+            if hopeless and isinstance(usable, str):
+                self.requests.pop(request.id, None)
+                actions.append(Fail(request.id, Unavailable(usable)))
+            else:
                 actions += self._start(request, now, usable)
         return actions
 

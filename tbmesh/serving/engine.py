@@ -174,15 +174,12 @@ class Engine:
         return self._tokenizer
 
     def unavailable(self, model: str) -> Unavailable | None:
-        """Why a request cannot start now: the model does not fit, or its first plan is
-        loading (it may take minutes: say how far it is). With a running plan, or while a leader
-        is being elected or is planning (a node that just started or restarted), it waits
-        instead (up to resume_wait), as a request in flight does."""
+        """Why a request cannot start now: the model does not fit the cluster. Otherwise (a
+        leader being elected, a plan being made or loaded, a stage gone) it waits up to
+        resume_wait, as a request in flight does, and fails then saying what it waited for:
+        a node that just started, or restarted, answers as soon as it has joined."""
         view = self.host.view()
-        if view.plan is not None or (view.preparing is None and not view.no_fit):
-            return None
-        why = usable(view)
-        return Unavailable(why) if isinstance(why, str) else None
+        return Unavailable(usable(view)) if view.no_fit else None  # usable() says why it does not fit
 
     async def generate(self, model: str, prompt: list[int],
                        params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
@@ -238,7 +235,7 @@ class Engine:
 
     def _tick_conductor(self) -> None:
         self._poll = None
-        self._conduct(self.conductor.tick(time.monotonic(), self._usable()))
+        self._conduct(self.conductor.tick(time.monotonic(), self._usable(), hopeless=bool(self.host.view().no_fit)))
 
     def _put(self, request: str, item: Any) -> None:
         queue = self._queues.get(request)
