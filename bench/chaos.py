@@ -101,6 +101,7 @@ STABLE_S = 2.0  # a converged state must last this long to count (> detection + 
 # A survivor's RSS after converging, over its RSS before the fault: its KV caches may have
 # grown meanwhile (the whole context of 4096 tokens x 8 layers is 32 MB here), nothing more.
 MEMORY_GROWTH_BOUND = 64 << 20
+SOAK_GROWTH_BOUND_MB = 16  # flat: a daemon's RSS in the last minute over its RSS in the second
 KINDS = ("kill", "restart", "stop", "cable", "partition", "flap", "memory")
 
 
@@ -505,8 +506,10 @@ class References:
         return self.cache[key]
 
 
-def check(history: list[Record], faults: list[Fault], references: References, resume_wait: float) -> dict:
-    """Sorts every request: exact, wrong, lost, entry died, not admitted; and the stalls."""
+def check(history: list[Record], faults: list[Fault], references: References, resume_wait: float,
+          stall_bound: float | None = STALL_BOUND_S) -> dict:
+    """Sorts every request: exact, wrong, lost, entry died, not admitted; and the stalls
+    (findings beyond `stall_bound`, none when it is None: a soak's queue is no stall)."""
     outcome: Counter[str] = Counter()
     findings: list[dict] = []
     stalls_by_kind: dict[str, list[float]] = defaultdict(list)
@@ -549,8 +552,8 @@ def check(history: list[Record], faults: list[Fault], references: References, re
         kinds = sorted({f.kind for f in overlapping}) or ["none"]
         for kind in kinds:
             stalls_by_kind[kind].append(stall)
-        allowed = STALL_BOUND_S + sum(f.stopped_s for f in overlapping)
-        if stall > allowed:
+        allowed = None if stall_bound is None else stall_bound + sum(f.stopped_s for f in overlapping)
+        if allowed is not None and stall > allowed:
             outcome["stalled"] += 1
             findings.append({"what": f"stall of {stall:.2f} s > {allowed:.2f} s", "faults": kinds,
                              **summary_of(record)})
@@ -691,7 +694,8 @@ def run_soak(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
         samples.append((time.monotonic() - start, cluster.rss()))
         time.sleep(5.0)
     clients.stop()
-    verdict = check(clients.history, [], References(cluster.model), args.resume_wait)
+    # 64 streams overload 2 cores: requests queue for KV room, so the longest wait is no stall
+    verdict = check(clients.history, [], References(cluster.model), args.resume_wait, stall_bound=None)
 
     def median_rss(lo: float, hi: float) -> dict[str, float]:
         window = [s for t, s in samples if lo <= t < hi]
@@ -706,7 +710,7 @@ def run_soak(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
               "completed": sum(r.end is not None and r.error is None for r in clients.history),
               "pieces_per_s": sum(len(r.arrivals) for r in clients.history) / (minutes * 60), **verdict, "crashed": cluster.crashed(),
               "error_lines": cluster.error_lines()[:50]}
-    result["ok"] = ok(result)
+    result["ok"] = ok(result) and all(growth < SOAK_GROWTH_BOUND_MB for growth in result["rss_growth_mb"].values())
     write_history(work, seed, clients.history, [])
     return result
 

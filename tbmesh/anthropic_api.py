@@ -6,7 +6,7 @@ answer comes back as Anthropic's content blocks (thinking, text, tool_use), stre
 Errors are in Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}; what
 OpenAI's errors say in their `code` is in the header X-Tbmesh-Error-Code (for the 400s that no
 schema of the request foresees: tbmesh.openai_api.MODEL_DEPENDENT_CODES and UNDESCRIBABLE_CODES).
-The `x-api-key` header is accepted (and not checked here).
+The `x-api-key` header is accepted (tbmesh.api checks it when the daemon has an API key).
 """
 
 from __future__ import annotations

@@ -56,13 +56,15 @@ class TemplateError(ValueError):
 
 
 def chat_prompt(tokenizer: TokenizerWrapper, messages: list[dict[str, Any]],
-                tools: list[dict[str, Any]] | None = None) -> list[int]:  # fmt: skip
+                tools: list[dict[str, Any]] | None = None, thinking: bool | None = None) -> list[int]:  # fmt: skip
     """The prompt's token ids: the messages (and the tools offered, if any) through the model's
-    chat template, with the generation prompt of the assistant's turn, as mlx_lm.server."""
+    chat template, with the generation prompt of the assistant's turn, as mlx_lm.server.
+    `thinking`: ask a thinking model's template to think or not (None: the template's default)."""
     if not tokenizer.has_chat_template:
         raise TemplateError("the model has no chat template")
+    options = {} if thinking is None else {"enable_thinking": thinking}  # mlx-lm names it as the template does
     try:
-        tokens = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True)
+        tokens = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, **options)
     except Exception as error:  # jinja's own errors, and the templates' raise_exception()
         raise TemplateError(f"the chat template refused the messages: {error}") from None
     return list(tokens)

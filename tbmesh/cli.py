@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tbmesh.client import DEFAULT_API, ApiProblem, fetch_status, open_api, stream_answer
+from tbmesh.client import API_KEY_ENV, DEFAULT_API, ApiProblem, fetch_status, open_api, stream_answer
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement
 from tbmesh.serving.settings import ServingSettings
 from tbmesh.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
@@ -338,6 +338,9 @@ def daemon(
     port: int = typer.Option(7470, "--port", help="Control port for peers; 0 = any free."),
     api_host: str = typer.Option("127.0.0.1", "--api-host", help="Where the HTTP API listens."),
     api_port: int = typer.Option(7471, "--api-port", help="HTTP API port; 0 = any free."),
+    ollama_port: Optional[int] = typer.Option(None, "--ollama-port", help="Serve the API on this port too, for Ollama clients (Ollama's is 11434); 0 = any free."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Every API request but GET /health must carry this key (Bearer or x-api-key)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the API key from a file (a key on the command line shows in ps)."),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the node id is kept."),
     name: Optional[str] = typer.Option(None, "--name", help="This Mac's name in the cluster [default: host name]."),
     cluster: str = typer.Option("default", "--cluster", help="Only Macs with the same cluster name join."),
@@ -363,8 +366,8 @@ def daemon(
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         _fail(f"bad --log-level {log_level!r}: use debug, info, warning or error")
-    for flag, value in (("--port", port), ("--api-port", api_port)):
-        if not 0 <= value <= 65535:
+    for flag, value in (("--port", port), ("--api-port", api_port), ("--ollama-port", ollama_port)):
+        if value is not None and not 0 <= value <= 65535:
             _fail(f"bad {flag} {value}: a port is 0 to 65535")
     if context < 0:
         _fail("--context must be 0 or more tokens")
@@ -385,6 +388,15 @@ def daemon(
         _fail(str(error))
     if secret_bytes is not None and not secret_bytes:
         _fail("the cluster secret is empty")
+    if api_key is not None and api_key_file is not None:
+        _fail("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            _fail(f"--api-key-file {api_key_file}: {error}")
+    if api_key is not None and not api_key.strip():
+        _fail("the API key is empty")
     if mqtt is not None:
         from tbmesh import telemetry
 
@@ -395,8 +407,8 @@ def daemon(
             _fail(str(error))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = DaemonConfig(
-        interfaces=interface or None, port=port, api_host=api_host, api_port=api_port,
-        cluster=cluster, model=model, secret=secret_bytes, memory_usable=usable, probe_links=probe, mqtt=mqtt,
+        interfaces=interface or None, port=port, api_host=api_host, api_port=api_port, ollama_port=ollama_port,
+        api_key=api_key, cluster=cluster, model=model, secret=secret_bytes, memory_usable=usable, probe_links=probe, mqtt=mqtt,
         serving=ServingSettings(context=context, prefill_chunk=prefill_chunk, max_batch=max_batch,
                                 resume_wait=resume_wait, prefix_cache=prefix_cache),
     )
@@ -417,11 +429,13 @@ def daemon(
 
 
 STATUS_REFRESH_S = 0.5  # the live screen polls the daemon twice a second
+API_KEY_HELP = "The daemon's --api-key, if it has one."
 
 
 @app.command()
 def status(
     api: str = typer.Option(DEFAULT_API, "--api", help="The daemon's API URL."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar=API_KEY_ENV, help=API_KEY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the status JSON and exit."),
     once: bool = typer.Option(False, "--once", help="Print one frame and exit."),
 ) -> None:  # fmt: skip
@@ -429,7 +443,7 @@ def status(
     (Ctrl-C to leave). When stdout is not a terminal (a pipe, a script), print one frame and
     exit, as with --once."""
     try:
-        data = fetch_status(api)
+        data = fetch_status(api, api_key=api_key)
     except ConnectionError as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(1)
@@ -443,12 +457,12 @@ def status(
         console.print(status_view.render(data, console.width))
         return
     try:
-        _watch_status(api, data, console)
+        _watch_status(api, data, console, api_key)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how one leaves the screen: exit 0, no traceback
 
 
-def _watch_status(api: str, data: dict[str, Any], console: Console) -> None:
+def _watch_status(api: str, data: dict[str, Any], console: Console, api_key: str | None) -> None:
     """Redraw from GET /status until Ctrl-C; while the daemon does not answer, keep the last
     frame under a red line and keep asking."""
     import time
@@ -465,7 +479,7 @@ def _watch_status(api: str, data: dict[str, Any], console: Console) -> None:
             live.update(status_view.render(data, width, height, error), refresh=True)
             time.sleep(STATUS_REFRESH_S)
             try:
-                data, error = fetch_status(api, timeout=1.0), None
+                data, error = fetch_status(api, timeout=1.0, api_key=api_key), None
             except ConnectionError:
                 error = f"daemon not answering at {api}: its last status below; retrying"
 
@@ -536,6 +550,8 @@ def install(
     port: Optional[int] = typer.Option(None, "--port", help="Control port for peers (default: 7470)."),
     api_host: Optional[str] = typer.Option(None, "--api-host", help="Where the HTTP API listens (default: 127.0.0.1)."),
     api_port: Optional[int] = typer.Option(None, "--api-port", help="HTTP API port (default: 7471)."),
+    ollama_port: Optional[int] = typer.Option(None, "--ollama-port", help="Serve the API on this port too, for Ollama clients (e.g. 11434)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the API key from this file (a key itself would be readable in the plist)."),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the node id is kept (default: the user's)."),
     context: Optional[int] = typer.Option(None, "--context", help=f"Tokens of KV cache each stage keeps room for (default: {DEFAULT_CONTEXT})."),
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning or error (default: info)."),
@@ -555,7 +571,7 @@ def install(
 
     if not dry_run:
         _check_can_change("install", user_agent)
-    for flag, value in (("--port", port), ("--api-port", api_port)):
+    for flag, value in (("--port", port), ("--api-port", api_port), ("--ollama-port", ollama_port)):
         if value is not None and not 0 <= value <= 65535:
             _fail(f"bad {flag} {value}: a port is 0 to 65535")
     if context is not None and context < 0:
@@ -576,8 +592,10 @@ def install(
         _fail(f"--model {model}: no such directory")
     if secret_file is not None and not secret_file.expanduser().is_file():
         _fail(f"--secret-file {secret_file}: no such file")
+    if api_key_file is not None and not api_key_file.expanduser().is_file():
+        _fail(f"--api-key-file {api_key_file}: no such file")
     flags = DaemonFlags(tuple(interface), model, cluster, secret_file, name, port, api_host, api_port,
-                        state_dir, context, log_level, mqtt, resume_wait)  # fmt: skip
+                        state_dir, context, log_level, mqtt, resume_wait, ollama_port, api_key_file)  # fmt: skip
     service = _service_for(user_agent, user, flags)
     for path in protected_paths(service):
         print(f"warning: {path} is in a folder macOS keeps from launchd services unless their program "
@@ -640,6 +658,7 @@ CHAT_READ_TIMEOUT = 600.0  # s between two pieces of the answer (a long prefill 
 def chat(
     prompt: str = typer.Argument(..., help="What to ask."),
     api: str = typer.Option(DEFAULT_API, "--api", help="The daemon's API URL."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar=API_KEY_ENV, help=API_KEY_HELP),
     model: Optional[str] = typer.Option(None, "--model", help="The model id (default: the first the daemon serves)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens in the answer (default: the API's, 2048)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 picks the likeliest token each step (default: 1)."),
@@ -663,7 +682,7 @@ def chat(
 
     try:
         if model is None:
-            with open_api(api, "/v1/models") as response:
+            with open_api(api, "/v1/models", api_key=api_key) as response:
                 served = [m["id"] for m in json.loads(response.read())["data"]]
             if not served:
                 raise ApiProblem(f"the daemon at {api} serves no model (start it with --model DIR)")
@@ -674,7 +693,7 @@ def chat(
         for key, value in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
             if value is not None:
                 body[key] = value
-        with open_api(api, "/v1/chat/completions", body, timeout=CHAT_READ_TIMEOUT) as response:
+        with open_api(api, "/v1/chat/completions", body, timeout=CHAT_READ_TIMEOUT, api_key=api_key) as response:
             stream_answer(response, write)
         print()
     except ApiProblem as error:

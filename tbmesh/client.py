@@ -10,29 +10,38 @@ from collections.abc import Callable
 from typing import Any
 
 DEFAULT_API = "http://127.0.0.1:7471"
+API_KEY_ENV = "TBMESH_API_KEY"  # where `tbmesh status` and `tbmesh chat` find the daemon's --api-key
 
 
 class ApiProblem(ConnectionError):
     """The daemon does not answer, or answers with an error: one line to show."""
 
 
-def open_api(api: str, path: str, body: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
-    """An HTTP response of the daemon's API (POST when there is a body); raises ApiProblem."""
+def open_api(api: str, path: str, body: dict[str, Any] | None = None, timeout: float = 5.0,
+             api_key: str | None = None) -> Any:  # fmt: skip
+    """An HTTP response of the daemon's API (POST when there is a body), with the daemon's API
+    key if it has one; raises ApiProblem."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(api.rstrip("/") + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(api.rstrip("/") + path, data=data, headers=headers)
     try:
         return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as error:
         with error:
-            raise ApiProblem(_error_message(error.code, error.read())) from None
+            message = _error_message(error.code, error.read())
+        if error.code == 401:
+            message += f" (give the daemon's key with --api-key or {API_KEY_ENV})"
+        raise ApiProblem(message) from None
     except (urllib.error.URLError, OSError, ValueError) as error:
         raise ApiProblem(f"no tbmesh daemon answers at {api} ({getattr(error, 'reason', error)}); "
                          "start one with `tbmesh daemon` (or point --api at one)") from None
 
 
-def fetch_status(api: str, timeout: float = 2.0) -> dict[str, Any]:
+def fetch_status(api: str, timeout: float = 2.0, api_key: str | None = None) -> dict[str, Any]:
     """GET /status; raises ApiProblem (a ConnectionError) with a one-line reason."""
-    with open_api(api, "/status", timeout=timeout) as response:
+    with open_api(api, "/status", timeout=timeout, api_key=api_key) as response:
         try:
             return json.loads(response.read())
         except (OSError, ValueError) as error:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -55,6 +56,16 @@ MEMORY_FILE_CHECK_S = 0.5  # TBMESH_MEMORY_FILE: reading a file is cheap, tests 
 LOSSY = frozenset({"suspect", "dead", "left", "restarted"})
 
 
+def _loopback(host: str) -> bool:
+    """Whether `host` (an --api-host) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class StartupError(Exception):
     """A one-line reason the daemon cannot start (port in use, no such interface, ...)."""
 
@@ -65,6 +76,8 @@ class DaemonConfig:
     port: int = DEFAULT_PORT  # control port; 0 = any free
     api_host: str = "127.0.0.1"
     api_port: int = DEFAULT_API_PORT  # 0 = any free
+    ollama_port: int | None = None  # the same API on a second port too (Ollama's is 11434); 0 = any free
+    api_key: str | None = None  # every API request but a health check must carry it
     state_dir: Path = field(default_factory=state.default_state_dir)
     name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     cluster: str = "default"
@@ -91,6 +104,7 @@ class Daemon:
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         self.port = 0
         self.api_port = 0
+        self.ollama_port: int | None = None  # where --ollama-port listens, once it does
         self.stopped = asyncio.Event()
         self._wake: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -153,11 +167,17 @@ class Daemon:
         if cfg.mqtt is not None:
             self._start_telemetry(cfg.mqtt)
         # where `tbmesh status` (and tests) find this daemon's API
-        state.write_atomically(cfg.state_dir / "api.json", json.dumps(
-            {"url": f"http://{cfg.api_host}:{self.api_port}", "pid": os.getpid(), "port": self.port}))
-        log.info("node %s (%s) up: control port %d, API http://%s:%d, interfaces %s %s",
+        found = {"url": f"http://{cfg.api_host}:{self.api_port}", "pid": os.getpid(), "port": self.port}
+        if self.ollama_port is not None:
+            found["ollama_url"] = f"http://{cfg.api_host}:{self.ollama_port}"
+        state.write_atomically(cfg.state_dir / "api.json", json.dumps(found))
+        log.info("node %s (%s) up: control port %d, API http://%s:%d%s, interfaces %s %s",
                  self.core.info.name, self.core.id, self.port, cfg.api_host, self.api_port,
+                 "" if self.ollama_port is None else f" (and :{self.ollama_port} for Ollama clients)",
                  ",".join(self.interfaces) or "none yet", self.addresses)
+        if cfg.api_key is None and not _loopback(cfg.api_host):
+            log.warning("the API listens on %s without a key: anyone who reaches it can use the model; "
+                        "give one with --api-key-file", cfg.api_host)
 
     async def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
@@ -248,20 +268,22 @@ class Daemon:
 
         from tbmesh.api import make_app
 
-        runner = web.AppRunner(make_app(self.status, self._probe_links, self.engine), access_log=None)
+        cfg = self.config
+        runner = web.AppRunner(make_app(self.status, self._probe_links, self.engine, api_key=cfg.api_key), access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.api_host, self.config.api_port)
-        try:
-            await site.start()
-        except OSError as error:
-            await runner.cleanup()
-            if error.errno == errno.EADDRINUSE:
-                raise StartupError(f"API port {self.config.api_port} is in use; choose another "
-                                   "with --api-port") from None
-            raise StartupError(f"cannot serve the API on {self.config.api_host}:"
-                               f"{self.config.api_port}: {error.strerror}") from None
+        ports = [("--api-port", cfg.api_port)] + ([("--ollama-port", cfg.ollama_port)] if cfg.ollama_port is not None else [])
+        for flag, port in ports:  # one app, so the same endpoints (and key) on each port
+            try:
+                await web.TCPSite(runner, cfg.api_host, port).start()
+            except OSError as error:
+                await runner.cleanup()
+                if error.errno == errno.EADDRINUSE:
+                    raise StartupError(f"port {port} ({flag}) is in use; choose another with {flag}") from None
+                raise StartupError(f"cannot serve the API on {cfg.api_host}:{port}: {error.strerror}") from None
         self._api = runner
         self.api_port = runner.addresses[0][1]
+        if cfg.ollama_port is not None:
+            self.ollama_port = runner.addresses[1][1]
 
     def _advert(self) -> Advert:
         assert self.core is not None

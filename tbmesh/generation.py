@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class BadRequest(GenerationError):
 
 
 class Backend(Protocol):
+    model_dir: Path | None  # the model's directory (config.json, weights): what APIs tell of the model
+
     def models(self) -> list[str]:
         """The model ids served (the model directory's name)."""
 

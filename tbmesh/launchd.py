@@ -108,6 +108,8 @@ class DaemonFlags:
     log_level: str | None = None
     mqtt: str | None = None
     resume_wait: float | None = None
+    ollama_port: int | None = None
+    api_key_file: Path | None = None
 
     def arguments(self) -> list[str]:
         """The flags as arguments after `tbmesh daemon`; paths made absolute (launchd's working
@@ -120,6 +122,7 @@ class DaemonFlags:
             ("--name", self.name), ("--port", self.port), ("--api-host", self.api_host),
             ("--api-port", self.api_port), ("--state-dir", self.state_dir), ("--context", self.context),
             ("--log-level", self.log_level), ("--mqtt", self.mqtt), ("--resume-wait", self.resume_wait),
+            ("--ollama-port", self.ollama_port), ("--api-key-file", self.api_key_file),
         )  # fmt: skip
         for flag, value in options:
             if value is not None:

@@ -425,9 +425,11 @@ def prompt_tokens(tokenizer: TokenizerWrapper, request: CompletionRequest) -> li
     return list(request.prompt)
 
 
-def fit_context(request: CompletionRequest, prompt: int, context: int | None) -> GenerationParams:
+def fit_context(request: CompletionRequest, prompt: int, context: int | None,
+                max_tokens_name: str = "max_tokens") -> GenerationParams:  # fmt: skip
     """The parameters with max_tokens within the backend's context (the KV room of a stage):
-    a default cut to what is left, a prompt and max_tokens that can never fit a 400."""
+    a default cut to what is left, a prompt and max_tokens that can never fit a 400 (naming
+    max_tokens as the API does)."""
     params = request.params
     if context is None:
         return params
@@ -438,9 +440,9 @@ def fit_context(request: CompletionRequest, prompt: int, context: int | None) ->
     if not request.max_tokens_given:
         return replace(params, max_tokens=min(params.max_tokens, context - prompt))
     if prompt + params.max_tokens > context:
-        raise _bad("max_tokens", f"the prompt ({prompt} tokens) and max_tokens ({params.max_tokens}) need "
-                                 f"{prompt + params.max_tokens} tokens; the context is {context} tokens "
-                                 f"(--context): lower max_tokens to at most {context - prompt}",
+        raise _bad(max_tokens_name, f"the prompt ({prompt} tokens) and {max_tokens_name} ({params.max_tokens}) "
+                                    f"need {prompt + params.max_tokens} tokens; the context is {context} tokens "
+                                    f"(--context): lower {max_tokens_name} to at most {context - prompt}",
                    CONTEXT_LENGTH_EXCEEDED)
     return params
 

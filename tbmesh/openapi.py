@@ -71,8 +71,10 @@ def document(descriptions: Iterable[ApiDescription]) -> dict[str, Any]:
             "title": "tbmesh",
             "version": package_version,
             "description": "The HTTP API of a tbmesh node: the cluster's status and an "
-                           "OpenAI-compatible API and Anthropic's Messages API of the model the "
-                           "cluster serves. Errors are in the format of the API a path belongs to.",
+                           "OpenAI-compatible API, Anthropic's Messages API and an Ollama-compatible "
+                           "API of the model the cluster serves. Errors are in the format of the API "
+                           "a path belongs to. With an API key (--api-key), every operation but the "
+                           "health checks (GET /health, GET /) wants it, this document's included.",
         },
         "paths": dict(sorted(paths.items())),
         "components": {"schemas": dict(sorted(schemas.items()))},

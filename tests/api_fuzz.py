@@ -5,12 +5,12 @@ checks of our own besides all of schemathesis's:
 
 - every error, whatever its path and method (an unknown path, a method a path does not take),
   is in the format of the API the path belongs to: the error schema its operation's responses
-  refer to (OpenAI's Error, Anthropic's AnthropicError);
+  refer to (OpenAI's Error, Anthropic's AnthropicError, Ollama's OllamaError);
 - a request the document calls valid is served, or refused only for what no schema of the
   request can foresee (the prompt's length in tokens, the vocabulary, the chat template: the
   codes tbmesh.openai_api.MODEL_DEPENDENT_CODES) or JSON Schema cannot say (a string that must
-  hold JSON, fields that must agree: UNDESCRIBABLE_CODES); Anthropic's errors give the code in a
-  header. It replaces schemathesis's
+  hold JSON, fields that must agree: UNDESCRIBABLE_CODES); Anthropic's and Ollama's errors give
+  the code in a header. It replaces schemathesis's
   positive_data_acceptance, which would take those 400s for a fault of the document.
 
 The command line, not schemathesis's pytest integration: its lazy loader (from_fixture, for a
@@ -31,6 +31,7 @@ from typing import Any
 import jsonschema_rs
 import schemathesis
 
+from tbmesh import anthropic_api, ollama_api
 from tbmesh.anthropic_api import CODE_HEADER
 from tbmesh.openai_api import MODEL_DEPENDENT_CODES, UNDESCRIBABLE_CODES
 
@@ -54,12 +55,16 @@ def _json_body(response: schemathesis.Response) -> Any:
 def error_schema(case: schemathesis.Case, status: int) -> dict[str, Any]:
     """The error schema of `case`'s operation for `status`: the one its documented response for
     that status refers to, else the one its other errors refer to (an undocumented 404 or 405
-    is in the format of the API the path belongs to), else OpenAI's Error."""
+    is in the format of the API the path belongs to), else that of the API of its path (an
+    operation that documents no error: Ollama's under /api, Anthropic's under /v1/messages,
+    OpenAI's elsewhere)."""
     document = case.operation.schema.raw_schema
     responses = document["paths"][case.operation.path][case.operation.method.lower()]["responses"]
     errors = [responses[str(status)]] if str(status) in responses else \
         [answer for code, answer in responses.items() if code[0] in "45"]  # fmt: skip
-    names = {a["content"]["application/json"]["schema"]["$ref"].rpartition("/")[2] for a in errors} or {"Error"}
+    path = case.operation.path
+    names = {a["content"]["application/json"]["schema"]["$ref"].rpartition("/")[2] for a in errors} or \
+        {ollama_api.ERROR if ollama_api.owns(path) else anthropic_api.ERROR if anthropic_api.owns(path) else "Error"}
     assert len(names) == 1, f"{case.operation.label}: errors in several schemas: {names}"
     schemas = document["components"]["schemas"]
     # its $refs resolve against the document's components
@@ -67,10 +72,18 @@ def error_schema(case: schemathesis.Case, status: int) -> dict[str, Any]:
 
 
 def error_code(response: schemathesis.Response) -> str | None:
-    """The error's code: OpenAI's error.code, or the header of Anthropic's errors."""
+    """The error's code: OpenAI's error.code, or the header of Anthropic's and Ollama's errors."""
     body = _json_body(response)
     error = body.get("error") if isinstance(body, dict) else None
-    return response.headers.get(CODE_HEADER.lower(), [None])[0] or (error or {}).get("code")
+    code = error.get("code") if isinstance(error, dict) else None
+    return response.headers.get(CODE_HEADER.lower(), [None])[0] or code
+
+
+@schemathesis.deserializer(ollama_api.NDJSON)
+def ndjson_lines(ctx: schemathesis.DeserializationContext, response: schemathesis.Response) -> list[Any]:
+    """Ollama's streamed answers: one JSON value a line, read as an array (as the document
+    describes the stream)."""
+    return [json.loads(line) for line in response.content.decode("utf-8").splitlines() if line.strip()]
 
 
 @schemathesis.check

@@ -42,8 +42,10 @@ class DaemonProcess:
     """One `tbmesh daemon` in a subprocess, optionally inside a network namespace."""
 
     def __init__(self, name: str, state_dir: Path, args: Sequence[str] = (),
-                 mac: Any = None, log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+                 mac: Any = None, log_dir: Path | None = None, env: dict[str, str] | None = None,
+                 api_key: str | None = None) -> None:  # fmt: skip
         self.name = name
+        self.api_key = api_key  # the daemon's --api-key, sent with each request
         self.env = env or {}  # added to ours
         self.state_dir = state_dir
         self.args = list(args)
@@ -97,7 +99,8 @@ class DaemonProcess:
     def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 5) -> bytes:
         connection = self.connection(timeout)
         try:
-            connection.request(method, path, body)
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            connection.request(method, path, body, headers)
             return connection.getresponse().read()
         finally:
             connection.close()

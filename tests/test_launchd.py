@@ -98,11 +98,13 @@ def test_daemon_flags_become_arguments_with_absolute_paths(tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     flags = DaemonFlags(interfaces=("en2", "en*"), model=Path("models/m"), cluster="lab",
                         secret_file=Path("secret"), port=7480, context=0, log_level="debug",
-                        mqtt="mqtt://nas:1883", resume_wait=60.0)  # fmt: skip
+                        mqtt="mqtt://nas:1883", resume_wait=60.0, ollama_port=11434,
+                        api_key_file=Path("api-key"))  # fmt: skip
     assert flags.arguments() == [
         "--interface", "en2", "--interface", "en*", "--model", str(tmp_path / "models" / "m"),
         "--cluster", "lab", "--secret-file", str(tmp_path / "secret"), "--port", "7480",
         "--context", "0", "--log-level", "debug", "--mqtt", "mqtt://nas:1883", "--resume-wait", "60.0",
+        "--ollama-port", "11434", "--api-key-file", str(tmp_path / "api-key"),
     ]  # fmt: skip
     assert DaemonFlags().arguments() == []  # nothing given: the daemon's own defaults
 

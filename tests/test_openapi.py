@@ -70,6 +70,7 @@ def test_the_document_names_every_route_and_no_other(backend: LocalBackend) -> N
     assert routes == described
     assert ("post", "/v1/chat/completions") in routes and ("get", "/v1/models/{model}") in routes
     assert ("post", "/v1/messages") in routes and ("post", "/v1/messages/count_tokens") in routes
+    assert ("post", "/api/chat") in routes and ("get", "/") in routes and ("get", "/health") in routes
 
 
 def test_the_document_is_valid_openapi_and_names_the_models(backend: LocalBackend) -> None:
@@ -110,6 +111,25 @@ def test_a_method_a_path_does_not_take_is_405_naming_those_it_does(server: ApiSe
         assert status == 405 and headers["Allow"] == "POST", (method, path, status, body)
         assert is_anthropic_error(body) and body["error"]["type"] == "invalid_request_error", body
         assert f"does not take {method}" in body["error"]["message"]
+
+
+def test_ollamas_paths_answer_404_and_405_in_ollamas_shape(server: ApiServer) -> None:
+    status, headers, body = call(server, "GET", "/api/chat")
+    assert status == 405 and headers["Allow"] == "POST" and body.keys() == {"error"}, (status, body)
+    assert "does not take GET" in body["error"]
+    status, _, body = call(server, "POST", "/api/nothing")
+    assert status == 404 and body == {"error": "no such endpoint: POST /api/nothing"}
+
+
+def test_the_document_with_a_key_says_how_to_send_it(backend: LocalBackend) -> None:
+    doc = openapi_document(backend, keyed=True)
+    schemathesis.openapi.from_dict(doc).validate()
+    assert doc["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert doc["paths"]["/health"]["get"]["security"] == [] and doc["paths"]["/"]["get"]["security"] == []
+    assert "security" not in doc["paths"]["/openapi.json"]["get"]
+    assert doc["paths"]["/api/tags"]["get"]["responses"]["401"]["content"]["application/json"]["schema"] == \
+        {"$ref": "#/components/schemas/OllamaError"}  # fmt: skip
+    assert "security" not in openapi_document(backend)
 
 
 def test_an_unknown_path_is_404_in_the_error_format(server: ApiServer) -> None:

@@ -1,0 +1,738 @@
+"""Ollama-compatible HTTP API: /api/chat, /api/generate, /api/tags, /api/show, /api/ps,
+/api/version and `GET /` (Ollama's "is it running").
+
+What Ollama clients (the `ollama` libraries, Open WebUI, editors' plugins) call to list the
+cluster's model and chat with it, tools and thinking included. The work is tbmesh.chat's
+(messages and tools through the chat template; tokens to text, thinking and tool calls) and
+the OpenAI module's (request bodies read with its limits, its field checks, disconnects).
+Only the shapes are Ollama's: options by Ollama's names, answers streamed as NDJSON by
+default, tool-call arguments as objects, durations in nanoseconds, errors as {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from tbmesh.anthropic_api import CODE_HEADER
+from tbmesh.chat import ChatReader, ClientGone, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate
+from tbmesh.generation import Backend, GenerationParams
+from tbmesh.openai_api import (
+    CHAT_TEMPLATE_ERROR,
+    CONTEXT_LENGTH_EXCEEDED,
+    EMPTY_PROMPT,
+    ApiError,
+    CompletionRequest,
+    Limits,
+    _bad,
+    _boolean,
+    _failure,
+    _integer,
+    _number,
+    _stop_strings,
+    _tools,
+    _type_name,
+    _unicode,
+    client_gone,
+    fit_context,
+    read_json,
+)
+from tbmesh.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+OLLAMA_VERSION = "0.12.0"  # the Ollama release whose API this follows (clients check it for features)
+DEFAULT_TEMPERATURE = 0.8  # Ollama's defaults, when a request's options do not say
+DEFAULT_TOP_P = 0.9
+NDJSON = "application/x-ndjson"
+ROLES = ("system", "user", "assistant", "tool")
+NEVER = "9999-12-31T23:59:59Z"  # /api/ps's expires_at: the cluster keeps its model loaded
+
+
+# CODE_HEADER (as Anthropic's errors): what OpenAI's error would say in its `code`
+
+
+def owns(path: str) -> bool:
+    """Whether a path is this API's (its errors then in Ollama's shape), routed or not."""
+    return path == "/api" or path.startswith("/api/")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """An error in Ollama's shape: {"error": "..."}."""
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _answer_error(error: ApiError) -> web.Response:
+    headers = dict(error.headers or {})
+    if error.code is not None:
+        headers[CODE_HEADER] = error.code
+    return error_response(error.status, error.message, headers)
+
+
+def tagged(name: str) -> str:
+    """The model's name as Ollama lists it: name:tag, the tag "latest" when it has none."""
+    return name if ":" in name else f"{name}:latest"
+
+
+def _timestamp(seconds: float | None = None) -> str:
+    """RFC 3339 in UTC, as Ollama's created_at and modified_at."""
+    moment = datetime.fromtimestamp(time.time() if seconds is None else seconds, timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+# --- what the model is --------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def model_facts(model_dir: Path | None) -> dict[str, Any]:
+    """What /api/tags, /api/show and /api/ps say about a model directory, read once (config.json
+    and the safetensors headers: a few kilobytes per file). Empty when it cannot be read: the
+    listing is informational, and the errors are the serving's to report."""
+    from tbmesh.core.modelspec import ModelFormatError
+    from tbmesh.runtime.modeldir import read_config, read_header, weight_files
+
+    if model_dir is None:
+        return {}
+    try:
+        config = read_config(model_dir)
+        files = weight_files(model_dir)
+        tensors = {name: entry for file in files for name, entry in read_header(file).items()}
+        sizes = {file.name: file.stat().st_size for file in files}
+        modified = max([(model_dir / "config.json").stat().st_mtime] + [f.stat().st_mtime for f in files])
+    except (ModelFormatError, OSError):
+        return {}
+    text = {**config, **config.get("text_config", {})}  # multimodal configs nest the language model's
+    quantization = config.get("quantization") or {}
+    bits = quantization.get("bits") if isinstance(quantization, dict) else None
+    parameters = 0
+    for name, (dtype, shape) in tensors.items():
+        if name.endswith((".scales", ".biases")):
+            continue  # a quantized matrix's scales and biases are not parameters
+        count = 1
+        for size in shape:
+            count *= size
+        parameters += count * 32 // bits if bits and dtype == "U32" else count  # packed 32 / bits per word
+    dtypes = [dtype for dtype, _ in tensors.values()]
+    family = str(text.get("model_type", "unknown"))
+    digest = hashlib.sha256(json.dumps([config, sorted(sizes.items())], sort_keys=True).encode()).hexdigest()
+    info: dict[str, Any] = {"general.architecture": family, "general.parameter_count": parameters}
+    for key, ours in (("context_length", "max_position_embeddings"), ("embedding_length", "hidden_size"),
+                      ("block_count", "num_hidden_layers"), ("attention.head_count", "num_attention_heads"),
+                      ("attention.head_count_kv", "num_key_value_heads"), ("vocab_size", "vocab_size")):  # fmt: skip
+        if ours in text:
+            info[f"{family}.{key}"] = text[ours]
+    return {
+        "size": sum(sizes.values()),
+        "digest": digest,
+        "modified_at": _timestamp(modified),
+        "context_length": text.get("max_position_embeddings"),
+        "model_info": info,
+        "details": {
+            "parent_model": "",
+            "format": "safetensors",
+            "family": family,
+            "families": [family],
+            "parameter_size": _human_count(parameters),
+            "quantization_level": f"Q{bits}" if bits else (max(set(dtypes), key=dtypes.count) if dtypes else ""),
+        },
+    }
+
+
+def _human_count(n: int) -> str:
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+# --- parsing requests ---------------------------------------------------------------------------
+
+
+@dataclass
+class OllamaRequest:
+    chat: bool  # /api/chat, else /api/generate
+    model: str  # as the client named it: answers echo it
+    served: str  # the backend's name of that model
+    stream: bool
+    params: GenerationParams
+    stop: list[str]
+    max_tokens_given: bool  # else params.max_tokens is the most, cut to the context
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.chat takes them; empty: only load
+    tools: list[dict[str, Any]] | None = None  # chat: the tools offered
+    prompt: str = ""  # generate; empty: only load the model
+    system: str | None = None  # generate
+    raw: bool = False  # generate: the prompt as it is, without the chat template
+    think: bool | None = None  # ask the template to think, or not; None: the template's default
+
+    @property
+    def loads_only(self) -> bool:
+        """Ollama's way to load a model: a request with no messages (or no prompt)."""
+        return not (self.messages if self.chat else self.prompt)
+
+    def completion(self) -> CompletionRequest:
+        """The request as the OpenAI module's fit_context takes it."""
+        return CompletionRequest(self.chat, self.served, self.params, self.stop, self.stream, False,
+                                 max_tokens_given=self.max_tokens_given)  # fmt: skip
+
+
+def _unsupported(body: dict[str, Any], name: str, what: str) -> None:
+    """Refuse a field that would change the answer in a way this server cannot honour (an empty
+    value is no request for it: clients send them)."""
+    if body.get(name) not in (None, "", [], {}, False):
+        raise _bad(name, f"'{name}' is not supported: {what}")
+
+
+def _options(body: dict[str, Any], limits: Limits) -> tuple[GenerationParams, list[str], bool]:
+    """The sampling options, their defaults Ollama's; other options (top_k, num_ctx,
+    repeat_penalty, ...) are ignored, as Ollama ignores those a runner does not know."""
+    options = body.get("options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise _bad("options", f"'options' must be an object, not {_type_name(options)}")
+    temperature = _number(options, "temperature", 0.0, 2.0)
+    top_p = _number(options, "top_p", 0.0, 1.0)
+    seed = _integer(options, "seed", -(2**63), 2**63 - 1)
+    # -1 (Ollama's default) and -2: as long as the context allows
+    num_predict = _integer(options, "num_predict", -2, limits.max_tokens)
+    if num_predict == 0:
+        raise _bad("num_predict", f"'num_predict' must be 1 to {limits.max_tokens}, or -1 for no limit, not 0")
+    stop = _stop_strings(options, limits)
+    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+    top_p = DEFAULT_TOP_P if top_p is None else top_p
+    if top_p == 0:  # only the likeliest token is left: greedy
+        temperature, top_p = 0.0, 1.0
+    given = num_predict is not None and num_predict > 0
+    params = GenerationParams(max_tokens=num_predict if given else limits.max_tokens, temperature=temperature,
+                              top_p=top_p, seed=None if seed is None else seed % 2**64)  # fmt: skip
+    return params, stop, given
+
+
+def _tool_calls(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """An assistant message's tool calls as chat templates read them (Ollama's arguments are
+    objects already)."""
+    calls = message["tool_calls"]
+    if not isinstance(calls, list):
+        raise _bad("messages", f"'{where}.tool_calls' must be an array, not {_type_name(calls)}")
+    result = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _bad("messages", f"'{where}.tool_calls[{j}]' must be an object with a function (with a name)")
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, dict):
+            raise _bad("messages", f"'{where}.tool_calls[{j}].function.arguments' must be an object, "
+                                   f"not {_type_name(arguments)}")  # fmt: skip
+        result.append({"id": str(call.get("id") or f"call_{j}"), "type": "function",
+                       "function": {"name": function["name"], "arguments": arguments}})  # fmt: skip
+    return result
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if messages is None:
+        return []
+    if not isinstance(messages, list):
+        raise _bad("messages", f"'messages' must be an array of messages, not {_type_name(messages)}")
+    result = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad("messages", f"'{where}' must be an object, not {_type_name(message)}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _bad("messages", f"'{where}.role' must be one of {', '.join(ROLES)}, not {json.dumps(role)}")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise _bad("messages", f"'{where}.content' must be a string, not {_type_name(content)}")
+        if message.get("images"):
+            raise _bad("messages", f"'{where}.images' is not supported: the model reads text only")
+        chat: dict[str, Any] = {"role": role, "content": _unicode(content, f"{where}.content", "messages")}
+        if role == "assistant" and message.get("tool_calls"):
+            chat["tool_calls"] = _tool_calls(message, where)
+        thinking = message.get("thinking")
+        if role == "assistant" and isinstance(thinking, str) and thinking:  # the turn's think block
+            chat["reasoning_content"] = _unicode(thinking, f"{where}.thinking", "messages")
+        if role == "tool" and isinstance(message.get("tool_name"), str):
+            chat["name"] = message["tool_name"]  # the function whose result this is
+        result.append(chat)
+    return result
+
+
+def _string(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _bad(name, f"'{name}' must be a string, not {_type_name(value)}")
+    return None if value is None else _unicode(value, name, name)
+
+
+def parse_request(body: Any, chat: bool, backend: Backend, limits: Limits) -> OllamaRequest:
+    """Check a /api/chat or /api/generate body; raises ApiError naming the first bad field (400),
+    or the model this node does not serve (404)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {_type_name(body)}")
+    model = body.get("model")
+    if model is None or model == "":
+        raise _bad("model", "'model' is required (GET /api/tags lists them)")
+    if not isinstance(model, str):
+        raise _bad("model", f"'model' must be a string, not {_type_name(model)}")
+    served = resolve_model(backend, model)
+    stream = True if body.get("stream") is None else _boolean(body, "stream")  # Ollama streams by default
+    params, stop, given = _options(body, limits)
+    _unsupported(body, "format", "this server does not constrain answers to JSON")
+    _unsupported(body, "logprobs", "not yet on the Ollama API (the OpenAI one has them)")
+    think = body.get("think")
+    if think is not None and not isinstance(think, bool) and think not in ("high", "medium", "low"):
+        raise _bad("think", f"'think' must be a boolean (or \"high\", \"medium\", \"low\"), not {json.dumps(think)}")
+    request = OllamaRequest(chat, model, served, stream, params, stop, given,
+                            think=None if think is None else think is not False)  # fmt: skip
+    if chat:
+        request.messages = _messages(body)
+        request.tools = _tools(body)
+    else:
+        _unsupported(body, "tools", "tools are for /api/chat")
+        request.prompt = _string(body, "prompt") or ""
+        request.system = _string(body, "system")
+        request.raw = _boolean(body, "raw")
+        _unsupported(body, "images", "the model reads text only")
+        _unsupported(body, "suffix", "this server does not fill in the middle")
+        _unsupported(body, "template", "the model's own chat template is used")
+        _unsupported(body, "context", "send the conversation to /api/chat instead")
+    return request
+
+
+def resolve_model(backend: Backend, name: str) -> str:
+    """The backend's name of the model a client names, with or without its ":latest" tag;
+    raises ApiError(404) saying what this node serves."""
+    served = backend.models()
+    for model in served:
+        if name in (model, tagged(model)):
+            return model
+    raise ApiError(404, f"model {name!r} not found; this node serves "
+                        f"{', '.join(tagged(m) for m in served) or 'no model'}")  # fmt: skip
+
+
+def prompt_tokens(tokenizer: TokenizerWrapper, request: OllamaRequest) -> list[int]:
+    """The prompt as token ids: the messages (or the system prompt and the prompt of
+    /api/generate) through the model's chat template, unless raw or the model has none (the
+    prompt as it is then, without the system prompt, as Ollama does)."""
+    if not request.chat and (request.raw or not tokenizer.has_chat_template):
+        tokens = list(tokenizer.encode(request.prompt))  # with the BOS token where the model wants one
+        if not tokens:
+            raise _bad("prompt", "the prompt makes no token", EMPTY_PROMPT)
+        return tokens
+    if request.think and not tokenizer.has_thinking:
+        raise _bad("think", f"the model {request.model} does not think (its chat template has no think block)",
+                   CHAT_TEMPLATE_ERROR)
+    messages = request.messages
+    if not request.chat:
+        messages = ([{"role": "system", "content": request.system}] if request.system else []) + \
+            [{"role": "user", "content": request.prompt}]  # fmt: skip
+    if not tokenizer.has_chat_template:
+        raise _bad("messages", f"the model {request.model} has no chat template: use /api/generate with a prompt",
+                   CHAT_TEMPLATE_ERROR)
+    try:
+        return chat_prompt(tokenizer, messages, request.tools, thinking=request.think)
+    except TemplateError as error:
+        raise _bad("messages" if request.chat else "prompt", str(error), CHAT_TEMPLATE_ERROR) from None
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+class Responder:
+    """Answers one /api/chat or /api/generate request, streamed (NDJSON) or not, in Ollama's shapes."""
+
+    def __init__(self, request: web.Request, backend: Backend, ask: OllamaRequest, started: int) -> None:
+        self.request = request
+        self.backend = backend
+        self.ask = ask
+        self.started = started  # time.monotonic_ns() when the request arrived
+        self.first_event: int | None = None  # ... when the answer's first piece was ready: the prompt's end
+
+    def _part(self, text: str, thinking: str, calls: list[ToolCall], done: bool) -> dict[str, Any]:
+        part: dict[str, Any] = {"model": self.ask.model, "created_at": _timestamp()}
+        if self.ask.chat:
+            part["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                part["message"]["thinking"] = thinking
+            if calls:
+                part["message"]["tool_calls"] = [{"function": {"index": call.index, "name": call.name,
+                                                               "arguments": call.arguments}} for call in calls]  # fmt: skip
+        else:
+            part["response"] = text
+            if thinking:
+                part["thinking"] = thinking
+        part["done"] = done
+        return part
+
+    def _event_part(self, event: Text | Reasoning | ToolCall) -> dict[str, Any]:
+        if isinstance(event, ToolCall):
+            return self._part("", "", [event], False)
+        return self._part(event.text if isinstance(event, Text) else "",
+                          event.text if isinstance(event, Reasoning) else "", [], False)  # fmt: skip
+
+    def _last(self, text: str, thinking: str, calls: list[ToolCall], reader: ChatReader) -> dict[str, Any]:
+        """The last part: the rest of the answer, why it ended, and the counts and durations (ns)."""
+        now = time.monotonic_ns()
+        first = self.first_event or now
+        return {**self._part(text, thinking, calls, True),
+                "done_reason": "length" if reader.finish_reason == "length" else "stop",  # Ollama's for tool calls too
+                "total_duration": now - self.started,
+                "load_duration": 0,  # the model is loaded before requests are served
+                "prompt_eval_count": reader.prompt_tokens, "prompt_eval_duration": first - self.started,
+                "eval_count": reader.completion_tokens, "eval_duration": now - first}  # fmt: skip
+
+    async def _events(self, prompt: list[int], reader: ChatReader) -> AsyncIterator[Text | Reasoning | ToolCall]:
+        ask = self.ask
+        async with aclosing(generate(self.backend, ask.served, prompt, ask.params, reader,
+                                     lambda: client_gone(self.request))) as events:  # fmt: skip
+            async for event in events:
+                if isinstance(event, (Text, Reasoning, ToolCall)):
+                    if self.first_event is None:
+                        self.first_event = time.monotonic_ns()
+                    yield event
+
+    async def answer(self, tokenizer: TokenizerWrapper, prompt: list[int]) -> web.StreamResponse:
+        ask = self.ask
+        # a raw prompt is not the chat template's: no think block or tool call to split from the text
+        reader = ChatReader(tokenizer, prompt, ask.stop, ask.tools, split=ask.chat or not ask.raw)
+        events = self._events(prompt, reader)
+        if ask.stream:
+            return await self._stream(events, reader)
+        text, thinking, calls = [], [], []
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, ToolCall):
+                        calls.append(event)
+                    else:
+                        (text if isinstance(event, Text) else thinking).append(event.text)
+        except ClientGone:
+            return web.Response(status=499)  # nobody reads it: nginx's "client closed request"
+        except Exception as error:
+            return _answer_error(_failure(error))
+        return web.json_response(self._last("".join(text), "".join(thinking), calls, reader))
+
+    async def _stream(self, events: AsyncIterator[Text | Reasoning | ToolCall], reader: ChatReader) -> web.StreamResponse:
+        """One JSON object a line. The response starts with the first event, so that an error
+        before any is still an HTTP error status; after it, an {"error"} line ends it."""
+        response: web.StreamResponse | None = None
+
+        async def send(part: dict[str, Any]) -> None:
+            nonlocal response
+            try:
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache",
+                                                           "X-Accel-Buffering": "no"})  # fmt: skip
+                    await response.prepare(self.request)
+                await response.write(json.dumps(part, ensure_ascii=False).encode() + b"\n")
+            except ConnectionError:  # aiohttp's ClientConnectionResetError: the client went away
+                raise ClientGone() from None
+
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    await send(self._event_part(event))
+            await send(self._last("", "", [], reader))
+        except ClientGone:
+            return response or web.Response(status=499)
+        except Exception as error:
+            failure = _failure(error)
+            if response is None:
+                return _answer_error(failure)
+            try:
+                await send({"error": failure.message})
+            except ClientGone:
+                pass
+        return response  # type: ignore[return-value]  # set by send()
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+
+def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
+    """Add the Ollama endpoints (and `GET /`). Call it before adding any catch-all route."""
+
+    async def facts(model: str) -> dict[str, Any]:
+        return await asyncio.to_thread(model_facts, backend.model_dir)  # one model a backend
+
+    async def listing(model: str) -> dict[str, Any]:
+        about = await facts(model)
+        return {"name": tagged(model), "model": tagged(model), "modified_at": about.get("modified_at", _timestamp(0)),
+                "size": about.get("size", 0), "digest": about.get("digest", ""), "details": about.get("details", {})}  # fmt: skip
+
+    async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
+        started = time.monotonic_ns()
+        try:
+            ask = parse_request(await read_json(request, limits), chat, backend, limits)
+            reason = backend.unavailable(ask.served)
+            if reason is not None:
+                raise _failure(reason)
+            if ask.loads_only:  # the model is loaded while the cluster serves it
+                loaded = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+                return web.json_response({"model": ask.model, "created_at": _timestamp(), **loaded, "done": True,
+                                          "done_reason": "load"})  # fmt: skip
+            tokenizer = backend.tokenizer(ask.served)
+            prompt = prompt_tokens(tokenizer, ask)
+            completion = ask.completion()
+            ask.params = fit_context(completion, len(prompt), backend.context(ask.served), "num_predict")
+        except ApiError as error:
+            return _answer_error(error)
+        except Exception as error:  # a backend that fails to say what it serves or to tokenize
+            return _answer_error(_failure(error))
+        return await Responder(request, backend, ask, started).answer(tokenizer, prompt)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await generate(request, chat=True)
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        return await generate(request, chat=False)
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.json_response({"models": [await listing(m) for m in backend.models()]})
+
+    async def running(request: web.Request) -> web.Response:
+        models = []
+        for model in backend.models():
+            if backend.unavailable(model) is None:
+                about = await facts(model)
+                entry = await listing(model)
+                models.append({**entry, "expires_at": NEVER, "size_vram": entry["size"],
+                               "context_length": backend.context(model) or about.get("context_length")})  # fmt: skip
+        return web.json_response({"models": models})
+
+    async def show(request: web.Request) -> web.Response:
+        try:
+            body = await read_json(request, limits)
+            if not isinstance(body, dict):
+                raise ApiError(400, f"the request body must be a JSON object, not {_type_name(body)}")
+            name = body.get("model", body.get("name"))  # "name" is the older field
+            if not isinstance(name, str) or not name:
+                raise _bad("model", "'model' is required: a string (GET /api/tags lists them)")
+            model = resolve_model(backend, name)
+            tokenizer = backend.tokenizer(model)
+        except ApiError as error:
+            return _answer_error(error)
+        except Exception as error:
+            return _answer_error(_failure(error))
+        about = await facts(model)
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""  # or None, or a dict
+        return web.json_response({
+            "modelfile": f"# served by tbmesh from {backend.model_dir}\nFROM {model}\n",
+            "parameters": f"temperature {DEFAULT_TEMPERATURE}\ntop_p {DEFAULT_TOP_P}",
+            "template": template,
+            "details": about.get("details", {}),
+            "model_info": about.get("model_info", {}),
+            "capabilities": ["completion"] + (["tools"] if tokenizer.has_tool_calling else []) +
+                            (["thinking"] if tokenizer.has_thinking else []),
+            "modified_at": about.get("modified_at", _timestamp(0)),
+        })  # fmt: skip
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": OLLAMA_VERSION})
+
+    async def root(request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running")  # what Ollama answers; clients look for a 200
+
+    app.router.add_post("/api/chat", chat)
+    app.router.add_post("/api/generate", complete)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", running)
+    app.router.add_post("/api/show", show)
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/", root)
+
+
+# --- the OpenAPI description --------------------------------------------------------------------
+
+ERROR = "OllamaError"
+NEUTRAL = [None, "", 0, False, {}, []]  # what _unsupported and an empty images take for "not asked"
+
+
+def _errors(statuses: dict[int, str]) -> dict[str, Any]:
+    """OpenAPI responses in Ollama's error shape, by status code."""
+    code = {CODE_HEADER: {"description": "what OpenAI's error would say in its `code`, where it says one",
+                          "schema": {"type": "string"}}}  # fmt: skip
+    return {str(status): {**json_body(ref(ERROR), why), "headers": code} for status, why in statuses.items()}
+
+
+def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
+    """The request bodies as parse_request checks them (what it ignores is allowed)."""
+    string = {"type": "string"}
+    ignored = "read if a string, else ignored"
+
+    def unsupported(why: str) -> Schema:
+        return {"enum": NEUTRAL, "description": f"not supported ({why}): only an empty value"}
+
+    options = obj({
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2,
+                                 "description": f"{DEFAULT_TEMPERATURE} if not given"}),
+        "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1, "description": f"{DEFAULT_TOP_P} if not given"}),
+        "seed": nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}),
+        "num_predict": nullable({"type": "integer", "minimum": -2, "maximum": limits.max_tokens, "not": {"const": 0},
+                                 "description": "the most tokens to answer; -1 and -2: as many as the context allows"}),
+        "stop": nullable({"anyOf": [string, {"type": "array", "items": string, "maxItems": limits.max_stop}]}),
+    }, description="sampling options; the others (top_k, num_ctx, repeat_penalty, ...) are ignored")  # fmt: skip
+    common: dict[str, Schema] = {
+        "model": model,
+        "stream": nullable({"type": "boolean", "description": "true if not given: NDJSON"}),
+        "options": nullable(ref("OllamaOptions")),
+        "format": unsupported("no answers constrained to JSON"),
+        "logprobs": unsupported("not on the Ollama API yet"),
+        "think": nullable({"anyOf": [{"type": "boolean"}, {"enum": ["high", "medium", "low"]}],
+                           "description": f"think (any level) or not; code {CHAT_TEMPLATE_ERROR} if the model "
+                                          "does not think"}),  # fmt: skip
+        "keep_alive": {"description": "ignored: the cluster keeps its model loaded"},
+    }
+    images = unsupported("the model reads text only")
+    content = nullable(string)
+    call = obj({"id": {"description": "any; one is made if it is missing"},
+                "function": obj({"name": string, "arguments": {"type": "object"}}, required=["name"])},
+               required=["function"])  # fmt: skip
+    message = {"anyOf": [
+        obj({"role": {"enum": ["system", "user"]}, "content": content, "images": images}, required=["role"]),
+        obj({"role": {"const": "assistant"}, "content": content, "images": images,
+             "tool_calls": {"anyOf": [{"enum": [None, "", 0, False, {}]}, {"type": "array", "items": call}]},
+             "thinking": {"description": f"its think block: {ignored}"}}, required=["role"]),
+        obj({"role": {"const": "tool"}, "content": content, "images": images,
+             "tool_name": {"description": f"the function whose result this is: {ignored}"}}, required=["role"]),
+    ]}  # fmt: skip
+    chat = {**common,
+            "messages": nullable({"type": "array", "items": message,
+                                  "description": "none (or empty): only load the model"}),
+            "tools": nullable({"type": "array", "items": ref("Tool")})}  # fmt: skip
+    generate = {**common,
+                "prompt": nullable({**string, "description": "none (or empty): only load the model"}),
+                "system": nullable(string),
+                "raw": nullable({"type": "boolean", "description": "the prompt as it is, without the chat template"}),
+                "tools": unsupported("tools are for /api/chat"), "images": images,
+                "suffix": unsupported("no filling in the middle"),
+                "template": unsupported("the model's own chat template is used"),
+                "context": unsupported("send the conversation to /api/chat")}  # fmt: skip
+    return {
+        "OllamaOptions": options,
+        "OllamaChatRequest": obj(chat, required=["model"]),
+        "OllamaGenerateRequest": obj(generate, required=["model"]),
+        "Tool": obj({"type": {"const": "function"}, "function": obj({
+            "name": {"type": "string", "minLength": 1},
+            "description": {"description": "for the chat template"},
+            "parameters": {"type": "object", "description": "a JSON schema of the arguments"},
+        }, required=["name"])}, required=["type", "function"]),  # fmt: skip  # the same as the OpenAI API's
+        "OllamaShowRequest": {"type": "object", "anyOf": [
+            obj({"model": model}, required=["model"]),
+            obj({"name": {**model, "description": "the older name of model, read when there is no model"}},
+                required=["name"], **{"not": {"required": ["model"]}}),
+        ]},  # fmt: skip
+    }
+
+
+def _response_schemas() -> dict[str, Schema]:
+    """The answers as add_ollama_routes and Responder write them."""
+    string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
+    call = obj({"function": obj({"index": count, "name": string, "arguments": {"type": "object"}},
+                                required=["index", "name", "arguments"])}, required=["function"])  # fmt: skip
+    message = obj({"role": {"const": "assistant"}, "content": string, "thinking": string,
+                   "tool_calls": {"type": "array", "items": call, "minItems": 1}}, required=["role", "content"])
+    last = {"done_reason": {"enum": ["stop", "length", "load"],
+                            "description": "an end token, a stop string or a tool call; num_predict; a request "
+                                           "that only loads the model"},
+            "total_duration": {**count, "description": "nanoseconds"}, "load_duration": count,
+            "prompt_eval_count": count, "prompt_eval_duration": count, "eval_count": count, "eval_duration": count}
+    part = {"model": string, "created_at": {**string, "description": "RFC 3339"}, "done": {"type": "boolean"}}
+    model = {"name": string, "model": string, "modified_at": string, "size": count, "digest": string,
+             "details": {"type": "object"}}  # fmt: skip
+    return {
+        "OllamaChatResponse": obj({**part, "message": message, **last}, required=["model", "created_at", "message",
+                                                                                  "done"]),
+        "OllamaGenerateResponse": obj({**part, "response": string, "thinking": string, **last},
+                                      required=["model", "created_at", "response", "done"]),
+        "OllamaModel": obj(model, required=list(model)),
+        "OllamaModelList": obj({"models": {"type": "array", "items": ref("OllamaModel")}}, required=["models"]),
+        "OllamaRunningList": obj({"models": {"type": "array", "items": {"allOf": [ref("OllamaModel"), obj(
+            {"expires_at": string, "size_vram": count, "context_length": nullable(count)},
+            required=["expires_at", "size_vram", "context_length"])]}}}, required=["models"]),  # fmt: skip
+        "OllamaShowResponse": obj({"modelfile": string, "parameters": string, "template": string,
+                                   "details": {"type": "object"}, "model_info": {"type": "object"},
+                                   "capabilities": {"type": "array", "items": {"enum": ["completion", "tools",
+                                                                                        "thinking"]}},
+                                   "modified_at": string},
+                                  required=["modelfile", "parameters", "template", "details", "model_info",
+                                            "capabilities", "modified_at"]),  # fmt: skip
+        ERROR: obj({"error": string}, required=["error"], additionalProperties=False),
+    }
+
+
+def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescription:
+    """What add_ollama_routes serves, for the OpenAPI document of this node (which names the
+    models it serves, with and without their tag)."""
+    served = backend.models()
+    model: Schema = {"type": "string", "description": "a model of GET /api/tags (its tag may be left out); "
+                                                      "another is a 404"}  # fmt: skip
+    if served:
+        model["enum"] = list(dict.fromkeys(name for m in served for name in (m, tagged(m))))
+
+    def generation(summary: str, request: str, answer: str) -> dict[str, Any]:
+        ok = {"description": "the answer: one JSON object unless stream is true (the default), then NDJSON: "
+                             f"one {answer} a line, the last with done: true, or an {ERROR} line if generation "
+                             "fails after the first; a request with no prompt only loads the model (done_reason "
+                             "load, JSON)",
+              "content": {"application/json": {"schema": ref(answer)},
+                          NDJSON: {"schema": {"type": "array", "items": {"anyOf": [ref(answer), ref(ERROR)]},
+                                              "description": "the stream, its lines read as an array"}}}}  # fmt: skip
+        return {"post": {
+            "summary": summary,
+            "requestBody": {"required": True, **json_body(ref(request), "the request (unknown fields are ignored)")},
+            "responses": {"200": ok, **_errors({
+                400: "a field is wrong or the body is not JSON; or what depends on the model (the code in "
+                     f"the header {CODE_HEADER}): {CONTEXT_LENGTH_EXCEEDED} (the prompt and num_predict do "
+                     f"not fit the context), {EMPTY_PROMPT} (a raw prompt of no token), {CHAT_TEMPLATE_ERROR} "
+                     "(the model has no chat template, does not think, or its template refused the messages)",
+                404: "no such model here",
+                413: f"the body is larger than {limits.max_body_bytes} bytes",
+                500: "generation failed",
+                503: "the model cannot serve now: no plan yet, it does not fit, a node went away",
+            })},
+        }}  # fmt: skip
+
+    def listing(summary: str, answer: str) -> dict[str, Any]:
+        return {"get": {"summary": summary, "responses": {"200": json_body(ref(answer), "the models")}}}
+
+    paths = {
+        "/api/chat": generation("A chat answer (Ollama's)", "OllamaChatRequest", "OllamaChatResponse"),
+        "/api/generate": generation("A completion of a prompt (Ollama's)", "OllamaGenerateRequest",
+                                    "OllamaGenerateResponse"),
+        "/api/tags": listing("The models served (Ollama's)", "OllamaModelList"),
+        "/api/ps": listing("The models loaded: those that can serve now (Ollama's)", "OllamaRunningList"),
+        "/api/show": {"post": {
+            "summary": "One model's details, template and capabilities (Ollama's)",
+            "requestBody": {"required": True, **json_body(ref("OllamaShowRequest"), "the model")},
+            "responses": {"200": json_body(ref("OllamaShowResponse"), "the model"), **_errors({
+                400: "no model named, or the body is not JSON",
+                404: "no such model here",
+                413: f"the body is larger than {limits.max_body_bytes} bytes",
+                500: "the model's tokenizer failed",
+                503: "the model cannot serve now",
+            })},
+        }},
+        "/api/version": {"get": {"summary": "The Ollama version whose API this follows", "responses": {
+            "200": json_body(obj({"version": {"type": "string"}}, required=["version"]), "the version")}}},
+        "/": {"get": {"summary": "Whether the node's API is up, as Ollama answers it (no API key needed)",
+                      "responses": {"200": {"description": "it is", "content": {"text/plain": {"schema": {
+                          "const": "Ollama is running"}}}}}}},
+    }  # fmt: skip
+    return ApiDescription(paths, {**_request_schemas(limits, model), **_response_schemas()})
