@@ -3,7 +3,9 @@
 For the `anthropic` SDK and Claude Code (ANTHROPIC_BASE_URL=http://mac:port). Requests become
 tbmesh.chat's messages and tools (content blocks: text, thinking, tool_use, tool_result), the
 answer comes back as Anthropic's content blocks (thinking, text, tool_use), streamed or not.
-Errors are in Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}.
+Errors are in Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}; what
+OpenAI's errors say in their `code` is in the header X-Tbmesh-Error-Code (for the 400s that no
+schema of the request foresees: tbmesh.openai_api.MODEL_DEPENDENT_CODES and UNDESCRIBABLE_CODES).
 The `x-api-key` header is accepted (tbmesh.api checks it when the daemon has an API key).
 """
 
@@ -20,14 +22,16 @@ from aiohttp import web
 
 from tbmesh.chat import ChatReader, ClientGone, Event, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate
 from tbmesh.generation import Backend, GenerationParams
-from tbmesh.openai_api import (ApiError, Limits, _boolean, _failure, _integer, _number, _type_name, _unicode,
+from tbmesh.openai_api import (CHAT_TEMPLATE_ERROR, CONFLICTING_FIELDS, CONTEXT_LENGTH_EXCEEDED, UNSUPPORTED_PREFILL,
+                               ApiError, Limits, _boolean, _failure, _integer, _number, _type_name, _unicode,
                                check_served, client_gone, read_json)  # fmt: skip
+from tbmesh.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
                503: "overloaded_error"}  # fmt: skip
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -36,14 +40,26 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
 
 
+CODE_HEADER = "X-Tbmesh-Error-Code"
+PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+
+
+def owns(path: str) -> bool:
+    """Whether a path is this API's (its errors then in Anthropic's shape), routed or not."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
 def error_response(error: Exception) -> web.Response:
     """Any error (ApiError, the backend's) as Anthropic answers it."""
     failure = _failure(error)
-    return web.json_response(error_body(failure.status, failure.message), status=failure.status)
+    headers = dict(failure.headers or {})
+    if failure.code is not None:
+        headers[CODE_HEADER] = failure.code
+    return web.json_response(error_body(failure.status, failure.message), status=failure.status, headers=headers)
 
 
-def _bad(message: str) -> ApiError:
-    return ApiError(400, message)
+def _bad(message: str, code: str | None = None) -> ApiError:
+    return ApiError(400, message, code=code)
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -163,7 +179,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                        "(the system prompt is the top-level 'system')")
     if messages[-1].get("role") == "assistant":  # the chat template starts a new turn after it
         raise _bad(f"'messages[{len(messages) - 1}]': a last assistant message (a prefill to continue) "
-                   "is not supported: end with a user message")
+                   "is not supported: end with a user message", UNSUPPORTED_PREFILL)
     return result
 
 
@@ -200,7 +216,8 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     if kind == "tool":
         named = [f for f in functions if f["function"]["name"] == choice.get("name")]
         if not named:
-            raise _bad(f"'tool_choice' names the tool {choice.get('name')!r}, which is not in 'tools'")
+            raise _bad(f"'tool_choice' names the tool {choice.get('name')!r}, which is not in 'tools'",
+                       CONFLICTING_FIELDS)
         return named
     raise _bad("'tool_choice' must be {\"type\": \"auto\"}, {\"type\": \"any\"}, {\"type\": \"none\"} "
                "or {\"type\": \"tool\", \"name\": ...}")
@@ -242,11 +259,12 @@ def _prompt(backend: Backend, tokenizer: TokenizerWrapper, request: MessagesRequ
     try:
         prompt = chat_prompt(tokenizer, request.messages, request.tools)
     except TemplateError as error:
-        raise _bad(str(error)) from None
+        raise _bad(str(error), CHAT_TEMPLATE_ERROR) from None
     context = backend.context(request.model)
     if context is not None:
         if len(prompt) >= context:
-            raise _bad(f"the prompt has {len(prompt)} tokens; the context is {context} tokens (--context)")
+            raise _bad(f"the prompt has {len(prompt)} tokens; the context is {context} tokens (--context)",
+                       CONTEXT_LENGTH_EXCEEDED)
         request.params = replace(request.params, max_tokens=min(request.params.max_tokens, context - len(prompt)))
     return prompt
 
@@ -400,3 +418,178 @@ def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits 
 
     app.router.add_post("/v1/messages", create_message)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
+
+
+# --- the OpenAPI description -----------------------------------------------------------------
+
+ERROR = "AnthropicError"
+EVENTS = ("message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+          "message_stop", "error")  # fmt: skip
+
+
+def _error_responses(statuses: dict[int, str]) -> dict[str, Any]:
+    """OpenAPI responses in Anthropic's error shape, by status code."""
+    code = {CODE_HEADER: {"description": "what OpenAI's error would say in its `code`, where it says one",
+                          "schema": {"type": "string"}}}  # fmt: skip
+    return {str(status): {**json_body(ref(ERROR), f"{why} (error.type {ERROR_TYPES.get(status, 'api_error')})"),
+                          "headers": code} for status, why in statuses.items()}  # fmt: skip
+
+
+def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
+    """The request bodies as parse_request checks them (what it ignores is allowed)."""
+    string = {"type": "string"}
+    text = ref("TextBlock")
+    texts = {"anyOf": [string, {"type": "array", "items": text}]}
+    anything = "anything: ignored"
+
+    def blocks(*kinds: str) -> Schema:
+        return {"anyOf": [string, {"type": "array", "minItems": 1, "items": {"anyOf": [ref(k) for k in kinds]}}]}
+
+    fields: dict[str, Schema] = {
+        "model": model,
+        "max_tokens": {"type": "integer", "minimum": 1, "description": "a ceiling: the answer may take what is left "
+                                                                        f"of the context, and at most {limits.max_tokens}"},
+        "system": nullable({**texts, "description": "the system prompt"}),
+        "messages": {"type": "array", "minItems": 1, "items": {"anyOf": [
+            obj({"role": {"const": "user"}, "content": blocks("TextBlock", "ToolResultBlock")},
+                required=["role", "content"]),
+            obj({"role": {"const": "assistant"},
+                 "content": blocks("TextBlock", "ThinkingBlock", "RedactedThinkingBlock", "ToolUseBlock")},
+                required=["role", "content"]),
+        ]}, "description": f"the last a user message (code {UNSUPPORTED_PREFILL} if not: no prefill)"},
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "top_k": {"type": "null", "description": "not supported"},
+        "stop_sequences": nullable({"type": "array", "items": string, "maxItems": limits.max_stop}),
+        "stream": nullable({"type": "boolean"}),
+        "thinking": nullable(obj({"type": string}, required=["type"], description="the model thinks as its "
+                                                                                 "chat template says")),
+        "tools": nullable({"type": "array", "items": ref("AnthropicTool")}),
+        "tool_choice": nullable({"anyOf": [
+            obj({"type": {"enum": ["auto", "any", "none"]}}, required=["type"],
+                description="any offers the tools as auto does (nothing forces a call); none offers none"),
+            obj({"type": {"const": "tool"}, "name": string}, required=["type", "name"],
+                description=f"only this tool of tools (code {CONFLICTING_FIELDS} if it is not one)"),
+        ]}),
+    }  # fmt: skip
+    return {
+        "MessagesRequest": obj(fields, required=["model", "max_tokens", "messages"]),
+        "CountTokensRequest": obj({**fields, "max_tokens": nullable(fields["max_tokens"])},
+                                  required=["model", "messages"]),
+        "TextBlock": obj({"type": {"const": "text"}, "text": string}, required=["type", "text"]),
+        "ToolResultBlock": obj({"type": {"const": "tool_result"}, "tool_use_id": string, "content": texts,
+                                "is_error": {"description": anything}}, required=["type", "tool_use_id"]),
+        "ThinkingBlock": obj({"type": {"const": "thinking"}, "thinking": string, "signature": {"description": anything}},
+                             required=["type", "thinking"]),
+        "RedactedThinkingBlock": obj({"type": {"const": "redacted_thinking"}}, required=["type"],
+                                     description="left out of the prompt"),
+        "ToolUseBlock": obj({"type": {"const": "tool_use"}, "id": string, "name": string, "input": {"type": "object"}},
+                            required=["type", "id", "name", "input"]),
+        "AnthropicTool": obj({"name": {"type": "string", "minLength": 1},
+                              "type": nullable({"const": "custom", "description": "client tools only"}),
+                              "description": {"description": "read if a string"},
+                              "input_schema": {"type": "object", "description": "a JSON schema of the input"}},
+                             required=["name", "input_schema"]),  # fmt: skip
+    }
+
+
+def _response_schemas() -> dict[str, Schema]:
+    """The answers as Answer writes them."""
+    string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
+    stop_reason = {"enum": list(STOP_REASONS.values()) + ["stop_sequence"]}
+
+    def message(done: bool) -> Schema:
+        return obj({"id": string, "type": {"const": "message"}, "role": {"const": "assistant"}, "model": string,
+                    "content": {"type": "array", "items": ref("ContentBlock")} if done else {"const": []},
+                    "stop_reason": stop_reason if done else {"type": "null"},
+                    "stop_sequence": nullable(string) if done else {"type": "null"},
+                    "usage": ref("AnthropicUsage")},
+                   required=["id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"])  # fmt: skip
+
+    def event(name: str, fields: dict[str, Schema]) -> Schema:
+        return obj({"type": {"const": name}, **fields}, required=["type", *fields])
+
+    index = count
+    text = obj({"type": {"const": "text"}, "text": string}, required=["type", "text"])
+    thinking = obj({"type": {"const": "thinking"}, "thinking": string, "signature": string},
+                   required=["type", "thinking", "signature"])
+    tool_use = obj({"type": {"const": "tool_use"}, "id": string, "name": string,
+                    "input": {"description": "the arguments as the model wrote them: an object, normally"}},
+                   required=["type", "id", "name", "input"])  # fmt: skip
+    deltas = {"anyOf": [
+        obj({"type": {"const": "text_delta"}, "text": string}, required=["type", "text"]),
+        obj({"type": {"const": "thinking_delta"}, "thinking": string}, required=["type", "thinking"]),
+        obj({"type": {"const": "input_json_delta"}, "partial_json": string}, required=["type", "partial_json"]),
+    ]}  # fmt: skip
+    events = {
+        "message_start": event("message_start", {"message": message(done=False)}),
+        "content_block_start": event("content_block_start", {"index": index, "content_block": ref("ContentBlock")}),
+        "content_block_delta": event("content_block_delta", {"index": index, "delta": deltas}),
+        "content_block_stop": event("content_block_stop", {"index": index}),
+        "message_delta": event("message_delta", {
+            "delta": obj({"stop_reason": stop_reason, "stop_sequence": nullable(string)},
+                         required=["stop_reason", "stop_sequence"]),
+            "usage": obj({"output_tokens": count}, required=["output_tokens"])}),
+        "message_stop": event("message_stop", {}),
+        "error": ref(ERROR),
+    }  # fmt: skip
+    assert events.keys() == set(EVENTS)
+    return {
+        "Message": message(done=True),
+        "ContentBlock": {"anyOf": [text, thinking, tool_use]},
+        "AnthropicUsage": obj({"input_tokens": count, "output_tokens": count},
+                              required=["input_tokens", "output_tokens"]),
+        "MessageEvent": {"anyOf": [
+            obj({"event": {"const": name}, "data": {"type": "string", "contentMediaType": "application/json",
+                                                    "contentSchema": schema}}, required=["event", "data"])
+            for name, schema in events.items()],
+            "description": "One server-sent event, named as its data's type: message_start, then each content "
+                           "block (content_block_start, its deltas, content_block_stop), message_delta and "
+                           "message_stop; an error event when generation fails after the first event"},  # fmt: skip
+        "TokenCount": obj({"input_tokens": count}, required=["input_tokens"]),
+        ERROR: obj({"type": {"const": "error"}, "error": obj({
+            "type": {"enum": sorted({*ERROR_TYPES.values(), "api_error"})}, "message": string,
+        }, required=["type", "message"], additionalProperties=False)},
+            required=["type", "error"], additionalProperties=False),  # fmt: skip
+    }
+
+
+def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescription:
+    """What add_anthropic_routes serves, for the OpenAPI document of this node (which names the
+    models it serves)."""
+    served = backend.models()
+    model: Schema = {"type": "string", "description": "a model of GET /v1/models; another is a 404"}
+    if served:
+        model["enum"] = served
+    errors = _error_responses({
+        400: "a field is wrong (the message names it) or the body is not JSON; or what the schema cannot say, "
+             f"with the code header: {CHAT_TEMPLATE_ERROR} (the model has no chat template, or it refused the "
+             f"messages), {CONTEXT_LENGTH_EXCEEDED} (the prompt does not fit the context), {UNSUPPORTED_PREFILL}, "
+             f"{CONFLICTING_FIELDS}",
+        404: "no such model here (code model_not_found)",
+        413: f"the body is larger than {limits.max_body_bytes} bytes",
+        500: "generation failed",
+        503: "the model cannot serve now: no plan yet, it does not fit, a node went away",
+    })  # fmt: skip
+
+    def body(name: str) -> dict[str, Any]:
+        return {"required": True, **json_body(ref(name), "the request (unknown fields are ignored)")}
+
+    paths = {
+        "/v1/messages": {"post": {
+            "summary": "A message (Anthropic's Messages API)",
+            "requestBody": body("MessagesRequest"),
+            "responses": {"200": {
+                "description": "the answer; server-sent events with stream: true",
+                "content": {"application/json": {"schema": ref("Message")},
+                            "text/event-stream": {"schema": ref("MessageEvent")}},
+            }, **errors},
+        }},
+        "/v1/messages/count_tokens": {"post": {
+            "summary": "The prompt's tokens, tools included (Anthropic's Messages API)",
+            "requestBody": body("CountTokensRequest"),
+            "responses": {"200": json_body(ref("TokenCount"), "the count"), **errors},
+        }},
+    }  # fmt: skip
+    assert set(paths) == set(PATHS)
+    return ApiDescription(paths, {**_request_schemas(limits, model), **_response_schemas()})

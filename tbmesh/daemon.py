@@ -269,7 +269,7 @@ class Daemon:
         from tbmesh.api import make_app
 
         cfg = self.config
-        runner = web.AppRunner(make_app(self.status, self._probe_links, self.engine, cfg.api_key), access_log=None)
+        runner = web.AppRunner(make_app(self.status, self._probe_links, self.engine, api_key=cfg.api_key), access_log=None)
         await runner.setup()
         ports = [("--api-port", cfg.api_port)] + ([("--ollama-port", cfg.ollama_port)] if cfg.ollama_port is not None else [])
         for flag, port in ports:  # one app, so the same endpoints (and key) on each port

@@ -25,9 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from tbmesh.anthropic_api import CODE_HEADER
 from tbmesh.chat import ChatReader, ClientGone, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate
 from tbmesh.generation import Backend, GenerationParams
 from tbmesh.openai_api import (
+    CHAT_TEMPLATE_ERROR,
+    CONTEXT_LENGTH_EXCEEDED,
+    EMPTY_PROMPT,
     ApiError,
     CompletionRequest,
     Limits,
@@ -44,6 +48,7 @@ from tbmesh.openai_api import (
     fit_context,
     read_json,
 )
+from tbmesh.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -56,13 +61,24 @@ ROLES = ("system", "user", "assistant", "tool")
 NEVER = "9999-12-31T23:59:59Z"  # /api/ps's expires_at: the cluster keeps its model loaded
 
 
-def error_response(status: int, message: str) -> web.Response:
+# CODE_HEADER (as Anthropic's errors): what OpenAI's error would say in its `code`
+
+
+def owns(path: str) -> bool:
+    """Whether a path is this API's (its errors then in Ollama's shape), routed or not."""
+    return path == "/api" or path.startswith("/api/")
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """An error in Ollama's shape: {"error": "..."}."""
-    return web.json_response({"error": message}, status=status)
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 def _answer_error(error: ApiError) -> web.Response:
-    return error_response(error.status, error.message)
+    headers = dict(error.headers or {})
+    if error.code is not None:
+        headers[CODE_HEADER] = error.code
+    return error_response(error.status, error.message, headers)
 
 
 def tagged(name: str) -> str:
@@ -315,19 +331,24 @@ def prompt_tokens(tokenizer: TokenizerWrapper, request: OllamaRequest) -> list[i
     /api/generate) through the model's chat template, unless raw or the model has none (the
     prompt as it is then, without the system prompt, as Ollama does)."""
     if not request.chat and (request.raw or not tokenizer.has_chat_template):
-        return list(tokenizer.encode(request.prompt))  # with the BOS token where the model wants one
+        tokens = list(tokenizer.encode(request.prompt))  # with the BOS token where the model wants one
+        if not tokens:
+            raise _bad("prompt", "the prompt makes no token", EMPTY_PROMPT)
+        return tokens
     if request.think and not tokenizer.has_thinking:
-        raise _bad("think", f"the model {request.model} does not think (its tokenizer has no think block)")
+        raise _bad("think", f"the model {request.model} does not think (its chat template has no think block)",
+                   CHAT_TEMPLATE_ERROR)
     messages = request.messages
     if not request.chat:
         messages = ([{"role": "system", "content": request.system}] if request.system else []) + \
             [{"role": "user", "content": request.prompt}]  # fmt: skip
     if not tokenizer.has_chat_template:
-        raise ApiError(400, f"the model {request.model} has no chat template: use /api/generate with a prompt")
+        raise _bad("messages", f"the model {request.model} has no chat template: use /api/generate with a prompt",
+                   CHAT_TEMPLATE_ERROR)
     try:
         return chat_prompt(tokenizer, messages, request.tools, thinking=request.think)
     except TemplateError as error:
-        raise ApiError(400, str(error)) from None
+        raise _bad("messages" if request.chat else "prompt", str(error), CHAT_TEMPLATE_ERROR) from None
 
 
 # --- responses ----------------------------------------------------------------------------------
@@ -535,3 +556,183 @@ def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = L
     app.router.add_post("/api/show", show)
     app.router.add_get("/api/version", version)
     app.router.add_get("/", root)
+
+
+# --- the OpenAPI description --------------------------------------------------------------------
+
+ERROR = "OllamaError"
+NEUTRAL = [None, "", 0, False, {}, []]  # what _unsupported and an empty images take for "not asked"
+
+
+def _errors(statuses: dict[int, str]) -> dict[str, Any]:
+    """OpenAPI responses in Ollama's error shape, by status code."""
+    code = {CODE_HEADER: {"description": "what OpenAI's error would say in its `code`, where it says one",
+                          "schema": {"type": "string"}}}  # fmt: skip
+    return {str(status): {**json_body(ref(ERROR), why), "headers": code} for status, why in statuses.items()}
+
+
+def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
+    """The request bodies as parse_request checks them (what it ignores is allowed)."""
+    string = {"type": "string"}
+    ignored = "read if a string, else ignored"
+
+    def unsupported(why: str) -> Schema:
+        return {"enum": NEUTRAL, "description": f"not supported ({why}): only an empty value"}
+
+    options = obj({
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2,
+                                 "description": f"{DEFAULT_TEMPERATURE} if not given"}),
+        "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1, "description": f"{DEFAULT_TOP_P} if not given"}),
+        "seed": nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}),
+        "num_predict": nullable({"type": "integer", "minimum": -2, "maximum": limits.max_tokens, "not": {"const": 0},
+                                 "description": "the most tokens to answer; -1 and -2: as many as the context allows"}),
+        "stop": nullable({"anyOf": [string, {"type": "array", "items": string, "maxItems": limits.max_stop}]}),
+    }, description="sampling options; the others (top_k, num_ctx, repeat_penalty, ...) are ignored")  # fmt: skip
+    common: dict[str, Schema] = {
+        "model": model,
+        "stream": nullable({"type": "boolean", "description": "true if not given: NDJSON"}),
+        "options": nullable(ref("OllamaOptions")),
+        "format": unsupported("no answers constrained to JSON"),
+        "logprobs": unsupported("not on the Ollama API yet"),
+        "think": nullable({"anyOf": [{"type": "boolean"}, {"enum": ["high", "medium", "low"]}],
+                           "description": f"think (any level) or not; code {CHAT_TEMPLATE_ERROR} if the model "
+                                          "does not think"}),  # fmt: skip
+        "keep_alive": {"description": "ignored: the cluster keeps its model loaded"},
+    }
+    images = unsupported("the model reads text only")
+    content = nullable(string)
+    call = obj({"id": {"description": "any; one is made if it is missing"},
+                "function": obj({"name": string, "arguments": {"type": "object"}}, required=["name"])},
+               required=["function"])  # fmt: skip
+    message = {"anyOf": [
+        obj({"role": {"enum": ["system", "user"]}, "content": content, "images": images}, required=["role"]),
+        obj({"role": {"const": "assistant"}, "content": content, "images": images,
+             "tool_calls": {"anyOf": [{"enum": [None, "", 0, False, {}]}, {"type": "array", "items": call}]},
+             "thinking": {"description": f"its think block: {ignored}"}}, required=["role"]),
+        obj({"role": {"const": "tool"}, "content": content, "images": images,
+             "tool_name": {"description": f"the function whose result this is: {ignored}"}}, required=["role"]),
+    ]}  # fmt: skip
+    chat = {**common,
+            "messages": nullable({"type": "array", "items": message,
+                                  "description": "none (or empty): only load the model"}),
+            "tools": nullable({"type": "array", "items": ref("Tool")})}  # fmt: skip
+    generate = {**common,
+                "prompt": nullable({**string, "description": "none (or empty): only load the model"}),
+                "system": nullable(string),
+                "raw": nullable({"type": "boolean", "description": "the prompt as it is, without the chat template"}),
+                "tools": unsupported("tools are for /api/chat"), "images": images,
+                "suffix": unsupported("no filling in the middle"),
+                "template": unsupported("the model's own chat template is used"),
+                "context": unsupported("send the conversation to /api/chat")}  # fmt: skip
+    return {
+        "OllamaOptions": options,
+        "OllamaChatRequest": obj(chat, required=["model"]),
+        "OllamaGenerateRequest": obj(generate, required=["model"]),
+        "Tool": obj({"type": {"const": "function"}, "function": obj({
+            "name": {"type": "string", "minLength": 1},
+            "description": {"description": "for the chat template"},
+            "parameters": {"type": "object", "description": "a JSON schema of the arguments"},
+        }, required=["name"])}, required=["type", "function"]),  # fmt: skip  # the same as the OpenAI API's
+        "OllamaShowRequest": {"type": "object", "anyOf": [
+            obj({"model": model}, required=["model"]),
+            obj({"name": {**model, "description": "the older name of model, read when there is no model"}},
+                required=["name"], **{"not": {"required": ["model"]}}),
+        ]},  # fmt: skip
+    }
+
+
+def _response_schemas() -> dict[str, Schema]:
+    """The answers as add_ollama_routes and Responder write them."""
+    string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
+    call = obj({"function": obj({"index": count, "name": string, "arguments": {"type": "object"}},
+                                required=["index", "name", "arguments"])}, required=["function"])  # fmt: skip
+    message = obj({"role": {"const": "assistant"}, "content": string, "thinking": string,
+                   "tool_calls": {"type": "array", "items": call, "minItems": 1}}, required=["role", "content"])
+    last = {"done_reason": {"enum": ["stop", "length", "load"],
+                            "description": "an end token, a stop string or a tool call; num_predict; a request "
+                                           "that only loads the model"},
+            "total_duration": {**count, "description": "nanoseconds"}, "load_duration": count,
+            "prompt_eval_count": count, "prompt_eval_duration": count, "eval_count": count, "eval_duration": count}
+    part = {"model": string, "created_at": {**string, "description": "RFC 3339"}, "done": {"type": "boolean"}}
+    model = {"name": string, "model": string, "modified_at": string, "size": count, "digest": string,
+             "details": {"type": "object"}}  # fmt: skip
+    return {
+        "OllamaChatResponse": obj({**part, "message": message, **last}, required=["model", "created_at", "message",
+                                                                                  "done"]),
+        "OllamaGenerateResponse": obj({**part, "response": string, "thinking": string, **last},
+                                      required=["model", "created_at", "response", "done"]),
+        "OllamaModel": obj(model, required=list(model)),
+        "OllamaModelList": obj({"models": {"type": "array", "items": ref("OllamaModel")}}, required=["models"]),
+        "OllamaRunningList": obj({"models": {"type": "array", "items": {"allOf": [ref("OllamaModel"), obj(
+            {"expires_at": string, "size_vram": count, "context_length": nullable(count)},
+            required=["expires_at", "size_vram", "context_length"])]}}}, required=["models"]),  # fmt: skip
+        "OllamaShowResponse": obj({"modelfile": string, "parameters": string, "template": string,
+                                   "details": {"type": "object"}, "model_info": {"type": "object"},
+                                   "capabilities": {"type": "array", "items": {"enum": ["completion", "tools",
+                                                                                        "thinking"]}},
+                                   "modified_at": string},
+                                  required=["modelfile", "parameters", "template", "details", "model_info",
+                                            "capabilities", "modified_at"]),  # fmt: skip
+        ERROR: obj({"error": string}, required=["error"], additionalProperties=False),
+    }
+
+
+def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescription:
+    """What add_ollama_routes serves, for the OpenAPI document of this node (which names the
+    models it serves, with and without their tag)."""
+    served = backend.models()
+    model: Schema = {"type": "string", "description": "a model of GET /api/tags (its tag may be left out); "
+                                                      "another is a 404"}  # fmt: skip
+    if served:
+        model["enum"] = list(dict.fromkeys(name for m in served for name in (m, tagged(m))))
+
+    def generation(summary: str, request: str, answer: str) -> dict[str, Any]:
+        ok = {"description": "the answer: one JSON object unless stream is true (the default), then NDJSON: "
+                             f"one {answer} a line, the last with done: true, or an {ERROR} line if generation "
+                             "fails after the first; a request with no prompt only loads the model (done_reason "
+                             "load, JSON)",
+              "content": {"application/json": {"schema": ref(answer)},
+                          NDJSON: {"schema": {"type": "array", "items": {"anyOf": [ref(answer), ref(ERROR)]},
+                                              "description": "the stream, its lines read as an array"}}}}  # fmt: skip
+        return {"post": {
+            "summary": summary,
+            "requestBody": {"required": True, **json_body(ref(request), "the request (unknown fields are ignored)")},
+            "responses": {"200": ok, **_errors({
+                400: "a field is wrong or the body is not JSON; or what depends on the model (the code in "
+                     f"the header {CODE_HEADER}): {CONTEXT_LENGTH_EXCEEDED} (the prompt and num_predict do "
+                     f"not fit the context), {EMPTY_PROMPT} (a raw prompt of no token), {CHAT_TEMPLATE_ERROR} "
+                     "(the model has no chat template, does not think, or its template refused the messages)",
+                404: "no such model here",
+                413: f"the body is larger than {limits.max_body_bytes} bytes",
+                500: "generation failed",
+                503: "the model cannot serve now: no plan yet, it does not fit, a node went away",
+            })},
+        }}  # fmt: skip
+
+    def listing(summary: str, answer: str) -> dict[str, Any]:
+        return {"get": {"summary": summary, "responses": {"200": json_body(ref(answer), "the models")}}}
+
+    paths = {
+        "/api/chat": generation("A chat answer (Ollama's)", "OllamaChatRequest", "OllamaChatResponse"),
+        "/api/generate": generation("A completion of a prompt (Ollama's)", "OllamaGenerateRequest",
+                                    "OllamaGenerateResponse"),
+        "/api/tags": listing("The models served (Ollama's)", "OllamaModelList"),
+        "/api/ps": listing("The models loaded: those that can serve now (Ollama's)", "OllamaRunningList"),
+        "/api/show": {"post": {
+            "summary": "One model's details, template and capabilities (Ollama's)",
+            "requestBody": {"required": True, **json_body(ref("OllamaShowRequest"), "the model")},
+            "responses": {"200": json_body(ref("OllamaShowResponse"), "the model"), **_errors({
+                400: "no model named, or the body is not JSON",
+                404: "no such model here",
+                413: f"the body is larger than {limits.max_body_bytes} bytes",
+                500: "the model's tokenizer failed",
+                503: "the model cannot serve now",
+            })},
+        }},
+        "/api/version": {"get": {"summary": "The Ollama version whose API this follows", "responses": {
+            "200": json_body(obj({"version": {"type": "string"}}, required=["version"]), "the version")}}},
+        "/": {"get": {"summary": "Whether the node's API is up, as Ollama answers it (no API key needed)",
+                      "responses": {"200": {"description": "it is", "content": {"text/plain": {"schema": {
+                          "const": "Ollama is running"}}}}}}},
+    }  # fmt: skip
+    return ApiDescription(paths, {**_request_schemas(limits, model), **_response_schemas()})

@@ -27,6 +27,7 @@ from aiohttp import web
 from tbmesh.chat import (ChatReader, ClientGone, Event, Reasoning, TemplateError, Text, ToolCall,
                          chat_prompt, generate)
 from tbmesh.generation import MAX_TOP_LOGPROBS, Backend, BadRequest, GenerationParams, TokenLogprobs, Unavailable
+from tbmesh.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -38,19 +39,21 @@ class ApiError(Exception):
     """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:  # fmt: skip
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
 
 
 @dataclass(frozen=True)
@@ -96,19 +99,44 @@ def _type_name(value: Any) -> str:
     return "an object"
 
 
-def _bad(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param=param)
+def _bad(param: str, message: str, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+# The codes of the 400s that no schema of the request foresees: they depend on the model
+# (its vocabulary, its chat template) and on the context. The OpenAPI document names them.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code for it
+TOKEN_NOT_IN_VOCABULARY = "token_not_in_vocabulary"
+EMPTY_PROMPT = "empty_prompt"  # a text that the tokenizer makes no token of
+CHAT_TEMPLATE_ERROR = "chat_template_error"  # the model has none, or it refused the messages
+MODEL_DEPENDENT_CODES = (CONTEXT_LENGTH_EXCEEDED, TOKEN_NOT_IN_VOCABULARY, EMPTY_PROMPT, CHAT_TEMPLATE_ERROR)
+# and those of what JSON Schema cannot say of a request: a string that must hold JSON, fields that
+# must agree (tool_choice and tools, top_logprobs and logprobs), the last of the messages
+INVALID_TOOL_ARGUMENTS = "invalid_tool_arguments"  # a tool call's arguments: a string that is not JSON
+CONFLICTING_FIELDS = "conflicting_fields"
+UNSUPPORTED_PREFILL = "unsupported_prefill"  # Anthropic's: a last assistant message to continue
+UNDESCRIBABLE_CODES = (INVALID_TOOL_ARGUMENTS, CONFLICTING_FIELDS, UNSUPPORTED_PREFILL)
+
+
+def _as_integer(value: Any) -> int | None:
+    """`value` as an integer, or None if it is none. JSON has one kind of number: 5.0 is the
+    integer 5 (as JSON Schema, and so the OpenAPI document, says), though json.loads makes it
+    a float."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    integer = _as_integer(value)
+    if integer is None:
         raise _bad(name, f"'{name}' must be an integer, not {_type_name(value)}")
-    if value < low or (high is not None and value > high):
+    if integer < low or (high is not None and integer > high):
         raise _bad(name, f"'{name}' must be {f'{low} to {high}' if high is not None else f'at least {low}'}, not {value}")
-    return value
+    return integer
 
 
 def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
@@ -180,7 +208,7 @@ def _arguments(call: dict[str, Any], where: str) -> Any:
     try:
         return json.loads(arguments) if arguments.strip() else {}
     except ValueError as error:
-        raise _bad("messages", f"'{where}.arguments' is not JSON: {error}") from None
+        raise _bad("messages", f"'{where}.arguments' is not JSON: {error}", INVALID_TOOL_ARGUMENTS) from None
 
 
 def _tool_calls(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
@@ -253,7 +281,7 @@ def _offered_tools(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> 
     choice = body.get("tool_choice")
     if choice is None or choice in ("auto", "required"):
         if choice is not None and tools is None:
-            raise _bad("tool_choice", "'tool_choice' is only allowed when 'tools' are given")
+            raise _bad("tool_choice", "'tool_choice' is only allowed when 'tools' are given", CONFLICTING_FIELDS)
         return tools
     if choice == "none":
         return None
@@ -264,7 +292,8 @@ def _offered_tools(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> 
                                   '{"type": "function", "function": {"name": ...}}')
     named = [tool for tool in tools or [] if tool["function"]["name"] == name]
     if not named:
-        raise _bad("tool_choice", f"'tool_choice' names the function {name!r}, which is not in 'tools'")
+        raise _bad("tool_choice", f"'tool_choice' names the function {name!r}, which is not in 'tools'",
+                   CONFLICTING_FIELDS)
     return named
 
 
@@ -298,7 +327,7 @@ def _logprobs(body: dict[str, Any]) -> int | None:
     wanted = _boolean(body, "logprobs")
     top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top is not None and not wanted:
-        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true", CONFLICTING_FIELDS)
     return (top or 0) if wanted else None
 
 
@@ -313,8 +342,10 @@ def _prompt(body: dict[str, Any]) -> str | list[int]:
         prompt = prompt[0]
     if isinstance(prompt, str):
         return _unicode(prompt, "prompt", "prompt")
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
+    if isinstance(prompt, list):
+        tokens = [_as_integer(t) for t in prompt]
+        if None not in tokens:
+            return tokens
     raise _bad("prompt", "'prompt' must be a string or an array of token ids")
 
 
@@ -330,10 +361,12 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> CompletionRequest:
     n = _integer(body, "n", 1)
     if n is not None and n != 1:
         raise _bad("n", f"only n=1 is supported, not {n}")
-    # max_completion_tokens is the newer name; it wins when both are given (as in mlx-lm)
-    max_tokens = _integer(body, "max_completion_tokens", 1, limits.max_tokens)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, limits.max_tokens)
+    # max_completion_tokens is the newer name; it wins when both are given (as in mlx-lm),
+    # but both are checked: a wrong value is an error even where the other one wins
+    max_completion_tokens = _integer(body, "max_completion_tokens", 1, limits.max_tokens)
+    max_tokens = _integer(body, "max_tokens", 1, limits.max_tokens)
+    if max_completion_tokens is not None:
+        max_tokens = max_completion_tokens
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0)
     seed = _integer(body, "seed", -(2**63), 2**63 - 1)
@@ -372,22 +405,23 @@ def prompt_tokens(tokenizer: TokenizerWrapper, request: CompletionRequest) -> li
     if request.chat:
         if not tokenizer.has_chat_template:
             raise ApiError(400, f"the model {request.model} has no chat template: use /v1/completions",
-                           param="messages")
+                           param="messages", code=CHAT_TEMPLATE_ERROR)
         try:
             return chat_prompt(tokenizer, request.messages, request.tools)
         except TemplateError as error:
-            raise ApiError(400, str(error), param="messages") from None
+            raise ApiError(400, str(error), param="messages", code=CHAT_TEMPLATE_ERROR) from None
     if isinstance(request.prompt, str):
         tokens = tokenizer.encode(request.prompt)  # with the BOS token where the model wants one, as mlx-lm
         if not tokens:
-            raise _bad("prompt", "'prompt' is empty")
+            raise _bad("prompt", "'prompt' is empty", EMPTY_PROMPT)
         return list(tokens)
     if not request.prompt:
         raise _bad("prompt", "'prompt' is empty")
     vocabulary = len(tokenizer)
     wrong = next((t for t in request.prompt if not 0 <= t < vocabulary), None)
     if wrong is not None:
-        raise _bad("prompt", f"token id {wrong} is not in the vocabulary (0 to {vocabulary - 1})")
+        raise _bad("prompt", f"token id {wrong} is not in the vocabulary (0 to {vocabulary - 1})",
+                   TOKEN_NOT_IN_VOCABULARY)
     return list(request.prompt)
 
 
@@ -401,13 +435,15 @@ def fit_context(request: CompletionRequest, prompt: int, context: int | None,
         return params
     if prompt >= context:
         raise _bad("messages" if request.chat else "prompt",
-                   f"the prompt has {prompt} tokens; the context is {context} tokens (--context)")
+                   f"the prompt has {prompt} tokens; the context is {context} tokens (--context)",
+                   CONTEXT_LENGTH_EXCEEDED)
     if not request.max_tokens_given:
         return replace(params, max_tokens=min(params.max_tokens, context - prompt))
     if prompt + params.max_tokens > context:
         raise _bad(max_tokens_name, f"the prompt ({prompt} tokens) and {max_tokens_name} ({params.max_tokens}) "
                                     f"need {prompt + params.max_tokens} tokens; the context is {context} tokens "
-                                    f"(--context): lower {max_tokens_name} to at most {context - prompt}")
+                                    f"(--context): lower {max_tokens_name} to at most {context - prompt}",
+                   CONTEXT_LENGTH_EXCEEDED)
     return params
 
 
@@ -685,3 +721,206 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
+
+
+# --- the OpenAPI description -----------------------------------------------------------------
+
+ERROR = "Error"
+
+
+def error_responses(statuses: dict[int, str]) -> dict[str, Any]:
+    """OpenAPI responses in the error format, by status code: what each status means here."""
+    return {str(status): json_body(ref(ERROR), why) for status, why in statuses.items()}
+
+
+def _event_stream(chunk: str) -> dict[str, Any]:
+    """Server-sent events, each described on its own (as OpenAPI 3.2's itemSchema, which is
+    `schema` for an event stream before 3.2): its data is a chunk, an error, or the end."""
+    data = {"anyOf": [
+        {"const": "[DONE]", "description": "the last event"},
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"anyOf": [ref(chunk), ref(ERROR)]}},
+    ]}  # fmt: skip
+    event = obj({"data": data}, required=["data"], description=(
+        f"One event: `data: <{chunk}>` for each piece of the answer; `data: <{ERROR}>` when "
+        "generation fails after the first event; `data: [DONE]` at the end."))  # fmt: skip
+    return {"text/event-stream": {"schema": event}}
+
+
+def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
+    """The request bodies as parse_request checks them (what it ignores is allowed)."""
+    token_count = nullable({"type": "integer", "minimum": 1, "maximum": limits.max_tokens,
+                            "description": "with the prompt, at most the context (--context)"})
+    common: dict[str, Schema] = {
+        "model": model,
+        "max_tokens": token_count,
+        "max_completion_tokens": {**token_count, "description": "the newer name of max_tokens; wins over it"},
+        "n": nullable({"type": "integer", "minimum": 1, "maximum": 1, "description": "only 1 is supported"}),
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "seed": nullable({"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}),
+        "stop": nullable({"anyOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "maxItems": limits.max_stop},
+        ]}),  # fmt: skip
+        "stream": nullable({"type": "boolean"}),
+        "stream_options": nullable(obj({"include_usage": nullable({"type": "boolean"})})),
+    }
+    content = {"anyOf": [{"type": "string"}, {"type": "array", "items": ref("TextPart")}]}
+    token_ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+    one = {"minItems": 1, "maxItems": 1, "description": "a batch of one prompt"}
+    ignored = "read if a string, else ignored"
+    tool_call = obj({"id": {"description": "any; one is made if it is missing"},
+                     "function": obj({"name": {"type": "string"}, "arguments": {
+                         "description": "a string of JSON (code invalid_tool_arguments if it is not), or the "
+                                        "arguments themselves"}}, required=["name"])},
+                    required=["function"])  # fmt: skip
+    unsupported = {name: {"enum": [None, 0, False, {}, []], "description": f"{why}: only a neutral value"}
+                   for name, why in UNSUPPORTED.items()}  # fmt: skip
+    chat = {
+        **common,
+        "messages": {"type": "array", "minItems": 1, "items": {"anyOf": [
+            obj({"role": {"enum": [r for r in ROLES if r not in ("assistant", "tool")]}, "content": content},
+                required=["role", "content"]),
+            obj({"role": {"const": "assistant"}, "content": nullable(content),
+                 "tool_calls": nullable({"type": "array", "items": tool_call}),
+                 "reasoning_content": {"description": f"its think block: {ignored}"},
+                 "reasoning": {"description": f"reasoning_content's other name: {ignored}"}},
+                required=["role"]),
+            obj({"role": {"const": "tool"}, "content": content,
+                 "tool_call_id": {"description": f"the call it answers: {ignored}"},
+                 "name": {"description": f"the function: {ignored}"}},
+                required=["role", "content"]),
+        ]}},
+        "tools": nullable({"type": "array", "items": ref("Tool")}),
+        "tool_choice": nullable({"anyOf": [
+            {"enum": ["none", "auto", "required"], "description": "auto and required need tools (code "
+                                                                   f"{CONFLICTING_FIELDS}); none forces no call"},
+            obj({"type": {"const": "function"}, "function": obj({"name": {"type": "string"}}, required=["name"])},
+                required=["type", "function"], description=f"a function of tools (code {CONFLICTING_FIELDS} if not)"),
+        ]}),
+        "logprobs": nullable({"type": "boolean"}),
+        "top_logprobs": nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                                  "description": f"needs logprobs: true (code {CONFLICTING_FIELDS} if not)"}),
+        **unsupported,
+        "response_format": nullable(obj({"type": {"const": "text"}}, required=["type"], additionalProperties=False,
+                                        description="only text (no JSON mode or schema)")),
+        "modalities": nullable({"const": ["text"]}),
+    }  # fmt: skip
+    return {
+        "ChatCompletionRequest": obj(chat, required=["model", "messages"]),
+        "TextPart": obj({"type": {"const": "text"}, "text": {"type": "string"}}, required=["type", "text"]),
+        "Tool": obj({"type": {"const": "function"}, "function": obj({
+            "name": {"type": "string", "minLength": 1},
+            "description": {"description": "for the chat template"},
+            "parameters": {"type": "object", "description": "a JSON schema of the arguments"},
+        }, required=["name"])}, required=["type", "function"]),  # fmt: skip
+        "CompletionRequest": obj({**common, "prompt": {"anyOf": [
+            {"type": "string"},
+            {**token_ids, "description": "token ids"},
+            {"type": "array", "items": {"type": "string"}, **one},
+            {"type": "array", "items": token_ids, **one},
+        ]}, "logprobs": {"type": "null", "description": "not supported here: use /v1/chat/completions"}},
+            required=["model", "prompt"]),  # fmt: skip
+    }
+
+
+def _response_schemas() -> dict[str, Schema]:
+    """The answers as Responder writes them."""
+    count = {"type": "integer", "minimum": 0}
+    usage = obj({"prompt_tokens": count, "completion_tokens": count, "total_tokens": count},
+                required=["prompt_tokens", "completion_tokens", "total_tokens"])
+    finish_reason = {"enum": ["stop", "length", "tool_calls"],
+                     "description": "an end token or a stop string; max_tokens; the model called tools"}
+
+    def envelope(kind: str, choice: Schema, chunk: bool) -> Schema:
+        properties = {"id": {"type": "string"}, "object": {"const": kind}, "created": {"type": "integer"},
+                      "model": {"type": "string"},
+                      "choices": {"type": "array", "items": choice, "minItems": 0 if chunk else 1, "maxItems": 1},
+                      "usage": nullable(ref("Usage")) if chunk else ref("Usage")}  # fmt: skip
+        required = ["id", "object", "created", "model", "choices"] + ([] if chunk else ["usage"])
+        return obj(properties, required=required)
+
+    def choice(content: dict[str, Schema], chunk: bool, logprobs: Schema) -> Schema:
+        return obj({"index": {"const": 0}, **content, "logprobs": logprobs,
+                    "finish_reason": nullable(finish_reason) if chunk else finish_reason},
+                   required=["index", *content, "logprobs", "finish_reason"])  # fmt: skip
+
+    text = {"type": "string"}
+    token = {"token": text, "logprob": {"type": "number"}, "bytes": {"type": "array", "items": count}}
+    logprobs = obj({"content": {"type": "array", "items": obj(
+        {**token, "top_logprobs": {"type": "array", "items": obj(token, required=list(token))}},
+        required=[*token, "top_logprobs"])}, "refusal": {"type": "null"}}, required=["content", "refusal"])
+    function = obj({"name": text, "arguments": {**text, "description": "JSON"}}, required=["name", "arguments"])
+    call = {"id": text, "type": {"const": "function"}, "function": function}
+    message = obj({"role": {"const": "assistant"}, "content": nullable(text), "reasoning_content": text,
+                   "tool_calls": {"type": "array", "items": obj(call, required=list(call)), "minItems": 1}},
+                  required=["role", "content"])  # fmt: skip
+    delta = obj({"role": {"const": "assistant"}, "content": text, "reasoning_content": text,
+                 "tool_calls": {"type": "array", "minItems": 1, "maxItems": 1, "items": obj(
+                     {"index": count, **call}, required=["index", *call])}})  # fmt: skip
+    return {
+        "Usage": usage,
+        "Logprobs": logprobs,
+        "ChatCompletion": envelope("chat.completion", choice({"message": message}, False, nullable(ref("Logprobs"))),
+                                   False),
+        "ChatCompletionChunk": envelope("chat.completion.chunk",
+                                        choice({"delta": delta}, True, nullable(ref("Logprobs"))), True),
+        "Completion": envelope("text_completion", choice({"text": text}, False, {"type": "null"}), False),
+        "CompletionChunk": envelope("text_completion", choice({"text": text}, True, {"type": "null"}), True),
+        "Model": obj({"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+                      "owned_by": {"type": "string"}}, required=["id", "object", "created", "owned_by"]),  # fmt: skip
+        "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}},
+                         required=["object", "data"]),
+        ERROR: obj({"error": obj({
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": nullable({"type": "string"}), "code": nullable({"type": "string"}),
+        }, required=["message", "type", "param", "code"], additionalProperties=False)},
+            required=["error"], additionalProperties=False),  # fmt: skip
+    }
+
+
+def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescription:
+    """What add_openai_routes serves, for the OpenAPI document of this node (which names the
+    models it serves)."""
+    served = backend.models()
+    model: Schema = {"type": "string", "description": "a model of GET /v1/models; another is a 404"}
+    if served:
+        model["enum"] = served
+
+    def completion(summary: str, request: str, answer: str, chunk: str) -> dict[str, Any]:
+        ok = {"description": "the answer; server-sent events with stream: true",
+              "content": {"application/json": {"schema": ref(answer)}, **_event_stream(chunk)}}  # fmt: skip
+        return {"post": {
+            "summary": summary,
+            "requestBody": {"required": True, **json_body(ref(request), "the request (unknown fields are ignored)")},
+            "responses": {"200": ok, **error_responses({
+                400: "a field is wrong (`param` names it) or the body is not JSON; or what depends on "
+                     f"the model: code {CONTEXT_LENGTH_EXCEEDED} (the prompt and max_tokens do not fit "
+                     f"the context), {TOKEN_NOT_IN_VOCABULARY}, {EMPTY_PROMPT} (a text of no token), "
+                     f"{CHAT_TEMPLATE_ERROR} (the model has no chat template, or it refused the messages); "
+                     f"or what the schema cannot say: code {INVALID_TOOL_ARGUMENTS} (arguments that are a "
+                     f"string but not JSON), {CONFLICTING_FIELDS} (tool_choice without its tools, "
+                     "top_logprobs without logprobs)",
+                404: "no such model here (code model_not_found)",
+                413: f"the body is larger than {limits.max_body_bytes} bytes",
+                500: "generation failed (type server_error)",
+                503: "the model cannot serve now: no plan yet, it does not fit, a node went away "
+                     "(type service_unavailable)",
+            })},
+        }}  # fmt: skip
+
+    paths = {
+        "/v1/chat/completions": completion("A chat completion", "ChatCompletionRequest", "ChatCompletion",
+                                           "ChatCompletionChunk"),
+        "/v1/completions": completion("A text completion", "CompletionRequest", "Completion", "CompletionChunk"),
+        "/v1/models": {"get": {"summary": "The models served",
+                               "responses": {"200": json_body(ref("ModelList"), "the models")}}},
+        "/v1/models/{model}": {"get": {
+            "summary": "One model",
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": model}],
+            "responses": {"200": json_body(ref("Model"), "the model"),
+                          **error_responses({404: "no such model here (code model_not_found)"})},
+        }},
+    }  # fmt: skip
+    return ApiDescription(paths, {**_request_schemas(limits, model), **_response_schemas()})

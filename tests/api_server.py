@@ -1,5 +1,5 @@
-"""A real aiohttp server with the OpenAI routes, on 127.0.0.1 in a thread of its own, and a
-LocalBackend whose availability and failures tests can steer."""
+"""A real aiohttp server with the daemon's API (tbmesh.api.make_app), on 127.0.0.1 in a thread
+of its own, and a LocalBackend whose availability and failures tests can steer."""
 
 from __future__ import annotations
 
@@ -9,24 +9,33 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
 from aiohttp import web
 
+from tbmesh.api import make_app
 from tbmesh.generation import Backend, GenerationParams, Unavailable
-from tbmesh.anthropic_api import add_anthropic_routes
-from tbmesh.openai_api import Limits, add_openai_routes
+from tbmesh.openai_api import Limits
 from tbmesh.runtime.local import LocalBackend
 
 
-class ApiServer:
-    """Serves one backend as the daemon does (an AppRunner: no handler cancellation)."""
+async def no_links() -> dict[str, Any]:
+    return {"links": []}
 
-    def __init__(self, backend: Backend, limits: Limits = Limits(), handler_cancellation: bool = False) -> None:
+
+class ApiServer:
+    """Serves one backend as the daemon does (an AppRunner: no handler cancellation). No
+    daemon: GET /status answers `status()`, POST /probe `probe()`."""
+
+    def __init__(self, backend: Backend, limits: Limits = Limits(), handler_cancellation: bool = False,
+                 status: Callable[[], dict[str, Any]] = dict,
+                 probe: Callable[[], Awaitable[dict[str, Any]]] = no_links) -> None:  # fmt: skip
         self.backend = backend
         self.limits = limits
+        self.status = status
+        self.probe = probe
         self.handler_cancellation = handler_cancellation  # True in aiohttp's own test server
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -43,9 +52,7 @@ class ApiServer:
         self.thread.join(10)
 
     async def _start(self) -> None:
-        app = web.Application()
-        add_openai_routes(app, self.backend, self.limits)
-        add_anthropic_routes(app, self.backend, self.limits)
+        app = make_app(self.status, self.probe, self.backend, self.limits)
         self.runner = web.AppRunner(app, access_log=None, handler_cancellation=self.handler_cancellation)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,21 @@ class _NamespacedHTTP(http.client.HTTPConnection):
         self.sock = self.mac.socket()
         self.sock.settimeout(self.timeout)
         self.sock.connect((self.host, self.port))
+
+
+def serving_alone(name: str, state_dir: Path, model_dir: Path, args: Sequence[str] = ()) -> DaemonProcess:
+    """One daemon on loopback, a cluster of its own, started and serving `model_dir` (its one
+    stage loaded); kill() it when done."""
+    daemon = DaemonProcess(name, state_dir, ["--interface", "lo", "--memory", "4GB", "--model", str(model_dir),
+                                             "--cluster", f"alone{uuid.uuid4().hex[:8]}", "--no-probe", *args])
+    try:
+        daemon.start()
+        wait_for(lambda: all(n["shard"] and n["shard"]["loaded"] for n in daemon.status()["nodes"])
+                 and daemon.status()["plan"], 30, f"{name} to serve")  # fmt: skip
+    except BaseException:
+        daemon.kill()
+        raise
+    return daemon
 
 
 def start_all(daemons: Sequence[DaemonProcess]) -> list[DaemonProcess]:

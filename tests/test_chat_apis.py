@@ -8,11 +8,13 @@ import json
 import math
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import jsonschema_rs
 import mlx.core as mx
 import mlx_lm
 import openai
@@ -209,3 +211,63 @@ def test_anthropic_failures_before_and_during_a_stream_keep_anthropics_shape(ser
         assert events[0] == "message_start" and "message_stop" not in events
     finally:
         server.backend.reset()
+
+
+def _validator(document: dict[str, Any], name: str) -> Any:
+    schemas = document["components"]["schemas"]
+    return jsonschema_rs.validator_for({**schemas[name], "components": {"schemas": schemas}})
+
+
+def _sse(server: ApiServer, path: str, body: dict[str, Any]) -> list[tuple[str | None, str]]:
+    """A streamed answer's events as (their name, their data), as they came."""
+    request = urllib.request.Request(server.url + path, data=json.dumps({**body, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = []
+    for block in raw.strip("\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((fields.get("event"), fields["data"]))
+    return events
+
+
+def test_the_answers_are_as_the_openapi_document_describes_them(server) -> None:
+    """Every answer of the taught model (thinking, tool calls, text, logprobs), streamed and not,
+    against the schemas of GET /openapi.json (the fuzzing's model is random: it seldom thinks
+    or calls a tool)."""
+    status, document = server.get("/openapi.json")
+    assert status == 200
+    events = {e["properties"]["event"]["const"]: e["properties"]["data"]["contentSchema"]
+              for e in document["components"]["schemas"]["MessageEvent"]["anyOf"]}  # fmt: skip
+    schemas = document["components"]["schemas"]
+    seen: set[str] = set()
+    for conversation in CONVERSATIONS:
+        question = conversation["messages"][:1]
+        tools = conversation.get("tools")
+        chat = {"model": MODEL, "messages": question, "max_tokens": 48, "temperature": 0, "logprobs": True,
+                "top_logprobs": 2, "stream_options": {"include_usage": True}, **({"tools": tools} if tools else {})}
+        status, answer = server.post("/v1/chat/completions", chat)
+        assert status == 200, answer
+        _validator(document, "ChatCompletion").validate(answer)
+        seen.update(k for k in ("reasoning_content", "tool_calls") if k in answer["choices"][0]["message"])
+        for _, data in _sse(server, "/v1/chat/completions", chat):
+            if data != "[DONE]":
+                _validator(document, "ChatCompletionChunk").validate(json.loads(data))
+        anthropic_tools = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                            "input_schema": t["function"]["parameters"]} for t in tools or []]  # fmt: skip
+        message = {"model": MODEL, "messages": question, "max_tokens": 48, "temperature": 0,
+                   **({"tools": anthropic_tools} if tools else {})}  # fmt: skip
+        status, answer = server.post("/v1/messages", message)
+        assert status == 200, answer
+        _validator(document, "Message").validate(answer)
+        seen.update(block["type"] for block in answer["content"])
+        streamed = _sse(server, "/v1/messages", message)
+        assert [name for name, _ in streamed][::len(streamed) - 1] == ["message_start", "message_stop"]
+        for name, data in streamed:
+            assert name in events, name
+            jsonschema_rs.validator_for({**events[name], "components": {"schemas": schemas}}).validate(json.loads(data))
+        status, count = server.post("/v1/messages/count_tokens", {"model": MODEL, "messages": question})
+        assert status == 200
+        _validator(document, "TokenCount").validate(count)
+    assert seen >= {"reasoning_content", "tool_calls", "thinking", "tool_use", "text"}, seen

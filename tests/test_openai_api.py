@@ -284,6 +284,7 @@ BAD_CHATS = [
     ({**CHAT, "max_tokens": 32769}, "max_tokens"),
     ({**CHAT, "max_tokens": True}, "max_tokens"),
     ({**CHAT, "max_completion_tokens": 2.5}, "max_completion_tokens"),
+    ({**CHAT, "max_completion_tokens": 2, "max_tokens": "x"}, "max_tokens"),  # checked though the other wins
     ({**CHAT, "temperature": "hot"}, "temperature"),
     ({**CHAT, "temperature": -0.1}, "temperature"),
     ({**CHAT, "temperature": 2.5}, "temperature"),
@@ -316,6 +317,8 @@ def test_bad_prompts_are_400(server: ApiServer, prompt: Any) -> None:
     body = {"model": MODEL, "max_tokens": 2} | ({} if prompt is None else {"prompt": prompt})
     status, answer = server.post("/v1/completions", body)
     assert status == 400 and answer["error"]["param"] == "prompt", answer
+    # only what depends on the model has a code: the vocabulary (the document cannot know it)
+    assert answer["error"]["code"] == ("token_not_in_vocabulary" if prompt in ([-1], [10**6]) else None)
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', "{\"model\": \"\xe9\"}".encode("latin-1")])
@@ -369,12 +372,11 @@ ODD_VALUES = [
     (b'"top_p": -Infinity', "top_p"),
     (b'"top_p": 1e999', "top_p"),
     (b'"max_tokens": 1e999', "max_tokens"),
-    (b'"max_tokens": 1e2', "max_tokens"),
     (b'"max_tokens": 10000000000000000000000000000000', "max_tokens"),
     (b'"max_tokens": ' + b"9" * 5000, None),  # beyond Python's int digits: json.loads refuses it
     (b'"seed": 18446744073709551616', "seed"),
     (b'"seed": NaN', "seed"),
-    (b'"n": 1.0', "n"),
+    (b'"n": 2.0', "n"),
     (b'"stop": {"a": 1}', "stop"),
     (b'"stream_options": {"include_usage": 1}', "include_usage"),
     (b'"max_tokens": "12"', "max_tokens"),
@@ -387,6 +389,21 @@ def test_odd_values_are_400(server: ApiServer, field: bytes, param: str | None) 
     status, answer = server.post("/v1/chat/completions", None, raw=raw)
     assert status == 400, answer
     assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
+
+
+def test_integral_numbers_are_integers(server: ApiServer, reference: Any) -> None:
+    """JSON has one kind of number: 3.0 and 3e0 are the integer 3, as JSON Schema (and so the
+    OpenAPI document) says, though json.loads makes them floats."""
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, '
+    status, as_integers = server.post("/v1/chat/completions", None, raw=raw + b'"max_tokens": 3, "n": 1, "seed": 7}')
+    status_floats, as_floats = server.post("/v1/chat/completions", None,
+                                           raw=raw + b'"max_tokens": 3.0, "n": 1e0, "seed": 7.0}')
+    assert status == status_floats == 200, as_floats
+    assert as_floats["choices"] == as_integers["choices"] and as_floats["usage"]["completion_tokens"] == 3
+    prompt = reference[1].encode("Hello")
+    status, answer = server.post("/v1/completions", {"model": MODEL, "prompt": [float(t) for t in prompt],
+                                                     "max_tokens": 2, "temperature": 0})  # fmt: skip
+    assert status == 200 and answer["usage"]["prompt_tokens"] == len(prompt), answer
 
 
 def test_too_large_a_body_is_413(server: ApiServer) -> None:
@@ -586,11 +603,13 @@ def test_a_request_that_cannot_fit_the_context_is_400_with_the_numbers(server: A
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=11, temperature=0)
     error = raised.value.body
+    assert error["code"] == "context_length_exceeded"  # OpenAI's code: what a schema of the request cannot say
     assert error["param"] == "max_tokens" and "the prompt (30 tokens) and max_tokens (11) need 41 tokens; " \
         "the context is 40 tokens (--context): lower max_tokens to at most 10" in error["message"]
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model=MODEL, prompt=prompt * 2, temperature=0)
     assert raised.value.body["param"] == "prompt" and "the prompt has 60 tokens; the context is 40" in str(raised.value)
+    assert raised.value.body["code"] == "context_length_exceeded"
     # without max_tokens the answer gets what is left of the context (the default, 16, is more)
     answer = client.completions.create(model=MODEL, prompt=prompt, temperature=0)
     assert answer.usage.completion_tokens == 10 and answer.choices[0].finish_reason == "length"

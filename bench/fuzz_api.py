@@ -1,0 +1,87 @@
+"""Fuzz the HTTP API of a live daemon from its OpenAPI document, for long.
+
+The run of tests/test_openapi_fuzz.py (tests/api_fuzz.py: schemathesis's `st run` with every
+check of its own and two of ours, configured by tests/schemathesis.toml) with many more
+examples, going on after failures to count them all: one `tbmesh daemon` on loopback, a
+cluster of its own, serving a random tiny llama (tbmesh.runtime.tiny, made once under
+/tmp/tbmesh-bench) with a short --context so that answers stay short.
+
+Figures: requests sent, answers by status, 5xx (goal 0), schema violations (answers the
+document does not describe; goal 0), unique failures by kind (goal none). Writes
+bench/results/fuzz_api.json; `st run`'s own reports (JSON, and HAR: every request and answer)
+stay in --reports.
+
+    python bench/fuzz_api.py [--examples 2000] [--mode all|positive|negative] [--context 48]
+                             [--seed N] [--reports DIR] [--out bench/results/fuzz_api.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from api_fuzz import fuzz  # noqa: E402
+from daemons import serving_alone  # noqa: E402
+from tbmesh.runtime.tiny import make_tiny_model  # noqa: E402
+
+CACHE = Path(tempfile.gettempdir()) / "tbmesh-bench"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=2000, help="per operation")
+    parser.add_argument("--mode", choices=("all", "positive", "negative"), default="all",
+                        help="valid requests, invalid ones, or both")
+    parser.add_argument("--context", type=int, default=48, help="the daemon's --context, in tokens")
+    parser.add_argument("--seed", type=int, default=None, help="schemathesis's seed (default: a random one)")
+    parser.add_argument("--reports", type=Path, default=None, help="where st run's reports go (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fuzz_api.json")
+    args = parser.parse_args()
+
+    # the tests' model (tests/serving.py): 8 layers, 128 wide, 512 tokens
+    model = CACHE / "fuzz-tiny"
+    if not (model / "config.json").exists():
+        make_tiny_model(model, layers=8, hidden=128, vocab=512)
+    reports = args.reports or Path(tempfile.mkdtemp(prefix="fuzz-api-reports-"))
+    reports.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fuzz-api-") as state:
+        daemon = serving_alone("fuzz", Path(state), model, ["--context", str(args.context)])
+        try:
+            run = fuzz(daemon.api_url(), args.examples, reports, seed=args.seed, mode=args.mode,
+                       every_failure=True, timeout=24 * 3600)
+            alive = daemon.alive()
+        finally:
+            daemon.kill()
+
+    figures = run.figures()
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "machine": platform.machine(),
+        "settings": {"examples": args.examples, "mode": args.mode, "context": args.context,
+                     "seed": run.report["seed"]},
+        **figures,
+        "daemon_alive_after": alive,
+        "reports": str(reports),
+    }  # fmt: skip
+    print(f"{figures['requests']} requests in {figures['seconds']} s (seed {run.report['seed']}): "
+          f"by status {figures['by_status']}")
+    print(f"5xx: {figures['5xx']}  schema violations: {figures['schema_violations']}  "
+          f"failures: {figures['failures'] or 'none'}  schemathesis errors: {len(figures['errors'])}  "
+          f"daemon alive after: {alive}")
+    if run.exit_code != 0:
+        print(run.output[-20000:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}; st run's reports in {reports}")
+
+
+if __name__ == "__main__":
+    main()
