@@ -130,3 +130,13 @@ def test_a_waiting_request_fails_at_once_when_the_model_does_not_fit_and_waits_o
     assert actions == [] and c.tick(1.0, "no plan yet: waiting for a leader") == []
     (fail,) = c.tick(2.0, "the model does not fit the cluster: add a Mac", hopeless=True)
     assert fail.request == request and "does not fit" in str(fail.error) and not c.requests
+
+
+def test_a_request_in_flight_waits_its_resume_wait_even_when_the_model_no_longer_fits():
+    c = conductor(resume_wait=30.0)
+    request, actions = c.submit([1], 10, Sampling(), ENDS, 0.0, (ROUTE, 1))
+    c.on_node_trouble("b", 1.0, "b stopped answering: waiting for a new plan")
+    assert c.tick(2.0, "the model does not fit the cluster: add a Mac", hopeless=True) == []
+    assert request in c.requests
+    (admit,) = admits(c.tick(3.0, (OTHER, 2)))  # a Mac came back: it goes on
+    assert admit.route == OTHER

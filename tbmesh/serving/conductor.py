@@ -164,13 +164,14 @@ class Conductor:
         return actions
 
     def tick(self, now: float, usable: Usable, hopeless: bool = False) -> list[Action]:
-        """Start the requests waiting for a usable route, or fail them at their deadline, or
-        at once when waiting is `hopeless` (the model does not fit: `usable` says why)."""
+        """Start the requests waiting for a usable route, or fail them at their deadline. A
+        request never started fails at once when waiting is `hopeless` (the model does not
+        fit: `usable` says why); one in flight waits its resume_wait (a Mac may come back)."""
         actions: list[Action] = []
         for request in list(self.requests.values()):
             if request.attempt:
                 continue
-            if hopeless and isinstance(usable, str):
+            if hopeless and isinstance(usable, str) and not request.attempts:
                 self.requests.pop(request.id, None)
                 actions.append(Fail(request.id, Unavailable(usable)))
             else:
