@@ -16,6 +16,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "needs_root: needs root and iproute2 (network-namespace lab); skipped otherwise"
     )
+    config.addinivalue_line(
+        "markers", "slow: left out of `./dev test` (CI's time budget); `./dev test -m slow` runs them"
+    )
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

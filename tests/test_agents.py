@@ -73,7 +73,7 @@ def expected(loaded: Any, messages: list[dict[str, Any]], tools: list[dict[str, 
     return answer
 
 
-@pytest.fixture(scope="module", params=[1, 3], ids=["1-stage", "3-stages"])
+@pytest.fixture(scope="module", params=[pytest.param(1, marks=pytest.mark.slow), 3], ids=["1-stage", "3-stages"])
 def daemons(request: pytest.FixtureRequest, taught_model: Path, tmp_path_factory: pytest.TempPathFactory):
     stages = request.param
     root = tmp_path_factory.mktemp(f"agents{stages}")

@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # a smoke run of a benchmark: minutes
 
 
 def test_the_serving_benchmark_smoke_run_writes_every_section(tmp_path):

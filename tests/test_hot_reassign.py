@@ -39,6 +39,7 @@ def new_plan_without(daemons: list[DaemonProcess], gone: str, stages: int) -> di
     return wait_for(ready, 30, f"a plan of {stages} stages without the dead node")
 
 
+@pytest.mark.slow  # test_chaos.py kills stages and leaders mid-answer in every run
 @pytest.mark.parametrize("victim", ["middle", "leader"])
 def test_a_stage_killed_mid_generation_and_the_answer_goes_on(cluster, reference, victim):
     daemons = cluster(3)
@@ -173,6 +174,7 @@ def test_a_join_within_the_wait_lets_the_request_complete(pair_that_needs_both, 
     assert stream.result(120) == expected
 
 
+@pytest.mark.slow  # test_chaos.py SIGSTOPs a node mid-answer in every run
 def test_a_mac_that_sleeps_and_wakes_rejoins_as_itself_and_is_given_layers_again(cluster, reference):
     daemons = cluster(3)
     serving(daemons, 3)

@@ -15,7 +15,8 @@ import pytest
 from daemons import DaemonProcess, serving_view, start_all, wait_for
 from serving import Stream
 
-pytestmark = pytest.mark.needs_root
+# slow: test_chaos.py pulls, flaps and partitions cables in namespaces in every run
+pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 
 PROMPT = "Thunderbolt cables link the Macs"  # no end-of-sequence in its first 1500 tokens
 

@@ -16,6 +16,7 @@ from serving import PROMPTS, complete, post, serving
 from tbmesh.runtime.sampling import Sampling
 
 
+@pytest.mark.slow  # test_serving.py covers the pipeline against mlx-lm in every run
 @pytest.mark.parametrize("stages", [2, 3])
 def test_the_pipeline_gives_mlx_lm_tokens_at_temperature_zero_from_every_entry(cluster, reference, stages):
     daemons = cluster(stages)
@@ -26,6 +27,7 @@ def test_the_pipeline_gives_mlx_lm_tokens_at_temperature_zero_from_every_entry(c
         assert complete(entry, prompt, 24, temperature=0) == reference(prompt, 24)
 
 
+@pytest.mark.slow  # test_serving.py covers the pipeline against mlx-lm in every run
 def test_seeded_sampling_gives_the_single_process_tokens(cluster, reference):
     daemons = cluster(3)
     serving(daemons, 3)
@@ -36,6 +38,7 @@ def test_seeded_sampling_gives_the_single_process_tokens(cluster, reference):
     assert reference(PROMPTS[0], 24, Sampling(0.8, 0.9, 7)) != reference(PROMPTS[0], 24, Sampling(0.8, 0.9, 8))
 
 
+@pytest.mark.slow  # test_serving.py covers the pipeline against mlx-lm in every run
 def test_eight_concurrent_requests_all_get_their_own_tokens(cluster, reference):
     daemons = cluster(3)
     serving(daemons, 3)
@@ -55,6 +58,7 @@ def test_eight_concurrent_requests_all_get_their_own_tokens(cluster, reference):
         assert results[i] == reference(prompt, max_tokens), i
 
 
+@pytest.mark.slow  # test_serving.py covers the pipeline against mlx-lm in every run
 def test_a_client_that_goes_away_frees_the_caches_on_every_stage(cluster):
     daemons = cluster(3)
     serving(daemons, 3)
@@ -76,6 +80,7 @@ def test_a_client_that_goes_away_frees_the_caches_on_every_stage(cluster):
     wait_for(lambda: all(idle(d) for d in daemons), 10, "the caches freed everywhere")
 
 
+@pytest.mark.slow  # test_serving.py covers the pipeline against mlx-lm in every run
 def test_each_node_holds_only_its_shard(cluster, model_dir):
     from tbmesh.runtime.modeldir import describe_model_dir
 

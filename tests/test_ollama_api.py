@@ -90,7 +90,7 @@ class Setup:
     reference: Any  # serving.mlx_reference of the model
 
 
-@pytest.fixture(params=[1, 3], ids=["1-stage", "3-stages"])
+@pytest.fixture(params=[1, pytest.param(3, marks=pytest.mark.slow)], ids=["1-stage", "3-stages"])
 def setup(request: pytest.FixtureRequest, model_dir: Path, reference: Any) -> Setup:
     if request.param == 1:
         taught = request.getfixturevalue("taught_model")
@@ -201,6 +201,7 @@ def test_load_requests_answer_at_once(setup: Setup) -> None:
 # --- a client that goes away --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_leaving_a_streamed_chat_frees_every_stage(three: list[DaemonProcess]) -> None:
     from test_serving import idle, stage_0
 
@@ -313,6 +314,7 @@ def test_thinking_comes_apart_from_the_answer(one: DaemonProcess, taught_referen
     assert (generated.thinking, generated.response) == (answer.message.thinking, answer.message.content)
 
 
+@pytest.mark.slow
 def test_a_model_that_does_not_think_is_asked_to(three: list[DaemonProcess]) -> None:
     with pytest.raises(ollama.ResponseError) as raised:
         client(three[0], key=None).chat(model="tiny", messages=HELLO, think=True)
