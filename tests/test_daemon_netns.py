@@ -13,7 +13,8 @@ import pytest
 
 from daemons import DaemonProcess, agreed, alive_ids, start_all, state_of, tiny_model_dir, wait_for
 
-pytestmark = pytest.mark.needs_root
+# slow: test_chaos.py's daemons find each other over namespaced cables in every run
+pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 
 
 @pytest.fixture

@@ -76,6 +76,7 @@ def test_a_stage_killed_mid_batch_and_every_answer_of_the_batch_goes_on(cluster,
     assert sum(len(events(d, "resumed")) for d in entries) >= 6  # those still going went on elsewhere
 
 
+@pytest.mark.slow  # test_chaos.py's restarted nodes join mid-answer in every run
 def test_a_node_that_joins_mid_generation_is_given_layers_and_nothing_unchanged_is_read_again(
         cluster, reference, tmp_path, model_dir):
     daemons = cluster(3)
