@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from tbmesh import measure, state
 from tbmesh.core.cluster import ClusterNode, CoreConfig
 from tbmesh.core.membership import PeerState, Timing
-from tbmesh.core.messages import Disconnect, Event, Send
+from tbmesh.core.messages import Disconnect, DiskState, Event, Send
 from tbmesh.core.types import ModelSpec, NodeInfo, Plan
 from tbmesh.net import interfaces as netif
 from tbmesh.net import peers, probe, wire
@@ -40,6 +41,7 @@ from tbmesh.serving.view import ClusterView
 
 if TYPE_CHECKING:
     from tbmesh.core.messages import ShardState
+    from tbmesh.serving.disk import Disk
     from tbmesh.serving.engine import Engine
     from tbmesh.telemetry import Telemetry
 
@@ -50,6 +52,8 @@ DEFAULT_API_PORT = 7471
 PROBE_SECONDS = 0.5
 MEMORY_CHECK_S = 10.0
 MEMORY_FILE_CHECK_S = 0.5  # TBMESH_MEMORY_FILE: reading a file is cheap, tests want it soon
+MANIFEST_CHECK_S = 0.5  # how often a node without its model's manifest looks for a peer with it
+BULK_DIAL_TIMEOUT_S = 10.0  # a fetch's dial to a peer, handshake included
 
 
 # Events after which messages to or from the node may have been lost with its connection.
@@ -118,6 +122,8 @@ class Daemon:
         self._state_lock: int | None = None  # the state directory's lock, held while we run
         self._stopping = False
         self.engine: Engine | None = None  # the data plane
+        self.disk: Disk | None = None  # the model's weights on our disk
+        self._bulk_stop = threading.Event()  # set at stop: the bulk connections we serve end
         self._last_view: tuple | None = None  # (plan, preparing) the engine last saw
         self._sound_links: frozenset[frozenset[str]] = frozenset()  # as the engine last heard
         self.telemetry: Telemetry | None = None
@@ -138,21 +144,19 @@ class Daemon:
         except ValueError as error:
             raise StartupError(str(error)) from None
         self.addresses = self._current_addresses()
-        if cfg.model is not None:
-            from tbmesh.runtime.modeldir import describe_model_dir
-
-            try:
-                self.model = describe_model_dir(cfg.model)
-            except ValueError as error:
-                raise StartupError(f"--model {cfg.model}: {error}") from None
+        model_dir = self._open_disk() if cfg.model is not None else None
         machine = measure.machine_identity()
         self.identity = state.load_identity(cfg.state_dir, machine)
         info = await self._measure()
         self.core = ClusterNode(info, self.identity.incarnation, self.now(),
-                                CoreConfig(cfg.timing, self.model, cfg.serving.context))
+                                CoreConfig(cfg.timing, self.model, cfg.serving.context,
+                                           self.disk.name if self.disk is not None else None))
         from tbmesh.serving.engine import Engine
 
-        self.engine = Engine(self, cfg.model, cfg.serving)
+        self.engine = Engine(self, model_dir, cfg.serving, self.disk)
+        if self.disk is not None:
+            self.carry_out(self.core.set_disk(self.disk.state(), self.now()))
+            self._spawn(self._complete_disk())
         await self._start_server()
         await self._start_api()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
@@ -178,6 +182,85 @@ class Daemon:
         if cfg.api_key is None and not _loopback(cfg.api_host):
             log.warning("the API listens on %s without a key: anyone who reaches it can use the model; "
                         "give one with --api-key-file", cfg.api_host)
+
+    def _open_disk(self) -> Path:
+        """The model's directory, and what of its weights is on our disk. `--model` names a
+        directory, or only a model the cluster serves (its files then come from peers into
+        the state directory)."""
+        from tbmesh.serving.disk import Disk
+
+        given = self.config.model
+        assert given is not None
+        bare_name = len(given.parts) == 1 and not given.exists()
+        model_dir = self.config.state_dir / "models" / given.name if bare_name else given
+        if not bare_name and not given.is_dir():
+            raise StartupError(f"--model {given}: the model directory {given} does not exist")
+        self.disk = Disk(self, given.name, model_dir, self.config.state_dir)
+        try:
+            self.disk.open()
+        except ValueError as error:
+            raise StartupError(f"--model {given}: {error}") from None
+        self.model = self.disk.spec
+        return model_dir
+
+    async def _complete_disk(self) -> None:
+        """Hash our model into its manifest, or take the manifest from a peer when we lack
+        the weights; publish what our disk holds each time it changes."""
+        disk = self.disk
+        assert disk is not None
+        if disk.whole and disk.manifest is None:
+            try:
+                await asyncio.to_thread(disk.build)
+            except (OSError, ValueError) as error:
+                log.error("cannot hash the model in %s, so no peer can fetch from us: %s", disk.model_dir, error)
+            self.disk_changed(disk.state())
+        while disk.manifest is None:
+            await asyncio.sleep(MANIFEST_CHECK_S)
+            offers = {(d.manifest, d.manifest_bytes) for n, d in self.core.disks().items()
+                      if n != self.core.id and d.model == disk.name and d.manifest}
+            if not offers:
+                continue
+            if len(offers) > 1:
+                log.warning("peers hold different models named %s: taking the first", disk.name)
+            digest, nbytes = min(offers)
+            try:
+                await asyncio.to_thread(disk.take_manifest, disk.peers(), digest, nbytes)
+            except (OSError, ValueError) as error:  # FetchFailed, a manifest that does not parse
+                log.warning("cannot take the manifest of %s from peers yet: %s", disk.name, error)
+                continue
+            self.model = disk.spec
+            log.info("took the manifest of %s from a peer: %d tensors, %d layers", disk.name,
+                     len(disk.manifest.tensors), disk.spec.num_layers if disk.spec else 0)
+            self.disk_changed(disk.state())
+
+    def disk_changed(self, disk: DiskState | None) -> None:
+        if disk != self.core.disk:
+            self.carry_out(self.core.set_disk(disk, self.now()))
+
+    def bulk_connect(self, node: str) -> tuple[socket.socket, bytes]:
+        """A bulk connection to `node` (from a fetch's thread: the dial runs on the loop)."""
+        future = asyncio.run_coroutine_threadsafe(self._dial_bulk(node), self.loop)
+        return future.result(BULK_DIAL_TIMEOUT_S)
+
+    async def _dial_bulk(self, node: str) -> tuple[socket.socket, bytes]:
+        found = self.known.get(node)
+        if found is None:
+            raise ConnectionError(f"no address known for {node}")
+        try:
+            channel = await self._dial_any(found, "bulk")
+        except peers.Refused as error:
+            raise ConnectionError(str(error)) from None
+        return channel.detach()
+
+    def _serve_bulk(self, channel: peers.Channel) -> None:
+        """A peer fetches weights from us: a thread of its own, blocking sends (sendfile)."""
+        from tbmesh.weights import bulk
+
+        disk = self.disk
+        if disk is None or disk.local is None:
+            channel.close("no weights to serve here")
+            return
+        bulk.serve_channel(channel, disk.local, self._bulk_stop)
 
     async def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
@@ -211,6 +294,7 @@ class Daemon:
             channel.close("daemon stopping")
         if tasks:  # each ends its own way (a reader closes its channel) before the loop goes
             await asyncio.wait(tasks, timeout=5)
+        self._bulk_stop.set()
         if self.engine is not None:
             await self.engine.close()
         if self._api is not None:
@@ -425,7 +509,8 @@ class Daemon:
         core = self.core
         return ClusterView(core.id, core.plan, core.preparing, core.no_fit or "", core.leader, core.shards(),
                            {n: i.name for n, i in core.node_infos().items()}, core.members(),
-                           core.config.model, core.info.memory_usable, core.config.context)
+                           core.model, core.info.memory_usable, core.config.context, core.disks(),
+                           tuple(core.links()))
 
     def shard_changed(self, state: ShardState | None) -> None:
         if state != self.core.shard:
@@ -459,6 +544,8 @@ class Daemon:
             return
         if channel.peer.purpose == "probe":
             await self._answer_probe(channel)
+        elif channel.peer.purpose == "bulk":
+            self._serve_bulk(channel)
         else:
             self._adopt(channel)
 
@@ -720,6 +807,16 @@ class Daemon:
                 "start": held.start, "end": held.end, "epoch": held.epoch,
                 "bytes": stage_bytes.get(node["id"]), "progress": held.progress,
                 "loaded": held.ready, "serving": held.serving}
+        disks = core.disks()
+        for node in nodes:
+            disk = disks.get(node["id"])
+            fetching = disk.fetching if disk is not None else None
+            node["disk"] = None if disk is None else {
+                "layers": [list(r) for r in disk.layers], "ends": disk.ends, "bytes": disk.bytes,
+                "manifest": disk.manifest,
+                "fetching": None if fetching is None else {
+                    "done": fetching.done, "total": fetching.total, "bytes_per_s": fetching.bytes_per_s,
+                    "from": [core.node_infos()[n].name if n in core.node_infos() else n for n in fetching.sources]}}
         links = [{"a": link.a, "b": link.b, "bandwidth_bps": link.bytes_per_s * 8, "rtt_s": link.rtt_s}
                  for link in core.links()]
         plan = core.plan
@@ -732,6 +829,7 @@ class Daemon:
             "term": core.term,
             "model": self.model.name if self.model else None,
             "nodes": nodes,
+            "replicas": _replicas(core.model, disks),
             "links": links,
             "plan": _plan_json(plan),
             "preparing": None if core.preparing is None else {
@@ -754,6 +852,13 @@ def _port_free_everywhere(port: int) -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("0.0.0.0", port))  # the wildcard conflicts with a listener on any address
         return sock.getsockname()[1]
+
+
+def _replicas(model: ModelSpec | None, disks: dict[str, DiskState]) -> list[int] | None:
+    """How many reachable disks hold each layer (None when no node says what its disk holds)."""
+    if model is None or not disks:
+        return None
+    return [sum(d.has(i, i + 1) for d in disks.values() if d.model == model.name) for i in range(model.num_layers)]
 
 
 def _plan_json(plan: Plan | None) -> dict[str, Any] | None:

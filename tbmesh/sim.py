@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tbmesh.core.assignment import Assignment, Range
 from tbmesh.core.cluster import ClusterNode, CoreConfig, Planner
-from tbmesh.core.messages import Action, Disconnect, Event, Message, Send
+from tbmesh.core.messages import Action, Disconnect, DiskState, Event, Message, Send
 from tbmesh.core.types import NodeInfo
 from tbmesh.serving import keeper as k
 
@@ -62,6 +62,7 @@ class Simulator:
         self.now = 0.0
         self.nodes: dict[str, ClusterNode] = {}  # running nodes
         self.infos: dict[str, NodeInfo] = {}  # every node ever added, for restarts
+        self.configs: dict[str, CoreConfig] = {}  # nodes configured apart from `config`
         self.incarnations: dict[str, int] = {}
         self.cables: set[frozenset[str]] = set()
         self.blocked: set[frozenset[str]] = set()
@@ -80,11 +81,17 @@ class Simulator:
 
     # ----- scenario verbs ------------------------------------------------------------
 
-    def add_node(self, info: NodeInfo | str) -> ClusterNode:
+    def add_node(self, info: NodeInfo | str, config: CoreConfig | None = None) -> ClusterNode:
         if isinstance(info, str):
             info = make_info(info)
         self.infos[info.id] = info
+        if config is not None:
+            self.configs[info.id] = config
         return self._start(info.id)
+
+    def set_disk(self, node: str, disk: DiskState | None) -> None:
+        """What `node` keeps on disk changed (a fetch ended, a Mac with weights came)."""
+        self._carry_out(node, self.nodes[node].set_disk(disk, self.now))
 
     def cable(self, a: str, b: str) -> None:
         """Plug a cable; the shells connect at once (as on a link-up event)."""
@@ -198,7 +205,7 @@ class Simulator:
                 return False
             if any(self.nodes[n].preparing is not None for n in group):
                 return False  # still loading the next one
-            if plan is None and self.config.model is not None \
+            if plan is None and any(self.nodes[n].model is not None for n in group) \
                     and not any(self.nodes[n].no_fit for n in group):
                 return False  # not planned yet
         return True
@@ -208,7 +215,8 @@ class Simulator:
     def _start(self, node: str) -> ClusterNode:
         incarnation = self.incarnations.get(node, 0) + 1
         self.incarnations[node] = incarnation
-        core = ClusterNode(self.infos[node], incarnation, self.now, self.config, self.planner)
+        core = ClusterNode(self.infos[node], incarnation, self.now, self.configs.get(node, self.config),
+                           self.planner)
         self.nodes[node] = core
         self.keepers[node] = k.Keeper(retry_s=self.net.load_retry)  # a restart loses what was in memory
         self._followed.pop(node, None)
@@ -264,7 +272,7 @@ class Simulator:
                         self._later(self.net.delay, peer,
                                     lambda n, p=node: n.peer_disconnected(p, self.now))
 
-        if core is not None and core.config.model is not None:
+        if core is not None and core.model is not None:
             self._follow_plan(node, core)
 
     @property
@@ -279,8 +287,8 @@ class Simulator:
         if self._followed.get(node) == seen:
             return
         self._followed[node] = seen
-        assignment = Assignment.of(node, core.config.model.name, core.plan, core.preparing,
-                                   core.config.model, core.info.memory_usable, core.config.context)
+        assignment = Assignment.of(node, core.model.name, core.plan, core.preparing,
+                                   core.model, core.info.memory_usable, core.config.context)
         self._keep(node, core, self.keepers[node].assign(assignment, self.now, set()))
 
     def _keep(self, node: str, core: ClusterNode, actions: list[k.Action]) -> None:

@@ -20,6 +20,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from tbmesh.core.types import ranges_of
 from tbmesh.units import format_bytes
 
 MAX_EVENTS = 8
@@ -113,6 +114,9 @@ def _nodes_table(status: Status, squeeze: int, bar_width: int | None = None) -> 
     _column(table, "memory used / usable")
     _column(table, "compute", justify="right")
     _column(table, "layers")
+    disks = any(node.get("disk") for node in _list(status.get("nodes")))
+    if disks:
+        _column(table, "disk")
     for node in _list(status.get("nodes")):
         # (an older daemon without "role": the leader is the one status names)
         leader = node.get("role", "leader" if node.get("id") == status.get("leader") else "") == "leader"
@@ -126,6 +130,8 @@ def _nodes_table(status: Status, squeeze: int, bar_width: int | None = None) -> 
                 _memory(node, bar_width or (8 if compact else 20)),
                 _flops(node.get("flops")),
                 _layers(node.get("shard"))]
+        if disks:
+            row.append(_disk(node.get("disk"), compact))
         table.add_row(*row)
     return table
 
@@ -152,6 +158,20 @@ def _layers(shard: dict[str, Any] | None) -> Text:
         text.append(" loaded", style="green")
     elif "loaded" in shard:  # still loading: how far
         text.append(f" {shard.get('progress') or 0:.0%}", style="yellow")
+    return text
+
+
+def _disk(disk: dict[str, Any] | None, compact: bool) -> Text:
+    """The model's bytes on the node's disk, and a fetch under way: how far, how fast, from whom."""
+    if not disk:
+        return Text("")
+    text = Text(format_bytes(disk.get("bytes") or 0))
+    fetching = disk.get("fetching")
+    if fetching:
+        done = (fetching.get("done") or 0) / max(fetching.get("total") or 1, 1)
+        text.append(f" ↓{done:.0%} {_bandwidth((fetching.get('bytes_per_s') or 0) * 8)}", style="yellow")
+        if not compact and fetching.get("from"):
+            text.append(f" from {','.join(map(str, fetching['from']))}", style="dim")
     return text
 
 
@@ -202,6 +222,12 @@ def _plan_lines(status: Status, names: dict[str, str], width: int) -> list[Rende
             lines.append(_pack([Text("left out:", style="yellow")] + [Text(n) for n in left_out], width))
     else:
         lines.append(_no_plan(status))
+    replicas = _list(status.get("replicas"))
+    if replicas and min(replicas) < 2:  # a dead Mac would take layers no other disk holds
+        few = [i for i, n in enumerate(replicas) if n < 2]
+        lines.append(_pack([Text("one copy on disk:", style="yellow"),
+                            Text(", ".join(_range(a, b) for a, b in ranges_of(few))),
+                            Text("(a Mac that dies takes them along)", style="dim")], width))
     preparing = status.get("preparing")
     if preparing and _list(preparing.get("stages")):
         lines.append(Text(""))

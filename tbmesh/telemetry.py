@@ -5,7 +5,9 @@ Every daemon publishes its own state to one broker under `tbmesh/<cluster>/`:
     topic                                 retained  writer      payload
     tbmesh/<cluster>/nodes/<id>           yes       the node    {"id","name","chip","state","role","incarnation",
                                                                  "memory_total","memory_usable","flops",
-                                                                 "shard","model","leader","term","alive_nodes"}
+                                                                 "shard","disk","model","leader","term","alive_nodes"}
+                                                                 ("disk": the model's bytes and layers on its disk,
+                                                                 and a fetch under way: {"done","total","bytes_per_s","from"})
     tbmesh/<cluster>/nodes/<id>/status    yes       the node    "online" / "offline" (the last will)
     tbmesh/<cluster>/nodes/<id>/links     yes       the node    [{"peer","peer_name","bandwidth_bps","rtt_s"}]
     tbmesh/<cluster>/nodes/<id>/runtime   yes       the node    {"requests","stage_requests","weight_bytes",
@@ -13,9 +15,10 @@ Every daemon publishes its own state to one broker under `tbmesh/<cluster>/`:
     tbmesh/<cluster>/leader               yes       the leader  {"id","name","term","members":[{"id","name","state"}]}
     tbmesh/<cluster>/plan                 yes       the leader  {"model","fits","reason","term","epoch",
                                                                  "stages":[{"node","name","start","end","bytes"}],
-                                                                 "left_out","preparing"}  (only with --model;
+                                                                 "left_out","preparing","replicas"}  (only with --model;
                                                                  "preparing": the next plan while it loads,
-                                                                 with "progress" per node, or null)
+                                                                 with "progress" per node, or null; "replicas": how
+                                                                 many disks hold each layer)
     tbmesh/<cluster>/events               no        every node  {"time","kind","node","detail","by"}
 
 - Each retained topic has one writer, so a dashboard never sees two daemons fight over it.
@@ -131,7 +134,7 @@ def retained_state(status: dict[str, Any]) -> dict[str, bytes]:
             "id": me, "name": mine["name"], "chip": mine["chip"], "state": mine["state"],
             "role": mine["role"], "incarnation": status["node"]["incarnation"],
             "memory_total": mine["memory_total"], "memory_usable": mine["memory_usable"],
-            "flops": mine["flops"], "shard": mine["shard"], "model": status["model"],
+            "flops": mine["flops"], "shard": mine["shard"], "disk": mine.get("disk"), "model": status["model"],
             "leader": status["leader"], "term": status["term"],
             "alive_nodes": sum(1 for n in status["nodes"] if n["state"] == "alive"),
         }
@@ -162,6 +165,7 @@ def retained_state(status: dict[str, Any]) -> dict[str, bytes]:
                 "left_out": plan["left_out"] if plan else [],
                 # the next plan while its shards load (the running one serves meanwhile)
                 "preparing": None if preparing is None else {**preparing, "stages": named(preparing["stages"])},
+                "replicas": status.get("replicas"),
             }
     return {topic: _canonical(payload) for topic, payload in out.items()}
 

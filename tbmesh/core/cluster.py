@@ -25,16 +25,19 @@ from tbmesh.core.messages import (
     Adjacency,
     DatabaseSummary,
     Disconnect,
+    DiskState,
     Event,
     Goodbye,
     Heartbeat,
+    KeepOnDisk,
     LinkState,
     LinkStates,
     Message,
     Send,
     ShardState,
 )
-from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement, Plan
+from tbmesh.core.replicas import REPLICAS, keep_on_disk
+from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement, Plan, ranges_of
 
 Planner = Callable[..., Placement]
 
@@ -46,6 +49,8 @@ class CoreConfig:
     timing: Timing = field(default_factory=Timing)
     model: ModelSpec | None = None  # what the leader plans for; None = membership only
     context: int = 0  # tokens of KV cache each stage must keep room for
+    model_name: str | None = None  # without `model`: serve this one, as a member's disk state describes it
+    replicas: int = REPLICAS  # copies of each layer the leader keeps on its members' disks
 
 
 def _default_planner() -> Planner:
@@ -78,6 +83,8 @@ class ClusterNode:
         self.preparing: Plan | None = None  # the next plan, loading; committed when all are ready
         self.no_fit: str | None = None  # the planner's reason when the model does not fit
         self.shard: ShardState | None = None  # what our runtime has loaded
+        self.disk: DiskState | None = None  # the model's weights on our disk
+        self.keep: tuple[KeepOnDisk, ...] = ()  # the copies each member keeps on disk (the leader's)
         self.started_at = now
         self.leaderless_since: float | None = now
         self.seq = 0
@@ -92,6 +99,7 @@ class ClusterNode:
         self._members_since = now
         self._planned_for: frozenset[str] | None = None
         self._planned_memory: dict[str, int] = {}  # usable memory of each member when planned
+        self._missing: str | None = None  # the layers on no member's disk when planned
         self._unable: dict[str, float] = {}  # members that could not load their layers -> since
         self._unable_failures: dict[str, int] = {}  # failures in a row, for the back-off
         self._unable_why: dict[str, str] = {}  # what their last failed load said
@@ -175,6 +183,11 @@ class ClusterNode:
         self.shard = shard
         return self._update(now)
 
+    def set_disk(self, disk: DiskState | None, now: float) -> list[Action]:
+        """The model's weights on this node's disk (published so peers know whom to fetch from)."""
+        self.disk = disk
+        return self._update(now)
+
     def leave(self, now: float) -> list[Action]:
         """Say goodbye: peers mark us dead at once instead of waiting for silence."""
         self._left = True
@@ -232,6 +245,24 @@ class ClusterNode:
         if self.shard is not None:
             found[self.id] = self.shard
         return found
+
+    def disks(self) -> dict[str, DiskState]:
+        """What each reachable node keeps on disk (nodes that publish nothing are left out:
+        they hold the whole model, as every node did before weights could flow)."""
+        found = {n: s.disk for n in self._members
+                 if (s := self.db.states.get(n)) is not None and s.disk is not None}
+        if self.disk is not None:
+            found[self.id] = self.disk
+        return found
+
+    @property
+    def model(self) -> ModelSpec | None:
+        """The model to plan for: ours, or the one a member describes under our model's name."""
+        if self.config.model is not None:
+            return self.config.model
+        name = self.config.model_name
+        specs = [d.spec for n, d in sorted(self.disks().items()) if d.spec is not None and d.spec.name == name]
+        return specs[0] if name is not None and specs else None
 
     def node_infos(self) -> dict[str, NodeInfo]:
         """Every node ever heard of, with the info it last published."""
@@ -329,8 +360,11 @@ class ClusterNode:
         self._elect(now)
         if self.is_leader:
             self._lead(now)
+            self.keep = self._keep_on_disk()
         else:
             self._follow(now)
+            leader = self.db.states.get(self.leader) if self.leader is not None else None
+            self.keep = leader.keep if leader is not None else ()
         self._publish(now)
         out, self._out = self._out, []
         return out
@@ -412,7 +446,7 @@ class ClusterNode:
     def _lead(self, now: float) -> None:
         """Plan for the group, prepare the plan (every node loads its new stage while the
         old plan keeps serving), and commit it when every node of it reports ready."""
-        model = self.config.model
+        model = self.model
         if model is None:
             return
         plans = [p for p in self._visible_plans() if p.model == model.name]
@@ -458,11 +492,17 @@ class ClusterNode:
             if lost := sorted(set(self.preparing.nodes) - members):
                 self._abandon(now, f"{', '.join(map(self._name, lost))} went away while it loaded")
             self.preparing, self._planned_for = None, None
-        if members == self._planned_for:
+        if members == self._planned_for and self._missing == self._missing_from_disks(model, members):
             return  # already planned for this group (e.g. the model does not fit)
         if now - self._members_since < self.timing.settle:
             return
         self._planned_for, self._planned_memory = members, self._memory_of(members)
+        self._missing = missing = self._missing_from_disks(model, members)
+        if missing:
+            if self.no_fit != missing:
+                self._event(now, "no-fit", None, missing)
+            self.no_fit, self.plan, self.preparing = missing, None, None
+            return
         infos = self.node_infos()
         previous = self.plan or newest
         placement = self.planner(
@@ -533,6 +573,34 @@ class ClusterNode:
         if not unable:
             return reason
         return "; ".join(unable) + (f"; the other Macs alone: {reason}" if eligible else "")
+
+    def _missing_from_disks(self, model: ModelSpec, members: frozenset[str]) -> str | None:
+        """Why the model cannot serve when some of its layers are on no member's disk (a Mac
+        fetches its layers from its peers' disks: a plan that needed a missing one would
+        half-load), else None. Members that publish no disk state hold the whole model."""
+        disks = self.disks()
+        if any(n not in disks for n in members):
+            return None
+        held = [d for n, d in disks.items() if n in members and d.model == model.name]
+        missing = [i for i in range(model.num_layers) if not any(d.has(i, i + 1) for d in held)]
+        ends = any(d.ends for d in held)
+        if not missing and ends:
+            return None
+        what = [f"layers {a}-{b - 1}" if b - a > 1 else f"layer {a}" for a, b in ranges_of(missing)]
+        what += [] if ends else ["the embedding and head"]
+        return (f"{', '.join(what)} of {model.name}: on no reachable Mac's disk; start a Mac that "
+                "holds them (tbmesh daemon --model DIR), or pull them (tbmesh model pull)")
+
+    def _keep_on_disk(self) -> tuple[KeepOnDisk, ...]:
+        model, disks = self.model, self.disks()
+        if model is None or not disks or self.plan is None:
+            return ()
+        return keep_on_disk(model, {n: d for n, d in disks.items() if n in self._members},
+                            self.plan.stages, self.config.replicas)
+
+    def my_keep(self) -> KeepOnDisk | None:
+        """What the leader asks us to keep on disk besides our stage."""
+        return next((k for k in self.keep if k.node == self.id), None)
 
     def _memory_of(self, members: frozenset[str]) -> dict[str, int]:
         infos = self.node_infos()
@@ -614,6 +682,8 @@ class ClusterNode:
             preparing=self.preparing,
             no_fit=self.no_fit if self.is_leader else None,
             shard=self.shard,
+            disk=self.disk,
+            keep=self.keep if self.is_leader else (),
             left=self._left,
         )
         if self._published is not None and replace(self._published, version=self.version) == state:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tbmesh.core.types import NodeInfo, Plan
+from tbmesh.core.types import ModelSpec, NodeInfo, Plan
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,49 @@ class ShardState:
 
 
 @dataclass(frozen=True)
+class Fetching:
+    """A fetch of weights under way: `done` of `total` bytes, at `bytes_per_s`, from `sources`."""
+
+    done: int
+    total: int
+    bytes_per_s: float = 0.0
+    sources: tuple[str, ...] = ()  # node ids
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """The model's weights a node keeps on disk: what peers may fetch from it.
+
+    A Mac needs only its shard on disk; the others fetch layers from the Macs whose disk
+    state holds them, and the leader plans only when every layer is on some member's disk.
+    """
+
+    model: str
+    manifest: str = ""  # digest of the model's manifest (its tensors and files); "" until known
+    spec: ModelSpec | None = None  # the planner's view of the model: a leader without one takes it
+    layers: tuple[tuple[int, int], ...] = ()  # ranges [start, end) whose every tensor is on disk
+    ends: bool = False  # the embedding, final norm and head are on disk
+    bytes: int = 0  # of the model's weights on this disk
+    fetching: Fetching | None = None
+    manifest_bytes: int = 0  # the manifest's size (peers fetch it by digest)
+    free: int = 0  # bytes of the model this disk may still take (its budget left, or the disk's room)
+
+    def has(self, start: int, end: int) -> bool:
+        """Whether every layer of [start, end) is on this disk."""
+        return all(any(a <= i < b for a, b in self.layers) for i in range(start, end))
+
+
+@dataclass(frozen=True)
+class KeepOnDisk:
+    """From the leader: `node` keeps these layers on disk besides its stage (copies that
+    keep each layer on enough disks, tbmesh.core.replicas)."""
+
+    node: str
+    layers: tuple[tuple[int, int], ...] = ()
+    ends: bool = False
+
+
+@dataclass(frozen=True)
 class LinkState:
     """Everything one node publishes about itself. Newer = higher (incarnation, version)."""
 
@@ -74,6 +117,8 @@ class LinkState:
     preparing: Plan | None = None  # the plan being loaded, to be committed when all are ready
     no_fit: str | None = None  # from a leader: why the model does not fit the group
     shard: ShardState | None = None  # the origin's loaded layers
+    disk: DiskState | None = None  # the origin's weights on disk (None: the whole model, as before)
+    keep: tuple[KeepOnDisk, ...] = ()  # from a leader: copies each member keeps on disk
     left: bool = False  # the origin said goodbye
 
     @property

@@ -159,3 +159,14 @@ class Placement:
         if not self.fits:
             raise ValueError("cannot stamp a placement that does not fit")
         return Plan(term, epoch, model, self.stages, self.left_out)
+
+
+def ranges_of(indices: list[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted indices as ranges [a, b) of consecutive ones: [0, 1, 2, 5] -> ((0, 3), (5, 6))."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return tuple(runs)

@@ -119,7 +119,8 @@ class Kept:
 
 
 def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard | Kept] = (),
-               on_layer: Callable[[int, int], bool] | None = None) -> Shard:
+               on_layer: Callable[[int, int], bool] | None = None,
+               tensors: Callable[[], dict[str, mx.array]] | None = None) -> Shard:
     """Load layers [start, end) of the mlx-lm model in `model_dir`, and nothing more.
 
     Layers (and the embedding, norm and head) that a shard in `keep` already holds (or the
@@ -127,7 +128,8 @@ def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard
     whose range moves from [0, 20) to [10, 30) reads only layers 20-29. The rest is read
     layer by layer; after each one `on_layer(done, total)` is called, and when it returns
     False the load stops with LoadAbandoned (a newer plan wants other layers), having read
-    at most one more layer.
+    at most one more layer. `tensors` gives the checkpoint's tensors (lazily) when they are
+    not all in model_dir's weight files: a Mac that fetched its layers from its peers.
     """
     root = Path(model_dir)
     config = read_config(root)
@@ -138,8 +140,11 @@ def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard
         raise ShardError(f"{root.name}: layers [{start}, {end}) are not a range of its {num_layers} layers")
 
     weights: dict[str, mx.array] = {}
-    for file in weight_files(root):
-        weights.update(mx.load(str(file)))  # lazy: nothing is read until evaluated
+    if tensors is not None:
+        weights = tensors()
+    else:
+        for file in weight_files(root):
+            weights.update(mx.load(str(file)))  # lazy: nothing is read until evaluated
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)  # on the full, original numbering, as mlx_lm.load
 

@@ -32,13 +32,21 @@ import mlx.core as mx
 import numpy as np
 
 from tbmesh.core.assignment import Assignment, Range
+from tbmesh.core.messages import Fetching
 from tbmesh.core.types import Plan
-from tbmesh.generation import BadRequest, GenerationParams, Sampling, TokenLogprobs, Unavailable
+from tbmesh.generation import (
+    BadRequest,
+    GenerationParams,
+    Sampling,
+    TokenLogprobs,
+    Unavailable,
+)
 from tbmesh.net import wire
 from tbmesh.runtime.shard import Kept, LoadAbandoned, Shard, load_shard
 from tbmesh.serving import conductor as c
 from tbmesh.serving import keeper as k
 from tbmesh.serving.conductor import Conductor
+from tbmesh.serving.disk import Disk
 from tbmesh.serving.host import Host
 from tbmesh.serving.keeper import Keeper
 from tbmesh.serving.messages import Admit, Member, Route, Step, route_of
@@ -46,10 +54,12 @@ from tbmesh.serving.scheduler import Scheduler
 from tbmesh.serving.settings import ServingSettings
 from tbmesh.serving.stage import Outcome, StageCaches
 from tbmesh.serving.view import usable
+from tbmesh.weights.manifest import TensorEntry
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.01  # how often requests waiting for a usable plan look at the view again
+FETCH_RETRY_S = 0.5  # how often a load waiting for the model's manifest tries again
 
 DataMessage = wire.Tensor | wire.Tokens | wire.Cancel
 
@@ -122,10 +132,12 @@ class Worker:
 
 
 class Engine:
-    def __init__(self, host: Host, model_dir: Path | None, settings: ServingSettings = ServingSettings()) -> None:
+    def __init__(self, host: Host, model_dir: Path | None, settings: ServingSettings = ServingSettings(),
+                 disk: Disk | None = None) -> None:
         self.host = host
         self.me = host.me
         self.model_dir = model_dir
+        self.disk = disk  # the model's weights on our disk, and what to fetch from peers
         self.model_name = model_dir.name if model_dir is not None else None
         self.settings = settings
         self.conductor = Conductor(self.me, settings.resume_wait, _new_id)
@@ -143,6 +155,7 @@ class Engine:
         self._recent_tokens: collections.deque[float] = collections.deque(maxlen=4096)
         self._in_use: set[Range] = set()  # caches.in_use(), as of the last change in the worker
         self._figures = self.caches.figures()  # as of the last change in the worker
+        self._fetch_share: dict[Range, float] = {}  # of a load's progress that was fetching
         self._closed = False
 
     async def close(self) -> None:
@@ -179,7 +192,15 @@ class Engine:
         resume_wait, as a request in flight does, and fails then saying what it waited for:
         a node that just started, or restarted, answers as soon as it has joined."""
         view = self.host.view()
-        return Unavailable(usable(view)) if view.no_fit else None  # usable() says why it does not fit
+        if view.no_fit:
+            return Unavailable(usable(view))  # usable() says why it does not fit
+        if self.disk is not None and not self.disk.ready:
+            if not any(d.model == model and d.manifest for d in view.disks.values()):
+                return Unavailable(f"no reachable Mac holds the model {model}: start one with --model DIR "
+                                   "holding it, or pull it (tbmesh model pull)")
+            return Unavailable(f"{self.host.name} is fetching the model's description (config, tokenizer) "
+                               "from its peers")
+        return None
 
     async def generate(self, model: str, prompt: list[int],
                        params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
@@ -485,16 +506,86 @@ class Engine:
         self._wake = self.host.loop.call_later(delay, wake)
 
     def _load(self, target: Range, tight: bool) -> None:
+        disk = self.disk
+        missing = disk.missing(*target) if disk is not None else []
+        if missing is None:  # we do not know the model's tensors yet: its manifest is on its way
+            self.host.loop.call_later(FETCH_RETRY_S, self._load_again, target, tight)
+            return
+        if missing:
+            self._fetch(target, tight, missing)
+            return
         # tight: hold on to the parts the target reuses only, so the rest is freed before reading
         keep: list[Shard | Kept] = [shard.parts_for(*target) if tight else shard for shard in self.held.values()]
+        share = self._fetch_share.pop(target, 0.0)
+        tensors = disk.tensors(*target) if disk is not None else None
 
         def on_layer(done: int, total: int) -> bool:
-            self.host.loop.call_soon_threadsafe(self._progressed, target, done / total)
+            self.host.loop.call_soon_threadsafe(self._progressed, target, share + (1 - share) * done / total)
             self.worker.run_queued()  # steps of requests in flight go between layers
             return self.keeper.loading == target
 
-        self.worker.submit(lambda: load_shard(self.model_dir, *target, keep=keep, on_layer=on_layer),
+        self.worker.submit(lambda: load_shard(self.model_dir, *target, keep=keep, on_layer=on_layer, tensors=tensors),
                            lambda shard, error: self._loaded(target, shard, error), long=True)
+
+    def _load_again(self, target: Range, tight: bool) -> None:
+        if self.keeper.loading == target and not self._closed:
+            self._load(target, tight)
+
+    def _fetch(self, target: Range, tight: bool, missing: list[TensorEntry]) -> None:
+        """Fetch the tensors of `target` our disk lacks from the peers whose disks hold them,
+        in a thread of its own (the worker keeps stepping), then load."""
+        assert self.disk is not None
+        disk, peers = self.disk, self.disk.peers()
+        total = sum(e.object_size for e in missing)
+        stage = self.host.view().model
+        load_bytes = sum(stage.layer_bytes[target[0]:target[1]]) if stage is not None else total
+        share = total / (total + load_bytes)  # progress counts fetched and loaded bytes alike
+        self._fetch_share[target] = share
+        started = time.monotonic()
+        log.info("fetching %.1f MB for layers %d-%d from %s", total / 1e6, target[0], target[1] - 1,
+                 ", ".join(p.name for p in peers) or "no peer")
+
+        def progressed(done: int) -> None:  # in the fetch's threads
+            self.host.loop.call_soon_threadsafe(self._fetch_progressed, target, done, total, started,
+                                                tuple(p.node for p in peers))
+
+        def run() -> None:
+            try:
+                report, error = disk.fetch(missing, peers, progressed, lambda: self.keeper.loading != target), None
+            except Exception as failure:  # noqa: BLE001 (FetchFailed, a disk error: the load fails with it)
+                report, error = None, failure
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self.host.loop.call_soon_threadsafe(self._fetched, target, tight, report, error)
+
+        threading.Thread(target=run, name=f"fetch-{target[0]}-{target[1]}", daemon=True).start()
+
+    def _fetch_progressed(self, target: Range, done: int, total: int, started: float,
+                          sources: tuple[str, ...]) -> None:
+        assert self.disk is not None
+        before = self.disk.fetching
+        if before is not None and before.done >= done:
+            return  # calls from several threads may come in any order
+        self.disk.fetching = Fetching(done, total, done / max(time.monotonic() - started, 1e-6), sources)
+        if before is None or done * 10 // max(total, 1) > before.done * 10 // max(total, 1):  # in tenths
+            self.host.disk_changed(self.disk.state())
+        self._progressed(target, self._fetch_share.get(target, 0.0) * done / max(total, 1))
+
+    def _fetched(self, target: Range, tight: bool, report: Any, error: BaseException | None) -> None:
+        assert self.disk is not None
+        self.disk.fetching = None
+        self.host.disk_changed(self.disk.state())  # what we now hold, for peers that lack it too
+        if self.keeper.loading != target:
+            self._fetch_share.pop(target, None)
+            self.keeper.load_abandoned(target)
+            self._keep(self.keeper.tick(time.monotonic(), self._in_use))
+            return
+        if error is not None:
+            log.error("fetching layers %d-%d failed: %s", target[0], target[1] - 1, error)
+            why = f"could not fetch layers {target[0]}-{target[1] - 1}: {error}"
+            self._keep(self.keeper.load_failed(target, why, time.monotonic(), self._in_use))
+            return
+        log.info("fetched layers %d-%d: %s", target[0], target[1] - 1, report)
+        self._load(target, tight)
 
     def _load_failure(self, error: BaseException) -> str:
         """Why a load failed, in one line for the cluster to read."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Protocol
 
-from tbmesh.core.messages import ShardState
+from tbmesh.core.messages import DiskState, ShardState
 from tbmesh.serving.view import ClusterView
 
 
@@ -26,3 +27,11 @@ class Host(Protocol):
 
     def record(self, kind: str, node: str | None, detail: str) -> None:
         """An event for the event log (a request resumed, ...)."""
+
+    def disk_changed(self, state: DiskState | None) -> None:
+        """What we keep on disk (or fetch) changed: publish it to the cluster."""
+
+    def bulk_connect(self, node: str) -> tuple[socket.socket, bytes]:
+        """A handshaken bulk connection to `node` for fetching weights, as a blocking socket
+        and the bytes already read from it. Blocking: call it from a thread, never the loop.
+        Raises OSError when `node` cannot be reached."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tbmesh.core.messages import ShardState
-from tbmesh.core.types import ModelSpec, Plan, Stage
+from tbmesh.core.messages import DiskState, ShardState
+from tbmesh.core.types import LinkInfo, ModelSpec, Plan, Stage
 from tbmesh.serving.messages import Route, route_of
 
 
@@ -24,6 +24,8 @@ class ClusterView:
     model: ModelSpec | None = None
     memory_usable: int = 0  # ours
     context: int = 0  # the KV room the planner reserves, in tokens
+    disks: dict[str, DiskState] = field(default_factory=dict)  # the model's weights on each node's disk
+    links: tuple[LinkInfo, ...] = ()  # direct links among members, with their measured bandwidth
 
     def name(self, node: str) -> str:
         return self.names.get(node, node)

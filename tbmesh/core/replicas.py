@@ -1,0 +1,62 @@
+"""Which Macs keep which layers on disk beyond their own stage, so that every layer stays on
+at least `replicas` disks: the layers of a Mac that dies can still be fetched from another.
+Pure: the leader computes it from the disk states its members publish and the plan.
+
+A Mac's stage counts as on its disk (it fetches what it lacks before it loads). Each layer
+short of copies goes to the member with the most room left (`DiskState.free`) that lacks
+it, layer by layer in order, so one Mac keeps long runs of layers. A layer no member has
+room for stays short, and `tbmesh status` says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from tbmesh.core.messages import DiskState, KeepOnDisk
+from tbmesh.core.types import ModelSpec, Stage, ranges_of
+
+REPLICAS = 2  # copies of each layer on the members' disks, when they have the room
+
+
+def keep_on_disk(model: ModelSpec, disks: Mapping[str, DiskState], stages: Sequence[Stage],
+                 replicas: int = REPLICAS) -> tuple[KeepOnDisk, ...]:
+    """What each member must keep on disk besides its stage (only members that need to)."""
+    disks = {n: d for n, d in disks.items() if d.model == model.name}
+    ends = -1  # the embedding, final norm and head, as one more "layer"
+    size = {i: b for i, b in enumerate(model.layer_bytes)} | {ends: model.embed_bytes + model.head_bytes}
+    holders: dict[int, set[str]] = {i: set() for i in size}
+    for node, disk in disks.items():
+        for i in range(model.num_layers):
+            if disk.has(i, i + 1):
+                holders[i].add(node)
+        if disk.ends:
+            holders[ends].add(node)
+    room = {n: d.free for n, d in disks.items()}
+    for stage in stages:
+        if stage.node not in disks:
+            continue
+        mine = list(range(stage.start, stage.end))
+        if stage.start == 0 or stage.end == model.num_layers:
+            mine.append(ends)
+        for i in mine:
+            if stage.node not in holders[i]:
+                holders[i].add(stage.node)
+                room[stage.node] -= size[i]  # it fetches these first
+    kept: dict[str, list[int]] = {}
+    for i in sorted(size, key=lambda i: (i == ends, i)):
+        while len(holders[i]) < replicas:
+            candidates = [n for n in sorted(disks) if n not in holders[i] and room[n] >= size[i]]
+            if not candidates:
+                break
+            best = max(candidates, key=lambda n: room[n])
+            holders[i].add(best)
+            room[best] -= size[i]
+            kept.setdefault(best, []).append(i)
+    return tuple(KeepOnDisk(n, ranges_of([i for i in layers if i != ends]), ends in layers)
+                 for n, layers in sorted(kept.items()))
+
+
+def copies(model: ModelSpec, disks: Mapping[str, DiskState]) -> list[int]:
+    """How many of the disks hold each layer."""
+    held = [d for d in disks.values() if d.model == model.name]
+    return [sum(d.has(i, i + 1) for d in held) for i in range(model.num_layers)]

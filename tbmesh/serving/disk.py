@@ -1,0 +1,187 @@
+"""The model's weights on this node's disk: what it can load, serve to its peers, and must
+fetch from them first.
+
+A node started with `--model DIR` holding the whole model describes it from DIR at once and
+hashes its tensors into a manifest in a thread (tbmesh.weights.manifest; cached in the state
+directory, so a restart hashes nothing); until then it loads from DIR but serves no peer.
+A node whose DIR lacks weights, or that was given only the model's name, takes the manifest
+from a peer that publishes one under the same name, fetches the small files (config,
+tokenizer) into its model directory, and from then on knows the model as well as any.
+
+Layers a plan gives it that are not on its disk are fetched before they are loaded, from the
+peers whose disks hold them, over bulk connections (tbmesh.weights.bulk), into the
+content-addressed store in the state directory; the loader reads them from there. What is
+on disk is published (DiskState): peers fetch from us, and the leader plans only when every
+layer is on some member's disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tbmesh.core.messages import DiskState, Fetching
+from tbmesh.core.modelspec import ModelFormatError, describe_model
+from tbmesh.core.types import ModelSpec, ranges_of
+from tbmesh.runtime.modeldir import describe_model_dir, read_config, weight_files
+from tbmesh.serving.host import Host
+from tbmesh.weights import bulk
+from tbmesh.weights.manifest import Manifest, ManifestError, ObjectRef, TensorEntry, build_manifest
+from tbmesh.weights.store import Local, Store
+
+log = logging.getLogger(__name__)
+
+
+class Disk:
+    def __init__(self, host: Host, name: str, model_dir: Path, state_dir: Path) -> None:
+        self.host = host
+        self.name = name
+        self.model_dir = model_dir
+        self.store = Store(state_dir / "weights")
+        self._pointer = state_dir / "weights" / f"{name}.manifest"  # the manifest's digest, across restarts
+        self._digests = state_dir / "weights" / "digests.json"  # build_manifest's cache
+        self.spec: ModelSpec | None = None
+        self.whole = False  # model_dir holds every weight of the model
+        self.manifest: Manifest | None = None
+        self.local: Local | None = None
+        self.fetching: Fetching | None = None
+        self._layers_of: dict[str, set[int | None]] = {}  # digest -> the layers whose tensors it is
+        self._manifest_bytes = 0
+
+    # ----- what we hold --------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Describe what is on disk now (at start: quick, no hashing). Raises ModelFormatError
+        for a model directory that is there but broken."""
+        if (self.model_dir / "config.json").is_file():
+            try:
+                weight_files(self.model_dir)
+                self.whole = True
+            except ModelFormatError:
+                pass  # without its weights, or some of them: the rest come from peers
+            if self.whole:
+                self.spec = describe_model_dir(self.model_dir, self.name)
+        try:
+            digest = self._pointer.read_text().strip()
+            self._adopt(Manifest.from_bytes(self.store.path(digest).read_bytes()))
+        except (OSError, ValueError):
+            pass  # none yet (or its files are gone): hashed from our files, or taken from a peer
+
+    @property
+    def ready(self) -> bool:
+        """Whether the model's small files (config, tokenizer) are here."""
+        return self.spec is not None
+
+    def state(self) -> DiskState:
+        manifest, spec = self.manifest, self.spec
+        if manifest is None or self.local is None:
+            whole = self.whole and spec is not None
+            return DiskState(self.name, spec=spec, layers=((0, spec.num_layers),) if whole else (),
+                             ends=whole, bytes=spec.weight_bytes if whole else 0, fetching=self.fetching)
+        n = spec.num_layers if spec is not None else 0
+        present = {t.digest for t in manifest.tensors if self.local.has(t.digest)}
+        complete = [i for i in range(n) if all(t.digest in present for t in manifest.tensors if t.layer == i)]
+        ends = all(t.digest in present for t in manifest.tensors if t.layer is None)
+        return DiskState(self.name, manifest.digest, spec, ranges_of(complete), ends,
+                         sum(t.nbytes for t in manifest.tensors if t.digest in present),
+                         self.fetching, self._manifest_bytes)
+
+    def missing(self, start: int, end: int) -> list[TensorEntry] | None:
+        """The tensors layers [start, end) need that are not on our disk; None while we lack
+        the manifest that says what they are."""
+        if self.whole:
+            return []
+        if self.manifest is None or self.local is None or self.spec is None:
+            return None
+        wanted = self.manifest.needed(start, end, self.spec.num_layers)
+        return _unique(self.local.missing(wanted))
+
+    def tensors(self, start: int, end: int) -> Callable[[], dict[str, Any]] | None:
+        """What load_shard reads layers [start, end) from, when not model_dir's files alone."""
+        if self.whole or self.manifest is None or self.local is None or self.spec is None:
+            return None
+        wanted = self.manifest.needed(start, end, self.spec.num_layers)
+        local = self.local
+        return lambda: local.lazy_weights(wanted)
+
+    # ----- getting what we lack ------------------------------------------------------------
+
+    def build(self) -> None:
+        """Hash our whole model into its manifest (blocking: minutes for 600 GB, in a thread)."""
+        if self.manifest is not None or not self.whole:
+            return
+        manifest = build_manifest(self.model_dir, self._digests, self.name)
+        self.store.put(manifest.to_bytes())
+        self._adopt(manifest)
+        log.info("hashed %s: %d tensors, manifest %s", self.name, len(manifest.tensors), manifest.digest[:12])
+
+    def peers(self) -> list[bulk.Peer]:
+        """The peers whose disks hold some of the model, fastest link first (on the loop)."""
+        view = self.host.view()
+        bandwidth = {frozenset((link.a, link.b)): link.bytes_per_s for link in view.links}
+        found = []
+        for node, disk in sorted(view.disks.items()):
+            if node == view.me or disk.model != self.name or not disk.manifest:
+                continue
+            if self.manifest is not None and disk.manifest != self.manifest.digest:
+                continue  # another version of the model under the same name
+            found.append(bulk.Peer(node, view.name(node), _connector(self.host, node),
+                                   bandwidth.get(frozenset((view.me, node)), 0.0), self._has(disk)))
+        return sorted(found, key=lambda p: -p.bandwidth)
+
+    def take_manifest(self, peers: list[bulk.Peer], digest: str, nbytes: int) -> None:
+        """Fetch the manifest `digest` and the small files it lists from `peers`, and adopt
+        it (blocking, in a thread)."""
+        bulk.fetch([ObjectRef(digest, nbytes)], peers, self.store)
+        manifest = Manifest.from_bytes(self.store.path(digest).read_bytes())
+        if manifest.digest != digest:
+            raise ManifestError(f"the manifest fetched as {digest[:12]} is {manifest.digest[:12]}")
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        wanted = [f for f in manifest.files if not (self.model_dir / f.name).is_file()]
+        bulk.fetch(wanted, peers, self.store)
+        for f in wanted:  # a copy, not a link: the store may let its objects go
+            target = self.model_dir / f.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.store.path(f.digest), target)
+        self._adopt(manifest)
+
+    def fetch(self, entries: list[TensorEntry], peers: list[bulk.Peer],
+              on_progress: Callable[[int], None], should_stop: Callable[[], bool]) -> bulk.FetchReport:
+        """Fetch `entries` into the store (blocking, in a thread); `on_progress(bytes so far)`."""
+        return bulk.fetch(entries, peers, self.store, on_progress=on_progress, should_stop=should_stop)
+
+    def _adopt(self, manifest: Manifest) -> None:
+        self.manifest, self._manifest_bytes = manifest, len(manifest.to_bytes())
+        self.local = Local(manifest, self.model_dir if self.model_dir.is_dir() else None, self.store)
+        self._layers_of = {}
+        for t in manifest.tensors:
+            self._layers_of.setdefault(t.digest, set()).add(t.layer)
+        self._pointer.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._pointer.with_suffix(".tmp")
+        tmp.write_text(manifest.digest)
+        os.replace(tmp, self._pointer)
+        if self.spec is None:
+            config = read_config(self.model_dir)
+            self.spec = describe_model(self.name, config, {t.name: (t.dtype, list(t.shape)) for t in manifest.tensors})
+
+    def _has(self, disk: DiskState) -> Callable[[str], bool]:
+        layers_of = self._layers_of
+
+        def has(digest: str) -> bool:
+            return any(disk.ends if layer is None else disk.has(layer, layer + 1)
+                       for layer in layers_of.get(digest, ()))
+        return has
+
+
+def _connector(host: Host, node: str) -> Callable[[], Any]:
+    return lambda: host.bulk_connect(node)
+
+
+def _unique(entries: list[TensorEntry]) -> list[TensorEntry]:
+    """One entry per object: identical tensors are one object in the store."""
+    seen: set[str] = set()
+    return [e for e in entries if not (e.digest in seen or seen.add(e.digest))]

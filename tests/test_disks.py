@@ -1,0 +1,138 @@
+"""Weights on disk, in the deterministic simulator: the leader plans only when every layer
+is on some member's disk, says which are missing, and a leader with no model of its own
+plans from the one a member describes."""
+
+import itertools
+
+from tbmesh.core.cluster import CoreConfig
+from tbmesh.core.messages import DiskState
+from tbmesh.core.types import ModelSpec
+from tbmesh.sim import GB, NetworkModel, Simulator
+
+MODEL = ModelSpec("m", (1 * GB,) * 16, embed_bytes=GB // 2, head_bytes=GB // 2)
+WHOLE = DiskState("m", "digest", MODEL, ((0, 16),), ends=True, bytes=17 * GB)
+NOTHING = DiskState("m", "digest")
+
+
+def settled(sim: Simulator) -> bool:
+    return sim.converged() and sim.plans_agree()
+
+
+def cluster(disks: dict[str, DiskState], configs: dict[str, CoreConfig] | None = None) -> Simulator:
+    sim = Simulator(seed=1, config=CoreConfig(model=MODEL), network=NetworkModel(load_delay=0.5))
+    for node, disk in disks.items():
+        sim.add_node(node, (configs or {}).get(node))
+        sim.set_disk(node, disk)
+    for a, b in itertools.combinations(disks, 2):
+        sim.cable(a, b)
+    assert sim.run_until_true(lambda: settled(sim), 10) is not None
+    return sim
+
+
+def test_a_mac_with_no_weights_is_planned_for_when_a_peer_holds_them():
+    sim = cluster({"a": WHOLE, "b": NOTHING})
+    plan = sim.nodes["a"].plan
+    assert plan is not None and set(plan.nodes) == {"a", "b"}  # b fetches its layers from a
+
+
+def test_layers_on_no_disk_are_named_and_nothing_serves():
+    half = DiskState("m", "digest", MODEL, ((0, 8),), ends=True)
+    sim = cluster({"a": half, "b": NOTHING})
+    leader = sim.nodes[sim.nodes["a"].leader]
+    assert leader.plan is None
+    assert "layers 8-15 of m: on no reachable Mac's disk" in leader.no_fit
+    assert "embedding" not in leader.no_fit
+
+
+def test_layers_scattered_over_disks_are_enough():
+    sim = cluster({"a": DiskState("m", spec=MODEL, layers=((0, 5), (9, 16)), ends=True),
+                   "b": DiskState("m", spec=MODEL, layers=((4, 10),))})
+    assert sim.nodes["a"].plan is not None and not sim.nodes["a"].no_fit
+
+
+def test_the_model_serves_once_the_missing_layers_reach_a_disk():
+    half = DiskState("m", "digest", MODEL, ((0, 8),), ends=True)
+    sim = cluster({"a": half, "b": NOTHING})
+    assert sim.nodes["a"].plan is None
+    sim.set_disk("b", DiskState("m", "digest", None, ((8, 16),)))  # e.g. pulled from the hub
+    assert sim.run_until_true(lambda: sim.nodes["a"].plan is not None and settled(sim), 10) is not None
+    assert not sim.nodes["a"].no_fit
+
+
+def test_a_dead_mac_whose_layers_no_survivor_holds_stops_the_model():
+    sim = cluster({"a": WHOLE, "b": NOTHING, "c": NOTHING})
+    assert sim.nodes["b"].plan is not None
+    sim.crash("a")
+    assert sim.run_until_true(lambda: settled(sim) and sim.nodes["b"].plan is None, 10) is not None
+    leader = sim.nodes[sim.nodes["b"].leader]
+    assert "layers 0-15" in leader.no_fit and "embedding and head" in leader.no_fit
+
+
+def test_a_leader_without_a_model_plans_from_a_members_description():
+    name_only = CoreConfig(model_name="m")
+    # "a" sorts first and so leads; it knows the model only by name, "b" describes it
+    sim = cluster({"a": NOTHING, "b": WHOLE}, configs={"a": name_only})
+    a = sim.nodes["a"]
+    assert a.config.model is None and a.model == MODEL
+    assert a.plan is not None and set(a.plan.nodes) == {"a", "b"}
+
+
+def test_nodes_that_publish_no_disk_hold_the_whole_model():
+    sim = Simulator(seed=1, config=CoreConfig(model=MODEL))
+    for node in "ab":
+        sim.add_node(node)
+    sim.cable("a", "b")
+    assert sim.run_until_true(lambda: settled(sim), 10) is not None
+    assert sim.nodes["a"].plan is not None and sim.nodes["a"].disks() == {}
+
+
+def test_disk_state_checks_whole_ranges():
+    disk = DiskState("m", layers=((0, 4), (4, 8), (10, 12)))
+    assert disk.has(0, 8) and disk.has(10, 12) and not disk.has(7, 11) and not disk.has(12, 13)
+
+
+# ----- copies on disk (tbmesh.core.replicas) ---------------------------------------------
+
+def test_each_layer_gets_a_second_copy_on_the_disk_with_the_most_room():
+    from tbmesh.core.replicas import copies, keep_on_disk
+    from tbmesh.core.types import Stage
+
+    room = 64 * GB
+    disks = {"a": WHOLE, "b": DiskState("m", free=room), "c": DiskState("m", free=room // 2)}
+    stages = [Stage("a", 0, 6, 0), Stage("b", 6, 11, 0), Stage("c", 11, 16, 0)]
+    keep = {k.node: k for k in keep_on_disk(MODEL, disks, stages, replicas=2)}
+    # a holds everything; b and c will hold their stages: so every layer outside a's own
+    # stage already has two copies, and a's layers 0-5 need one more (the ends have two: a's,
+    # and c's, the last stage's)
+    assert set(keep) == {"b"} and keep["b"].layers == ((0, 6),) and not keep["b"].ends
+    assert copies(MODEL, disks) == [1] * 16
+
+
+def test_a_layer_no_disk_has_room_for_stays_short():
+    from tbmesh.core.replicas import keep_on_disk
+    from tbmesh.core.types import Stage
+
+    disks = {"a": WHOLE, "b": DiskState("m", free=3 * GB)}
+    stages = [Stage("a", 0, 8, 0), Stage("b", 8, 16, 0)]
+    assert keep_on_disk(MODEL, disks, stages, replicas=2) == ()  # b's stage alone needs 8 GB
+
+
+def test_three_copies_spread_over_the_disks_with_room():
+    from tbmesh.core.replicas import keep_on_disk
+    from tbmesh.core.types import Stage
+
+    disks = {n: DiskState("m", free=64 * GB) for n in "bcd"} | {"a": WHOLE}
+    stages = [Stage("a", 0, 4, 0), Stage("b", 4, 8, 0), Stage("c", 8, 12, 0), Stage("d", 12, 16, 0)]
+    keep = keep_on_disk(MODEL, disks, stages, replicas=3)
+    count = [1 + sum(s.start <= i < s.end for s in stages if s.node != "a")
+             + sum(any(a <= i < b for a, b in k.layers) for k in keep) for i in range(16)]
+    assert count == [3] * 16
+
+
+def test_the_leader_publishes_what_each_member_keeps():
+    sim = cluster({"a": WHOLE, "b": DiskState("m", free=64 * GB)})
+    b = sim.nodes["b"]
+    keep = b.my_keep()
+    plan = sim.nodes["a"].plan
+    a_stage = next(s for s in plan.stages if s.node == "a")
+    assert keep is not None and keep.layers == ((a_stage.start, a_stage.end),)
