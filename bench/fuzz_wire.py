@@ -93,7 +93,7 @@ MY_NONCE, THEIR_NONCE = b"m" * wire.NONCE_BYTES, b"t" * wire.NONCE_BYTES
 # Field values that the type hints cannot say (the semantic rules in wire._SEMANTIC, and a
 # greeting from our own cluster so the handshake gets past its first check).
 FIELD_VALUES: dict[str, Any] = {"nonce": THEIR_NONCE, "proof": b"p" * wire.PROOF_BYTES, "cluster": ME.cluster,
-                                "version": wire.PROTOCOL_VERSION}
+                                "version": wire.PROTOCOL_VERSION, "digest": "0123456789abcdef" * 4}
 
 
 def example(tp: Any, name: str = "", full: bool = True) -> Any:
@@ -147,12 +147,25 @@ def tensors() -> dict[str, wire.Tensor]:
     }
 
 
+def parts() -> dict[str, wire.Part]:
+    """Parts of a weight object as a bulk connection answers a Fetch: bytes, none, or why not."""
+    digest = FIELD_VALUES["digest"]
+    return {
+        "part": wire.Part(digest, 64, 6, "", b"\x00tbm\xff\x01"),
+        "part_empty": wire.Part(digest, 0, 0),
+        "part_error": wire.Part(digest, 0, 0, "unknown object"),
+    }
+
+
 def seed_messages() -> dict[str, Any]:
     """One or more valid messages of every type in wire.TAGS, by name; each round-trips."""
     messages: dict[str, Any] = {}
     for cls, tag in wire.TAGS.items():
-        if cls in wire.PAYLOAD_FIELD:
+        if cls is wire.Tensor:
             messages |= tensors()
+            continue
+        if cls is wire.Part:
+            messages |= parts()
             continue
         messages[tag] = example(cls)
         messages[f"{tag}_minimal"] = example(cls, full=False)
@@ -271,7 +284,7 @@ def _payload_claim(rng: random.Random, seed: Seed, seeds: list[Seed]) -> bytes:
 
 
 # Strings that mean something to some field: tags, dtypes, the choices of Literal fields, ids.
-WORDS = sorted(set(wire.TAGS.values()) | set(wire.DTYPES) | {"peer", "probe", "end", "fail", "preempt", "admit",
+WORDS = sorted(set(wire.TAGS.values()) | set(wire.DTYPES) | {"peer", "probe", "bulk", "end", "fail", "preempt", "admit",
                                                              "decode", "prefill", "flush", ME.node, ME.cluster,
                                                              "0.5", "inf", "nan", "-1"})
 

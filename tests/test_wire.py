@@ -20,7 +20,7 @@ from tbmesh.core import messages
 from tbmesh.core.messages import Goodbye, Heartbeat
 from tbmesh.core.types import Stage
 from tbmesh.net import wire
-from tbmesh.net.wire import PREFIX, Auth, Hello, ProtocolError, Refuse, Tensor, Welcome
+from tbmesh.net.wire import PREFIX, Auth, Fetch, Hello, Part, ProtocolError, Refuse, Tensor, Welcome
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -76,7 +76,19 @@ def tensors(draw: st.DrawFn) -> Tensor:
     return Tensor(draw(st.text(max_size=8)), draw(st.integers(0, 2**32)), dtype, shape, data, draw(metas))
 
 
-any_message = st.one_of(*(tensors() if cls is Tensor else strategy(cls) for cls in wire.TAGS))
+digests = st.text("0123456789abcdef", min_size=64, max_size=64)
+
+
+@st.composite
+def parts(draw: st.DrawFn) -> Part:
+    data = draw(st.binary(max_size=16))
+    error = "" if data else draw(st.text(max_size=8))
+    return Part(draw(digests), draw(st.integers(0, 2**40)), len(data), error, data)
+
+
+fetches = st.builds(Fetch, digests, st.integers(0, 2**62), st.integers(0, wire.MAX_FETCH))
+SPECIAL = {Tensor: tensors(), Part: parts(), Fetch: fetches}
+any_message = st.one_of(*(SPECIAL[cls] if cls in SPECIAL else strategy(cls) for cls in wire.TAGS))
 
 
 def frame(header: Any, payload: bytes = b"", raw: bytes | None = None) -> bytes:
@@ -214,7 +226,7 @@ BAD_FIELDS = [
     (_link_states(memory_total="lots"), r"link_states\.states\[0\]\.info\.memory_total: expected an integer"),
     (_link_states(flops=float("nan")), r"link_states\.states\[0\]\.info\.flops: not a finite"),
     ({"t": "link_states", "sender": "a", "states": [5]}, r"link_states\.states\[0\]: expected a map, got int"),
-    (hello_map(purpose="spy"), r"hello\.purpose: expected one of \['peer', 'probe'\]"),
+    (hello_map(purpose="spy"), r"hello\.purpose: expected one of \['peer', 'probe', 'bulk'\]"),
     (hello_map(nonce=b"x" * 15), r"hello: nonce of 15 bytes, expected 16"),
     (hello_map(proof=b"x" * 31), r"hello: proof of 31 bytes"),
     (hello_map(nonce="d" * 16), r"hello\.nonce: expected bytes, got str"),
@@ -576,3 +588,49 @@ def test_unsupported_tensors_are_refused_on_the_sending_side():
         wire.encode(Tensor("r", 0, "complex64", (1,), bytes(8)))
     with pytest.raises(TypeError, match="not a wire message"):
         wire.encode(object())
+
+
+# --- bulk connections: Fetch and Part ------------------------------------------------------------
+
+DIGEST = "ab" * 32
+
+
+@pytest.mark.parametrize("header, payload, match", [
+    ({"t": "fetch", "digest": "AB" * 32, "offset": 0, "length": 1}, b"", r"fetch: digest 'ABAB.*' is not 64"),
+    ({"t": "fetch", "digest": "ab" * 31, "offset": 0, "length": 1}, b"", r"fetch: digest .* is not 64"),
+    ({"t": "fetch", "digest": DIGEST, "offset": 0, "length": wire.MAX_FETCH + 1}, b"", "fetch of .* at most"),
+    ({"t": "fetch", "digest": DIGEST, "offset": -1, "length": 1}, b"", r"fetch\.offset: negative"),
+    ({"t": "fetch", "digest": DIGEST, "offset": 0, "length": 1}, b"x", "a fetch frame carries no payload"),
+    ({"t": "part", "digest": DIGEST, "offset": 0, "length": 3}, b"xy", "part of 3 bytes, the frame has 2"),
+    ({"t": "part", "digest": DIGEST, "offset": 0, "length": 2, "error": "gone"}, b"xy", "an error carries no bytes"),
+    ({"t": "part", "digest": DIGEST, "offset": 0, "length": wire.MAX_PART + 1}, b"", "part of .* at most"),
+])
+def test_bad_bulk_frames_are_refused(header, payload, match):
+    refused(frame(header, payload), match)
+
+
+def test_a_part_head_with_its_bytes_sent_apart_is_the_encoded_frame():
+    part = Part(DIGEST, 10, 5, "", b"hello")
+    head = wire.encode_head(Part(DIGEST, 10, 5))  # data is not looked at
+    assert head + b"hello" == b"".join(wire.encode(part))
+    header_len, payload_len = wire.parse_prefix(head)
+    assert payload_len == 5 and len(head) == PREFIX.size + header_len
+    assert wire.parse_header(head[PREFIX.size:], payload_len) == Part(DIGEST, 10, 5)
+    with pytest.raises(ProtocolError, match="payload of 5 bytes announced, at most 4"):
+        wire.parse_prefix(head, max_payload=4)
+    with pytest.raises(ValueError, match="at most"):
+        wire.encode_head(Part(DIGEST, 0, wire.MAX_PART + 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(any_message, min_size=1, max_size=4), st.integers(0, 400))
+def test_unread_hands_over_what_was_not_taken(msgs, cut):
+    raw = stream(msgs)
+    decoder = wire.FrameDecoder()
+    decoder.feed(raw[:cut])
+    taken = [decoder.next_message()] if cut >= len(raw) // 2 else []
+    if taken == [None]:
+        taken = []
+    rest = wire.FrameDecoder()
+    rest.feed(decoder.unread() + raw[cut:])
+    assert taken + drain(rest) == msgs

@@ -144,6 +144,28 @@ class Channel:
         except (OSError, ConnectionError) as error:
             self.close(f"connection error: {error}")
 
+    def detach(self) -> tuple[socket.socket, bytes]:
+        """Take the connection out of asyncio, for a thread that runs it with a blocking
+        socket (a bulk connection: os.sendfile, recv_into): a duplicate of the socket, and
+        the bytes already read past the handshake. The channel is closed (reason "detached");
+        the connection itself stays open until the returned socket is closed."""
+        if self.closed:
+            raise RuntimeError(f"cannot detach a closed channel ({self.close_reason})")
+        transport = self.writer.transport
+        if transport.get_write_buffer_size():
+            raise RuntimeError("cannot detach a channel with unsent bytes")  # they would interleave
+        transport.pause_reading()
+        # StreamReader has no public way to take what it buffered; _buffer is its only store
+        # (the same since Python 3.4). The handshake reads in chunks, so bytes the peer sent
+        # right after it (a first Fetch) may sit there or in the decoder.
+        leftover = self.decoder.unread() + bytes(self.reader._buffer)
+        self.reader._buffer.clear()
+        sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        self.closed, self.close_reason = True, "detached"
+        transport.close()  # closes asyncio's fd, not the duplicate: no FIN is sent
+        sock.setblocking(True)
+        return sock, leftover
+
     def close(self, reason: str = "") -> None:
         if not self.closed:
             self.closed = True

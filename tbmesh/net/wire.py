@@ -61,7 +61,8 @@ from tbmesh.core.types import Stage
 
 # 2: batched serving (Tokens, Cancel.kind, the steps in Tensor.meta)
 # 3: log-probabilities (Sampled.surprisal and .top, logprobs in the sampling of Tensor.meta)
-PROTOCOL_VERSION = 3
+# 4: bulk connections (Hello.purpose "bulk"; Fetch and Part carry weight objects)
+PROTOCOL_VERSION = 4
 
 PREFIX = struct.Struct(">II")  # header length, payload length
 MAX_HEADER = 1 << 20  # 1 MiB of msgpack: a link-state database of ~1000 Macs with a plan
@@ -70,6 +71,9 @@ MAX_ITEMS = 4096  # any list: nodes, stages, neighbours, summary entries
 MAX_TEXT = 64 << 10  # any str or bytes field
 MAX_DIMS = 8  # tensor rank
 MAX_META_DEPTH = 4  # nesting of Tensor.meta
+MAX_PART = 64 << 20  # bytes of an object in one Part frame
+MAX_FETCH = 1 << 40  # bytes one Fetch may ask for (answered in Parts of at most MAX_PART)
+DIGEST_CHARS = 64  # sha256 in lower-case hex
 
 NONCE_BYTES = 16
 PROOF_BYTES = 32  # HMAC-SHA256
@@ -101,7 +105,7 @@ class Hello:
     name: str
     cluster: str
     machine: str
-    purpose: Literal["peer", "probe"]
+    purpose: Literal["peer", "probe", "bulk"]
     nonce: bytes  # NONCE_BYTES random bytes, made by the caller
     proof: bytes = b""
 
@@ -182,15 +186,42 @@ class Cancel:
     kind: Literal["end", "fail", "preempt"] = "fail"
 
 
+# --- bulk connections: weight objects (see tbmesh.weights.bulk) --------------------------------
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Send bytes [offset, offset + length) of the object named `digest` (its sha256)."""
+
+    digest: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Part:
+    """Bytes [offset, offset + length) of object `digest`, as the payload (`data`), or why
+    not (`error`, with no bytes). A Fetch is answered by Parts of at most MAX_PART bytes, in
+    order; the sender writes the payload itself (os.sendfile) after `encode_head(part)`."""
+
+    digest: str
+    offset: int
+    length: int
+    error: str = ""
+    data: memoryview | bytes = field(default=b"", repr=False)
+
+
 WireMessage = (Hello | Welcome | Auth | Refuse | Heartbeat | LinkStates | DatabaseSummary | Goodbye
-               | Tensor | Tokens | Cancel)
+               | Tensor | Tokens | Cancel | Fetch | Part)
 
 TAGS: dict[type, str] = {
     Hello: "hello", Welcome: "welcome", Auth: "auth", Refuse: "refuse",
     Heartbeat: "heartbeat", LinkStates: "link_states", DatabaseSummary: "db_summary",
     Goodbye: "goodbye", Tensor: "tensor", Tokens: "tokens", Cancel: "cancel",
+    Fetch: "fetch", Part: "part",
 }
-PAYLOAD_FIELD: dict[type, str] = {Tensor: "data"}  # the one field that travels as the payload
+# The one field of a message that travels as the frame's payload.
+PAYLOAD_FIELD: dict[type, str] = {Tensor: "data", Part: "data"}
 
 
 # --- handshake proofs -----------------------------------------------------------------------
@@ -438,6 +469,26 @@ def _tensor_rules(t: Tensor) -> str | None:
     return None
 
 
+def _digest_rule(digest: str) -> str | None:
+    if len(digest) != DIGEST_CHARS or digest.strip("0123456789abcdef"):
+        return f"digest {digest[:80]!r} is not {DIGEST_CHARS} lower-case hex digits"
+    return None
+
+
+def _fetch_rules(f: Fetch) -> str | None:
+    if f.length > MAX_FETCH:
+        return f"fetch of {f.length} bytes, at most {MAX_FETCH}"
+    return _digest_rule(f.digest)
+
+
+def _part_rules(p: Part) -> str | None:
+    if p.length > MAX_PART:
+        return f"part of {p.length} bytes, at most {MAX_PART}"
+    if p.error and p.length:
+        return "a part with an error carries no bytes"
+    return _digest_rule(p.digest)
+
+
 # Rules across fields, beyond what the type hints say.
 _SEMANTIC: dict[type, Callable[[Any], str | None]] = {
     Hello: _hello_rules,
@@ -445,6 +496,8 @@ _SEMANTIC: dict[type, Callable[[Any], str | None]] = {
     Auth: lambda a: None if len(a.proof) in (0, PROOF_BYTES) else f"proof of {len(a.proof)} bytes",
     Stage: lambda s: None if s.start <= s.end else f"start {s.start} > end {s.end}",
     Tensor: _tensor_rules,
+    Fetch: _fetch_rules,
+    Part: _part_rules,
 }
 
 _DECODERS: dict[str, tuple[type, Check]] = {tag: (cls, _dataclass_checker(cls)) for cls, tag in TAGS.items()}
@@ -477,7 +530,26 @@ def _decode_header(header: bytes | memoryview, payload_len: int) -> Any:
     if cls is Tensor and message.nbytes != payload_len:
         raise ProtocolError(f"tensor {message.dtype}{list(message.shape)} needs {message.nbytes} "
                             f"bytes, the frame has {payload_len}")
+    if cls is Part and message.length != payload_len:
+        raise ProtocolError(f"part of {message.length} bytes, the frame has {payload_len}")
     return message
+
+
+def parse_prefix(data: bytes | bytearray | memoryview, offset: int = 0, max_header: int = MAX_HEADER,
+                 max_payload: int = MAX_PAYLOAD) -> tuple[int, int]:
+    """(header length, payload length) of the frame prefix at `offset` of `data`, within limits."""
+    header_len, payload_len = PREFIX.unpack_from(data, offset)
+    if header_len > max_header:
+        raise ProtocolError(f"header of {header_len} bytes announced, at most {max_header}")
+    if payload_len > max_payload:
+        raise ProtocolError(f"payload of {payload_len} bytes announced, at most {max_payload}")
+    return header_len, payload_len
+
+
+def parse_header(header: bytes | bytearray | memoryview, payload_len: int) -> Any:
+    """The message of a frame's header, for a reader that takes the payload itself (a bulk
+    connection receives a Part's bytes straight into the object): its payload field is empty."""
+    return _decode_header(bytes(header), payload_len)
 
 
 # --- encoding ---------------------------------------------------------------------------------
@@ -499,13 +571,39 @@ def encode(message: Any) -> list[bytes | memoryview]:
     if tag is None:
         raise TypeError(f"not a wire message: {type(message).__name__}")
     skip = PAYLOAD_FIELD.get(type(message))
+    if type(message) is Tensor:
+        payload = _tensor_payload(message)
+    elif type(message) is Part:
+        payload = _part_payload(message)
+    else:
+        payload = memoryview(b"")
+    head = _head(message, tag, skip, payload.nbytes)
+    return [head, payload] if payload.nbytes else [head]
+
+
+def encode_head(part: Part) -> bytes:
+    """Prefix and header of `part`'s frame, for a sender that writes its `part.length` bytes
+    of payload itself (os.sendfile); `part.data` is not looked at."""
+    if why := _part_rules(part):
+        raise ValueError(why)
+    return _head(part, TAGS[Part], PAYLOAD_FIELD[Part], part.length)
+
+
+def _head(message: Any, tag: str, skip: str | None, payload_len: int) -> bytes:
     header = {"t": tag} | {f.name: getattr(message, f.name) for f in fields(message) if f.name != skip}
     packed = msgpack.packb(header, default=_as_map, use_bin_type=True)
     if len(packed) > MAX_HEADER:
         raise ValueError(f"{tag} header of {len(packed)} bytes exceeds {MAX_HEADER}")
-    payload = _tensor_payload(message) if skip else memoryview(b"")
-    prefix = PREFIX.pack(len(packed), payload.nbytes)
-    return [prefix + packed, payload] if payload.nbytes else [prefix + packed]
+    return PREFIX.pack(len(packed), payload_len) + packed
+
+
+def _part_payload(p: Part) -> memoryview:
+    if why := _part_rules(p):
+        raise ValueError(why)
+    view = memoryview(p.data).cast("B") if memoryview(p.data).nbytes else memoryview(b"")
+    if view.nbytes != p.length:
+        raise ValueError(f"part of {p.length} bytes, data has {view.nbytes}")
+    return view
 
 
 def _tensor_payload(t: Tensor) -> memoryview:
@@ -547,7 +645,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._pos = 0  # start of the unconsumed bytes in _buf
         self._lengths: tuple[int, int] | None = None  # the current frame's, once its prefix is in
-        self._pending: Tensor | None = None  # a decoded header waiting for its payload
+        self._pending: Tensor | Part | None = None  # a decoded header waiting for its payload
         self._payload: bytearray | None = None  # its bytes so far, toward _payload_len
         self._payload_len = 0
         self._ready: deque[Any] = deque()
@@ -583,6 +681,20 @@ class FrameDecoder:
             raise self._error
         return None
 
+    def unread(self) -> bytes:
+        """What was fed and not yet returned by `next_message`, as frames (messages decoded
+        and waiting are encoded again), so that another reader can take the stream over."""
+        if self._error is not None:
+            raise self._error
+        pieces = [b"".join(encode(message)) for message in self._ready]
+        if self._pending is not None and self._payload is not None:
+            cls = type(self._pending)
+            pieces += [_head(self._pending, TAGS[cls], PAYLOAD_FIELD[cls], self._payload_len), bytes(self._payload)]
+        if self._lengths is not None:
+            pieces.append(PREFIX.pack(*self._lengths))
+        pieces.append(bytes(self._buf[self._pos:]))
+        return b"".join(pieces)
+
     def __iter__(self) -> Iterator[Any]:
         while (message := self.next_message()) is not None:
             yield message
@@ -594,13 +706,8 @@ class FrameDecoder:
             if self._lengths is None:
                 if available < PREFIX.size:
                     return
-                header_len, payload_len = PREFIX.unpack_from(buf, self._pos)
-                if header_len > self.max_header:
-                    raise ProtocolError(f"header of {header_len} bytes announced, at most {self.max_header}")
-                if payload_len > self.max_payload:
-                    raise ProtocolError(f"payload of {payload_len} bytes announced, at most {self.max_payload}")
+                self._lengths = parse_prefix(buf, self._pos, self.max_header, self.max_payload)
                 self._pos += PREFIX.size
-                self._lengths = (header_len, payload_len)
                 continue
             header_len, payload_len = self._lengths
             if available < header_len:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,22 @@ def weight_files(root: Path) -> list[Path]:
 
 def read_header(path: Path) -> dict[str, tuple[str, list[int]]]:
     """{tensor name: (dtype, shape)} from a safetensors header, skipping __metadata__."""
+    return {name: (slot.dtype, list(slot.shape)) for name, slot in read_layout(path).items()}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a tensor lies in a safetensors file: its bytes are [start, end) of the file."""
+
+    dtype: str  # as safetensors spells it: "F32", "BF16", "U32", ...
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_layout(path: Path) -> dict[str, Slot]:
+    """{tensor name: Slot} from a safetensors header (file offsets, not the header's relative
+    ones), skipping __metadata__."""
     try:
         with path.open("rb") as f:
             prefix = f.read(8)
@@ -85,26 +102,29 @@ def read_header(path: Path) -> dict[str, tuple[str, list[int]]]:
         raise ModelFormatError(f"{path.name} has a corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path.name} has a corrupt safetensors header (not an object)")
-    data_size = file_size - 8 - length
-    tensors = {}
+    data_start = 8 + length
+    data_size = file_size - data_start
+    slots = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        tensors[name] = _entry(path, name, entry, data_size)
-    return tensors
+        dtype, shape, begin, end = _entry(path, name, entry, data_size)
+        slots[name] = Slot(dtype, tuple(shape), data_start + begin, data_start + end)
+    return slots
 
 
-def _entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[str, list[int]]:
+def _entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[str, list[int], int, int]:
     try:
         dtype, shape, (begin, end) = str(entry["dtype"]), entry["shape"], entry["data_offsets"]
-        valid = all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end
+        valid = (all(type(d) is int and d >= 0 for d in shape) and type(begin) is int and type(end) is int
+                 and 0 <= begin <= end)
     except (TypeError, KeyError, ValueError):
         valid = False
     if not valid:
         raise ModelFormatError(f"{path.name} has a corrupt safetensors header (entry {name})")
     if end > data_size:
         raise ModelFormatError(f"{path.name} is truncated: {name} ends past the end of the file")
-    return dtype, list(shape)
+    return dtype, list(shape), begin, end
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,0 +1,627 @@
+"""Weight objects over bulk connections: a server that sends them with os.sendfile, and a
+fetcher that takes them from several peers at once into the store.
+
+A bulk connection is a TCP connection of its own (handshaken like any other, purpose
+"bulk"), apart from the control connection, so heartbeats and tokens never wait behind a
+tensor in a socket buffer. After the handshake each side takes the socket out of asyncio
+(`peers.Channel.detach`) and runs it in a thread with blocking calls:
+
+    fetcher -> server   Fetch(digest, offset, length)       (several may be in flight)
+    server -> fetcher   Part(digest, offset, n) + n bytes   (n <= wire.MAX_PART), in order,
+                        until the Fetch's range is sent; or one Part(error=...) with no bytes
+
+The server writes each Part's head, then the object's bytes with os.sendfile straight from
+the file (a tensor inside an original safetensors file is its synthesized header, then
+sendfile of its data). The fetcher reads the head itself (wire.parse_prefix, parse_header)
+and receives the bytes into one reused buffer that goes straight to the partial object
+(`store.Partial.write`), which hashes them as they arrive in order.
+
+Blocked calls wake up every POLL seconds (SO_RCVTIMEO/SO_SNDTIMEO) to look at their stop
+signal, so a daemon that abandons a fetch or stops serving is obeyed within that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tbmesh.net import peers, wire
+from tbmesh.weights.store import CorruptObject, Local, Partial, Source, Store
+
+log = logging.getLogger(__name__)
+
+POLL = 0.2  # s: how often a blocked send or receive looks at its stop signal
+IDLE_TIMEOUT = 30.0  # s without a byte moving, mid-request, before a connection is given up
+REQUEST_TIMEOUT = 600.0  # s a server waits for the next Fetch before it closes the connection
+MAX_HEAD = 4096  # bytes of a Fetch or Part header (they take ~100)
+CHUNK = 16 << 20  # bytes per request: objects above this are split, so peers can share one
+PIPELINE_BYTES = 32 << 20  # requested and not yet received, per connection: the link never idles
+MAX_PIPELINE = 64  # requests in flight per connection (small objects: one round trip for many)
+RECV_BUFFER = 1 << 20  # received bytes gathered before each write to the partial
+RECONNECTS = 3  # failed connections in a row before a peer is dropped from a fetch
+BACKOFF = (0.2, 1.0, 3.0)  # s before each reconnection
+SCAN = 4096  # queued requests a peer looks through for one it can serve
+MEASURED_AFTER = 64 << 20  # bytes from a peer before its measured rate replaces the probe's
+NOMINAL_BANDWIDTH = 1e9  # bytes/s assumed for a peer nobody has measured
+
+
+# --- a blocking socket that can be stopped ---------------------------------------------------
+
+
+class Stopped(Exception):
+    """The stop signal was raised while waiting on the connection."""
+
+
+class _Stream:
+    """A blocking socket whose calls give up after POLL s to check `stopped`, and the bytes
+    read past its handshake (`leftover`), served first."""
+
+    def __init__(self, sock: socket.socket, leftover: bytes, stopped: Callable[[], bool]) -> None:
+        self.sock = sock
+        self.leftover = memoryview(leftover)
+        self.stopped = stopped
+        sock.setblocking(True)
+        timeval = struct.pack("ll", int(POLL), int(POLL % 1 * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self.more = getattr(socket, "MSG_MORE", 0)  # Linux: hold a Part's head for its bytes
+
+    def _waited(self, since: float, limit: float) -> None:
+        if self.stopped():
+            raise Stopped()
+        if time.monotonic() - since > limit:
+            raise TimeoutError(f"nothing moved on the connection for {limit:.0f} s")
+
+    def read_into(self, view: memoryview, limit: float = IDLE_TIMEOUT) -> int:
+        """Read at least one byte into `view`; ConnectionError at the peer's end of stream."""
+        if self.leftover.nbytes:
+            n = min(view.nbytes, self.leftover.nbytes)
+            view[:n] = self.leftover[:n]
+            self.leftover = self.leftover[n:]
+            return n
+        since = time.monotonic()
+        while True:
+            try:
+                n = self.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                self._waited(since, limit)
+                continue
+            if not n:
+                raise ConnectionError("closed by the peer")
+            return n
+
+    def read_exact(self, n: int, limit: float = IDLE_TIMEOUT) -> bytes:
+        buffer = bytearray(n)
+        view, got = memoryview(buffer), 0
+        while got < n:
+            got += self.read_into(view[got:], limit if not got else IDLE_TIMEOUT)
+        return bytes(buffer)
+
+    def read_message(self, max_payload: int, limit: float = IDLE_TIMEOUT) -> Any:
+        """The next frame's message; its payload (a Part's bytes) is left for the caller."""
+        prefix = self.read_exact(wire.PREFIX.size, limit)
+        header_len, payload_len = wire.parse_prefix(prefix, 0, MAX_HEAD, max_payload)
+        return wire.parse_header(self.read_exact(header_len), payload_len)
+
+    def write(self, data: bytes, flags: int = 0) -> None:
+        view, since = memoryview(data), time.monotonic()
+        while view.nbytes:
+            try:
+                view = view[self.sock.send(view, flags):]
+                since = time.monotonic()
+            except (BlockingIOError, InterruptedError):
+                self._waited(since, IDLE_TIMEOUT)
+
+    def sendfile(self, fd: int, offset: int, count: int) -> None:
+        since = time.monotonic()
+        while count:
+            try:
+                sent = os.sendfile(self.sock.fileno(), fd, offset, count)
+            except (BlockingIOError, InterruptedError):
+                self._waited(since, IDLE_TIMEOUT)
+                continue
+            if not sent:
+                raise OSError(f"the file ends {count} bytes short of the object")
+            offset, count, since = offset + sent, count - sent, time.monotonic()
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+
+def serve(sock: socket.socket, leftover: bytes, local: Local, stop: threading.Event | None = None) -> None:
+    """Answer Fetch requests on a handshaken bulk connection until the peer closes it, it
+    breaks the protocol, or `stop` is set; then close the socket. Blocking: run it in a
+    thread of its own. Never raises."""
+    stream = _Stream(sock, leftover, stop.is_set if stop is not None else lambda: False)
+    files = _Files()
+    try:
+        while True:
+            request = stream.read_message(0, REQUEST_TIMEOUT)
+            if type(request) is not wire.Fetch:
+                raise wire.ProtocolError(f"expected a fetch, got a {wire.TAGS[type(request)]}")
+            _answer(stream, request, local, files)
+    except (ConnectionError, Stopped):
+        pass
+    except (wire.ProtocolError, OSError, TimeoutError) as error:
+        log.info("bulk connection closed: %s", error)
+    except Exception:  # a bug here must not take the daemon down
+        log.exception("bulk connection failed")
+    finally:
+        files.close()
+        sock.close()
+
+
+def _answer(stream: _Stream, request: wire.Fetch, local: Local, files: _Files) -> None:
+    source = local.locate(request.digest)
+    end = request.offset + request.length
+    if source is None or end > source.size:
+        why = "unknown object" if source is None else f"bytes [{request.offset}, {end}) are past its {source.size}"
+        stream.write(wire.encode_head(wire.Part(request.digest, request.offset, 0, why)))
+        return
+    offset = request.offset
+    while True:
+        n = min(end - offset, wire.MAX_PART)
+        stream.write(wire.encode_head(wire.Part(request.digest, offset, n)), stream.more if n else 0)
+        _send_range(stream, source, offset, offset + n, files)
+        offset += n
+        if offset == end:
+            return
+
+
+def _send_range(stream: _Stream, source: Source, start: int, end: int, files: _Files) -> None:
+    """Bytes [start, end) of the object: the part of its prefix, then sendfile from its file."""
+    head = len(source.prefix)
+    if start < head:
+        stream.write(source.prefix[start:min(end, head)], stream.more if end > head else 0)
+    if end > head:
+        first = max(start, head) - head
+        stream.sendfile(files.open(source.path), source.offset + first, end - max(start, head))
+
+
+class _Files:
+    """The files a connection sends from, kept open while it sends from the same few."""
+
+    KEEP = 8
+
+    def __init__(self) -> None:
+        self.fds: dict[Any, int] = {}
+
+    def open(self, path: Any) -> int:
+        fd = self.fds.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            if len(self.fds) >= self.KEEP:
+                os.close(self.fds.pop(next(iter(self.fds))))
+        self.fds[path] = fd  # most recently used last
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+# --- fetching --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A node to fetch from. `connect` (blocking) returns a handshaken bulk socket and the
+    bytes read past its handshake; `bandwidth` is the link probe's bytes/s (0: unknown);
+    `has(digest)` whether it holds an object."""
+
+    node: str
+    name: str
+    connect: Callable[[], tuple[socket.socket, bytes]]
+    bandwidth: float = 0.0
+    has: Callable[[str], bool] = lambda digest: True
+
+
+class Wanted(Protocol):
+    """What `fetch` needs of an entry (TensorEntry, FileEntry, ObjectRef)."""
+
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def object_size(self) -> int: ...
+
+
+class FetchFailed(Exception):
+    """Some objects have no peer left to fetch them from; one line says which and why."""
+
+
+@dataclass
+class FetchReport:
+    bytes_by_peer: dict[str, int]  # node -> bytes received from it and written
+    seconds: float
+    objects: int  # objects fetched and verified
+    retries: int  # requests sent again after a broken connection, a refusal or a corrupt object
+    corrupt: int  # objects whose bytes did not hash to their name (fetched again)
+    stopped: bool = False  # should_stop() ended it early; partials are kept
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.bytes_by_peer.values())
+
+
+@dataclass(eq=False)
+class _Object:
+    digest: str
+    size: int
+    index: int  # its place in the wanted order
+    tasks_left: int = 0  # requests queued or in flight
+    partial: Partial | None = None
+    avoid: set[str] = field(default_factory=set)  # peers that lack it or served it corrupt
+    contributors: set[str] = field(default_factory=set)
+    whole: bool = False  # fetch in one request from one peer (a corrupt object from several)
+
+
+@dataclass(eq=False)
+class _Task:
+    obj: _Object
+    offset: int  # advances as bytes arrive
+    end: int
+    sent: bool = False  # its Fetch went out on the current connection
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.obj.index, self.offset
+
+    @property
+    def length(self) -> int:
+        return self.end - self.offset
+
+
+@dataclass(eq=False)
+class _Worker:
+    peer: Peer
+    inflight: deque[_Task] = field(default_factory=deque)
+    received: int = 0
+    busy_seconds: float = 0.0
+    error: str = ""
+    alive: bool = True
+    thread: threading.Thread | None = None
+
+    def inflight_bytes(self) -> int:
+        return sum(t.length for t in self.inflight)
+
+
+def fetch(wanted: Sequence[Wanted], peers: Sequence[Peer], store: Store,
+          on_progress: Callable[[int], None] | None = None, should_stop: Callable[[], bool] | None = None,
+          parallel: int | None = None) -> FetchReport:
+    """Fetch every object of `wanted` that `store` lacks from `peers`, into `store`.
+
+    Blocking (run it in a thread). Objects are requested in the order given (the loader's:
+    layer by layer), from every peer at once, one connection each, with requests pipelined;
+    objects over CHUNK bytes are split so that several peers share them, and a faster link
+    ends up taking more. A partial object resumes where it stopped (a cut cable, a restart).
+    A corrupt object is fetched again, avoiding the peer that sent it; a peer whose
+    connection breaks RECONNECTS times in a row is dropped. `on_progress(total)` gets the
+    bytes written so far, from the fetch's threads; `should_stop()` is asked every POLL s
+    and ends the fetch early, keeping the partials (report.stopped). `parallel`: at most
+    this many peers at once, the fastest first (None: all of them). Raises FetchFailed when
+    some object has no peer left to fetch it from.
+    """
+    return _Fetch(wanted, peers, store, on_progress, parallel).run(should_stop or (lambda: False))
+
+
+class _Fetch:
+    def __init__(self, wanted: Sequence[Wanted], peers: Sequence[Peer], store: Store,
+                 on_progress: Callable[[int], None] | None, parallel: int | None) -> None:
+        self.store = store
+        self.on_progress = on_progress
+        self.lock = threading.Condition()
+        self.queue: list[_Task] = []  # sorted by _Task.key
+        self.queued_bytes = 0
+        self.objects_left = 0
+        self.halt = False
+        self.failure: str | None = None
+        self.written = self.fetched = self.retries = self.corrupt = 0
+        ordered = sorted(peers, key=lambda p: -p.bandwidth)
+        count = len(ordered) if parallel is None else max(1, parallel)
+        self.workers = [_Worker(p) for p in ordered[:count]]
+        self.standby = [_Worker(p) for p in ordered[count:]]
+        self.started: list[_Worker] = []
+        seen: set[str] = set()
+        for entry in wanted:
+            if entry.digest in seen or store.has(entry.digest):
+                continue
+            seen.add(entry.digest)
+            obj = _Object(entry.digest, entry.object_size, len(seen))
+            self._plan(obj)
+            self.objects_left += 1
+
+    # -- the queue (all under self.lock) --
+
+    def _plan(self, obj: _Object) -> None:
+        """Queue requests for what `obj` still lacks (resuming a partial left by an earlier fetch)."""
+        gaps = [(0, obj.size)]
+        if self.store.has_partial(obj.digest):
+            obj.partial = self.store.open(obj.digest, obj.size)  # re-hashes what it holds
+            gaps = obj.partial.missing()
+        step = (obj.size or 1) if obj.whole else CHUNK
+        for start, end in gaps or [(obj.size, obj.size)]:  # an empty object: one empty request
+            for offset in range(start, max(end, start + 1), step):
+                self._queue(_Task(obj, offset, min(end, offset + step)))
+                obj.tasks_left += 1
+
+    def _queue(self, task: _Task) -> None:
+        task.sent = False
+        bisect.insort(self.queue, task, key=lambda t: t.key)
+        self.queued_bytes += task.length
+
+    def _take(self, worker: _Worker) -> _Task | None:
+        """The first queued request this worker should make, or None."""
+        for i, task in enumerate(self.queue[:SCAN]):
+            if self._can(worker, task.obj) and self._worth(worker, task):
+                if task.obj.whole and task.obj.contributors - {worker.peer.node}:
+                    continue
+                del self.queue[i]
+                self.queued_bytes -= task.length
+                return task
+        return None
+
+    def _can(self, worker: _Worker, obj: _Object) -> bool:
+        return worker.alive and worker.peer.node not in obj.avoid and worker.peer.has(obj.digest)
+
+    def _bandwidth(self, worker: _Worker) -> float:
+        if worker.received >= MEASURED_AFTER and worker.busy_seconds > 0:
+            return worker.received / worker.busy_seconds
+        return worker.peer.bandwidth or NOMINAL_BANDWIDTH
+
+    def _worth(self, worker: _Worker, task: _Task) -> bool:
+        """Whether this worker taking `task` does not delay the end: it would finish it no later
+        than any other peer could, or the work left keeps everyone busy longer anyway."""
+        mine = (worker.inflight_bytes() + task.length) / self._bandwidth(worker)
+        others = [(w.inflight_bytes() + task.length) / self._bandwidth(w)
+                  for w in self.started if w is not worker and self._can(w, task.obj)]
+        if not others or mine <= min(others):
+            return True
+        total = sum(self._bandwidth(w) for w in self.started if w.alive)
+        return self.queued_bytes / total >= mine
+
+    def _requeue(self, worker: _Worker, why: str) -> None:
+        """Put a worker's requests back (what arrived of them stays in the partials)."""
+        while worker.inflight:
+            self._queue(worker.inflight.popleft())
+            self.retries += 1
+        worker.error = why
+        self.lock.notify_all()
+
+    def _check_servable(self) -> None:
+        """Fail when a queued object has no live peer left; wake a standby peer that has it."""
+        orphans: dict[str, _Object] = {}
+        for task in self.queue:
+            obj = task.obj
+            if obj.digest in orphans or any(self._can(w, obj) for w in self.started):
+                continue
+            spare = next((w for w in self.standby if self._can(w, obj)), None)
+            if spare is not None:
+                self.standby.remove(spare)
+                self._start(spare)
+            else:
+                orphans[obj.digest] = obj
+        if orphans and self.failure is None:
+            size = sum(o.size for o in orphans.values())
+            tried = "; ".join(f"{w.peer.name} ({w.error or 'has none of them'})"
+                              for w in [*self.started, *self.standby]) or "no peers"
+            self.failure = (f"{len(orphans)} objects ({size} bytes) have no peer left to fetch them from, "
+                            f"e.g. {next(iter(orphans))[:12]}; tried: {tried}")
+            self.halt = True
+            self.lock.notify_all()
+
+    # -- running --
+
+    def run(self, should_stop: Callable[[], bool]) -> FetchReport:
+        began = time.monotonic()
+        stopped = False
+        with self.lock:
+            for worker in self.workers:
+                self._start(worker)
+            self._check_servable()
+            while self.objects_left and not self.halt:
+                if should_stop():
+                    self.halt = stopped = True
+                    break
+                self.lock.wait(POLL)
+            self.halt = True
+            self.lock.notify_all()
+        for worker in list(self.started):
+            worker.thread.join()
+        self._close_partials()
+        if self.failure is not None:
+            raise FetchFailed(self.failure)
+        return FetchReport({w.peer.node: w.received for w in self.started}, time.monotonic() - began,
+                           self.fetched, self.retries, self.corrupt, stopped)
+
+    def _start(self, worker: _Worker) -> None:
+        worker.thread = threading.Thread(target=self._work, args=(worker,), daemon=True,
+                                         name=f"fetch-{worker.peer.name}")
+        self.started.append(worker)
+        worker.thread.start()
+
+    def _close_partials(self) -> None:
+        for task in self.queue:
+            if task.obj.partial is not None:
+                task.obj.partial.close()
+                task.obj.partial = None
+
+    def _work(self, worker: _Worker) -> None:
+        """A peer's thread: connect when there is work for it, run requests, reconnect after
+        a failure (with back-off), give up after RECONNECTS failures in a row."""
+        failures = 0
+        while True:
+            with self.lock:
+                while not self.halt and (task := self._take(worker)) is None:
+                    self.lock.wait(POLL)
+                if self.halt:
+                    return
+                worker.inflight.append(task)
+            try:
+                sock, leftover = worker.peer.connect()
+            except Exception as error:  # noqa: BLE001  (the daemon's dial: Refused, OSError, a timeout)
+                progressed, why = False, f"cannot connect: {_one_line(error)}"
+            else:
+                try:
+                    progressed, why = self._session(worker, _Stream(sock, leftover, lambda: self.halt))
+                finally:
+                    sock.close()
+            with self.lock:
+                self._requeue(worker, why or "")
+                failures = 0 if progressed or why is None else failures + 1
+                if failures > RECONNECTS:
+                    log.info("fetch: dropping %s: %s", worker.peer.name, why)
+                    worker.alive = False
+                    self._check_servable()
+                    return
+                if failures:
+                    self.lock.wait(BACKOFF[min(failures, len(BACKOFF)) - 1])  # woken early by a halt
+
+    def _session(self, worker: _Worker, stream: _Stream) -> tuple[bool, str | None]:
+        """Run requests over one connection until there is nothing left for this worker (why
+        None) or the connection fails; returns (whether bytes arrived, why it failed)."""
+        buffer = memoryview(bytearray(RECV_BUFFER))
+        progressed = False
+        try:
+            while True:
+                self._send_requests(worker, stream)
+                if not worker.inflight:
+                    return progressed, None
+                progressed |= self._receive(worker, stream, buffer)
+        except Stopped:
+            return progressed, None
+        except wire.ProtocolError as error:
+            return progressed, f"protocol error: {error}"
+        except (OSError, TimeoutError) as error:  # ConnectionError is an OSError
+            return progressed, f"connection broke: {_one_line(error)}"
+        except Exception as error:  # a bug: this peer fails, the fetch goes on without it
+            log.exception("fetch from %s failed", worker.peer.name)
+            return progressed, f"failed: {_one_line(error)}"
+
+    def _send_requests(self, worker: _Worker, stream: _Stream) -> None:
+        """Take requests until the pipeline is full, and send those not sent yet."""
+        with self.lock:
+            while (not self.halt and len(worker.inflight) < MAX_PIPELINE
+                   and worker.inflight_bytes() < PIPELINE_BYTES and (task := self._take(worker)) is not None):
+                worker.inflight.append(task)
+            unsent = [t for t in worker.inflight if not t.sent]
+        if unsent:
+            stream.write(b"".join(b"".join(wire.encode(wire.Fetch(t.obj.digest, t.offset, t.length)))
+                                  for t in unsent))
+            for t in unsent:
+                t.sent = True
+
+    def _receive(self, worker: _Worker, stream: _Stream, buffer: memoryview) -> bool:
+        """One Part for the oldest request in flight; returns whether bytes arrived."""
+        task = worker.inflight[0]
+        part = stream.read_message(wire.MAX_PART)
+        if type(part) is not wire.Part:
+            raise wire.ProtocolError(f"expected a part, got a {wire.TAGS[type(part)]}")
+        if (part.digest, part.offset) != (task.obj.digest, task.offset) or part.length > task.length:
+            raise wire.ProtocolError(f"part {part.digest[:12]} [{part.offset}, +{part.length}) does not answer "
+                                     f"the fetch of {task.obj.digest[:12]} [{task.offset}, {task.end})")
+        if part.error:
+            with self.lock:
+                worker.inflight.popleft()
+                task.obj.avoid.add(worker.peer.node)
+                worker.error = part.error
+                self._queue(task)
+                self.retries += 1
+                self._check_servable()
+            return False
+        partial = self._partial(task.obj)
+        left, began = part.length, time.monotonic()
+        while left:
+            n = stream.read_into(buffer[:min(left, buffer.nbytes)])
+            while n < min(left, buffer.nbytes):  # fill the buffer: fewer, larger writes
+                n += stream.read_into(buffer[n:min(left, buffer.nbytes)])
+            partial.write(task.offset, buffer[:n])
+            task.offset += n
+            left -= n
+            with self.lock:
+                worker.received += n
+                self.written += n
+                total = self.written
+            if self.on_progress is not None:
+                self.on_progress(total)
+        worker.busy_seconds += time.monotonic() - began
+        if not task.length:
+            with self.lock:
+                worker.inflight.popleft()
+                task.obj.contributors.add(worker.peer.node)
+                task.obj.tasks_left -= 1
+                if not task.obj.tasks_left:
+                    self._finish(task.obj)
+        return part.length > 0
+
+    def _partial(self, obj: _Object) -> Partial:
+        with self.lock:
+            if obj.partial is None:
+                obj.partial = self.store.open(obj.digest, obj.size)
+            return obj.partial
+
+    def _finish(self, obj: _Object) -> None:
+        """Verify a complete object (lock held); a corrupt one is planned again."""
+        partial, obj.partial = obj.partial, None
+        try:
+            if partial is None:
+                partial = self.store.open(obj.digest, obj.size)  # an empty object
+            partial.finish()
+        except CorruptObject as error:
+            log.warning("fetch: %s (from %s)", error, ", ".join(sorted(obj.contributors)))
+            self.corrupt += 1
+            if len(obj.contributors) == 1:
+                obj.avoid |= obj.contributors
+            else:
+                obj.whole = True  # one peer at a time, until the one that corrupts is known
+            obj.contributors = set()
+            self._plan(obj)
+            self.retries += obj.tasks_left
+            self._check_servable()
+            self.lock.notify_all()
+            return
+        self.fetched += 1
+        self.objects_left -= 1
+        self.lock.notify_all()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+# --- glue for the daemon: bulk connections made and accepted by asyncio ----------------------------
+
+
+def connector(loop: asyncio.AbstractEventLoop, host: str, port: int, me: peers.Me,
+              timeout: float = 10.0) -> Callable[[], tuple[socket.socket, bytes]]:
+    """A Peer.connect for a fetch thread: dials a bulk connection on the daemon's event loop
+    and hands the detached socket over."""
+
+    async def dial() -> tuple[socket.socket, bytes]:
+        channel = await peers.dial(host, port, me, "bulk")
+        return channel.detach()
+
+    def connect() -> tuple[socket.socket, bytes]:
+        return asyncio.run_coroutine_threadsafe(dial(), loop).result(timeout)
+
+    return connect
+
+
+def serve_channel(channel: peers.Channel, local: Local, stop: threading.Event | None = None) -> threading.Thread:
+    """Serve an accepted bulk channel in a thread of its own (call on the event loop)."""
+    sock, leftover = channel.detach()
+    thread = threading.Thread(target=serve, args=(sock, leftover, local, stop), daemon=True,
+                              name=f"bulk-{channel.peer.name}")
+    thread.start()
+    return thread
