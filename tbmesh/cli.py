@@ -14,7 +14,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tbmesh.client import API_KEY_ENV, DEFAULT_API, ApiProblem, fetch_status, open_api, stream_answer
+from tbmesh.client import (
+    API_KEY_ENV,
+    DEFAULT_API,
+    ApiProblem,
+    fetch_status,
+    open_api,
+    stream_answer,
+)
+from tbmesh.core.replicas import REPLICAS
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement
 from tbmesh.serving.settings import ServingSettings
 from tbmesh.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
@@ -344,7 +352,9 @@ def daemon(
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the node id is kept."),
     name: Optional[str] = typer.Option(None, "--name", help="This Mac's name in the cluster [default: host name]."),
     cluster: str = typer.Option("default", "--cluster", help="Only Macs with the same cluster name join."),
-    model: Optional[Path] = typer.Option(None, "--model", help="The mlx-lm model directory to plan and serve."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The mlx-lm model directory to plan and serve, or only its name: the weights this Mac lacks come from its peers."),
+    replicas: int = typer.Option(REPLICAS, "--replicas", help="Copies of each layer the cluster keeps on its Macs' disks (as their room allows), so that a dead Mac's layers can still be fetched."),
+    disk_slack: Optional[str] = typer.Option(None, "--disk-slack", help="The most bytes of the model this Mac keeps on disk beyond its own layers, e.g. 200GB [default: what the disk has room for, leaving 10% free]."),
     secret: Optional[str] = typer.Option(None, "--secret", help="Cluster secret: peers without it are refused."),
     secret_file: Optional[Path] = typer.Option(None, "--secret-file", help="Read the cluster secret from a file."),
     context: int = typer.Option(DEFAULT_CONTEXT, "--context", help="Tokens of KV cache each stage keeps room for."),
@@ -360,8 +370,8 @@ def daemon(
     """Run this Mac's node: discover peers on Thunderbolt, join the cluster, serve the API."""
     import logging
 
-    from tbmesh.daemon import DaemonConfig, StartupError
     from tbmesh.daemon import Daemon as NodeDaemon
+    from tbmesh.daemon import DaemonConfig, StartupError
 
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
@@ -373,6 +383,8 @@ def daemon(
         _fail("--context must be 0 or more tokens")
     if not resume_wait >= 0:
         _fail("--resume-wait must be 0 or more seconds")
+    if replicas < 1:
+        _fail("--replicas must be 1 or more")
     if prefill_chunk < 1 or max_batch < 1:
         _fail("--prefill-chunk and --max-batch must be 1 or more")
     if secret is not None and secret_file is not None:
@@ -384,6 +396,7 @@ def daemon(
         elif secret is not None:
             secret_bytes = secret.encode()
         usable = parse_size(memory) if memory is not None else None
+        slack = parse_size(disk_slack) if disk_slack is not None else None
     except (OSError, ValueError) as error:
         _fail(str(error))
     if secret_bytes is not None and not secret_bytes:
@@ -409,6 +422,7 @@ def daemon(
     config = DaemonConfig(
         interfaces=interface or None, port=port, api_host=api_host, api_port=api_port, ollama_port=ollama_port,
         api_key=api_key, cluster=cluster, model=model, secret=secret_bytes, memory_usable=usable, probe_links=probe, mqtt=mqtt,
+        replicas=replicas, disk_slack=slack,
         serving=ServingSettings(context=context, prefill_chunk=prefill_chunk, max_batch=max_batch,
                                 resume_wait=resume_wait, prefix_cache=prefix_cache),
     )
@@ -566,7 +580,14 @@ def install(
     By default a LaunchDaemon (sudo; starts at boot with nobody logged in, as your user, so it
     keeps your node id and reads your models). Logs: ~/Library/Logs/tbmesh/daemon.log.
     """
-    from tbmesh.launchd import DaemonFlags, InstallError, install_commands, other_kind_plist, plist_bytes, protected_paths
+    from tbmesh.launchd import (
+        DaemonFlags,
+        InstallError,
+        install_commands,
+        other_kind_plist,
+        plist_bytes,
+        protected_paths,
+    )
     from tbmesh.launchd import install as install_service
 
     if not dry_run:

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 from tbmesh import measure, state
 from tbmesh.core.cluster import ClusterNode, CoreConfig
 from tbmesh.core.membership import PeerState, Timing
-from tbmesh.core.messages import Disconnect, DiskState, Event, Send
+from tbmesh.core.messages import Disconnect, DiskState, Event, KeepOnDisk, Send
+from tbmesh.core.replicas import REPLICAS
 from tbmesh.core.types import ModelSpec, NodeInfo, Plan
 from tbmesh.net import interfaces as netif
 from tbmesh.net import peers, probe, wire
@@ -38,6 +39,7 @@ from tbmesh.net.discovery import Advert, Discovery, Found
 from tbmesh.net.watch import InterfaceWatcher
 from tbmesh.serving.settings import ServingSettings
 from tbmesh.serving.view import ClusterView
+from tbmesh.weights import bulk
 
 if TYPE_CHECKING:
     from tbmesh.core.messages import ShardState
@@ -54,6 +56,7 @@ MEMORY_CHECK_S = 10.0
 MEMORY_FILE_CHECK_S = 0.5  # TBMESH_MEMORY_FILE: reading a file is cheap, tests want it soon
 MANIFEST_CHECK_S = 0.5  # how often a node without its model's manifest looks for a peer with it
 BULK_DIAL_TIMEOUT_S = 10.0  # a fetch's dial to a peer, handshake included
+KEEP_CHECK_S = 2.0  # how often a node looks for copies of layers the leader asks it to keep
 
 
 # Events after which messages to or from the node may have been lost with its connection.
@@ -92,6 +95,8 @@ class DaemonConfig:
     probe_links: bool = True
     serving: ServingSettings = field(default_factory=ServingSettings)  # context, resume wait, batching
     mqtt: str | None = None  # mqtt://host[:port]: publish state and events there (tbmesh.telemetry)
+    replicas: int = REPLICAS  # copies of each layer on the members' disks (tbmesh.core.replicas)
+    disk_slack: int | None = None  # bytes of the model kept on disk beyond our stage; None: as the disk allows
 
 
 class Daemon:
@@ -150,13 +155,14 @@ class Daemon:
         info = await self._measure()
         self.core = ClusterNode(info, self.identity.incarnation, self.now(),
                                 CoreConfig(cfg.timing, self.model, cfg.serving.context,
-                                           self.disk.name if self.disk is not None else None))
+                                           self.disk.name if self.disk is not None else None, cfg.replicas))
         from tbmesh.serving.engine import Engine
 
         self.engine = Engine(self, model_dir, cfg.serving, self.disk)
         if self.disk is not None:
             self.carry_out(self.core.set_disk(self.disk.state(), self.now()))
             self._spawn(self._complete_disk())
+            self._spawn(self._keep_copies())
         await self._start_server()
         await self._start_api()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
@@ -195,7 +201,7 @@ class Daemon:
         model_dir = self.config.state_dir / "models" / given.name if bare_name else given
         if not bare_name and not given.is_dir():
             raise StartupError(f"--model {given}: the model directory {given} does not exist")
-        self.disk = Disk(self, given.name, model_dir, self.config.state_dir)
+        self.disk = Disk(self, given.name, model_dir, self.config.state_dir, self.config.disk_slack)
         try:
             self.disk.open()
         except ValueError as error:
@@ -233,6 +239,27 @@ class Daemon:
                      len(disk.manifest.tensors), disk.spec.num_layers if disk.spec else 0)
             self.disk_changed(disk.state())
 
+    async def _keep_copies(self) -> None:
+        """Fetch the copies of layers the leader asks us to keep on disk (tbmesh.core.replicas),
+        while no stage fetch needs the cables."""
+        disk = self.disk
+        assert disk is not None
+        while True:
+            await asyncio.sleep(KEEP_CHECK_S)
+            keep = self.core.my_keep()
+            missing = disk.kept_missing(keep) if keep is not None else []
+            if not missing:
+                continue
+            log.info("keeping a copy of %s on disk for the cluster: %.1f MB to fetch", _layers_text(keep),
+                     sum(e.object_size for e in missing) / 1e6)
+            try:
+                report = await asyncio.to_thread(disk.fetch, missing, disk.peers(), copies=True)
+            except (OSError, ValueError, bulk.FetchFailed) as error:
+                log.warning("cannot keep a copy of %s yet: %s", _layers_text(keep), error)
+            else:
+                log.info("kept a copy of %s%s", _layers_text(keep), " (paused for a stage's fetch)" if report.stopped else "")
+            self.disk_changed(disk.state())
+
     def disk_changed(self, disk: DiskState | None) -> None:
         if disk != self.core.disk:
             self.carry_out(self.core.set_disk(disk, self.now()))
@@ -254,8 +281,6 @@ class Daemon:
 
     def _serve_bulk(self, channel: peers.Channel) -> None:
         """A peer fetches weights from us: a thread of its own, blocking sends (sendfile)."""
-        from tbmesh.weights import bulk
-
         disk = self.disk
         if disk is None or disk.local is None:
             channel.close("no weights to serve here")
@@ -852,6 +877,11 @@ def _port_free_everywhere(port: int) -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("0.0.0.0", port))  # the wildcard conflicts with a listener on any address
         return sock.getsockname()[1]
+
+
+def _layers_text(keep: KeepOnDisk) -> str:
+    parts = [f"layers {a}-{b - 1}" if b - a > 1 else f"layer {a}" for a, b in keep.layers]
+    return ", ".join(parts + (["the embedding and head"] if keep.ends else []))
 
 
 def _replicas(model: ModelSpec | None, disks: dict[str, DiskState]) -> list[int] | None:

@@ -112,9 +112,10 @@ def test_a_layer_no_disk_has_room_for_stays_short():
     from tbmesh.core.replicas import keep_on_disk
     from tbmesh.core.types import Stage
 
-    disks = {"a": WHOLE, "b": DiskState("m", free=3 * GB)}
+    disks = {"a": WHOLE, "b": DiskState("m", free=3 * GB)}  # room for 3 layers beyond its stage
     stages = [Stage("a", 0, 8, 0), Stage("b", 8, 16, 0)]
-    assert keep_on_disk(MODEL, disks, stages, replicas=2) == ()  # b's stage alone needs 8 GB
+    (keep,) = keep_on_disk(MODEL, disks, stages, replicas=2)
+    assert keep.node == "b" and keep.layers == ((0, 3),)  # layers 3-7 stay on a's disk alone
 
 
 def test_three_copies_spread_over_the_disks_with_room():

@@ -85,7 +85,7 @@ class DiskState:
     bytes: int = 0  # of the model's weights on this disk
     fetching: Fetching | None = None
     manifest_bytes: int = 0  # the manifest's size (peers fetch it by digest)
-    free: int = 0  # bytes of the model this disk may still take (its budget left, or the disk's room)
+    free: int = 0  # bytes this disk may still take beyond its stage (slack left, within the disk's room)
 
     def has(self, start: int, end: int) -> bool:
         """Whether every layer of [start, end) is on this disk."""

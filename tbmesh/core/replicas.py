@@ -3,8 +3,8 @@ at least `replicas` disks: the layers of a Mac that dies can still be fetched fr
 Pure: the leader computes it from the disk states its members publish and the plan.
 
 A Mac's stage counts as on its disk (it fetches what it lacks before it loads). Each layer
-short of copies goes to the member with the most room left (`DiskState.free`) that lacks
-it, layer by layer in order, so one Mac keeps long runs of layers. A layer no member has
+short of copies goes to the member with the most room left beyond its stage
+(`DiskState.free`) that lacks it, layer by layer in order, so one Mac keeps long runs of layers. A layer no member has
 room for stays short, and `tbmesh status` says so.
 """
 
@@ -31,7 +31,7 @@ def keep_on_disk(model: ModelSpec, disks: Mapping[str, DiskState], stages: Seque
                 holders[i].add(node)
         if disk.ends:
             holders[ends].add(node)
-    room = {n: d.free for n, d in disks.items()}
+    room = {n: d.free for n, d in disks.items()}  # beyond each one's stage
     for stage in stages:
         if stage.node not in disks:
             continue
@@ -39,9 +39,7 @@ def keep_on_disk(model: ModelSpec, disks: Mapping[str, DiskState], stages: Seque
         if stage.start == 0 or stage.end == model.num_layers:
             mine.append(ends)
         for i in mine:
-            if stage.node not in holders[i]:
-                holders[i].add(stage.node)
-                room[stage.node] -= size[i]  # it fetches these first
+            holders[i].add(stage.node)  # it fetches what it lacks before it loads
     kept: dict[str, list[int]] = {}
     for i in sorted(size, key=lambda i: (i == ends, i)):
         while len(holders[i]) < replicas:

@@ -61,7 +61,8 @@ from tbmesh.core.types import Stage
 
 # 2: batched serving (Tokens, Cancel.kind, the steps in Tensor.meta)
 # 3: log-probabilities (Sampled.surprisal and .top, logprobs in the sampling of Tensor.meta)
-# 4: bulk connections (Hello.purpose "bulk"; Fetch and Part carry weight objects)
+# 4: weights over the cables (Hello.purpose "bulk", Fetch and Part carry weight objects;
+#    LinkState.disk and .keep say what each disk holds and keeps)
 PROTOCOL_VERSION = 4
 
 PREFIX = struct.Struct(">II")  # header length, payload length

@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tbmesh.core.messages import DiskState, Fetching
+from tbmesh.core.messages import DiskState, Fetching, KeepOnDisk
 from tbmesh.core.modelspec import ModelFormatError, describe_model
 from tbmesh.core.types import ModelSpec, ranges_of
 from tbmesh.runtime.modeldir import describe_model_dir, read_config, weight_files
@@ -35,10 +36,14 @@ from tbmesh.weights.store import Local, Store
 
 log = logging.getLogger(__name__)
 
+DISK_RESERVE = 0.10  # of the disk left free: copies of layers never fill a Mac's disk
+
 
 class Disk:
-    def __init__(self, host: Host, name: str, model_dir: Path, state_dir: Path) -> None:
+    def __init__(self, host: Host, name: str, model_dir: Path, state_dir: Path,
+                 slack: int | None = None) -> None:
         self.host = host
+        self.slack = slack  # bytes kept beyond our stage (copies for the cluster); None: as the disk allows
         self.name = name
         self.model_dir = model_dir
         self.store = Store(state_dir / "weights")
@@ -51,6 +56,9 @@ class Disk:
         self.fetching: Fetching | None = None
         self._layers_of: dict[str, set[int | None]] = {}  # digest -> the layers whose tensors it is
         self._manifest_bytes = 0
+        self._fetch_lock = threading.Lock()  # one fetch at a time writes the store's partials
+        self._urgent = 0  # stage fetches waiting or running: a fetch of copies gives way
+        self._urgent_lock = threading.Lock()
 
     # ----- what we hold --------------------------------------------------------------------
 
@@ -86,9 +94,27 @@ class Disk:
         present = {t.digest for t in manifest.tensors if self.local.has(t.digest)}
         complete = [i for i in range(n) if all(t.digest in present for t in manifest.tensors if t.layer == i)]
         ends = all(t.digest in present for t in manifest.tensors if t.layer is None)
-        return DiskState(self.name, manifest.digest, spec, ranges_of(complete), ends,
-                         sum(t.nbytes for t in manifest.tensors if t.digest in present),
-                         self.fetching, self._manifest_bytes)
+        held = sum(t.nbytes for t in manifest.tensors if t.digest in present)
+        return DiskState(self.name, manifest.digest, spec, ranges_of(complete), ends, held,
+                         self.fetching, self._manifest_bytes, self._free(present))
+
+    def _free(self, present: set[str]) -> int:
+        """Bytes we may still keep beyond our stage: the slack left, within the disk's room."""
+        if self.whole or self.manifest is None or self.spec is None:
+            return 0  # the whole model is here already
+        try:
+            usage = shutil.disk_usage(self.store.root if self.store.root.exists() else self.model_dir.parent)
+        except OSError:
+            return 0
+        room = int(usage.free - DISK_RESERVE * usage.total)
+        if self.slack is not None:
+            plan, me = self.host.view().plan, self.host.me
+            stage = next((s for s in plan.stages if s.node == me), None) if plan is not None else None
+            mine = {t.digest for t in self.manifest.needed(stage.start, stage.end, self.spec.num_layers)} \
+                if stage is not None else set()
+            beyond = sum(t.nbytes for t in self.manifest.tensors if t.digest in present and t.digest not in mine)
+            room = min(room, self.slack - beyond)
+        return max(0, room)
 
     def missing(self, start: int, end: int) -> list[TensorEntry] | None:
         """The tensors layers [start, end) need that are not on our disk; None while we lack
@@ -136,13 +162,13 @@ class Disk:
     def take_manifest(self, peers: list[bulk.Peer], digest: str, nbytes: int) -> None:
         """Fetch the manifest `digest` and the small files it lists from `peers`, and adopt
         it (blocking, in a thread)."""
-        bulk.fetch([ObjectRef(digest, nbytes)], peers, self.store)
+        self._locked(lambda: bulk.fetch([ObjectRef(digest, nbytes)], peers, self.store))
         manifest = Manifest.from_bytes(self.store.path(digest).read_bytes())
         if manifest.digest != digest:
             raise ManifestError(f"the manifest fetched as {digest[:12]} is {manifest.digest[:12]}")
         self.model_dir.mkdir(parents=True, exist_ok=True)
         wanted = [f for f in manifest.files if not (self.model_dir / f.name).is_file()]
-        bulk.fetch(wanted, peers, self.store)
+        self._locked(lambda: bulk.fetch(wanted, peers, self.store))
         for f in wanted:  # a copy, not a link: the store may let its objects go
             target = self.model_dir / f.name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -150,9 +176,34 @@ class Disk:
         self._adopt(manifest)
 
     def fetch(self, entries: list[TensorEntry], peers: list[bulk.Peer],
-              on_progress: Callable[[int], None], should_stop: Callable[[], bool]) -> bulk.FetchReport:
-        """Fetch `entries` into the store (blocking, in a thread); `on_progress(bytes so far)`."""
-        return bulk.fetch(entries, peers, self.store, on_progress=on_progress, should_stop=should_stop)
+              on_progress: Callable[[int], None] | None = None, should_stop: Callable[[], bool] | None = None,
+              copies: bool = False) -> bulk.FetchReport:
+        """Fetch `entries` into the store (blocking, in a thread); `on_progress(bytes so far)`.
+        A fetch of `copies` (layers kept for the cluster) stops as soon as a stage's fetch
+        waits: a plan is waiting for that one."""
+        stop = should_stop or (lambda: False)
+        if copies:
+            return self._locked(lambda: bulk.fetch(entries, peers, self.store, on_progress,
+                                                   lambda: stop() or self._urgent > 0))
+        with self._urgent_lock:
+            self._urgent += 1
+        try:
+            return self._locked(lambda: bulk.fetch(entries, peers, self.store, on_progress, stop))
+        finally:
+            with self._urgent_lock:
+                self._urgent -= 1
+
+    def _locked(self, run: Callable[[], bulk.FetchReport]) -> bulk.FetchReport:
+        with self._fetch_lock:
+            return run()
+
+    def kept_missing(self, keep: KeepOnDisk) -> list[TensorEntry]:
+        """The tensors of the copies the leader asks us to keep that our disk lacks."""
+        if self.manifest is None or self.local is None or self.whole:
+            return []
+        wanted = [t for t in self.manifest.tensors if (t.layer is None and keep.ends) or
+                  (t.layer is not None and any(a <= t.layer < b for a, b in keep.layers))]
+        return _unique(self.local.missing(wanted))
 
     def _adopt(self, manifest: Manifest) -> None:
         self.manifest, self._manifest_bytes = manifest, len(manifest.to_bytes())
