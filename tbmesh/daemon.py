@@ -231,7 +231,7 @@ class Daemon:
             digest, nbytes = min(offers)
             try:
                 await asyncio.to_thread(disk.take_manifest, disk.peers(), digest, nbytes)
-            except (OSError, ValueError) as error:  # FetchFailed, a manifest that does not parse
+            except (OSError, ValueError, bulk.FetchFailed) as error:  # a manifest that does not parse
                 log.warning("cannot take the manifest of %s from peers yet: %s", disk.name, error)
                 continue
             self.model = disk.spec
@@ -244,10 +244,15 @@ class Daemon:
         while no stage fetch needs the cables."""
         disk = self.disk
         assert disk is not None
+        asked: KeepOnDisk | None = None
         while True:
             await asyncio.sleep(KEEP_CHECK_S)
-            keep = self.core.my_keep()
-            missing = disk.kept_missing(keep) if keep is not None else []
+            # only what the leader has asked for a while, with a plan committed: copies asked
+            # while Macs join and plans change would be fetched for nothing
+            keep, before, asked = self.core.my_keep(), asked, self.core.my_keep()
+            if keep is None or keep != before or self.core.plan is None or self.core.preparing is not None:
+                continue
+            missing = disk.kept_missing(keep)
             if not missing:
                 continue
             log.info("keeping a copy of %s on disk for the cluster: %.1f MB to fetch", _layers_text(keep),

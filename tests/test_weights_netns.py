@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tbmesh.weights.manifest import Manifest
+
 from daemons import DaemonProcess, serving_view, start_all, wait_for
 from serving import Stream, model_dir, read_stream, reference  # noqa: F401  (fixtures)
 
@@ -29,10 +31,10 @@ def macs(lab, tmp_path, model_dir):  # noqa: F811
     cluster = f"w{uuid.uuid4().hex[:8]}"
     daemons: list[DaemonProcess] = []
 
-    def make(mac, weights: bool) -> DaemonProcess:
+    def make(mac, weights: bool, *args: str) -> DaemonProcess:
         model = str(model_dir) if weights else model_dir.name
         daemon = DaemonProcess(mac.name, tmp_path / mac.name, [
-            "--interface", "tb*", "--memory", "4GB", "--model", model, "--cluster", cluster], mac=mac)
+            "--interface", "tb*", "--memory", "4GB", "--model", model, "--cluster", cluster, *args], mac=mac)
         daemons.append(daemon)
         return daemon
 
@@ -51,16 +53,17 @@ def stored_objects(state_dir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in root.glob("??/*") if p.is_file() and "." not in p.name}
 
 
-def manifest_of(state_dir: Path) -> dict:
+def manifest_of(state_dir: Path) -> Manifest:
     root = state_dir / "weights"
     digest = next(root.glob("*.manifest")).read_text().strip()
-    return json.loads((root / digest[:2] / digest).read_bytes())
+    return Manifest.from_bytes((root / digest[:2] / digest).read_bytes())
 
 
 def test_a_mac_with_no_weights_fetches_its_layers_and_answers_as_mlx_lm(lab, macs, reference, model_dir):  # noqa: F811
     a, b = lab.add_mac("a"), lab.add_mac("b")
     lab.cable(a, b).shape("100mbit")  # the fetch takes a while: heartbeats share the cable
-    holder, empty = start_all([macs(a, weights=True), macs(b, weights=False)])
+    # one copy of each layer is enough here: b keeps no copy of a's layers for the cluster
+    holder, empty = start_all([macs(a, True, "--replicas", "1"), macs(b, False, "--replicas", "1")])
     view = serving([holder, empty])
     stage = next(s for s in view["plan"]["stages"] if s["node"] == empty.node_id)
     assert not list(Path(empty.state_dir / "models" / model_dir.name).glob("*.safetensors"))
@@ -73,18 +76,27 @@ def test_a_mac_with_no_weights_fetches_its_layers_and_answers_as_mlx_lm(lab, mac
 
     # its disk holds its shard's tensors (plus the manifest and the small files), no more
     manifest = manifest_of(empty.state_dir)
-    tensors = {t["digest"]: t for t in manifest["tensors"]}
-    small = {f["digest"] for f in manifest["files"]}
     stored = stored_objects(empty.state_dir)
-    held = {d: n for d, n in stored.items() if d in tensors}
-    assert set(stored) - set(held) <= small | {view_manifest_digest(empty)}
-    layers = {t["layer"] for d in held for t in manifest["tensors"] if t["digest"] == d}
-    wanted = set(range(stage["start"], stage["end"])) | ({None} if stage["start"] == 0 or stage["end"] == 8 else set())
-    assert layers <= wanted
-    assert abs(sum(held.values()) - stage["bytes"]) <= 0.01 * stage["bytes"]
+    tensors = {d: n for d, n in stored.items() if d in {t.digest for t in manifest.tensors}}
+    assert set(stored) - set(tensors) <= {f.digest for f in manifest.files} | {manifest.digest}
+    assert set(tensors) == {t.digest for t in manifest.needed(stage["start"], stage["end"], 8)}
+    assert abs(sum(tensors.values()) - stage["bytes"]) <= 0.01 * stage["bytes"]
 
     events = holder.status()["events"] + empty.status()["events"]
     assert not [e for e in events if e["kind"] == "suspect"]  # the saturated cable starved no heartbeat
+
+
+def test_the_cluster_keeps_two_copies_of_each_layer_on_disk(lab, macs):
+    a, b, c = (lab.add_mac(n) for n in "abc")
+    for x, y in ((a, b), (b, c), (a, c)):
+        lab.cable(x, y)
+    daemons = start_all([macs(a, weights=True), macs(b, weights=False), macs(c, weights=False)])
+    serving(daemons)
+    status = wait_for(lambda: (s := daemons[1].status())["replicas"] == [2] * 8 and s, 60,
+                      "two copies of every layer")
+    for daemon in daemons[1:]:  # the copies are spread: neither Mac took the whole model
+        disk = next(n["disk"] for n in status["nodes"] if n["id"] == daemon.node_id)
+        assert disk["layers"] and disk["layers"] != [[0, 8]]
 
 
 def view_manifest_digest(daemon: DaemonProcess) -> str:
@@ -95,22 +107,26 @@ def test_a_stage_killed_while_the_survivors_lack_its_layers_is_fetched_again(lab
     a, b, c = (lab.add_mac(n) for n in "abc")
     for x, y in ((a, b), (b, c), (a, c)):
         lab.cable(x, y)
-    daemons = start_all([macs(a, weights=True), macs(b, weights=False), macs(c, weights=False)])
+    # one copy of each layer: only a's disk (the original directory) holds what b and c lack
+    daemons = start_all([macs(a, True, "--replicas", "1"), macs(b, False, "--replicas", "1"),
+                         macs(c, False, "--replicas", "1")])
     view = serving(daemons)
-    holder = daemons[0]
-    victim = next(d for d in daemons[1:] if any(s["node"] == d.node_id for s in view["plan"]["stages"]))
-    entry = next(d for d in daemons[1:] if d is not victim)
+    holder, ids = daemons[0], {d: d.node_id for d in daemons}
+    victim, entry = daemons[1], daemons[2]
+    gone = next(s for s in view["plan"]["stages"] if s["node"] == ids[victim])
+    disks = {n["id"]: n["disk"] for n in view["nodes"]}
+    assert not any(a <= gone["start"] < b for a, b in disks[ids[entry]]["layers"])  # entry lacks them
     expected, _ = reference(PROMPT, 300)
     stream = Stream(entry, PROMPT, 300, temperature=0, timeout=180)
     stream.wait_pieces(30)
     victim.kill()
     assert stream.result() == expected
-    survivors = [holder, entry]
-    view = serving(survivors)
-    assert victim.node_id not in {s["node"] for s in view["plan"]["stages"]}
-    disks = {n["id"]: n["disk"] for n in view["nodes"] if n["id"] != victim.node_id}
-    mine = next(s for s in view["plan"]["stages"] if s["node"] == entry.node_id)
-    assert any(start <= mine["start"] and mine["end"] <= end for start, end in disks[entry.node_id]["layers"])
+    view = serving([holder, entry])
+    assert ids[victim] not in {s["node"] for s in view["plan"]["stages"]}
+    mine = next(s for s in view["plan"]["stages"] if s["node"] == ids[entry])
+    disks = {n["id"]: n["disk"] for n in view["nodes"]}
+    assert any(a <= mine["start"] and mine["end"] <= b for a, b in disks[ids[entry]]["layers"])
+    assert "fetched layers" in entry.log()
 
 
 def test_a_model_on_no_disk_says_so_and_serves_nothing(lab, macs):

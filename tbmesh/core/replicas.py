@@ -2,10 +2,10 @@
 at least `replicas` disks: the layers of a Mac that dies can still be fetched from another.
 Pure: the leader computes it from the disk states its members publish and the plan.
 
-A Mac's stage counts as on its disk (it fetches what it lacks before it loads). Each layer
-short of copies goes to the member with the most room left beyond its stage
-(`DiskState.free`) that lacks it, layer by layer in order, so one Mac keeps long runs of layers. A layer no member has
-room for stays short, and `tbmesh status` says so.
+A Mac's stage counts as on its disk (it fetches what it lacks before it loads). The copies
+still missing are spread evenly over the members with room beyond their stage
+(`DiskState.free`), each taking a contiguous run of layers where it can. A layer no member
+has room for stays short, and `tbmesh status` says so.
 """
 
 from __future__ import annotations
@@ -40,17 +40,27 @@ def keep_on_disk(model: ModelSpec, disks: Mapping[str, DiskState], stages: Seque
             mine.append(ends)
         for i in mine:
             holders[i].add(stage.node)  # it fetches what it lacks before it loads
+    short = {i: replicas - len(holders[i]) for i in size if len(holders[i]) < replicas}
     kept: dict[str, list[int]] = {}
-    for i in sorted(size, key=lambda i: (i == ends, i)):
-        while len(holders[i]) < replicas:
-            candidates = [n for n in sorted(disks) if n not in holders[i] and room[n] >= size[i]]
-            if not candidates:
-                break
-            best = max(candidates, key=lambda n: room[n])
+    for _ in range(replicas):  # one more copy of each short layer per round
+        todo = [i for i in sorted(size, key=lambda i: (i == ends, i)) if short.get(i, 0) > 0]
+        if not todo:
+            break
+        # Spread the round's bytes evenly over the members with room, in contiguous runs.
+        able = sorted((n for n in disks if room[n] > 0), key=lambda n: (-room[n], n))
+        quota = sum(size[i] for i in todo) / max(len(able), 1)
+        given = dict.fromkeys(able, 0)
+        for i in todo:
+            fits = [n for n in able if n not in holders[i] and room[n] >= size[i]]
+            if not fits:
+                continue
+            best = next((n for n in fits if 0 < given[n] < quota), None) or min(fits, key=lambda n: given[n])
             holders[i].add(best)
             room[best] -= size[i]
+            given[best] += size[i]
+            short[i] -= 1
             kept.setdefault(best, []).append(i)
-    return tuple(KeepOnDisk(n, ranges_of([i for i in layers if i != ends]), ends in layers)
+    return tuple(KeepOnDisk(n, ranges_of(sorted(i for i in layers if i != ends)), ends in layers)
                  for n, layers in sorted(kept.items()))
 
 

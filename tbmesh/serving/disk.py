@@ -56,6 +56,7 @@ class Disk:
         self.fetching: Fetching | None = None
         self._layers_of: dict[str, set[int | None]] = {}  # digest -> the layers whose tensors it is
         self._manifest_bytes = 0
+        self._files: set[str] = set()  # digests of the manifest's small files
         self._fetch_lock = threading.Lock()  # one fetch at a time writes the store's partials
         self._urgent = 0  # stage fetches waiting or running: a fetch of copies gives way
         self._urgent_lock = threading.Lock()
@@ -167,6 +168,7 @@ class Disk:
         if manifest.digest != digest:
             raise ManifestError(f"the manifest fetched as {digest[:12]} is {manifest.digest[:12]}")
         self.model_dir.mkdir(parents=True, exist_ok=True)
+        self._files = {f.digest for f in manifest.files}  # peers that hold the manifest hold these
         wanted = [f for f in manifest.files if not (self.model_dir / f.name).is_file()]
         self._locked(lambda: bulk.fetch(wanted, peers, self.store))
         for f in wanted:  # a copy, not a link: the store may let its objects go
@@ -208,9 +210,11 @@ class Disk:
     def _adopt(self, manifest: Manifest) -> None:
         self.manifest, self._manifest_bytes = manifest, len(manifest.to_bytes())
         self.local = Local(manifest, self.model_dir if self.model_dir.is_dir() else None, self.store)
-        self._layers_of = {}
+        self._files = {f.digest for f in manifest.files}
+        layers_of: dict[str, set[int | None]] = {}
         for t in manifest.tensors:
-            self._layers_of.setdefault(t.digest, set()).add(t.layer)
+            layers_of.setdefault(t.digest, set()).add(t.layer)
+        self._layers_of = layers_of
         self._pointer.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._pointer.with_suffix(".tmp")
         tmp.write_text(manifest.digest)
@@ -220,11 +224,13 @@ class Disk:
             self.spec = describe_model(self.name, config, {t.name: (t.dtype, list(t.shape)) for t in manifest.tensors})
 
     def _has(self, disk: DiskState) -> Callable[[str], bool]:
-        layers_of = self._layers_of
-
-        def has(digest: str) -> bool:
+        """Whether a peer with this disk holds an object: its manifest and the small files it
+        lists (every holder of a manifest has them), and the tensors of the layers it has."""
+        def has(digest: str) -> bool:  # asked from the fetch's threads, as our manifest arrives
+            if digest == disk.manifest or digest in self._files:
+                return True
             return any(disk.ends if layer is None else disk.has(layer, layer + 1)
-                       for layer in layers_of.get(digest, ()))
+                       for layer in self._layers_of.get(digest, ()))
         return has
 
 

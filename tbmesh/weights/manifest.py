@@ -99,6 +99,16 @@ def layer_of(name: str) -> int | None:
 
 
 @functools.lru_cache(maxsize=4096)
+def _end_of(name: str) -> str:
+    """Which end of the model a tensor outside the layers belongs to: "embed" (the
+    embedding), "head" (final norm, output projection) or "other" (loaded by the first stage)."""
+    if "embed_tokens" in name:
+        return "embed"
+    if "lm_head" in name or re.search(r"(^|\.)model\.norm\.", name):
+        return "head"
+    return "other"
+
+
 def canonical_header(dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
     """The bytes before the data in a tensor's object: safetensors' u64 little-endian header
     length, then compact JSON padded with spaces to a multiple of 8 (as safetensors writes)."""
@@ -155,14 +165,17 @@ class Manifest:
 
     def needed(self, start: int, end: int, num_layers: int) -> list[TensorEntry]:
         """The tensors a pipeline stage of layers [start, end) loads, in the order it reads
-        them: the ends (embedding, final norm, head, anything outside the layers) when it is
-        the first or last stage (tied embeddings make the last one read the embedding), then
-        its layers in order. Layers past `num_layers` (DeepSeek's MTP layer) are never needed."""
+        them: the embedding (and anything else outside the layers) on the first stage, the
+        final norm and head on the last (with tied embeddings, the embedding too: it is the
+        head), then its layers in order. Layers past `num_layers` (DeepSeek's MTP layer) are
+        never needed."""
         if not 0 <= start < end <= num_layers:
             raise ValueError(f"layers [{start}, {end}) are not a range of {num_layers} layers")
-        ends = start == 0 or end == num_layers
-        chosen = [t for t in self.tensors
-                  if (t.layer is None and ends) or (t.layer is not None and start <= t.layer < end)]
+        first, last = start == 0, end == num_layers
+        tied = not any("lm_head" in t.name for t in self.tensors if t.layer is None)
+        wanted = {"embed": first or (last and tied), "head": last, "other": first}
+        chosen = [t for t in self.tensors if (t.layer is None and wanted[_end_of(t.name)])
+                  or (t.layer is not None and start <= t.layer < end)]
         return sorted(chosen, key=lambda t: (-1 if t.layer is None else t.layer, t.name))
 
     def stage_bytes(self, start: int, end: int, num_layers: int) -> int:
