@@ -138,7 +138,7 @@ def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard
         raise ShardError(f"{root.name}: layers [{start}, {end}) are not a range of its {num_layers} layers")
 
     weights: dict[str, mx.array] = {}
-    for file in weight_files(root):
+    for file in weight_files(root, (start, end)):  # split weights: only the files we need
         weights.update(mx.load(str(file)))  # lazy: nothing is read until evaluated
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)  # on the full, original numbering, as mlx_lm.load
