@@ -804,6 +804,8 @@ def model_pull(
     Config, tokenizer and chat template always; then the weights, all of them or those of --layers.
     A pull cut short goes on where it stopped: files already there are not downloaded again.
     """
+    import os
+    import signal
     import time
 
     from tbmesh.runtime.pull import PullError, pull
@@ -819,6 +821,12 @@ def model_pull(
             shown[0] = now
             print(f"{format_bytes(done)} of {format_bytes(total)}", file=sys.stderr, flush=True)
 
+    def interrupted(signum: int, frame: Any) -> None:
+        # at once: huggingface_hub would finish (or retry) the files in flight first
+        print("interrupted: the same command goes on where it stopped", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
     try:
         root = pull(repo, dest, stage, revision, progress)
     except PullError as error:

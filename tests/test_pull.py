@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -164,7 +165,7 @@ def test_an_interrupted_pull_does_not_fetch_finished_files_again(fresh: Hub, mod
     stalled = weights[len(weights) // 2]
     fresh.stall.add(stalled)
     process = subprocess.Popen(command(REPO, "--dir", str(dest)), env=env(fresh, tmp_path),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert fresh.stalled.wait(60)
         others = [name for name in weights if name != stalled]
@@ -172,9 +173,20 @@ def test_an_interrupted_pull_does_not_fetch_finished_files_again(fresh: Hub, mod
         while not all((dest / name).is_file() for name in others) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not (dest / stalled).exists()
+        again = tbmesh_pull(fresh, tmp_path, REPO, "--dir", str(dest))  # meanwhile
+        assert again.returncode == 2
+        assert again.stderr == f"error: another pull into {dest} is running (pid {process.pid})\n"
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)  # ^C
+        _, stderr = process.communicate(timeout=30)
     finally:
-        process.send_signal(signal.SIGKILL)  # a Mac that sleeps or loses power mid-pull
-        process.wait()
+        process.kill()
+    assert time.monotonic() - interrupted < 5  # not after the files in flight
+    assert process.returncode == 130
+    assert stderr.splitlines()[-1] == "interrupted: the same command goes on where it stopped"
+    partial = list((dest / ".cache").rglob("*.incomplete"))
+    sha256 = hashlib.sha256((model_dir / stalled).read_bytes()).hexdigest()
+    assert len(partial) == 1 and f".{sha256}." in partial[0].name  # named after the file's ETag
     fresh.stall.clear()
     fresh.release.set()
     fresh.reset_counts()
@@ -182,6 +194,7 @@ def test_an_interrupted_pull_does_not_fetch_finished_files_again(fresh: Hub, mod
     assert result.returncode == 0, result.stderr
     assert fresh.requests.gets == {stalled: 1}  # from its start: a new process does not resume a file
     assert_same_files(dest, model_dir, small_files(model_dir) | set(weights))
+    assert not list(dest.rglob("*.incomplete"))  # dropped, not left to fill the disk
 
 
 def test_a_connection_cut_mid_file_is_resumed_from_the_last_chunk(fresh: Hub, model_dir: Path, tmp_path: Path):

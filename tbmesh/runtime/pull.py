@@ -21,6 +21,7 @@ from typing import Any
 
 from tbmesh.core.modelspec import ModelFormatError, count_layers, files_for_layers
 from tbmesh.runtime.modeldir import INDEX_FILE, read_config, read_index
+from tbmesh.state import StateDirInUse, lock_state_dir, unlock_state_dir
 from tbmesh.units import format_bytes
 
 # What mlx-lm downloads besides the weights (its DEFAULT_ALLOW_PATTERNS): configs, tokenizer
@@ -55,15 +56,33 @@ def pull(repo: str, dest: Path, layers: tuple[int, int] | None = None, revision:
         if "config.json" not in sizes:
             raise PullError(f"{repo} is not an mlx-lm model: it has no config.json")
         commit = info.sha  # a commit, not a branch that may move between the two steps
-        _download(repo, commit, dest, SMALL_FILES)
-        weights = _weight_files(dest, sorted(sizes), layers)
-        missing = [name for name in weights if name not in sizes]
-        if missing:
-            raise PullError(f"{repo}: {INDEX_FILE} lists {missing[0]}, which the repository does not hold")
-        files = _matching(sorted(sizes), SMALL_FILES) + weights
-        _check_space(dest, {name: sizes[name] for name in files})
-        _download(repo, commit, dest, weights, _reporter(dest, {name: sizes[name] for name in files}, on_progress))
+        with _only_pull(dest):
+            _download(repo, commit, dest, SMALL_FILES)
+            weights = _weight_files(dest, sorted(sizes), layers)
+            missing = [name for name in weights if name not in sizes]
+            if missing:
+                raise PullError(f"{repo}: {INDEX_FILE} lists {missing[0]}, which the repository does not hold")
+            files = {name: sizes[name] for name in _matching(sorted(sizes), SMALL_FILES) + weights}
+            _check_space(dest, files)
+            _download(repo, commit, dest, weights, _reporter(dest, files, on_progress))
     return dest
+
+
+@contextmanager
+def _only_pull(dest: Path) -> Iterator[None]:
+    """Hold `dest` for this pull (a lock in dest/.cache; the kernel lets it go if we die) and
+    drop the partial files a pull cut short left there: huggingface_hub gives each download a
+    temporary file of its own and never takes one up again."""
+    try:
+        lock = lock_state_dir(dest / ".cache")
+    except StateDirInUse as error:
+        raise PullError(f"another pull into {dest} is running" + (f" (pid {error.pid})" if error.pid else "")) from None
+    try:
+        for partial in (dest / ".cache" / "huggingface" / "download").rglob("*.incomplete"):
+            partial.unlink(missing_ok=True)
+        yield
+    finally:
+        unlock_state_dir(lock)
 
 
 def _download(repo: str, commit: str, dest: Path, patterns: list[str],
