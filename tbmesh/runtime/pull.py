@@ -5,8 +5,9 @@ files holding its layers (and the embedding on the first stage, the final norm a
 the last), not the whole model: the index's weight_map says which files those are. The
 downloading is huggingface_hub's snapshot_download into the model directory: it skips files
 already there from the same commit (a pull that was cut short goes on where it stopped, file
-by file), copies files its own cache holds (~/.cache/huggingface) and honours HF_ENDPOINT
-(a mirror), HF_TOKEN (private and gated models) and HF_HOME, read when it is imported.
+by file), copies files its own cache holds (~/.cache/huggingface) and honours HF_TOKEN
+(private and gated models), HF_ENDPOINT (a mirror) and HF_HOME, these two read when
+huggingface_hub is imported.
 """
 
 from __future__ import annotations
