@@ -753,7 +753,7 @@ def demo(
 
 # --- model directories ------------------------------------------------------------------
 
-model_app = typer.Typer(help="Make model directories.", no_args_is_help=True)
+model_app = typer.Typer(help="Make or download model directories.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 
@@ -808,3 +808,56 @@ def model_tiny(
     print(f"wrote {root}: {arch}, {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
           f"vocab {config['vocab_size']}, {dtype}, seed {seed}, {weights}; "
           f"{parameters / 1e6:.2f}M parameters, {format_bytes(size)} in {len(FILES)} files")  # fmt: skip
+
+
+@model_app.command("pull")
+def model_pull(
+    repo: str = typer.Argument(..., help="A model on the Hugging Face hub, OWNER/NAME (e.g. mlx-community/Qwen3-8B-4bit)."),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="Where to put it (default: models/OWNER/NAME in the "
+                                             "state directory, ~/Library/Application Support/tbmesh on a Mac)."),
+    layers: Optional[str] = typer.Option(None, "--layers", metavar="A-B", help="Only the weights of layers A to B "
+                                         "(numbered as `tbmesh plan` shows a stage's), and the embedding if A is the "
+                                         "first layer, the final norm and head if B is the last."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="A branch, tag or commit (default: main)."),
+) -> None:  # fmt: skip
+    """Download a model from the Hugging Face hub (HF_ENDPOINT, HF_TOKEN), or one stage's share of it.
+
+    Config, tokenizer and chat template always; then the weights, all of them or those of --layers.
+    A pull cut short goes on where it stopped: files already there are not downloaded again.
+    """
+    import os
+    import signal
+    import time
+
+    from tbmesh.runtime.pull import PullError, pull
+    from tbmesh.state import default_state_dir
+
+    stage = None if layers is None else _layer_range(layers)
+    dest = directory if directory is not None else default_state_dir() / "models" / repo
+    shown = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= 1 or done == total:  # at most a line a second
+            shown[0] = now
+            print(f"{format_bytes(done)} of {format_bytes(total)}", file=sys.stderr, flush=True)
+
+    def interrupted(signum: int, frame: Any) -> None:
+        # at once: huggingface_hub would finish (or retry) the files in flight first
+        print("interrupted: the same command goes on where it stopped", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        root = pull(repo, dest, stage, revision, progress)
+    except PullError as error:
+        _fail(str(error))
+    print(root)
+
+
+def _layer_range(text: str) -> tuple[int, int]:
+    """Layers "A-B" (A to B, as `tbmesh plan` shows a stage's) as the range [A, B + 1)."""
+    start, _, end = text.partition("-")
+    if not (start.isdigit() and end.isdigit() and int(start) <= int(end)):
+        _fail(f"bad --layers {text!r}: give A-B, the first and the last layer, e.g. 0-30")
+    return int(start), int(end) + 1

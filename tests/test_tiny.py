@@ -141,10 +141,25 @@ def test_existing_directory_needs_force(tmp_path: Path) -> None:
     assert describe_model_dir(path).num_layers == 2
 
 
+def test_split_weights_load_as_one_file(models: dict[str, Path], tmp_path: Path) -> None:
+    """max_shard_bytes: mlx_lm.convert's layout of big models, the same model in many files."""
+    path = make_tiny_model(tmp_path / "split", arch="llama", max_shard_bytes=60_000, **SMALL, **HEADS)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert not (path / WEIGHTS_FILE).exists()
+    assert len(files) > SMALL["layers"] and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    whole = read_header(models["llama"] / WEIGHTS_FILE)
+    assert index["weight_map"] == {name: f for f in files for name in read_header(path / f)}
+    assert sorted(index["weight_map"]) == sorted(whole)
+    assert all(data_bytes(path / f) <= 60_000 or len(read_header(path / f)) == 1 for f in files)
+    tokens = mx.array([[5, 17, 300, 42]])
+    assert mx.array_equal(mlx_lm.load(str(path))[0](tokens), mlx_lm.load(str(models["llama"]))[0](tokens)).item()
+
+
 @pytest.mark.parametrize(
     "options",
     [{"arch": "gpt9"}, {"vocab": 100}, {"hidden": 64, "heads": 3}, {"hidden": 99}, {"layers": 0}, {"heads": 0}, {"dtype": "int8"},
-     {"arch": "qwen3_moe", "experts": 2, "experts_per_token": 3}],
+     {"arch": "qwen3_moe", "experts": 2, "experts_per_token": 3}, {"max_shard_bytes": 0}],
 )  # fmt: skip
 def test_bad_options_are_refused_before_writing(tmp_path: Path, options: dict) -> None:
     with pytest.raises(ValueError):

@@ -77,6 +77,42 @@ def _text_name(name: str) -> str | None:
     return None
 
 
+def tensor_part(name: str) -> int | str:
+    """The part of the model a checkpoint tensor belongs to: the index of its layer (as the
+    checkpoint numbers it: model.layers.3.*, language_model.model.layers.3.* -> 3), or
+    "embedding" (the token embedding), "norm" (the final norm), "output" (the output
+    projection), "other" (the rest: other top modules, a vision tower; the first stage runs them).
+    """
+    rest = _text_name(name)
+    if rest is None:
+        return "other"
+    if layer := _LAYER.match(rest):
+        return int(layer.group(1))
+    module = rest.split(".", 1)[0]
+    if module in _OUTPUT_PROJECTIONS:
+        return "output"
+    if module in _FINAL_NORMS:
+        return "norm"
+    return "embedding" if module in _TOKEN_EMBEDDINGS else "other"
+
+
+def files_for_layers(weight_map: Mapping[str, str], num_layers: int, start: int, end: int) -> set[str]:
+    """The files of a split checkpoint (an index's weight_map: tensor -> file) that a stage of
+    layers [start, end) reads: its layers', and the first stage's embedding and other top
+    modules, the last stage's final norm and output projection (or, tied, the embedding)."""
+    tied = all(tensor_part(name) != "output" for name in weight_map)
+    first, last = start == 0, end == num_layers
+
+    def wanted(part: int | str) -> bool:
+        if isinstance(part, int):
+            return start <= part < end
+        if part == "embedding":
+            return first or (last and tied)
+        return last if part in ("norm", "output") else first
+
+    return {file for name, file in weight_map.items() if wanted(tensor_part(name))}
+
+
 def describe_model(name: str, config: Mapping[str, Any], tensors: Tensors) -> ModelSpec:
     """Sum each tensor into its layer, the embedding (first stage) or the head (last stage).
 
@@ -85,31 +121,22 @@ def describe_model(name: str, config: Mapping[str, Any], tensors: Tensors) -> Mo
     tower) go with the embedding: the first stage runs them. With tied embeddings (no output
     projection tensor) the last stage needs the embedding matrix too, so it counts in both.
     """
-    cfg = text_config(config)
-    num_layers = _num_layers(cfg)
+    num_layers = count_layers(config)
     layers = [0] * num_layers
     embed = head = tied_matrix = 0
     has_output = False
     for tensor, (dtype, shape) in tensors.items():
         size = tensor_bytes(tensor, dtype, shape)
-        rest = _text_name(tensor)
-        if rest is None:
-            embed += size
-            continue
-        layer = _LAYER.match(rest)
-        module = rest.split(".", 1)[0]
-        if layer:
-            index = int(layer.group(1))
-            if index < num_layers:
-                layers[index] += size
-        elif module in _OUTPUT_PROJECTIONS:
-            has_output = True
-            head += size
-        elif module in _FINAL_NORMS:
+        part = tensor_part(tensor)
+        if isinstance(part, int):
+            if part < num_layers:
+                layers[part] += size
+        elif part in ("output", "norm"):
+            has_output = has_output or part == "output"
             head += size
         else:
             embed += size
-            if module in _TOKEN_EMBEDDINGS:
+            if part == "embedding":
                 tied_matrix += size
     missing = [i for i, size in enumerate(layers) if size == 0]
     if missing:
@@ -128,7 +155,9 @@ def describe_model(name: str, config: Mapping[str, Any], tensors: Tensors) -> Mo
     )
 
 
-def _num_layers(cfg: Mapping[str, Any]) -> int:
+def count_layers(config: Mapping[str, Any]) -> int:
+    """The number of transformer layers config.json gives (in text_config for multimodal wrappers)."""
+    cfg = text_config(config)
     for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
         if isinstance(cfg.get(key), int) and cfg[key] > 0:
             return cfg[key]
@@ -146,8 +175,7 @@ def activation_bytes(config: Mapping[str, Any], tensors: Tensors) -> int:
     scales' dtype when quantized. Failing that, the config's torch_dtype.
     """
     for tensor, (dtype, _) in tensors.items():
-        rest = _text_name(tensor)
-        if rest is None or rest.split(".", 1)[0] not in _TOKEN_EMBEDDINGS:
+        if tensor_part(tensor) != "embedding":
             continue
         if tensor.endswith((".weight", ".scales")) and dtype in _FLOAT_DTYPES:
             return _FLOAT_DTYPES[dtype]

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tbmesh.core.modelspec import ModelFormatError, describe_model
+from tbmesh.core.modelspec import (
+    ModelFormatError,
+    count_layers,
+    describe_model,
+    files_for_layers,
+)
 from tbmesh.core.types import ModelSpec
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -45,27 +50,39 @@ def read_config(root: Path) -> dict[str, Any]:
     return config
 
 
-def weight_files(root: Path) -> list[Path]:
+def weight_files(root: Path, layers: tuple[int, int] | None = None) -> list[Path]:
     """The files the index lists when weights are split, else every model*.safetensors.
 
+    With `layers` (start, end) and an index, only the files holding what a stage of those
+    layers reads (tbmesh.core.modelspec.files_for_layers): a Mac may hold only those.
     mlx-lm loads `model*.safetensors`, so other safetensors (adapters) are not weights.
     """
-    index = root / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ModelFormatError(f"{index} is not a safetensors index (no weight_map)") from None
-        files = [root / str(n) for n in names]
+    weight_map = read_index(root)
+    if weight_map is not None:
+        names = set(weight_map.values())
+        if layers is not None:
+            names = files_for_layers(weight_map, count_layers(read_config(root)), *layers)
+        files = [root / n for n in sorted(names)]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise ModelFormatError(f"{index} lists {missing[0]}, which is not in {root}")
+            raise ModelFormatError(f"{root / INDEX_FILE} lists {missing[0]}, which is not in {root}")
         return files
     files = sorted(root.glob("model*.safetensors"))
     if not files:
         raise ModelFormatError(f"{root} has no model*.safetensors weights")
     return files
+
+
+def read_index(root: Path) -> dict[str, str] | None:
+    """The weight map (tensor name -> file) of split weights' index; None when there is no index."""
+    index = root / INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {str(name): str(file) for name, file in weight_map.items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise ModelFormatError(f"{index} is not a safetensors index (no weight_map)") from None
 
 
 def read_header(path: Path) -> dict[str, tuple[str, list[int]]]:

@@ -143,7 +143,7 @@ def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard
     if tensors is not None:
         weights = tensors()
     else:
-        for file in weight_files(root):
+        for file in weight_files(root, (start, end)):  # split weights: only the files we need
             weights.update(mx.load(str(file)))  # lazy: nothing is read until evaluated
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)  # on the full, original numbering, as mlx_lm.load

@@ -111,6 +111,7 @@ CHAT_TEMPLATE = """\
 {%- endif %}
 """
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # with split weights (max_shard_bytes)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 FILES = (WEIGHTS_FILE, "config.json", *TOKENIZER_FILES)
 # Files of another model that mlx-lm or transformers would read along with ours (all the
@@ -136,6 +137,7 @@ def make_tiny_model(
     tie_embeddings: bool = False,
     early_end: bool = False,
     teach: list[dict[str, Any]] | None = None,
+    max_shard_bytes: int | None = None,
     force: bool = False,
 ) -> Path:
     """Write a random-weight `arch` model and its tokenizer into `path`; returns `path`.
@@ -148,6 +150,8 @@ def make_tiny_model(
     `teach`: conversations (tbmesh.runtime.teach.CONVERSATIONS, or read_conversations(FILE))
     the model is trained on until mlx-lm's greedy decoding gives each of their assistant
     turns; the tokenizer learns their words and has Qwen3's think and tool-call tokens.
+    `max_shard_bytes`: split the weights into files of at most that many bytes of tensors and
+    an index, as mlx_lm.convert writes big models (see save_weights); default: one file.
     Raises ValueError on bad sizes, a bad conversation or a failed teaching, and
     FileExistsError when `path` already holds files, unless `force`.
     """
@@ -160,6 +164,8 @@ def make_tiny_model(
     kv_heads = sizes.get("kv_heads", max(1, heads // 2)) if kv_heads is None else kv_heads
     intermediate = sizes.get("intermediate", 3 * hidden) if intermediate is None else intermediate
     _check(arch, layers, hidden, vocab, dtype, heads, kv_heads, intermediate, experts, experts_per_token)
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise ValueError("max_shard_bytes must be at least 1")
     if teach is not None:
         _check_teaching(teach, vocab, early_end)
     _prepare_dir(root, force)
@@ -184,8 +190,32 @@ def make_tiny_model(
             raise
     if early_end:
         _favour_token(weights, ids[EOS])
-    mx.save_safetensors(str(root / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
+    save_weights(root, weights, max_shard_bytes)
     return root
+
+
+def save_weights(root: Path, weights: dict[str, mx.array], max_shard_bytes: int | None = None) -> None:
+    """model.safetensors, or with `max_shard_bytes` mlx_lm.save_model's split layout: files
+    model-00001-of-0000N.safetensors of consecutive tensors (a tensor larger than the limit
+    gets a file of its own) and model.safetensors.index.json mapping each tensor to its file."""
+    if max_shard_bytes is None:
+        mx.save_safetensors(str(root / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
+        return
+    shards: list[dict[str, mx.array]] = []
+    size = 0
+    for name, value in weights.items():  # the model's order: embedding, layer 0, 1, ..., head
+        if not shards or size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(root / file), shard, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(v.nbytes for v in weights.values())
+    _write_json(root / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def taught_weights(root: Path, config: dict[str, Any], seed: int, dtype: str,
