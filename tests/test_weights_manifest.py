@@ -101,9 +101,10 @@ def test_needed_gives_a_stage_its_layers_and_the_ends_to_the_first_and_last():
         return [t.name for t in SYNTHETIC.needed(start, end, 4)]
 
     ends = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
-    assert names(0, 2) == [*ends, "model.layers.0.w", "model.layers.1.w"]
+    # the first stage reads the embedding, the last the final norm and head, not the other's
+    assert names(0, 2) == ["model.embed_tokens.weight", "model.layers.0.w", "model.layers.1.w"]
     assert names(1, 3) == ["model.layers.1.w", "model.layers.2.w"]
-    assert names(2, 4) == [*ends, "model.layers.2.w", "model.layers.3.w"]  # tied embeddings: the last needs it
+    assert names(2, 4) == ["lm_head.weight", "model.norm.weight", "model.layers.2.w", "model.layers.3.w"]
     assert names(0, 4) == [*ends, *(f"model.layers.{i}.w" for i in range(4))]  # never the MTP layer
     assert SYNTHETIC.stage_bytes(1, 3, 4) == 8
     with pytest.raises(ValueError, match=r"layers \[3, 2\)"):

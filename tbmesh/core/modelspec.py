@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from tbmesh.core.types import ModelSpec
@@ -100,17 +100,26 @@ def files_for_layers(weight_map: Mapping[str, str], num_layers: int, start: int,
     """The files of a split checkpoint (an index's weight_map: tensor -> file) that a stage of
     layers [start, end) reads: its layers', and the first stage's embedding and other top
     modules, the last stage's final norm and output projection (or, tied, the embedding)."""
-    tied = all(tensor_part(name) != "output" for name in weight_map)
+    wanted = stage_wants(weight_map, num_layers, start, end)
+    return {file for name, file in weight_map.items() if wanted(name)}
+
+
+def stage_wants(names: Iterable[str], num_layers: int, start: int, end: int) -> Callable[[str], bool]:
+    """Whether a stage of layers [start, end) reads a tensor, by name, of a checkpoint with
+    these tensor `names`: its layers', the first stage's embedding and other top modules,
+    the last stage's final norm and output projection (or, tied, the embedding)."""
+    tied = all(tensor_part(name) != "output" for name in names)
     first, last = start == 0, end == num_layers
 
-    def wanted(part: int | str) -> bool:
+    def wanted(name: str) -> bool:
+        part = tensor_part(name)
         if isinstance(part, int):
             return start <= part < end
         if part == "embedding":
             return first or (last and tied)
         return last if part in ("norm", "output") else first
 
-    return {file for name, file in weight_map.items() if wanted(tensor_part(name))}
+    return wanted
 
 
 def describe_model(name: str, config: Mapping[str, Any], tensors: Tensors) -> ModelSpec:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tbmesh.core.modelspec import ModelFormatError
+from tbmesh.core.modelspec import ModelFormatError, stage_wants, tensor_part
 from tbmesh.runtime.modeldir import INDEX_FILE, Slot, read_layout, weight_files
 
 FORMAT = "tbmesh-manifest/1"
@@ -40,7 +40,6 @@ DTYPE_SIZES: dict[str, int] = {
     "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
     "U64": 8, "I64": 8, "F64": 8,
 }
-LAYER_NAME = re.compile(r"(?:language_model\.)?model\.layers\.(\d+)\.")
 WEIGHT_NAME = re.compile(r"model.*\.safetensors")  # what mlx-lm loads as weights
 SHARD_NAME = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
 
@@ -93,20 +92,9 @@ class ObjectRef:
 
 
 def layer_of(name: str) -> int | None:
-    """The layer index in `model.layers.N.` or `language_model.model.layers.N.`, else None."""
-    match = LAYER_NAME.match(name)
-    return int(match.group(1)) if match else None
-
-
-@functools.lru_cache(maxsize=4096)
-def _end_of(name: str) -> str:
-    """Which end of the model a tensor outside the layers belongs to: "embed" (the
-    embedding), "head" (final norm, output projection) or "other" (loaded by the first stage)."""
-    if "embed_tokens" in name:
-        return "embed"
-    if "lm_head" in name or re.search(r"(^|\.)model\.norm\.", name):
-        return "head"
-    return "other"
+    """The layer a tensor belongs to (core.modelspec.tensor_part), None for the ends."""
+    part = tensor_part(name)
+    return part if isinstance(part, int) else None
 
 
 def canonical_header(dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
@@ -171,11 +159,8 @@ class Manifest:
         never needed."""
         if not 0 <= start < end <= num_layers:
             raise ValueError(f"layers [{start}, {end}) are not a range of {num_layers} layers")
-        first, last = start == 0, end == num_layers
-        tied = not any("lm_head" in t.name for t in self.tensors if t.layer is None)
-        wanted = {"embed": first or (last and tied), "head": last, "other": first}
-        chosen = [t for t in self.tensors if (t.layer is None and wanted[_end_of(t.name)])
-                  or (t.layer is not None and start <= t.layer < end)]
+        wanted = stage_wants([t.name for t in self.tensors], num_layers, start, end)
+        chosen = [t for t in self.tensors if wanted(t.name)]
         return sorted(chosen, key=lambda t: (-1 if t.layer is None else t.layer, t.name))
 
     def stage_bytes(self, start: int, end: int, num_layers: int) -> int:
