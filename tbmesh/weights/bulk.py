@@ -170,6 +170,8 @@ def _answer(stream: _Stream, request: wire.Fetch, local: Local, files: _Files) -
         return
     offset = request.offset
     while True:
+        if stream.stopped():
+            raise Stopped()
         n = min(end - offset, wire.MAX_PART)
         stream.write(wire.encode_head(wire.Part(request.digest, offset, n)), stream.more if n else 0)
         _send_range(stream, source, offset, offset + n, files)
@@ -365,8 +367,6 @@ class _Fetch:
         """The first queued request this worker should make, or None."""
         for i, task in enumerate(self.queue[:SCAN]):
             if self._can(worker, task.obj) and self._worth(worker, task):
-                if task.obj.whole and task.obj.contributors - {worker.peer.node}:
-                    continue
                 del self.queue[i]
                 self.queued_bytes -= task.length
                 return task
@@ -391,12 +391,14 @@ class _Fetch:
         total = sum(self._bandwidth(w) for w in self.started if w.alive)
         return self.queued_bytes / total >= mine
 
-    def _requeue(self, worker: _Worker, why: str) -> None:
-        """Put a worker's requests back (what arrived of them stays in the partials)."""
+    def _requeue(self, worker: _Worker, why: str | None) -> None:
+        """Put a worker's requests back (what arrived of them stays in the partials); `why`
+        the connection failed, None when the fetch is halting."""
         while worker.inflight:
             self._queue(worker.inflight.popleft())
-            self.retries += 1
-        worker.error = why
+            self.retries += why is not None
+        if why is not None:
+            worker.error = why
         self.lock.notify_all()
 
     def _check_servable(self) -> None:
@@ -478,7 +480,7 @@ class _Fetch:
                 finally:
                     sock.close()
             with self.lock:
-                self._requeue(worker, why or "")
+                self._requeue(worker, why)
                 failures = 0 if progressed or why is None else failures + 1
                 if failures > RECONNECTS:
                     log.info("fetch: dropping %s: %s", worker.peer.name, why)
@@ -543,6 +545,8 @@ class _Fetch:
         partial = self._partial(task.obj)
         left, began = part.length, time.monotonic()
         while left:
+            if self.halt:
+                raise Stopped()  # the bytes written so far stay in the partial
             n = stream.read_into(buffer[:min(left, buffer.nbytes)])
             while n < min(left, buffer.nbytes):  # fill the buffer: fewer, larger writes
                 n += stream.read_into(buffer[n:min(left, buffer.nbytes)])
@@ -581,10 +585,10 @@ class _Fetch:
         except CorruptObject as error:
             log.warning("fetch: %s (from %s)", error, ", ".join(sorted(obj.contributors)))
             self.corrupt += 1
-            if len(obj.contributors) == 1:
-                obj.avoid |= obj.contributors
+            if len(obj.contributors) == 1 or obj.whole:
+                obj.avoid |= obj.contributors  # it alone sent it, or it was already sent whole
             else:
-                obj.whole = True  # one peer at a time, until the one that corrupts is known
+                obj.whole = True  # from one peer at a time, until the one that corrupts is known
             obj.contributors = set()
             self._plan(obj)
             self.retries += obj.tasks_left
@@ -603,17 +607,22 @@ def _one_line(error: BaseException) -> str:
 # --- glue for the daemon: bulk connections made and accepted by asyncio ----------------------------
 
 
-def connector(loop: asyncio.AbstractEventLoop, host: str, port: int, me: peers.Me,
-              timeout: float = 10.0) -> Callable[[], tuple[socket.socket, bytes]]:
+def connector(loop: asyncio.AbstractEventLoop, host: str, port: int,
+              me: peers.Me) -> Callable[[], tuple[socket.socket, bytes]]:
     """A Peer.connect for a fetch thread: dials a bulk connection on the daemon's event loop
     and hands the detached socket over."""
 
     async def dial() -> tuple[socket.socket, bytes]:
-        channel = await peers.dial(host, port, me, "bulk")
+        channel = await peers.dial(host, port, me, "bulk")  # within 2 x peers.HANDSHAKE_TIMEOUT
         return channel.detach()
 
     def connect() -> tuple[socket.socket, bytes]:
-        return asyncio.run_coroutine_threadsafe(dial(), loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(dial(), loop)
+        try:
+            return future.result(2 * peers.HANDSHAKE_TIMEOUT + 1)
+        except TimeoutError:
+            future.cancel()
+            raise
 
     return connect
 
