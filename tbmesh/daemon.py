@@ -459,6 +459,8 @@ class Daemon:
             return
         if channel.peer.purpose == "probe":
             await self._answer_probe(channel)
+        elif channel.peer.purpose == "bulk":  # weights: tbmesh.weights.bulk.serve_channel, once wired in
+            channel.close("bulk connections are not served yet")
         else:
             self._adopt(channel)
 
