@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -151,14 +153,21 @@ class Server:
 # --- measurements ----------------------------------------------------------------------------------
 
 
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    """CPU time (user + system) of this process's threads, or of its finished children: what
+    a transfer costs, whatever else the machine runs at the time."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def fetch_round(server: Server, client_loop: Loop, wanted, work: Path, bandwidth: float = 0.0) -> dict:
     store = Store(work / "fetched")
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         report = bulk.fetch(wanted, [server.peer(client_loop, bandwidth)], store)
         seconds = time.perf_counter() - started
         assert report.objects == len({e.digest for e in wanted}), report
-        return {"bytes": report.bytes, "seconds": seconds, "retries": report.retries}
+        return {"bytes": report.bytes, "seconds": seconds, "cpu_s": cpu_seconds() - cpu, "retries": report.retries}
     finally:
         shutil.rmtree(work / "fetched", ignore_errors=True)
 
@@ -167,16 +176,18 @@ def cp_round(files: list[Path], work: Path) -> dict:
     dest = work / "cp"
     dest.mkdir()
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
         subprocess.run(["cp", *map(str, files), str(dest)], check=True)
         seconds = time.perf_counter() - started
-        return {"bytes": sum(f.stat().st_size for f in files), "seconds": seconds}
+        return {"bytes": sum(f.stat().st_size for f in files), "seconds": seconds,
+                "cpu_s": cpu_seconds(resource.RUSAGE_CHILDREN) - cpu}
     finally:
         shutil.rmtree(dest, ignore_errors=True)
 
 
-def sendfile_round(files: list[Path], work: Path, make_pair) -> dict:
-    """A bare socket copy: sendfile on one end, recv_into + write to one file on the other."""
+def sendfile_round(files: list[Path], work: Path, make_pair, verify: bool = False) -> dict:
+    """A bare socket copy: sendfile on one end, recv_into + write to one file on the other
+    (`verify`: and sha256 of what arrived, in the receiving thread: the least a verified copy does)."""
     sender, receiver = make_pair()
     total = sum(f.stat().st_size for f in files)
     out = work / "sendfile.out"
@@ -191,18 +202,21 @@ def sendfile_round(files: list[Path], work: Path, make_pair) -> dict:
 
     try:
         buffer = memoryview(bytearray(MiB))
-        started = time.perf_counter()
+        digest = hashlib.sha256()
+        started, cpu = time.perf_counter(), cpu_seconds()
         thread = threading.Thread(target=send)
         thread.start()
         got = 0
         with out.open("wb", buffering=0) as f:
             while n := receiver.recv_into(buffer):
                 f.write(buffer[:n])
+                if verify:
+                    digest.update(buffer[:n])
                 got += n
         seconds = time.perf_counter() - started
         thread.join()
         assert got == total
-        return {"bytes": total, "seconds": seconds}
+        return {"bytes": total, "seconds": seconds, "cpu_s": cpu_seconds() - cpu}
     finally:
         receiver.close()
         out.unlink(missing_ok=True)
@@ -211,6 +225,11 @@ def sendfile_round(files: list[Path], work: Path, make_pair) -> dict:
 def rate(rounds: list[dict]) -> float:
     """Median bytes/s of the rounds."""
     return statistics.median(r["bytes"] / r["seconds"] for r in rounds)
+
+
+def cpu_per_gb(rounds: list[dict]) -> float:
+    """Median CPU seconds per GB moved (both ends of the transfer: they run in this process)."""
+    return round(statistics.median(r["cpu_s"] / r["bytes"] * 1e9 for r in rounds), 3)
 
 
 def loopback_pair() -> tuple[socket.socket, socket.socket]:
@@ -226,11 +245,12 @@ def loopback(model: Path, manifest: Manifest, rounds: int, work: Path) -> dict:
     wanted = list(manifest.needed(0, LAYERS, LAYERS))
     server_loop, client_loop = Loop(), Loop()
     server = Server(server_loop, Local(manifest, model, Store(work / "server-store")), "127.0.0.1")
-    results: dict[str, list[dict]] = {"fetch": [], "cp": [], "sendfile": []}
+    results: dict[str, list[dict]] = {"fetch": [], "cp": [], "sendfile": [], "sendfile_sha256": []}
     try:
-        for _ in range(rounds):  # interleaved, so the machine's moods fall on all three alike
+        for _ in range(rounds):  # interleaved, so the machine's moods fall on all alike
             results["cp"].append(cp_round(files, work))
             results["sendfile"].append(sendfile_round(files, work, loopback_pair))
+            results["sendfile_sha256"].append(sendfile_round(files, work, loopback_pair, verify=True))
             results["fetch"].append(fetch_round(server, client_loop, wanted, work))
     finally:
         server.close()
@@ -241,8 +261,11 @@ def loopback(model: Path, manifest: Manifest, rounds: int, work: Path) -> dict:
         "mode": "loopback", "bytes": results["fetch"][0]["bytes"],
         "fetch_gbyte_s": round(fetch_rate / 1e9, 3), "cp_gbyte_s": round(rate(results["cp"]) / 1e9, 3),
         "sendfile_gbyte_s": round(rate(results["sendfile"]) / 1e9, 3),
+        "sendfile_sha256_gbyte_s": round(rate(results["sendfile_sha256"]) / 1e9, 3),
         "fetch_over_cp": round(fetch_rate / rate(results["cp"]), 3),
         "fetch_over_sendfile": round(fetch_rate / rate(results["sendfile"]), 3),
+        "fetch_over_sendfile_sha256": round(fetch_rate / rate(results["sendfile_sha256"]), 3),
+        "cpu_s_per_gb": {name: cpu_per_gb(rounds) for name, rounds in results.items()},
         "rounds": results,
     }
 
@@ -354,15 +377,17 @@ def main() -> None:
         started = time.perf_counter()
         manifest = build_manifest(model)
         hashing = time.perf_counter() - started
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work shares them)")
         print(f"checkpoint: {total / 1e9:.2f} GB in {FILES} files, {len(manifest.tensors)} tensors; "
               f"manifest built (every tensor hashed) in {hashing:.2f} s = {total / hashing / 1e9:.2f} GB/s")
         for mode in modes:
             if mode == "loopback":
                 row = loopback(model, manifest, args.rounds, work)
                 print(f"loopback  {row['bytes'] / 1e9:.2f} GB: fetch {row['fetch_gbyte_s']:.3f} GB/s, cp "
-                      f"{row['cp_gbyte_s']:.3f} GB/s, sendfile copy {row['sendfile_gbyte_s']:.3f} GB/s; "
-                      f"fetch/cp {row['fetch_over_cp']:.3f}, fetch/sendfile {row['fetch_over_sendfile']:.3f}",
-                      flush=True)
+                      f"{row['cp_gbyte_s']:.3f} GB/s, sendfile copy {row['sendfile_gbyte_s']:.3f} GB/s, with "
+                      f"sha256 {row['sendfile_sha256_gbyte_s']:.3f} GB/s; fetch/cp {row['fetch_over_cp']:.3f}, "
+                      f"fetch/sendfile {row['fetch_over_sendfile']:.3f}, fetch/(sendfile+sha256) "
+                      f"{row['fetch_over_sendfile_sha256']:.3f}; CPU s/GB {row['cpu_s_per_gb']}", flush=True)
             else:
                 limit = 500 * MiB if mode == "1gbit" else 1 << 40
                 row = shaped(model, manifest, mode, args.rounds, work, limit)
@@ -382,7 +407,7 @@ def main() -> None:
                   "shaped cables against tbmesh's link probe on the same cable, all in the same run",
         "checkpoint_bytes": total, "tensors": len(manifest.tensors), "manifest_build_s": round(hashing, 3),
         "chunk": bulk.CHUNK, "pipeline_bytes": bulk.PIPELINE_BYTES, "recv_buffer": bulk.RECV_BUFFER,
-        "cpus": os.cpu_count(), "rows": rows,
+        "cpus": os.cpu_count(), "load_average_after": os.getloadavg(), "rows": rows,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

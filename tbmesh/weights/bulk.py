@@ -32,8 +32,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from tbmesh.net import peers, wire
 from tbmesh.weights.store import CorruptObject, Local, Partial, Source, Store
@@ -48,6 +49,7 @@ CHUNK = 16 << 20  # bytes per request: objects above this are split, so peers ca
 PIPELINE_BYTES = 32 << 20  # requested and not yet received, per connection: the link never idles
 MAX_PIPELINE = 64  # requests in flight per connection (small objects: one round trip for many)
 RECV_BUFFER = 1 << 20  # received bytes gathered before each write to the partial
+WRITE_BUFFERS = 3  # buffers in rotation: receiving into one while others are written and hashed
 RECONNECTS = 3  # failed connections in a row before a peer is dropped from a fetch
 BACKOFF = (0.2, 1.0, 3.0)  # s before each reconnection
 SCAN = 4096  # queued requests a peer looks through for one it can serve
@@ -493,14 +495,14 @@ class _Fetch:
     def _session(self, worker: _Worker, stream: _Stream) -> tuple[bool, str | None]:
         """Run requests over one connection until there is nothing left for this worker (why
         None) or the connection fails; returns (whether bytes arrived, why it failed)."""
-        buffer = memoryview(bytearray(RECV_BUFFER))
         progressed = False
         try:
-            while True:
-                self._send_requests(worker, stream)
-                if not worker.inflight:
-                    return progressed, None
-                progressed |= self._receive(worker, stream, buffer)
+            with _Writer() as writer:
+                while True:
+                    self._send_requests(worker, stream)
+                    if not worker.inflight:
+                        return progressed, None
+                    progressed |= self._receive(worker, stream, writer)
         except Stopped:
             return progressed, None
         except wire.ProtocolError as error:
@@ -524,7 +526,7 @@ class _Fetch:
             for t in unsent:
                 t.sent = True
 
-    def _receive(self, worker: _Worker, stream: _Stream, buffer: memoryview) -> bool:
+    def _receive(self, worker: _Worker, stream: _Stream, writer: _Writer) -> bool:
         """One Part for the oldest request in flight; returns whether bytes arrived."""
         task = worker.inflight[0]
         part = stream.read_message(wire.MAX_PART)
@@ -543,22 +545,31 @@ class _Fetch:
                 self._check_servable()
             return False
         partial = self._partial(task.obj)
-        left, began = part.length, time.monotonic()
-        while left:
-            if self.halt:
-                raise Stopped()  # the bytes written so far stay in the partial
-            n = stream.read_into(buffer[:min(left, buffer.nbytes)])
-            while n < min(left, buffer.nbytes):  # fill the buffer: fewer, larger writes
-                n += stream.read_into(buffer[n:min(left, buffer.nbytes)])
-            partial.write(task.offset, buffer[:n])
-            task.offset += n
-            left -= n
+        left, offset, began = part.length, part.offset, time.monotonic()
+
+        def written(n: int) -> None:  # in order: the task's bytes up to here are in the partial
             with self.lock:
+                task.offset += n
                 worker.received += n
                 self.written += n
                 total = self.written
             if self.on_progress is not None:
                 self.on_progress(total)
+
+        try:
+            while left:
+                if self.halt:
+                    raise Stopped()  # the bytes written so far stay in the partial
+                buffer = writer.free(written)
+                want = min(left, buffer.nbytes)
+                n = 0
+                while n < want:  # fill the buffer: fewer, larger writes
+                    n += stream.read_into(buffer[n:want])
+                writer.write(partial, offset, buffer[:n])
+                offset += n
+                left -= n
+        finally:
+            writer.drain(written)
         worker.busy_seconds += time.monotonic() - began
         if not task.length:
             with self.lock:
@@ -598,6 +609,51 @@ class _Fetch:
         self.fetched += 1
         self.objects_left -= 1
         self.lock.notify_all()
+
+
+class _Writer:
+    """Writes received buffers into partials on a thread of its own, so that receiving the
+    next buffer overlaps writing and hashing the last ones (two cores work at once).
+    WRITE_BUFFERS buffers rotate; one is handed out again once its write is done, and each
+    done write is reported, in order, to the caller's `written(n)`."""
+
+    def __init__(self) -> None:
+        self.buffers = [memoryview(bytearray(RECV_BUFFER)) for _ in range(WRITE_BUFFERS)]
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fetch-write")
+        self.pending: deque[tuple[Future, int]] = deque()
+        self.next = 0
+
+    def free(self, written: Callable[[int], None]) -> memoryview:
+        if len(self.pending) == len(self.buffers):
+            future, n = self.pending.popleft()
+            future.result()
+            written(n)
+        buffer = self.buffers[self.next]
+        self.next = (self.next + 1) % len(self.buffers)
+        return buffer
+
+    def write(self, partial: Partial, offset: int, data: memoryview) -> None:
+        self.pending.append((self.pool.submit(partial.write, offset, data), data.nbytes))
+
+    def drain(self, written: Callable[[int], None]) -> None:
+        """Wait for every write; report those done before the first that failed, then raise it."""
+        failure = None
+        while self.pending:
+            future, n = self.pending.popleft()
+            try:
+                future.result()
+            except Exception as error:  # noqa: BLE001  (raised below, after the others are waited for)
+                failure = failure or error
+            if failure is None:
+                written(n)
+        if failure is not None:
+            raise failure
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True)
 
 
 def _one_line(error: BaseException) -> str:
