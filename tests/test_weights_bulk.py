@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import netns
 import pytest
+import uvloop
 
 from tbmesh.net import peers, wire
 from tbmesh.runtime.modeldir import read_layout
@@ -40,8 +41,8 @@ class Loop:
     """An asyncio event loop in a thread of its own, as the daemon's; in namespace `ns` when
     given (the sockets it makes live there)."""
 
-    def __init__(self, ns: str | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, ns: str | None = None, kind: str = "asyncio") -> None:
+        self.loop = asyncio.new_event_loop() if kind == "asyncio" else uvloop.new_event_loop()
         run = self.loop.run_forever if ns is None else lambda: netns.in_netns(ns, self.loop.run_forever)
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
@@ -351,6 +352,54 @@ def test_should_stop_abandons_promptly_and_keeps_the_partial(loop, tmp_path):
         server.close()
     assert client.path(sha(big)).read_bytes() == big
     assert rest.bytes <= len(big) - kept + bulk.CHUNK  # resumed, not started again
+
+
+# --- the bulk connection: detached from asyncio ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])  # the daemon runs on uvloop when it can
+def test_detach_hands_over_the_socket_and_the_bytes_read_past_the_handshake(kind):
+    loop = Loop(kind=kind)
+    server_me = peers.Me("server", 1, "server", "test", "machine-server")
+    fetch_frame = b"".join(wire.encode(wire.Fetch("ab" * 32, 5, 6)))
+    detached: asyncio.Future = loop.loop.create_future()
+
+    async def accept(reader, writer):
+        channel = await peers.answer(reader, writer, server_me)
+        await asyncio.sleep(0.2)  # the dialer's first bytes arrive while asyncio still reads
+        detached.set_result(channel.detach())
+        assert channel.closed and channel.close_reason == "detached"
+
+    async def dial(port):
+        channel = await peers.dial("127.0.0.1", port, CLIENT, "bulk")
+        channel.writer.write(fetch_frame + b"\x00\x00tail")  # a frame, then the start of another
+        await channel.drain()
+        return channel.detach()
+
+    async def detached_result():
+        return await detached
+
+    try:
+        server = loop.run(asyncio.start_server(accept, "127.0.0.1", 0))
+        client, client_leftover = loop.run(dial(server.sockets[0].getsockname()[1]))
+        sock, leftover = loop.run(detached_result())
+        assert client_leftover == b"" and leftover == fetch_frame + b"\x00\x00tail"
+        assert sock.getblocking() and client.getblocking()
+        client.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            client.recv(10)  # asyncio let go of its end without closing the connection
+        sock.sendall(b"hello")
+        assert client.recv(10) == b"hello"
+        sock.close()
+        assert client.recv(10) == b""
+        client.close()
+        loop.run(_close_server(server))
+    finally:
+        loop.close()
+
+
+async def _close_server(server) -> None:
+    server.close()
 
 
 # --- the server --------------------------------------------------------------------------------
