@@ -219,6 +219,26 @@ def test_two_peers_share_the_objects_and_one_big_object(loop, tmp_path):
     assert report.bytes == len(big) and all(report.bytes_by_peer[n] > 0 for n in "ab")
 
 
+def test_a_faster_link_takes_more(loop, tmp_path):
+    big = os.urandom(8 * bulk.CHUNK)
+    servers = []
+    for name in ("fast", "slow"):
+        store = Store(tmp_path / name)
+        store.put(big)
+        servers.append(Server(loop, Local(EMPTY, None, store), name))
+    fast, slow = servers
+    client = Store(tmp_path / "client")
+    try:  # a 40 Gbit/s and a 4 Gbit/s link, as their probes measured them
+        report = fetch([ObjectRef(sha(big), len(big))], [slow.peer(loop, bandwidth=5e8), fast.peer(loop, bandwidth=5e9)],
+                       client)
+    finally:
+        for server in servers:
+            server.close()
+    assert client.path(sha(big)).read_bytes() == big
+    # The slow link's 16 MiB would take 34 ms; the fast one moves all 128 MiB in 27 ms.
+    assert report.bytes_by_peer["fast"] == len(big) and report.bytes_by_peer.get("slow", 0) == 0
+
+
 def test_a_fetch_from_two_peers_gives_the_same_blobs(model, loop, tmp_path):
     root, manifest = model
     servers = [Server(loop, Local(manifest, root, Store(tmp_path / n)), n) for n in "ab"]

@@ -48,12 +48,13 @@ MAX_HEAD = 4096  # bytes of a Fetch or Part header (they take ~100)
 CHUNK = 16 << 20  # bytes per request: objects above this are split, so peers can share one
 PIPELINE_BYTES = 32 << 20  # requested and not yet received, per connection: the link never idles
 MAX_PIPELINE = 64  # requests in flight per connection (small objects: one round trip for many)
+LINGER = 1.0  # s an idle connection waits for more work (a failed peer's) before it is closed
 RECV_BUFFER = 1 << 20  # received bytes gathered before each write to the partial
 WRITE_BUFFERS = 3  # buffers in rotation: receiving into one while others are written and hashed
 RECONNECTS = 3  # failed connections in a row before a peer is dropped from a fetch
 BACKOFF = (0.2, 1.0, 3.0)  # s before each reconnection
 SCAN = 4096  # queued requests a peer looks through for one it can serve
-MEASURED_AFTER = 64 << 20  # bytes from a peer before its measured rate replaces the probe's
+MEASURED_AFTER = 64 << 20  # bytes from a peer with no probe figure before its measured rate counts
 NOMINAL_BANDWIDTH = 1e9  # bytes/s assumed for a peer nobody has measured
 
 
@@ -295,6 +296,7 @@ class _Worker:
     busy_seconds: float = 0.0
     error: str = ""
     alive: bool = True
+    failing: bool = False  # its last connection failed and no bytes came since
     thread: threading.Thread | None = None
 
     def inflight_bytes(self) -> int:
@@ -365,29 +367,39 @@ class _Fetch:
         bisect.insort(self.queue, task, key=lambda t: t.key)
         self.queued_bytes += task.length
 
-    def _take(self, worker: _Worker) -> _Task | None:
-        """The first queued request this worker should make, or None."""
+    def _next(self, worker: _Worker) -> int | None:
+        """Where in the queue is the first request this worker should make, if any."""
         for i, task in enumerate(self.queue[:SCAN]):
             if self._can(worker, task.obj) and self._worth(worker, task):
-                del self.queue[i]
-                self.queued_bytes -= task.length
-                return task
+                return i
         return None
+
+    def _take(self, worker: _Worker) -> _Task | None:
+        i = self._next(worker)
+        if i is None:
+            return None
+        task = self.queue.pop(i)
+        self.queued_bytes -= task.length
+        return task
 
     def _can(self, worker: _Worker, obj: _Object) -> bool:
         return worker.alive and worker.peer.node not in obj.avoid and worker.peer.has(obj.digest)
 
     def _bandwidth(self, worker: _Worker) -> float:
+        """The probe's figure; without one, the rate measured in this fetch (once there is
+        enough of it to mean something), else a nominal one."""
+        if worker.peer.bandwidth:
+            return worker.peer.bandwidth
         if worker.received >= MEASURED_AFTER and worker.busy_seconds > 0:
             return worker.received / worker.busy_seconds
-        return worker.peer.bandwidth or NOMINAL_BANDWIDTH
+        return NOMINAL_BANDWIDTH
 
     def _worth(self, worker: _Worker, task: _Task) -> bool:
         """Whether this worker taking `task` does not delay the end: it would finish it no later
         than any other peer could, or the work left keeps everyone busy longer anyway."""
         mine = (worker.inflight_bytes() + task.length) / self._bandwidth(worker)
         others = [(w.inflight_bytes() + task.length) / self._bandwidth(w)
-                  for w in self.started if w is not worker and self._can(w, task.obj)]
+                  for w in self.started if w is not worker and not w.failing and self._can(w, task.obj)]
         if not others or mine <= min(others):
             return True
         total = sum(self._bandwidth(w) for w in self.started if w.alive)
@@ -466,12 +478,11 @@ class _Fetch:
         a failure (with back-off), give up after RECONNECTS failures in a row."""
         failures = 0
         while True:
-            with self.lock:
-                while not self.halt and (task := self._take(worker)) is None:
+            with self.lock:  # connect only when there is work for this peer
+                while not self.halt and self._next(worker) is None:
                     self.lock.wait(POLL)
                 if self.halt:
                     return
-                worker.inflight.append(task)
             try:
                 sock, leftover = worker.peer.connect()
             except Exception as error:  # noqa: BLE001  (the daemon's dial: Refused, OSError, a timeout)
@@ -489,6 +500,7 @@ class _Fetch:
                     worker.alive = False
                     self._check_servable()
                     return
+                worker.failing = failures > 0  # until bytes arrive: others do not wait for it
                 if failures:
                     self.lock.wait(BACKOFF[min(failures, len(BACKOFF)) - 1])  # woken early by a halt
 
@@ -514,11 +526,17 @@ class _Fetch:
             return progressed, f"failed: {_one_line(error)}"
 
     def _send_requests(self, worker: _Worker, stream: _Stream) -> None:
-        """Take requests until the pipeline is full, and send those not sent yet."""
+        """Take requests until the pipeline is full, and send those not sent yet. With none in
+        flight and none to take, wait up to LINGER for some (a failed peer's, put back)."""
         with self.lock:
-            while (not self.halt and len(worker.inflight) < MAX_PIPELINE
-                   and worker.inflight_bytes() < PIPELINE_BYTES and (task := self._take(worker)) is not None):
-                worker.inflight.append(task)
+            linger = time.monotonic() + LINGER
+            while True:
+                while (not self.halt and len(worker.inflight) < MAX_PIPELINE
+                       and worker.inflight_bytes() < PIPELINE_BYTES and (task := self._take(worker)) is not None):
+                    worker.inflight.append(task)
+                if worker.inflight or self.halt or time.monotonic() >= linger:
+                    break
+                self.lock.wait(POLL)
             unsent = [t for t in worker.inflight if not t.sent]
         if unsent:
             stream.write(b"".join(b"".join(wire.encode(wire.Fetch(t.obj.digest, t.offset, t.length)))
@@ -551,6 +569,7 @@ class _Fetch:
             with self.lock:
                 task.offset += n
                 worker.received += n
+                worker.failing = False
                 self.written += n
                 total = self.written
             if self.on_progress is not None:
