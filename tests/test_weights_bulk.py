@@ -239,6 +239,21 @@ def test_a_faster_link_takes_more(loop, tmp_path):
     assert report.bytes_by_peer["fast"] == len(big) and report.bytes_by_peer.get("slow", 0) == 0
 
 
+def test_parallel_limits_the_peers_used_and_a_spare_one_steps_in(model, loop, tmp_path):
+    root, manifest = model
+    servers = [Server(loop, Local(manifest, root, Store(tmp_path / n)), n) for n in ("empty", "full")]
+    store = Store(tmp_path / "client")
+    try:  # the fastest peer comes first but holds nothing: the spare one is started for it
+        report = fetch(wanted(manifest), [servers[1].peer(loop, bandwidth=1e8),
+                                          servers[0].peer(loop, bandwidth=1e9, has=lambda d: False)],
+                       store, parallel=1)
+    finally:
+        for server in servers:
+            server.close()
+    check_blobs(store, manifest.objects())
+    assert report.bytes_by_peer == {"empty": 0, "full": report.bytes}
+
+
 def test_a_fetch_from_two_peers_gives_the_same_blobs(model, loop, tmp_path):
     root, manifest = model
     servers = [Server(loop, Local(manifest, root, Store(tmp_path / n)), n) for n in "ab"]

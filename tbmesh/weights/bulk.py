@@ -498,6 +498,8 @@ class _Fetch:
                 if failures > RECONNECTS:
                     log.info("fetch: dropping %s: %s", worker.peer.name, why)
                     worker.alive = False
+                    if self.standby:  # the next fastest peer takes its place
+                        self._start(self.standby.pop(0))
                     self._check_servable()
                     return
                 worker.failing = failures > 0  # until bytes arrive: others do not wait for it
