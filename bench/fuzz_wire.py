@@ -93,7 +93,8 @@ MY_NONCE, THEIR_NONCE = b"m" * wire.NONCE_BYTES, b"t" * wire.NONCE_BYTES
 # Field values that the type hints cannot say (the semantic rules in wire._SEMANTIC, and a
 # greeting from our own cluster so the handshake gets past its first check).
 FIELD_VALUES: dict[str, Any] = {"nonce": THEIR_NONCE, "proof": b"p" * wire.PROOF_BYTES, "cluster": ME.cluster,
-                                "version": wire.PROTOCOL_VERSION, "digest": "0123456789abcdef" * 4}
+                                "version": wire.PROTOCOL_VERSION}
+DIGEST = "0123456789abcdef" * 4  # a weight object's name (Fetch, Part)
 
 
 def example(tp: Any, name: str = "", full: bool = True) -> Any:
@@ -147,13 +148,14 @@ def tensors() -> dict[str, wire.Tensor]:
     }
 
 
-def parts() -> dict[str, wire.Part]:
-    """Parts of a weight object as a bulk connection answers a Fetch: bytes, none, or why not."""
-    digest = FIELD_VALUES["digest"]
+def bulk_messages() -> dict[str, wire.Fetch | wire.Part]:
+    """A bulk connection's requests and answers: bytes of a weight object, none, or why not."""
     return {
-        "part": wire.Part(digest, 64, 6, "", b"\x00tbm\xff\x01"),
-        "part_empty": wire.Part(digest, 0, 0),
-        "part_error": wire.Part(digest, 0, 0, "unknown object"),
+        "fetch": wire.Fetch(DIGEST, 1 << 30, 64 << 20),
+        "fetch_minimal": wire.Fetch(DIGEST, 0, 0),
+        "part": wire.Part(DIGEST, 64, 6, "", b"\x00tbm\xff\x01"),
+        "part_empty": wire.Part(DIGEST, 0, 0),
+        "part_error": wire.Part(DIGEST, 0, 0, "unknown object"),
     }
 
 
@@ -164,8 +166,8 @@ def seed_messages() -> dict[str, Any]:
         if cls is wire.Tensor:
             messages |= tensors()
             continue
-        if cls is wire.Part:
-            messages |= parts()
+        if cls in (wire.Fetch, wire.Part):
+            messages |= {k: m for k, m in bulk_messages().items() if type(m) is cls}
             continue
         messages[tag] = example(cls)
         messages[f"{tag}_minimal"] = example(cls, full=False)

@@ -32,8 +32,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from tbmesh.net import peers, wire
 from tbmesh.weights.store import CorruptObject, Local, Partial, Source, Store
@@ -47,11 +48,13 @@ MAX_HEAD = 4096  # bytes of a Fetch or Part header (they take ~100)
 CHUNK = 16 << 20  # bytes per request: objects above this are split, so peers can share one
 PIPELINE_BYTES = 32 << 20  # requested and not yet received, per connection: the link never idles
 MAX_PIPELINE = 64  # requests in flight per connection (small objects: one round trip for many)
+LINGER = 1.0  # s an idle connection waits for more work (a failed peer's) before it is closed
 RECV_BUFFER = 1 << 20  # received bytes gathered before each write to the partial
+WRITE_BUFFERS = 3  # buffers in rotation: receiving into one while others are written and hashed
 RECONNECTS = 3  # failed connections in a row before a peer is dropped from a fetch
 BACKOFF = (0.2, 1.0, 3.0)  # s before each reconnection
 SCAN = 4096  # queued requests a peer looks through for one it can serve
-MEASURED_AFTER = 64 << 20  # bytes from a peer before its measured rate replaces the probe's
+MEASURED_AFTER = 64 << 20  # bytes from a peer with no probe figure before its measured rate counts
 NOMINAL_BANDWIDTH = 1e9  # bytes/s assumed for a peer nobody has measured
 
 
@@ -170,6 +173,8 @@ def _answer(stream: _Stream, request: wire.Fetch, local: Local, files: _Files) -
         return
     offset = request.offset
     while True:
+        if stream.stopped():
+            raise Stopped()
         n = min(end - offset, wire.MAX_PART)
         stream.write(wire.encode_head(wire.Part(request.digest, offset, n)), stream.more if n else 0)
         _send_range(stream, source, offset, offset + n, files)
@@ -291,6 +296,7 @@ class _Worker:
     busy_seconds: float = 0.0
     error: str = ""
     alive: bool = True
+    failing: bool = False  # its last connection failed and no bytes came since
     thread: threading.Thread | None = None
 
     def inflight_bytes(self) -> int:
@@ -361,42 +367,52 @@ class _Fetch:
         bisect.insort(self.queue, task, key=lambda t: t.key)
         self.queued_bytes += task.length
 
-    def _take(self, worker: _Worker) -> _Task | None:
-        """The first queued request this worker should make, or None."""
+    def _next(self, worker: _Worker) -> int | None:
+        """Where in the queue is the first request this worker should make, if any."""
         for i, task in enumerate(self.queue[:SCAN]):
             if self._can(worker, task.obj) and self._worth(worker, task):
-                if task.obj.whole and task.obj.contributors - {worker.peer.node}:
-                    continue
-                del self.queue[i]
-                self.queued_bytes -= task.length
-                return task
+                return i
         return None
+
+    def _take(self, worker: _Worker) -> _Task | None:
+        i = self._next(worker)
+        if i is None:
+            return None
+        task = self.queue.pop(i)
+        self.queued_bytes -= task.length
+        return task
 
     def _can(self, worker: _Worker, obj: _Object) -> bool:
         return worker.alive and worker.peer.node not in obj.avoid and worker.peer.has(obj.digest)
 
     def _bandwidth(self, worker: _Worker) -> float:
+        """The probe's figure; without one, the rate measured in this fetch (once there is
+        enough of it to mean something), else a nominal one."""
+        if worker.peer.bandwidth:
+            return worker.peer.bandwidth
         if worker.received >= MEASURED_AFTER and worker.busy_seconds > 0:
             return worker.received / worker.busy_seconds
-        return worker.peer.bandwidth or NOMINAL_BANDWIDTH
+        return NOMINAL_BANDWIDTH
 
     def _worth(self, worker: _Worker, task: _Task) -> bool:
         """Whether this worker taking `task` does not delay the end: it would finish it no later
         than any other peer could, or the work left keeps everyone busy longer anyway."""
         mine = (worker.inflight_bytes() + task.length) / self._bandwidth(worker)
         others = [(w.inflight_bytes() + task.length) / self._bandwidth(w)
-                  for w in self.started if w is not worker and self._can(w, task.obj)]
+                  for w in self.started if w is not worker and not w.failing and self._can(w, task.obj)]
         if not others or mine <= min(others):
             return True
         total = sum(self._bandwidth(w) for w in self.started if w.alive)
         return self.queued_bytes / total >= mine
 
-    def _requeue(self, worker: _Worker, why: str) -> None:
-        """Put a worker's requests back (what arrived of them stays in the partials)."""
+    def _requeue(self, worker: _Worker, why: str | None) -> None:
+        """Put a worker's requests back (what arrived of them stays in the partials); `why`
+        the connection failed, None when the fetch is halting."""
         while worker.inflight:
             self._queue(worker.inflight.popleft())
-            self.retries += 1
-        worker.error = why
+            self.retries += why is not None
+        if why is not None:
+            worker.error = why
         self.lock.notify_all()
 
     def _check_servable(self) -> None:
@@ -462,12 +478,11 @@ class _Fetch:
         a failure (with back-off), give up after RECONNECTS failures in a row."""
         failures = 0
         while True:
-            with self.lock:
-                while not self.halt and (task := self._take(worker)) is None:
+            with self.lock:  # connect only when there is work for this peer
+                while not self.halt and self._next(worker) is None:
                     self.lock.wait(POLL)
                 if self.halt:
                     return
-                worker.inflight.append(task)
             try:
                 sock, leftover = worker.peer.connect()
             except Exception as error:  # noqa: BLE001  (the daemon's dial: Refused, OSError, a timeout)
@@ -478,27 +493,30 @@ class _Fetch:
                 finally:
                     sock.close()
             with self.lock:
-                self._requeue(worker, why or "")
+                self._requeue(worker, why)
                 failures = 0 if progressed or why is None else failures + 1
                 if failures > RECONNECTS:
                     log.info("fetch: dropping %s: %s", worker.peer.name, why)
                     worker.alive = False
+                    if self.standby:  # the next fastest peer takes its place
+                        self._start(self.standby.pop(0))
                     self._check_servable()
                     return
+                worker.failing = failures > 0  # until bytes arrive: others do not wait for it
                 if failures:
                     self.lock.wait(BACKOFF[min(failures, len(BACKOFF)) - 1])  # woken early by a halt
 
     def _session(self, worker: _Worker, stream: _Stream) -> tuple[bool, str | None]:
         """Run requests over one connection until there is nothing left for this worker (why
         None) or the connection fails; returns (whether bytes arrived, why it failed)."""
-        buffer = memoryview(bytearray(RECV_BUFFER))
         progressed = False
         try:
-            while True:
-                self._send_requests(worker, stream)
-                if not worker.inflight:
-                    return progressed, None
-                progressed |= self._receive(worker, stream, buffer)
+            with _Writer() as writer:
+                while True:
+                    self._send_requests(worker, stream)
+                    if not worker.inflight:
+                        return progressed, None
+                    progressed |= self._receive(worker, stream, writer)
         except Stopped:
             return progressed, None
         except wire.ProtocolError as error:
@@ -510,11 +528,17 @@ class _Fetch:
             return progressed, f"failed: {_one_line(error)}"
 
     def _send_requests(self, worker: _Worker, stream: _Stream) -> None:
-        """Take requests until the pipeline is full, and send those not sent yet."""
+        """Take requests until the pipeline is full, and send those not sent yet. With none in
+        flight and none to take, wait up to LINGER for some (a failed peer's, put back)."""
         with self.lock:
-            while (not self.halt and len(worker.inflight) < MAX_PIPELINE
-                   and worker.inflight_bytes() < PIPELINE_BYTES and (task := self._take(worker)) is not None):
-                worker.inflight.append(task)
+            linger = time.monotonic() + LINGER
+            while True:
+                while (not self.halt and len(worker.inflight) < MAX_PIPELINE
+                       and worker.inflight_bytes() < PIPELINE_BYTES and (task := self._take(worker)) is not None):
+                    worker.inflight.append(task)
+                if worker.inflight or self.halt or time.monotonic() >= linger:
+                    break
+                self.lock.wait(POLL)
             unsent = [t for t in worker.inflight if not t.sent]
         if unsent:
             stream.write(b"".join(b"".join(wire.encode(wire.Fetch(t.obj.digest, t.offset, t.length)))
@@ -522,7 +546,7 @@ class _Fetch:
             for t in unsent:
                 t.sent = True
 
-    def _receive(self, worker: _Worker, stream: _Stream, buffer: memoryview) -> bool:
+    def _receive(self, worker: _Worker, stream: _Stream, writer: _Writer) -> bool:
         """One Part for the oldest request in flight; returns whether bytes arrived."""
         task = worker.inflight[0]
         part = stream.read_message(wire.MAX_PART)
@@ -541,20 +565,32 @@ class _Fetch:
                 self._check_servable()
             return False
         partial = self._partial(task.obj)
-        left, began = part.length, time.monotonic()
-        while left:
-            n = stream.read_into(buffer[:min(left, buffer.nbytes)])
-            while n < min(left, buffer.nbytes):  # fill the buffer: fewer, larger writes
-                n += stream.read_into(buffer[n:min(left, buffer.nbytes)])
-            partial.write(task.offset, buffer[:n])
-            task.offset += n
-            left -= n
+        left, offset, began = part.length, part.offset, time.monotonic()
+
+        def written(n: int) -> None:  # in order: the task's bytes up to here are in the partial
             with self.lock:
+                task.offset += n
                 worker.received += n
+                worker.failing = False
                 self.written += n
                 total = self.written
             if self.on_progress is not None:
                 self.on_progress(total)
+
+        try:
+            while left:
+                if self.halt:
+                    raise Stopped()  # the bytes written so far stay in the partial
+                buffer = writer.free(written)
+                want = min(left, buffer.nbytes)
+                n = 0
+                while n < want:  # fill the buffer: fewer, larger writes
+                    n += stream.read_into(buffer[n:want])
+                writer.write(partial, offset, buffer[:n])
+                offset += n
+                left -= n
+        finally:
+            writer.drain(written)
         worker.busy_seconds += time.monotonic() - began
         if not task.length:
             with self.lock:
@@ -581,10 +617,10 @@ class _Fetch:
         except CorruptObject as error:
             log.warning("fetch: %s (from %s)", error, ", ".join(sorted(obj.contributors)))
             self.corrupt += 1
-            if len(obj.contributors) == 1:
-                obj.avoid |= obj.contributors
+            if len(obj.contributors) == 1 or obj.whole:
+                obj.avoid |= obj.contributors  # it alone sent it, or it was already sent whole
             else:
-                obj.whole = True  # one peer at a time, until the one that corrupts is known
+                obj.whole = True  # from one peer at a time, until the one that corrupts is known
             obj.contributors = set()
             self._plan(obj)
             self.retries += obj.tasks_left
@@ -596,6 +632,51 @@ class _Fetch:
         self.lock.notify_all()
 
 
+class _Writer:
+    """Writes received buffers into partials on a thread of its own, so that receiving the
+    next buffer overlaps writing and hashing the last ones (two cores work at once).
+    WRITE_BUFFERS buffers rotate; one is handed out again once its write is done, and each
+    done write is reported, in order, to the caller's `written(n)`."""
+
+    def __init__(self) -> None:
+        self.buffers = [memoryview(bytearray(RECV_BUFFER)) for _ in range(WRITE_BUFFERS)]
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fetch-write")
+        self.pending: deque[tuple[Future, int]] = deque()
+        self.next = 0
+
+    def free(self, written: Callable[[int], None]) -> memoryview:
+        if len(self.pending) == len(self.buffers):
+            future, n = self.pending.popleft()
+            future.result()
+            written(n)
+        buffer = self.buffers[self.next]
+        self.next = (self.next + 1) % len(self.buffers)
+        return buffer
+
+    def write(self, partial: Partial, offset: int, data: memoryview) -> None:
+        self.pending.append((self.pool.submit(partial.write, offset, data), data.nbytes))
+
+    def drain(self, written: Callable[[int], None]) -> None:
+        """Wait for every write; report those done before the first that failed, then raise it."""
+        failure = None
+        while self.pending:
+            future, n = self.pending.popleft()
+            try:
+                future.result()
+            except Exception as error:  # noqa: BLE001  (raised below, after the others are waited for)
+                failure = failure or error
+            if failure is None:
+                written(n)
+        if failure is not None:
+            raise failure
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True)
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())[:200] or type(error).__name__
 
@@ -603,17 +684,22 @@ def _one_line(error: BaseException) -> str:
 # --- glue for the daemon: bulk connections made and accepted by asyncio ----------------------------
 
 
-def connector(loop: asyncio.AbstractEventLoop, host: str, port: int, me: peers.Me,
-              timeout: float = 10.0) -> Callable[[], tuple[socket.socket, bytes]]:
+def connector(loop: asyncio.AbstractEventLoop, host: str, port: int,
+              me: peers.Me) -> Callable[[], tuple[socket.socket, bytes]]:
     """A Peer.connect for a fetch thread: dials a bulk connection on the daemon's event loop
     and hands the detached socket over."""
 
     async def dial() -> tuple[socket.socket, bytes]:
-        channel = await peers.dial(host, port, me, "bulk")
+        channel = await peers.dial(host, port, me, "bulk")  # within 2 x peers.HANDSHAKE_TIMEOUT
         return channel.detach()
 
     def connect() -> tuple[socket.socket, bytes]:
-        return asyncio.run_coroutine_threadsafe(dial(), loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(dial(), loop)
+        try:
+            return future.result(2 * peers.HANDSHAKE_TIMEOUT + 1)
+        except TimeoutError:
+            future.cancel()
+            raise
 
     return connect
 

@@ -1,0 +1,562 @@
+"""Weights over bulk connections, on real sockets: handshaken bulk connections (loopback and a
+shaped namespace cable), fetches from one and two peers, a cut cable, a corrupt peer, a peer
+that lacks an object, failure, abandoning a fetch, and a server that refuses nonsense."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import netns
+import pytest
+import uvloop
+
+from tbmesh.net import peers, wire
+from tbmesh.runtime.modeldir import read_layout
+from tbmesh.runtime.tiny import WEIGHTS_FILE, make_tiny_model
+from tbmesh.weights import bulk
+from tbmesh.weights.bulk import FetchFailed, Peer, fetch
+from tbmesh.weights.manifest import Manifest, ObjectRef, build_manifest
+from tbmesh.weights.store import Local, Store
+
+SMALL = {"layers": 3, "hidden": 128, "heads": 2, "kv_heads": 1}
+CLIENT = peers.Me("client", 1, "client", "test", "machine-client")
+EMPTY = Manifest("none", (), ())
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Loop:
+    """An asyncio event loop in a thread of its own, as the daemon's; in namespace `ns` when
+    given (the sockets it makes live there)."""
+
+    def __init__(self, ns: str | None = None, kind: str = "asyncio") -> None:
+        self.loop = asyncio.new_event_loop() if kind == "asyncio" else uvloop.new_event_loop()
+        run = self.loop.run_forever if ns is None else lambda: netns.in_netns(ns, self.loop.run_forever)
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 10):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def loop():
+    the_loop = Loop()
+    yield the_loop
+    the_loop.close()
+
+
+class Server:
+    """A node that accepts bulk connections and serves `local` on them, as the daemon will."""
+
+    def __init__(self, loop: Loop, local: Local, name: str, host: str = "127.0.0.1",
+                 before_serving: float = 0.0) -> None:
+        self.me = peers.Me(name, 1, name, "test", f"machine-{name}")
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.host = host
+
+        async def accept(reader, writer):
+            try:
+                channel = await peers.answer(reader, writer, self.me)
+            except peers.Refused:
+                return
+            await asyncio.sleep(before_serving)  # lets a first Fetch arrive before the detach
+            self.threads.append(bulk.serve_channel(channel, local, self.stop))
+
+        self.loop = loop
+        self.server = loop.run(asyncio.start_server(accept, host, 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def peer(self, client_loop: Loop, port: int | None = None, bandwidth: float = 0.0,
+             has: Callable[[str], bool] = lambda digest: True) -> Peer:
+        connect = bulk.connector(client_loop.loop, self.host, port or self.port, CLIENT)
+        return Peer(self.me.node, self.me.name, connect, bandwidth, has)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.loop.run(self._close())
+        for thread in self.threads:
+            thread.join(5)
+            assert not thread.is_alive()
+
+    async def _close(self) -> None:
+        self.server.close()
+
+
+class CuttingProxy:
+    """Forwards TCP connections to (host, port); the first one is cut (both sockets closed)
+    once `cut` bytes have gone toward the client: a cable pulled mid-object."""
+
+    def __init__(self, port: int, cut: int) -> None:
+        self.target, self.cut = port, cut
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            limit = self.cut if self.connections == 0 else None
+            self.connections += 1
+            threading.Thread(target=self._pump, args=(upstream, client, limit), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while data := src.recv(1 << 16):
+                if limit is not None and sent + len(data) >= limit:
+                    dst.sendall(data[:limit - sent])
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def model(request, tmp_path_factory) -> tuple[Path, Manifest]:
+    root = make_tiny_model(tmp_path_factory.mktemp("bulk") / request.param, dtype=request.param, **SMALL)
+    return root, build_manifest(root)
+
+
+def check_blobs(store: Store, digests) -> None:
+    for digest in digests:
+        assert store.has(digest) and sha(store.path(digest).read_bytes()) == digest
+
+
+def check_weights(store: Store, root: Path, manifest: Manifest) -> None:
+    loaded = Local(manifest, None, store).lazy_weights(manifest.tensors)
+    for name, array in mx.load(str(root / WEIGHTS_FILE)).items():
+        assert loaded[name].dtype == array.dtype and mx.array_equal(loaded[name], array).item(), name
+
+
+def wanted(manifest: Manifest):
+    return [*manifest.files, *manifest.needed(0, 3, 3)]
+
+
+# --- fetching a model ----------------------------------------------------------------------------
+
+
+def test_a_fetch_from_one_peer_gives_verified_blobs_that_load_as_the_original(model, loop, tmp_path):
+    root, manifest = model
+    server = Server(loop, Local(manifest, root, Store(tmp_path / "server")), "one")
+    store = Store(tmp_path / "client")
+    progress: list[int] = []
+    try:
+        report = fetch(wanted(manifest), [server.peer(loop)], store, on_progress=progress.append)
+    finally:
+        server.close()
+    objects = manifest.objects()
+    assert store.digests() == set(objects)
+    check_blobs(store, objects)
+    check_weights(store, root, manifest)
+    size = sum(e.object_size for e in objects.values())
+    assert report.objects == len(objects) and report.bytes == size == report.bytes_by_peer["one"]
+    assert (report.corrupt, report.stopped) == (0, False)
+    assert progress == sorted(progress) and progress[-1] == size
+    again = fetch(wanted(manifest), [server.peer(loop)], store)  # nothing left to fetch
+    assert again.objects == 0 and again.bytes == 0
+
+
+def test_the_manifest_itself_is_fetched_by_digest(model, loop, tmp_path):
+    root, manifest = model
+    server = Server(loop, Local(manifest, root, Store(tmp_path / "server")), "one")
+    store = Store(tmp_path / "client")
+    try:
+        fetch([ObjectRef(manifest.digest, len(manifest.to_bytes()))], [server.peer(loop)], store)
+    finally:
+        server.close()
+    assert Manifest.from_bytes(store.path(manifest.digest).read_bytes()) == manifest
+
+
+def test_two_peers_share_the_objects_and_one_big_object(loop, tmp_path):
+    big = os.urandom(3 * bulk.CHUNK + 12345)
+    servers = []
+    for name in ("a", "b"):
+        store = Store(tmp_path / name)
+        store.put(big)
+        servers.append(Server(loop, Local(EMPTY, None, store), name))
+    client = Store(tmp_path / "client")
+    try:
+        report = fetch([ObjectRef(sha(big), len(big))], [s.peer(loop) for s in servers], client)
+    finally:
+        for server in servers:
+            server.close()
+    assert client.path(sha(big)).read_bytes() == big
+    assert report.bytes == len(big) and all(report.bytes_by_peer[n] > 0 for n in "ab")
+
+
+def test_a_faster_link_takes_more(loop, tmp_path):
+    big = os.urandom(8 * bulk.CHUNK)
+    servers = []
+    for name in ("fast", "slow"):
+        store = Store(tmp_path / name)
+        store.put(big)
+        servers.append(Server(loop, Local(EMPTY, None, store), name))
+    fast, slow = servers
+    client = Store(tmp_path / "client")
+    try:  # a 40 Gbit/s and a 4 Gbit/s link, as their probes measured them
+        report = fetch([ObjectRef(sha(big), len(big))], [slow.peer(loop, bandwidth=5e8), fast.peer(loop, bandwidth=5e9)],
+                       client)
+    finally:
+        for server in servers:
+            server.close()
+    assert client.path(sha(big)).read_bytes() == big
+    # The slow link's 16 MiB would take 34 ms; the fast one moves all 128 MiB in 27 ms.
+    assert report.bytes_by_peer["fast"] == len(big) and report.bytes_by_peer.get("slow", 0) == 0
+
+
+def test_parallel_limits_the_peers_used_and_a_spare_one_steps_in(model, loop, tmp_path):
+    root, manifest = model
+    servers = [Server(loop, Local(manifest, root, Store(tmp_path / n)), n) for n in ("empty", "full")]
+    store = Store(tmp_path / "client")
+    try:  # the fastest peer comes first but holds nothing: the spare one is started for it
+        report = fetch(wanted(manifest), [servers[1].peer(loop, bandwidth=1e8),
+                                          servers[0].peer(loop, bandwidth=1e9, has=lambda d: False)],
+                       store, parallel=1)
+    finally:
+        for server in servers:
+            server.close()
+    check_blobs(store, manifest.objects())
+    assert report.bytes_by_peer == {"empty": 0, "full": report.bytes}
+
+
+def test_a_fetch_from_two_peers_gives_the_same_blobs(model, loop, tmp_path):
+    root, manifest = model
+    servers = [Server(loop, Local(manifest, root, Store(tmp_path / n)), n) for n in "ab"]
+    store = Store(tmp_path / "client")
+    try:
+        report = fetch(wanted(manifest), [s.peer(loop) for s in servers], store)
+    finally:
+        for server in servers:
+            server.close()
+    check_blobs(store, manifest.objects())
+    check_weights(store, root, manifest)
+    assert report.objects == len(manifest.objects()) and set(report.bytes_by_peer) == {"a", "b"}
+
+
+def test_a_cable_cut_mid_object_resumes_where_it_stopped(loop, tmp_path):
+    big = os.urandom(3 * bulk.CHUNK)
+    store = Store(tmp_path / "server")
+    store.put(big)
+    server = Server(loop, Local(EMPTY, None, store), "s")
+    proxy = CuttingProxy(server.port, cut=bulk.CHUNK + 777)
+    client = Store(tmp_path / "client")
+    try:
+        report = fetch([ObjectRef(sha(big), len(big))], [server.peer(loop, port=proxy.port)], client)
+    finally:
+        proxy.close()
+        server.close()
+    assert client.path(sha(big)).read_bytes() == big
+    assert proxy.connections == 2 and report.retries >= 1
+    assert report.bytes == len(big)  # what arrived before the cut was kept, not fetched again
+
+
+def _corrupt_copy(root: Path, dest: Path) -> Path:
+    """The model with one byte of every tensor's data flipped (headers intact)."""
+    shutil.copytree(root, dest)
+    data = bytearray((dest / WEIGHTS_FILE).read_bytes())
+    for slot in read_layout(dest / WEIGHTS_FILE).values():
+        data[(slot.start + slot.end) // 2] ^= 0xFF
+    (dest / WEIGHTS_FILE).write_bytes(data)
+    return dest
+
+
+def test_a_peer_that_serves_corrupt_bytes_is_caught_and_avoided(model, loop, tmp_path):
+    root, manifest = model
+    bad_dir = _corrupt_copy(root, tmp_path / "bad-model")
+    bad = Server(loop, Local(manifest, bad_dir, Store(tmp_path / "bad")), "bad")
+    good = Server(loop, Local(manifest, root, Store(tmp_path / "good")), "good")
+    store = Store(tmp_path / "client")
+    try:
+        report = fetch(wanted(manifest), [bad.peer(loop), good.peer(loop)], store)
+    finally:
+        bad.close()
+        good.close()
+    check_blobs(store, manifest.objects())
+    check_weights(store, root, manifest)
+    assert report.corrupt >= 1 and report.retries >= report.corrupt
+    assert report.objects == len(manifest.objects())
+
+
+def test_a_peer_that_lacks_an_object_says_so_and_another_serves_it(model, loop, tmp_path):
+    root, manifest = model
+    partial_store = Store(tmp_path / "partial")
+    full = Local(manifest, root, Store(tmp_path / "scratch"))
+    tensors = manifest.needed(0, 3, 3)
+    for entry in tensors[::2]:  # every other tensor only
+        source = full.locate(entry.digest)
+        with source.path.open("rb") as f:
+            f.seek(source.offset)
+            partial_store.put(source.prefix + f.read(source.length))
+    lacking = Server(loop, Local(manifest, None, partial_store), "lacking")
+    complete = Server(loop, Local(manifest, root, Store(tmp_path / "full")), "full")
+    store = Store(tmp_path / "client")
+    try:  # the lacking peer is faster and claims to hold everything
+        report = fetch(tensors, [lacking.peer(loop, bandwidth=1e10), complete.peer(loop, bandwidth=1e8)], store)
+    finally:
+        lacking.close()
+        complete.close()
+    check_blobs(store, {t.digest for t in tensors})
+    assert report.retries >= 1 and report.bytes_by_peer["full"] > 0
+
+
+def test_when_no_peer_has_an_object_the_fetch_fails_in_one_line(model, loop, tmp_path):
+    root, manifest = model
+    server = Server(loop, Local(manifest, root, Store(tmp_path / "server")), "s")
+    store = Store(tmp_path / "client")
+    first = manifest.needed(0, 3, 3)[0]
+    try:
+        with pytest.raises(FetchFailed) as caught:
+            fetch(manifest.needed(0, 3, 3), [server.peer(loop, has=lambda d: d != first.digest)], store)
+    finally:
+        server.close()
+    message = str(caught.value)
+    assert message.startswith("1 objects (") and first.digest[:12] in message and "\n" not in message
+
+
+def test_when_every_peer_is_unreachable_the_fetch_fails_in_one_line(model, loop, tmp_path):
+    _root, manifest = model
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now
+    dead = Peer("dead", "dead Mac", bulk.connector(loop.loop, "127.0.0.1", port, CLIENT))
+    started = time.monotonic()
+    with pytest.raises(FetchFailed) as caught:
+        fetch(manifest.needed(0, 3, 3), [dead], Store(tmp_path / "client"))
+    message = str(caught.value)
+    assert "have no peer left" in message and "dead Mac (cannot connect" in message and "\n" not in message
+    assert time.monotonic() - started < sum(bulk.BACKOFF) + 5
+
+
+def test_should_stop_abandons_promptly_and_keeps_the_partial(loop, tmp_path):
+    big = os.urandom(8 * bulk.CHUNK)
+    store = Store(tmp_path / "server")
+    store.put(big)
+    server = Server(loop, Local(EMPTY, None, store), "s")
+    client = Store(tmp_path / "client")
+    stop_at: list[float] = []
+
+    def progress(total: int) -> None:
+        if total >= 2 * bulk.CHUNK and not stop_at:
+            stop_at.append(time.monotonic())
+
+    try:
+        report = fetch([ObjectRef(sha(big), len(big))], [server.peer(loop)], client,
+                       on_progress=progress, should_stop=lambda: bool(stop_at))
+        returned = time.monotonic()
+        kept = client.partial_size(sha(big))
+        assert report.stopped and report.objects == 0 and not client.has(sha(big))
+        assert returned - stop_at[0] < 3 * bulk.POLL + 0.5
+        assert 2 * bulk.CHUNK <= kept < len(big)
+        rest = fetch([ObjectRef(sha(big), len(big))], [server.peer(loop)], client)
+    finally:
+        server.close()
+    assert client.path(sha(big)).read_bytes() == big
+    assert rest.bytes <= len(big) - kept + bulk.CHUNK  # resumed, not started again
+
+
+# --- the bulk connection: detached from asyncio ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])  # the daemon runs on uvloop when it can
+def test_detach_hands_over_the_socket_and_the_bytes_read_past_the_handshake(kind):
+    loop = Loop(kind=kind)
+    server_me = peers.Me("server", 1, "server", "test", "machine-server")
+    fetch_frame = b"".join(wire.encode(wire.Fetch("ab" * 32, 5, 6)))
+    detached: asyncio.Future = loop.loop.create_future()
+
+    async def accept(reader, writer):
+        channel = await peers.answer(reader, writer, server_me)
+        await asyncio.sleep(0.2)  # the dialer's first bytes arrive while asyncio still reads
+        detached.set_result(channel.detach())
+        assert channel.closed and channel.close_reason == "detached"
+
+    async def dial(port):
+        channel = await peers.dial("127.0.0.1", port, CLIENT, "bulk")
+        channel.writer.write(fetch_frame + b"\x00\x00tail")  # a frame, then the start of another
+        await channel.drain()
+        return channel.detach()
+
+    async def detached_result():
+        return await detached
+
+    try:
+        server = loop.run(asyncio.start_server(accept, "127.0.0.1", 0))
+        client, client_leftover = loop.run(dial(server.sockets[0].getsockname()[1]))
+        sock, leftover = loop.run(detached_result())
+        assert client_leftover == b"" and leftover == fetch_frame + b"\x00\x00tail"
+        assert sock.getblocking() and client.getblocking()
+        client.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            client.recv(10)  # asyncio let go of its end without closing the connection
+        sock.sendall(b"hello")
+        assert client.recv(10) == b"hello"
+        sock.close()
+        assert client.recv(10) == b""
+        client.close()
+        loop.run(_close_server(server))
+    finally:
+        loop.close()
+
+
+async def _close_server(server) -> None:
+    server.close()
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+def _raw_client(loop: Loop, server: Server) -> tuple[socket.socket, bytes]:
+    async def dial():
+        channel = await peers.dial(server.host, server.port, CLIENT, "bulk")
+        channel.send(wire.Fetch("0" * 64, 0, 1))  # right after the handshake: read before the detach
+        await channel.drain()
+        return channel.detach()
+
+    return loop.run(dial())
+
+
+def _read_part(sock: socket.socket) -> wire.Part:
+    decoder = wire.FrameDecoder()
+    while (message := decoder.next_message()) is None:
+        data = sock.recv(1 << 16)
+        assert data, "the server closed the connection"
+        decoder.feed(data)
+    return message
+
+
+def test_the_server_answers_bad_requests_and_closes_on_nonsense(loop, tmp_path):
+    blob = os.urandom(1000)
+    store = Store(tmp_path / "server")
+    store.put(blob)
+    server = Server(loop, Local(EMPTY, None, store), "s", before_serving=0.3)
+    sock, leftover = _raw_client(loop, server)
+    try:
+        assert leftover == b""
+        sock.settimeout(5)
+        assert _read_part(sock) == wire.Part("0" * 64, 0, 0, "unknown object")
+        sock.sendall(b"".join(wire.encode(wire.Fetch(sha(blob), 900, 101))))
+        assert _read_part(sock) == wire.Part(sha(blob), 900, 0, "bytes [900, 1001) are past its 1000")
+        sock.sendall(b"".join(wire.encode(wire.Fetch(sha(blob), 990, 10))))
+        assert _read_part(sock) == wire.Part(sha(blob), 990, 10, "", blob[990:])
+        sock.sendall(b"".join(wire.encode(wire.Part(sha(blob), 0, 0))))  # not a request
+        assert sock.recv(100) == b""  # closed
+    finally:
+        sock.close()
+        server.close()
+    assert all(not t.is_alive() for t in server.threads)
+
+
+def test_a_stopped_server_lets_go_of_its_connections(loop, tmp_path):
+    server = Server(loop, Local(EMPTY, None, Store(tmp_path)), "s")
+    sock, _ = _raw_client(loop, server)
+    try:
+        sock.settimeout(5)
+        assert _read_part(sock).error == "unknown object"
+        started = time.monotonic()
+        server.close()  # joins the serving thread, idle in its wait for a request
+        assert time.monotonic() - started < 3 * bulk.POLL + 0.5
+        assert sock.recv(100) == b""
+    finally:
+        sock.close()
+
+
+# --- across a shaped cable -------------------------------------------------------------------------
+
+
+def _ping_pong(client: socket.socket, server: socket.socket, stop: threading.Event, delays: list[float]) -> None:
+    """Small request/response pairs, as heartbeats and tokens, every 10 ms."""
+    while not stop.is_set():
+        sent = time.perf_counter()
+        client.sendall(b"p" * 100)
+        server.recv(100)
+        server.sendall(b"q" * 100)
+        got = 0
+        while got < 100:
+            got += len(client.recv(100 - got))
+        delays.append(time.perf_counter() - sent)
+        time.sleep(0.01)
+
+
+@pytest.mark.needs_root
+def test_a_fetch_across_a_shaped_cable_leaves_room_for_the_control_connection(lab: netns.Lab, tmp_path):
+    a, b = lab.add_mac("a"), lab.add_mac("b")
+    cable = lab.cable(a, b, rate="1gbit")
+    big = os.urandom(4 * bulk.CHUNK)  # ~0.55 s at 1 Gbit/s
+    store = Store(tmp_path / "server")
+    store.put(big)
+    server_loop, client_loop = Loop(b.netns), Loop(a.netns)
+    server = Server(server_loop, Local(EMPTY, None, store), "b", host=cable.addr(b))
+    # A second connection on the same cable: the control connection's small messages.
+    listener = b.socket()
+    listener.bind((cable.addr(b), 0))
+    listener.listen(1)
+    control = a.socket()
+    control.connect(listener.getsockname())
+    control.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    answer, _ = listener.accept()
+    answer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    idle: list[float] = []
+    busy: list[float] = []
+    stop = threading.Event()
+    client = Store(tmp_path / "client")
+    try:
+        pinger = threading.Thread(target=_ping_pong, args=(control, answer, stop, idle))
+        pinger.start()
+        time.sleep(0.3)
+        stop.set()
+        pinger.join()
+        stop.clear()
+        pinger = threading.Thread(target=_ping_pong, args=(control, answer, stop, busy))
+        pinger.start()
+        report = fetch([ObjectRef(sha(big), len(big))], [server.peer(client_loop)], client)
+        stop.set()
+        pinger.join()
+    finally:
+        stop.set()
+        server.close()
+        for s in (control, answer, listener):
+            s.close()
+        server_loop.close()
+        client_loop.close()
+    assert client.path(sha(big)).read_bytes() == big
+    rate = report.bytes / report.seconds * 8 / 1e9
+    print(f"\n{rate:.3f} Gbit/s; control round trips idle median {statistics.median(idle) * 1e3:.2f} ms, "
+          f"during the fetch median {statistics.median(busy) * 1e3:.2f} ms, max {max(busy) * 1e3:.2f} ms "
+          f"({len(busy)} round trips)")
+    assert 0.5 < rate < 1.0  # through the 1 Gbit/s cable, and not around it
+    assert statistics.median(busy) < 0.050 and len(busy) >= 10
