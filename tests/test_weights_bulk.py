@@ -100,12 +100,13 @@ class Server:
         self.server.close()
 
 
-class CuttingProxy:
-    """Forwards TCP connections to (host, port); the first one is cut (both sockets closed)
-    once `cut` bytes have gone toward the client: a cable pulled mid-object."""
+class Proxy:
+    """Forwards TCP connections to a local port. `cut`: the first one is cut (both sockets
+    closed) once that many bytes have gone toward the client, a cable pulled mid-object;
+    `rate`: bytes/s toward the client, at most (a slow link)."""
 
-    def __init__(self, port: int, cut: int) -> None:
-        self.target, self.cut = port, cut
+    def __init__(self, port: int, cut: int | None = None, rate: float | None = None) -> None:
+        self.target, self.cut, self.rate = port, cut, rate
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.connections = 0
@@ -120,12 +121,12 @@ class CuttingProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target))
             limit = self.cut if self.connections == 0 else None
             self.connections += 1
-            threading.Thread(target=self._pump, args=(upstream, client, limit), daemon=True).start()
-            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, limit, self.rate), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, None, None), daemon=True).start()
 
     @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, limit: int | None) -> None:
-        sent = 0
+    def _pump(src: socket.socket, dst: socket.socket, limit: int | None, rate: float | None) -> None:
+        sent, began = 0, time.monotonic()
         try:
             while data := src.recv(1 << 16):
                 if limit is not None and sent + len(data) >= limit:
@@ -133,6 +134,8 @@ class CuttingProxy:
                     break
                 dst.sendall(data)
                 sent += len(data)
+                if rate is not None:
+                    time.sleep(max(0.0, began + sent / rate - time.monotonic()))
         except OSError:
             pass
         for s in (src, dst):
@@ -144,6 +147,15 @@ class CuttingProxy:
 
     def close(self) -> None:
         self.listener.close()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Requests of 1 MiB (and a pipeline of 2), so that objects of a few MiB span several:
+    the same proportions as the defaults' 16 and 32 MiB, with less to write."""
+    monkeypatch.setattr(bulk, "CHUNK", 1 << 20)
+    monkeypatch.setattr(bulk, "PIPELINE_BYTES", 2 << 20)
+    return bulk.CHUNK
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
@@ -202,7 +214,7 @@ def test_the_manifest_itself_is_fetched_by_digest(model, loop, tmp_path):
     assert Manifest.from_bytes(store.path(manifest.digest).read_bytes()) == manifest
 
 
-def test_two_peers_share_the_objects_and_one_big_object(loop, tmp_path):
+def test_two_peers_share_the_objects_and_one_big_object(loop, tmp_path, small_chunks):
     big = os.urandom(3 * bulk.CHUNK + 12345)
     servers = []
     for name in ("a", "b"):
@@ -219,7 +231,7 @@ def test_two_peers_share_the_objects_and_one_big_object(loop, tmp_path):
     assert report.bytes == len(big) and all(report.bytes_by_peer[n] > 0 for n in "ab")
 
 
-def test_a_faster_link_takes_more(loop, tmp_path):
+def test_a_faster_link_takes_more(loop, tmp_path, small_chunks):
     big = os.urandom(8 * bulk.CHUNK)
     servers = []
     for name in ("fast", "slow"):
@@ -235,7 +247,7 @@ def test_a_faster_link_takes_more(loop, tmp_path):
         for server in servers:
             server.close()
     assert client.path(sha(big)).read_bytes() == big
-    # The slow link's 16 MiB would take 34 ms; the fast one moves all 128 MiB in 27 ms.
+    # The slow link's 1 MiB would take 2.1 ms; the fast one moves all 8 MiB in 1.7 ms.
     assert report.bytes_by_peer["fast"] == len(big) and report.bytes_by_peer.get("slow", 0) == 0
 
 
@@ -268,12 +280,12 @@ def test_a_fetch_from_two_peers_gives_the_same_blobs(model, loop, tmp_path):
     assert report.objects == len(manifest.objects()) and set(report.bytes_by_peer) == {"a", "b"}
 
 
-def test_a_cable_cut_mid_object_resumes_where_it_stopped(loop, tmp_path):
+def test_a_cable_cut_mid_object_resumes_where_it_stopped(loop, tmp_path, small_chunks):
     big = os.urandom(3 * bulk.CHUNK)
     store = Store(tmp_path / "server")
     store.put(big)
     server = Server(loop, Local(EMPTY, None, store), "s")
-    proxy = CuttingProxy(server.port, cut=bulk.CHUNK + 777)
+    proxy = Proxy(server.port, cut=bulk.CHUNK + 777)
     client = Store(tmp_path / "client")
     try:
         report = fetch([ObjectRef(sha(big), len(big))], [server.peer(loop, port=proxy.port)], client)
@@ -362,11 +374,12 @@ def test_when_every_peer_is_unreachable_the_fetch_fails_in_one_line(model, loop,
     assert time.monotonic() - started < sum(bulk.BACKOFF) + 5
 
 
-def test_should_stop_abandons_promptly_and_keeps_the_partial(loop, tmp_path):
-    big = os.urandom(8 * bulk.CHUNK)
+def test_should_stop_abandons_promptly_and_keeps_the_partial(loop, tmp_path, small_chunks):
+    big = os.urandom(16 * bulk.CHUNK)
     store = Store(tmp_path / "server")
     store.put(big)
     server = Server(loop, Local(EMPTY, None, store), "s")
+    proxy = Proxy(server.port, rate=20e6)  # 0.8 s for the object: it is stopped well before its end
     client = Store(tmp_path / "client")
     stop_at: list[float] = []
 
@@ -375,7 +388,7 @@ def test_should_stop_abandons_promptly_and_keeps_the_partial(loop, tmp_path):
             stop_at.append(time.monotonic())
 
     try:
-        report = fetch([ObjectRef(sha(big), len(big))], [server.peer(loop)], client,
+        report = fetch([ObjectRef(sha(big), len(big))], [server.peer(loop, port=proxy.port)], client,
                        on_progress=progress, should_stop=lambda: bool(stop_at))
         returned = time.monotonic()
         kept = client.partial_size(sha(big))
@@ -384,6 +397,7 @@ def test_should_stop_abandons_promptly_and_keeps_the_partial(loop, tmp_path):
         assert 2 * bulk.CHUNK <= kept < len(big)
         rest = fetch([ObjectRef(sha(big), len(big))], [server.peer(loop)], client)
     finally:
+        proxy.close()
         server.close()
     assert client.path(sha(big)).read_bytes() == big
     assert rest.bytes <= len(big) - kept + bulk.CHUNK  # resumed, not started again
