@@ -8,7 +8,11 @@ Needs root and iproute2; skipped with the reason otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -31,8 +35,9 @@ def macs(lab, tmp_path, model_dir):  # noqa: F811
     cluster = f"w{uuid.uuid4().hex[:8]}"
     daemons: list[DaemonProcess] = []
 
-    def make(mac, weights: bool, *args: str) -> DaemonProcess:
-        model = str(model_dir) if weights else model_dir.name
+    def make(mac, weights: bool | Path, *args: str) -> DaemonProcess:
+        """weights: True for the model's directory, a Path for a copy of it, False for none."""
+        model = str(weights if isinstance(weights, Path) else model_dir) if weights else model_dir.name
         daemon = DaemonProcess(mac.name, tmp_path / mac.name, [
             "--interface", "tb*", "--memory", "4GB", "--model", model, "--cluster", cluster, *args], mac=mac)
         daemons.append(daemon)
@@ -139,3 +144,56 @@ def test_a_model_on_no_disk_says_so_and_serves_nothing(lab, macs):
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 5}
     answer = json.loads(daemons[0].request("POST", "/v1/completions", json.dumps(body).encode(), timeout=60))
     assert "no reachable Mac holds the model tiny" in answer["error"]["message"]
+
+
+def verified(state_dir: Path) -> bool:
+    """Every finished object in the store hashes to its name."""
+    root = state_dir / "weights"
+    return all(hashlib.sha256(p.read_bytes()).hexdigest() == p.name
+               for p in root.glob("??/*") if p.is_file() and "." not in p.name)
+
+
+def test_a_cable_pulled_mid_fetch_and_the_fetch_goes_on_from_another_peer(lab, macs, reference, tmp_path, model_dir):  # noqa: F811
+    a, b, c = (lab.add_mac(n) for n in "abc")
+    slow = lab.cable(a, b)
+    lab.cable(c, b).shape("20mbit")
+    lab.cable(a, c)
+    slow.shape("20mbit")  # b's ~3 MB take a second or two over either
+    copy = shutil.copytree(model_dir, tmp_path / "copy" / model_dir.name)
+    holder, empty, other = start_all([macs(a, True, "--replicas", "1"), macs(b, False, "--replicas", "1"),
+                                      macs(c, copy, "--replicas", "1")])
+    wait_for(lambda: "fetching" in empty.log(), 60, "b to start fetching its layers")
+    time.sleep(0.3)
+    slow.unplug()  # mid-fetch: what came from a stays, the rest comes from c
+    view = serving([holder, empty, other], 90)
+    assert any(s["node"] == empty.node_id for s in view["plan"]["stages"])
+    assert verified(empty.state_dir)
+    expected, _ = reference(PROMPT, 40)
+    pieces: list[str] = []
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 40, "stream": True, "temperature": 0}
+    assert read_stream(empty, body, 60, pieces.append)[1] is None and "".join(pieces) == expected
+
+
+def test_a_peer_serving_corrupt_bytes_is_caught_and_avoided(lab, macs, tmp_path, model_dir):  # noqa: F811
+    from tbmesh.runtime.modeldir import read_layout, weight_files
+
+    a, b, c = (lab.add_mac(n) for n in "abc")
+    for x, y in ((a, b), (b, c), (a, c)):
+        lab.cable(x, y)
+    copy = shutil.copytree(model_dir, tmp_path / "copy" / model_dir.name)
+    bad = macs(a, copy, "--replicas", "1")
+    bad.start()
+    wait_for(lambda: "hashed tiny" in bad.log(), 30, "a to hash its model")
+    # the disk rots after a hashed it: every tensor of layers 0-7 in a's copy gets flipped bytes
+    for file in weight_files(copy):
+        with open(file, "r+b") as f:
+            for name, slot in read_layout(file).items():
+                if ".layers." in name and slot.end - slot.start >= 64:
+                    f.seek(slot.start + 16)
+                    f.write(bytes(b ^ 0xFF for b in f.read(8))[:8])
+    good = macs(c, True, "--replicas", "1").start()
+    wait_for(lambda: "hashed tiny" in good.log(), 30, "c to hash its model")
+    empty = macs(b, False, "--replicas", "1").start()
+    serving([bad, empty, good], 90)
+    assert re.search(r"FetchReport\(.*corrupt=[1-9]", empty.log())  # caught, and fetched again from c
+    assert verified(empty.state_dir)  # nothing corrupt was kept
