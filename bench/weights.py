@@ -16,6 +16,14 @@ another into an empty store (tbmesh.weights.bulk.fetch: verified, content-addres
              cable runs small request/response pairs every 10 ms (the control connection's
              heartbeats and tokens): its round trips are reported.
 
+  join       a Mac with no weights joins a serving Mac: two daemons in namespaces, the second
+             started with only the model's name, its cable (1 Gbit/s) plugged at t=0; from its
+             log, the time to discovery (joined), plan (prepare), fetch (fetched), load
+             (loaded) and serving (the plan that gives it layers committed). A 100 MB test model.
+  kimi       no bytes: disk per Mac for the Kimi-K2-Thinking preset on four 512 GB Studios
+             (384 GB usable each), from the planner and tbmesh.core.replicas, against every
+             Mac holding the whole model (what exo and mlx-lm's distributed tools expect).
+
 Each figure is the median of --rounds rounds; every round fetches into a fresh store, which
 is deleted after it (as are the copies), and everything lives in one temporary directory
 that is removed at the end.
@@ -32,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import socket
@@ -360,10 +369,101 @@ def shaped(model: Path, manifest: Manifest, rate_name: str, rounds: int, work: P
     }
 
 
+def kimi_disks() -> dict:
+    """Disk per Mac for Kimi-K2-Thinking on four Studios: the planner's shards, and the copies
+    tbmesh.core.replicas adds for 2 copies of each layer (disks with room to spare)."""
+    from tbmesh.core.messages import DiskState
+    from tbmesh.core.planner import plan_layers
+    from tbmesh.core.presets import preset_spec
+    from tbmesh.core.replicas import keep_on_disk
+    from tbmesh.core.types import LinkInfo, NodeInfo
+
+    model = preset_spec("kimi-k2-thinking")
+    usable = 384 * 10**9
+    nodes = [NodeInfo(f"studio{i}", f"studio{i}", memory_total=512 * 10**9, memory_usable=usable) for i in range(1, 5)]
+    links = [LinkInfo(a.id, b.id, 80e9 / 8, 50e-6) for i, a in enumerate(nodes) for b in nodes[i + 1:]]
+    placement = plan_layers(model, nodes, links, context=8192)
+    assert placement.fits, placement.reason
+    plan = placement.stamp(1, 1, model.name)
+    shard = {s.node: s.bytes for s in plan.stages}
+    # the first Mac pulled the whole model from the hub; the others start with nothing
+    disks = {n.id: DiskState(model.name, spec=model, free=2 * 10**12) for n in nodes[1:]}
+    disks[nodes[0].id] = DiskState(model.name, spec=model, layers=((0, model.num_layers),), ends=True)
+    copies = {k.node: k for k in keep_on_disk(model, disks, plan.stages, replicas=2)}
+
+    def copy_bytes(node: str) -> int:
+        keep = copies.get(node)
+        if keep is None:
+            return 0
+        return sum(sum(model.layer_bytes[a:b]) for a, b in keep.layers) + \
+            (model.embed_bytes + model.head_bytes if keep.ends else 0)
+
+    on_disk = {n.id: model.weight_bytes if n.id == nodes[0].id else shard[n.id] + copy_bytes(n.id) for n in nodes}
+    return {"mode": "kimi", "model": model.name, "model_gb": model.weight_bytes / 1e9,
+            "full_copies_gb": 4 * model.weight_bytes / 1e9,
+            "shard_gb": {n: round(b / 1e9, 1) for n, b in shard.items()},
+            "with_copies_gb": {n: round(b / 1e9, 1) for n, b in on_disk.items()},
+            "total_with_copies_gb": sum(on_disk.values()) / 1e9,
+            "stages": [[s.node, s.start, s.end] for s in plan.stages]}
+
+
+def join(rounds: int, work: Path) -> dict:
+    """A Mac with no weights plugged into a serving one: cable plugged -> serving, in phases."""
+    from daemons import DaemonProcess, serving_view, wait_for
+
+    from tbmesh.runtime.tiny import make_tiny_model
+
+    model = make_tiny_model(work / "join-model" / "tiny", layers=8, hidden=512, vocab=2048, intermediate=2048)
+    phases = []
+    fetched = 0
+    for r in range(rounds):
+        with netns.Lab() as lab:
+            a, b = lab.add_mac("a"), lab.add_mac("b")
+            cable = lab.cable(a, b)
+            cable.shape("1gbit")
+            cable.unplug()
+            cluster = f"join{r}{os.getpid()}"
+            args = ["--interface", "tb*", "--memory", "4GB", "--cluster", cluster, "--replicas", "1"]
+            holder = DaemonProcess("a", work / f"join{r}" / "a", [*args, "--model", str(model)], mac=a)
+            empty = DaemonProcess("b", work / f"join{r}" / "b", [*args, "--model", "tiny"], mac=b)
+            try:
+                holder.start()
+                wait_for(lambda h=holder: serving_view([h]), 60, "a to serve alone")
+                empty.start()
+                plugged = time.time()
+                cable.plug()
+                wait_for(lambda h=holder, e=empty: serving_view([h, e]), 120, "a plan over both that both serve")
+                log = empty.log()
+            finally:
+                holder.kill()
+                empty.kill()
+        marks = {"discovery": "INFO tbmesh: joined", "plan": "prepare epoch", "fetch": "fetched layers",
+                 "load": "loaded layers", "serving": "plan epoch"}
+        seen = {}
+        for line in log.splitlines():
+            for phase, mark in marks.items():
+                if mark in line and phase not in seen and (phase != "serving" or "b " in line.split(mark)[1]):
+                    seen[phase] = _log_time(line) - plugged
+        fetched = int(re.search(r"fetching ([0-9.]+) MB", log).group(1).split(".")[0]) if "fetching" in log else 0
+        phases.append(seen)
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in seen.items()), flush=True)
+    keys = list(phases[0])
+    return {"mode": "join", "model_mb": sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e6,
+            "fetched_mb": fetched, "cable": "1gbit",
+            "median_s": {k: statistics.median(p[k] for p in phases if k in p) for k in keys},
+            "rounds": phases}
+
+
+def _log_time(line: str) -> float:
+    """The wall-clock time of a daemon's log line ("2026-12-03 05:19:13,181 INFO ...")."""
+    stamp = " ".join(line.split(" ", 2)[:2])
+    return time.mktime(time.strptime(stamp.split(",")[0], "%Y-%m-%d %H:%M:%S")) + int(stamp.split(",")[1]) / 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--modes", default="loopback,1gbit,5gbit")
+    parser.add_argument("--modes", default="loopback,1gbit,5gbit,join,kimi")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "weights.json"))
     args = parser.parse_args()
     modes = args.modes.split(",")
@@ -372,15 +472,30 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tbmesh-bench-weights-"))
     rows = []
     try:
-        model = work / "model"
-        total = write_checkpoint(model)
-        started = time.perf_counter()
-        manifest = build_manifest(model)
-        hashing = time.perf_counter() - started
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work shares them)")
-        print(f"checkpoint: {total / 1e9:.2f} GB in {FILES} files, {len(manifest.tensors)} tensors; "
-              f"manifest built (every tensor hashed) in {hashing:.2f} s = {total / hashing / 1e9:.2f} GB/s")
+        total, hashing, manifest = 0, 0.0, None
+        if any(m in ("loopback", "1gbit", "5gbit") for m in modes):
+            model = work / "model"
+            total = write_checkpoint(model)
+            started = time.perf_counter()
+            manifest = build_manifest(model)
+            hashing = time.perf_counter() - started
+            print(f"checkpoint: {total / 1e9:.2f} GB in {FILES} files, {len(manifest.tensors)} tensors; "
+                  f"manifest built (every tensor hashed) in {hashing:.2f} s = {total / hashing / 1e9:.2f} GB/s")
         for mode in modes:
+            if mode == "kimi":
+                row = kimi_disks()
+                print(f"kimi      full model {row['model_gb']:.0f} GB on each of 4 Macs = {row['full_copies_gb']:.0f} GB; "
+                      f"tbmesh: shards {row['shard_gb']} GB, with 2 copies of each layer {row['with_copies_gb']} GB "
+                      f"(total {row['total_with_copies_gb']:.0f} GB)", flush=True)
+                rows.append(row)
+                continue
+            if mode == "join":
+                row = join(args.rounds, work)
+                print(f"join      {row['fetched_mb']:.0f} MB fetched: " + ", ".join(
+                    f"{k} {v:.2f} s" for k, v in row["median_s"].items()), flush=True)
+                rows.append(row)
+                continue
             if mode == "loopback":
                 row = loopback(model, manifest, args.rounds, work)
                 print(f"loopback  {row['bytes'] / 1e9:.2f} GB: fetch {row['fetch_gbyte_s']:.3f} GB/s, cp "
@@ -405,7 +520,8 @@ def main() -> None:
     result = {
         "method": "median of N rounds; loopback against cp and a bare sendfile socket copy of the same bytes, "
                   "shaped cables against tbmesh's link probe on the same cable, all in the same run",
-        "checkpoint_bytes": total, "tensors": len(manifest.tensors), "manifest_build_s": round(hashing, 3),
+        "checkpoint_bytes": total, "tensors": len(manifest.tensors) if manifest else 0,
+        "manifest_build_s": round(hashing, 3),
         "chunk": bulk.CHUNK, "pipeline_bytes": bulk.PIPELINE_BYTES, "recv_buffer": bulk.RECV_BUFFER,
         "cpus": os.cpu_count(), "load_average_after": os.getloadavg(), "rows": rows,
     }

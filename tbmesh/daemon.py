@@ -250,7 +250,13 @@ class Daemon:
             # only what the leader has asked for a while, with a plan committed: copies asked
             # while Macs join and plans change would be fetched for nothing
             keep, before, asked = self.core.my_keep(), asked, self.core.my_keep()
-            if keep is None or keep != before or self.core.plan is None or self.core.preparing is not None:
+            if keep != before or self.core.plan is None or self.core.preparing is not None:
+                continue
+            stages = [(s.start, s.end) for s in self.core.plan.stages if s.node == self.core.id]
+            if freed := disk.trim(stages, keep):
+                log.info("let go of %.1f MB of weights on disk that no stage or copy needs (--disk-slack)", freed / 1e6)
+                self.disk_changed(disk.state())
+            if keep is None:
                 continue
             missing = disk.kept_missing(keep)
             if not missing:

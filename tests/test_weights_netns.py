@@ -17,11 +17,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from tbmesh.weights.manifest import Manifest
-
 from daemons import DaemonProcess, serving_view, start_all, wait_for
 from serving import Stream, model_dir, read_stream, reference  # noqa: F401  (fixtures)
+
+from tbmesh.weights.manifest import Manifest
 
 pytestmark = [pytest.mark.needs_root]
 

@@ -31,7 +31,13 @@ from tbmesh.core.types import ModelSpec, ranges_of
 from tbmesh.runtime.modeldir import describe_model_dir, read_config, weight_files
 from tbmesh.serving.host import Host
 from tbmesh.weights import bulk
-from tbmesh.weights.manifest import Manifest, ManifestError, ObjectRef, TensorEntry, build_manifest
+from tbmesh.weights.manifest import (
+    Manifest,
+    ManifestError,
+    ObjectRef,
+    TensorEntry,
+    build_manifest,
+)
 from tbmesh.weights.store import Local, Store
 
 log = logging.getLogger(__name__)
@@ -199,13 +205,38 @@ class Disk:
         with self._fetch_lock:
             return run()
 
+    def trim(self, stages: list[tuple[int, int]], keep: KeepOnDisk | None) -> int:
+        """Let go of the tensors in our store that no stage of ours (running or being prepared)
+        and no copy the leader asks for needs, while we hold more than --disk-slack beyond
+        them; returns the bytes freed. Without a slack the disk's room is the limit, and
+        nothing goes (a copy kept is a layer some Mac may fetch later)."""
+        if self.slack is None or self.manifest is None or self.spec is None or self.whole:
+            return 0
+        wanted = {t.digest for a, b in stages for t in self.manifest.needed(a, b, self.spec.num_layers)}
+        if keep is not None:
+            wanted |= {t.digest for t in self.kept(keep)}
+        spare = [(t.digest, t.object_size) for t in _unique(list(self.manifest.tensors))
+                 if t.digest not in wanted and self.store.has(t.digest)]
+        excess = sum(size for _, size in spare) - self.slack
+        freed = 0
+        for digest, size in sorted(spare, key=lambda x: -x[1]):
+            if freed >= excess:
+                break
+            self.store.remove(digest)
+            freed += size
+        return freed
+
+    def kept(self, keep: KeepOnDisk) -> list[TensorEntry]:
+        """The tensors of the copies the leader asks us to keep."""
+        assert self.manifest is not None
+        return [t for t in self.manifest.tensors if (t.layer is None and keep.ends) or
+                (t.layer is not None and any(a <= t.layer < b for a, b in keep.layers))]
+
     def kept_missing(self, keep: KeepOnDisk) -> list[TensorEntry]:
         """The tensors of the copies the leader asks us to keep that our disk lacks."""
         if self.manifest is None or self.local is None or self.whole:
             return []
-        wanted = [t for t in self.manifest.tensors if (t.layer is None and keep.ends) or
-                  (t.layer is not None and any(a <= t.layer < b for a, b in keep.layers))]
-        return _unique(self.local.missing(wanted))
+        return _unique(self.local.missing(self.kept(keep)))
 
     def _adopt(self, manifest: Manifest) -> None:
         self.manifest, self._manifest_bytes = manifest, len(manifest.to_bytes())

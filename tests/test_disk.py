@@ -1,0 +1,102 @@
+"""serving/disk.py on a real model directory and store, without a cluster: what a disk
+holding a model, or part of one, publishes, what a stage must fetch, and what --disk-slack
+lets go."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tbmesh.core.messages import KeepOnDisk
+from tbmesh.core.types import Plan, Stage
+from tbmesh.runtime.tiny import make_tiny_model
+from tbmesh.serving.disk import Disk
+from tbmesh.serving.view import ClusterView
+from tbmesh.weights.store import Local
+
+
+class Alone:
+    """The Host a Disk is handed, for one node with `plan` (the daemon's narrow interface)."""
+
+    me, name = "me", "me"
+
+    def __init__(self, plan: Plan | None = None) -> None:
+        self.plan = plan
+        self.loop = asyncio.new_event_loop()
+
+    def view(self) -> ClusterView:
+        return ClusterView("me", self.plan)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("m") / "tiny", layers=4, hidden=64, vocab=512)
+
+
+def whole(model_dir: Path, state: Path) -> Disk:
+    disk = Disk(Alone(), "tiny", model_dir, state)
+    disk.open()
+    disk.build()
+    return disk
+
+
+def copy_objects(source: Disk, target: Disk, entries) -> None:
+    """Put what `source` holds of `entries` into `target`'s store, as a fetch would."""
+    for entry in entries:
+        place = source.local.locate(entry.digest)
+        with open(place.path, "rb") as f:
+            f.seek(place.offset)
+            target.store.put(place.prefix + f.read(place.length))
+
+
+def test_a_whole_model_directory_is_on_disk_and_needs_nothing(model_dir, tmp_path):
+    disk = whole(model_dir, tmp_path)
+    state = disk.state()
+    assert state.layers == ((0, 4),) and state.ends and state.manifest == disk.manifest.digest
+    assert state.spec.num_layers == 4 and disk.missing(0, 4) == [] and disk.tensors(0, 4) is None
+
+
+def test_a_mac_with_only_the_name_lacks_everything_until_it_has_the_manifest(model_dir, tmp_path):
+    holder = whole(model_dir, tmp_path / "holder")
+    empty = Disk(Alone(), "tiny", tmp_path / "empty" / "models" / "tiny", tmp_path / "empty")
+    empty.open()
+    assert not empty.ready and empty.missing(0, 2) is None and empty.state().layers == ()
+    # what take_manifest does after its fetch: the manifest and the small files, adopted
+    empty.store.put(holder.manifest.to_bytes())
+    empty.model_dir.mkdir(parents=True)
+    for f in holder.manifest.files:
+        shutil.copyfile(model_dir / f.name, empty.model_dir / f.name)
+    empty._adopt(holder.manifest)
+    assert empty.ready and empty.spec == holder.spec
+    missing = empty.missing(0, 2)
+    assert {e.digest for e in missing} == {t.digest for t in holder.manifest.needed(0, 2, 4)}
+    copy_objects(holder, empty, missing)
+    assert empty.missing(0, 2) == [] and empty.state().layers == ((0, 2),) and not empty.state().ends
+    # a restart finds the manifest and the objects again
+    again = Disk(Alone(), "tiny", empty.model_dir, tmp_path / "empty")
+    again.open()
+    assert again.ready and again.state().layers == ((0, 2),)
+
+
+def test_disk_slack_lets_go_of_what_no_stage_or_copy_needs(model_dir, tmp_path):
+    holder = whole(model_dir, tmp_path / "holder")
+    plan = Plan(1, 1, "tiny", (Stage("me", 0, 2, 0), Stage("other", 2, 4, 0)))
+    disk = Disk(Alone(plan), "tiny", tmp_path / "d" / "models" / "tiny", tmp_path / "d", slack=0)
+    disk.model_dir.mkdir(parents=True)
+    for f in holder.manifest.files:
+        shutil.copyfile(model_dir / f.name, disk.model_dir / f.name)
+    disk.store.put(holder.manifest.to_bytes())
+    disk._adopt(holder.manifest)
+    copy_objects(holder, disk, holder.manifest.tensors)  # everything, as if it once served it all
+    assert disk.state().layers == ((0, 4),)
+    kept = KeepOnDisk("me", ((3, 4),))
+    assert disk.trim([(0, 2)], kept) > 0
+    stage = {t.digest for t in holder.manifest.needed(0, 2, 4)}
+    copy = {t.digest for t in holder.manifest.tensors if t.layer == 3}
+    held = {t.digest for t in holder.manifest.tensors if disk.store.has(t.digest)}
+    assert held == stage | copy  # layer 2 (and the head) went; layers 0-1 and the copy of 3 stayed
+    assert disk.state().layers == ((0, 2), (3, 4))
+    assert Local(holder.manifest, None, disk.store).missing(holder.manifest.needed(0, 2, 4)) == []
