@@ -67,13 +67,13 @@ def _nodes_and_links(status: Status, names: dict[str, str], width: int) -> list[
         rows = max(_table_height(status.get("nodes")), _table_height(links))
         return [_side_by_side(_panel(full, "nodes"), _panel(links_table, "links"), nodes_width, rows)]
     nodes = full
-    for squeeze in (1, 2):
+    for squeeze in (1, 2, 3):
         if _width(nodes) + PANEL_CHROME <= width:
             break
         nodes = _nodes_table(status, squeeze)
     excess = _width(nodes) + PANEL_CHROME - width
     if excess > 0:  # the last resort before cutting text: shorter memory bars
-        nodes = _nodes_table(status, 2, bar_width=max(8 - excess, 3))
+        nodes = _nodes_table(status, 3, bar_width=max(8 - excess, 3))
     if len(links) > 1 and 2 * _width(links_table) + 3 + PANEL_CHROME <= width:
         half = (len(links) + 1) // 2
         grid = Table.grid(padding=(0, 3))
@@ -102,7 +102,8 @@ def _header(status: Status, names: dict[str, str], width: int) -> Text:
 
 def _nodes_table(status: Status, squeeze: int, bar_width: int | None = None) -> Table:
     """One row per node. To fit narrower screens, squeeze 1 drops the chip column and shortens
-    the memory bars; squeeze 2 also leaves the followers' role blank (the leader's is shown)."""
+    the memory bars; squeeze 2 also leaves the followers' role blank (the leader's is shown);
+    squeeze 3 drops the disk column (the plan panel tells of fetches)."""
     me = (status.get("node") or {}).get("id")
     compact = squeeze > 0
     table = _table()
@@ -114,7 +115,7 @@ def _nodes_table(status: Status, squeeze: int, bar_width: int | None = None) -> 
     _column(table, "memory used / usable")
     _column(table, "compute", justify="right")
     _column(table, "layers")
-    disks = any(node.get("disk") for node in _list(status.get("nodes")))
+    disks = squeeze < 3 and any(node.get("disk") for node in _list(status.get("nodes")))
     if disks:
         _column(table, "disk")
     for node in _list(status.get("nodes")):
@@ -169,10 +170,25 @@ def _disk(disk: dict[str, Any] | None, compact: bool) -> Text:
     fetching = disk.get("fetching")
     if fetching:
         done = (fetching.get("done") or 0) / max(fetching.get("total") or 1, 1)
-        text.append(f" ↓{done:.0%} {_bandwidth((fetching.get('bytes_per_s') or 0) * 8)}", style="yellow")
-        if not compact and fetching.get("from"):
-            text.append(f" from {','.join(map(str, fetching['from']))}", style="dim")
+        text.append(f" ↓{done:.0%}", style="yellow")
+        if not compact:
+            text.append(f" {_bandwidth((fetching.get('bytes_per_s') or 0) * 8)}", style="yellow")
     return text
+
+
+def _fetches(status: Status) -> list[Text]:
+    """A line per node fetching weights: how far, how fast, from whom."""
+    lines = []
+    for node in _list(status.get("nodes")):
+        fetching = (node.get("disk") or {}).get("fetching") if isinstance(node.get("disk"), dict) else None
+        if not isinstance(fetching, dict):
+            continue
+        done, total = fetching.get("done") or 0, fetching.get("total") or 0
+        lines.append(Text.assemble(
+            (f"{node.get('name') or _short(node.get('id'))} fetching ", "yellow"),
+            f"{format_bytes(done)} of {format_bytes(total)} at {_bandwidth((fetching.get('bytes_per_s') or 0) * 8)}",
+            (f" from {', '.join(map(str, _list(fetching.get('from'))))}" if fetching.get("from") else "", "dim")))
+    return lines
 
 
 def _links_table(links: list[dict[str, Any]], names: dict[str, str]) -> Table | Text:
@@ -222,6 +238,7 @@ def _plan_lines(status: Status, names: dict[str, str], width: int) -> list[Rende
             lines.append(_pack([Text("left out:", style="yellow")] + [Text(n) for n in left_out], width))
     else:
         lines.append(_no_plan(status))
+    lines += [_pack([line], width) for line in _fetches(status)]
     replicas = _list(status.get("replicas"))
     if replicas and min(replicas) < 2:  # a dead Mac would take layers no other disk holds
         few = [i for i, n in enumerate(replicas) if n < 2]

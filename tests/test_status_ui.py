@@ -107,6 +107,30 @@ def assert_fits(text: str, width: int) -> None:
 
 # ----- the frame ------------------------------------------------------------------------
 
+def with_disks(status: dict) -> dict:
+    """The same cluster where studio-d started with no weights and fetches its layers from
+    studio-a and studio-b, and layers 46-60 are on one disk only."""
+    for node in status["nodes"]:
+        start, end = RANGES[node["name"]]
+        node["disk"] = {"layers": [[start, end]], "ends": True, "bytes": int((end - start) * 9.6 * GB),
+                        "manifest": "ab" * 32, "fetching": None}
+    status["nodes"][-1]["disk"].update(bytes=int(4.8 * GB), layers=[], fetching={
+        "done": int(4.8 * GB), "total": int(144 * GB), "bytes_per_s": 5.1e9, "from": ["studio-a", "studio-b"]})
+    status["replicas"] = [2] * 46 + [1] * 15
+    return status
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_disks_fetches_and_single_copies_are_shown(width):
+    text = frame(with_disks(kimi_status()), width)
+    assert_fits(text, width)
+    assert "studio-d fetching 4.8 GB of 144.0 GB at 40.8 Gbit/s from studio-a, studio-b" in text
+    assert "one copy on disk:  46-60" in text
+    if width > 80:  # a narrow screen leaves the disk column out before it cuts a name
+        assert "disk" in text and "4.8 GB ↓3% 40.8 Gbit/s" in text
+    assert "studio-d" in text
+
+
 @pytest.mark.parametrize("width", [80, 200])
 def test_frame_shows_nodes_leader_links_plan_runtime_and_events(width):
     text = frame(kimi_status(), width)
