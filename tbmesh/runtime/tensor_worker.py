@@ -7,10 +7,10 @@ rank's Mac starts and stops (`Worker.start`), and a worker that dies is a stage 
     parent (daemon) ==unix socket== rank 0 worker ----control (TCP)----> rank k worker == its parent
                                         \\________ mx.distributed (ring / jaccl) ________/
 
-A worker joins the group (MLX's environment: MLX_RANK and MLX_HOSTFILE for ring, see
-tbmesh.runtime.tensor.ring_environment; tbmesh.net.rdma.jaccl_environment for jaccl), loads its share of layers
-[start, end) (tbmesh.runtime.tensor), tells its parent it is ready, then runs what rank 0's
-parent asks, on every rank in the same order:
+A worker joins the group (MLX's environment: tbmesh.runtime.tensor.ring_environment for
+ring, tbmesh.net.rdma.jaccl_environment for jaccl), loads its share of layers [start, end)
+(tbmesh.runtime.tensor), tells its parent it is ready, then runs what rank 0's parent asks,
+on every rank in the same order:
 
     step   a Step (tbmesh.serving.messages) and its input: every rank runs it through its own
            StageCaches (tbmesh.serving.stage), which keep the KV caches of the requests here
@@ -421,9 +421,9 @@ class Worker:
             message = self.connection.receive(timeout)
         except TimeoutError:
             raise GroupFailed(f"the tensor group's worker did not answer in {timeout:g} s") from None
-        except (OSError, wire.ProtocolError) as error:
-            message = None if isinstance(error, OSError) else error
-        if message is None or isinstance(message, wire.ProtocolError):
+        except (OSError, wire.ProtocolError):
+            message = None
+        if message is None:
             try:
                 status = self.process.wait(5.0)
             except subprocess.TimeoutExpired:
