@@ -134,6 +134,11 @@ def parse_ifconfig(text: str) -> dict[str, IfconfigInterface]:
     return found
 
 
+def is_thunderbolt_port(port: str) -> bool:
+    """Whether a hardware port is a Thunderbolt link ("Thunderbolt 2"), not the bridge."""
+    return _THUNDERBOLT_PORT.fullmatch(port) is not None
+
+
 def thunderbolt_devices_macos(
     ports: list[HardwarePort], interfaces: dict[str, IfconfigInterface] | None = None
 ) -> list[str]:
@@ -145,7 +150,7 @@ def thunderbolt_devices_macos(
     Interfaces are kept whether or not a cable is in: the watcher reports when one comes up.
     """
     bridges = [p.device for p in ports if p.port == THUNDERBOLT_BRIDGE_PORT]
-    links = [p.device for p in ports if _THUNDERBOLT_PORT.fullmatch(p.port)]
+    links = [p.device for p in ports if is_thunderbolt_port(p.port)]
     if interfaces is None:
         return _unique(bridges + links)
     members = {m for b in bridges if b in interfaces for m in interfaces[b].members}

@@ -120,7 +120,8 @@ class Kept:
 
 def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard | Kept] = (),
                on_layer: Callable[[int, int], bool] | None = None,
-               tensors: Callable[[], dict[str, mx.array]] | None = None) -> Shard:
+               tensors: Callable[[], dict[str, mx.array]] | None = None,
+               split: Callable[[nn.Module], None] | None = None) -> Shard:
     """Load layers [start, end) of the mlx-lm model in `model_dir`, and nothing more.
 
     Layers (and the embedding, norm and head) that a shard in `keep` already holds (or the
@@ -130,7 +131,14 @@ def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard
     False the load stops with LoadAbandoned (a newer plan wants other layers), having read
     at most one more layer. `tensors` gives the checkpoint's tensors (lazily) when they are
     not all in model_dir's weight files: a Mac that fetched its layers from its peers.
+
+    `split(model)` is called on the model cut to the shard before any weight is read: a
+    tensor group's rank replaces each layer's weights by its share there (tbmesh.runtime.tensor),
+    so it holds only that share (each tensor is read whole, sliced, and let go, one layer at a
+    time). Such a shard takes nothing from `keep`.
     """
+    if split is not None and keep:
+        raise ValueError("a split shard cannot take layers from another shard")
     root = Path(model_dir)
     config = read_config(root)
     model = _build(root, config)
@@ -175,6 +183,8 @@ def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard
         raise ShardError(f"{root.name}: {' '.join(str(error).split())}") from None
     # Still lazy: swap in what we hold already (its lazy replacement is never read), then
     # read the rest one layer at a time, so a load can report progress and be abandoned.
+    if split is not None:
+        split(model)
     kept = _take_kept(lm, inner, start, end, keep)
     layers = [layer for layer in inner.layers if id(layer) not in kept]
     todo = [m for m in _ends(lm, inner) if id(m) not in kept] + layers

@@ -86,6 +86,10 @@ class StageCaches:
         """Attempts holding a KV cache here."""
         return len(self.alone) + sum(len(lane.members) for lane in self.lanes.values())
 
+    def routes(self) -> set[Route]:
+        """Routes holding caches here (what `drop` decides on)."""
+        return {a.route for a in self.alone.values()} | {r for r, _ in self.lanes} | {r for r, _ in self.entries}
+
     def in_use(self) -> set[Range]:
         """Layer ranges that attempts hold caches on (they keep those layers in memory)."""
         routes = [a.route for a in self.alone.values()] + [r for (r, _), lane in self.lanes.items() if lane.members]

@@ -1,0 +1,118 @@
+"""A tensor-parallel stage: layers [start, end) of a model held by every rank of an
+mx.distributed group, each rank with its share of every layer's weights.
+
+The shard is loaded as any other (tbmesh.runtime.shard.load_shard: the model built lazily,
+cut to the stage's layers, its tensors read lazily), and before any weight is read mlx-lm's
+own `Model.shard(group)` splits each layer: the attention heads and the MLP's (or each
+expert's) hidden units are divided among the ranks, and the attention's and the MLP's output
+projections sum the ranks' parts with an all-reduce (mx.distributed.all_sum). So a rank holds
+only its share (a layer's tensors are read whole, sliced, and let go), and the forward is Shard.forward unchanged: every rank runs the
+same step on the same input and ends with the same hidden states (or logits). The
+embedding, the final norm and the head are whole on every rank (mlx-lm does not split them).
+
+Every rank must run every step, in the same order, with the same input: a rank that skips
+one leaves the others waiting in an all-reduce (tbmesh.runtime.tensor_worker keeps them in
+step). The ranks find each other through MLX's environment: `ring_environment` below for
+the ring backend (TCP), tbmesh.net.rdma.jaccl_environment for jaccl (RDMA, Macs).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx import nn
+from mlx_lm.utils import _get_classes
+
+from tbmesh.core.modelspec import text_config
+from tbmesh.runtime.modeldir import read_config
+from tbmesh.runtime.shard import FAMILIES, Shard, ShardError, load_shard
+
+# shard.py's FAMILIES whose mlx-lm model class has `shard(group)` (all of them in mlx-lm
+# 0.32; tests/test_tensor.py checks each against mlx-lm). A model of another family can
+# still be served, split by layers only.
+TENSOR_FAMILIES = frozenset({"llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3", "kimi_k25"})
+assert TENSOR_FAMILIES <= set(FAMILIES)
+
+
+def family(config: dict[str, Any]) -> str | None:
+    """The mlx-lm module a config.json is built with ("llama" for mistral, "deepseek_v3" for
+    kimi_k2), or None when mlx-lm does not know the model type."""
+    try:
+        model_class, _ = _get_classes(config)
+    except (ValueError, KeyError):
+        return None
+    return model_class.__module__.rsplit(".", 1)[-1]
+
+
+def tensor_unfit(config: dict[str, Any], size: int) -> str | None:
+    """Why a model cannot be split over `size` ranks (one line), or None when it can.
+
+    mlx-lm splits heads, key-value heads and hidden units in equal parts (mx.split), and a
+    quantized weight along its input only in whole quantization groups."""
+    name = family(config)
+    if name not in TENSOR_FAMILIES:
+        return f"model type {config.get('model_type')!r} cannot be split across Macs (supported: " \
+               f"{', '.join(sorted(TENSOR_FAMILIES))})"
+    cfg = text_config(config)
+    heads = cfg.get("num_attention_heads", 0)
+    head_dim = cfg.get("head_dim") or cfg.get("v_head_dim") or cfg.get("hidden_size", 0) // max(heads, 1)
+    counts = {"attention heads": heads, "hidden units of the MLP": cfg.get("intermediate_size", 0),
+              "hidden units of each expert": cfg.get("moe_intermediate_size", 0)}
+    if name != "deepseek_v3" and name != "kimi_k25":  # MLA keeps one latent key-value for all heads
+        counts["key-value heads"] = cfg.get("num_key_value_heads", heads)
+    for what, count in counts.items():
+        if count and count % size:
+            return f"its {count} {what} do not split into {size} equal parts"
+    group = (config.get("quantization") or {}).get("group_size")
+    if group:
+        inputs = {"attention output": heads * head_dim, "MLP output": cfg.get("intermediate_size", 0),
+                  "expert output": cfg.get("moe_intermediate_size", 0)}
+        for what, width in inputs.items():
+            if width and (width // size) % group:
+                return f"a {size}-way share of the {what} ({width // size}) is not whole quantization groups of {group}"
+    return None
+
+
+def load_tensor_shard(model_dir: str | Path, start: int, end: int, group: mx.distributed.Group) -> Shard:
+    """Layers [start, end) of the model in `model_dir`, this rank's share of each layer (see
+    the module notes). Every rank of `group` must call it, with the same arguments: reading
+    the weights is local, but a step after it needs all of them."""
+    config = read_config(Path(model_dir))
+    why = tensor_unfit(config, group.size())
+    if why is not None:
+        raise ShardError(f"{Path(model_dir).name}: {why}")
+
+    def split(model: nn.Module) -> None:
+        model.shard(group)
+
+    return load_shard(model_dir, start, end, split=split)
+
+
+# --- how the ranks find each other ----------------------------------------------------------
+
+
+def ring_hostfile(addresses: Sequence[str]) -> str:
+    """MLX's ring hostfile: rank i listens on addresses[i] ("ip:port"); write it to a file
+    and name it in MLX_HOSTFILE (MLX docs, "Distributed Without mlx.launch", Ring)."""
+    return json.dumps([[address] for address in addresses])
+
+
+def ring_environment(rank: int, hostfile: str) -> dict[str, str]:
+    return {"MLX_RANK": str(rank), "MLX_HOSTFILE": hostfile}
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports free on `host` now (for a group on loopback)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
