@@ -372,7 +372,7 @@ def shaped(model: Path, manifest: Manifest, rate_name: str, rounds: int, work: P
 def kimi_disks() -> dict:
     """Disk per Mac for Kimi-K2-Thinking on four Studios: the planner's shards, and the copies
     tbmesh.core.replicas adds for 2 copies of each layer (disks with room to spare)."""
-    from tbmesh.core.messages import DiskState
+    from tbmesh.core.messages import ENDS, FIRST, LAST, DiskState
     from tbmesh.core.planner import plan_layers
     from tbmesh.core.presets import preset_spec
     from tbmesh.core.replicas import keep_on_disk
@@ -388,7 +388,7 @@ def kimi_disks() -> dict:
     shard = {s.node: s.bytes for s in plan.stages}
     # the first Mac pulled the whole model from the hub; the others start with nothing
     disks = {n.id: DiskState(model.name, spec=model, free=2 * 10**12) for n in nodes[1:]}
-    disks[nodes[0].id] = DiskState(model.name, spec=model, layers=((0, model.num_layers),), ends=True)
+    disks[nodes[0].id] = DiskState(model.name, spec=model, layers=((0, model.num_layers),), ends=ENDS)
     copies = {k.node: k for k in keep_on_disk(model, disks, plan.stages, replicas=2)}
 
     def copy_bytes(node: str) -> int:
@@ -396,7 +396,7 @@ def kimi_disks() -> dict:
         if keep is None:
             return 0
         return sum(sum(model.layer_bytes[a:b]) for a, b in keep.layers) + \
-            (model.embed_bytes + model.head_bytes if keep.ends else 0)
+            (model.embed_bytes if FIRST in keep.ends else 0) + (model.head_bytes if LAST in keep.ends else 0)
 
     on_disk = {n.id: model.weight_bytes if n.id == nodes[0].id else shard[n.id] + copy_bytes(n.id) for n in nodes}
     return {"mode": "kimi", "model": model.name, "model_gb": model.weight_bytes / 1e9,

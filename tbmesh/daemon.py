@@ -214,16 +214,28 @@ class Daemon:
         the weights; publish what our disk holds each time it changes."""
         disk = self.disk
         assert disk is not None
-        if disk.whole and disk.manifest is None:
+        if disk.manifest is None:
             try:
                 await asyncio.to_thread(disk.build)
             except (OSError, ValueError) as error:
                 log.error("cannot hash the model in %s, so no peer can fetch from us: %s", disk.model_dir, error)
             self.disk_changed(disk.state())
+        tried: dict[str, int] = {}
         while disk.manifest is None:
             await asyncio.sleep(MANIFEST_CHECK_S)
-            offers = {(d.manifest, d.manifest_bytes) for n, d in self.core.disks().items()
-                      if n != self.core.id and d.model == disk.name and d.manifest}
+            peer_disks = [d for n, d in self.core.disks().items() if n != self.core.id and d.model == disk.name]
+            offers = {(d.manifest, d.manifest_bytes) for d in peer_disks if d.manifest}
+            parts = {d.part: d.part_bytes for d in peer_disks if d.part}
+            if not offers and disk.part is not None and parts and parts != tried:
+                tried = parts  # every Mac holds a part: the whole is their union, once they hold it all
+                try:
+                    if await asyncio.to_thread(disk.assemble, disk.peers(), parts):
+                        self.model = disk.spec
+                        self.disk_changed(disk.state())
+                except (OSError, ValueError, bulk.FetchFailed) as error:
+                    log.warning("cannot make the manifest of %s from the parts yet: %s", disk.name, error)
+                    tried = {}
+                continue
             if not offers:
                 continue
             if len(offers) > 1:
@@ -292,11 +304,11 @@ class Daemon:
 
     def _serve_bulk(self, channel: peers.Channel) -> None:
         """A peer fetches weights from us: a thread of its own, blocking sends (sendfile)."""
-        disk = self.disk
-        if disk is None or disk.local is None:
+        local = self.disk.serving() if self.disk is not None else None
+        if local is None:
             channel.close("no weights to serve here")
             return
-        bulk.serve_channel(channel, disk.local, self._bulk_stop)
+        bulk.serve_channel(channel, local, self._bulk_stop)
 
     async def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
@@ -848,7 +860,7 @@ class Daemon:
             disk = disks.get(node["id"])
             fetching = disk.fetching if disk is not None else None
             node["disk"] = None if disk is None else {
-                "layers": [list(r) for r in disk.layers], "ends": disk.ends, "bytes": disk.bytes,
+                "layers": [list(r) for r in disk.layers], "ends": list(disk.ends), "bytes": disk.bytes,
                 "manifest": disk.manifest,
                 "fetching": None if fetching is None else {
                     "done": fetching.done, "total": fetching.total, "bytes_per_s": fetching.bytes_per_s,
@@ -892,7 +904,7 @@ def _port_free_everywhere(port: int) -> int:
 
 def _layers_text(keep: KeepOnDisk) -> str:
     parts = [f"layers {a}-{b - 1}" if b - a > 1 else f"layer {a}" for a, b in keep.layers]
-    return ", ".join(parts + (["the embedding and head"] if keep.ends else []))
+    return ", ".join(parts + [{"first": "the embedding", "last": "the head"}[end] for end in keep.ends])
 
 
 def _replicas(model: ModelSpec | None, disks: dict[str, DiskState]) -> list[int] | None:

@@ -55,7 +55,7 @@ def copy_objects(source: Disk, target: Disk, entries) -> None:
 def test_a_whole_model_directory_is_on_disk_and_needs_nothing(model_dir, tmp_path):
     disk = whole(model_dir, tmp_path)
     state = disk.state()
-    assert state.layers == ((0, 4),) and state.ends and state.manifest == disk.manifest.digest
+    assert state.layers == ((0, 4),) and state.ends == ("first", "last") and state.manifest == disk.manifest.digest
     assert state.spec.num_layers == 4 and disk.missing(0, 4) == [] and disk.tensors(0, 4) is None
 
 
@@ -74,7 +74,7 @@ def test_a_mac_with_only_the_name_lacks_everything_until_it_has_the_manifest(mod
     missing = empty.missing(0, 2)
     assert {e.digest for e in missing} == {t.digest for t in holder.manifest.needed(0, 2, 4)}
     copy_objects(holder, empty, missing)
-    assert empty.missing(0, 2) == [] and empty.state().layers == ((0, 2),) and not empty.state().ends
+    assert empty.missing(0, 2) == [] and empty.state().layers == ((0, 2),) and empty.state().ends == ("first",)
     # a restart finds the manifest and the objects again
     again = Disk(Alone(), "tiny", empty.model_dir, tmp_path / "empty")
     again.open()
@@ -100,3 +100,40 @@ def test_disk_slack_lets_go_of_what_no_stage_or_copy_needs(model_dir, tmp_path):
     assert held == stage | copy  # layer 2 (and the head) went; layers 0-1 and the copy of 3 stayed
     assert disk.state().layers == ((0, 2), (3, 4))
     assert Local(holder.manifest, None, disk.store).missing(holder.manifest.needed(0, 2, 4)) == []
+
+
+def partial_copy(model_dir: Path, target: Path, files: list[str]) -> Path:
+    """A copy of a split model's directory holding only `files` of its weights."""
+    target.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        if not path.name.startswith("model-") or path.name in files:
+            shutil.copyfile(path, target / path.name)
+    return target
+
+
+def test_macs_that_each_hold_part_of_a_split_model_make_its_whole_manifest(tmp_path):
+    from tbmesh.weights.manifest import build_manifest
+
+    split = make_tiny_model(tmp_path / "split" / "tiny", layers=4, hidden=64, vocab=512, max_shard_bytes=250_000)
+    files = sorted(p.name for p in split.glob("model-*.safetensors"))
+    half = len(files) // 2
+    assert len(files) >= 3
+    first = Disk(Alone(), "tiny", partial_copy(split, tmp_path / "a" / "tiny", files[:half + 1]), tmp_path / "a")
+    second = Disk(Alone(), "tiny", partial_copy(split, tmp_path / "b" / "tiny", files[half:]), tmp_path / "b")
+    for disk in (first, second):
+        disk.open()
+        disk.build()
+        assert not disk.whole and disk.manifest is None and disk.part is not None
+        assert disk.state().part == disk.part.digest
+    # what assemble() does once it has fetched the other's part
+    from tbmesh.runtime.modeldir import read_index
+    from tbmesh.weights.manifest import union
+
+    assert union([first.part], read_index(first.model_dir)) is None  # not all of it yet
+    whole = union([first.part, second.part], read_index(first.model_dir))
+    assert whole.digest == build_manifest(split, name="tiny").digest  # as one Mac hashing it all
+    first.store.put(second.part.to_bytes())
+    assert first.assemble([], {second.part.digest: len(second.part.to_bytes())})
+    assert first.manifest.digest == whole.digest and first.spec.num_layers == 4
+    held = first.state()
+    assert held.manifest == whole.digest and held.layers[0][0] == 0 and held.layers[-1][1] < 4  # its files' layers

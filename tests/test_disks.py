@@ -5,12 +5,12 @@ plans from the one a member describes."""
 import itertools
 
 from tbmesh.core.cluster import CoreConfig
-from tbmesh.core.messages import DiskState
+from tbmesh.core.messages import ENDS, FIRST, LAST, DiskState
 from tbmesh.core.types import ModelSpec
 from tbmesh.sim import GB, NetworkModel, Simulator
 
 MODEL = ModelSpec("m", (1 * GB,) * 16, embed_bytes=GB // 2, head_bytes=GB // 2)
-WHOLE = DiskState("m", "digest", MODEL, ((0, 16),), ends=True, bytes=17 * GB)
+WHOLE = DiskState("m", "digest", MODEL, ((0, 16),), ends=ENDS, bytes=17 * GB)
 NOTHING = DiskState("m", "digest")
 
 
@@ -36,7 +36,7 @@ def test_a_mac_with_no_weights_is_planned_for_when_a_peer_holds_them():
 
 
 def test_layers_on_no_disk_are_named_and_nothing_serves():
-    half = DiskState("m", "digest", MODEL, ((0, 8),), ends=True)
+    half = DiskState("m", "digest", MODEL, ((0, 8),), ends=ENDS)
     sim = cluster({"a": half, "b": NOTHING})
     leader = sim.nodes[sim.nodes["a"].leader]
     assert leader.plan is None
@@ -45,13 +45,13 @@ def test_layers_on_no_disk_are_named_and_nothing_serves():
 
 
 def test_layers_scattered_over_disks_are_enough():
-    sim = cluster({"a": DiskState("m", spec=MODEL, layers=((0, 5), (9, 16)), ends=True),
-                   "b": DiskState("m", spec=MODEL, layers=((4, 10),))})
+    sim = cluster({"a": DiskState("m", spec=MODEL, layers=((0, 5), (9, 16)), ends=(FIRST,)),
+                   "b": DiskState("m", spec=MODEL, layers=((4, 10),), ends=(LAST,))})
     assert sim.nodes["a"].plan is not None and not sim.nodes["a"].no_fit
 
 
 def test_the_model_serves_once_the_missing_layers_reach_a_disk():
-    half = DiskState("m", "digest", MODEL, ((0, 8),), ends=True)
+    half = DiskState("m", "digest", MODEL, ((0, 8),), ends=ENDS)
     sim = cluster({"a": half, "b": NOTHING})
     assert sim.nodes["a"].plan is None
     sim.set_disk("b", DiskState("m", "digest", None, ((8, 16),)))  # e.g. pulled from the hub
@@ -65,7 +65,7 @@ def test_a_dead_mac_whose_layers_no_survivor_holds_stops_the_model():
     sim.crash("a")
     assert sim.run_until_true(lambda: settled(sim) and sim.nodes["b"].plan is None, 10) is not None
     leader = sim.nodes[sim.nodes["b"].leader]
-    assert "layers 0-15" in leader.no_fit and "embedding and head" in leader.no_fit
+    assert "layers 0-15, the embedding, the head of m" in leader.no_fit
 
 
 def test_a_leader_without_a_model_plans_from_a_members_description():
@@ -102,10 +102,10 @@ def test_the_missing_copies_are_spread_over_the_disks_with_room_in_runs():
     stages = [Stage("a", 0, 6, 0), Stage("b", 6, 11, 0), Stage("c", 11, 16, 0)]
     keep = {k.node: k for k in keep_on_disk(MODEL, disks, stages, replicas=2)}
     # a holds everything; b and c will hold their stages: so every layer outside a's own
-    # stage has two copies already, and a's layers 0-5 need one more (the ends have two:
-    # a's, and c's, the last stage's), shared by b and c in two runs of three
-    assert keep["b"].layers == ((0, 3),) and keep["c"].layers == ((3, 6),)
-    assert not keep["b"].ends and not keep["c"].ends
+    # stage has two copies already, and a's layers 0-5 and the embedding need one more (the
+    # head has two: a's, and c's, the last stage's), shared by b and c in runs, about evenly
+    assert keep["b"].layers == ((0, 4),) and keep["b"].ends == ()
+    assert keep["c"].layers == ((4, 6),) and keep["c"].ends == (FIRST,)
     assert copies(MODEL, disks) == [1] * 16
 
 

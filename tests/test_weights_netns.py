@@ -196,3 +196,44 @@ def test_a_peer_serving_corrupt_bytes_is_caught_and_avoided(lab, macs, tmp_path,
     serving([bad, empty, good], 90)
     assert re.search(r"FetchReport\(.*corrupt=[1-9]", empty.log())  # caught, and fetched again from c
     assert verified(empty.state_dir)  # nothing corrupt was kept
+
+
+def test_macs_that_each_pulled_part_of_the_model_serve_it_together(lab, tmp_path):
+    """No Mac holds the whole model: each pulled some of its files (tbmesh model pull --layers);
+    their parts make the manifest, and a third Mac with only the name joins them."""
+    from serving import mlx_reference
+
+    from tbmesh.runtime.tiny import make_tiny_model
+
+    split = make_tiny_model(tmp_path / "split" / "tiny", layers=8, hidden=128, vocab=512, max_shard_bytes=400_000)
+    files = sorted(p.name for p in split.glob("model-*.safetensors"))
+    half = len(files) // 2
+    parts = {"a": files[:half + 1], "b": files[half:]}
+    a, b, c = (lab.add_mac(n) for n in "abc")
+    for x, y in ((a, b), (b, c), (a, c)):
+        lab.cable(x, y)
+    cluster = f"p{uuid.uuid4().hex[:8]}"
+    daemons = []
+    for mac in (a, b, c):
+        if mac.name in parts:
+            model = tmp_path / mac.name / "model" / "tiny"
+            model.mkdir(parents=True)
+            for path in split.iterdir():
+                if not path.name.startswith("model-") or path.name in parts[mac.name]:
+                    shutil.copyfile(path, model / path.name)
+        else:
+            model = Path("tiny")
+        daemons.append(DaemonProcess(mac.name, tmp_path / mac.name / "state", [
+            "--interface", "tb*", "--memory", "4GB", "--model", str(model), "--cluster", cluster], mac=mac))
+    try:
+        start_all(daemons)
+        view = serving(daemons, 90)
+        assert {s["node"] for s in view["plan"]["stages"]} == {d.node_id for d in daemons}
+        assert "from 2 Macs' parts" in daemons[0].log() + daemons[1].log()
+        expected, _ = mlx_reference(split)(PROMPT, 40)
+        pieces: list[str] = []
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 40, "stream": True, "temperature": 0}
+        assert read_stream(daemons[2], body, 60, pieces.append)[1] is None and "".join(pieces) == expected
+    finally:
+        for daemon in daemons:
+            daemon.kill()

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field, replace
 from tbmesh.core import election
 from tbmesh.core.membership import LinkStateDb, PeerDetector, PeerState, Timing
 from tbmesh.core.messages import (
+    ENDS,
+    FIRST,
+    LAST,
     Action,
     Adjacency,
     DatabaseSummary,
@@ -583,11 +586,11 @@ class ClusterNode:
             return None
         held = [d for n, d in disks.items() if n in members and d.model == model.name]
         missing = [i for i in range(model.num_layers) if not any(d.has(i, i + 1) for d in held)]
-        ends = any(d.ends for d in held)
-        if not missing and ends:
+        ends = [end for end in ENDS if not any(end in d.ends for d in held)]
+        if not missing and not ends:
             return None
         what = [f"layers {a}-{b - 1}" if b - a > 1 else f"layer {a}" for a, b in ranges_of(missing)]
-        what += [] if ends else ["the embedding and head"]
+        what += [{FIRST: "the embedding", LAST: "the head"}[end] for end in ends]
         return (f"{', '.join(what)} of {model.name}: on no reachable Mac's disk; start a Mac that "
                 "holds them (tbmesh daemon --model DIR), or pull them (tbmesh model pull)")
 

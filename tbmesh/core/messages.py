@@ -59,6 +59,10 @@ class ShardState:
         return self.progress >= 1.0
 
 
+FIRST, LAST = "first", "last"  # the ends of a model: what the first stage reads beyond its
+ENDS = (FIRST, LAST)             # layers (the embedding), what the last does (final norm, head)
+
+
 @dataclass(frozen=True)
 class Fetching:
     """A fetch of weights under way: `done` of `total` bytes, at `bytes_per_s`, from `sources`."""
@@ -81,10 +85,12 @@ class DiskState:
     manifest: str = ""  # digest of the model's manifest (its tensors and files); "" until known
     spec: ModelSpec | None = None  # the planner's view of the model: a leader without one takes it
     layers: tuple[tuple[int, int], ...] = ()  # ranges [start, end) whose every tensor is on disk
-    ends: bool = False  # the embedding, final norm and head are on disk
+    ends: tuple[str, ...] = ()  # the ends on disk: FIRST (embedding, ...), LAST (final norm, head)
     bytes: int = 0  # of the model's weights on this disk
     fetching: Fetching | None = None
     manifest_bytes: int = 0  # the manifest's size (peers fetch it by digest)
+    part: str = ""  # without the manifest: the digest of the manifest of the part we hold
+    part_bytes: int = 0  # (Macs that each pulled their stage's files make the whole from parts)
     free: int = 0  # bytes this disk may still take beyond its stage (slack left, within the disk's room)
 
     def has(self, start: int, end: int) -> bool:
@@ -99,7 +105,7 @@ class KeepOnDisk:
 
     node: str
     layers: tuple[tuple[int, int], ...] = ()
-    ends: bool = False
+    ends: tuple[str, ...] = ()  # FIRST, LAST
 
 
 @dataclass(frozen=True)

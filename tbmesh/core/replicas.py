@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from tbmesh.core.messages import DiskState, KeepOnDisk
+from tbmesh.core.messages import FIRST, LAST, DiskState, KeepOnDisk
 from tbmesh.core.types import ModelSpec, Stage, ranges_of
 
 REPLICAS = 2  # copies of each layer on the members' disks, when they have the room
@@ -22,28 +22,28 @@ def keep_on_disk(model: ModelSpec, disks: Mapping[str, DiskState], stages: Seque
                  replicas: int = REPLICAS) -> tuple[KeepOnDisk, ...]:
     """What each member must keep on disk besides its stage (only members that need to)."""
     disks = {n: d for n, d in disks.items() if d.model == model.name}
-    ends = -1  # the embedding, final norm and head, as one more "layer"
-    size = {i: b for i, b in enumerate(model.layer_bytes)} | {ends: model.embed_bytes + model.head_bytes}
+    # the ends as two more "layers": what the first stage reads beyond its layers, and the last
+    ends = {-1: FIRST, -2: LAST}
+    size = {i: b for i, b in enumerate(model.layer_bytes)} | {-1: model.embed_bytes, -2: model.head_bytes}
     holders: dict[int, set[str]] = {i: set() for i in size}
     for node, disk in disks.items():
         for i in range(model.num_layers):
             if disk.has(i, i + 1):
                 holders[i].add(node)
-        if disk.ends:
-            holders[ends].add(node)
+        for i, end in ends.items():
+            if end in disk.ends:
+                holders[i].add(node)
     room = {n: d.free for n, d in disks.items()}  # beyond each one's stage
     for stage in stages:
         if stage.node not in disks:
             continue
-        mine = list(range(stage.start, stage.end))
-        if stage.start == 0 or stage.end == model.num_layers:
-            mine.append(ends)
+        mine = list(range(stage.start, stage.end)) + [-1] * (stage.start == 0) + [-2] * (stage.end == model.num_layers)
         for i in mine:
             holders[i].add(stage.node)  # it fetches what it lacks before it loads
     short = {i: replicas - len(holders[i]) for i in size if len(holders[i]) < replicas}
     kept: dict[str, list[int]] = {}
     for _ in range(replicas):  # one more copy of each short layer per round
-        todo = [i for i in sorted(size, key=lambda i: (i == ends, i)) if short.get(i, 0) > 0]
+        todo = [i for i in sorted(size, key=lambda i: (i < 0, i)) if short.get(i, 0) > 0]
         if not todo:
             break
         # Spread the round's bytes evenly over the members with room, in contiguous runs.
@@ -60,7 +60,8 @@ def keep_on_disk(model: ModelSpec, disks: Mapping[str, DiskState], stages: Seque
             given[best] += size[i]
             short[i] -= 1
             kept.setdefault(best, []).append(i)
-    return tuple(KeepOnDisk(n, ranges_of(sorted(i for i in layers if i != ends)), ends in layers)
+    return tuple(KeepOnDisk(n, ranges_of(sorted(i for i in layers if i >= 0)),
+                            tuple(ends[i] for i in (-1, -2) if i in layers))
                  for n, layers in sorted(kept.items()))
 
 

@@ -25,10 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tbmesh.core.messages import DiskState, Fetching, KeepOnDisk
+from tbmesh.core.messages import ENDS, FIRST, LAST, DiskState, Fetching, KeepOnDisk
 from tbmesh.core.modelspec import ModelFormatError, describe_model
 from tbmesh.core.types import ModelSpec, ranges_of
-from tbmesh.runtime.modeldir import describe_model_dir, read_config, weight_files
+from tbmesh.runtime.modeldir import (
+    describe_model_dir,
+    read_config,
+    read_index,
+    weight_files,
+)
 from tbmesh.serving.host import Host
 from tbmesh.weights import bulk
 from tbmesh.weights.manifest import (
@@ -37,6 +42,8 @@ from tbmesh.weights.manifest import (
     ObjectRef,
     TensorEntry,
     build_manifest,
+    build_part,
+    union,
 )
 from tbmesh.weights.store import Local, Store
 
@@ -60,7 +67,10 @@ class Disk:
         self.manifest: Manifest | None = None
         self.local: Local | None = None
         self.fetching: Fetching | None = None
-        self._layers_of: dict[str, set[int | None]] = {}  # digest -> the layers whose tensors it is
+        self.part: Manifest | None = None  # without the manifest: that of the part we hold
+        self._part_local: Local | None = None  # what we serve of that part meanwhile
+        self._parts_of: dict[str, set[int | str]] = {}  # digest -> the layers (and ends) whose tensor it is
+        self._end_tensors: dict[str, list[TensorEntry]] = {end: [] for end in ENDS}  # FIRST, LAST
         self._manifest_bytes = 0
         self._files: set[str] = set()  # digests of the manifest's small files
         self._fetch_lock = threading.Lock()  # one fetch at a time writes the store's partials
@@ -86,6 +96,10 @@ class Disk:
         except (OSError, ValueError):
             pass  # none yet (or its files are gone): hashed from our files, or taken from a peer
 
+    def serving(self) -> Local | None:
+        """What we can serve to peers: the model, or until we know it whole, our part of it."""
+        return self.local or self._part_local
+
     @property
     def ready(self) -> bool:
         """Whether the model's small files (config, tokenizer) are here."""
@@ -95,15 +109,17 @@ class Disk:
         manifest, spec = self.manifest, self.spec
         if manifest is None or self.local is None:
             whole = self.whole and spec is not None
+            part = self.part.digest if self.part is not None else ""
             return DiskState(self.name, spec=spec, layers=((0, spec.num_layers),) if whole else (),
-                             ends=whole, bytes=spec.weight_bytes if whole else 0, fetching=self.fetching)
+                             ends=ENDS if whole else (), bytes=spec.weight_bytes if whole else 0, fetching=self.fetching,
+                             part=part, part_bytes=len(self.part.to_bytes()) if self.part is not None else 0)
         n = spec.num_layers if spec is not None else 0
         present = {t.digest for t in manifest.tensors if self.local.has(t.digest)}
         complete = [i for i in range(n) if all(t.digest in present for t in manifest.tensors if t.layer == i)]
-        ends = all(t.digest in present for t in manifest.tensors if t.layer is None)
+        ends = tuple(end for end in ENDS if all(t.digest in present for t in self._end_tensors[end]))
         held = sum(t.nbytes for t in manifest.tensors if t.digest in present)
-        return DiskState(self.name, manifest.digest, spec, ranges_of(complete), ends, held,
-                         self.fetching, self._manifest_bytes, self._free(present))
+        return DiskState(self.name, manifest.digest, spec, ranges_of(complete), ends, held, self.fetching,
+                         manifest_bytes=self._manifest_bytes, free=self._free(present))
 
     def _free(self, present: set[str]) -> int:
         """Bytes we may still keep beyond our stage: the slack left, within the disk's room."""
@@ -144,13 +160,39 @@ class Disk:
     # ----- getting what we lack ------------------------------------------------------------
 
     def build(self) -> None:
-        """Hash our whole model into its manifest (blocking: minutes for 600 GB, in a thread)."""
-        if self.manifest is not None or not self.whole:
+        """Hash our whole model into its manifest, or the part of it we hold into the
+        manifest of that part (blocking: minutes for 600 GB, in a thread)."""
+        if self.manifest is not None:
             return
-        manifest = build_manifest(self.model_dir, self._digests, self.name)
-        self.store.put(manifest.to_bytes())
-        self._adopt(manifest)
-        log.info("hashed %s: %d tensors, manifest %s", self.name, len(manifest.tensors), manifest.digest[:12])
+        if self.whole:
+            manifest = build_manifest(self.model_dir, self._digests, self.name)
+            self.store.put(manifest.to_bytes())
+            self._adopt(manifest)
+            log.info("hashed %s: %d tensors, manifest %s", self.name, len(manifest.tensors), manifest.digest[:12])
+        elif read_index(self.model_dir) is not None and any(self.model_dir.glob("model*.safetensors")):
+            part = build_part(self.model_dir, self._digests, self.name)
+            self.store.put(part.to_bytes())
+            self.part, self._part_local = part, Local(part, self.model_dir, self.store)
+            log.info("hashed the part of %s here: %d tensors", self.name, len(part.tensors))
+
+    def assemble(self, peers: list[bulk.Peer], parts: dict[str, int]) -> bool:
+        """Make the whole manifest from the parts peers hold (`parts`: digest -> size) and
+        ours, and adopt it when they hold every tensor the index names (blocking)."""
+        index = read_index(self.model_dir)
+        if self.part is None or index is None:
+            return False
+        wanted = [ObjectRef(d, n) for d, n in parts.items() if not self.store.has(d)]
+        if wanted:
+            self._locked(lambda: bulk.fetch(wanted, peers, self.store))
+        found = [self.part] + [Manifest.from_bytes(self.store.path(d).read_bytes()) for d in sorted(parts)]
+        whole = union(found, index)
+        if whole is None:
+            return False
+        self.store.put(whole.to_bytes())
+        self._adopt(whole)
+        log.info("made the manifest of %s from %d Macs' parts: %d tensors, manifest %s", self.name,
+                 len(found), len(whole.tensors), whole.digest[:12])
+        return True
 
     def peers(self) -> list[bulk.Peer]:
         """The peers whose disks hold some of the model, fastest link first (on the loop)."""
@@ -158,7 +200,7 @@ class Disk:
         bandwidth = {frozenset((link.a, link.b)): link.bytes_per_s for link in view.links}
         found = []
         for node, disk in sorted(view.disks.items()):
-            if node == view.me or disk.model != self.name or not disk.manifest:
+            if node == view.me or disk.model != self.name or not (disk.manifest or disk.part):
                 continue
             if self.manifest is not None and disk.manifest != self.manifest.digest:
                 continue  # another version of the model under the same name
@@ -229,8 +271,9 @@ class Disk:
     def kept(self, keep: KeepOnDisk) -> list[TensorEntry]:
         """The tensors of the copies the leader asks us to keep."""
         assert self.manifest is not None
-        return [t for t in self.manifest.tensors if (t.layer is None and keep.ends) or
-                (t.layer is not None and any(a <= t.layer < b for a, b in keep.layers))]
+        ends = [t for end in keep.ends for t in self._end_tensors[end]]
+        return ends + [t for t in self.manifest.tensors
+                       if t.layer is not None and any(a <= t.layer < b for a, b in keep.layers)]
 
     def kept_missing(self, keep: KeepOnDisk) -> list[TensorEntry]:
         """The tensors of the copies the leader asks us to keep that our disk lacks."""
@@ -242,26 +285,33 @@ class Disk:
         self.manifest, self._manifest_bytes = manifest, len(manifest.to_bytes())
         self.local = Local(manifest, self.model_dir if self.model_dir.is_dir() else None, self.store)
         self._files = {f.digest for f in manifest.files}
-        layers_of: dict[str, set[int | None]] = {}
+        if self.spec is None:
+            config = read_config(self.model_dir)
+            self.spec = describe_model(self.name, config, {t.name: (t.dtype, list(t.shape)) for t in manifest.tensors})
+        n = self.spec.num_layers
+        ends = {FIRST: [t for t in manifest.needed(0, 1, n) if t.layer is None],
+                LAST: [t for t in manifest.needed(n - 1, n, n) if t.layer is None]}
+        parts_of: dict[str, set[int | str]] = {}
         for t in manifest.tensors:
-            layers_of.setdefault(t.digest, set()).add(t.layer)
-        self._layers_of = layers_of
+            if t.layer is not None:
+                parts_of.setdefault(t.digest, set()).add(t.layer)
+        for end, tensors in ends.items():
+            for t in tensors:
+                parts_of.setdefault(t.digest, set()).add(end)
+        self._end_tensors, self._parts_of = ends, parts_of
         self._pointer.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._pointer.with_suffix(".tmp")
         tmp.write_text(manifest.digest)
         os.replace(tmp, self._pointer)
-        if self.spec is None:
-            config = read_config(self.model_dir)
-            self.spec = describe_model(self.name, config, {t.name: (t.dtype, list(t.shape)) for t in manifest.tensors})
 
     def _has(self, disk: DiskState) -> Callable[[str], bool]:
         """Whether a peer with this disk holds an object: its manifest and the small files it
         lists (every holder of a manifest has them), and the tensors of the layers it has."""
         def has(digest: str) -> bool:  # asked from the fetch's threads, as our manifest arrives
-            if digest == disk.manifest or digest in self._files:
+            if digest in (disk.manifest, disk.part) or digest in self._files:
                 return True
-            return any(disk.ends if layer is None else disk.has(layer, layer + 1)
-                       for layer in self._layers_of.get(digest, ()))
+            return any(part in disk.ends if isinstance(part, str) else disk.has(part, part + 1)
+                       for part in self._parts_of.get(digest, ()))
         return has
 
 

@@ -24,13 +24,19 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tbmesh.core.modelspec import ModelFormatError, stage_wants, tensor_part
-from tbmesh.runtime.modeldir import INDEX_FILE, Slot, read_layout, weight_files
+from tbmesh.runtime.modeldir import (
+    INDEX_FILE,
+    Slot,
+    read_index,
+    read_layout,
+    weight_files,
+)
 
 FORMAT = "tbmesh-manifest/1"
 # safetensors dtypes and their sizes in bytes (sub-byte types such as F4 are not listed: a
@@ -241,6 +247,39 @@ def _one_line(error: BaseException) -> str:
 # --- building a manifest from a model directory -----------------------------------------------
 
 
+def build_part(model_dir: str | Path, cache: Path | None = None, name: str | None = None) -> Manifest:
+    """The manifest of the part of a split model that `model_dir` holds: the tensors of the
+    weight files its index lists that are here (a Mac that pulled only its stage's files).
+    Parts of every Mac together make the whole manifest (`union`). Raises ManifestError
+    without an index (then the directory cannot say what the whole is) or without weights."""
+    root = Path(model_dir)
+    weight_map = read_index(root)
+    if weight_map is None:
+        raise ManifestError(f"{root} has no {INDEX_FILE}: a part of a model is described by its index")
+    held = [root / f for f in sorted(set(weight_map.values())) if (root / f).is_file()]
+    if not held:
+        raise ManifestError(f"{root} holds none of the weight files its index lists")
+    return _describe(root, held, cache, name)
+
+
+def union(parts: Sequence[Manifest], names: Iterable[str]) -> Manifest | None:
+    """The whole manifest from the parts several Macs hold, once they hold every tensor of
+    `names` (the index's); None until then. Raises ManifestError when two parts disagree
+    about a tensor or a file (one of the copies is not the same model)."""
+    tensors: dict[str, TensorEntry] = {}
+    files: dict[str, FileEntry] = {}
+    for part in parts:
+        for t in part.tensors:
+            if tensors.setdefault(t.name, t) != t:
+                raise ManifestError(f"two Macs' copies of {part.name} differ in {t.name}")
+        for f in part.files:
+            if files.setdefault(f.name, f) != f:
+                raise ManifestError(f"two Macs' copies of {part.name} differ in {f.name}")
+    if not parts or set(names) - set(tensors):
+        return None
+    return Manifest(parts[0].name, tuple(files[n] for n in sorted(files)), tuple(tensors[n] for n in sorted(tensors)))
+
+
 def build_manifest(model_dir: str | Path, cache: Path | None = None, name: str | None = None) -> Manifest:
     """The manifest of the model in `model_dir`, named after the directory unless `name`.
 
@@ -258,6 +297,11 @@ def build_manifest(model_dir: str | Path, cache: Path | None = None, name: str |
         raise ManifestError(f"cannot build a manifest of {root}: {error} (building needs all the weights; "
                             f"a Mac holding part of a model gets its manifest from a peer)") from None
     _check_complete(root, weights)
+    return _describe(root, weights, cache, name)
+
+
+def _describe(root: Path, weights: list[Path], cache: Path | None, name: str | None) -> Manifest:
+    """The manifest of the small files of `root` and the tensors of `weights`, hashed."""
     digests = _DigestCache(cache)
     files = []
     for path in sorted(p for p in root.iterdir() if _is_small_file(p)):
