@@ -42,7 +42,8 @@ from tbmesh.weights.store import CorruptObject, Local, Partial, Source, Store
 log = logging.getLogger(__name__)
 
 POLL = 0.2  # s: how often a blocked send or receive looks at its stop signal
-IDLE_TIMEOUT = 30.0  # s without a byte moving, mid-request, before a connection is given up
+IDLE_TIMEOUT = 10.0  # s without a byte moving, mid-request, before a connection is given up (a pulled
+                     # cable sends no reset: its requests go to another peer after this long)
 REQUEST_TIMEOUT = 600.0  # s a server waits for the next Fetch before it closes the connection
 MAX_HEAD = 4096  # bytes of a Fetch or Part header (they take ~100)
 CHUNK = 16 << 20  # bytes per request: objects above this are split, so peers can share one
