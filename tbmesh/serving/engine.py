@@ -156,6 +156,7 @@ class Engine:
         self._in_use: set[Range] = set()  # caches.in_use(), as of the last change in the worker
         self._figures = self.caches.figures()  # as of the last change in the worker
         self._fetch_share: dict[Range, float] = {}  # of a load's progress that was fetching
+        self._early: dict[Range, Shard] = {}  # layers of a load under way loaded as they arrived (worker's)
         self._closed = False
 
     async def close(self) -> None:
@@ -524,8 +525,36 @@ class Engine:
             self.worker.run_queued()  # steps of requests in flight go between layers
             return self.keeper.loading == target
 
-        self.worker.submit(lambda: load_shard(self.model_dir, *target, keep=keep, on_layer=on_layer, tensors=tensors),
-                           lambda shard, error: self._loaded(target, shard, error), long=True)
+        def load() -> Shard:  # in the worker, after the loads of the layers fetched first
+            early = self._early.pop(target, None)
+            return load_shard(self.model_dir, *target, keep=keep + ([early] if early else []),
+                              on_layer=on_layer, tensors=tensors)
+
+        self.worker.submit(load, lambda shard, error: self._loaded(target, shard, error), long=True)
+
+    def _load_early(self, target: Range, upto: int) -> None:
+        """Load the layers of `target` fetched so far, [start, upto), while the rest arrive:
+        the last load takes them as they are (as it takes a held shard's)."""
+        assert self.disk is not None
+        if self.keeper.loading != target:
+            return
+        start, tensors = target[0], self.disk.tensors(target[0], upto)
+
+        def load() -> None:
+            early = self._early.get(target)
+            if self.keeper.loading != target:
+                return
+            shard = load_shard(self.model_dir, start, upto, keep=[early] if early else [],
+                               on_layer=lambda *_: self.worker.run_queued() or True, tensors=tensors)
+            if self.keeper.loading == target:
+                self._early[target] = shard
+
+        def done(_: Any, error: BaseException | None) -> None:
+            if error is not None:  # the last load reads them again, and says why if it fails too
+                log.warning("loading layers %d-%d early failed: %s", start, upto - 1, error)
+                self._early.pop(target, None)
+
+        self.worker.submit(load, done, long=True)
 
     def _load_again(self, target: Range, tight: bool) -> None:
         if self.keeper.loading == target and not self._closed:
@@ -549,9 +578,23 @@ class Engine:
             self.host.loop.call_soon_threadsafe(self._fetch_progressed, target, done, total, started,
                                                 tuple(p.node for p in peers))
 
+        # in runs of layers, each loaded as soon as it is here while the next arrive (unless
+        # tight: then the old stage goes first, and loading early would hold both)
+        runs = [(target[1], missing)] if tight else _runs_of(missing, target)
+
+        def stop() -> bool:
+            return self.keeper.loading != target
+
         def run() -> None:
+            report, error, before = None, None, 0
             try:
-                report, error = disk.fetch(missing, peers, progressed, lambda: self.keeper.loading != target), None
+                for upto, entries in runs:
+                    report = disk.fetch(entries, peers, lambda done, b=before: progressed(b + done), stop)
+                    before += sum(e.object_size for e in entries)
+                    if report.stopped:
+                        break
+                    if upto < target[1]:
+                        self.host.loop.call_soon_threadsafe(self._load_early, target, upto)
             except Exception as failure:  # noqa: BLE001 (FetchFailed, a disk error: the load fails with it)
                 report, error = None, failure
             with contextlib.suppress(RuntimeError):  # the loop has closed
@@ -576,6 +619,7 @@ class Engine:
         self.host.disk_changed(self.disk.state())  # what we now hold, for peers that lack it too
         if self.keeper.loading != target:
             self._fetch_share.pop(target, None)
+            self._early.pop(target, None)
             self.keeper.load_abandoned(target)
             self._keep(self.keeper.tick(time.monotonic(), self._in_use))
             return
@@ -600,6 +644,7 @@ class Engine:
 
     def _loaded(self, target: Range, shard: Shard | None, error: BaseException | None) -> None:
         now = time.monotonic()
+        self._early.pop(target, None)
         if isinstance(error, LoadAbandoned):
             self.keeper.load_abandoned(target)
             self._keep(self.keeper.tick(now, self._in_use))
@@ -647,6 +692,26 @@ class Engine:
             **self.scheduler.status(),  # as stage 0 of the routes that start here
             **self._figures,  # the caches this node holds (stage_requests, kv and prefix-cache bytes)
         }
+
+
+EARLY_RUNS = 4  # a stage's fetch is split in this many runs of layers, each loaded as it arrives
+
+
+def _runs_of(missing: list[TensorEntry], target: Range) -> list[tuple[int, list[TensorEntry]]]:
+    """`missing` in runs of consecutive layers, about EARLY_RUNS of them: (the first layer
+    after the run, the tensors to fetch for it); the ends come with the first run."""
+    start, end = target
+    step = max(1, -(-(end - start) // EARLY_RUNS))
+    runs = []
+    for upto in range(start + step, end + step, step):
+        upto = min(upto, end)
+        entries = [e for e in missing if (e.layer is None and upto - step <= start) or
+                   (e.layer is not None and upto - step <= e.layer < upto)]
+        if upto == end:  # whatever is left (the last stage's head)
+            taken = {id(e) for _, run in runs for e in run} | {id(e) for e in entries}
+            entries += [e for e in missing if id(e) not in taken]
+        runs.append((upto, entries))
+    return [(upto, entries) for upto, entries in runs if entries]
 
 
 def weight_bytes(shards: Any) -> int:
