@@ -85,7 +85,9 @@ def reference_logits(model: Path, sequence: list[int]) -> list[mx.array]:
     return rows
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", pytest.param("qwen3_moe", marks=pytest.mark.slow),
+# slow (CI's time budget): llama stays; the other families and the chained stage run with -m slow
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen3", marks=pytest.mark.slow),
+                                  pytest.param("qwen3_moe", marks=pytest.mark.slow),
                                   pytest.param("deepseek_v3", marks=pytest.mark.slow)])
 def test_a_group_of_two_gives_mlx_lms_tokens_and_logits(tiny, tmp_path, arch):
     model = tiny[arch]
@@ -104,6 +106,7 @@ def test_a_group_of_two_gives_mlx_lms_tokens_and_logits(tiny, tmp_path, arch):
     assert ranks[0]["logits"] == ranks[1]["logits"]  # all_sum leaves every rank the same floats
 
 
+@pytest.mark.slow  # test_tensor_worker.py chains a group stage with a plain one in every run
 def test_a_group_stage_chained_with_a_plain_shard(tiny, tmp_path):
     """Layers [0, 4) of 8 on the group, [4, 8) a plain Shard in the same process."""
     model = tiny["llama"]

@@ -116,6 +116,7 @@ def idle_cpu(workers: list[Worker], seconds: float) -> list[float]:
     return [sum(p.cpu_times()[:2]) - b for p, b in zip(procs, before)]
 
 
+@pytest.mark.slow  # CI's time budget
 def test_an_idle_group_sleeps(model_dir, tmp_path):
     """The ranks wait for work on sockets, not in a collective (where ring spins a core)."""
     workers = start_group(model_dir, tmp_path)
@@ -148,7 +149,7 @@ def prefill_step(tokens: int = 3) -> Step:
     return Step((("g", 0, 8),), 0, "prefill", members=(member,), start=0, length=tokens)
 
 
-@pytest.mark.parametrize("busy", [False, True], ids=["idle", "mid-step"])
+@pytest.mark.parametrize("busy", [pytest.param(False, marks=pytest.mark.slow), True], ids=["idle", "mid-step"])
 def test_a_rank_that_dies_fails_the_group_fast(model_dir, tmp_path, busy):
     workers = start_group(model_dir, tmp_path)
     try:
@@ -183,6 +184,7 @@ def test_a_rank_that_dies_fails_the_group_fast(model_dir, tmp_path, busy):
         stop(workers)
 
 
+@pytest.mark.slow  # CI's time budget
 def test_a_hung_step_is_bounded_by_the_step_timeout(model_dir, tmp_path):
     """A peer that vanishes without closing its sockets (SIGSTOP stands in for a Mac switched
     off): rank 0 waits in an all-reduce until its watchdog ends it."""

@@ -90,6 +90,7 @@ def test_a_mac_with_no_weights_fetches_its_layers_and_answers_as_mlx_lm(lab, mac
     assert not [e for e in events if e["kind"] == "suspect"]  # the saturated cable starved no heartbeat
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_the_cluster_keeps_two_copies_of_each_layer_on_disk(lab, macs):
     a, b, c = (lab.add_mac(n) for n in "abc")
     for x, y in ((a, b), (b, c), (a, c)):
@@ -107,6 +108,7 @@ def view_manifest_digest(daemon: DaemonProcess) -> str:
     return next(n["disk"]["manifest"] for n in daemon.status()["nodes"] if n["id"] == daemon.node_id)
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_a_stage_killed_while_the_survivors_lack_its_layers_is_fetched_again(lab, macs, reference):  # noqa: F811
     a, b, c = (lab.add_mac(n) for n in "abc")
     for x, y in ((a, b), (b, c), (a, c)):
@@ -133,6 +135,7 @@ def test_a_stage_killed_while_the_survivors_lack_its_layers_is_fetched_again(lab
     assert "fetched layers" in entry.log()
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_a_model_on_no_disk_says_so_and_serves_nothing(lab, macs):
     a, b = lab.add_mac("a"), lab.add_mac("b")
     lab.cable(a, b)
@@ -152,6 +155,7 @@ def verified(state_dir: Path) -> bool:
                for p in root.glob("??/*") if p.is_file() and "." not in p.name)
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_a_cable_pulled_mid_fetch_and_the_fetch_goes_on_from_another_peer(lab, macs, reference, tmp_path, model_dir):  # noqa: F811
     a, b, c = (lab.add_mac(n) for n in "abc")
     slow = lab.cable(a, b)
@@ -173,6 +177,7 @@ def test_a_cable_pulled_mid_fetch_and_the_fetch_goes_on_from_another_peer(lab, m
     assert read_stream(empty, body, 60, pieces.append)[1] is None and "".join(pieces) == expected
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_a_peer_serving_corrupt_bytes_is_caught_and_avoided(lab, macs, tmp_path, model_dir):  # noqa: F811
     from tbmesh.runtime.modeldir import read_layout, weight_files
 
