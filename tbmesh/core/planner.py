@@ -1115,9 +1115,13 @@ def _with_groups(model: ModelSpec, nodes: list[NodeInfo], links: Sequence[LinkIn
         found = cliques(eligible, links, model.tensor_ways)
         if not found:
             cause = _no_clique(model, eligible, links)
-        for groups in _candidates(found):
-            placement = _grouped(model, nodes, links, context, previous, groups)
-            if placement is not None:
+        for groups in _candidates(_strongest(found, nodes)):
+            # the groups with the other Macs as stages (the layer planner gives each its memory's
+            # share), or the groups only, the others left out
+            for ordered, alone in itertools.product(_head_choices(groups, links), (False, True)):
+                placement = _grouped(model, nodes, links, context, previous, ordered, alone)
+                if placement is None:
+                    continue
                 seconds = decode_s(model, placement.stages, nodes, links)
                 if best is None or seconds < best[0]:
                     best = (seconds, placement)
@@ -1133,7 +1137,7 @@ def _with_groups(model: ModelSpec, nodes: list[NodeInfo], links: Sequence[LinkIn
     seconds, grouped = best
     gain = pipe_s / seconds
     versus = f"{gain:.2f}x the pipeline's expected decode ({1 / seconds:.1f} vs {1 / pipe_s:.1f} tok/s)"
-    shape = _shape(model, grouped.stages, links)
+    shape = _shape(model, grouped.stages, links, named=bool(grouped.left_out))
     if parallel == "tensor":
         return replace(grouped, why=f"{shape} (forced: parallel tensor): {versus}")
     if gain >= MIN_SPEEDUP:
@@ -1153,38 +1157,68 @@ def _no_clique(model: ModelSpec, ids: list[str], links: Sequence[LinkInfo]) -> s
             f"to all (a group needs a cable between every two members)")
 
 
+_PER_SIZE = 6  # cliques tried alone per group size: those of the most memory and bandwidth
+
+
+def _strongest(found: list[tuple[str, ...]], nodes: list[NodeInfo]) -> list[tuple[str, ...]]:
+    """Per size, the cliques whose weakest member has the most memory, then bandwidth (a group
+    is as fast and as big as its weakest member), then by ids; largest sizes first."""
+    by_id = {n.id: n for n in nodes}
+
+    def key(c: tuple[str, ...]) -> tuple:
+        weakest = min((by_id[m].memory_usable, by_id[m].memory_bandwidth) for m in c)
+        return (-len(c), -weakest[0], -weakest[1], c)
+
+    ranked = sorted(found, key=key)
+    return [c for c in ranked if sum(1 for d in ranked[: ranked.index(c)] if len(d) == len(c)) < _PER_SIZE]
+
+
 def _candidates(found: list[tuple[str, ...]]) -> list[tuple[tuple[str, ...], ...]]:
-    """Sets of disjoint groups to try: each clique alone, and per size the cliques taken greedily."""
-    out = [(c,) for c in found]
-    for size in sorted({len(c) for c in found}, reverse=True):
+    """Sets of disjoint groups to try: each clique alone; per size the cliques taken greedily;
+    and cliques taken greedily largest first (e.g. a group of 4 and one of 2 on six Macs)."""
+    out: list[tuple[tuple[str, ...], ...]] = [(c,) for c in found]
+    for size in [*sorted({len(c) for c in found}, reverse=True), 0]:  # 0: any size
         taken: list[tuple[str, ...]] = []
         for c in found:
-            if len(c) == size and not any(set(c) & set(t) for t in taken):
+            if size in (0, len(c)) and not any(set(c) & set(t) for t in taken):
                 taken.append(c)
-        if len(taken) > 1:
+        if len(taken) > 1 and tuple(taken) not in out:
             out.append(tuple(taken))
     return out
 
 
-def _head(group: tuple[str, ...], links: Sequence[LinkInfo]) -> tuple[str, ...]:
-    """The group with the member cabled to most Macs outside it first (it talks to the pipeline)."""
-    def outside(x: str) -> int:
+_HEAD_CHOICES = 16  # head assignments tried per set of groups (the pipeline hops between heads)
+
+
+def _head_choices(groups: tuple[tuple[str, ...], ...],
+                  links: Sequence[LinkInfo]) -> list[tuple[tuple[str, ...], ...]]:
+    """The groups, each with the member that talks to the pipeline first: per group its members
+    cabled to most Macs outside it first (then by id); several groups try combinations, so that
+    consecutive heads can be cabled."""
+    def outside(group: tuple[str, ...], x: str) -> int:
         return sum(1 for link in links if x in (link.a, link.b) and not {link.a, link.b} <= set(group))
-    head = min(group, key=lambda x: (-outside(x), x))
-    return (head, *sorted(x for x in group if x != head))
+
+    heads = [sorted(g, key=lambda x: (-outside(g, x), x)) for g in groups]
+    if len(groups) == 1:  # one group: its best-cabled members only
+        heads = [heads[0][:2]]
+    out = []
+    for choice in itertools.islice(itertools.product(*heads), _HEAD_CHOICES):
+        out.append(tuple((h, *sorted(x for x in g if x != h)) for h, g in zip(choice, groups)))
+    return out
 
 
 def _grouped(model: ModelSpec, nodes: list[NodeInfo], links: Sequence[LinkInfo], context: int,
-             previous: Sequence[Stage] | None, groups: tuple[tuple[str, ...], ...]) -> Placement | None:
-    """The pipeline over `groups` (each one node of their summed memory, less what every member
-    holds whole) and the other nodes, or None when it does not fit; members' memory checked."""
+             previous: Sequence[Stage] | None, ordered: tuple[tuple[str, ...], ...],
+             alone: bool = False) -> Placement | None:
+    """The pipeline over the groups `ordered` (each, head first, one node of their summed memory
+    less what every member holds whole) and the other nodes, or None when it does not fit;
+    members' memory checked."""
     by_id = {n.id: n for n in nodes}
-    ordered = [_head(g, links) for g in groups]
     members = {m for g in ordered for m in g}
     whole = model.embed_bytes + model.head_bytes + model.whole_bytes + 2 * model.num_layers
     caps = {g[0]: len(g) * min(by_id[m].memory_usable for m in g) - (len(g) - 1) * whole for g in ordered}
     heads = {g[0]: g for g in ordered}
-    keep = [n for n in nodes if n.id not in members or n.id in heads]
+    keep = [n for n in nodes if (n.id not in members and not alone) or n.id in heads]
     kept = {n.id for n in keep}
     vlinks = [x for x in links if x.a in kept and x.b in kept]
     for _ in range(3):  # the estimate is rarely short; then shrink by what was over
@@ -1203,19 +1237,23 @@ def _grouped(model: ModelSpec, nodes: list[NodeInfo], links: Sequence[LinkInfo],
                     over[s.node] = excess * len(s.group)
         if not over:
             used = {m for s in stages for m in s.members}
-            return replace(placement, stages=stages, left_out=tuple(n.id for n in nodes if n.id not in used))
+            notes = placement.notes + tuple(f"{_label(n)}: left out, the plan decodes faster without it"
+                                            for n in nodes if n.id not in used and n.id not in kept)
+            return replace(placement, stages=stages, left_out=tuple(n.id for n in nodes if n.id not in used),
+                           notes=notes)
         for head, excess in over.items():
             caps[head] -= excess
     return None
 
 
-def _shape(model: ModelSpec, stages: Sequence[Stage], links: Sequence[LinkInfo]) -> str:
-    """"tensor group of 4 (RDMA, 51 µs all-reduce)", and the single Macs of the pipeline."""
+def _shape(model: ModelSpec, stages: Sequence[Stage], links: Sequence[LinkInfo], named: bool = False) -> str:
+    """"tensor group of 4 (RDMA, 51 µs all-reduce)", and the single Macs of the pipeline; a group
+    is named by its members unless it is the whole plan and `named` is False."""
     groups = [s for s in stages if s.group]
     parts = []
     for s in groups:
         link = describe_link(group_link(s.group, links))
-        names = "" if len(groups) == 1 and len(stages) == 1 else f" {'+'.join(s.group)}"
+        names = "" if len(stages) == 1 and not named else f" {'+'.join(s.group)}"
         parts.append(f"tensor group of {len(s.group)}{names} ({link}, "
                      f"{all_reduce_us(model, s.group, links):.0f} µs all-reduce)")
     singles = len(stages) - len(groups)
