@@ -231,3 +231,24 @@ def test_a_group_goes_over_the_wire():
         assert "the stage's node first" in str(error)
     else:
         raise AssertionError("a group not led by its stage's node was accepted")
+
+
+def test_describe_model_gives_what_a_group_needs():
+    from tbmesh.core.modelspec import describe_model
+
+    config = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 2, "moe_intermediate_size": 4, "intermediate_size": 16,
+              "num_experts": 4, "num_experts_per_tok": 1}
+    tensors = {"model.embed_tokens.weight": ("BF16", [10, 8]), "lm_head.weight": ("BF16", [10, 8]),
+               "model.norm.weight": ("BF16", [8])}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        tensors |= {p + "input_layernorm.weight": ("BF16", [8]),  # whole on every member
+                    p + "self_attn.q_proj.weight": ("BF16", [8, 8]),
+                    p + "mlp.gate.weight": ("BF16", [4, 8]),  # the router: whole
+                    p + "mlp.switch_mlp.up_proj.weight": ("BF16", [4, 4, 8])}  # 1 of 4 experts read
+    spec = describe_model("m", config, tensors)
+    assert spec.tensor_ways == (2,)  # 2 key-value heads: 2 ways only
+    assert spec.hidden_size == 8
+    assert spec.whole_bytes == 2 * (8 + 32) * 2
+    assert spec.read_bytes == sum(spec.layer_bytes) - 2 * (3 * 4 * 4 * 8 * 2 // 4)

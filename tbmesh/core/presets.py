@@ -19,13 +19,11 @@ from typing import Any
 from tbmesh.core.modelspec import tensor_ways, text_config
 from tbmesh.core.types import ModelSpec
 
-BF16 = 2  # bytes of an unquantized weight
-
 TABLE_FILE = Path(__file__).with_name("presets.json")  # package data (pyproject.toml)
 REGENERATE = "python -m tbmesh.runtime.presets_table"
 # Per preset, the table holds a ModelSpec's fields but its name (the key): what the planner
 # needs and no more (the tensor shapes behind them would be thousands of lines per preset).
-SIZE_FIELDS = ("layer_bytes", "embed_bytes", "head_bytes", "kv_bytes_per_token_per_layer")
+SIZE_FIELDS = ("layer_bytes", "embed_bytes", "head_bytes", "kv_bytes_per_token_per_layer", "read_bytes", "whole_bytes")
 
 
 @dataclass(frozen=True)
@@ -262,49 +260,20 @@ def preset_spec(name: str) -> ModelSpec:
     sizes = read_table().get(preset.name)
     if sizes is None:
         raise RuntimeError(f"preset {preset.name!r} is missing from {TABLE_FILE.name}: regenerate it with {REGENERATE}")
-    layers = tuple(sizes["layer_bytes"])
-    read, whole = _read_and_whole(preset, layers)
     config = preset.config
     if preset.bits is not None:  # mlx-lm's checkpoint says so in its config.json
         config = {**config, "quantization": {"group_size": preset.group_size, "bits": preset.bits}}
     return ModelSpec(
         name=preset.name,
-        layer_bytes=layers,
+        layer_bytes=tuple(sizes["layer_bytes"]),
         embed_bytes=sizes["embed_bytes"],
         head_bytes=sizes["head_bytes"],
         kv_bytes_per_token_per_layer=sizes["kv_bytes_per_token_per_layer"],
-        tensor_ways=tensor_ways(config),
+        tensor_ways=tensor_ways(config),  # from the config, as describe_model does
         hidden_size=text_config(config).get("hidden_size", 0),
-        read_bytes=read,
-        whole_bytes=whole,
+        read_bytes=sizes["read_bytes"],
+        whole_bytes=sizes["whole_bytes"],
     )
-
-
-def _read_and_whole(p: Preset, layer_bytes: tuple[int, ...]) -> tuple[int, int]:
-    """Layer bytes a decoded token reads (an MoE layer: all but the unused experts) and those
-    mlx-lm's `shard` keeps whole on every member of a group (the MoE router, MLA's
-    down-projections q_a_proj and kv_a_proj_with_mqa), from the config: the table has sizes only."""
-    cfg = text_config(p.config)
-    hidden = cfg["hidden_size"]
-    experts = cfg.get("n_routed_experts") or cfg.get("num_experts") or 0
-    expert_bytes = 3 * hidden * cfg.get("moe_intermediate_size", 0) * param_bytes(p, "switch_mlp")
-    attention = param_bytes(p, "self_attn")
-    router = experts * hidden * attention
-    mla = hidden * (cfg["q_lora_rank"] + cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * attention \
-        if cfg.get("q_lora_rank") else 0
-    read = whole = 0.0
-    for layer in layer_bytes:
-        moe = experts and layer > experts * expert_bytes
-        read += layer - (experts - cfg["num_experts_per_tok"]) * expert_bytes if moe else layer
-        whole += router + mla if moe else mla
-    return round(read), round(whole)
-
-
-def param_bytes(p: Preset, module: str) -> float:
-    """Bytes of one weight: bfloat16, or `bits` with a bfloat16 scale and bias per group."""
-    if p.bits is None or (p.quantize_only is not None and p.quantize_only not in module):
-        return BF16
-    return p.bits / 8 + 2 * BF16 / p.group_size
 
 
 @functools.cache
