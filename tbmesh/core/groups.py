@@ -20,6 +20,16 @@ a group at its slowest member's. A group's collectives run over jaccl when every
 cables has RDMA (tensor_cost.TB5_RDMA), else over MLX's TCP ring with the links' measured
 latency (rtt / 2) and bandwidth (unmeasured: tensor_cost.TB4_TCP's). Hops between stages go
 over tbmesh's TCP data plane: measured, else TB4_TCP's figures.
+
+The choice (tbmesh.core.planner, plan_layers(parallel="auto"|"tensor")): candidates are the
+cliques of Macs cabled all to all whose size the model splits into (ModelSpec.tensor_ways),
+the strongest few per size, alone or as disjoint sets (greedy per size, and largest first);
+each is planned as a pipeline in which a group is one node (its members' smallest memory
+times their number, less what each holds whole), with its best-cabled members tried as the
+one that talks to the pipeline, with and without the other Macs as stages. A plan whose
+member would be over its memory is shrunk and planned again, or dropped. "auto" takes the
+fastest expected decode if it beats the pipeline's by MIN_SPEEDUP, "tensor" the fastest with
+a group; `Placement.why` gives the numbers.
 """
 
 from __future__ import annotations

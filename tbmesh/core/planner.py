@@ -48,6 +48,9 @@ stage may only follow one joined to it by a link of bucket >= t (at NO_LINK, any
 The band (k within 1 of the share) is searched first; only when it has no solution does the
 relaxed search (any k that fits) run. Typical cost: under 20 ms for 256 nodes (bench/planner.py).
 
+Tensor groups (`parallel` other than "pipeline"): a stage may be a group of Macs cabled all
+to all, each holding its share of every layer; tbmesh.core.groups says how they are chosen.
+
 Feasibility (`feasible_order`, `fits_anywhere`) only asks whether *some* partition exists:
 a bitmask DP, exact up to 12 eligible nodes, a greedy heuristic beyond.
 """
