@@ -93,7 +93,8 @@ MY_NONCE, THEIR_NONCE = b"m" * wire.NONCE_BYTES, b"t" * wire.NONCE_BYTES
 # Field values that the type hints cannot say (the semantic rules in wire._SEMANTIC, and a
 # greeting from our own cluster so the handshake gets past its first check).
 FIELD_VALUES: dict[str, Any] = {"nonce": THEIR_NONCE, "proof": b"p" * wire.PROOF_BYTES, "cluster": ME.cluster,
-                                "version": wire.PROTOCOL_VERSION}
+                                "version": wire.PROTOCOL_VERSION,
+                                "group": ("node", "member")}  # a Stage's tensor group: its node first
 DIGEST = "0123456789abcdef" * 4  # a weight object's name (Fetch, Part)
 
 

@@ -22,6 +22,7 @@ from tbmesh.client import (
     open_api,
     stream_answer,
 )
+from tbmesh.core.groups import PARALLEL, member_bytes
 from tbmesh.core.replicas import REPLICAS
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement
 from tbmesh.serving.settings import ServingSettings
@@ -117,8 +118,10 @@ def parse_node(text: str) -> NodeInfo:
 
 
 def parse_link(text: str, names: Sequence[str]) -> LinkInfo:
-    """"a-b:80Gbps" -> a link between nodes a and b (names may contain dashes)."""
-    pair, sep, speed = text.rpartition(":")
+    """"a-b:80Gbps" -> a link between nodes a and b (names may contain dashes); "a-b:80Gbps:rdma"
+    says both ends run RDMA on that cable (macOS 26.2+, Thunderbolt 5)."""
+    rdma = text.endswith(":rdma")
+    pair, sep, speed = text.removesuffix(":rdma").rpartition(":")
     if not sep or not pair or not speed:
         raise UsageError(f"bad --link {text!r}: expected A-B:BANDWIDTH, e.g. studio1-studio2:80Gbps")
     ends = [
@@ -131,7 +134,7 @@ def parse_link(text: str, names: Sequence[str]) -> LinkInfo:
     a, b = ends[0]
     if a == b:
         raise UsageError(f"bad --link {text!r}: a link joins two different nodes")
-    return LinkInfo(a, b, parse_bandwidth(speed))
+    return LinkInfo(a, b, parse_bandwidth(speed), rdma=rdma)
 
 
 def build_request(
@@ -195,13 +198,20 @@ def build_request(
 # --- output ---------------------------------------------------------------------------
 
 
-def placement_json(placement: Placement) -> dict[str, Any]:
-    return {
-        "fits": placement.fits,
-        "reason": placement.reason,
-        "stages": [{"node": s.node, "start": s.start, "end": s.end, "bytes": s.bytes} for s in placement.stages],
-        "left_out": list(placement.left_out),
-    }
+def placement_json(placement: Placement, model: ModelSpec | None = None, context: int = 0) -> dict[str, Any]:
+    """The placement as `tbmesh plan --json` prints it: a group's stage has its members and the
+    bytes each holds (`member_bytes`, KV room included); `why` when the planner chose a shape."""
+    last = len(placement.stages) - 1
+    stages = []
+    for i, s in enumerate(placement.stages):
+        stage: dict[str, Any] = {"node": s.node, "start": s.start, "end": s.end, "bytes": s.bytes}
+        if s.group:
+            stage["group"] = list(s.group)
+            if model is not None:
+                stage["member_bytes"] = member_bytes(model, s.start, s.end, len(s.group), i == 0, i == last, context)
+        stages.append(stage)
+    out = {"fits": placement.fits, "reason": placement.reason, "stages": stages, "left_out": list(placement.left_out)}
+    return out | ({"why": placement.why} if placement.why else {})
 
 
 COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
@@ -251,11 +261,16 @@ def render(console: Console, request: PlanRequest, placement: Placement) -> None
     stages = placement.stages
     for i, stage in enumerate(stages):
         kv_bytes = model.kv_bytes(request.context, stage.num_layers)
-        share = (stage.bytes + kv_bytes) / usable[stage.node] if usable.get(stage.node) else 0.0
-        row = [Text(_letter(i), style=f"bold {COLOURS[i % len(COLOURS)]}"), stage.node]
+        room = min(usable.get(m, 0) for m in stage.members)  # a group: its smallest member's
+        held = stage.bytes + kv_bytes
+        if stage.group:  # each member's share (tbmesh.core.groups.member_bytes)
+            held = member_bytes(model, stage.start, stage.end, len(stage.group), i == 0, i == len(stages) - 1,
+                                request.context)
+        share = held / room if room else 0.0
+        row = [Text(_letter(i), style=f"bold {COLOURS[i % len(COLOURS)]}"), "+".join(stage.members)]
         row += [f"{stage.start}-{stage.end - 1}", str(stage.num_layers), format_bytes(stage.bytes)]
         row += [format_bytes(kv_bytes)] if show_kv else []
-        row += [format_bytes(usable.get(stage.node, 0)), f"{share:.0%}"]
+        row += [format_bytes(room), f"{share:.0%}"]
         if request.links:
             row += [_hop(request, stage.node, stages[i + 1].node) if i + 1 < len(stages) else ""]
         table.add_row(*row)
@@ -266,8 +281,14 @@ def render(console: Console, request: PlanRequest, placement: Placement) -> None
         console.print(f"left out: {', '.join(placement.left_out)}")
     for note in request.notes + placement.notes:
         console.print(f"note: {note}")
+    if placement.why:
+        console.print(f"why: {placement.why}")
+    if any(s.group for s in stages):
+        console.print("a group's members each hold their share of every layer of the stage plus what mlx-lm keeps "
+                      "whole (usable and used: the smallest member's)")
     if placement.fits:
-        console.print(f"[bold green]fits[/] on {len(stages)} of {len(request.nodes)} nodes")
+        count = sum(len(s.members) for s in stages)
+        console.print(f"[bold green]fits[/] on {count} of {len(request.nodes)} nodes")
     else:
         console.print(f"[bold red]does not fit:[/] [red]{placement.reason or 'no reason given'}[/]")
 
@@ -298,7 +319,8 @@ def plan(
     layers: Optional[int] = typer.Option(None, "--layers", help="A made-up model of N equal layers (with --layer-size)."),
     layer_size: Optional[str] = typer.Option(None, "--layer-size", help="Bytes per layer for --layers, e.g. 10GB."),
     node: list[str] = typer.Option([], "--node", help="NAME:MEMORY, the usable memory of a Mac (repeat per Mac)."),
-    link: list[str] = typer.Option([], "--link", help="A-B:BANDWIDTH, a cable between two nodes, e.g. a-b:80Gbps."),
+    link: list[str] = typer.Option([], "--link", help="A-B:BANDWIDTH[:rdma], a cable between two nodes, e.g. a-b:80Gbps (:rdma: both ends run RDMA on it)."),
+    parallel: str = typer.Option("pipeline", "--parallel", help="pipeline: layers over Macs; auto: tensor groups of Macs cabled all to all where the cost model projects a faster decode; tensor: groups wherever possible (the daemon's --parallel)."),
     context: Optional[int] = typer.Option(None, "--context", help=f"Tokens of KV cache to leave room for [default: {DEFAULT_CONTEXT}]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the known models and exit."),
@@ -316,11 +338,14 @@ def plan(
         request = build_request(model, preset, layers, layer_size, node, link, context)
         from tbmesh.core.planner import plan_layers
 
-        placement = plan_layers(request.model, request.nodes, request.links, context=request.context)
+        if parallel not in PARALLEL:
+            raise UsageError(f"bad --parallel {parallel!r}: use {', '.join(PARALLEL)}")
+        placement = plan_layers(request.model, request.nodes, request.links, context=request.context,
+                                parallel=parallel)
     except ValueError as error:  # bad arguments, sizes, model directories, presets
         _fail(str(error))
     if as_json:
-        print(json.dumps(placement_json(placement)))
+        print(json.dumps(placement_json(placement, request.model, request.context)))
     else:
         render(console, request, placement)
     raise typer.Exit(EXIT_FITS if placement.fits else EXIT_DOES_NOT_FIT)
@@ -365,6 +390,7 @@ def daemon(
     prefill_chunk: int = typer.Option(ServingSettings.prefill_chunk, "--prefill-chunk", help="The most prompt tokens one step prefills; streams already decoding take a step between two chunks."),
     max_batch: int = typer.Option(ServingSettings.max_batch, "--max-batch", help="The most requests one decode step runs."),
     prefix_cache: bool = typer.Option(ServingSettings.prefix_cache, "--prefix-cache/--no-prefix-cache", help="Keep the KV of recent prompts and answers, so a prompt that starts the same prefills only the rest."),
+    parallel: str = typer.Option("pipeline", "--parallel", help="How the leader splits the model: pipeline (layers over Macs), auto (tensor groups of Macs cabled all to all where the cost model says they decode faster) or tensor. Only pipeline runs yet: the serving engine cannot run a tensor group, so a plan with one is refused as not fitting, with the planner's reason (see tbmesh plan --parallel)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:  # fmt: skip
     """Run this Mac's node: discover peers on Thunderbolt, join the cluster, serve the API."""
@@ -385,6 +411,8 @@ def daemon(
         _fail("--resume-wait must be 0 or more seconds")
     if replicas < 1:
         _fail("--replicas must be 1 or more")
+    if parallel not in PARALLEL:
+        _fail(f"bad --parallel {parallel!r}: use {', '.join(PARALLEL)}")
     if prefill_chunk < 1 or max_batch < 1:
         _fail("--prefill-chunk and --max-batch must be 1 or more")
     if secret is not None and secret_file is not None:
@@ -422,7 +450,7 @@ def daemon(
     config = DaemonConfig(
         interfaces=interface or None, port=port, api_host=api_host, api_port=api_port, ollama_port=ollama_port,
         api_key=api_key, cluster=cluster, model=model, secret=secret_bytes, memory_usable=usable, probe_links=probe, mqtt=mqtt,
-        replicas=replicas, disk_slack=slack,
+        replicas=replicas, disk_slack=slack, parallel=parallel,
         serving=ServingSettings(context=context, prefill_chunk=prefill_chunk, max_batch=max_batch,
                                 resume_wait=resume_wait, prefix_cache=prefix_cache),
     )

@@ -32,7 +32,7 @@ from tbmesh.core.cluster import ClusterNode, CoreConfig
 from tbmesh.core.membership import PeerState, Timing
 from tbmesh.core.messages import Disconnect, DiskState, Event, KeepOnDisk, Send
 from tbmesh.core.replicas import REPLICAS
-from tbmesh.core.types import ModelSpec, NodeInfo, Plan
+from tbmesh.core.types import ModelSpec, NodeInfo, Placement, Plan
 from tbmesh.net import interfaces as netif
 from tbmesh.net import peers, probe, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
@@ -97,6 +97,7 @@ class DaemonConfig:
     mqtt: str | None = None  # mqtt://host[:port]: publish state and events there (tbmesh.telemetry)
     replicas: int = REPLICAS  # copies of each layer on the members' disks (tbmesh.core.replicas)
     disk_slack: int | None = None  # bytes of the model kept on disk beyond our stage; None: as the disk allows
+    parallel: str = "pipeline"  # the planner's shapes (tbmesh.core.groups); serving runs pipelines only yet
 
 
 class Daemon:
@@ -155,7 +156,8 @@ class Daemon:
         info = await self._measure()
         self.core = ClusterNode(info, self.identity.incarnation, self.now(),
                                 CoreConfig(cfg.timing, self.model, cfg.serving.context,
-                                           self.disk.name if self.disk is not None else None, cfg.replicas))
+                                           self.disk.name if self.disk is not None else None, cfg.replicas,
+                                           cfg.parallel), planner=serve_pipelines_only)
         from tbmesh.serving.engine import Engine
 
         self.engine = Engine(self, model_dir, cfg.serving, self.disk)
@@ -668,7 +670,8 @@ class Daemon:
         self.channels.clear()
         info = NodeInfo(self.identity.node_id, self.core.info.name, self.core.info.chip,
                         self.core.info.memory_total, self.core.info.memory_usable, self.core.info.flops)
-        self.core = ClusterNode(info, self.identity.incarnation, self.now(), self.core.config)
+        self.core = ClusterNode(info, self.identity.incarnation, self.now(), self.core.config,
+                                planner=serve_pipelines_only)
         await self._discovery.stop()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
         await self._discovery.start()
@@ -914,10 +917,24 @@ def _replicas(model: ModelSpec | None, disks: dict[str, DiskState]) -> list[int]
     return [sum(d.has(i, i + 1) for d in disks.values() if d.model == model.name) for i in range(model.num_layers)]
 
 
+def serve_pipelines_only(*args: Any, **kwargs: Any) -> Placement:
+    """The core's planner, but a placement with a tensor group does not fit: the serving engine
+    runs one Mac a stage only (a group's first member would load the whole stage). Its `why`
+    goes into the reason, so /status says what the planner would have done."""
+    from tbmesh.core.planner import plan_layers
+
+    placement = plan_layers(*args, **kwargs)
+    if placement.fits and any(s.group for s in placement.stages):
+        groups = "; ".join("+".join(s.group) for s in placement.stages if s.group)
+        return Placement(fits=False, reason=f"the plan has a tensor group ({groups}: {placement.why}), and this "
+                                            f"version serves pipelines only: run with --parallel pipeline")
+    return placement
+
+
 def _plan_json(plan: Plan | None) -> dict[str, Any] | None:
     return None if plan is None else {
         "term": plan.term, "epoch": plan.epoch, "model": plan.model,
         "stages": [{"node": s.node, "start": s.start, "end": s.end, "bytes": s.bytes}
-                   for s in plan.stages],
+                   | ({"group": list(s.group)} if s.group else {}) for s in plan.stages],
         "left_out": list(plan.left_out),
     }

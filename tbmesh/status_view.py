@@ -230,7 +230,7 @@ def _plan_lines(status: Status, names: dict[str, str], width: int) -> list[Rende
         stages = _list(plan["stages"])
         lines.append(_pack([Text(f"epoch {plan.get('epoch', '?')}", style="bold"),
                             Text(f"term {plan.get('term', '?')}"),
-                            Text(f"{_layer_count(stages)} layers on {_plural(len(stages), 'node')}",
+                            Text(f"{_layer_count(stages)} layers on {_plural(_member_count(stages), 'node')}",
                                  style="dim")], width))
         lines += _bar(stages, names, width)
         left_out = [_name(names, n) for n in _list(plan.get("left_out"))]
@@ -274,7 +274,7 @@ def _bar(stages: list[dict[str, Any]], names: dict[str, str], width: int,
     bar, labels, legend, cut = Text(), Text(), [], False
     for i, (stage, cells) in enumerate(zip(stages, widths)):
         colour, block = STAGE_COLOURS[i % len(STAGE_COLOURS)], STAGE_BLOCKS[i % 2]
-        label = f"{_name(names, stage.get('node'))} {_range(*_span(stage))}"
+        label = f"{_members(names, stage)} {_range(*_span(stage))}"
         if progress is not None:
             done = max(0.0, min(1.0, float(progress.get(stage.get("node"), 0) or 0)))
             filled = round(cells * done)
@@ -294,6 +294,16 @@ def _bar(stages: list[dict[str, Any]], names: dict[str, str], width: int,
     if cut:  # some labels did not fit their segment: list them all in full
         lines.append(_pack(legend, width))
     return lines
+
+
+def _members(names: dict[str, str], stage: dict[str, Any]) -> str:
+    """A stage's Mac, or a tensor group's members on one segment: "studio1+studio2"."""
+    group = [m for m in _list(stage.get("group")) if isinstance(m, str)]
+    return "+".join(_name(names, m) for m in group) if group else _name(names, stage.get("node"))
+
+
+def _member_count(stages: list[dict[str, Any]]) -> int:
+    return sum(len(_list(s.get("group"))) or 1 for s in stages)
 
 
 def _segment_widths(sizes: list[int], width: int) -> list[int]:

@@ -15,6 +15,8 @@ Every daemon publishes its own state to one broker under `tbmesh/<cluster>/`:
     tbmesh/<cluster>/leader               yes       the leader  {"id","name","term","members":[{"id","name","state"}]}
     tbmesh/<cluster>/plan                 yes       the leader  {"model","fits","reason","term","epoch",
                                                                  "stages":[{"node","name","start","end","bytes"}],
+                                                                 a tensor group's stage also "group" (its
+                                                                 members' ids, `node` first), "group_names",
                                                                  "left_out","preparing","replicas"}  (only with --model;
                                                                  "preparing": the next plan while it loads,
                                                                  with "progress" per node, or null; "replicas": how
@@ -155,7 +157,9 @@ def retained_state(status: dict[str, Any]) -> dict[str, bytes]:
         plan, preparing, no_fit = status["plan"], status.get("preparing"), status.get("no_fit")
 
         def named(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [{**s, "name": names.get(s["node"])} for s in stages]
+            return [{**s, "name": names.get(s["node"])}
+                    | ({"group_names": [names.get(m) for m in s["group"]]} if s.get("group") else {})
+                    for s in stages]
 
         if plan is not None or preparing is not None or no_fit:
             out[f"{prefix}/plan"] = {

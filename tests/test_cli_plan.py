@@ -187,3 +187,29 @@ def test_bad_model_directory_is_one_line(tmp_path):
     result = run("plan", "--model", str(tmp_path), "--node", "a:8GB")
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_parallel_auto_shows_a_group_and_why():
+    studios = [f"--node=studio{i}:384GiB" for i in range(1, 5)]
+    cables = [f"--link=studio{a}-studio{b}:80Gbps:rdma" for a, b in ((1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4))]
+    code, plan = plan_json("--preset", "kimi-k2-thinking", *studios, *cables, "--parallel", "auto")
+    assert code == 0
+    assert [(s["start"], s["end"], s["group"]) for s in plan["stages"]] == [
+        (0, 61, ["studio1", "studio2", "studio3", "studio4"])]
+    assert 0 < plan["stages"][0]["member_bytes"] < 384 * 2**30
+    assert plan["why"].startswith("tensor group of 4 (RDMA, 53 µs all-reduce): 2.48x the pipeline's expected decode")
+    human = run("plan", "--preset", "kimi-k2-thinking", *studios, *cables, "--parallel", "auto")
+    assert human.returncode == 0 and "why: tensor group of 4 (RDMA" in " ".join(human.stdout.split())
+    assert "fits on 4 of 4 nodes" in human.stdout
+    # the default is the pipeline, as today: no group, no why
+    code, plan = plan_json("--preset", "kimi-k2-thinking", *studios, *cables)
+    assert code == 0 and "why" not in plan and all("group" not in s for s in plan["stages"])
+
+
+def test_parallel_tensor_where_no_group_can_be_made_exits_3_with_the_reason():
+    result = run("plan", "--layers", "8", "--layer-size", "10GB", "--node", "a:50GB", "--node", "b:50GB",
+                 "--parallel", "tensor")
+    assert result.returncode == 3
+    assert "no tensor group possible: 8 layers cannot be split across Macs" in " ".join(result.stdout.split())
+    bad = run("plan", "--layers", "8", "--layer-size", "10GB", "--node", "a:50GB", "--parallel", "both")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: bad --parallel 'both': use auto, pipeline, tensor"

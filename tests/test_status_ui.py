@@ -156,6 +156,27 @@ def test_frame_shows_nodes_leader_links_plan_runtime_and_events(width):
     assert text.index("dead     studio-e") < text.index("joined   studio-e")  # newest first
 
 
+def grouped(status: dict) -> dict:
+    """The same four Studios as one tensor group of studio-a and studio-b (layers 0-40) and a
+    pipeline stage on studio-c, studio-d left out (the planner's parallel="auto")."""
+    status["plan"]["stages"] = [
+        {"node": IDS["studio-a"], "start": 0, "end": 41, "bytes": int(41 * 9.6 * GB),
+         "group": [IDS["studio-a"], IDS["studio-b"]]},
+        {"node": IDS["studio-c"], "start": 41, "end": 61, "bytes": int(20 * 9.6 * GB)}]
+    status["plan"]["left_out"] = [IDS["studio-d"]]
+    return status
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_a_tensor_group_is_its_members_on_one_segment_of_the_plan_bar(width):
+    text = frame(grouped(kimi_status()), width)
+    assert_fits(text, width)
+    assert "61 layers on 3 nodes" in text
+    labels = next(line for line in text.splitlines() if "studio-a+studio-b 0-40" in line)
+    assert labels.index("studio-a+studio-b 0-40") < labels.index("studio-c 41-60")
+    assert re.search(r"left out: +studio-d", text)
+
+
 def test_wide_screens_put_panels_side_by_side_and_narrow_ones_drop_columns():
     wide, narrow = frame(kimi_status(), 200), frame(kimi_status(), 80)
     assert any("studio-a" in line and "studio-a ↔ studio-b" in line for line in wide.splitlines())

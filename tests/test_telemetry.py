@@ -381,3 +381,12 @@ def test_a_missing_broker_never_blocks_the_caller():
         assert time.monotonic() - started < telemetry.CLOSE_TIMEOUT + 0.5
 
     asyncio.run(main())
+
+
+def test_a_tensor_groups_members_are_published_with_their_names():
+    status = _status()
+    status["plan"]["stages"] = [{"node": "n2", "start": 0, "end": 8, "bytes": 2 * 10**9, "group": ["n2", "n1"]}]
+    plan = json.loads(retained_state(status)["tbmesh/unit/plan"])
+    assert plan["stages"] == [{"node": "n2", "name": "two", "start": 0, "end": 8, "bytes": 2 * 10**9,
+                               "group": ["n2", "n1"], "group_names": ["two", "one"]}]
+    assert "group" not in json.loads(retained_state(_status())["tbmesh/unit/plan"])["stages"][0]

@@ -52,14 +52,18 @@ def test_kimi_reads_its_active_experts_only():
     # 61 layers of ~10.9 GB hold 658 GB; a token reads attention, the shared expert and 8 of
     # 384 routed experts (27.5 MB each at int4 group 32) a layer, plus the 2.35 GB head
     assert 33 * GB < work.weight_bytes < 36 * GB
-    assert work.whole_bytes == pytest.approx(2_348_824_576 + 60 * 35_782_656 + 30_277_632, rel=1e-6)
+    # whole: the head, the router and MLA's down-projections, and the norms (61 layers of 32 KB)
+    # and the routers' score bias (60 x 384 float32), as describe_model sums mlx-lm's tensors
+    norms = 61 * 2 * (2 * 7168 + 1536 + 512) + 60 * 384 * 4
+    assert work.whole_bytes == pytest.approx(2_348_824_576 + 60 * 35_782_656 + 30_277_632 + norms, rel=1e-6)
     assert decode_work(KIMI, split_all=True).weight_bytes == pytest.approx(work.weight_bytes)
     assert decode_work(KIMI, split_all=True).whole_bytes == 0
 
 
 def test_a_dense_model_leaves_only_its_head_whole():
     work = decode_work("llama-3.1-70b")
-    assert work.whole_bytes == pytest.approx(591_020_032)  # the head; no router, no MLA
+    # the head and the layers' two norms; no router, no MLA
+    assert work.whole_bytes == pytest.approx(591_020_032 + 80 * 2 * 8192 * 2)
     assert work.layers == 80 and work.hidden_bytes == 8192 * 2
 
 

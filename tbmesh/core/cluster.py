@@ -54,6 +54,7 @@ class CoreConfig:
     context: int = 0  # tokens of KV cache each stage must keep room for
     model_name: str | None = None  # without `model`: serve this one, as a member's disk state describes it
     replicas: int = REPLICAS  # copies of each layer the leader keeps on its members' disks
+    parallel: str = "pipeline"  # the planner's shapes: pipeline, auto or tensor (tbmesh.core.groups)
 
 
 def _default_planner() -> Planner:
@@ -514,6 +515,7 @@ class ClusterNode:
             self.links(),
             context=self.config.context,
             previous=previous.stages if previous else None,
+            **({"parallel": self.config.parallel} if self.config.parallel != "pipeline" else {}),
         )
         if not placement.fits:
             reason = self._unable_reason(members, placement.reason or "")

@@ -133,6 +133,10 @@ def describe_model(name: str, config: Mapping[str, Any], tensors: Tensors) -> Mo
     num_layers = count_layers(config)
     layers = [0] * num_layers
     embed = head = tied_matrix = 0
+    unread = whole = 0  # bytes of the layers a token does not read / a tensor group keeps whole
+    cfg = text_config(config)
+    experts = _first_int(cfg, "n_routed_experts", "num_experts") or 0
+    active = _first_int(cfg, "num_experts_per_tok") or experts
     has_output = False
     for tensor, (dtype, shape) in tensors.items():
         size = tensor_bytes(tensor, dtype, shape)
@@ -140,6 +144,10 @@ def describe_model(name: str, config: Mapping[str, Any], tensors: Tensors) -> Mo
         if isinstance(part, int):
             if part < num_layers:
                 layers[part] += size
+                if experts and _EXPERT.search(tensor):
+                    unread += size * (experts - active) // experts
+                elif _WHOLE.search(tensor):
+                    whole += size
         elif part in ("output", "norm"):
             has_output = has_output or part == "output"
             head += size
@@ -161,7 +169,70 @@ def describe_model(name: str, config: Mapping[str, Any], tensors: Tensors) -> Mo
         embed_bytes=embed,
         head_bytes=head,
         kv_bytes_per_token_per_layer=kv_bytes_per_token(config, tensors),
+        tensor_ways=tensor_ways(config),
+        hidden_size=_first_int(cfg, "hidden_size") or 0,
+        read_bytes=sum(layers) - unread,
+        whole_bytes=whole,
     )
+
+
+# A layer's tensors that are the routed experts (a token reads num_experts_per_tok of them), and
+# those mlx-lm's `shard` leaves whole on every rank of a group: norms, the MoE router, MLA's
+# down-projections (q_a_proj, kv_a_proj_with_mqa).
+_EXPERT = re.compile(r"\.(switch_mlp|experts\.\d+)\.")
+_WHOLE = re.compile(r"norm\.|\.mlp\.gate\.|\.gate\.e_score|q_a_proj\.|kv_a_proj_with_mqa\.")
+
+
+# --- tensor parallelism: whether mlx-lm's `Model.shard(group)` can split a model n ways -----------
+
+# mlx-lm modules whose model class has `shard(group)` (all of tbmesh.runtime.shard's families in
+# mlx-lm 0.32; tests/test_tensor.py checks each against mlx-lm). Others are split by layers only.
+TENSOR_FAMILIES = frozenset({"llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3", "kimi_k25"})
+# model_type -> the mlx-lm module it is built with, where they differ (mlx_lm.utils.MODEL_REMAPPING)
+_REMAPPED = {"mistral": "llama", "kimi_k2": "deepseek_v3", "joyai_llm_flash": "deepseek_v3",
+             "iquestcoder": "llama", "xverse": "llama"}
+MAX_GROUP = 8  # largest tensor group the planner considers (jaccl: every pair of Macs cabled)
+
+
+def model_family(config: Mapping[str, Any]) -> str | None:
+    """The mlx-lm module of a config.json's model type, without importing mlx-lm."""
+    model_type = config.get("model_type")
+    return None if model_type is None else _REMAPPED.get(model_type, model_type)
+
+
+def tensor_unfit(config: Mapping[str, Any], size: int, family: str | None = None) -> str | None:
+    """Why a model cannot be split over `size` ranks (one line), or None when it can.
+
+    mlx-lm splits heads, key-value heads and hidden units in equal parts (mx.split), and a
+    quantized weight along its input only in whole quantization groups. `family`: the
+    mlx-lm module (default: from the model type)."""
+    name = family if family is not None else model_family(config)
+    if name not in TENSOR_FAMILIES:
+        return f"model type {config.get('model_type')!r} cannot be split across Macs (supported: " \
+               f"{', '.join(sorted(TENSOR_FAMILIES))})"
+    cfg = text_config(config)
+    heads = cfg.get("num_attention_heads", 0)
+    head_dim = cfg.get("head_dim") or cfg.get("v_head_dim") or cfg.get("hidden_size", 0) // max(heads, 1)
+    counts = {"attention heads": heads, "hidden units of the MLP": cfg.get("intermediate_size", 0),
+              "hidden units of each expert": cfg.get("moe_intermediate_size", 0)}
+    if name != "deepseek_v3" and name != "kimi_k25":  # MLA keeps one latent key-value for all heads
+        counts["key-value heads"] = cfg.get("num_key_value_heads", heads)
+    for what, count in counts.items():
+        if count and count % size:
+            return f"its {count} {what} do not split into {size} equal parts"
+    group = (config.get("quantization") or {}).get("group_size")
+    if group:
+        inputs = {"attention output": heads * head_dim, "MLP output": cfg.get("intermediate_size", 0),
+                  "expert output": cfg.get("moe_intermediate_size", 0)}
+        for what, width in inputs.items():
+            if width and (width // size) % group:
+                return f"a {size}-way share of the {what} ({width // size}) is not whole quantization groups of {group}"
+    return None
+
+
+def tensor_ways(config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The group sizes 2..MAX_GROUP a model splits into."""
+    return tuple(n for n in range(2, MAX_GROUP + 1) if tensor_unfit(config, n) is None)
 
 
 def count_layers(config: Mapping[str, Any]) -> int:

@@ -48,6 +48,9 @@ stage may only follow one joined to it by a link of bucket >= t (at NO_LINK, any
 The band (k within 1 of the share) is searched first; only when it has no solution does the
 relaxed search (any k that fits) run. Typical cost: under 20 ms for 256 nodes (bench/planner.py).
 
+Tensor groups (`parallel` other than "pipeline"): a stage may be a group of Macs cabled all
+to all, each holding its share of every layer; tbmesh.core.groups says how they are chosen.
+
 Feasibility (`feasible_order`, `fits_anywhere`) only asks whether *some* partition exists:
 a bitmask DP, exact up to 12 eligible nodes, a greedy heuristic beyond.
 """
@@ -57,11 +60,23 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 
+from tbmesh.core.groups import (
+    MIN_SPEEDUP,
+    PARALLEL,
+    all_reduce_us,
+    cliques,
+    decode_s,
+    describe_link,
+    group_link,
+    link_between,
+    member_bytes,
+    unsplittable,
+)
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement, Stage
 
 GB = 1e9
@@ -936,13 +951,30 @@ def plan_layers(
     links: Sequence[LinkInfo] = (),
     context: int = 0,
     previous: Sequence[Stage] | None = None,
+    parallel: str = "pipeline",
 ) -> Placement:
     """Partition the model's layers over the nodes (see the module docstring).
 
-    Raises ValueError for a model with no layers, a negative context or duplicate node ids.
-    When it does not fit: fits=False, a reason with numbers, and the too-small nodes in
-    left_out.
+    `parallel`: "pipeline" splits layers over Macs only (one Mac a stage); "auto" also tries
+    tensor-parallel groups as stages and takes the shape with the fastest expected decode
+    (tbmesh.core.groups: a group only if at least MIN_SPEEDUP faster); "tensor" takes the
+    fastest shape with a group, and does not fit when none is possible. Except with
+    "pipeline", `why` says what was chosen and why, with the numbers.
+
+    Raises ValueError for a model with no layers, a negative context, duplicate node ids or
+    an unknown `parallel`. When it does not fit: fits=False, a reason with numbers, and the
+    too-small nodes in left_out.
     """
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, not {parallel!r}")
+    pipe = _plan_pipeline(model, nodes, links, context, previous)
+    if parallel == "pipeline" or not pipe.fits:
+        return pipe
+    return _with_groups(model, sorted(nodes, key=lambda n: n.id), links, context, previous, pipe, parallel)
+
+
+def _plan_pipeline(model: ModelSpec, nodes: Sequence[NodeInfo], links: Sequence[LinkInfo],
+                   context: int, previous: Sequence[Stage] | None) -> Placement:
     if model.num_layers == 0:
         raise ValueError(f"model {model.name!r} has no layers")
     if context < 0:
@@ -1069,3 +1101,168 @@ def _split_causes(nodes: list[NodeInfo], small: list[NodeInfo], costs: _Costs, k
     if len(parts) == 1:
         parts.append("whole layers do not pack into the nodes' memory")
     return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------- tensor groups
+
+
+def _with_groups(model: ModelSpec, nodes: list[NodeInfo], links: Sequence[LinkInfo], context: int,
+                 previous: Sequence[Stage] | None, pipe: Placement, parallel: str) -> Placement:
+    """The pipeline `pipe` or a shape with tensor groups, whichever decodes fastest (groups.py)."""
+    pipe_s = decode_s(model, pipe.stages, nodes, links)
+    best: tuple[float, Placement] | None = None
+    cause = unsplittable(model)
+    if cause is None:
+        least = min(model.layer_bytes) + model.kv_bytes(context, 1)
+        eligible = [n.id for n in nodes if n.memory_usable >= least]
+        found = cliques(eligible, links, model.tensor_ways)
+        if not found:
+            cause = _no_clique(model, eligible, links)
+        for groups in _candidates(_strongest(found, nodes)):
+            # the groups with the other Macs as stages (the layer planner gives each its memory's
+            # share), or the groups only, the others left out
+            for ordered, alone in itertools.product(_head_choices(groups, links), (False, True)):
+                placement = _grouped(model, nodes, links, context, previous, ordered, alone)
+                if placement is None:
+                    continue
+                seconds = decode_s(model, placement.stages, nodes, links)
+                if best is None or seconds < best[0]:
+                    best = (seconds, placement)
+        if best is None and cause is None:
+            cause = "no tensor group fits in its members' memory (each member holds its share of every " \
+                    "layer of the stage plus the parts mlx-lm keeps whole)"
+    expected = f"{1 / pipe_s:.1f} tok/s expected"
+    if best is None:
+        if parallel == "tensor":
+            return Placement(fits=False, left_out=(), reason=f"no tensor group possible: {cause}",
+                             notes=pipe.notes)
+        return replace(pipe, why=f"pipeline ({expected}): {cause}")
+    seconds, grouped = best
+    gain = pipe_s / seconds
+    versus = f"{gain:.2f}x the pipeline's expected decode ({1 / seconds:.1f} vs {1 / pipe_s:.1f} tok/s)"
+    shape = _shape(model, grouped.stages, links, named=bool(grouped.left_out))
+    if parallel == "tensor":
+        return replace(grouped, why=f"{shape} (forced: parallel tensor): {versus}")
+    if gain >= MIN_SPEEDUP:
+        return replace(grouped, why=f"{shape}: {versus}")
+    shown = math.floor(gain * 100) / 100  # never "1.20x, below 1.2x"
+    return replace(pipe, why=f"pipeline ({expected}): the best shape with groups, {shape}, would be "
+                             f"{shown:.2f}x ({1 / seconds:.1f} tok/s), below the {MIN_SPEEDUP}x a group must gain")
+
+
+def _no_clique(model: ModelSpec, ids: list[str], links: Sequence[LinkInfo]) -> str:
+    sizes = ", ".join(map(str, model.tensor_ways))
+    if len(ids) < 2:
+        return "one Mac: no group to make"
+    if not any(link_between(links, a, b) for a, b in itertools.combinations(ids, 2)):
+        return "no two Macs are cabled directly (a group needs a cable between every two members)"
+    return (f"{model.name} splits into groups of {sizes} only, and no such set of Macs is cabled all "
+            f"to all (a group needs a cable between every two members)")
+
+
+_PER_SIZE = 6  # cliques tried alone per group size: those of the most memory and bandwidth
+
+
+def _strongest(found: list[tuple[str, ...]], nodes: list[NodeInfo]) -> list[tuple[str, ...]]:
+    """Per size, the cliques whose weakest member has the most memory, then bandwidth (a group
+    is as fast and as big as its weakest member), then by ids; largest sizes first."""
+    by_id = {n.id: n for n in nodes}
+
+    def key(c: tuple[str, ...]) -> tuple:
+        weakest = min((by_id[m].memory_usable, by_id[m].memory_bandwidth) for m in c)
+        return (-len(c), -weakest[0], -weakest[1], c)
+
+    ranked = sorted(found, key=key)
+    return [c for c in ranked if sum(1 for d in ranked[: ranked.index(c)] if len(d) == len(c)) < _PER_SIZE]
+
+
+def _candidates(found: list[tuple[str, ...]]) -> list[tuple[tuple[str, ...], ...]]:
+    """Sets of disjoint groups to try: each clique alone; per size the cliques taken greedily;
+    and cliques taken greedily largest first (e.g. a group of 4 and one of 2 on six Macs)."""
+    out: list[tuple[tuple[str, ...], ...]] = [(c,) for c in found]
+    for size in [*sorted({len(c) for c in found}, reverse=True), 0]:  # 0: any size
+        taken: list[tuple[str, ...]] = []
+        for c in found:
+            if size in (0, len(c)) and not any(set(c) & set(t) for t in taken):
+                taken.append(c)
+        if len(taken) > 1 and tuple(taken) not in out:
+            out.append(tuple(taken))
+    return out
+
+
+_HEAD_CHOICES = 16  # head assignments tried per set of groups (the pipeline hops between heads)
+
+
+def _head_choices(groups: tuple[tuple[str, ...], ...],
+                  links: Sequence[LinkInfo]) -> list[tuple[tuple[str, ...], ...]]:
+    """The groups, each with the member that talks to the pipeline first: per group its members
+    cabled to most Macs outside it first (then by id); several groups try combinations, so that
+    consecutive heads can be cabled."""
+    def outside(group: tuple[str, ...], x: str) -> int:
+        return sum(1 for link in links if x in (link.a, link.b) and not {link.a, link.b} <= set(group))
+
+    heads = [sorted(g, key=lambda x: (-outside(g, x), x)) for g in groups]
+    if len(groups) == 1:  # one group: its best-cabled members only
+        heads = [heads[0][:2]]
+    out = []
+    for choice in itertools.islice(itertools.product(*heads), _HEAD_CHOICES):
+        out.append(tuple((h, *sorted(x for x in g if x != h)) for h, g in zip(choice, groups)))
+    return out
+
+
+def _grouped(model: ModelSpec, nodes: list[NodeInfo], links: Sequence[LinkInfo], context: int,
+             previous: Sequence[Stage] | None, ordered: tuple[tuple[str, ...], ...],
+             alone: bool = False) -> Placement | None:
+    """The pipeline over the groups `ordered` (each, head first, one node of their summed memory
+    less what every member holds whole) and the other nodes, or None when it does not fit;
+    members' memory checked."""
+    by_id = {n.id: n for n in nodes}
+    members = {m for g in ordered for m in g}
+    whole = model.embed_bytes + model.head_bytes + model.whole_bytes + 2 * model.num_layers
+    caps = {g[0]: len(g) * min(by_id[m].memory_usable for m in g) - (len(g) - 1) * whole for g in ordered}
+    heads = {g[0]: g for g in ordered}
+    keep = [n for n in nodes if (n.id not in members and not alone) or n.id in heads]
+    kept = {n.id for n in keep}
+    vlinks = [x for x in links if x.a in kept and x.b in kept]
+    for _ in range(3):  # the estimate is rarely short; then shrink by what was over
+        vnodes = [replace(n, memory_usable=max(0, caps[n.id])) if n.id in heads else n for n in keep]
+        placement = _plan_pipeline(model, vnodes, vlinks, context, previous)
+        if not placement.fits:
+            return None
+        last = len(placement.stages) - 1
+        stages = tuple(replace(s, group=heads.get(s.node, ())) for s in placement.stages)
+        over = {}
+        for i, s in enumerate(stages):
+            if s.group:
+                need = member_bytes(model, s.start, s.end, len(s.group), i == 0, i == last, context)
+                excess = need - min(by_id[m].memory_usable for m in s.group)
+                if excess > 0:
+                    over[s.node] = excess * len(s.group)
+        if not over:
+            used = {m for s in stages for m in s.members}
+            notes = placement.notes + tuple(f"{_label(n)}: left out, the plan decodes faster without it"
+                                            for n in nodes if n.id not in used and n.id not in kept)
+            return replace(placement, stages=stages, left_out=tuple(n.id for n in nodes if n.id not in used),
+                           notes=notes)
+        for head, excess in over.items():
+            caps[head] -= excess
+    return None
+
+
+def _shape(model: ModelSpec, stages: Sequence[Stage], links: Sequence[LinkInfo], named: bool = False) -> str:
+    """"tensor group of 4 (RDMA, 51 µs all-reduce)", and the single Macs of the pipeline; a group
+    is named by its members unless it is the whole plan and `named` is False."""
+    groups = [s for s in stages if s.group]
+    parts = []
+    for s in groups:
+        link = describe_link(group_link(s.group, links))
+        names = "" if len(stages) == 1 and not named else f" {'+'.join(s.group)}"
+        parts.append(f"tensor group of {len(s.group)}{names} ({link}, "
+                     f"{all_reduce_us(model, s.group, links):.0f} µs all-reduce)")
+    singles = len(stages) - len(groups)
+    text = " and ".join(parts)
+    if singles:
+        text += f" in a pipeline with {singles} single Mac{'s' if singles > 1 else ''}"
+    elif len(groups) > 1:
+        text += " in a pipeline"
+    return text

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tbmesh.core.modelspec import tensor_ways, text_config
 from tbmesh.core.types import ModelSpec
 
 TABLE_FILE = Path(__file__).with_name("presets.json")  # package data (pyproject.toml)
 REGENERATE = "python -m tbmesh.runtime.presets_table"
 # Per preset, the table holds a ModelSpec's fields but its name (the key): what the planner
 # needs and no more (the tensor shapes behind them would be thousands of lines per preset).
-SIZE_FIELDS = ("layer_bytes", "embed_bytes", "head_bytes", "kv_bytes_per_token_per_layer")
+SIZE_FIELDS = ("layer_bytes", "embed_bytes", "head_bytes", "kv_bytes_per_token_per_layer", "read_bytes", "whole_bytes")
 
 
 @dataclass(frozen=True)
@@ -259,12 +260,19 @@ def preset_spec(name: str) -> ModelSpec:
     sizes = read_table().get(preset.name)
     if sizes is None:
         raise RuntimeError(f"preset {preset.name!r} is missing from {TABLE_FILE.name}: regenerate it with {REGENERATE}")
+    config = preset.config
+    if preset.bits is not None:  # mlx-lm's checkpoint says so in its config.json
+        config = {**config, "quantization": {"group_size": preset.group_size, "bits": preset.bits}}
     return ModelSpec(
         name=preset.name,
         layer_bytes=tuple(sizes["layer_bytes"]),
         embed_bytes=sizes["embed_bytes"],
         head_bytes=sizes["head_bytes"],
         kv_bytes_per_token_per_layer=sizes["kv_bytes_per_token_per_layer"],
+        tensor_ways=tensor_ways(config),  # from the config, as describe_model does
+        hidden_size=text_config(config).get("hidden_size", 0),
+        read_bytes=sizes["read_bytes"],
+        whole_bytes=sizes["whole_bytes"],
     )
 
 

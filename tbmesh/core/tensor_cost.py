@@ -41,7 +41,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from tbmesh.core.presets import Preset, get_preset, preset_spec
+from tbmesh.core.presets import preset_spec
+from tbmesh.core.types import ModelSpec
 
 GB = 1e9
 M3_ULTRA_BANDWIDTH = 819 * GB  # bytes/s of memory bandwidth (Apple's M3 Ultra specification)
@@ -127,36 +128,21 @@ def speedup(work: Work, n: int, link: Link, cal: Calibration | None = None) -> f
 
 
 def decode_work(preset: str, split_all: bool = False) -> Work:
-    """A preset's Work per token, from its config and presets.json's layer sizes. W_whole is
-    what mlx-lm's `shard` leaves whole: the output head, and in each layer the MoE router and
-    MLA's down-projections (q_a_proj, kv_a_proj_with_mqa); nothing when `split_all`."""
-    p = get_preset(preset)
-    spec = preset_spec(preset)
-    cfg = p.config
-    hidden = cfg["hidden_size"]
-    experts = cfg.get("n_routed_experts") or cfg.get("num_experts") or 0
-    expert_bytes = 3 * hidden * cfg.get("moe_intermediate_size", 0) * _param_bytes(p, "switch_mlp")
-    attention = _param_bytes(p, "self_attn")
-    whole_per_layer = experts * hidden * attention  # the router
-    if cfg.get("q_lora_rank"):
-        whole_per_layer += hidden * (cfg["q_lora_rank"] + cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]) * attention
-    read = 0.0
-    whole = 0.0
-    for layer in spec.layer_bytes:
-        moe = experts and layer > experts * expert_bytes
-        read += layer - (experts - cfg["num_experts_per_tok"]) * expert_bytes if moe else layer
-        whole += whole_per_layer if moe else whole_per_layer - experts * hidden * attention
-    read += spec.head_bytes  # the embedding: one row a token, nothing
+    """A preset's Work per token (see spec_work)."""
+    return spec_work(preset_spec(preset), split_all)
+
+
+def spec_work(spec: ModelSpec, split_all: bool = False) -> Work:
+    """What one token of `spec` reads: the layers' `read_bytes` (an MoE reads its active experts
+    only) and the head (the embedding: one row a token, nothing). W_whole is what mlx-lm's
+    `shard` leaves whole: the output head, and in each layer its `whole_bytes` (norms, the MoE
+    router, MLA's down-projections); nothing when `split_all`."""
+    read = (spec.read_bytes or sum(spec.layer_bytes)) + spec.head_bytes
+    hidden = spec.hidden_size * BF16
     if split_all:
-        return Work(spec.num_layers, hidden * BF16, read)
-    return Work(spec.num_layers, hidden * BF16, read - whole - spec.head_bytes, whole + spec.head_bytes)
-
-
-def _param_bytes(p: Preset, module: str) -> float:
-    """Bytes of one weight: bfloat16, or `bits` with a bfloat16 scale and bias per group."""
-    if p.bits is None or (p.quantize_only is not None and p.quantize_only not in module):
-        return BF16
-    return p.bits / 8 + 2 * BF16 / p.group_size
+        return Work(spec.num_layers, hidden, read)
+    whole = spec.whole_bytes + spec.head_bytes
+    return Work(spec.num_layers, hidden, read - whole, whole)
 
 
 # --- calibration ---------------------------------------------------------------------

@@ -6,8 +6,12 @@ immutable and plain, so it can be compared, hashed, and sent over the wire as a 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+# Fields marked so are left out of a message when they hold their default (tbmesh.net.wire):
+# what a peer without them sends and reads stays as it was, byte for byte.
+OMIT_DEFAULT = {"wire": "omit_default"}
 
 
 @dataclass(frozen=True)
@@ -20,9 +24,10 @@ class NodeInfo:
     memory_total: int = 0
     memory_usable: int = 0  # what a model may take here (Metal's working set, not all RAM)
     flops: float = 0.0
+    memory_bandwidth: float = field(default=0.0, metadata=OMIT_DEFAULT)  # bytes/s, 0 = unknown
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return _omit_defaults(self)
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> NodeInfo:
@@ -33,6 +38,7 @@ class NodeInfo:
             memory_total=int(data.get("memory_total", 0)),
             memory_usable=int(data.get("memory_usable", 0)),
             flops=float(data.get("flops", 0.0)),
+            memory_bandwidth=float(data.get("memory_bandwidth", 0.0)),
         )
 
 
@@ -44,6 +50,7 @@ class LinkInfo:
     b: str
     bytes_per_s: float = 0.0  # 0 = not measured yet
     rtt_s: float = 0.0
+    rdma: bool = field(default=False, metadata=OMIT_DEFAULT)  # both ends run RDMA on this cable
 
     def joins(self, x: str, y: str) -> bool:
         return {self.a, self.b} == {x, y}
@@ -62,6 +69,11 @@ class ModelSpec:
     embed_bytes: int = 0
     head_bytes: int = 0
     kv_bytes_per_token_per_layer: int = 0
+    # What a tensor group needs to know (tbmesh.core.groups); the defaults mean "cannot split".
+    tensor_ways: tuple[int, ...] = field(default=(), metadata=OMIT_DEFAULT)  # group sizes it splits into
+    hidden_size: int = field(default=0, metadata=OMIT_DEFAULT)  # one hidden state: hidden_size x 2 bytes
+    read_bytes: int = field(default=0, metadata=OMIT_DEFAULT)  # layer bytes a token reads (MoE: active experts); 0 = all
+    whole_bytes: int = field(default=0, metadata=OMIT_DEFAULT)  # layer bytes a group keeps whole on every member
 
     @property
     def num_layers(self) -> int:
@@ -77,23 +89,34 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Stage:
-    """One pipeline stage: `node` holds layers [start, end) and `bytes` of weights."""
+    """One pipeline stage: `node` holds layers [start, end) and `bytes` of weights.
+
+    A tensor-parallel stage has a `group` of Macs cabled all to all, `node` first (the member
+    the pipeline talks to): each member holds its share of every layer (tbmesh.core.groups).
+    A one-Mac stage has no group (and is sent exactly as before groups existed).
+    """
 
     node: str
     start: int
     end: int
-    bytes: int
+    bytes: int  # the stage's weight bytes (a group's members share them, see groups.member_bytes)
+    group: tuple[str, ...] = field(default=(), metadata=OMIT_DEFAULT)
 
     @property
     def num_layers(self) -> int:
         return self.end - self.start
 
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.group or (self.node,)
+
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return _omit_defaults(self)
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Stage:
-        return cls(str(data["node"]), int(data["start"]), int(data["end"]), int(data["bytes"]))
+        group = tuple(str(x) for x in data.get("group", ()))
+        return cls(str(data["node"]), int(data["start"]), int(data["end"]), int(data["bytes"]), group)
 
 
 @dataclass(frozen=True)
@@ -118,9 +141,14 @@ class Plan:
         return tuple(s.node for s in self.stages)
 
     @property
+    def members(self) -> tuple[str, ...]:
+        """Every node holding layers: each stage's members (a group's all), in stage order."""
+        return tuple(m for s in self.stages for m in s.members)
+
+    @property
     def considered(self) -> frozenset[str]:
-        """Every node the plan was made for: the stages and the left-out ones."""
-        return frozenset(self.nodes) | frozenset(self.left_out)
+        """Every node the plan was made for: the stages' members and the left-out ones."""
+        return frozenset(self.members) | frozenset(self.left_out)
 
     def stage_of(self, node: str) -> Stage | None:
         return next((s for s in self.stages if s.node == node), None)
@@ -154,11 +182,20 @@ class Placement:
     left_out: tuple[str, ...] = ()  # nodes given no layers (too small, or not needed)
     reason: str | None = None  # why it does not fit, with numbers and what would make it fit
     notes: tuple[str, ...] = ()  # e.g. why a node was left out
+    why: str = ""  # why this shape (pipeline, tensor groups), with the numbers; "" for parallel="pipeline"
 
     def stamp(self, term: int, epoch: int, model: str) -> Plan:
         if not self.fits:
             raise ValueError("cannot stamp a placement that does not fit")
         return Plan(term, epoch, model, self.stages, self.left_out)
+
+
+def _omit_defaults(obj: Any) -> dict[str, Any]:
+    out = asdict(obj)
+    for f in fields(obj):
+        if f.metadata == OMIT_DEFAULT and out[f.name] == f.default:
+            del out[f.name]
+    return out
 
 
 def ranges_of(indices: list[int]) -> tuple[tuple[int, int], ...]:

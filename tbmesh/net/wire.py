@@ -57,7 +57,7 @@ import msgpack
 import numpy as np
 
 from tbmesh.core.messages import DatabaseSummary, Goodbye, Heartbeat, LinkStates
-from tbmesh.core.types import Stage
+from tbmesh.core.types import OMIT_DEFAULT, Stage
 
 # 2: batched serving (Tokens, Cancel.kind, the steps in Tensor.meta)
 # 3: log-probabilities (Sampled.surprisal and .top, logprobs in the sampling of Tensor.meta)
@@ -454,6 +454,14 @@ def _dataclass_checker(cls: type) -> Check:
     return check
 
 
+def _stage_rules(s: Stage) -> str | None:
+    if s.start > s.end:
+        return f"start {s.start} > end {s.end}"
+    if s.group and (s.group[0] != s.node or len(set(s.group)) != len(s.group) or len(s.group) < 2):
+        return "a group is two or more different nodes, the stage's node first"
+    return None
+
+
 def _hello_rules(h: Hello) -> str | None:
     if len(h.nonce) != NONCE_BYTES:
         return f"nonce of {len(h.nonce)} bytes, expected {NONCE_BYTES}"
@@ -495,7 +503,7 @@ _SEMANTIC: dict[type, Callable[[Any], str | None]] = {
     Hello: _hello_rules,
     Welcome: _hello_rules,
     Auth: lambda a: None if len(a.proof) in (0, PROOF_BYTES) else f"proof of {len(a.proof)} bytes",
-    Stage: lambda s: None if s.start <= s.end else f"start {s.start} > end {s.end}",
+    Stage: _stage_rules,
     Tensor: _tensor_rules,
     Fetch: _fetch_rules,
     Part: _part_rules,
@@ -556,10 +564,15 @@ def parse_header(header: bytes | bytearray | memoryview, payload_len: int) -> An
 # --- encoding ---------------------------------------------------------------------------------
 
 
+def _omitted(obj: Any, f: Any) -> bool:
+    """A field added later (core.types.OMIT_DEFAULT) is not sent while it holds its default."""
+    return f.metadata == OMIT_DEFAULT and getattr(obj, f.name) == f.default
+
+
 def _as_map(obj: Any) -> dict[str, Any]:
     """msgpack's fallback for nested dataclasses (tuples it packs as arrays by itself)."""
     if is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: getattr(obj, f.name) for f in fields(obj)}
+        return {f.name: getattr(obj, f.name) for f in fields(obj) if not _omitted(obj, f)}
     raise TypeError(f"cannot send a {type(obj).__name__}")
 
 
@@ -591,7 +604,8 @@ def encode_head(part: Part) -> bytes:
 
 
 def _head(message: Any, tag: str, skip: str | None, payload_len: int) -> bytes:
-    header = {"t": tag} | {f.name: getattr(message, f.name) for f in fields(message) if f.name != skip}
+    header = {"t": tag} | {f.name: getattr(message, f.name) for f in fields(message)
+                           if f.name != skip and not _omitted(message, f)}
     packed = msgpack.packb(header, default=_as_map, use_bin_type=True)
     if len(packed) > MAX_HEADER:
         raise ValueError(f"{tag} header of {len(packed)} bytes exceeds {MAX_HEADER}")

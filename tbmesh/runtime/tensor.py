@@ -28,14 +28,13 @@ import mlx.core as mx
 from mlx import nn
 from mlx_lm.utils import _get_classes
 
-from tbmesh.core.modelspec import text_config
+from tbmesh.core.modelspec import TENSOR_FAMILIES
+from tbmesh.core.modelspec import tensor_unfit as core_tensor_unfit
 from tbmesh.runtime.modeldir import read_config
 from tbmesh.runtime.shard import FAMILIES, Shard, ShardError, load_shard
 
-# shard.py's FAMILIES whose mlx-lm model class has `shard(group)` (all of them in mlx-lm
-# 0.32; tests/test_tensor.py checks each against mlx-lm). A model of another family can
-# still be served, split by layers only.
-TENSOR_FAMILIES = frozenset({"llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3", "kimi_k25"})
+# shard.py's FAMILIES whose mlx-lm model class has `shard(group)` live in core (the planner
+# needs them); tests/test_tensor.py checks each against mlx-lm.
 assert TENSOR_FAMILIES <= set(FAMILIES)
 
 
@@ -50,32 +49,9 @@ def family(config: dict[str, Any]) -> str | None:
 
 
 def tensor_unfit(config: dict[str, Any], size: int) -> str | None:
-    """Why a model cannot be split over `size` ranks (one line), or None when it can.
-
-    mlx-lm splits heads, key-value heads and hidden units in equal parts (mx.split), and a
-    quantized weight along its input only in whole quantization groups."""
-    name = family(config)
-    if name not in TENSOR_FAMILIES:
-        return f"model type {config.get('model_type')!r} cannot be split across Macs (supported: " \
-               f"{', '.join(sorted(TENSOR_FAMILIES))})"
-    cfg = text_config(config)
-    heads = cfg.get("num_attention_heads", 0)
-    head_dim = cfg.get("head_dim") or cfg.get("v_head_dim") or cfg.get("hidden_size", 0) // max(heads, 1)
-    counts = {"attention heads": heads, "hidden units of the MLP": cfg.get("intermediate_size", 0),
-              "hidden units of each expert": cfg.get("moe_intermediate_size", 0)}
-    if name != "deepseek_v3" and name != "kimi_k25":  # MLA keeps one latent key-value for all heads
-        counts["key-value heads"] = cfg.get("num_key_value_heads", heads)
-    for what, count in counts.items():
-        if count and count % size:
-            return f"its {count} {what} do not split into {size} equal parts"
-    group = (config.get("quantization") or {}).get("group_size")
-    if group:
-        inputs = {"attention output": heads * head_dim, "MLP output": cfg.get("intermediate_size", 0),
-                  "expert output": cfg.get("moe_intermediate_size", 0)}
-        for what, width in inputs.items():
-            if width and (width // size) % group:
-                return f"a {size}-way share of the {what} ({width // size}) is not whole quantization groups of {group}"
-    return None
+    """Why a model cannot be split over `size` ranks (one line), or None when it can
+    (tbmesh.core.modelspec.tensor_unfit, with mlx-lm's own family of the config)."""
+    return core_tensor_unfit(config, size, family(config))
 
 
 def load_tensor_shard(model_dir: str | Path, start: int, end: int, group: mx.distributed.Group) -> Shard:
