@@ -584,8 +584,8 @@ class ClusterNode:
         fetches its layers from its peers' disks: a plan that needed a missing one would
         half-load), else None. Members that publish no disk state hold the whole model."""
         disks = self.disks()
-        if any(n not in disks for n in members):
-            return None
+        if not members or any(n not in disks for n in members):
+            return None  # no one to plan for (they could not load: another reason), or unknown disks
         held = [d for n, d in disks.items() if n in members and d.model == model.name]
         missing = [i for i in range(model.num_layers) if not any(d.has(i, i + 1) for d in held)]
         ends = [end for end in ENDS if not any(end in d.ends for d in held)]
