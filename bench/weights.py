@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the lab harness lives with the tests
 
 import netns
+from netns import Loop
 
 from tbmesh.net import peers
 from tbmesh.net.probe import probe_receive, probe_send
@@ -115,21 +116,6 @@ def write_checkpoint(root: Path, seed: int = 0) -> int:
 
 
 # --- an event loop in a thread (in a namespace), and a bulk server on it ---------------------------
-
-
-class Loop:
-    def __init__(self, ns: str | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        run = self.loop.run_forever if ns is None else lambda: netns.in_netns(ns, self.loop.run_forever)
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 class Server:

@@ -42,9 +42,10 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -559,3 +560,26 @@ def _terminate(proc: subprocess.Popen) -> None:
 def _close_open_labs() -> None:
     for lab in list(_open_labs):
         lab.close()
+
+
+class Loop:
+    """An asyncio event loop in a thread of its own, as the daemon's; in namespace `ns` when
+    given (the sockets it makes live there). `kind` "uvloop" for the loop the daemon runs."""
+
+    def __init__(self, ns: str | None = None, kind: str = "asyncio") -> None:
+        if kind == "uvloop":
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
+        run = self.loop.run_forever if ns is None else lambda: in_netns(ns, self.loop.run_forever)
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import netns
 import pytest
-import uvloop
+from netns import Loop
 
 from tbmesh.net import peers, wire
 from tbmesh.runtime.modeldir import read_layout
@@ -35,24 +35,6 @@ EMPTY = Manifest("none", (), ())
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-class Loop:
-    """An asyncio event loop in a thread of its own, as the daemon's; in namespace `ns` when
-    given (the sockets it makes live there)."""
-
-    def __init__(self, ns: str | None = None, kind: str = "asyncio") -> None:
-        self.loop = asyncio.new_event_loop() if kind == "asyncio" else uvloop.new_event_loop()
-        run = self.loop.run_forever if ns is None else lambda: netns.in_netns(ns, self.loop.run_forever)
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 10):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture
