@@ -4,15 +4,19 @@ fetch from them first.
 A node started with `--model DIR` holding the whole model describes it from DIR at once and
 hashes its tensors into a manifest in a thread (tbmesh.weights.manifest; cached in the state
 directory, so a restart hashes nothing); until then it loads from DIR but serves no peer.
-A node whose DIR lacks weights, or that was given only the model's name, takes the manifest
-from a peer that publishes one under the same name, fetches the small files (config,
-tokenizer) into its model directory, and from then on knows the model as well as any.
+A node whose DIR holds part of a split model (the files of its stage) hashes that part; the
+parts of several Macs make the manifest once they cover every tensor of the index. A node
+whose DIR lacks weights, or that was given only the model's name, takes the manifest from a
+peer that publishes one under the same name, fetches the small files (config, tokenizer)
+into its model directory, and from then on knows the model as well as any.
 
-Layers a plan gives it that are not on its disk are fetched before they are loaded, from the
-peers whose disks hold them, over bulk connections (tbmesh.weights.bulk), into the
-content-addressed store in the state directory; the loader reads them from there. What is
-on disk is published (DiskState): peers fetch from us, and the leader plans only when every
-layer is on some member's disk.
+Layers a plan gives it that are not on its disk are fetched (the engine loads each run of
+layers as it arrives) from the peers whose disks hold them, over bulk connections
+(tbmesh.weights.bulk), into the content-addressed store in the state directory; the loader
+reads them from there. What is on disk is published (DiskState): peers fetch from us, the
+leader plans only when every layer is on some member's disk, and asks for copies
+(tbmesh.core.replicas), which we fetch while no stage's fetch needs the cables; beyond
+`slack`, what no stage or copy needs goes.
 """
 
 from __future__ import annotations
