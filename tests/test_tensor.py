@@ -139,6 +139,7 @@ def test_what_cannot_be_split_says_why():
     assert "cannot be split" in tensor_unfit({"model_type": "gemma3_text"}, 2)
 
 
+@pytest.mark.slow  # CI's time budget (test_what_cannot_be_split_says_why covers the reasons)
 def test_a_model_that_cannot_be_split_is_refused_before_loading(tmp_path):
     model = make_model(tmp_path / "three_heads", "qwen3", num_attention_heads=3, num_key_value_heads=1)
     for rank in run_group(model, "unfit", tmp_path):

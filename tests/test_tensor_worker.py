@@ -96,6 +96,7 @@ def test_four_concurrent_requests_give_mlx_lm_tokens(model_dir, mlx_lm_model, tm
         assert stop(workers) == [0, 0]
 
 
+@pytest.mark.slow  # CI's time budget
 def test_a_group_stage_chained_with_a_plain_shard(model_dir, mlx_lm_model, tmp_path):
     """Layers [0, 4) on the group, [4, 8) a plain Shard in this process: hidden states
     come out of the group and go on."""

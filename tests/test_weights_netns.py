@@ -203,6 +203,7 @@ def test_a_peer_serving_corrupt_bytes_is_caught_and_avoided(lab, macs, tmp_path,
     assert verified(empty.state_dir)  # nothing corrupt was kept
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow (tests/test_disk.py makes the parts' union in every run)
 def test_macs_that_each_pulled_part_of_the_model_serve_it_together(lab, tmp_path):
     """No Mac holds the whole model: each pulled some of its files (tbmesh model pull --layers);
     their parts make the manifest, and a third Mac with only the name joins them."""
