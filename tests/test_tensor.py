@@ -106,7 +106,7 @@ def test_a_group_of_two_gives_mlx_lms_tokens_and_logits(tiny, tmp_path, arch):
     assert ranks[0]["logits"] == ranks[1]["logits"]  # all_sum leaves every rank the same floats
 
 
-@pytest.mark.slow  # test_tensor_worker.py chains a group stage with a plain one in every run
+@pytest.mark.slow  # CI's time budget (test_tensor_worker.py chains a worker group the same way, also slow)
 def test_a_group_stage_chained_with_a_plain_shard(tiny, tmp_path):
     """Layers [0, 4) of 8 on the group, [4, 8) a plain Shard in the same process."""
     model = tiny["llama"]
