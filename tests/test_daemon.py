@@ -88,6 +88,7 @@ def a_timing_bound() -> float:
     return t.suspect_after + t.dead_after
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_two_clusters_on_one_cable_stay_apart(cluster):
     a = cluster("a", cluster_name="red")
     b = cluster("b", cluster_name="blue")
@@ -159,6 +160,7 @@ def _decode_all(data: bytes) -> list:
     return list(decoder)
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_a_stranger_without_the_secret_is_refused(cluster, tmp_path):
     a = cluster("a", "--secret", "s3cret")
     b = cluster("b", "--secret", "s3cret")

@@ -46,7 +46,7 @@ def idle(daemons: list[DaemonProcess]) -> None:
     wait_for(done, 10, "every request and its caches gone")
 
 
-@pytest.mark.parametrize("stages", [1, 3])
+@pytest.mark.parametrize("stages", [pytest.param(1, marks=pytest.mark.slow), 3])  # 1 stage: slow (CI budget)
 def test_streams_arriving_while_others_decode_each_get_mlx_lm_tokens(cluster, reference, stages):
     daemons = cluster(stages)
     serving(daemons, stages)
