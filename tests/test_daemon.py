@@ -65,6 +65,7 @@ def test_three_daemons_form_one_cluster_survive_a_kill_and_take_back_a_restart(c
     assert sum(1 for n in view["nodes"] if n["id"] == b_id) == 1
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_sigterm_says_goodbye_and_cleans_up(cluster):
     a, b = cluster("a"), cluster("b")
     wait_for(lambda: agreed([a, b]), 20, "a cluster of two")

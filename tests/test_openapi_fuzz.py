@@ -15,7 +15,7 @@ import pytest
 from api_fuzz import fuzz
 from daemons import DaemonProcess, serving_alone
 
-EXAMPLES = 10  # per operation, besides schemathesis's coverage cases
+EXAMPLES = 5  # per operation, besides schemathesis's coverage cases (CI's time budget)
 CONTEXT = 48  # tokens: the longest answer is short
 
 

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from tbmesh import state
 from daemons import DaemonProcess, wait_for
 
@@ -38,6 +40,7 @@ def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
     assert os.listdir(tmp_path) == ["x.json"]
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_two_macs_started_from_one_copied_state_dir_are_two_nodes(tmp_path, monkeypatch):
     """exo's bug: a state dir copied to a new Mac duplicated the node id and broke discovery."""
     model_args = ["--interface", "lo", "--memory", "2GB", "--cluster", f"copy{os.getpid()}", "--no-probe"]
