@@ -126,6 +126,7 @@ def _send_and_read(port: int, data: bytes, timeout: float = 3.0) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_bad_input_is_refused_and_the_daemon_keeps_serving(cluster):
     a = cluster("a")
     b = cluster("b")
@@ -223,6 +224,7 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_a_second_daemon_on_a_state_dir_in_use_is_a_one_line_error(tmp_path):
     state_dir = tmp_path / "s"
     args = ["--interface", "lo", "--memory", "1GB", "--cluster", f"t{uuid.uuid4().hex[:8]}"]

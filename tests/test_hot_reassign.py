@@ -164,6 +164,7 @@ def test_a_leave_that_makes_the_model_not_fit_ends_the_request_with_why_after_th
     assert daemons[0].alive()
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_a_join_within_the_wait_lets_the_request_complete(pair_that_needs_both, reference):
     daemons = start_all([pair_that_needs_both(i, resume_wait=60) for i in range(2)])
     serving(daemons, 2)
@@ -290,6 +291,7 @@ def test_the_leader_dying_disturbs_nothing_when_it_holds_no_layers(tmp_path, mod
             d.kill()
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_the_stages_free_the_caches_of_an_entry_that_died_mid_answer(tmp_path, model_dir):
     name = f"e{uuid.uuid4().hex[:8]}"
     entry = member(tmp_path, model_dir, name, "entry", "1MB")  # given no layers: only an entry

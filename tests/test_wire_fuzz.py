@@ -34,6 +34,7 @@ def test_every_message_type_on_the_wire_has_a_seed():
     assert {"admit", "decode", "prefill", "flush"} <= set(metas)
 
 
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
 @pytest.mark.timeout(120)
 def test_a_seeded_campaign_gives_only_protocol_errors_and_stays_in_its_allocation_bound():
     result = fuzz_wire.campaign(20_000, seed=20260101, save=False, quiet=True)
