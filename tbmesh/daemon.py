@@ -263,7 +263,8 @@ class Daemon:
             await asyncio.sleep(KEEP_CHECK_S)
             # only what the leader has asked for a while, with a plan committed: copies asked
             # while Macs join and plans change would be fetched for nothing
-            keep, before, asked = self.core.my_keep(), asked, self.core.my_keep()
+            keep, before = self.core.my_keep(), asked
+            asked = keep
             if keep != before or self.core.plan is None or self.core.preparing is not None:
                 continue
             stages = [(s.start, s.end) for s in self.core.plan.stages if s.node == self.core.id]
