@@ -390,7 +390,7 @@ def daemon(
     prefill_chunk: int = typer.Option(ServingSettings.prefill_chunk, "--prefill-chunk", help="The most prompt tokens one step prefills; streams already decoding take a step between two chunks."),
     max_batch: int = typer.Option(ServingSettings.max_batch, "--max-batch", help="The most requests one decode step runs."),
     prefix_cache: bool = typer.Option(ServingSettings.prefix_cache, "--prefix-cache/--no-prefix-cache", help="Keep the KV of recent prompts and answers, so a prompt that starts the same prefills only the rest."),
-    parallel: str = typer.Option("pipeline", "--parallel", help="How the leader splits the model: pipeline (layers over Macs), auto (tensor groups of Macs cabled all to all where the cost model says they decode faster) or tensor. Only pipeline runs yet: the serving engine cannot run a tensor group, so a plan with one is refused as not fitting, with the planner's reason (see tbmesh plan --parallel)."),
+    parallel: str = typer.Option("pipeline", "--parallel", help="How the leader splits the model: pipeline (layers over Macs), auto (tensor groups of Macs cabled all to all where the cost model says they decode faster) or tensor (groups wherever the model and the cables allow). A group's members run one worker process each (see tbmesh plan --parallel for the planner's reasons)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:  # fmt: skip
     """Run this Mac's node: discover peers on Thunderbolt, join the cluster, serve the API."""

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from tbmesh import measure, state
@@ -32,7 +33,7 @@ from tbmesh.core.cluster import ClusterNode, CoreConfig
 from tbmesh.core.membership import PeerState, Timing
 from tbmesh.core.messages import Disconnect, DiskState, Event, KeepOnDisk, Send
 from tbmesh.core.replicas import REPLICAS
-from tbmesh.core.types import ModelSpec, NodeInfo, Placement, Plan
+from tbmesh.core.types import ModelSpec, NodeInfo, Plan
 from tbmesh.net import interfaces as netif
 from tbmesh.net import peers, probe, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
@@ -97,7 +98,7 @@ class DaemonConfig:
     mqtt: str | None = None  # mqtt://host[:port]: publish state and events there (tbmesh.telemetry)
     replicas: int = REPLICAS  # copies of each layer on the members' disks (tbmesh.core.replicas)
     disk_slack: int | None = None  # bytes of the model kept on disk beyond our stage; None: as the disk allows
-    parallel: str = "pipeline"  # the planner's shapes (tbmesh.core.groups); serving runs pipelines only yet
+    parallel: str = "pipeline"  # the planner's shapes (tbmesh.core.groups): pipeline, auto or tensor
 
 
 class Daemon:
@@ -157,7 +158,7 @@ class Daemon:
         self.core = ClusterNode(info, self.identity.incarnation, self.now(),
                                 CoreConfig(cfg.timing, self.model, cfg.serving.context,
                                            self.disk.name if self.disk is not None else None, cfg.replicas,
-                                           cfg.parallel), planner=serve_pipelines_only)
+                                           cfg.parallel))
         from tbmesh.serving.engine import Engine
 
         self.engine = Engine(self, model_dir, cfg.serving, self.disk)
@@ -529,6 +530,24 @@ class Daemon:
         channel = self.channels.get(node) or self.channels.get(self._next_hop(node) or "")
         return channel is not None and channel.send(message)
 
+    def group_addresses(self, members: Sequence[str]) -> list[str]:
+        """The IP address each member of a tensor group is reached at, from here: a member's,
+        the far end of our connection to it; ours, the near end of our connection to the
+        member before us (the ring's neighbour that dials us; a group's members are cabled
+        all to all). Raises ConnectionError when we have no connection to a member."""
+        me = self.core.id
+        behind = members[(members.index(me) - 1) % len(members)]
+        found = []
+        for member in members:
+            channel = self.channels.get(behind if member == me else member)
+            name = "sockname" if member == me else "peername"
+            address = channel.writer.get_extra_info(name) if channel is not None else None
+            if not address:
+                other = behind if member == me else member
+                raise ConnectionError(f"no direct connection to {self.view().name(other)}, a member of the group")
+            found.append(address[0])
+        return found
+
     def _next_hop(self, node: str) -> str | None:
         graph: dict[str, set[str]] = collections.defaultdict(set)
         for link in self.core.links():
@@ -671,8 +690,7 @@ class Daemon:
         self.channels.clear()
         info = NodeInfo(self.identity.node_id, self.core.info.name, self.core.info.chip,
                         self.core.info.memory_total, self.core.info.memory_usable, self.core.info.flops)
-        self.core = ClusterNode(info, self.identity.incarnation, self.now(), self.core.config,
-                                planner=serve_pipelines_only)
+        self.core = ClusterNode(info, self.identity.incarnation, self.now(), self.core.config)
         await self._discovery.stop()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
         await self._discovery.start()
@@ -916,20 +934,6 @@ def _replicas(model: ModelSpec | None, disks: dict[str, DiskState]) -> list[int]
     if model is None or not disks:
         return None
     return [sum(d.has(i, i + 1) for d in disks.values() if d.model == model.name) for i in range(model.num_layers)]
-
-
-def serve_pipelines_only(*args: Any, **kwargs: Any) -> Placement:
-    """The core's planner, but a placement with a tensor group does not fit: the serving engine
-    runs one Mac a stage only (a group's first member would load the whole stage). Its `why`
-    goes into the reason, so /status says what the planner would have done."""
-    from tbmesh.core.planner import plan_layers
-
-    placement = plan_layers(*args, **kwargs)
-    if placement.fits and any(s.group for s in placement.stages):
-        groups = "; ".join("+".join(s.group) for s in placement.stages if s.group)
-        return Placement(fits=False, reason=f"the plan has a tensor group ({groups}: {placement.why}), and this "
-                                            f"version serves pipelines only: run with --parallel pipeline")
-    return placement
 
 
 def _plan_json(plan: Plan | None) -> dict[str, Any] | None:

@@ -187,7 +187,7 @@ def agreed(daemons: list[DaemonProcess]) -> dict | None:
     if len(leaders) != 1 or None in leaders or len(plans) != 1 or statuses[0]["plan"] is None:
         return None
     plan = statuses[0]["plan"]
-    if {s["node"] for s in plan["stages"]} | set(plan["left_out"]) != ids:
+    if plan_members(plan) | set(plan["left_out"]) != ids:
         return None  # a plan made before the last node joined; the next one will have it
     return statuses[0]
 
@@ -200,4 +200,9 @@ def serving_view(daemons: list[DaemonProcess]) -> dict | None:
         return None
     epoch = view["plan"]["epoch"]
     serving_nodes = {n["id"] for n in view["nodes"] if n["shard"] and n["shard"]["serving"] == epoch}
-    return view if {s["node"] for s in view["plan"]["stages"]} <= serving_nodes else None
+    return view if plan_members(view["plan"]) <= serving_nodes else None
+
+
+def plan_members(plan: dict) -> set[str]:
+    """Every node holding layers in a plan of /status: each stage's node, and a group's members."""
+    return {m for s in plan["stages"] for m in s.get("group", [s["node"]])}

@@ -280,21 +280,10 @@ def test_status_json_and_the_no_daemon_message(cluster):
     assert "Traceback" not in out.stderr
 
 
-def test_status_shows_a_groups_members_and_the_daemon_serves_pipelines_only():
-    import itertools
-
-    from tbmesh.core.presets import preset_spec
-    from tbmesh.core.types import LinkInfo, NodeInfo, Plan, Stage
-    from tbmesh.daemon import _plan_json, serve_pipelines_only
+def test_status_shows_a_groups_members():
+    from tbmesh.core.types import Plan, Stage
+    from tbmesh.daemon import _plan_json
 
     plan = Plan(1, 2, "m", (Stage("a", 0, 4, 10, ("a", "b")), Stage("c", 4, 8, 10)))
     assert _plan_json(plan)["stages"] == [{"node": "a", "start": 0, "end": 4, "bytes": 10, "group": ["a", "b"]},
                                           {"node": "c", "start": 4, "end": 8, "bytes": 10}]
-    kimi = preset_spec("kimi-k2-thinking")
-    nodes = [NodeInfo(f"s{i}", f"s{i}", memory_usable=400 * 10**9) for i in range(4)]
-    links = [LinkInfo(a.id, b.id, 9e9, 1e-4, rdma=True) for a, b in itertools.combinations(nodes, 2)]
-    refused = serve_pipelines_only(kimi, nodes, links, context=4096, parallel="auto")
-    assert not refused.fits and refused.reason.startswith("the plan has a tensor group (s0+s1+s2+s3: tensor group "
-                                                          "of 4 (RDMA")
-    assert refused.reason.endswith("this version serves pipelines only: run with --parallel pipeline")
-    assert serve_pipelines_only(kimi, nodes, links, context=4096).fits  # the default: a pipeline

@@ -487,13 +487,13 @@ class ClusterNode:
             # nothing serves yet: at start-up the first Mac must not load the whole model
             # alone before the others, found a moment later, get their share.
             joined_first = self.plan is None and members != self._planned_for
-            if set(self.preparing.nodes) <= members and not joined_first:
+            if set(self.preparing.members) <= members and not joined_first:
                 if self._prepared(self.preparing):
                     self._commit(now)
                 return
             if now - self._members_since < self.timing.settle:
                 return  # keep it until the group settles
-            if lost := sorted(set(self.preparing.nodes) - members):
+            if lost := sorted(set(self.preparing.members) - members):
                 self._abandon(now, f"{', '.join(map(self._name, lost))} went away while it loaded")
             self.preparing, self._planned_for = None, None
         if members == self._planned_for and self._missing == self._missing_from_disks(model, members):
@@ -627,9 +627,9 @@ class ClusterNode:
 
     def _prepared(self, plan: Plan) -> bool:
         shards = self.shards()
-        return all((held := shards.get(s.node)) is not None and held.ready
+        return all((held := shards.get(m)) is not None and held.ready
                    and (held.start, held.end, held.epoch) == (s.start, s.end, plan.epoch)
-                   for s in plan.stages)
+                   for s in plan.stages for m in s.members)
 
     def _commit(self, now: float) -> None:
         plan, self.preparing = self.preparing, None
@@ -731,7 +731,7 @@ class ClusterNode:
         self._out.append(Send(peer, message))
 
     def _stages_text(self, plan: Plan) -> str:
-        return ", ".join(f"{self._name(s.node)} {s.start}-{s.end - 1}" for s in plan.stages)
+        return ", ".join(f"{'+'.join(map(self._name, s.members))} {s.start}-{s.end - 1}" for s in plan.stages)
 
     def _name(self, node: str) -> str:
         if node == self.id:

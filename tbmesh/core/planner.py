@@ -1132,11 +1132,8 @@ def _with_groups(model: ModelSpec, nodes: list[NodeInfo], links: Sequence[LinkIn
             cause = "no tensor group fits in its members' memory (each member holds its share of every " \
                     "layer of the stage plus the parts mlx-lm keeps whole)"
     expected = f"{1 / pipe_s:.1f} tok/s expected"
-    if best is None:
-        if parallel == "tensor":
-            return Placement(fits=False, left_out=(), reason=f"no tensor group possible: {cause}",
-                             notes=pipe.notes)
-        return replace(pipe, why=f"pipeline ({expected}): {cause}")
+    if best is None:  # "tensor" too: a Mac alone, or a model no group splits, still serves
+        return replace(pipe, why=f"pipeline ({expected}): no tensor group possible: {cause}")
     seconds, grouped = best
     gain = pipe_s / seconds
     versus = f"{gain:.2f}x the pipeline's expected decode ({1 / seconds:.1f} vs {1 / pipe_s:.1f} tok/s)"

@@ -151,7 +151,8 @@ class Plan:
         return frozenset(self.members) | frozenset(self.left_out)
 
     def stage_of(self, node: str) -> Stage | None:
-        return next((s for s in self.stages if s.node == node), None)
+        """The stage `node` holds layers of (alone, or as a member of its group)."""
+        return next((s for s in self.stages if node in s.members), None)
 
     def to_wire(self) -> dict[str, Any]:
         return {

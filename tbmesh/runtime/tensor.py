@@ -82,6 +82,19 @@ def ring_environment(rank: int, hostfile: str) -> dict[str, str]:
     return {"MLX_RANK": str(rank), "MLX_HOSTFILE": hostfile}
 
 
+GROUP_PORTS = (20000, 32000)  # where ring ranks and a group's control channel listen: below the
+# ephemeral ports of Linux (32768) and macOS (49152), so an outgoing connection never holds one
+
+
+def group_ports(epoch: int, start: int, size: int) -> tuple[list[int], int]:
+    """The ports of one group incarnation's ranks, and of its control channel. Every member
+    derives them from the plan alone (no exchange), and each plan epoch and stage gets others:
+    a new incarnation loads while the old one still serves."""
+    slots = (GROUP_PORTS[1] - GROUP_PORTS[0]) // 10  # ten ports a slot: MAX_GROUP ranks and the control
+    base = GROUP_PORTS[0] + 10 * ((epoch * 131 + start * 17) % slots)
+    return [base + rank for rank in range(size)], base + 9
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """Ports free on `host` now (for a group on loopback)."""
     sockets = [socket.socket() for _ in range(count)]

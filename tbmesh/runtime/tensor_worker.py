@@ -63,6 +63,7 @@ from tbmesh.serving.messages import Member, Range, Route, Step
 STEP_TIMEOUT_S = 120.0  # a step (or a load) longer than this means a rank is gone
 CONNECT_TIMEOUT_S = 60.0  # ranks joining the control channel, and loading, at most
 READ_SIZE = 1 << 20
+READY_POLL_S = 0.25  # how often a parent waiting for its worker to be ready asks whether to give up
 
 
 class GroupFailed(RuntimeError):
@@ -369,8 +370,15 @@ class Worker:
             theirs.close()
         return cls(process, Connection(ours))
 
-    def ready(self, timeout: float = CONNECT_TIMEOUT_S) -> None:
-        """Wait until the group is joined and this rank's share is loaded."""
+    def ready(self, timeout: float = CONNECT_TIMEOUT_S, stop: Callable[[], bool] = lambda: False) -> None:
+        """Wait until the group is joined and this rank's share is loaded; GroupFailed when
+        stop() says to give up first (a newer plan wants other layers) or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while not select.select([self.connection.sock], [], [], READY_POLL_S)[0]:
+            if stop():
+                raise GroupFailed("abandoned while the group formed")
+            if time.monotonic() > deadline:
+                raise GroupFailed(f"the tensor group was not ready in {timeout:g} s (a member missing?)")
         meta = self._receive(timeout).meta
         if meta.get("op") != "ready":
             raise GroupFailed(f"the worker said {meta.get('op')!r} before it was ready")

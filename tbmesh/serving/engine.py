@@ -33,7 +33,7 @@ import numpy as np
 
 from tbmesh.core.assignment import Assignment, Range
 from tbmesh.core.messages import Fetching
-from tbmesh.core.types import Plan
+from tbmesh.core.types import Plan, Stage
 from tbmesh.generation import (
     BadRequest,
     GenerationParams,
@@ -43,10 +43,12 @@ from tbmesh.generation import (
 )
 from tbmesh.net import wire
 from tbmesh.runtime.shard import Kept, LoadAbandoned, Shard, load_shard
+from tbmesh.runtime.tensor_worker import GroupFailed
 from tbmesh.serving import conductor as c
 from tbmesh.serving import keeper as k
 from tbmesh.serving.conductor import Conductor
 from tbmesh.serving.disk import Disk
+from tbmesh.serving.group import GroupShard, start_group, watch
 from tbmesh.serving.host import Host
 from tbmesh.serving.keeper import Keeper
 from tbmesh.serving.messages import Admit, Member, Route, Step, route_of
@@ -58,6 +60,7 @@ from tbmesh.weights.manifest import TensorEntry
 
 log = logging.getLogger(__name__)
 
+GROUP_RETRY_S = 0.5  # how often a group load waiting for a member's connection tries again
 POLL_S = 0.01  # how often requests waiting for a usable plan look at the view again
 FETCH_RETRY_S = 0.5  # how often a load waiting for the model's manifest tries again
 
@@ -145,7 +148,7 @@ class Engine:
         self.keeper = Keeper()
         self.caches = StageCaches(self.me, host.name)  # the worker's
         self.worker = Worker(host.loop)
-        self.held: dict[Range, Shard] = {}
+        self.held: dict[Range, Shard | GroupShard] = {}  # a group stage's: our rank's worker
         self.counters = Counters()
         self._queues: dict[str, asyncio.Queue] = {}  # request -> what generate() yields
         self._tokenizer: Any = None
@@ -157,6 +160,8 @@ class Engine:
         self._figures = self.caches.figures()  # as of the last change in the worker
         self._fetch_share: dict[Range, float] = {}  # of a load's progress that was fetching
         self._early: dict[Range, Shard] = {}  # layers of a load under way loaded as they arrived (worker's)
+        self._generation = 0  # bumped when the loads under way are to be ignored (see on_view)
+        self._loading_as: tuple | None = None  # the shape of the stage under way (_shape)
         self._closed = False
 
     async def close(self) -> None:
@@ -164,6 +169,9 @@ class Engine:
         for queue in self._queues.values():
             queue.put_nowait(Unavailable("the node is stopping"))
         self.keeper.loading = None  # a load under way stops at its next layer
+        for shard in self.held.values():
+            if isinstance(shard, GroupShard):
+                shard.stop()
         # MLX 0.32 aborts the process at exit (SIGABRT) now and then when a thread that used
         # it still has streams: clear them in that thread first (ml-explore/mlx#3126)
         done = self.host.loop.create_future()
@@ -278,7 +286,15 @@ class Engine:
         view = self.host.view()
         assignment = Assignment.of(self.me, self.model_name, plan, preparing, view.model,
                                    view.memory_usable, view.context)
-        self._keep(self.keeper.assign(assignment, time.monotonic(), self._in_use))
+        stale = set()  # layers held (or loading) one way that the new plan wants another
+        for stage, epoch in ((assignment.prepare, assignment.prepare_epoch), (assignment.serve, assignment.serve_epoch)):
+            layers = (stage.start, stage.end) if stage is not None else None
+            if layers in self.held and _group_of(self.held[layers]) != stage.group:
+                stale.add(layers)
+            if layers == self.keeper.loading and self._loading_as not in (None, _shape(stage, epoch)):
+                stale.add(layers)
+                self._generation += 1  # what the load under way finds is dropped
+        self._keep(self.keeper.assign(assignment, time.monotonic(), self._in_use, frozenset(stale)))
         self.scheduler.retire({route_of(plan)} if plan is not None else set())
         if self.conductor.waiting:
             self._tick_conductor()
@@ -294,7 +310,7 @@ class Engine:
         for attempt, entry in self.scheduler.drop_routes_through(node):
             self._fail_at_entry(attempt, entry, f"{self._name(node)} is gone")
         self.scheduler.drop_entered_by(node)
-        self._in_worker(lambda: self.caches.drop(lambda route: all(n != node for n, _, _ in route)))
+        self._drop_caches(lambda route: all(n != node for n, _, _ in route))
         self._pump()
 
     def on_link_trouble(self, a: str, b: str) -> None:
@@ -404,18 +420,22 @@ class Engine:
 
     def _run(self, step: Step, tensor: wire.Tensor) -> None:
         shard = self.held.get(step.layers)
-        if shard is None and step.kind != "flush":
-            self._failed(step, step.members, f"{self._name(self.me)} does not hold layers "
+        if (shard is None or isinstance(shard, GroupShard) and shard.rank != 0) and step.kind != "flush":
+            self._failed(step, step.members, f"{self._name(self.me)} does not run layers "
                                              f"{step.layers[0]}-{step.layers[1] - 1}")
             return
         self._busy += 1
         self.worker.submit(lambda: self._compute(shard, step, tensor),
                            lambda result, error: self._computed(step, result, error))
 
-    def _compute(self, shard: Shard | None, step: Step, tensor: wire.Tensor) -> tuple[Outcome, wire.Tensor | None, Any]:
-        """Worker thread."""
+    def _compute(self, shard: Shard | GroupShard | None, step: Step,
+                 tensor: wire.Tensor) -> tuple[Outcome, wire.Tensor | None, Any]:
+        """Worker thread. A group's rank 0 runs the step on every rank (GroupFailed if it cannot)."""
         x = wire.array_from_tensor(tensor) if step.kind != "flush" else None
-        outcome = self.caches.run(shard, step, x) if shard is not None else Outcome()
+        if isinstance(shard, GroupShard):
+            outcome = shard.worker.run(step, x)
+        else:
+            outcome = self.caches.run(shard, step, x) if shard is not None else Outcome()
         forward = None
         if not step.last:
             following = step.onward(outcome.ran if outcome.out is not None else None)
@@ -426,8 +446,27 @@ class Engine:
         return outcome, forward, self._snapshot()
 
     def _snapshot(self) -> tuple[set[Range], dict[str, int]]:
-        """Worker thread: what the loop side keeps of the caches (layers in use, figures)."""
-        return self.caches.in_use(), self.caches.figures()
+        """Worker thread: what the loop side keeps of the caches (layers in use, figures),
+        ours and those of the groups we are rank 0 of."""
+        in_use, figures = self.caches.in_use(), self.caches.figures()
+        for shard in list(self.held.values()):
+            if isinstance(shard, GroupShard) and shard.rank == 0:
+                in_use |= shard.worker.in_use()
+                for key, value in shard.worker.figures().items():
+                    figures[key] = figures.get(key, 0) + value
+        return in_use, figures
+
+    def _drop_caches(self, keep: Callable[[Route], bool]) -> None:
+        """Forget the caches of every route for which keep(route) is false, here and in the
+        groups we are rank 0 of (in the worker, after the steps queued before)."""
+        def drop() -> None:
+            self.caches.drop(keep)
+            for shard in list(self.held.values()):
+                if isinstance(shard, GroupShard) and shard.rank == 0:
+                    with contextlib.suppress(GroupFailed):  # a dead group holds nothing
+                        shard.worker.drop(keep)
+
+        self._in_worker(drop)
 
     def _observe(self, snapshot: tuple[set[Range], dict[str, int]]) -> None:
         """The caches changed: layers no request uses any more may go now."""
@@ -507,6 +546,8 @@ class Engine:
         self._wake = self.host.loop.call_later(delay, wake)
 
     def _load(self, target: Range, tight: bool) -> None:
+        stage, epoch = self._stage_for(target)
+        self._loading_as = _shape(stage, epoch)
         disk = self.disk
         missing = disk.missing(*target) if disk is not None else []
         if missing is None:  # we do not know the model's tensors yet: its manifest is on its way
@@ -515,22 +556,80 @@ class Engine:
         if missing:
             self._fetch(target, tight, missing)
             return
+        if stage is not None and stage.group:
+            self._load_group(target, stage, epoch)
+            return
+        generation = self._generation
         # tight: hold on to the parts the target reuses only, so the rest is freed before reading
-        keep: list[Shard | Kept] = [shard.parts_for(*target) if tight else shard for shard in self.held.values()]
+        keep: list[Shard | Kept] = [shard.parts_for(*target) if tight else shard for shard in self.held.values()
+                                    if isinstance(shard, Shard)]
         share = self._fetch_share.pop(target, 0.0)
         tensors = disk.tensors(*target) if disk is not None else None
 
         def on_layer(done: int, total: int) -> bool:
             self.host.loop.call_soon_threadsafe(self._progressed, target, share + (1 - share) * done / total)
             self.worker.run_queued()  # steps of requests in flight go between layers
-            return self.keeper.loading == target
+            return self.keeper.loading == target and self._generation == generation
 
         def load() -> Shard:  # in the worker, after the loads of the layers fetched first
             early = self._early.pop(target, None)
             return load_shard(self.model_dir, *target, keep=keep + ([early] if early else []),
                               on_layer=on_layer, tensors=tensors)
 
-        self.worker.submit(load, lambda shard, error: self._loaded(target, shard, error), long=True)
+        def done(shard: Shard | None, error: BaseException | None) -> None:
+            if self._generation == generation:
+                self._loaded(target, shard, error)
+
+        self.worker.submit(load, done, long=True)
+
+    def _stage_for(self, target: Range) -> tuple[Stage | None, int]:
+        """Our stage of the assignment whose layers are `target`, and its plan's epoch."""
+        assignment = self.keeper.assignment
+        if assignment is not None:
+            for stage, epoch in ((assignment.prepare, assignment.prepare_epoch),
+                                 (assignment.serve, assignment.serve_epoch)):
+                if stage is not None and (stage.start, stage.end) == target:
+                    return stage, epoch
+        return None, 0
+
+    def _load_group(self, target: Range, stage: Stage, epoch: int) -> None:
+        """Start our rank's worker of the group `stage` (tbmesh.serving.group), in a thread:
+        it is ready when every member's worker has loaded its share."""
+        try:
+            addresses = self.host.group_addresses(stage.group)
+        except ConnectionError as error:  # a member just went (a new plan is coming) or is not here yet
+            log.info("layers %d-%d wait for the group: %s", *target, error)
+            self.host.loop.call_later(GROUP_RETRY_S, self._load_again, target, False)
+            return
+        log.info("starting rank %d of %s's group for layers %d-%d (epoch %d, %s)", stage.group.index(self.me),
+                 "+".join(map(self._name, stage.group)), *target, epoch, ", ".join(addresses))
+
+        generation = self._generation
+
+        def wanted() -> bool:  # read from the thread: a newer plan may want something else
+            return self.keeper.loading == target and self._generation == generation and not self._closed
+
+        def run() -> None:
+            shard, error = None, None
+            try:
+                shard = start_group(self.model_dir, stage, epoch, self.me, addresses, self.host.name,
+                                    lambda: not wanted())
+            except Exception as failure:  # noqa: BLE001 (GroupFailed, OSError: the load failed, saying why)
+                error = failure
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self.host.loop.call_soon_threadsafe(self._group_started, target, generation, shard, error)
+
+        threading.Thread(target=run, name=f"group-{target[0]}-{target[1]}", daemon=True).start()
+
+    def _group_exited(self, shard: GroupShard, status: int) -> None:
+        """Our rank's worker exited unasked: the group is gone (a member died, or the worker)."""
+        target = (shard.stage.start, shard.stage.end)
+        if self.held.get(target) is not shard or self._closed:
+            return
+        log.warning("the group of layers %d-%d ended (its worker exited with status %s)", *target, status)
+        self.host.record("group-ended", None, f"layers {target[0]}-{target[1] - 1} of "
+                         f"{'+'.join(map(self._name, shard.stage.group))}: a member is gone")
+        self._keep(self.keeper.forget(target, time.monotonic(), self._in_use))
 
     def _load_early(self, target: Range, upto: int) -> None:
         """Load the layers of `target` fetched so far, [start, upto), while the rest arrive:
@@ -665,13 +764,37 @@ class Engine:
         self._keep(self.keeper.loaded(target, now, self._in_use))
         self._pump()
 
+    def _group_started(self, target: Range, generation: int, shard: GroupShard | None,
+                       error: BaseException | None) -> None:
+        now = time.monotonic()
+        if self.keeper.loading != target or self._generation != generation or self._closed:
+            if shard is not None:  # a newer plan wants other layers (or these, another way)
+                shard.stop()
+            return
+        if error is not None:
+            log.error("the group for layers %d-%d failed to form: %s", *target, error)
+            self._keep(self.keeper.load_failed(target, f"{type(error).__name__}: {error}", now, self._in_use))
+            return
+        assert shard is not None
+        self.held[target] = shard
+        watch(shard, lambda s, status: self.host.loop.call_soon_threadsafe(self._group_exited, s, status))
+        self.counters.loads += 1
+        self.counters.layers_read += target[1] - target[0]
+        self.counters.bytes_read += shard.weight_bytes
+        self.counters.peak_weight_bytes = max(self.counters.peak_weight_bytes, weight_bytes(self.held.values()))
+        log.info("rank %d of the group for layers %d-%d is ready (%.1f MB here)", shard.rank, *target,
+                 shard.weight_bytes / 1e6)
+        self._keep(self.keeper.loaded(target, now, self._in_use))
+        self._pump()
+
     def _drop(self, layers: Range) -> None:
-        self.held.pop(layers, None)
+        if isinstance(shard := self.held.pop(layers, None), GroupShard):
+            shard.stop()
         log.info("dropped layers %d-%d", layers[0], layers[1] - 1)
         for attempt, entry in self.scheduler.drop_routes_from(self.me, layers):
             self._fail_at_entry(attempt, entry, f"{self._name(self.me)} dropped layers {layers[0]}-{layers[1] - 1}")
         stage = (self.me, *layers)
-        self._in_worker(lambda: self.caches.drop(lambda route: stage not in route))
+        self._drop_caches(lambda route: stage not in route)
 
     # ----- status ----------------------------------------------------------------------
 
@@ -719,10 +842,23 @@ def weight_bytes(shards: Any) -> int:
     from mlx.utils import tree_flatten
 
     seen: dict[int, int] = {}
+    groups = 0
     for shard in shards:
+        if isinstance(shard, GroupShard):
+            groups += shard.weight_bytes  # our rank's share, in its worker
+            continue
         for _, array in tree_flatten(shard.model.parameters()):
             seen[id(array)] = array.nbytes
-    return sum(seen.values())
+    return sum(seen.values()) + groups
+
+
+def _group_of(shard: Shard | GroupShard) -> tuple[str, ...]:
+    return shard.stage.group if isinstance(shard, GroupShard) else ()
+
+
+def _shape(stage: Stage | None, epoch: int) -> tuple:
+    """How a stage is held: alone, or by a group incarnation (its members and plan epoch)."""
+    return () if stage is None or not stage.group else (stage.group, epoch)
 
 
 def _new_id() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Sequence
 from typing import Protocol
 
 from tbmesh.core.messages import DiskState, ShardState
@@ -30,6 +31,10 @@ class Host(Protocol):
 
     def disk_changed(self, state: DiskState | None) -> None:
         """What we keep on disk (or fetch) changed: publish it to the cluster."""
+
+    def group_addresses(self, members: Sequence[str]) -> list[str]:
+        """The IP address of each member of a tensor group (ours among them) for its ranks to
+        listen on and dial. Raises ConnectionError when a member is not directly connected."""
 
     def bulk_connect(self, node: str) -> tuple[socket.socket, bytes]:
         """A handshaken bulk connection to `node` for fetching weights, as a blocking socket

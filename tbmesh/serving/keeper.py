@@ -73,10 +73,15 @@ class Keeper:
     _unwanted_since: dict[Range, float] = field(default_factory=dict)
     _published: ShardState | None = None
 
-    def assign(self, assignment: Assignment, now: float, in_use: set[Range]) -> list[Action]:
-        """The running plan or the one being prepared changed."""
+    def assign(self, assignment: Assignment, now: float, in_use: set[Range],
+               stale: frozenset[Range] = frozenset()) -> list[Action]:
+        """The running plan or the one being prepared changed. `stale`: layers held or loading
+        one way that the new plan wants another (alone instead of by a tensor group, or by
+        another group): they go at once, and load again the new way."""
         self.assignment = assignment
-        return self._follow(now, in_use)
+        if self.loading in stale:
+            self.loading = None
+        return [self._forget(layers) for layers in sorted(stale) if layers in self.held] + self._follow(now, in_use)
 
     def tick(self, now: float, in_use: set[Range]) -> list[Action]:
         return self._follow(now, in_use)
@@ -92,6 +97,16 @@ class Keeper:
             self.loading = None
         self._failed = (target, now, why)
         return self._follow(now, in_use) + [WakeAt(now + self.retry_s)]
+
+    def forget(self, layers: Range, now: float, in_use: set[Range]) -> list[Action]:
+        """The held `layers` cannot serve any more: a tensor group's worker died, or the plan
+        now wants them held another way (alone instead of by a group, or by another group)."""
+        return ([self._forget(layers)] if layers in self.held else []) + self._follow(now, in_use)
+
+    def _forget(self, layers: Range) -> Drop:
+        self.held.discard(layers)
+        self._unwanted_since.pop(layers, None)
+        return Drop(layers)
 
     def load_abandoned(self, target: Range) -> None:
         if self.loading == target:

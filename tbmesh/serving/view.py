@@ -40,21 +40,21 @@ def usable(view: ClusterView) -> tuple[Route, int] | str:
         if view.preparing is None:
             awaited = "a leader" if view.leader is None else "the leader's plan"
             return f"no plan yet: waiting for {awaited}"
-        loading = [_loading(view, s, view.preparing) for s in view.preparing.stages]
+        loading = [_loading(view, m, s, view.preparing) for s in view.preparing.stages for m in s.members]
         return "waiting for shards to load: " + ", ".join(filter(None, loading))
-    gone = [view.name(s.node) for s in plan.stages if view.suspected.get(s.node, True)]
+    gone = [view.name(m) for m in plan.members if view.suspected.get(m, True)]
     if gone:
         return f"{', '.join(gone)} stopped answering: waiting for a new plan"
-    waiting = [view.name(s.node) for s in plan.stages
-               if (held := view.shards.get(s.node)) is None or held.serving != plan.epoch]
+    waiting = [view.name(m) for m in plan.members
+               if (held := view.shards.get(m)) is None or held.serving != plan.epoch]
     if waiting:
         return f"waiting for {', '.join(waiting)} to serve epoch {plan.epoch}"
     return route_of(plan), plan.epoch
 
 
-def _loading(view: ClusterView, stage: Stage, plan: Plan) -> str | None:
-    held = view.shards.get(stage.node)
+def _loading(view: ClusterView, node: str, stage: Stage, plan: Plan) -> str | None:
+    held = view.shards.get(node)
     if held is not None and held.ready and (held.start, held.end, held.epoch) == (stage.start, stage.end, plan.epoch):
         return None
     progress = f" {held.progress:.0%}" if held is not None and held.epoch == plan.epoch else ""
-    return f"{view.name(stage.node)} (layers {stage.start}-{stage.end - 1}{progress})"
+    return f"{view.name(node)} (layers {stage.start}-{stage.end - 1}{progress})"
