@@ -155,3 +155,19 @@ def test_a_member_killed_mid_answer_and_a_join_lose_no_answer(tensor_cluster, re
     assert stream.text() == expected
     serving_plan([rank0, joined], [2])
     assert ask(joined, LONG, 40) == reference(LONG, 40)[0]
+
+
+@pytest.mark.slow  # the group's own tests run in CI; this adds the weights fetched from a peer
+def test_a_mac_with_no_weights_joins_a_group_with_the_tensors_it_fetched(tensor_cluster, reference, tmp_path):
+    holder = tensor_cluster(1)[0]
+    serving_plan([holder], [1])
+    empty = DaemonProcess("empty", tmp_path / "empty", ["--interface", "lo", "--memory", "4GB", "--model", "tiny",
+                                                        "--cluster", holder.args[holder.args.index("--cluster") + 1],
+                                                        "--no-probe", "--parallel", "tensor"]).start()
+    try:
+        serving_plan([holder, empty], [2])
+        assert not list((tmp_path / "empty").rglob("model*.safetensors"))  # its worker read the store
+        assert empty.status()["runtime"]["weight_bytes"] > 0
+        assert ask(empty, LONG, 40) == reference(LONG, 40)[0]
+    finally:
+        empty.kill()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,11 @@ def tensor_unfit(config: dict[str, Any], size: int) -> str | None:
     return core_tensor_unfit(config, size, family(config))
 
 
-def load_tensor_shard(model_dir: str | Path, start: int, end: int, group: mx.distributed.Group) -> Shard:
+def load_tensor_shard(model_dir: str | Path, start: int, end: int, group: mx.distributed.Group,
+                      tensors: Callable[[], dict[str, mx.array]] | None = None) -> Shard:
     """Layers [start, end) of the model in `model_dir`, this rank's share of each layer (see
     the module notes). Every rank of `group` must call it, with the same arguments: reading
-    the weights is local, but a step after it needs all of them."""
+    the weights is local, but a step after it needs all of them. `tensors`: as load_shard's."""
     config = read_config(Path(model_dir))
     why = tensor_unfit(config, group.size())
     if why is not None:
@@ -66,7 +67,7 @@ def load_tensor_shard(model_dir: str | Path, start: int, end: int, group: mx.dis
     def split(model: nn.Module) -> None:
         model.shard(group)
 
-    return load_shard(model_dir, start, end, split=split)
+    return load_shard(model_dir, start, end, tensors=tensors, split=split)
 
 
 # --- how the ranks find each other ----------------------------------------------------------

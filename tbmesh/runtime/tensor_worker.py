@@ -34,13 +34,14 @@ went away), when the control channel closes (another rank died), and when an op 
 longer than `step_timeout` (a peer that vanished without closing anything: a Mac switched
 off, a cable pulled).
 
-    python -m tbmesh.runtime.tensor_worker MODEL_DIR START END --fd N --control HOST:PORT
+    python -m tbmesh.runtime.tensor_worker MODEL_DIR START END --fd N --control HOST:PORT [--weights JSON]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import queue
 import select
@@ -289,7 +290,13 @@ def serve(args: argparse.Namespace) -> int:
     group = mx.distributed.init(backend=args.backend, strict=True)
     rank, size = group.rank(), group.size()
     control = Control(rank, size, args.control, CONNECT_TIMEOUT_S)
-    shard = load_tensor_shard(args.model, args.start, args.end, group)
+    tensors = None
+    if args.weights is not None:  # fetched from peers: in the store, not all in the model's files
+        from tbmesh.weights.store import load_places
+
+        places = {name: tuple(place) for name, place in json.loads(args.weights.read_text()).items()}
+        tensors = lambda: load_places(places)  # noqa: E731
+    shard = load_tensor_shard(args.model, args.start, args.end, group, tensors)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every rank has loaded
     watchdog.disarm()
     parent.send(op_frame("ready", rank=rank, size=size, weight_bytes=shard.weight_bytes))
@@ -334,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--node", default="", help="the node id routes name this stage by")
     parser.add_argument("--name", default="tensor group", help="the stage's name in error messages")
     parser.add_argument("--step-timeout", type=float, default=STEP_TIMEOUT_S)
+    parser.add_argument("--weights", type=Path, help="JSON {tensor: [safetensors file, name in it]} of tensors "
+                                                     "not in MODEL_DIR's files (tbmesh.weights.store.Local.places)")
     args = parser.parse_args(argv)
     try:
         return serve(args)
@@ -357,14 +366,17 @@ class Worker:
     @classmethod
     def start(cls, model_dir: str | Path, start: int, end: int, env: dict[str, str], control: str,
               backend: str = "ring", node: str = "", name: str = "tensor group",
-              step_timeout: float = STEP_TIMEOUT_S, python: str = sys.executable) -> Worker:
-        """Start the worker of one rank; `env` is its group's (ring_environment, jaccl_environment)."""
+              step_timeout: float = STEP_TIMEOUT_S, python: str = sys.executable,
+              weights: Path | None = None) -> Worker:
+        """Start the worker of one rank; `env` is its group's (ring_environment, jaccl_environment);
+        `weights` names where tensors not in model_dir's files are (see --weights)."""
         ours, theirs = socket.socketpair()
         try:
             process = subprocess.Popen(
                 [python, "-m", "tbmesh.runtime.tensor_worker", str(model_dir), str(start), str(end),
                  "--fd", str(theirs.fileno()), "--control", control, "--backend", backend, "--node", node,
-                 "--name", name, "--step-timeout", str(step_timeout)],
+                 "--name", name, "--step-timeout", str(step_timeout),
+                 *(["--weights", str(weights)] if weights is not None else [])],
                 env={**os.environ, **env}, pass_fds=[theirs.fileno()])
         finally:
             theirs.close()

@@ -157,9 +157,15 @@ class Disk:
         """What load_shard reads layers [start, end) from, when not model_dir's files alone."""
         if self.whole or self.manifest is None or self.local is None or self.spec is None:
             return None
-        wanted = self.manifest.needed(start, end, self.spec.num_layers)
-        local = self.local
-        return lambda: local.lazy_weights(wanted)
+        wanted, local = self.manifest.needed(start, end, self.spec.num_layers), self.local
+        return lambda: local.lazy_weights(wanted)  # read in the load: MissingWeights fails it
+
+    def places(self, start: int, end: int) -> dict[str, tuple[str, str]] | None:
+        """Where the tensors of layers [start, end) are (Local.places), when not all in
+        model_dir's files (a tensor group's workers read them there). Raises MissingWeights."""
+        if self.whole or self.manifest is None or self.local is None or self.spec is None:
+            return None
+        return self.local.places(self.manifest.needed(start, end, self.spec.num_layers))
 
     # ----- getting what we lack ------------------------------------------------------------
 

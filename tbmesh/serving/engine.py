@@ -612,8 +612,9 @@ class Engine:
         def run() -> None:
             shard, error = None, None
             try:
+                places = self.disk.places(*target) if self.disk is not None else None
                 shard = start_group(self.model_dir, stage, epoch, self.me, addresses, self.host.name,
-                                    lambda: not wanted())
+                                    lambda: not wanted(), places)
             except Exception as failure:  # noqa: BLE001 (GroupFailed, OSError: the load failed, saying why)
                 error = failure
             with contextlib.suppress(RuntimeError):  # the loop has closed

@@ -20,6 +20,7 @@ engine lets the layers go and the leader plans again.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import threading
@@ -71,28 +72,39 @@ class GroupShard:
         threading.Thread(target=stop, name=f"stop-group-{self.stage.start}", daemon=True).start()
 
 
-def start_group(model_dir: Path, stage: Stage, epoch: int, me: str, addresses: Sequence[str],
-                name: str, stop: Callable[[], bool], timeout: float = CONNECT_TIMEOUT_S) -> GroupShard:
+def start_group(model_dir: Path, stage: Stage, epoch: int, me: str, addresses: Sequence[str], name: str,
+                stop: Callable[[], bool], places: dict[str, tuple[str, str]] | None = None,
+                timeout: float = CONNECT_TIMEOUT_S) -> GroupShard:
     """Start our rank's worker for `stage` of the plan `epoch` and wait until every rank has
     loaded its share (blocking: call it from a thread), or stop() says to give up.
-    `addresses`: each member's IP address (Host.group_addresses). Raises GroupFailed (or
-    OSError) with the reason."""
+    `addresses`: each member's IP address (Host.group_addresses); `places`: where the tensors
+    not in model_dir's files are (Disk.places). Raises GroupFailed (or OSError) with the reason."""
     rank = stage.group.index(me)
     ports, control = group_ports(epoch, stage.start, len(stage.group))
+    hostfile = _temporary(ring_hostfile([f"{address}:{port}" for address, port in zip(addresses, ports)]))
+    weights = _temporary(json.dumps(places)) if places is not None else None
+    layers = f"layers {stage.start}-{stage.end - 1}"
+    try:
+        worker = Worker.start(model_dir, stage.start, stage.end, ring_environment(rank, str(hostfile)),
+                              f"{addresses[0]}:{control}", BACKEND, node=stage.node,
+                              name=f"{name}'s group ({layers})", weights=weights)
+        try:
+            worker.ready(timeout, stop)
+        except BaseException:
+            worker.stop(timeout=2.0)
+            hostfile.unlink(missing_ok=True)
+            raise
+    finally:
+        if weights is not None:  # read by now (or never will be)
+            weights.unlink(missing_ok=True)
+    return GroupShard(stage, epoch, rank, worker, read_config(model_dir), hostfile)
+
+
+def _temporary(text: str) -> Path:
     handle, path = tempfile.mkstemp(prefix="tbmesh-group-", suffix=".json")
     with os.fdopen(handle, "w") as file:
-        file.write(ring_hostfile([f"{address}:{port}" for address, port in zip(addresses, ports)]))
-    hostfile = Path(path)
-    layers = f"layers {stage.start}-{stage.end - 1}"
-    worker = Worker.start(model_dir, stage.start, stage.end, ring_environment(rank, str(hostfile)),
-                          f"{addresses[0]}:{control}", BACKEND, node=stage.node, name=f"{name}'s group ({layers})")
-    try:
-        worker.ready(timeout, stop)
-    except BaseException:
-        worker.stop(timeout=2.0)
-        hostfile.unlink(missing_ok=True)
-        raise
-    return GroupShard(stage, epoch, rank, worker, read_config(model_dir), hostfile)
+        file.write(text)
+    return Path(path)
 
 
 def watch(shard: GroupShard, on_exit: Callable[[GroupShard, int], None]) -> None:

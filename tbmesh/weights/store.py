@@ -379,27 +379,41 @@ class Local:
         return [e for e in entries if not self.has(e.digest)]
 
     def lazy_weights(self, entries: Sequence[TensorEntry]) -> dict[str, Any]:
-        """{name: mx.array} of `entries`, lazily (nothing is read until evaluated): from the
-        original weight files of model_dir where they are (every tensor of those files comes
-        back; extra ones are harmless), else from the store's blobs. Raises MissingWeights."""
-        import mlx.core as mx
+        """{name: mx.array} of `entries`, lazily (nothing is read until evaluated): see
+        `places` and `load_places`. Raises MissingWeights."""
+        return load_places(self.places(entries))
 
-        loaded: dict[Path, dict[str, Any]] = {}
-        weights: dict[str, Any] = {}
+    def places(self, entries: Sequence[TensorEntry]) -> dict[str, tuple[str, str]]:
+        """Where each tensor of `entries` is: {name: (safetensors file, its name in the file)},
+        in the original weight files of model_dir where they are, else the store's blobs (a
+        one-tensor file whose tensor is named "tensor"). Raises MissingWeights."""
+        found: dict[str, tuple[str, str]] = {}
         absent = []
         for entry in entries:
             place = self._by_name.get(entry.name) or self._in_dir.get(entry.digest)
             if place is not None:
-                file, name = place
-                if file not in loaded:
-                    loaded[file] = mx.load(str(file))
-                    weights.update(loaded[file])
-                weights[entry.name] = loaded[file][name]
+                found[entry.name] = (str(place[0]), place[1])
             elif self.store.has(entry.digest):
-                weights[entry.name] = mx.load(str(self.store.path(entry.digest)), format="safetensors")["tensor"]
+                found[entry.name] = (str(self.store.path(entry.digest)), "tensor")
             else:
                 absent.append(entry)
         if absent:
             raise MissingWeights(f"{len(absent)} tensors ({sum(e.nbytes for e in absent)} bytes) are neither in "
                                  f"{self.model_dir} nor in the store {self.store.root}, e.g. {absent[0].name}")
-        return weights
+        return found
+
+
+def load_places(places: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """{name: mx.array} of the tensors at `places` (Local.places), lazily. A weight file of the
+    model brings every tensor in it (extra ones are harmless: the loader takes what it needs)."""
+    import mlx.core as mx
+
+    loaded: dict[str, dict[str, Any]] = {}
+    weights: dict[str, Any] = {}
+    for name, (file, key) in places.items():
+        if file not in loaded:
+            loaded[file] = mx.load(file, format="safetensors")
+            if key != "tensor":
+                weights.update(loaded[file])
+        weights[name] = loaded[file][key]
+    return weights
