@@ -320,7 +320,7 @@ def plan(
     layer_size: Optional[str] = typer.Option(None, "--layer-size", help="Bytes per layer for --layers, e.g. 10GB."),
     node: list[str] = typer.Option([], "--node", help="NAME:MEMORY, the usable memory of a Mac (repeat per Mac)."),
     link: list[str] = typer.Option([], "--link", help="A-B:BANDWIDTH[:rdma], a cable between two nodes, e.g. a-b:80Gbps (:rdma: both ends run RDMA on it)."),
-    parallel: str = typer.Option("pipeline", "--parallel", help="pipeline: layers over Macs; auto: tensor groups of Macs cabled all to all where the cost model projects a faster decode; tensor: groups wherever possible (the daemon's --parallel)."),
+    parallel: str = typer.Option("auto", "--parallel", help="auto: tensor groups of Macs cabled all to all where the cost model projects a decode at least 1.2x faster, else layers over Macs; pipeline: layers over Macs only; tensor: groups wherever possible (the daemon's --parallel)."),
     context: Optional[int] = typer.Option(None, "--context", help=f"Tokens of KV cache to leave room for [default: {DEFAULT_CONTEXT}]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List the known models and exit."),
@@ -390,7 +390,7 @@ def daemon(
     prefill_chunk: int = typer.Option(ServingSettings.prefill_chunk, "--prefill-chunk", help="The most prompt tokens one step prefills; streams already decoding take a step between two chunks."),
     max_batch: int = typer.Option(ServingSettings.max_batch, "--max-batch", help="The most requests one decode step runs."),
     prefix_cache: bool = typer.Option(ServingSettings.prefix_cache, "--prefix-cache/--no-prefix-cache", help="Keep the KV of recent prompts and answers, so a prompt that starts the same prefills only the rest."),
-    parallel: str = typer.Option("pipeline", "--parallel", help="How the leader splits the model: pipeline (layers over Macs), auto (tensor groups of Macs cabled all to all where the cost model says they decode faster) or tensor (groups wherever the model and the cables allow). A group's members run one worker process each (see tbmesh plan --parallel for the planner's reasons)."),
+    parallel: str = typer.Option("auto", "--parallel", help="How the leader splits the model: auto (tensor groups of Macs cabled all to all where the cost model projects a decode at least 1.2x faster, else layers over Macs), pipeline (layers over Macs only) or tensor (groups wherever the model and the cables allow). A group's members run one worker process each (see tbmesh plan --parallel for the planner's reasons)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
 ) -> None:  # fmt: skip
     """Run this Mac's node: discover peers on Thunderbolt, join the cluster, serve the API."""

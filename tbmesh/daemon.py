@@ -98,7 +98,7 @@ class DaemonConfig:
     mqtt: str | None = None  # mqtt://host[:port]: publish state and events there (tbmesh.telemetry)
     replicas: int = REPLICAS  # copies of each layer on the members' disks (tbmesh.core.replicas)
     disk_slack: int | None = None  # bytes of the model kept on disk beyond our stage; None: as the disk allows
-    parallel: str = "pipeline"  # the planner's shapes (tbmesh.core.groups): pipeline, auto or tensor
+    parallel: str = "auto"  # the planner's shapes (tbmesh.core.groups): auto, pipeline or tensor
 
 
 class Daemon:

@@ -42,8 +42,9 @@ def check_stages(plan: dict, num_layers: int) -> None:
 def test_builtin_example_json():
     code, plan = plan_json()
     assert code == 0
-    assert set(plan) == {"fits", "reason", "stages", "left_out"}
+    assert set(plan) == {"fits", "reason", "stages", "left_out", "why"}
     assert plan["fits"] is True and plan["reason"] is None
+    assert plan["why"].startswith("pipeline (") and "RDMA" in plan["why"]  # auto: no RDMA in the example
     check_stages(plan, 61)
     studios = {f"studio{i}" for i in range(1, 5)}
     assert {s["node"] for s in plan["stages"]} | set(plan["left_out"]) == studios
@@ -201,8 +202,9 @@ def test_parallel_auto_shows_a_group_and_why():
     human = run("plan", "--preset", "kimi-k2-thinking", *studios, *cables, "--parallel", "auto")
     assert human.returncode == 0 and "why: tensor group of 4 (RDMA" in " ".join(human.stdout.split())
     assert "fits on 4 of 4 nodes" in human.stdout
-    # the default is the pipeline, as today: no group, no why
-    code, plan = plan_json("--preset", "kimi-k2-thinking", *studios, *cables)
+    # auto is the default; pipeline makes no group and says no why
+    assert plan_json("--preset", "kimi-k2-thinking", *studios, *cables)[1] == plan
+    code, plan = plan_json("--preset", "kimi-k2-thinking", *studios, *cables, "--parallel", "pipeline")
     assert code == 0 and "why" not in plan and all("group" not in s for s in plan["stages"])
 
 

@@ -73,28 +73,31 @@ def test_four_studios_all_to_all_with_rdma_make_one_group_of_four():
 def test_two_studios_and_a_macbook_over_tb4_without_rdma():
     nodes = [studio("studio1"), studio("studio2"), macbook("mbp")]
     links = all_to_all(nodes, TB4, rdma=False)
-    # Qwen3-235B reads 11.8 GB a token over 94 layers: 188 all-reduces over TCP cost more than
-    # the halved reads save, so the pipeline stays, and says by how much.
+    # auto makes groups over RDMA only: here, the pipeline, saying why
     qwen = preset_spec("qwen3-235b-a22b")
     placement = plan_layers(qwen, nodes, links, context=CONTEXT, parallel="auto")
     assert placement == replace(plan_layers(qwen, nodes, links, context=CONTEXT), why=placement.why)
     assert all(not s.group for s in placement.stages)
-    assert placement.why.startswith("pipeline (23.3 tok/s expected): the best shape with groups, tensor group "
-                                    "of 2 mbp+studio1 (no RDMA: TCP ring, 50 µs a message"), placement.why
-    assert f"would be 0.92x (21.5 tok/s), below the {MIN_SPEEDUP}x a group must gain" in placement.why
+    assert placement.why == ("pipeline (23.3 tok/s expected): no tensor group possible: no Macs cabled all to all "
+                             "have RDMA between them (auto makes groups over RDMA only; --parallel tensor makes "
+                             "them over TCP too)")
+    # forced over TCP: Qwen3-235B reads 11.8 GB a token over 94 layers, and 188 all-reduces
+    # over TCP cost more than the halved reads save
     forced = plan_layers(qwen, nodes, links, context=CONTEXT, parallel="tensor")
     assert forced.fits and any(s.group for s in forced.stages)
     assert "(forced: parallel tensor): 0.92x the pipeline's expected decode (21.5 vs 23.3 tok/s)" in forced.why
     # Kimi reads 32 GB a token over 61 layers: even the TCP ring is projected to pay for the
     # two Studios (tensor_cost's TB4 figures), and the MacBook (slower memory, one more hop)
-    # is left out: the two Studios hold it all.
+    # is left out: the two Studios hold it all. Only when forced: auto keeps the pipeline.
     kimi = preset_spec("kimi-k2-thinking")
-    placement = plan_layers(kimi, nodes, links, context=CONTEXT, parallel="auto")
+    assert all(not s.group for s in plan_layers(kimi, nodes, links, context=CONTEXT, parallel="auto").stages)
+    placement = plan_layers(kimi, nodes, links, context=CONTEXT, parallel="tensor")
     assert [(s.node, s.group) for s in placement.stages] == [("studio1", ("studio1", "studio2"))]
     assert placement.left_out == ("mbp",)
     assert "mbp: left out, the plan decodes faster without it" in placement.notes
     assert placement.why == ("tensor group of 2 studio1+studio2 (no RDMA: TCP ring, 50 µs a message, 151 µs "
-                             "all-reduce): 1.43x the pipeline's expected decode (11.9 vs 8.3 tok/s)")
+                             "all-reduce) (forced: parallel tensor): 1.43x the pipeline's expected decode "
+                             "(11.9 vs 8.3 tok/s)")
     assert members_fit(kimi, placement.stages, nodes, CONTEXT)
 
 

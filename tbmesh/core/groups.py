@@ -27,9 +27,11 @@ the strongest few per size, alone or as disjoint sets (greedy per size, and larg
 each is planned as a pipeline in which a group is one node (its members' smallest memory
 times their number, less what each holds whole), with its best-cabled members tried as the
 one that talks to the pipeline, with and without the other Macs as stages. A plan whose
-member would be over its memory is shrunk and planned again, or dropped. "auto" takes the
-fastest expected decode if it beats the pipeline's by MIN_SPEEDUP, "tensor" the fastest with
-a group; `Placement.why` gives the numbers.
+member would be over its memory is shrunk and planned again, or dropped. "auto" (the
+daemon's default) groups Macs over RDMA cables only, and takes the fastest expected decode if
+it beats the pipeline's by MIN_SPEEDUP; "tensor" groups over any cables and takes the fastest
+with a group, or the pipeline when no group can be made (one Mac, a model that does not
+split); `Placement.why` gives the numbers.
 """
 
 from __future__ import annotations

@@ -1115,9 +1115,12 @@ def _with_groups(model: ModelSpec, nodes: list[NodeInfo], links: Sequence[LinkIn
     if cause is None:
         least = min(model.layer_bytes) + model.kv_bytes(context, 1)
         eligible = [n.id for n in nodes if n.memory_usable >= least]
-        found = cliques(eligible, links, model.tensor_ways)
+        # auto groups Macs over RDMA only: over TCP the all-reduces' latency is a guess until
+        # measured, and a group that is slower than the pipeline costs more than it gives
+        cabled = [x for x in links if x.rdma] if parallel == "auto" else list(links)
+        found = cliques(eligible, cabled, model.tensor_ways)
         if not found:
-            cause = _no_clique(model, eligible, links)
+            cause = _no_clique(model, eligible, links, cabled)
         for groups in _candidates(_strongest(found, nodes)):
             # the groups with the other Macs as stages (the layer planner gives each its memory's
             # share), or the groups only, the others left out
@@ -1147,12 +1150,15 @@ def _with_groups(model: ModelSpec, nodes: list[NodeInfo], links: Sequence[LinkIn
                              f"{shown:.2f}x ({1 / seconds:.1f} tok/s), below the {MIN_SPEEDUP}x a group must gain")
 
 
-def _no_clique(model: ModelSpec, ids: list[str], links: Sequence[LinkInfo]) -> str:
+def _no_clique(model: ModelSpec, ids: list[str], links: Sequence[LinkInfo], cabled: Sequence[LinkInfo]) -> str:
     sizes = ", ".join(map(str, model.tensor_ways))
     if len(ids) < 2:
         return "one Mac: no group to make"
     if not any(link_between(links, a, b) for a, b in itertools.combinations(ids, 2)):
         return "no two Macs are cabled directly (a group needs a cable between every two members)"
+    if len(cabled) < len(links) and cliques(ids, links, model.tensor_ways):
+        return ("no Macs cabled all to all have RDMA between them (auto makes groups over RDMA only; "
+                "--parallel tensor makes them over TCP too)")
     return (f"{model.name} splits into groups of {sizes} only, and no such set of Macs is cabled all "
             f"to all (a group needs a cable between every two members)")
 
