@@ -131,6 +131,12 @@ def test_a_group_of_two_and_one_mac_answer_eight_concurrent_requests_as_mlx_lm(t
     assert first["steps"] > 0 and first["weight_bytes"] > 0
     other = status[group["group"][1]]["runtime"]
     assert other["weight_bytes"] > 0 and other["steps"] == 0
+    # the prefix cache: the group's caches (in its workers) keep the finished prompts, and a
+    # prompt asked again starts from them
+    assert first["prefix_entries"] > 0 and first["prefix_tokens"] > 0
+    hits = sum(d.status()["runtime"]["prefix_hits"] for d in daemons)
+    assert ask(daemons[0], PROMPTS[1], 24) == reference(PROMPTS[1], 24)[0]
+    assert sum(d.status()["runtime"]["prefix_hits"] for d in daemons) > hits
 
 
 @pytest.mark.slow  # the kill and the join take a minute; the group of 2 + 1 above runs in CI
