@@ -76,6 +76,7 @@ def group_harness(model_dir: Path, workers: list[Worker], splits: list[tuple[int
     return harness
 
 
+@pytest.mark.slow  # CI's time budget: test_tensor_serving.py runs 8 concurrent requests through daemons' groups
 def test_four_concurrent_requests_give_mlx_lm_tokens(model_dir, mlx_lm_model, tmp_path):
     workers = start_group(model_dir, tmp_path)
     try:
