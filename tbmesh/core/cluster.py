@@ -530,11 +530,12 @@ class ClusterNode:
             self._accept(plan, now)  # nothing moves: nothing to load, commit at once
             return
         self.preparing = plan
-        self._prepare_event(now, plan)
+        self._prepare_event(now, plan, placement.why)
 
-    def _prepare_event(self, now: float, plan: Plan) -> None:
-        self._event(now, "prepare", None, f"epoch {plan.epoch}: {self._stages_text(plan)}",
-                    {"term": plan.term, "epoch": plan.epoch})
+    def _prepare_event(self, now: float, plan: Plan, why: str | None = None) -> None:
+        """`why`: the planner's reason for the shape (groups or layers), on the leader."""
+        self._event(now, "prepare", None, f"epoch {plan.epoch}: {self._stages_text(plan)}"
+                    + (f" ({why})" if why else ""), {"term": plan.term, "epoch": plan.epoch})
 
     def _eligible(self, members: frozenset[str], now: float) -> frozenset[str]:
         """The members to plan for: all but those that could not load their layers, until
