@@ -363,7 +363,9 @@ class Daemon:
         total, usable = await asyncio.to_thread(measure.memory, self.config.memory_usable)
         flops = await asyncio.to_thread(measure.measure_flops)
         assert self.identity is not None
-        return NodeInfo(self.identity.node_id, self.config.name, measure.chip(), total, usable, flops)
+        chip = measure.chip()  # os.cpu_count(): Apple silicon runs one thread a core
+        return NodeInfo(self.identity.node_id, self.config.name, chip, total, usable, flops,
+                        measure.memory_bandwidth(chip, os.cpu_count()))
 
     async def _start_server(self) -> None:
         """Listen for peers on the served addresses only, never 0.0.0.0: nothing on Wi-Fi or
@@ -688,8 +690,7 @@ class Daemon:
         for channel in list(self.channels.values()):
             channel.close("identity renewed")
         self.channels.clear()
-        info = NodeInfo(self.identity.node_id, self.core.info.name, self.core.info.chip,
-                        self.core.info.memory_total, self.core.info.memory_usable, self.core.info.flops)
+        info = replace(self.core.info, id=self.identity.node_id)
         self.core = ClusterNode(info, self.identity.incarnation, self.now(), self.core.config)
         await self._discovery.stop()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
