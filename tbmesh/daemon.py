@@ -584,7 +584,7 @@ class Daemon:
         return ClusterView(core.id, core.plan, core.preparing, core.no_fit or "", core.leader, core.shards(),
                            {n: i.name for n, i in core.node_infos().items()}, core.members(),
                            core.model, core.info.memory_usable, core.config.context, core.disks(),
-                           tuple(core.links()))
+                           tuple(core.links()), core.rdma_devices())
 
     def shard_changed(self, state: ShardState | None) -> None:
         if state != self.core.shard:
