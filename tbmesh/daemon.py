@@ -35,7 +35,7 @@ from tbmesh.core.messages import Disconnect, DiskState, Event, KeepOnDisk, Send
 from tbmesh.core.replicas import REPLICAS
 from tbmesh.core.types import ModelSpec, NodeInfo, Plan
 from tbmesh.net import interfaces as netif
-from tbmesh.net import peers, probe, wire
+from tbmesh.net import peers, probe, rdma, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
 from tbmesh.net.watch import InterfaceWatcher
 from tbmesh.serving.settings import ServingSettings
@@ -134,6 +134,7 @@ class Daemon:
         self._last_view: tuple | None = None  # (plan, preparing) the engine last saw
         self._sound_links: frozenset[frozenset[str]] = frozenset()  # as the engine last heard
         self.telemetry: Telemetry | None = None
+        self.rdma = rdma.RdmaStatus(None)  # this Mac's RDMA, read at start and when interfaces change
 
     # ----- life cycle ------------------------------------------------------------------
 
@@ -155,6 +156,7 @@ class Daemon:
         machine = measure.machine_identity()
         self.identity = state.load_identity(cfg.state_dir, machine)
         info = await self._measure()
+        await self._check_rdma()
         self.core = ClusterNode(info, self.identity.incarnation, self.now(),
                                 CoreConfig(cfg.timing, self.model, cfg.serving.context,
                                            self.disk.name if self.disk is not None else None, cfg.replicas,
@@ -363,7 +365,9 @@ class Daemon:
         total, usable = await asyncio.to_thread(measure.memory, self.config.memory_usable)
         flops = await asyncio.to_thread(measure.measure_flops)
         assert self.identity is not None
-        return NodeInfo(self.identity.node_id, self.config.name, measure.chip(), total, usable, flops)
+        chip = measure.chip()  # os.cpu_count(): Apple silicon runs one thread a core
+        return NodeInfo(self.identity.node_id, self.config.name, chip, total, usable, flops,
+                        measure.memory_bandwidth(chip, os.cpu_count()))
 
     async def _start_server(self) -> None:
         """Listen for peers on the served addresses only, never 0.0.0.0: nothing on Wi-Fi or
@@ -580,7 +584,7 @@ class Daemon:
         return ClusterView(core.id, core.plan, core.preparing, core.no_fit or "", core.leader, core.shards(),
                            {n: i.name for n, i in core.node_infos().items()}, core.members(),
                            core.model, core.info.memory_usable, core.config.context, core.disks(),
-                           tuple(core.links()))
+                           tuple(core.links()), core.rdma_devices())
 
     def shard_changed(self, state: ShardState | None) -> None:
         if state != self.core.shard:
@@ -636,6 +640,7 @@ class Daemon:
             existing.close("replaced by a newer connection")
         self.channels[peer] = channel
         self.carry_out(self.core.peer_connected(peer, channel.peer.incarnation, self.now()))
+        self.carry_out(self.core.set_link_rdma(peer, self._rdma_device(channel), self.now()))
         self._spawn(self._read(channel))
         if channel.dialed and self.config.probe_links:
             self._spawn(self._probe(peer))
@@ -688,8 +693,7 @@ class Daemon:
         for channel in list(self.channels.values()):
             channel.close("identity renewed")
         self.channels.clear()
-        info = NodeInfo(self.identity.node_id, self.core.info.name, self.core.info.chip,
-                        self.core.info.memory_total, self.core.info.memory_usable, self.core.info.flops)
+        info = replace(self.core.info, id=self.identity.node_id)
         self.core = ClusterNode(info, self.identity.incarnation, self.now(), self.core.config)
         await self._discovery.stop()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
@@ -846,6 +850,7 @@ class Daemon:
                 local = channel.writer.get_extra_info("sockname")
                 if local is not None and local[0] not in addresses:
                     channel.close("its interface went away")  # suspected now, not after silence
+        await self._check_rdma()  # a cable plugged in: its port's RDMA is up now
         # listening there before we announce ourselves there (and again where a bind failed)
         for address, error in (await self._follow_addresses(addresses)).items():
             log.error("cannot listen on %s port %d: %s", address, self.port, error.strerror)
@@ -855,6 +860,23 @@ class Daemon:
             await self._discovery.refresh(addresses)
         for peer in list(self.known):
             self._wake_dialer(peer)
+
+    async def _check_rdma(self) -> None:
+        """Read this Mac's RDMA status (tbmesh.net.rdma) and publish the device on each
+        connection's cable: links whose two ends publish one run groups over jaccl."""
+        status = await asyncio.to_thread(rdma.rdma_status)
+        if status != self.rdma:
+            active = [d.name for d in status.devices if d.active or not d.port_states]
+            log.info("RDMA: %s", status.why_not or f"enabled, devices up: {', '.join(active) or 'none'}")
+        self.rdma = status
+        for peer, channel in list(self.channels.items()) if self.core is not None else ():
+            self.carry_out(self.core.set_link_rdma(peer, self._rdma_device(channel), self.now()))
+
+    def _rdma_device(self, channel: peers.Channel) -> str:
+        local = channel.writer.get_extra_info("sockname")
+        if local is None or not self.rdma.usable:
+            return ""
+        return rdma.link_device(local[0], netif.interface_addresses(self.interfaces), self.rdma)
 
     # ----- status ----------------------------------------------------------------------
 
@@ -887,8 +909,8 @@ class Daemon:
                 "fetching": None if fetching is None else {
                     "done": fetching.done, "total": fetching.total, "bytes_per_s": fetching.bytes_per_s,
                     "from": [core.node_infos()[n].name if n in core.node_infos() else n for n in fetching.sources]}}
-        links = [{"a": link.a, "b": link.b, "bandwidth_bps": link.bytes_per_s * 8, "rtt_s": link.rtt_s}
-                 for link in core.links()]
+        links = [{"a": link.a, "b": link.b, "bandwidth_bps": link.bytes_per_s * 8, "rtt_s": link.rtt_s,
+                  "rdma": link.rdma} for link in core.links()]
         plan = core.plan
         return {
             "node": {"id": core.id, "name": core.info.name, "incarnation": core.incarnation,

@@ -184,6 +184,42 @@ def chip_name(brand_string: str, device_info: dict[str, Any] | None) -> str:
     return brand_string
 
 
+# --- memory bandwidth ------------------------------------------------------------------
+
+# Apple's published unified-memory bandwidth of each chip, GB/s: the "memory bandwidth" line of
+# the Tech Specs pages of the Macs that carry it (support.apple.com/en-us/docs/mac lists them;
+# e.g. "MacBook Pro (14-inch, M4 Pro or M4 Max, 2024) - Tech Specs", "Mac Studio (2025) - Tech
+# Specs", "Mac Studio (2022) - Tech Specs", "MacBook Pro (14-inch, Nov 2023) - Tech Specs").
+# M1: its Tech Specs give none; 68.25 is its LPDDR4X-4266 on 128 bits, which Apple's "M2: 100GB/s,
+# 50 percent more than M1" and "M1 Pro: 200GB/s, nearly 3x M1" (Apple Newsroom) agree with.
+# M5: Apple Newsroom, October 2025 (153GB/s). Chips not here (M5 Pro, M5 Max, ...) are unknown (0).
+MEMORY_BANDWIDTH_GBS: dict[str, float] = {
+    "Apple M1": 68.25, "Apple M1 Pro": 200, "Apple M1 Max": 400, "Apple M1 Ultra": 800,
+    "Apple M2": 100, "Apple M2 Pro": 200, "Apple M2 Max": 400, "Apple M2 Ultra": 800,
+    "Apple M3": 100, "Apple M3 Pro": 150, "Apple M3 Max": 400, "Apple M3 Ultra": 819,
+    "Apple M4": 120, "Apple M4 Pro": 273, "Apple M4 Max": 546,
+    "Apple M5": 153,
+}
+# Two chips come in two bandwidths: M3 Max with a 14-core CPU (and 30-core GPU) has 300GB/s,
+# with 16 cores (40-core GPU) 400GB/s; M4 Max with 14 cores (32-core GPU) 410GB/s, with 16
+# (40-core GPU) 546GB/s. Apple sells each CPU only with its GPU, so the CPU cores tell them
+# apart: at most this many -> the binned figure. Cores unknown: the binned one too (a Mac is
+# not credited with bandwidth it may lack; the other Pro/Max/Ultra bins share one figure).
+BINNED_BANDWIDTH_GBS: dict[str, tuple[int, float]] = {"Apple M3 Max": (14, 300), "Apple M4 Max": (14, 410)}
+
+
+def memory_bandwidth(chip: str, cpu_cores: int | None = None) -> float:
+    """Bytes/s of memory bandwidth of a chip named as `chip()` names it ("Apple M3 Ultra"),
+    from Apple's published figures; 0 (unknown: the planner takes the M3 Ultra it was
+    calibrated on) for a chip not in the table, and for every Linux CPU."""
+    name = chip.strip()
+    gbs = MEMORY_BANDWIDTH_GBS.get(name, 0.0)
+    binned = BINNED_BANDWIDTH_GBS.get(name)
+    if binned is not None and (cpu_cores is None or cpu_cores <= binned[0]):
+        gbs = binned[1]
+    return gbs * 1e9
+
+
 def parse_cpuinfo_model(text: str) -> str:
     """The CPU name from /proc/cpuinfo: "model name" (x86), else "Hardware"/"Model" (ARM)."""
     for key in ("model name", "Hardware", "Model"):

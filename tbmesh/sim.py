@@ -65,6 +65,7 @@ class Simulator:
         self.configs: dict[str, CoreConfig] = {}  # nodes configured apart from `config`
         self.incarnations: dict[str, int] = {}
         self.cables: set[frozenset[str]] = set()
+        self.rdma: set[frozenset[str]] = set()  # cables whose two ports have an RDMA device
         self.blocked: set[frozenset[str]] = set()
         self.connections: set[frozenset[str]] = set()
         self.stats = Stats()
@@ -93,15 +94,19 @@ class Simulator:
         """What `node` keeps on disk changed (a fetch ended, a Mac with weights came)."""
         self._carry_out(node, self.nodes[node].set_disk(disk, self.now))
 
-    def cable(self, a: str, b: str) -> None:
-        """Plug a cable; the shells connect at once (as on a link-up event)."""
+    def cable(self, a: str, b: str, rdma: bool = False) -> None:
+        """Plug a cable; the shells connect at once (as on a link-up event). With `rdma` both
+        ends publish their port's RDMA device ("rdma_<peer>" here), as a daemon does."""
         self.cables.add(frozenset((a, b)))
+        if rdma:
+            self.rdma.add(frozenset((a, b)))
         self._connect(a, b)
 
     def unplug(self, a: str, b: str) -> None:
         """Pull a cable: the connection dies silently; only heartbeats notice."""
         pair = frozenset((a, b))
         self.cables.discard(pair)
+        self.rdma.discard(pair)
         self.connections.discard(pair)
 
     def crash(self, node: str, reset: bool = True) -> None:
@@ -247,6 +252,10 @@ class Simulator:
         inc_a, inc_b = self.nodes[a].incarnation, self.nodes[b].incarnation  # the hello
         self._later(self.net.connect_delay, a, lambda n: n.peer_connected(b, inc_b, self.now), pair)
         self._later(self.net.connect_delay, b, lambda n: n.peer_connected(a, inc_a, self.now), pair)
+        # each end's device, set on every connection as the daemon does (the cable may have moved)
+        at_a, at_b = (f"rdma_{b}", f"rdma_{a}") if pair in self.rdma else ("", "")
+        self._later(self.net.connect_delay, a, lambda n: n.set_link_rdma(b, at_a, self.now), pair)
+        self._later(self.net.connect_delay, b, lambda n: n.set_link_rdma(a, at_b, self.now), pair)
 
     def _reconnect_loop(self) -> None:
         for pair in sorted(self.cables, key=sorted):

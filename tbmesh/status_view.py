@@ -200,6 +200,7 @@ def _links_table(links: list[dict[str, Any]], names: dict[str, str]) -> Table | 
     _column(table, "RTT", justify="right")
     for link in links:
         ends = f"{_name(names, link.get('a'))} ↔ {_name(names, link.get('b'))}"
+        ends += " RDMA" if link.get("rdma") is True else ""  # both ends run RDMA: groups use jaccl
         table.add_row(ends, _bandwidth(link.get("bandwidth_bps")), _rtt(link.get("rtt_s")))
     return table
 

@@ -19,6 +19,7 @@ from tbmesh.measure import (
     machine_identity,
     measure_flops,
     memory,
+    memory_bandwidth,
     parse_cpuinfo_model,
     parse_device_info,
     parse_ioreg_platform_uuid,
@@ -155,6 +156,33 @@ def test_chip_on_linux():
     if expected:  # some ARM kernels print none of the keys
         assert measure.chip() == expected
     assert measure.chip()
+
+
+def test_memory_bandwidth_of_the_recorded_chips():
+    GB = 1e9
+    ultra = recorded("sysctl-n-machdep.cpu.brand_string.1.txt").strip()
+    assert memory_bandwidth(ultra, 28) == memory_bandwidth(ultra, 32) == 819 * GB  # both Ultra bins
+    assert memory_bandwidth(chip_name("Apple processor", device_info(2)), 14) == 273 * GB  # Metal's "Apple M4 Pro"
+    early = parse_sysctl(recorded("sysctl-A-machdep.cpu.1.txt"))
+    m1 = chip_name(early["machdep.cpu.brand_string"], device_info(4))
+    assert memory_bandwidth(m1, int(early["machdep.cpu.core_count"])) == 68.25 * GB
+    assert memory_bandwidth(chip_name("Apple processor", device_info(3)), 18) == 0  # an M5 Max: not in the table
+    assert memory_bandwidth("Apple processor") == 0  # no device_name to say which (device_info 1)
+
+
+def test_memory_bandwidth_of_binned_chips_follows_the_cpu_cores():
+    GB = 1e9
+    assert memory_bandwidth("Apple M3 Max", 14) == 300 * GB and memory_bandwidth("Apple M3 Max", 16) == 400 * GB
+    assert memory_bandwidth("Apple M4 Max", 14) == 410 * GB and memory_bandwidth("Apple M4 Max", 16) == 546 * GB
+    assert memory_bandwidth("Apple M4 Max") == 410 * GB  # cores unknown: the lower
+    assert memory_bandwidth("Apple M3 Pro", 11) == memory_bandwidth("Apple M3 Pro", 12) == 150 * GB
+
+
+def test_memory_bandwidth_on_linux_is_unknown():
+    assert memory_bandwidth(measure.chip(), 2) == 0
+    assert memory_bandwidth("AMD EPYC 9654 96-Core Processor", 96) == 0
+    for name, gbs in measure.MEMORY_BANDWIDTH_GBS.items():  # every name as chip() gives it
+        assert name.startswith("Apple M") and gbs > 0
 
 
 # --- compute -------------------------------------------------------------------------

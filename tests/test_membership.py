@@ -156,3 +156,23 @@ def test_our_own_link_state_from_a_previous_life_is_outbid():
     assert a.version > 50
     flooded = _sends(actions, LinkStates)
     assert any(s.origin == "a" and s.version > 50 for f in flooded for s in f.message.states)
+
+
+def test_a_link_has_rdma_when_both_ends_publish_a_device_on_it():
+    a = ClusterNode(NodeInfo("a", "a"), 1, 0.0)
+    for peer in ("b", "c"):
+        a.peer_connected(peer, 1, 0.0)
+    a.set_link_rdma("b", "rdma_en2", 0.0)
+    a.set_link_rdma("c", "rdma_en3", 0.0)
+    published = a.db.states["a"].neighbours
+    assert [(adj.peer, adj.rdma) for adj in published] == [("b", "rdma_en2"), ("c", "rdma_en3")]
+    # b publishes a device toward a; c (RDMA off, or a Thunderbolt 4 port) publishes none
+    b = LinkState("b", 1, 1, NodeInfo("b", "b"), (Adjacency("a", rdma="rdma_en5"), Adjacency("c")))
+    c = LinkState("c", 1, 1, NodeInfo("c", "c"), (Adjacency("a"), Adjacency("b")))
+    a.receive("b", LinkStates("b", (b, c)), 0.01)
+    a.flush(0.01)
+    assert {(x.a, x.b): x.rdma for x in a.links()} == {("a", "b"): True, ("a", "c"): False, ("b", "c"): False}
+    assert a.rdma_devices() == {("a", "b"): "rdma_en2", ("b", "a"): "rdma_en5"}
+    # the connection to b moves to a port without a device: the link has no RDMA any more
+    a.set_link_rdma("b", "", 0.02)
+    assert not any(x.rdma for x in a.links()) and a.rdma_devices() == {}

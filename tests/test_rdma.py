@@ -17,6 +17,7 @@ from tbmesh.net.rdma import (
     device_of,
     interface_of,
     jaccl_environment,
+    link_device,
     parse_ibv_devices,
     parse_ibv_devinfo,
     parse_rdma_ctl_status,
@@ -81,6 +82,25 @@ def test_assess_says_why_rdma_cannot_be_used():
     assert "26.2" in assess(None, []).why_not
     for status in (assess(False, []), assess(True, []), assess(None, [])):
         assert "\n" not in status.why_not
+
+
+def test_a_connection_has_the_device_of_the_port_it_runs_over():
+    # the M5 Max MacBook Pro: Thunderbolt 1/2/3 = en1/en6/en2, its three devices; the cable on
+    # en1 is up (PORT_ACTIVE), en6's port is down. Addresses as interface_addresses gives them.
+    up = recorded("ibv_devinfo.1.txt").replace("PORT_DOWN (1)", "PORT_ACTIVE (4)", 1)
+    status = assess(True, parse_ibv_devinfo(up))
+    addresses = {"en1": ["169.254.10.1", "fe80::1%en1"], "en6": ["169.254.20.1"], "bridge0": ["169.254.30.1"]}
+    assert link_device("169.254.10.1", addresses, status) == "rdma_en1"
+    assert link_device("fe80::1%en1", addresses, status) == "rdma_en1"
+    assert link_device("169.254.20.1", addresses, status) == ""  # its port is down
+    assert link_device("169.254.30.1", addresses, status) == ""  # over the Thunderbolt Bridge: no device
+    assert link_device("10.0.0.9", addresses, status) == ""  # on no served interface
+    # ibv_devices says nothing of ports: a device on the interface is enough
+    listed = assess(True, parse_ibv_devices(recorded("ibv_devices.2.txt")))
+    assert link_device("169.254.20.1", addresses, listed) == "rdma_en6"
+    # RDMA disabled (its ibv_devices lists no device), or not a Mac: none
+    assert link_device("169.254.10.1", addresses, assess(False, parse_ibv_devices(recorded("ibv_devices.3.txt")))) == ""
+    assert link_device("169.254.10.1", addresses, rdma_status("linux")) == ""
 
 
 def test_rdma_status_off_a_mac_is_unusable_without_running_anything():

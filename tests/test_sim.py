@@ -261,3 +261,28 @@ def test_a_pulled_cable_between_nodes_still_reachable_leaves_every_nodes_sound_l
     sim.cable("n0", "n1")
     assert sim.run_until_true(lambda: all(core.sound_links() == everything for core in sim.nodes.values()),
                               5) is not None
+
+
+def test_every_node_and_the_planner_see_rdma_on_the_cables_both_ends_run_it_on():
+    from tbmesh.core.planner import plan_layers
+
+    seen = []
+
+    def planner(model, nodes, links, **kw):
+        seen.append({(x.a, x.b): x.rdma for x in links})
+        return plan_layers(model, nodes, links, **kw)
+
+    sim = Simulator(seed=3, config=CONFIG, planner=planner)
+    for node in ("n0", "n1", "n2"):
+        sim.add_node(node)
+    sim.cable("n0", "n1", rdma=True)
+    sim.cable("n1", "n2", rdma=True)
+    sim.cable("n0", "n2")  # one end, or both, without a device on this cable
+    want = {("n0", "n1"): True, ("n0", "n2"): False, ("n1", "n2"): True}
+    assert sim.run_until_true(lambda: sim.converged() and sim.plans_agree(), 5) is not None
+    assert all({(x.a, x.b): x.rdma for x in core.links()} == want for core in sim.nodes.values())
+    assert seen[-1] == want  # the leader plans with them (a group over jaccl, or over TCP)
+    sim.unplug("n0", "n1")
+    sim.cable("n0", "n1")  # plugged back into a port without RDMA
+    assert sim.run_until_true(lambda: all(not any(x.rdma for x in core.links() if x.joins("n0", "n1"))
+                                          and len(core.links()) == 3 for core in sim.nodes.values()), 5)

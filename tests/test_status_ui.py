@@ -177,6 +177,15 @@ def test_a_tensor_group_is_its_members_on_one_segment_of_the_plan_bar(width):
     assert re.search(r"left out: +studio-d", text)
 
 
+@pytest.mark.parametrize("width", [80, 200])
+def test_a_link_whose_ends_both_run_rdma_says_so(width):
+    status = grouped(kimi_status())
+    status["links"][0]["rdma"] = True
+    text = frame(status, width)
+    assert_fits(text, width)
+    assert "studio-a ↔ studio-b RDMA" in text and "studio-b ↔ studio-c RDMA" not in text
+
+
 def test_wide_screens_put_panels_side_by_side_and_narrow_ones_drop_columns():
     wide, narrow = frame(kimi_status(), 200), frame(kimi_status(), 80)
     assert any("studio-a" in line and "studio-a ↔ studio-b" in line for line in wide.splitlines())

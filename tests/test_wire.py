@@ -160,6 +160,20 @@ def test_floats_may_arrive_as_integers():
     assert wire.decode(frame(HB_MAP | {"sent_at": 12})).sent_at == 12.0
 
 
+def test_an_adjacency_without_rdma_is_sent_as_before_rdma():
+    info = messages.NodeInfo("a", "a")
+
+    def sent(*adjacencies: messages.Adjacency) -> bytes:
+        state = messages.LinkState("a", 1, 1, info, adjacencies)
+        return b"".join(bytes(x) for x in wire.encode(messages.LinkStates("a", (state,))))
+
+    plain = sent(messages.Adjacency("b", rtt_s=1e-4))
+    assert b"rdma" not in plain  # what a Mac without RDMA (or Linux) sends, byte for byte as before
+    with_device = sent(messages.Adjacency("b", rtt_s=1e-4, rdma="rdma_en2"))
+    assert wire.decode(with_device).states[0].neighbours[0].rdma == "rdma_en2"
+    assert wire.decode(plain).states[0].neighbours[0].rdma == ""
+
+
 # --- violations -------------------------------------------------------------------------------
 
 

@@ -178,6 +178,14 @@ class ClusterNode:
             detector.bytes_per_s = bytes_per_s
         return self._update(now)
 
+    def set_link_rdma(self, peer: str, device: str, now: float) -> list[Action]:
+        """Our RDMA device on the cable to a direct peer ("rdma_en2"; "" for none): published
+        with the adjacency, so every node knows which links both ends run RDMA on."""
+        detector = self.peers.get(peer)
+        if detector is not None:
+            detector.rdma = device
+        return self._update(now)
+
     def update_info(self, info: NodeInfo, now: float) -> list[Action]:
         self.info = info
         return self._update(now)
@@ -274,9 +282,19 @@ class ClusterNode:
         infos[self.id] = self.info
         return infos
 
+    def rdma_devices(self) -> dict[tuple[str, str], str]:
+        """{(a, b): a's RDMA device on its cable to b} for the direct links among reachable
+        nodes whose two ends both publish one (jaccl needs a device at each end)."""
+        published = {(origin, adj.peer): adj.rdma for origin in self._members
+                     if (state := self.db.states.get(origin)) is not None
+                     for adj in state.neighbours if adj.rdma and adj.peer in self._members}
+        return {(a, b): device for (a, b), device in published.items() if (b, a) in published}
+
     def links(self) -> list[LinkInfo]:
         """Direct links among reachable nodes. Both ends publish a link's figures; ours
-        come first (freshest here), else the smaller id's, so every node reads the same."""
+        come first (freshest here), else the smaller id's, so every node reads the same.
+        A link has RDMA when both ends publish a device on it (rdma_devices)."""
+        rdma = self.rdma_devices()
         best: dict[tuple[str, str], LinkInfo] = {}
         for origin in sorted(self._members, key=lambda n: (n != self.id, n)):
             state = self.db.states.get(origin)
@@ -288,10 +306,10 @@ class ClusterNode:
                 pair = (min(origin, adj.peer), max(origin, adj.peer))
                 held = best.get(pair)
                 if held is None:
-                    best[pair] = LinkInfo(pair[0], pair[1], adj.bytes_per_s, adj.rtt_s)
+                    best[pair] = LinkInfo(pair[0], pair[1], adj.bytes_per_s, adj.rtt_s, pair in rdma)
                 elif not (held.bytes_per_s and held.rtt_s):
                     best[pair] = LinkInfo(pair[0], pair[1], held.bytes_per_s or adj.bytes_per_s,
-                                          held.rtt_s or adj.rtt_s)
+                                          held.rtt_s or adj.rtt_s, held.rdma)
         return [best[pair] for pair in sorted(best)]
 
     # ----- message handlers -----------------------------------------------------------
@@ -674,7 +692,7 @@ class ClusterNode:
                 continue
             neighbours.append(
                 Adjacency(peer, detector.state is PeerState.SUSPECT,
-                          self._rtt_to_publish(peer, detector.rtt_s), detector.bytes_per_s)
+                          self._rtt_to_publish(peer, detector.rtt_s), detector.bytes_per_s, detector.rdma)
             )
         state = LinkState(
             origin=self.id,

@@ -54,6 +54,7 @@ class PeerDetector:
     connected: bool = True
     rtt_s: float = 0.0
     bytes_per_s: float = 0.0
+    rdma: str = ""  # our RDMA device on the cable to the peer, "" without one
     last_seq: int = -1
     echo_at: float = 0.0  # the peer's latest sent_at, echoed back for its RTT
     echo_received: float = 0.0

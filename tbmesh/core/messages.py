@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tbmesh.core.types import ModelSpec, NodeInfo, Plan
+from tbmesh.core.types import OMIT_DEFAULT, ModelSpec, NodeInfo, Plan
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Adjacency:
     suspect: bool = False
     rtt_s: float = 0.0
     bytes_per_s: float = 0.0
+    # our RDMA device on the cable to `peer` ("rdma_en2"), "" without one; omitted when
+    # empty, so a Mac without RDMA (and every Linux box) sends what it sent before
+    rdma: str = field(default="", metadata=OMIT_DEFAULT)
 
 
 @dataclass(frozen=True)

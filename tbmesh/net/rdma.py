@@ -195,6 +195,23 @@ def rdma_status(platform: str = sys.platform) -> RdmaStatus:
     return assess(enabled, devices)
 
 
+def link_device(local_address: str, addresses: Mapping[str, Sequence[str]], status: RdmaStatus) -> str:
+    """The RDMA device of the port a connection runs over, "" when it has none: the interface
+    holding the connection's local address (`addresses`: interface_addresses of the served
+    interfaces) must have a device, and its port must not be known to be down (ibv_devices
+    says nothing of ports: unknown counts as up). A connection over the Thunderbolt Bridge
+    has none: RDMA needs the port out of the bridge."""
+    if not status.usable:
+        return ""
+    bare = local_address.split("%", 1)[0]  # "fe80::1%en2" from either side
+    interface = next((name for name, found in addresses.items()
+                      if any(a.split("%", 1)[0] == bare for a in found)), None)
+    device = next((d for d in status.devices if interface is not None and d.interface == interface), None)
+    if device is None or (device.port_states and not device.active):
+        return ""
+    return device.name
+
+
 # --- the group -----------------------------------------------------------------------
 
 

@@ -596,7 +596,7 @@ class Engine:
         """Start our rank's worker of the group `stage` (tbmesh.serving.group), in a thread:
         it is ready when every member's worker has loaded its share."""
         try:
-            addresses = self.host.group_addresses(stage.group)
+            addresses, rdma = self.host.group_addresses(stage.group), self.host.view().rdma
         except ConnectionError as error:  # a member just went (a new plan is coming) or is not here yet
             log.info("layers %d-%d wait for the group: %s", *target, error)
             self.host.loop.call_later(GROUP_RETRY_S, self._load_again, target, False)
@@ -614,7 +614,7 @@ class Engine:
             try:
                 places = self.disk.places(*target) if self.disk is not None else None
                 shard = start_group(self.model_dir, stage, epoch, self.me, addresses, self.host.name,
-                                    lambda: not wanted(), places)
+                                    lambda: not wanted(), places, rdma)
             except Exception as failure:  # noqa: BLE001 (GroupFailed, OSError: the load failed, saying why)
                 error = failure
             with contextlib.suppress(RuntimeError):  # the loop has closed

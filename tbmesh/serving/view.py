@@ -26,6 +26,7 @@ class ClusterView:
     context: int = 0  # the KV room the planner reserves, in tokens
     disks: dict[str, DiskState] = field(default_factory=dict)  # the model's weights on each node's disk
     links: tuple[LinkInfo, ...] = ()  # direct links among members, with their measured bandwidth
+    rdma: dict[tuple[str, str], str] = field(default_factory=dict)  # (a, b) -> a's RDMA device toward b
 
     def name(self, node: str) -> str:
         return self.names.get(node, node)
