@@ -26,13 +26,13 @@ from tbmesh.runtime.tiny import make_tiny_model
 
 PROMPTS = ["The quick brown fox", "Thunderbolt cables link the Macs", "Hello", "one two three",
            "Macs in a ring", "tensor groups", "a b c d e f", "split every layer"]
-LONG = "Thunderbolt cables link the Macs"  # no end token for hundreds of greedy tokens
+LONG = "Thunderbolt cables link the Macs"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("m") / "tiny", layers=8, hidden=128, vocab=512,
-                           heads=4, kv_heads=2)
+                           heads=4, kv_heads=2, seed=1)  # seed 1: LONG's greedy answer has no end token for 800
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +154,24 @@ def test_a_member_killed_mid_answer_and_a_join_lose_no_answer(tensor_cluster, re
     rank1.kill()
     assert stream.text() == expected
     serving_plan([rank0], [1])
-    # a Mac joins mid-answer: the cluster forms a group again, no answer lost
-    stream = Streamed(rank0, LONG, 400)
+    # a Mac joins mid-answer: the cluster forms a group again, no answer lost; the Mac that
+    # serves alone goes on while the group forms over the same layers, until the commit
+    expected, count = reference(LONG, 800)
+    assert count == 800
+    stream = Streamed(rank0, LONG, 800)
     stream.wait_pieces(30)
     joined = tensor_cluster.make("n2").start()
+    streamed_while_forming = []
+
+    def committed() -> bool:
+        view = rank0.status()
+        if view["preparing"] is not None:
+            streamed_while_forming.append(len(stream.pieces))
+            return False
+        return bool(streamed_while_forming) and "group" in view["plan"]["stages"][0]
+
+    wait_for(committed, 60, "the group's plan committed", step=0.02)
+    assert streamed_while_forming[-1] > streamed_while_forming[0] and stream.is_alive()
     assert stream.text() == expected
     serving_plan([rank0, joined], [2])
     assert ask(joined, LONG, 40) == reference(LONG, 40)[0]

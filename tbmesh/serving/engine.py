@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from tbmesh.core.assignment import Assignment, Range
-from tbmesh.core.messages import Fetching
+from tbmesh.core.messages import Fetching, ShardState
 from tbmesh.core.types import Plan, Stage
 from tbmesh.generation import (
     BadRequest,
@@ -65,6 +65,16 @@ POLL_S = 0.01  # how often requests waiting for a usable plan look at the view a
 FETCH_RETRY_S = 0.5  # how often a load waiting for the model's manifest tries again
 
 DataMessage = wire.Tensor | wire.Tokens | wire.Cancel
+
+
+@dataclass
+class Forming:
+    """A group forming for layers this node serves alone now (Engine._reshape)."""
+
+    stage: Stage
+    epoch: int
+    shard: GroupShard | None = None  # once every member has loaded its share
+    failed: str = ""
 
 
 @dataclass
@@ -160,6 +170,7 @@ class Engine:
         self._figures = self.caches.figures()  # as of the last change in the worker
         self._fetch_share: dict[Range, float] = {}  # of a load's progress that was fetching
         self._early: dict[Range, Shard] = {}  # layers of a load under way loaded as they arrived (worker's)
+        self._forming: Forming | None = None  # a group forming for layers we serve alone (_reshape)
         self._generation = 0  # bumped when the loads under way are to be ignored (see on_view)
         self._loading_as: tuple | None = None  # the shape of the stage under way (_shape)
         self._closed = False
@@ -169,7 +180,7 @@ class Engine:
         for queue in self._queues.values():
             queue.put_nowait(Unavailable("the node is stopping"))
         self.keeper.loading = None  # a load under way stops at its next layer
-        for shard in self.held.values():
+        for shard in [*self.held.values(), self._forming and self._forming.shard]:
             if isinstance(shard, GroupShard):
                 shard.stop()
         # MLX 0.32 aborts the process at exit (SIGABRT) now and then when a thread that used
@@ -286,9 +297,10 @@ class Engine:
         view = self.host.view()
         assignment = Assignment.of(self.me, self.model_name, plan, preparing, view.model,
                                    view.memory_usable, view.context)
+        formed = self._reshape(assignment)
         stale = set()  # layers held (or loading) one way that the new plan wants another
         for stage, epoch in ((assignment.prepare, assignment.prepare_epoch), (assignment.serve, assignment.serve_epoch)):
-            layers = (stage.start, stage.end) if stage is not None else None
+            layers = (stage.start, stage.end) if stage is not None and stage is not formed else None
             if layers in self.held and _group_of(self.held[layers]) != stage.group:
                 stale.add(layers)
             if layers == self.keeper.loading and self._loading_as not in (None, _shape(stage, epoch)):
@@ -528,7 +540,7 @@ class Engine:
             elif isinstance(action, k.Drop):
                 self._drop(action.layers)
             elif isinstance(action, k.Publish):
-                self.host.shard_changed(action.state)
+                self.host.shard_changed(self._as_published(action.state))
             elif isinstance(action, k.WakeAt):
                 self._wake_at(action.at)
 
@@ -593,21 +605,29 @@ class Engine:
         return None, 0
 
     def _load_group(self, target: Range, stage: Stage, epoch: int) -> None:
-        """Start our rank's worker of the group `stage` (tbmesh.serving.group), in a thread:
-        it is ready when every member's worker has loaded its share."""
-        try:
-            addresses, rdma = self.host.group_addresses(stage.group), self.host.view().rdma
-        except ConnectionError as error:  # a member just went (a new plan is coming) or is not here yet
-            log.info("layers %d-%d wait for the group: %s", *target, error)
-            self.host.loop.call_later(GROUP_RETRY_S, self._load_again, target, False)
-            return
-        log.info("starting rank %d of %s's group for layers %d-%d (epoch %d, %s)", stage.group.index(self.me),
-                 "+".join(map(self._name, stage.group)), *target, epoch, ", ".join(addresses))
-
+        """Load `target` as our rank of the group `stage` (the keeper's load)."""
         generation = self._generation
 
         def wanted() -> bool:  # read from the thread: a newer plan may want something else
             return self.keeper.loading == target and self._generation == generation and not self._closed
+
+        if not self._form_group(stage, epoch, wanted,
+                                lambda shard, error: self._group_started(target, generation, shard, error)):
+            self.host.loop.call_later(GROUP_RETRY_S, self._load_again, target, False)
+
+    def _form_group(self, stage: Stage, epoch: int, wanted: Callable[[], bool],
+                    done: Callable[[GroupShard | None, BaseException | None], None]) -> bool:
+        """Start our rank's worker of the group `stage` (tbmesh.serving.group) in a thread;
+        done(shard, error) on the loop when every member's worker has loaded its share, or
+        when it failed or wanted() turned false. False when a member is not connected (yet)."""
+        target = (stage.start, stage.end)
+        try:
+            addresses, rdma = self.host.group_addresses(stage.group), self.host.view().rdma
+        except ConnectionError as error:  # a member just went (a new plan is coming) or is not here yet
+            log.info("layers %d-%d wait for the group: %s", *target, error)
+            return False
+        log.info("starting rank %d of %s's group for layers %d-%d (epoch %d, %s)", stage.group.index(self.me),
+                 "+".join(map(self._name, stage.group)), *target, epoch, ", ".join(addresses))
 
         def run() -> None:
             shard, error = None, None
@@ -618,9 +638,10 @@ class Engine:
             except Exception as failure:  # noqa: BLE001 (GroupFailed, OSError: the load failed, saying why)
                 error = failure
             with contextlib.suppress(RuntimeError):  # the loop has closed
-                self.host.loop.call_soon_threadsafe(self._group_started, target, generation, shard, error)
+                self.host.loop.call_soon_threadsafe(done, shard, error)
 
         threading.Thread(target=run, name=f"group-{target[0]}-{target[1]}", daemon=True).start()
+        return True
 
     def _group_exited(self, shard: GroupShard, status: int) -> None:
         """Our rank's worker exited unasked: the group is gone (a member died, or the worker)."""
@@ -777,6 +798,11 @@ class Engine:
             self._keep(self.keeper.load_failed(target, f"{type(error).__name__}: {error}", now, self._in_use))
             return
         assert shard is not None
+        self._hold_group(target, shard)
+        self._keep(self.keeper.loaded(target, now, self._in_use))
+        self._pump()
+
+    def _hold_group(self, target: Range, shard: GroupShard) -> None:
         self.held[target] = shard
         watch(shard, lambda s, status: self.host.loop.call_soon_threadsafe(self._group_exited, s, status))
         self.counters.loads += 1
@@ -785,8 +811,63 @@ class Engine:
         self.counters.peak_weight_bytes = max(self.counters.peak_weight_bytes, weight_bytes(self.held.values()))
         log.info("rank %d of the group for layers %d-%d is ready (%.1f MB here)", shard.rank, *target,
                  shard.weight_bytes / 1e6)
-        self._keep(self.keeper.loaded(target, now, self._in_use))
-        self._pump()
+
+    # A Mac serving layers alone that the next plan gives a group it is in (the second Mac
+    # joins): the keeper sees the same layers held, so the engine forms the group itself while
+    # the Mac keeps serving alone, reports the stage not ready until the group is, and swaps
+    # at the commit (requests in flight then resume on the group, from their tokens so far).
+
+    def _reshape(self, assignment: Assignment) -> Stage | None:
+        """Form or swap in the group described above; the prepared stage it covers, if any."""
+        prepare, serve = assignment.prepare, assignment.serve
+        forming = self._forming
+        if forming is not None and forming.shard is not None and (serve, assignment.serve_epoch) == \
+                (forming.stage, forming.epoch):  # the commit: the group serves from now on
+            self._forming = None
+            target = (serve.start, serve.end)
+            old = self.held.pop(target, None)
+            self._hold_group(target, forming.shard)
+            stage = (self.me, *target)
+            self._in_worker(lambda: self.caches.drop(lambda route: stage not in route))  # the alone stage's only
+            log.info("layers %d-%d: the group serves them now (%s)", *target, "alone before" if old else "")
+            return None
+        alone = serve is not None and not serve.group and isinstance(self.held.get((serve.start, serve.end)), Shard)
+        wanted = prepare if prepare is not None and prepare.group and alone and \
+            (prepare.start, prepare.end) == (serve.start, serve.end) else None
+        if forming is not None and (forming.stage, forming.epoch) != (wanted, assignment.prepare_epoch):
+            self._forming = None  # the plan moved on: the thread sees it and stops the worker
+            if forming.shard is not None:
+                forming.shard.stop()
+        if wanted is not None and self._forming is None:
+            forming = self._forming = Forming(wanted, assignment.prepare_epoch)
+            if not self._form_group(wanted, forming.epoch, lambda: self._forming is forming and not self._closed,
+                                    lambda shard, error: self._formed(forming, shard, error)):
+                self._forming = None  # tried again in a moment
+                self.host.loop.call_later(GROUP_RETRY_S, self._reshape_again)
+        return wanted
+
+    def _reshape_again(self) -> None:
+        if self.keeper.assignment is not None and not self._closed:
+            self._reshape(self.keeper.assignment)
+
+    def _formed(self, forming: Forming, shard: GroupShard | None, error: BaseException | None) -> None:
+        if self._forming is not forming:
+            if shard is not None:
+                shard.stop()
+            return
+        if error is not None:
+            log.error("the group for layers %d-%d failed to form: %s", forming.stage.start, forming.stage.end - 1, error)
+            forming.failed = f"{type(error).__name__}: {error}"
+        forming.shard = shard
+        self.host.shard_changed(self._as_published(self.keeper.published))
+
+    def _as_published(self, state: ShardState | None) -> ShardState | None:
+        """The keeper's state, but a stage whose group is still forming is not ready (see above)."""
+        forming = self._forming
+        if state is None or forming is None or forming.shard is not None or \
+                (state.start, state.end, state.epoch) != (forming.stage.start, forming.stage.end, forming.epoch):
+            return state
+        return replace(state, progress=0.0, failed=forming.failed)
 
     def _drop(self, layers: Range) -> None:
         if isinstance(shard := self.held.pop(layers, None), GroupShard):

@@ -108,6 +108,11 @@ class Keeper:
         self._unwanted_since.pop(layers, None)
         return Drop(layers)
 
+    @property
+    def published(self) -> ShardState | None:
+        """What was last published."""
+        return self._published
+
     def load_abandoned(self, target: Range) -> None:
         if self.loading == target:
             self.loading = None
