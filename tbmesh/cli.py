@@ -365,6 +365,29 @@ def _run_event_loop(main: Any) -> Any:
     return uvloop.run(main)
 
 
+def _check_daemon_flags(
+    parallel: Optional[str] = None,
+    replicas: Optional[int] = None,
+    prefill_chunk: Optional[int] = None,
+    max_batch: Optional[int] = None,
+    disk_slack: Optional[str] = None,
+) -> Optional[int]:
+    """The checks of `tbmesh daemon`'s flags that `tbmesh install` passes on too (None: not given),
+    a bad one a one-line usage error; the --disk-slack in bytes (None: not given)."""
+    if parallel is not None and parallel not in PARALLEL:
+        _fail(f"bad --parallel {parallel!r}: use {', '.join(PARALLEL)}")
+    for flag, value in (("--replicas", replicas), ("--prefill-chunk", prefill_chunk), ("--max-batch", max_batch)):
+        if value is not None and value < 1:
+            _fail(f"{flag} must be 1 or more")
+    slack = None
+    if disk_slack is not None:
+        try:
+            slack = parse_size(disk_slack)
+        except ValueError as error:
+            _fail(f"--disk-slack: {error}")
+    return slack
+
+
 @app.command()
 def daemon(
     interface: list[str] = typer.Option([], "--interface", help="Serve on this interface (repeat); default: the Thunderbolt ones."),
@@ -409,12 +432,7 @@ def daemon(
         _fail("--context must be 0 or more tokens")
     if not resume_wait >= 0:
         _fail("--resume-wait must be 0 or more seconds")
-    if replicas < 1:
-        _fail("--replicas must be 1 or more")
-    if parallel not in PARALLEL:
-        _fail(f"bad --parallel {parallel!r}: use {', '.join(PARALLEL)}")
-    if prefill_chunk < 1 or max_batch < 1:
-        _fail("--prefill-chunk and --max-batch must be 1 or more")
+    slack = _check_daemon_flags(parallel, replicas, prefill_chunk, max_batch, disk_slack)
     if secret is not None and secret_file is not None:
         _fail("give --secret or --secret-file, not both")
     secret_bytes = None
@@ -424,7 +442,6 @@ def daemon(
         elif secret is not None:
             secret_bytes = secret.encode()
         usable = parse_size(memory) if memory is not None else None
-        slack = parse_size(disk_slack) if disk_slack is not None else None
     except (OSError, ValueError) as error:
         _fail(str(error))
     if secret_bytes is not None and not secret_bytes:
@@ -599,6 +616,11 @@ def install(
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning or error (default: info)."),
     mqtt: Optional[str] = typer.Option(None, "--mqtt", help="Publish state and events to this MQTT broker: mqtt://host[:port]."),
     resume_wait: Optional[float] = typer.Option(None, "--resume-wait", help="Seconds a request in flight waits for the cluster to serve again (default: 30)."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="How the leader splits the model: auto, pipeline or tensor, as the daemon's --parallel (default: auto)."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", help=f"Copies of each layer the cluster keeps on its Macs' disks, as their room allows (default: {REPLICAS})."),
+    disk_slack: Optional[str] = typer.Option(None, "--disk-slack", help="The most bytes of the model this Mac keeps on disk beyond its own layers, e.g. 200GB (default: what the disk has room for, leaving 10% free)."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help=f"The most prompt tokens one step prefills (default: {ServingSettings.prefill_chunk})."),
+    prefix_cache: Optional[bool] = typer.Option(None, "--prefix-cache/--no-prefix-cache", help=f"Keep the KV of recent prompts and answers, so a prompt that starts the same prefills only the rest (default: {'on' if ServingSettings.prefix_cache else 'off'})."),
     user: Optional[str] = typer.Option(None, "--user", help="The account the LaunchDaemon runs as (default: the user who ran sudo)."),
     user_agent: bool = typer.Option(False, "--user-agent", help="A LaunchAgent instead: no sudo, runs only while you are logged in."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plist and the launchctl commands; change nothing."),
@@ -629,6 +651,7 @@ def install(
         _fail(f"bad --log-level {log_level!r}: use debug, info, warning or error")
     if resume_wait is not None and not resume_wait >= 0:
         _fail("--resume-wait must be 0 or more seconds")
+    _check_daemon_flags(parallel=parallel, replicas=replicas, prefill_chunk=prefill_chunk, disk_slack=disk_slack)
     if mqtt is not None:
         from tbmesh import telemetry
 
@@ -644,7 +667,9 @@ def install(
     if api_key_file is not None and not api_key_file.expanduser().is_file():
         _fail(f"--api-key-file {api_key_file}: no such file")
     flags = DaemonFlags(tuple(interface), model, cluster, secret_file, name, port, api_host, api_port,
-                        state_dir, context, log_level, mqtt, resume_wait, ollama_port, api_key_file)  # fmt: skip
+                        state_dir, context, log_level, mqtt, resume_wait, ollama_port, api_key_file,
+                        parallel=parallel, replicas=replicas, disk_slack=disk_slack,
+                        prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)  # fmt: skip
     service = _service_for(user_agent, user, flags)
     for path in protected_paths(service):
         print(f"warning: {path} is in a folder macOS keeps from launchd services unless their program "

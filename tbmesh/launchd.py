@@ -110,6 +110,11 @@ class DaemonFlags:
     resume_wait: float | None = None
     ollama_port: int | None = None
     api_key_file: Path | None = None
+    parallel: str | None = None
+    replicas: int | None = None
+    disk_slack: str | None = None  # as given, e.g. "200GB"; the daemon parses it
+    prefill_chunk: int | None = None
+    prefix_cache: bool | None = None  # --prefix-cache or --no-prefix-cache
 
     def arguments(self) -> list[str]:
         """The flags as arguments after `tbmesh daemon`; paths made absolute (launchd's working
@@ -123,10 +128,14 @@ class DaemonFlags:
             ("--api-port", self.api_port), ("--state-dir", self.state_dir), ("--context", self.context),
             ("--log-level", self.log_level), ("--mqtt", self.mqtt), ("--resume-wait", self.resume_wait),
             ("--ollama-port", self.ollama_port), ("--api-key-file", self.api_key_file),
+            ("--parallel", self.parallel), ("--replicas", self.replicas), ("--disk-slack", self.disk_slack),
+            ("--prefill-chunk", self.prefill_chunk),
         )  # fmt: skip
         for flag, value in options:
             if value is not None:
                 args += [flag, str(Path(value).expanduser().absolute()) if isinstance(value, Path) else str(value)]
+        if self.prefix_cache is not None:
+            args.append("--prefix-cache" if self.prefix_cache else "--no-prefix-cache")
         return args
 
 

@@ -99,13 +99,17 @@ def test_daemon_flags_become_arguments_with_absolute_paths(tmp_path: Path, monke
     flags = DaemonFlags(interfaces=("en2", "en*"), model=Path("models/m"), cluster="lab",
                         secret_file=Path("secret"), port=7480, context=0, log_level="debug",
                         mqtt="mqtt://nas:1883", resume_wait=60.0, ollama_port=11434,
-                        api_key_file=Path("api-key"))  # fmt: skip
+                        api_key_file=Path("api-key"), parallel="tensor", replicas=3, disk_slack="200GB",
+                        prefill_chunk=256, prefix_cache=False)  # fmt: skip
     assert flags.arguments() == [
         "--interface", "en2", "--interface", "en*", "--model", str(tmp_path / "models" / "m"),
         "--cluster", "lab", "--secret-file", str(tmp_path / "secret"), "--port", "7480",
         "--context", "0", "--log-level", "debug", "--mqtt", "mqtt://nas:1883", "--resume-wait", "60.0",
         "--ollama-port", "11434", "--api-key-file", str(tmp_path / "api-key"),
+        "--parallel", "tensor", "--replicas", "3", "--disk-slack", "200GB", "--prefill-chunk", "256",
+        "--no-prefix-cache",
     ]  # fmt: skip
+    assert DaemonFlags(prefix_cache=True).arguments() == ["--prefix-cache"]
     assert DaemonFlags().arguments() == []  # nothing given: the daemon's own defaults
 
 
@@ -167,6 +171,23 @@ def test_install_dry_run_prints_the_plist_and_the_launchctl_commands(model_and_s
     ]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--context", "8192"],
+        ["--parallel", "pipeline"],
+        ["--replicas", "3"],
+        ["--disk-slack", "200GB"],
+        ["--prefill-chunk", "1024"],
+        ["--prefix-cache"],
+        ["--no-prefix-cache"],
+    ],
+)
+def test_install_passes_serving_options_to_the_daemon(args: list[str]):
+    plist, _, _ = dry_run_install("--user", ME.pw_name, *args)
+    assert plist["ProgramArguments"][1:] == ["daemon", *args]
+
+
 def test_install_dry_run_user_agent():
     plist, commands, first = dry_run_install("--user-agent")
     agents = Path(ME.pw_dir) / "Library" / "LaunchAgents" / "com.tbmesh.daemon.plist"
@@ -209,6 +230,14 @@ def test_install_as_root_without_sudo_asks_which_user():
         (["--model", "/no/such/model"], "error: --model /no/such/model: no such directory\n"),
         (["--secret-file", "/no/such/secret"], "error: --secret-file /no/such/secret: no such file\n"),
         (["--port", "70000"], "error: bad --port 70000: a port is 0 to 65535\n"),
+        (["--context", "-1"], "error: --context must be 0 or more tokens\n"),
+        (["--parallel", "layers"], "error: bad --parallel 'layers': use auto, pipeline, tensor\n"),
+        (["--replicas", "0"], "error: --replicas must be 1 or more\n"),
+        (["--replicas", "two"], None),  # not a number: click's message
+        (["--disk-slack", "lots"],
+         "error: --disk-slack: bad size 'lots': expected a number and a unit, e.g. 512GB, 9.6GiB or 1234\n"),
+        (["--prefill-chunk", "0"], "error: --prefill-chunk must be 1 or more\n"),
+        (["--prefix-cache=no"], None),  # a switch takes no value
         (["--secret", "x"], None),  # a secret in a world-readable plist: not offered
     ],
 )
