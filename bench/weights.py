@@ -275,35 +275,6 @@ async def _probe(a: netns.Mac, b: netns.Mac, addr: str) -> float:
     return result.bytes_per_s
 
 
-def _control_pings(a: netns.Mac, b: netns.Mac, addr: str, stop: threading.Event, delays: list[float]) -> None:
-    """Small request/response pairs every 10 ms on a connection of their own."""
-    listener = b.socket()
-    listener.bind((addr, 0))
-    listener.listen(1)
-    client = a.socket()
-    client.connect(listener.getsockname())
-    server, _ = listener.accept()
-    listener.close()
-    for s in (client, server):
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    try:
-        while not stop.is_set():
-            sent = time.perf_counter()
-            client.sendall(b"p" * 100)
-            got = 0
-            while got < 100:
-                got += len(server.recv(100 - got))
-            server.sendall(b"q" * 100)
-            got = 0
-            while got < 100:
-                got += len(client.recv(100 - got))
-            delays.append(time.perf_counter() - sent)
-            time.sleep(0.01)
-    finally:
-        client.close()
-        server.close()
-
-
 def shaped(model: Path, manifest: Manifest, rate_name: str, rounds: int, work: Path, limit: int) -> dict:
     wanted, size = [], 0
     for entry in manifest.needed(0, LAYERS, LAYERS):
@@ -322,14 +293,14 @@ def shaped(model: Path, manifest: Manifest, rate_name: str, rounds: int, work: P
             for _ in range(rounds):
                 probes.append(asyncio.run(_probe(a, b, addr)))
             stop = threading.Event()
-            pinger = threading.Thread(target=_control_pings, args=(a, b, addr, stop, idle))
+            pinger = threading.Thread(target=netns.control_pings, args=(a, b, addr, stop, idle))
             pinger.start()
             time.sleep(1.0)
             stop.set()
             pinger.join()
             for i in range(rounds):
                 stop = threading.Event()
-                pinger = threading.Thread(target=_control_pings, args=(a, b, addr, stop, busy))
+                pinger = threading.Thread(target=netns.control_pings, args=(a, b, addr, stop, busy))
                 if i == 0:
                     pinger.start()
                 fetches.append(fetch_round(server, client_loop, wanted, work, bandwidth=statistics.median(probes)))

@@ -264,6 +264,8 @@ class Daemon:
         asked: KeepOnDisk | None = None
         while True:
             await asyncio.sleep(KEEP_CHECK_S)
+            if await asyncio.to_thread(disk.refresh):  # a weight file deleted, a disk unmounted
+                self.disk_changed(disk.state())
             # only what the leader has asked for a while, with a plan committed: copies asked
             # while Macs join and plans change would be fetched for nothing
             keep, before = self.core.my_keep(), asked

@@ -583,3 +583,43 @@ class Loop:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+PING_BYTES = 100  # a heartbeat's or a token's message, about
+
+
+def control_pings(a: Mac, b: Mac, addr: str, stop: threading.Event, delays: list[float]) -> None:
+    """Small request/response pairs every 10 ms, as heartbeats and tokens, on a TCP connection
+    of their own from `a` to `b` (at `addr`), until `stop` is set; each round trip's seconds go
+    to `delays`. Each side reads the whole message before it answers (a read may be short)."""
+    listener = b.socket()
+    listener.bind((addr, 0))
+    listener.listen(1)
+    client = a.socket()
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    for s in (client, server):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while not stop.is_set():
+            sent = time.perf_counter()
+            client.sendall(b"p" * PING_BYTES)
+            _read_exact(server, PING_BYTES)
+            server.sendall(b"q" * PING_BYTES)
+            _read_exact(client, PING_BYTES)
+            delays.append(time.perf_counter() - sent)
+            time.sleep(0.01)
+    finally:
+        client.close()
+        server.close()
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)

@@ -138,3 +138,35 @@ def test_the_leader_publishes_what_each_member_keeps():
     plan = sim.nodes["a"].plan
     a_stage = next(s for s in plan.stages if s.node == "a")
     assert keep is not None and keep.layers == ((a_stage.start, a_stage.end),)
+
+
+# ----- layers held in memory only (a Mac whose model directory vanished while it served) -----
+
+IN_MEMORY = DiskState("m", "digest", MODEL, memory=((0, 16),), memory_ends=ENDS, free=64 * GB)
+
+
+def test_layers_a_mac_holds_in_memory_only_are_planned_for():
+    sim = cluster({"a": IN_MEMORY, "b": NOTHING})
+    leader = sim.nodes[sim.nodes["a"].leader]
+    assert leader.plan is not None and set(leader.plan.nodes) == {"a", "b"} and not leader.no_fit
+    half = DiskState("m", "digest", MODEL, memory=((0, 8),), memory_ends=(FIRST,))  # it held 0-7 only
+    sim = cluster({"a": half, "b": NOTHING})
+    leader = sim.nodes[sim.nodes["a"].leader]
+    assert leader.plan is None and "layers 8-15, the head of m: on no reachable Mac's disk" in leader.no_fit
+
+
+def test_memory_is_no_copy_on_disk():
+    from tbmesh.core.replicas import copies, keep_on_disk
+    from tbmesh.core.types import Stage
+
+    disks = {"a": IN_MEMORY, "b": DiskState("m", free=64 * GB), "c": DiskState("m", free=64 * GB)}
+    stages = [Stage("a", 0, 6, 0), Stage("b", 6, 11, 0), Stage("c", 11, 16, 0)]
+    keep = {k.node: k for k in keep_on_disk(MODEL, disks, stages, replicas=2)}
+    assert copies(MODEL, disks) == [0] * 16
+    # a's stage is in its memory only, on no disk, and a cannot fetch it from itself: b and c
+    # each keep a copy of it; the other layers get their second copy on the other's disk
+    assert "a" not in keep
+    on_disks = [sum(s.start <= i < s.end for s in stages[1:]) + sum(any(x <= i < y for x, y in k.layers)
+                                                                    for k in keep.values()) for i in range(16)]
+    assert on_disks == [2] * 16
+    assert all(FIRST in k.ends for k in keep.values()) and sum(LAST in k.ends for k in keep.values()) == 1

@@ -494,20 +494,6 @@ def test_a_stopped_server_lets_go_of_its_connections(loop, tmp_path):
 # --- across a shaped cable -------------------------------------------------------------------------
 
 
-def _ping_pong(client: socket.socket, server: socket.socket, stop: threading.Event, delays: list[float]) -> None:
-    """Small request/response pairs, as heartbeats and tokens, every 10 ms."""
-    while not stop.is_set():
-        sent = time.perf_counter()
-        client.sendall(b"p" * 100)
-        server.recv(100)
-        server.sendall(b"q" * 100)
-        got = 0
-        while got < 100:
-            got += len(client.recv(100 - got))
-        delays.append(time.perf_counter() - sent)
-        time.sleep(0.01)
-
-
 @pytest.mark.needs_root
 def test_a_fetch_across_a_shaped_cable_leaves_room_for_the_control_connection(lab: netns.Lab, tmp_path):
     a, b = lab.add_mac("a"), lab.add_mac("b")
@@ -518,26 +504,18 @@ def test_a_fetch_across_a_shaped_cable_leaves_room_for_the_control_connection(la
     server_loop, client_loop = Loop(b.netns), Loop(a.netns)
     server = Server(server_loop, Local(EMPTY, None, store), "b", host=cable.addr(b))
     # A second connection on the same cable: the control connection's small messages.
-    listener = b.socket()
-    listener.bind((cable.addr(b), 0))
-    listener.listen(1)
-    control = a.socket()
-    control.connect(listener.getsockname())
-    control.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    answer, _ = listener.accept()
-    answer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     idle: list[float] = []
     busy: list[float] = []
     stop = threading.Event()
     client = Store(tmp_path / "client")
     try:
-        pinger = threading.Thread(target=_ping_pong, args=(control, answer, stop, idle))
+        pinger = threading.Thread(target=netns.control_pings, args=(a, b, cable.addr(b), stop, idle))
         pinger.start()
         time.sleep(0.3)
         stop.set()
         pinger.join()
         stop.clear()
-        pinger = threading.Thread(target=_ping_pong, args=(control, answer, stop, busy))
+        pinger = threading.Thread(target=netns.control_pings, args=(a, b, cable.addr(b), stop, busy))
         pinger.start()
         report = fetch([ObjectRef(sha(big), len(big))], [server.peer(client_loop)], client)
         stop.set()
@@ -545,8 +523,6 @@ def test_a_fetch_across_a_shaped_cable_leaves_room_for_the_control_connection(la
     finally:
         stop.set()
         server.close()
-        for s in (control, answer, listener):
-            s.close()
         server_loop.close()
         client_loop.close()
     assert client.path(sha(big)).read_bytes() == big

@@ -1,7 +1,8 @@
 """Weights over the cables, with Macs as network namespaces and shaped veth pairs as cables:
 a Mac with no weights joins, fetches its layers from its peers and answers as mlx-lm does;
 its disk holds only its shard; a stage killed while the survivors lack its layers is
-fetched again from the disk that still holds them; heartbeats survive a saturated cable.
+fetched again from the disk that still holds them; a Mac whose model directory vanished
+serves its layers from memory; heartbeats survive a saturated cable.
 
 Needs root and iproute2; skipped with the reason otherwise.
 """
@@ -88,6 +89,35 @@ def test_a_mac_with_no_weights_fetches_its_layers_and_answers_as_mlx_lm(lab, mac
 
     events = holder.status()["events"] + empty.status()["events"]
     assert not [e for e in events if e["kind"] == "suspect"]  # the saturated cable starved no heartbeat
+
+
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow (tests/test_weights_memory.py serves from memory in every run)
+def test_a_mac_whose_model_directory_vanished_serves_its_layers_from_memory(lab, macs, reference, tmp_path,  # noqa: F811
+                                                                          model_dir):  # noqa: F811
+    """A Mac serves alone; its model's weight files are deleted while it serves (a disk
+    unmounted): its layers are on no disk now, only in its memory. A Mac with no weights
+    joins, fetches its layers from that memory, and the two answer as mlx-lm does."""
+    a, b = lab.add_mac("a"), lab.add_mac("b")
+    cable = lab.cable(a, b)
+    cable.unplug()  # until a's files are gone (b starts meanwhile)
+    copy = shutil.copytree(model_dir, tmp_path / "copy" / model_dir.name)
+    holder, empty = start_all([macs(a, copy, "--replicas", "1"), macs(b, False, "--replicas", "1")])
+    serving([holder])
+    wait_for(lambda: "hashed tiny" in holder.log(), 30, "a to hash its model")
+    for file in copy.glob("*.safetensors"):
+        file.unlink()
+    checked = wait_for(lambda: re.search(r"checked (\d+) tensors .* fetch (\d+) of them from memory", holder.log()),
+                       30, "a to see its files gone and check what it holds of them")
+    assert int(checked[1]) == int(checked[2]) > 0
+    cable.plug()
+    view = serving([holder, empty], 60)
+    assert {s["node"] for s in view["plan"]["stages"]} == {holder.node_id, empty.node_id}
+    expected, _ = reference(PROMPT, 40)
+    pieces: list[str] = []
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 40, "stream": True, "temperature": 0}
+    assert read_stream(empty, body, 60, pieces.append)[1] is None and "".join(pieces) == expected
+    assert "fetched layers" in empty.log() and verified(empty.state_dir)
+    assert not list(copy.glob("*.safetensors"))  # a's layers came from its memory, its new stage too
 
 
 @pytest.mark.slow  # CI's time budget: ./dev test -m slow

@@ -599,15 +599,16 @@ class ClusterNode:
         return "; ".join(unable) + (f"; the other Macs alone: {reason}" if eligible else "")
 
     def _missing_from_disks(self, model: ModelSpec, members: frozenset[str]) -> str | None:
-        """Why the model cannot serve when some of its layers are on no member's disk (a Mac
-        fetches its layers from its peers' disks: a plan that needed a missing one would
-        half-load), else None. Members that publish no disk state hold the whole model."""
+        """Why the model cannot serve when some of its layers are on no member's disk nor in
+        its memory (a Mac fetches its layers from its peers' disks, or from the shards a peer
+        holds whose disk lost them: a plan that needed a missing one would half-load), else
+        None. Members that publish no disk state hold the whole model."""
         disks = self.disks()
         if not members or any(n not in disks for n in members):
             return None  # no one to plan for (they could not load: another reason), or unknown disks
         held = [d for n, d in disks.items() if n in members and d.model == model.name]
-        missing = [i for i in range(model.num_layers) if not any(d.has(i, i + 1) for d in held)]
-        ends = [end for end in ENDS if not any(end in d.ends for d in held)]
+        missing = [i for i in range(model.num_layers) if not any(d.serves(i, i + 1) for d in held)]
+        ends = [end for end in ENDS if not any(d.serves_end(end) for d in held)]
         if not missing and not ends:
             return None
         what = [f"layers {a}-{b - 1}" if b - a > 1 else f"layer {a}" for a, b in ranges_of(missing)]

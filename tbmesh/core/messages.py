@@ -78,10 +78,13 @@ class Fetching:
 
 @dataclass(frozen=True)
 class DiskState:
-    """The model's weights a node keeps on disk: what peers may fetch from it.
+    """The model's weights a node keeps on disk, and those it holds in memory only: what
+    peers may fetch from it.
 
     A Mac needs only its shard on disk; the others fetch layers from the Macs whose disk
-    state holds them, and the leader plans only when every layer is on some member's disk.
+    state holds them, and the leader plans only when every layer is on some member's disk
+    or in its memory (a Mac whose model directory vanished while it served still holds the
+    layers it loaded). Copies for the cluster (tbmesh.core.replicas) count disks only.
     """
 
     model: str
@@ -95,10 +98,21 @@ class DiskState:
     part: str = ""  # without the manifest: the digest of the manifest of the part we hold
     part_bytes: int = 0  # (Macs that each pulled their stage's files make the whole from parts)
     free: int = 0  # bytes this disk may still take beyond its stage (slack left, within the disk's room)
+    # layers and ends not on this disk that peers may fetch from the shards the node holds in memory
+    memory: tuple[tuple[int, int], ...] = field(default=(), metadata=OMIT_DEFAULT)
+    memory_ends: tuple[str, ...] = field(default=(), metadata=OMIT_DEFAULT)
 
     def has(self, start: int, end: int) -> bool:
         """Whether every layer of [start, end) is on this disk."""
         return all(any(a <= i < b for a, b in self.layers) for i in range(start, end))
+
+    def serves(self, start: int, end: int) -> bool:
+        """Whether peers may fetch every layer of [start, end) from this node: from its disk
+        or from its memory."""
+        return all(any(a <= i < b for a, b in (*self.layers, *self.memory)) for i in range(start, end))
+
+    def serves_end(self, end: str) -> bool:
+        return end in self.ends or end in self.memory_ends
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,13 @@
 at least `replicas` disks: the layers of a Mac that dies can still be fetched from another.
 Pure: the leader computes it from the disk states its members publish and the plan.
 
-A Mac's stage counts as on its disk (it fetches what it lacks before it loads). The copies
-still missing are spread evenly over the members with room beyond their stage
-(`DiskState.free`), each taking a contiguous run of layers where it can. A layer no member
-has room for stays short, and `tbmesh status` says so.
+A Mac's stage counts as on its disk (it fetches what it lacks before it loads), unless it
+holds those layers in memory only (`DiskState.memory`: its disk lost them; it fetches
+nothing). Memory is no copy: a layer there is copied to other disks, by members that do
+not hold it in memory (they fetch it from the one that does). The copies still missing are
+spread evenly over the members with room beyond their stage (`DiskState.free`), each taking
+a contiguous run of layers where it can. A layer no member has room for stays short, and
+`tbmesh status` says so.
 """
 
 from __future__ import annotations
@@ -26,20 +29,26 @@ def keep_on_disk(model: ModelSpec, disks: Mapping[str, DiskState], stages: Seque
     ends = {-1: FIRST, -2: LAST}
     size = {i: b for i, b in enumerate(model.layer_bytes)} | {-1: model.embed_bytes, -2: model.head_bytes}
     holders: dict[int, set[str]] = {i: set() for i in size}
+    in_memory: dict[int, set[str]] = {i: set() for i in size}  # they cannot fetch it: no copy
     for node, disk in disks.items():
         for i in range(model.num_layers):
             if disk.has(i, i + 1):
                 holders[i].add(node)
+            elif disk.serves(i, i + 1):
+                in_memory[i].add(node)
         for i, end in ends.items():
             if end in disk.ends:
                 holders[i].add(node)
+            elif end in disk.memory_ends:
+                in_memory[i].add(node)
     room = {n: d.free for n, d in disks.items()}  # beyond each one's stage
     for stage in stages:
         if stage.node not in disks:
             continue
         mine = list(range(stage.start, stage.end)) + [-1] * (stage.start == 0) + [-2] * (stage.end == model.num_layers)
         for i in mine:
-            holders[i].add(stage.node)  # it fetches what it lacks before it loads
+            if stage.node not in in_memory[i]:
+                holders[i].add(stage.node)  # it fetches what it lacks before it loads
     short = {i: replicas - len(holders[i]) for i in size if len(holders[i]) < replicas}
     kept: dict[str, list[int]] = {}
     for _ in range(replicas):  # one more copy of each short layer per round
@@ -51,7 +60,7 @@ def keep_on_disk(model: ModelSpec, disks: Mapping[str, DiskState], stages: Seque
         quota = sum(size[i] for i in todo) / max(len(able), 1)
         given = dict.fromkeys(able, 0)
         for i in todo:
-            fits = [n for n in able if n not in holders[i] and room[n] >= size[i]]
+            fits = [n for n in able if n not in holders[i] and n not in in_memory[i] and room[n] >= size[i]]
             if not fits:
                 continue
             best = next((n for n in fits if 0 < given[n] < quota), None) or min(fits, key=lambda n: given[n])

@@ -84,6 +84,12 @@ class Shard:
                 if wanted and (module := held_in.get(name)) is not None}
         return Kept({i: self.layer(i) for i in range(max(start, self.start), min(end, self.end))}, ends)
 
+    def checkpoint_arrays(self) -> dict[str, mx.array]:
+        """Our parameters under their names in the checkpoint (layers numbered as in the
+        whole model), as loaded: after mlx-lm's sanitize, which may have changed some."""
+        prefix = ("language_model." if self._lm is not self.model else "") + "model.layers."
+        return {_original(name, prefix, self.start): a for name, a in tree_flatten(self.model.parameters())}
+
     def make_cache(self) -> list[Any]:
         """A fresh KV cache for this shard's layers (one per request)."""
         return make_prompt_cache(self.model)

@@ -17,15 +17,22 @@ reads them from there. What is on disk is published (DiskState): peers fetch fro
 leader plans only when every layer is on some member's disk, and asks for copies
 (tbmesh.core.replicas), which we fetch while no stage's fetch needs the cables; beyond
 `slack`, what no stage or copy needs goes.
+
+When our disk loses layers we hold loaded (the model directory deleted, a disk unmounted:
+`refresh` looks every few seconds), their tensors are checked against the manifest in
+memory (tbmesh.weights.memory) and published as `DiskState.memory`: peers fetch them from
+our memory, the leader still plans, and a new stage of ours takes them from the held shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +56,7 @@ from tbmesh.weights.manifest import (
     build_part,
     union,
 )
+from tbmesh.weights.memory import Memory
 from tbmesh.weights.store import Local, Store
 
 log = logging.getLogger(__name__)
@@ -75,6 +83,11 @@ class Disk:
         self._part_local: Local | None = None  # what we serve of that part meanwhile
         self._parts_of: dict[str, set[int | str]] = {}  # digest -> the layers (and ends) whose tensor it is
         self._end_tensors: dict[str, list[TensorEntry]] = {end: [] for end in ENDS}  # FIRST, LAST
+        self._part_tensors: dict[int | str, list[TensorEntry]] = {}  # each layer's and end's tensors
+        self.memory = Memory()  # the arrays of the shards we hold
+        self._checking = False  # a check of held arrays runs in a thread
+        self._check_lock = threading.Lock()
+        self._seen: tuple[frozenset, frozenset] | None = None  # what refresh saw last
         self._manifest_bytes = 0
         self._files: set[str] = set()  # digests of the manifest's small files
         self._fetch_lock = threading.Lock()  # one fetch at a time writes the store's partials
@@ -117,13 +130,83 @@ class Disk:
             return DiskState(self.name, spec=spec, layers=((0, spec.num_layers),) if whole else (),
                              ends=ENDS if whole else (), bytes=spec.weight_bytes if whole else 0, fetching=self.fetching,
                              part=part, part_bytes=len(self.part.to_bytes()) if self.part is not None else 0)
-        n = spec.num_layers if spec is not None else 0
-        present = {t.digest for t in manifest.tensors if self.local.has(t.digest)}
-        complete = [i for i in range(n) if all(t.digest in present for t in manifest.tensors if t.layer == i)]
-        ends = tuple(end for end in ENDS if all(t.digest in present for t in self._end_tensors[end]))
+        present, on_disk = self._on_disk()
+        memory, unchecked = self._in_memory(on_disk)
+        if unchecked and not self._checking:  # published once checked
+            self._checking = True
+            threading.Thread(target=self._check, args=(unchecked, True), name="check-memory", daemon=True).start()
         held = sum(t.nbytes for t in manifest.tensors if t.digest in present)
-        return DiskState(self.name, manifest.digest, spec, ranges_of(complete), ends, held, self.fetching,
-                         manifest_bytes=self._manifest_bytes, free=self._free(present))
+        return DiskState(self.name, manifest.digest, spec, _layers(on_disk), _ends(on_disk), held, self.fetching,
+                         manifest_bytes=self._manifest_bytes, free=self._free(present),
+                         memory=_layers(memory), memory_ends=_ends(memory))
+
+    def _on_disk(self) -> tuple[set[str], set[int | str]]:
+        """The digests of the tensors on our disk, and the layers and ends all of whose are."""
+        assert self.manifest is not None and self.local is not None
+        present = {t.digest for t in self.manifest.tensors if self.local.on_disk(t.digest)}
+        return present, {p for p, tensors in self._part_tensors.items() if all(t.digest in present for t in tensors)}
+
+    def _in_memory(self, on_disk: set[int | str]) -> tuple[set[int | str], list[TensorEntry]]:
+        """The layers and ends not on our disk whose every tensor peers may fetch from the
+        shards we hold, and the tensors of others we hold that are not checked yet."""
+        found, unchecked = set(), []
+        for part, tensors in self._part_tensors.items():
+            if part in on_disk or not all(self.memory.holds(t) for t in tensors):
+                continue
+            todo = [t for t in tensors if self.memory.unchecked(t)]
+            if todo:
+                unchecked += todo
+            elif all(self.memory.has(t) for t in tensors):
+                found.add(part)
+        return found, unchecked
+
+    def _check(self, entries: list[TensorEntry], publish: bool = False) -> None:
+        """Hash held arrays our disk lacks (blocking). `publish` (in the thread state() starts):
+        then publish what peers may fetch."""
+        began = time.monotonic()
+        try:
+            with self._check_lock:  # a second check waits, then finds them checked
+                hashed, good = self.memory.check(entries)
+        finally:
+            if publish:
+                self._checking = False
+        if hashed:
+            log.info("checked %d tensors (%.1f MB) held in memory that our disk lacks in %.2f s: peers may "
+                     "fetch %d of them from memory", hashed, sum(t.nbytes for t in entries) / 1e6,
+                     time.monotonic() - began, good)
+        if publish:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self.host.loop.call_soon_threadsafe(lambda: self.host.disk_changed(self.state()))
+
+    def hold(self, shards: Iterable[Any]) -> None:
+        """The shards we hold now (after a load or a drop, on the loop): what of them our disk
+        lacks, peers may fetch from memory once it is checked. Publishes our disk state."""
+        arrays: dict[str, Any] = {}
+        for shard in shards:
+            if hasattr(shard, "checkpoint_arrays"):  # a group's share is in its worker's process
+                arrays.update(shard.checkpoint_arrays())
+        self.memory.hold(arrays)
+        self.host.disk_changed(self.state())
+
+    def refresh(self) -> bool:
+        """Look at our disk again (blocking: a stat of each of the model directory's files, a
+        listing of the store, and a hash of what we hold in memory of the layers it lost):
+        whether what it holds, or what we may serve from memory, changed since the last look.
+        Checking here, before the state is published, means no layer we hold seems lost."""
+        if self.local is None or self.manifest is None:
+            return False
+        self._look()
+        seen = (self.local.gone, frozenset(self.store.digests()))
+        changed, self._seen = seen != self._seen, seen
+        if changed:
+            self._check(self._in_memory(self._on_disk()[1])[1])
+        return changed
+
+    def _look(self) -> None:
+        assert self.local is not None
+        self.local.refresh()
+        if self.local.gone:
+            self.whole = False  # the model directory no longer holds every weight
 
     def _free(self, present: set[str]) -> int:
         """Bytes we may still keep beyond our stage: the slack left, within the disk's room."""
@@ -144,8 +227,10 @@ class Disk:
         return max(0, room)
 
     def missing(self, start: int, end: int) -> list[TensorEntry] | None:
-        """The tensors layers [start, end) need that are not on our disk; None while we lack
-        the manifest that says what they are."""
+        """The tensors layers [start, end) need that are neither on our disk nor in a shard we
+        hold (checked); None while we lack the manifest that says what they are."""
+        if self.local is not None:
+            self._look()  # a file gone since the last look: fetched, or taken from memory
         if self.whole:
             return []
         if self.manifest is None or self.local is None or self.spec is None:
@@ -289,11 +374,12 @@ class Disk:
         """The tensors of the copies the leader asks us to keep that our disk lacks."""
         if self.manifest is None or self.local is None or self.whole:
             return []
-        return _unique(self.local.missing(self.kept(keep)))
+        local = self.local
+        return _unique([t for t in self.kept(keep) if not local.on_disk(t.digest)])
 
     def _adopt(self, manifest: Manifest) -> None:
         self.manifest, self._manifest_bytes = manifest, len(manifest.to_bytes())
-        self.local = Local(manifest, self.model_dir if self.model_dir.is_dir() else None, self.store)
+        self.local = Local(manifest, self.model_dir if self.model_dir.is_dir() else None, self.store, self.memory)
         self._files = {f.digest for f in manifest.files}
         if self.spec is None:
             config = read_config(self.model_dir)
@@ -309,6 +395,10 @@ class Disk:
             for t in tensors:
                 parts_of.setdefault(t.digest, set()).add(end)
         self._end_tensors, self._parts_of = ends, parts_of
+        self._part_tensors = {i: [] for i in range(n)} | ends
+        for t in manifest.tensors:
+            if t.layer is not None and t.layer < n:
+                self._part_tensors[t.layer].append(t)
         self._pointer.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._pointer.with_suffix(".tmp")
         tmp.write_text(manifest.digest)
@@ -316,17 +406,26 @@ class Disk:
 
     def _has(self, disk: DiskState) -> Callable[[str], bool]:
         """Whether a peer with this disk holds an object: its manifest and the small files it
-        lists (every holder of a manifest has them), and the tensors of the layers it has."""
+        lists (every holder of a manifest has them), and the tensors of the layers it serves
+        (from its disk or its memory)."""
         def has(digest: str) -> bool:  # asked from the fetch's threads, as our manifest arrives
             if digest in (disk.manifest, disk.part) or digest in self._files:
                 return True
-            return any(part in disk.ends if isinstance(part, str) else disk.has(part, part + 1)
+            return any(disk.serves_end(part) if isinstance(part, str) else disk.serves(part, part + 1)
                        for part in self._parts_of.get(digest, ()))
         return has
 
 
 def _connector(host: Host, node: str) -> Callable[[], Any]:
     return lambda: host.bulk_connect(node)
+
+
+def _layers(parts: set[int | str]) -> tuple[tuple[int, int], ...]:
+    return ranges_of(sorted(p for p in parts if isinstance(p, int)))
+
+
+def _ends(parts: set[int | str]) -> tuple[str, ...]:
+    return tuple(end for end in ENDS if end in parts)
 
 
 def _unique(entries: list[TensorEntry]) -> list[TensorEntry]:

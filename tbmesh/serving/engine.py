@@ -775,6 +775,8 @@ class Engine:
             self._keep(self.keeper.load_failed(target, self._load_failure(error), now, self._in_use))
             return
         self.held[target] = shard
+        if self.disk is not None:  # what our disk lacks of it, peers may fetch from memory
+            self.disk.hold(self.held.values())
         counters = self.counters
         counters.peak_weight_bytes = max(counters.peak_weight_bytes, weight_bytes(self.held.values()))
         counters.loads += 1
@@ -872,6 +874,8 @@ class Engine:
     def _drop(self, layers: Range) -> None:
         if isinstance(shard := self.held.pop(layers, None), GroupShard):
             shard.stop()
+        if self.disk is not None:
+            self.disk.hold(self.held.values())
         log.info("dropped layers %d-%d", layers[0], layers[1] - 1)
         for attempt, entry in self.scheduler.drop_routes_from(self.me, layers):
             self._fail_at_entry(attempt, entry, f"{self._name(self.me)} dropped layers {layers[0]}-{layers[1] - 1}")

@@ -12,7 +12,8 @@ tensor in a socket buffer. After the handshake each side takes the socket out of
 
 The server writes each Part's head, then the object's bytes with os.sendfile straight from
 the file (a tensor inside an original safetensors file is its synthesized header, then
-sendfile of its data). The fetcher reads the head itself (wire.parse_prefix, parse_header)
+sendfile of its data), or from memory for a tensor only a shard it holds still has
+(tbmesh.weights.memory). The fetcher reads the head itself (wire.parse_prefix, parse_header)
 and receives the bytes into one reused buffer that goes straight to the partial object
 (`store.Partial.write`), which hashes them as they arrive in order.
 
@@ -185,13 +186,17 @@ def _answer(stream: _Stream, request: wire.Fetch, local: Local, files: _Files) -
 
 
 def _send_range(stream: _Stream, source: Source, start: int, end: int, files: _Files) -> None:
-    """Bytes [start, end) of the object: the part of its prefix, then sendfile from its file."""
+    """Bytes [start, end) of the object: the part of its prefix, then sendfile from its file
+    (or a write from memory)."""
     head = len(source.prefix)
     if start < head:
         stream.write(source.prefix[start:min(end, head)], stream.more if end > head else 0)
     if end > head:
         first = max(start, head) - head
-        stream.sendfile(files.open(source.path), source.offset + first, end - max(start, head))
+        if source.data is not None:
+            stream.write(source.data[source.offset + first:source.offset + end - head])
+        else:
+            stream.sendfile(files.open(source.path), source.offset + first, end - max(start, head))
 
 
 class _Files:

@@ -13,9 +13,10 @@ Objects are renamed into place without fsync (as downloads by mlx-lm's and Huggi
 tools are): the store trusts the kernel to keep what was written through a crash of the
 daemon, not through a power cut.
 
-`Local` answers, by digest, where this node can read an object from: a blob in the store, or
-a tensor still inside one of the model directory's original safetensors files (the object is
-then a synthesized header followed by a range of that file).
+`Local` answers, by digest, where this node can read an object from: a blob in the store, a
+tensor still inside one of the model directory's original safetensors files (the object is
+then a synthesized header followed by a range of that file), or, when neither holds it any
+more, a tensor of a shard it holds in memory (tbmesh.weights.memory).
 
 No MLX here except in `Local.lazy_weights`, and no network.
 """
@@ -29,7 +30,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tbmesh.core.modelspec import ModelFormatError
 from tbmesh.runtime.modeldir import read_layout
@@ -45,6 +46,9 @@ from tbmesh.weights.manifest import (
 READ_CHUNK = 16 << 20  # bytes per read when hashing what is already on disk
 SAVE_EVERY = 64 << 20  # bytes written past a gap between two saves of a partial's ranges
 PARTIAL, RANGES = ".partial", ".partial.ranges"
+
+if TYPE_CHECKING:
+    from tbmesh.weights.memory import Memory
 
 Entry = TypeVar("Entry", TensorEntry, FileEntry)
 
@@ -301,12 +305,14 @@ class Partial:
 
 @dataclass(frozen=True)
 class Source:
-    """How to produce an object's bytes: `prefix`, then `length` bytes of `path` from `offset`."""
+    """How to produce an object's bytes: `prefix`, then `length` bytes of `path` from `offset`
+    (or of `data`, bytes in memory, when there is no file)."""
 
-    path: Path
+    path: Path | None
     offset: int
     length: int
     prefix: bytes = b""
+    data: memoryview | None = None
 
     @property
     def size(self) -> int:
@@ -318,21 +324,29 @@ class MissingWeights(LookupError):
 
 
 class Local:
-    """The objects of `manifest` this node holds, by digest: blobs in `store`, and tensors and
+    """The objects of `manifest` this node holds, by digest: blobs in `store`, tensors and
     files of the original model directory `model_dir` (which may hold only some of the
-    weight files, or be None). The manifest itself is put in the store, so peers can fetch it.
+    weight files, or be None), and tensors `memory` holds. The manifest itself is put in the
+    store, so peers can fetch it.
 
     A tensor of model_dir is taken for the manifest's when its name, dtype and shape match
     (hashing 600 GB at every start is what the manifest's digest cache avoids); a file when
-    its name and size do. A peer verifies whatever it receives."""
+    its name and size do. A peer verifies whatever it receives. Files of model_dir that
+    vanish (deleted, a disk unmounted) are seen by `refresh`."""
 
-    def __init__(self, manifest: Manifest, model_dir: Path | None, store: Store) -> None:
+    def __init__(self, manifest: Manifest, model_dir: Path | None, store: Store,
+                 memory: Memory | None = None) -> None:
         self.manifest = manifest
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.store = store
+        self.memory = memory
+        self.gone: frozenset[Path] = frozenset()  # files of model_dir missing at the last refresh
         self._by_name: dict[str, tuple[Path, str]] = {}  # tensor name -> (file, name in it)
         self._sources: dict[str, Source] = {}  # digest -> where model_dir holds it
         self._in_dir: dict[str, tuple[Path, str]] = {}  # digest -> (file, tensor name)
+        self._tensors: dict[str, list[TensorEntry]] = {}  # digest -> the tensors it is
+        for t in manifest.tensors:
+            self._tensors.setdefault(t.digest, []).append(t)
         if not store.has(manifest.digest):
             store.put(manifest.to_bytes())
         if self.model_dir is not None:
@@ -361,18 +375,38 @@ class Local:
             if path.is_file() and path.stat().st_size == entry.nbytes:
                 self._sources.setdefault(entry.digest, Source(path, 0, entry.nbytes))
 
+    def refresh(self) -> None:
+        """Look again at which of model_dir's files are there (a stat of each)."""
+        files = {s.path for s in self._sources.values()} | {f for f, _ in self._by_name.values()}
+        self.gone = frozenset(f for f in files if not f.is_file())
+
     def locate(self, digest: str) -> Source | None:
-        """Where to read the object `digest` from, or None when this node does not hold it."""
+        """Where to read the object `digest` from, or None when this node does not hold it:
+        a file of model_dir (looked at now), the store, or memory."""
         source = self._sources.get(digest)
-        if source is not None:
+        if source is not None and source.path.is_file():
             return source
         if not is_digest(digest):
             return None
         size = self.store.size(digest)
-        return None if size is None else Source(self.store.path(digest), 0, size)
+        if size is not None:
+            return Source(self.store.path(digest), 0, size)
+        if self.memory is None:
+            return None
+        return next((s for t in self._tensors.get(digest, ()) if (s := self.memory.source(t)) is not None), None)
+
+    def on_disk(self, digest: str) -> bool:
+        """Whether our disk holds the object (model_dir's files as of the last refresh)."""
+        source = self._sources.get(digest)
+        if source is not None and source.path not in self.gone:
+            return True
+        return is_digest(digest) and self.store.has(digest)
 
     def has(self, digest: str) -> bool:
-        return self.locate(digest) is not None
+        """Whether we hold the object: on disk, or in memory."""
+        if self.on_disk(digest):
+            return True
+        return self.memory is not None and any(self.memory.has(t) for t in self._tensors.get(digest, ()))
 
     def missing(self, entries: Iterable[Entry]) -> list[Entry]:
         """The entries this node does not hold, in their order."""
@@ -380,8 +414,11 @@ class Local:
 
     def lazy_weights(self, entries: Sequence[TensorEntry]) -> dict[str, Any]:
         """{name: mx.array} of `entries`, lazily (nothing is read until evaluated): see
-        `places` and `load_places`. Raises MissingWeights."""
-        return load_places(self.places(entries))
+        `places` and `load_places`; a tensor in neither is the array memory holds (a held
+        shard's: the load takes its layers from that shard anyway). Raises MissingWeights."""
+        held = {e.name: a for e in entries if self._place(e) is None and not self.store.has(e.digest)
+                and (a := self._held_array(e)) is not None}
+        return load_places(self.places([e for e in entries if e.name not in held])) | held
 
     def places(self, entries: Sequence[TensorEntry]) -> dict[str, tuple[str, str]]:
         """Where each tensor of `entries` is: {name: (safetensors file, its name in the file)},
@@ -390,7 +427,7 @@ class Local:
         found: dict[str, tuple[str, str]] = {}
         absent = []
         for entry in entries:
-            place = self._by_name.get(entry.name) or self._in_dir.get(entry.digest)
+            place = self._place(entry)
             if place is not None:
                 found[entry.name] = (str(place[0]), place[1])
             elif self.store.has(entry.digest):
@@ -401,6 +438,17 @@ class Local:
             raise MissingWeights(f"{len(absent)} tensors ({sum(e.nbytes for e in absent)} bytes) are neither in "
                                  f"{self.model_dir} nor in the store {self.store.root}, e.g. {absent[0].name}")
         return found
+
+    def _place(self, entry: TensorEntry) -> tuple[Path, str] | None:
+        """The tensor in a weight file of model_dir still there (as of the last refresh)."""
+        places = (self._by_name.get(entry.name), self._in_dir.get(entry.digest))
+        return next((p for p in places if p is not None and p[0] not in self.gone), None)
+
+    def _held_array(self, entry: TensorEntry) -> Any | None:
+        """An array memory holds with the bytes of this tensor (or of an identical one)."""
+        if self.memory is None:
+            return None
+        return next((a for t in self._tensors.get(entry.digest, ()) if (a := self.memory.array(t)) is not None), None)
 
 
 def load_places(places: dict[str, tuple[str, str]]) -> dict[str, Any]:
