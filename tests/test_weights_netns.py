@@ -127,8 +127,9 @@ def test_the_cluster_keeps_two_copies_of_each_layer_on_disk(lab, macs):
         lab.cable(x, y)
     daemons = start_all([macs(a, weights=True), macs(b, weights=False), macs(c, weights=False)])
     serving(daemons)
-    status = wait_for(lambda: (s := daemons[1].status())["replicas"] == [2] * 8 and s, 60,
-                      "two copies of every layer")
+    # at least two: a Mac that served other layers first may keep them too, as its slack allows
+    status = wait_for(lambda: len((s := daemons[1].status())["replicas"]) == 8 and min(s["replicas"]) >= 2 and s,
+                      60, "two copies of every layer")
     for daemon in daemons[1:]:  # the copies are spread: neither Mac took the whole model
         disk = next(n["disk"] for n in status["nodes"] if n["id"] == daemon.node_id)
         assert disk["layers"] and disk["layers"] != [[0, 8]]
