@@ -11,7 +11,8 @@ another into an empty store (tbmesh.weights.bulk.fetch: verified, content-addres
              sendfile on one end, recv_into + write to a file on the other).
   1gbit,     two namespaces joined by a veth cable shaped with tc tbf (tests/netns.py, as the
   5gbit      tests), MTU 1500. Baseline: tbmesh's own link probe (tbmesh/net/probe.py) on that
-             cable in the same run, the bandwidth the daemon hands the fetcher. The 1 Gbit/s
+             cable in the same run, the bandwidth the daemon hands the fetcher; and the local
+             ceiling of a verified copy on the cable: a bare sendfile copy + sha256. The 1 Gbit/s
              cable fetches the first ~0.5 GB only. Meanwhile a second TCP connection on the
              cable runs small request/response pairs every 10 ms (the control connection's
              heartbeats and tokens): its round trips are reported.
@@ -217,6 +218,16 @@ def sendfile_round(files: list[Path], work: Path, make_pair, verify: bool = Fals
         out.unlink(missing_ok=True)
 
 
+def files_of(model: Path, size: int) -> list[Path]:
+    """The first weight files holding at least `size` bytes (the bytes a shaped fetch takes)."""
+    taken: list[Path] = []
+    for f in sorted(model.glob("model-*.safetensors")):
+        if sum(t.stat().st_size for t in taken) >= size:
+            break
+        taken.append(f)
+    return taken
+
+
 def rate(rounds: list[dict]) -> float:
     """Median bytes/s of the rounds."""
     return statistics.median(r["bytes"] / r["seconds"] for r in rounds)
@@ -288,10 +299,22 @@ def shaped(model: Path, manifest: Manifest, rate_name: str, rounds: int, work: P
         addr = cable.addr(b)
         server_loop, client_loop = Loop(b.netns), Loop(a.netns)
         server = Server(server_loop, Local(manifest, model, Store(work / "server-store")), addr)
-        probes, fetches, idle, busy = [], [], [], []
+        probes, fetches, idle, busy, copies = [], [], [], [], []
+
+        def cable_pair() -> tuple[socket.socket, socket.socket]:  # b sends, a receives, as the fetch
+            listener = a.socket()
+            listener.bind((cable.addr(a), 0))
+            listener.listen(1)
+            sender = b.socket()
+            sender.connect(listener.getsockname())
+            receiver, _ = listener.accept()
+            listener.close()
+            return sender, receiver
+
         try:
             for _ in range(rounds):
                 probes.append(asyncio.run(_probe(a, b, addr)))
+                copies.append(sendfile_round(files_of(model, size), work, cable_pair, verify=True))
             stop = threading.Event()
             pinger = threading.Thread(target=netns.control_pings, args=(a, b, addr, stop, idle))
             pinger.start()
@@ -311,12 +334,15 @@ def shaped(model: Path, manifest: Manifest, rate_name: str, rounds: int, work: P
             server.close()
             server_loop.close()
             client_loop.close()
-    probe_rate, fetch_rate = statistics.median(probes), rate(fetches)
+    probe_rate, fetch_rate, copy_rate = statistics.median(probes), rate(fetches), rate(copies)
     busy_ms = sorted(d * 1e3 for d in busy)
     return {
         "mode": rate_name, "bytes": fetches[0]["bytes"],
         "probe_gbit_s": round(probe_rate * 8 / 1e9, 4), "fetch_gbit_s": round(fetch_rate * 8 / 1e9, 4),
         "fetch_over_probe": round(fetch_rate / probe_rate, 3),
+        # the local ceiling of a verified copy on this cable: a bare sendfile copy + sha256
+        "sendfile_sha256_gbit_s": round(copy_rate * 8 / 1e9, 4),
+        "fetch_over_sendfile_sha256": round(fetch_rate / copy_rate, 3),
         "probes_gbit_s": [round(p * 8 / 1e9, 4) for p in probes],
         "control_rtt_ms": {"idle_median": round(statistics.median(idle) * 1e3, 3),
                            "fetching_median": round(statistics.median(busy_ms), 3),
@@ -465,7 +491,9 @@ def main() -> None:
                 row = shaped(model, manifest, mode, args.rounds, work, limit)
                 rtt = row["control_rtt_ms"]
                 print(f"{mode:>8s}  {row['bytes'] / 1e9:.2f} GB: fetch {row['fetch_gbit_s']:.3f} Gbit/s, probe "
-                      f"{row['probe_gbit_s']:.3f} Gbit/s; fetch/probe {row['fetch_over_probe']:.3f}; control "
+                      f"{row['probe_gbit_s']:.3f} Gbit/s; fetch/probe {row['fetch_over_probe']:.3f}; a bare "
+                      f"sendfile copy + sha256 on the cable {row['sendfile_sha256_gbit_s']:.3f} Gbit/s, fetch/that "
+                      f"{row['fetch_over_sendfile_sha256']:.3f}; control "
                       f"round trips idle {rtt['idle_median']:.2f} ms, while fetching median "
                       f"{rtt['fetching_median']:.2f} p99 {rtt['fetching_p99']:.2f} max {rtt['fetching_max']:.2f} ms",
                       flush=True)
