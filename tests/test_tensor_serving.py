@@ -3,9 +3,9 @@ rank's worker process (tbmesh.serving.group), joined by MLX's ring backend over 
 answers are single-process mlx-lm's, token for token, asked through the `openai` SDK.
 
     3 daemons    a group of 2 and 1 Mac, as a pipeline of two stages: 8 concurrent requests
-    2 daemons    a group of 2 holding every layer; a member killed mid-answer (the survivor
-                 serves alone, the answer goes on); a third Mac joins mid-answer (the cluster
-                 re-forms, a group again, and no answer is lost)
+    2 daemons    a group of 2 holding every layer: 8 concurrent requests; a member killed
+                 mid-answer (the survivor serves alone, the answer goes on); a third Mac joins
+                 mid-answer (the cluster re-forms, a group again, and no answer is lost)
 
 The model has 4 attention heads and 2 key-value heads: it splits into 2 (tbmesh.core.modelspec).
 """
@@ -147,6 +147,9 @@ def test_a_member_killed_mid_answer_and_a_join_lose_no_answer(tensor_cluster, re
     assert (group["start"], group["end"]) == (0, 8)
     by_id = {d.node_id: d for d in daemons}
     rank0, rank1 = (by_id[n] for n in group["group"])
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # the group alone: 8 concurrent requests
+        answers = list(pool.map(lambda p: ask(daemons[PROMPTS.index(p) % 2], p, 24), PROMPTS))
+    assert answers == [reference(p, 24)[0] for p in PROMPTS]
     expected = reference(LONG, 400)[0]
     # a member killed mid-answer: the survivor serves alone, the answer goes on
     stream = Streamed(rank0, LONG, 400)
