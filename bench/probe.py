@@ -51,13 +51,7 @@ async def one_probe(a: netns.Mac, b: netns.Mac, cable: netns.Cable) -> tuple[flo
 
 def bulk_reference(a: netns.Mac, b: netns.Mac, cable: netns.Cable, seconds: float) -> float:
     """Bits/s of a plain bulk TCP transfer lasting `seconds`, timed at the receiver."""
-    listener = b.socket()
-    listener.bind((cable.addr(b), 0))
-    listener.listen(1)
-    sender = a.socket()
-    sender.connect(listener.getsockname())
-    conn, _ = listener.accept()
-    listener.close()
+    sender, conn = netns.connected_pair(a, b, cable.addr(b))
     got: dict[str, float] = {}
 
     def receive() -> None:

@@ -302,14 +302,7 @@ def shaped(model: Path, manifest: Manifest, rate_name: str, rounds: int, work: P
         probes, fetches, idle, busy, copies = [], [], [], [], []
 
         def cable_pair() -> tuple[socket.socket, socket.socket]:  # b sends, a receives, as the fetch
-            listener = a.socket()
-            listener.bind((cable.addr(a), 0))
-            listener.listen(1)
-            sender = b.socket()
-            sender.connect(listener.getsockname())
-            receiver, _ = listener.accept()
-            listener.close()
-            return sender, receiver
+            return netns.connected_pair(b, a, cable.addr(a))
 
         try:
             for _ in range(rounds):

@@ -588,17 +588,24 @@ class Loop:
 PING_BYTES = 100  # a heartbeat's or a token's message, about
 
 
+def connected_pair(client: Mac, server: Mac, addr: str) -> tuple[socket.socket, socket.socket]:
+    """A TCP connection from `client` to `server` (listening at `addr`, one of its addresses):
+    (the client's socket, the server's), both blocking."""
+    listener = server.socket()
+    listener.bind((addr, 0))
+    listener.listen(1)
+    dialer = client.socket()
+    dialer.connect(listener.getsockname())
+    accepted, _ = listener.accept()
+    listener.close()
+    return dialer, accepted
+
+
 def control_pings(a: Mac, b: Mac, addr: str, stop: threading.Event, delays: list[float]) -> None:
     """Small request/response pairs every 10 ms, as heartbeats and tokens, on a TCP connection
     of their own from `a` to `b` (at `addr`), until `stop` is set; each round trip's seconds go
     to `delays`. Each side reads the whole message before it answers (a read may be short)."""
-    listener = b.socket()
-    listener.bind((addr, 0))
-    listener.listen(1)
-    client = a.socket()
-    client.connect(listener.getsockname())
-    server, _ = listener.accept()
-    listener.close()
+    client, server = connected_pair(a, b, addr)
     for s in (client, server):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
