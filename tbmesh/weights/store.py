@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tbmesh.core.modelspec import ModelFormatError
 from tbmesh.runtime.modeldir import read_layout
@@ -46,9 +46,6 @@ from tbmesh.weights.manifest import (
 READ_CHUNK = 16 << 20  # bytes per read when hashing what is already on disk
 SAVE_EVERY = 64 << 20  # bytes written past a gap between two saves of a partial's ranges
 PARTIAL, RANGES = ".partial", ".partial.ranges"
-
-if TYPE_CHECKING:
-    from tbmesh.weights.memory import Memory
 
 Entry = TypeVar("Entry", TensorEntry, FileEntry)
 
@@ -319,6 +316,16 @@ class Source:
         return len(self.prefix) + self.length
 
 
+class HeldTensors(Protocol):
+    """Tensors of the shards a node holds loaded, as objects (tbmesh.weights.memory.Memory)."""
+
+    def has(self, entry: TensorEntry) -> bool: ...
+
+    def source(self, entry: TensorEntry) -> Source | None: ...
+
+    def array(self, entry: TensorEntry) -> Any | None: ...
+
+
 class MissingWeights(LookupError):
     """Tensors a stage needs are neither in the model directory nor in the store."""
 
@@ -335,7 +342,7 @@ class Local:
     vanish (deleted, a disk unmounted) are seen by `refresh`."""
 
     def __init__(self, manifest: Manifest, model_dir: Path | None, store: Store,
-                 memory: Memory | None = None) -> None:
+                 memory: HeldTensors | None = None) -> None:
         self.manifest = manifest
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.store = store
