@@ -622,7 +622,7 @@ class Engine:
         when it failed or wanted() turned false. False when a member is not connected (yet)."""
         target = (stage.start, stage.end)
         try:
-            addresses, rdma = self.host.group_addresses(stage.group), self.host.view().rdma
+            addresses, view = self.host.group_addresses(stage.group), self.host.view()
         except ConnectionError as error:  # a member just went (a new plan is coming) or is not here yet
             log.info("layers %d-%d wait for the group: %s", *target, error)
             return False
@@ -634,7 +634,7 @@ class Engine:
             try:
                 places = self.disk.places(*target) if self.disk is not None else None
                 shard = start_group(self.model_dir, stage, epoch, self.me, addresses, self.host.name,
-                                    lambda: not wanted(), places, rdma)
+                                    lambda: not wanted(), places, view.rdma, view.names)
             except Exception as failure:  # noqa: BLE001 (GroupFailed, OSError: the load failed, saying why)
                 error = failure
             with contextlib.suppress(RuntimeError):  # the loop has closed

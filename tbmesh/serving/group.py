@@ -89,13 +89,14 @@ class Launch:
     why: str  # for the log: why this backend
 
 
-def jaccl_devices(members: Sequence[str], rdma: Mapping[tuple[str, str], str]) -> DeviceMatrix | str:
+def jaccl_devices(members: Sequence[str], rdma: Mapping[tuple[str, str], str],
+                  name: Callable[[str], str] = str) -> DeviceMatrix | str:
     """jaccl's device matrix for a group whose rank i runs on members[i], or why it cannot
     run jaccl: every two members need an RDMA device at both ends of their cable.
     `rdma`: {(a, b): a's device on its cable to b} (ClusterView.rdma)."""
     for a, b in itertools.combinations(members, 2):
         if (a, b) not in rdma or (b, a) not in rdma:
-            return f"no RDMA between {a} and {b}"
+            return f"no RDMA between {name(a)} and {name(b)}"
     cables = [Cable(a, interface_of(rdma[(a, b)]), b, interface_of(rdma[(b, a)]))
               for a, b in itertools.combinations(members, 2)]
     try:
@@ -105,15 +106,16 @@ def jaccl_devices(members: Sequence[str], rdma: Mapping[tuple[str, str], str]) -
 
 
 def launch(stage: Stage, epoch: int, me: str, addresses: Sequence[str],
-           rdma: Mapping[tuple[str, str], str], path: str) -> Launch:
-    """How our rank of `stage` (plan `epoch`) starts, its file to be written at `path`.
+           rdma: Mapping[tuple[str, str], str], path: str, names: Mapping[str, str] | None = None) -> Launch:
+    """How our rank of `stage` (plan `epoch`) starts, its file to be written at `path`
+    (`names`: the members' names, for the log).
 
     jaccl's coordinator is rank 0's address with rank 0's port of the incarnation
     (group_ports): jaccl connects the ranks over RDMA, so the ring's ports are free, and the
     control port is taken by the control channel rank 0 also listens on."""
     rank = stage.group.index(me)
     ports, _ = group_ports(epoch, stage.start, len(stage.group))
-    matrix = jaccl_devices(stage.group, rdma)
+    matrix = jaccl_devices(stage.group, rdma, lambda node: (names or {}).get(node, node))
     if not isinstance(matrix, str):
         return Launch("jaccl", jaccl_environment(rank, f"{addresses[0]}:{ports[0]}", path),
                       json.dumps(matrix), "RDMA between every two members")
@@ -123,17 +125,19 @@ def launch(stage: Stage, epoch: int, me: str, addresses: Sequence[str],
 
 def start_group(model_dir: Path, stage: Stage, epoch: int, me: str, addresses: Sequence[str], name: str,
                 stop: Callable[[], bool], places: dict[str, tuple[str, str]] | None = None,
-                rdma: Mapping[tuple[str, str], str] | None = None, timeout: float = CONNECT_TIMEOUT_S) -> GroupShard:
+                rdma: Mapping[tuple[str, str], str] | None = None, names: Mapping[str, str] | None = None,
+                timeout: float = CONNECT_TIMEOUT_S) -> GroupShard:
     """Start our rank's worker for `stage` of the plan `epoch` and wait until every rank has
     loaded its share (blocking: call it from a thread), or stop() says to give up.
     `addresses`: each member's IP address (Host.group_addresses); `places`: where the tensors
     not in model_dir's files are (Disk.places); `rdma`: the members' RDMA devices
-    (ClusterView.rdma). Raises GroupFailed (or OSError) with the reason."""
+    (ClusterView.rdma); `names`: the members' names (ClusterView.names). Raises GroupFailed
+    (or OSError) with the reason."""
     rank = stage.group.index(me)
     _, control = group_ports(epoch, stage.start, len(stage.group))
     handle, path = tempfile.mkstemp(prefix="tbmesh-group-", suffix=".json")
     with os.fdopen(handle, "w") as file:
-        how = launch(stage, epoch, me, addresses, rdma or {}, path)
+        how = launch(stage, epoch, me, addresses, rdma or {}, path, names)
         file.write(how.text)
     hostfile = Path(path)
     weights = _temporary(json.dumps(places)) if places is not None else None
