@@ -279,6 +279,25 @@ def test_a_cable_cut_mid_object_resumes_where_it_stopped(loop, tmp_path, small_c
     assert report.bytes == len(big)  # what arrived before the cut was kept, not fetched again
 
 
+def test_several_connections_to_one_peer_share_its_objects_and_fetch_no_byte_twice(loop, tmp_path, small_chunks):
+    blobs = [os.urandom(2 * bulk.CHUNK + i) for i in range(4)]
+    store = Store(tmp_path / "server")
+    for blob in blobs:
+        store.put(blob)
+    server = Server(loop, Local(EMPTY, None, store), "s")
+    proxy = Proxy(server.port, rate=8 * bulk.CHUNK)  # slow enough that both connections get work
+    client = Store(tmp_path / "client")
+    try:
+        report = fetch([ObjectRef(sha(b), len(b)) for b in blobs], [server.peer(loop, port=proxy.port)], client,
+                       connections=2)
+    finally:
+        proxy.close()
+        server.close()
+    assert proxy.connections == 2 and report.retries == 0
+    assert report.bytes == sum(map(len, blobs)) and report.objects == len(blobs)  # no byte fetched twice
+    assert all(client.path(sha(b)).read_bytes() == b for b in blobs)
+
+
 def _corrupt_copy(root: Path, dest: Path) -> Path:
     """The model with one byte of every tensor's data flipped (headers intact)."""
     shutil.copytree(root, dest)
