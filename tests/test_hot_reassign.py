@@ -59,6 +59,7 @@ def test_a_stage_killed_mid_generation_and_the_answer_goes_on(cluster, reference
     new_plan_without([d for d in daemons if d is not dead], dead_id, 2)
 
 
+@pytest.mark.slow  # CI's time budget: test_chaos.py kills stages mid-answer in every run, test_tensor_serving a group member
 def test_a_stage_killed_mid_batch_and_every_answer_of_the_batch_goes_on(cluster, reference):
     daemons = cluster(3)
     view = serving(daemons, 3)
