@@ -461,11 +461,10 @@ class Engine:
         """Worker thread: what the loop side keeps of the caches (layers in use, figures),
         ours and those of the groups we are rank 0 of."""
         in_use, figures = self.caches.in_use(), self.caches.figures()
-        for shard in list(self.held.values()):
-            if isinstance(shard, GroupShard) and shard.rank == 0:
-                in_use |= shard.worker.in_use()
-                for key, value in shard.worker.figures().items():
-                    figures[key] = figures.get(key, 0) + value
+        for shard in self._rank0_groups():
+            in_use |= shard.worker.in_use()
+            for key, value in shard.worker.figures().items():
+                figures[key] = figures.get(key, 0) + value
         return in_use, figures
 
     def _drop_caches(self, keep: Callable[[Route], bool]) -> None:
@@ -473,10 +472,9 @@ class Engine:
         groups we are rank 0 of (in the worker, after the steps queued before)."""
         def drop() -> None:
             self.caches.drop(keep)
-            for shard in list(self.held.values()):
-                if isinstance(shard, GroupShard) and shard.rank == 0:
-                    with contextlib.suppress(GroupFailed):  # a dead group holds nothing
-                        shard.worker.drop(keep)
+            for shard in self._rank0_groups():
+                with contextlib.suppress(GroupFailed):  # a dead group holds nothing
+                    shard.worker.drop(keep)
 
         self._in_worker(drop)
 
@@ -775,8 +773,7 @@ class Engine:
             self._keep(self.keeper.load_failed(target, self._load_failure(error), now, self._in_use))
             return
         self.held[target] = shard
-        if self.disk is not None:  # what our disk lacks of it, peers may fetch from memory
-            self.disk.hold(self.held.values())
+        self._held_changed()
         counters = self.counters
         counters.peak_weight_bytes = max(counters.peak_weight_bytes, weight_bytes(self.held.values()))
         counters.loads += 1
@@ -806,6 +803,7 @@ class Engine:
 
     def _hold_group(self, target: Range, shard: GroupShard) -> None:
         self.held[target] = shard
+        self._held_changed()
         watch(shard, lambda s, status: self.host.loop.call_soon_threadsafe(self._group_exited, s, status))
         self.counters.loads += 1
         self.counters.layers_read += target[1] - target[0]
@@ -871,11 +869,19 @@ class Engine:
             return state
         return replace(state, progress=0.0, failed=forming.failed)
 
+    def _held_changed(self) -> None:
+        """What our disk lacks of the held shards, peers may fetch from memory (Disk.hold)."""
+        if self.disk is not None:
+            self.disk.hold(self.held.values())
+
+    def _rank0_groups(self) -> list[GroupShard]:
+        """The groups we run the steps of (rank 0): their caches are ours to report and drop."""
+        return [s for s in list(self.held.values()) if isinstance(s, GroupShard) and s.rank == 0]
+
     def _drop(self, layers: Range) -> None:
         if isinstance(shard := self.held.pop(layers, None), GroupShard):
             shard.stop()
-        if self.disk is not None:
-            self.disk.hold(self.held.values())
+        self._held_changed()
         log.info("dropped layers %d-%d", layers[0], layers[1] - 1)
         for attempt, entry in self.scheduler.drop_routes_from(self.me, layers):
             self._fail_at_entry(attempt, entry, f"{self._name(self.me)} dropped layers {layers[0]}-{layers[1] - 1}")
