@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -57,6 +58,10 @@ MEMORY_CHECK_S = 10.0
 MEMORY_FILE_CHECK_S = 0.5  # TBMESH_MEMORY_FILE: reading a file is cheap, tests want it soon
 MANIFEST_CHECK_S = 0.5  # how often a node without its model's manifest looks for a peer with it
 BULK_DIAL_TIMEOUT_S = 10.0  # a fetch's dial to a peer, handshake included
+# Redialling a peer that refused or did not answer: doubling from the least to the most, each
+# wait jittered by ±50% so that Macs that lost each other do not dial in step.
+DIAL_BACKOFF_MIN = 0.1
+DIAL_BACKOFF_MAX = 2.0
 KEEP_CHECK_S = 2.0  # how often a node looks for copies of layers the leader asks it to keep
 
 
@@ -295,12 +300,12 @@ class Daemon:
         if disk != self.core.disk:
             self.carry_out(self.core.set_disk(disk, self.now()))
 
-    def bulk_connect(self, node: str) -> tuple[socket.socket, bytes]:
+    def bulk_connect(self, node: str) -> peers.Detached:
         """A bulk connection to `node` (from a fetch's thread: the dial runs on the loop)."""
         future = asyncio.run_coroutine_threadsafe(self._dial_bulk(node), self.loop)
         return future.result(BULK_DIAL_TIMEOUT_S)
 
-    async def _dial_bulk(self, node: str) -> tuple[socket.socket, bytes]:
+    async def _dial_bulk(self, node: str) -> peers.Detached:
         found = self.known.get(node)
         if found is None:
             raise ConnectionError(f"no address known for {node}")
@@ -631,9 +636,6 @@ class Daemon:
             channel.close("daemon stopping")
             return
         peer = channel.peer_id
-        if peer == self.core.id:
-            self._duplicate_id(channel)
-            return
         existing = self.channels.get(peer)
         if existing is not None and not existing.closed:
             if not self._prefer(channel, existing):
@@ -682,25 +684,6 @@ class Daemon:
                 self.carry_out(self.core.peer_disconnected(peer, self.now()))
                 self._wake_dialer(peer)
 
-    def _duplicate_id(self, channel: peers.Channel) -> None:
-        """A peer presents our own node id from another machine: a copied state dir.
-        The side with the larger machine identity takes a new id, so exactly one changes."""
-        channel.close("duplicate node id")
-        if self.identity.machine > channel.peer.machine:
-            self._spawn(self._renew_identity(f"peer {channel.peer.name} on another machine "
-                                             "presented our node id"))
-
-    async def _renew_identity(self, why: str) -> None:
-        self.identity = state.renew_identity(self.config.state_dir, self.identity, why)
-        for channel in list(self.channels.values()):
-            channel.close("identity renewed")
-        self.channels.clear()
-        info = replace(self.core.info, id=self.identity.node_id)
-        self.core = ClusterNode(info, self.identity.incarnation, self.now(), self.core.config)
-        await self._discovery.stop()
-        self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
-        await self._discovery.start()
-
     # ----- discovery and dialling ------------------------------------------------------
 
     def _on_found(self, found: Found) -> None:
@@ -718,7 +701,10 @@ class Daemon:
         self._wake_dialer(found.node_id)
 
     def _on_removed(self, node_id: str) -> None:
-        pass  # mDNS goodbyes are hints at best: heartbeats decide who is gone
+        """A record went. Heartbeats decide whether a connected peer is gone (mDNS goodbyes
+        are hints at best); a node we are not connected to is no longer dialled."""
+        if node_id not in self.channels and self.known.pop(node_id, None) is not None:
+            self._wake_dialer(node_id)  # its dial loop sees no record and ends
 
     def _wake_dialer(self, peer: str) -> None:
         self._wake.setdefault(peer, asyncio.Event()).set()
@@ -727,7 +713,7 @@ class Daemon:
         """Keep one connection to `peer` while discovery knows it; back off on failure."""
         wake = self._wake.setdefault(peer, asyncio.Event())
         # usually the smaller id dials; the other waits a little to avoid crossing dials
-        backoff = 0.0 if self.core.id < peer else 0.3
+        backoff = 0.0 if self.core.id < peer else DIAL_BACKOFF_MIN * 3
         last_error = ""
         while not self._stopping:
             channel = self.channels.get(peer)
@@ -742,19 +728,19 @@ class Daemon:
             if backoff:
                 wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), backoff)
+                    await asyncio.wait_for(wake.wait(), backoff * random.uniform(0.5, 1.5))
                 if peer in self.channels:
                     continue  # it dialled us meanwhile
             found = self.known.get(peer)
             if found is None or found.version != wire.PROTOCOL_VERSION:
-                return
+                return  # its record went (or never was one we can speak to)
             try:
                 channel = await self._dial_any(found)
             except (peers.Refused, OSError) as error:
                 if str(error) != last_error:
                     log.info("cannot connect to %s: %s", found.name, error)
                     last_error = str(error)
-                backoff = min(max(backoff * 2, 0.1), 2.0)
+                backoff = min(max(backoff * 2, DIAL_BACKOFF_MIN), DIAL_BACKOFF_MAX)
                 continue
             last_error = ""
             self._adopt(channel)
@@ -763,7 +749,8 @@ class Daemon:
         """Dial every advertised address at once; the first handshake wins.
         (A peer advertises all its cables' addresses; only some are reachable from here.)"""
         me = self._me()
-        pending = {asyncio.ensure_future(peers.dial(a, found.port, me, purpose)) for a in found.addresses}
+        pending = {asyncio.ensure_future(peers.dial(a, found.port, me, purpose, expect=found.node_id))
+                   for a in found.addresses}
         winner: peers.Channel | None = None
         refused: peers.Refused | None = None
         errors: list[BaseException] = []
@@ -800,15 +787,15 @@ class Daemon:
                 return
             try:
                 host = channel.writer.get_extra_info("peername")[0]
-                probe_channel = await peers.dial(host, found.port, self._me(), "probe")
+                probe_channel = await peers.dial(host, found.port, self._me(), "probe", expect=peer)
                 try:
-                    await asyncio.wait_for(probe_channel.reader.readexactly(1), 2)  # "go"
-                    result = await probe.probe_send(probe_channel.reader, probe_channel.writer,
-                                                    PROBE_SECONDS)
+                    if not await asyncio.wait_for(probe_channel.read(), 2):  # "go"
+                        raise ConnectionError("the peer closed before the probe")
+                    result = await probe.probe_send(probe_channel, PROBE_SECONDS)
                 finally:
                     probe_channel.close("probe done")
             except (peers.Refused, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError,
-                    probe.ProbeError) as error:
+                    probe.ProbeError, wire.ProtocolError) as error:
                 log.info("bandwidth probe to %s failed: %s", peer, error)
                 return
             self.carry_out(self.core.set_link_bandwidth(peer, result.bytes_per_s, self.now()))
@@ -816,12 +803,12 @@ class Daemon:
 
     async def _answer_probe(self, channel: peers.Channel) -> None:
         try:
-            channel.writer.write(b"G")  # the dialer streams only after this: nothing is buffered
-            result = await probe.probe_receive(channel.reader, channel.writer)
+            channel.write([b"G"])  # the dialer streams only after this: nothing is buffered
+            result = await probe.probe_receive(channel)
             # both ends publish the figure the receiver measured
             self.carry_out(self.core.set_link_bandwidth(channel.peer_id, result.bytes_per_s,
                                                          self.now()))
-        except (OSError, asyncio.TimeoutError, probe.ProbeError) as error:
+        except (OSError, asyncio.TimeoutError, probe.ProbeError, wire.ProtocolError) as error:
             log.info("bandwidth probe from %s failed: %s", channel.peer.name, error)
         finally:
             channel.close("probe done")

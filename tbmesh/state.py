@@ -118,11 +118,3 @@ def load_identity(state_dir: Path, machine: str) -> Identity:
 
 def save_identity(state_dir: Path, identity: Identity) -> None:
     write_atomically(state_dir / "node.json", json.dumps(asdict(identity), indent=2) + "\n")
-
-
-def renew_identity(state_dir: Path, identity: Identity, why: str) -> Identity:
-    """Take a new id at run time (a peer presented ours from another machine)."""
-    fresh = Identity(new_node_id(), identity.machine, 1)
-    log.warning("taking new node id %s instead of %s: %s", fresh.node_id, identity.node_id, why)
-    save_identity(state_dir, fresh)
-    return fresh

@@ -12,8 +12,9 @@ import pytest
 import netns
 from tbmesh.core.membership import Timing
 from tbmesh.net.probe import (
-    HEADER, MAGIC, VERSION, ProbeError, ProbeResult, probe_receive, probe_send,
+    END, HEADER, MAGIC, VERSION, ProbeError, ProbeResult, plain, probe_receive, probe_send,
 )
+
 
 async def serve_once(handler) -> tuple[asyncio.Server, tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     """A loopback server running `handler` for one connection, and a client connected to it."""
@@ -29,10 +30,10 @@ async def serve_once(handler) -> tuple[asyncio.Server, tuple[asyncio.StreamReade
 
 
 async def loopback_probe(duration: float = 0.5) -> tuple[ProbeResult, float]:
-    server, (reader, writer) = await serve_once(probe_receive)
+    server, (reader, writer) = await serve_once(lambda r, w: probe_receive(plain(r, w)))
     async with server:
         start = time.perf_counter()
-        result = await probe_send(reader, writer, duration=duration)
+        result = await probe_send(plain(reader, writer), duration=duration)
         elapsed = time.perf_counter() - start
         writer.close()
     return result, elapsed
@@ -83,7 +84,7 @@ async def expect_probe_error(handler, timeout: float = 1.0) -> tuple[ProbeError,
     async with server:
         start = time.perf_counter()
         with pytest.raises(ProbeError) as info:
-            await probe_send(reader, writer, duration=0.3, timeout=timeout)
+            await probe_send(plain(reader, writer), duration=0.3, timeout=timeout)
         writer.close()
     return info.value, time.perf_counter() - start
 
@@ -100,7 +101,7 @@ def test_receiver_that_resets_mid_probe() -> None:
 
 def test_receiver_that_closes_without_a_report() -> None:
     async def read_all_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.read(1 << 20):
+        while (data := await reader.read(1 << 20)) and not data.endswith(END):
             pass
 
     error, elapsed = asyncio.run(expect_probe_error(read_all_then_close))
@@ -123,7 +124,7 @@ def test_receiver_rejects_bad_senders() -> None:
 
         async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                await probe_receive(reader, writer, timeout=0.3)
+                await probe_receive(plain(reader, writer), timeout=0.3)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -150,16 +151,43 @@ def test_receiver_rejects_bad_senders() -> None:
     assert "magic" in str(asyncio.run(send_then_receive(b"GET / HTTP/1.1\r\n", close=False)))
     assert "header" in str(asyncio.run(send_then_receive(header[:5], close=True)))
     assert "silent" in str(asyncio.run(send_then_receive(header + b"\0" * 1000, close=False)))
+    unfinished = asyncio.run(send_then_receive(header + b"\0" * 1000, close=True))
+    assert "before its end marker" in str(unfinished)
     crashed = asyncio.run(send_then_receive(header + b"\0" * 1_000_000, close=False, abort=True))
     assert "connection failed" in str(crashed)
     bad_duration = HEADER.pack(MAGIC, VERSION, 3600.0)
     assert "out of range" in str(asyncio.run(send_then_receive(bad_duration, close=False)))
 
 
+def test_a_probe_runs_inside_a_tls_channel() -> None:
+    """With a cluster secret the probe's bytes are sealed like every other (peers.Channel)."""
+    from tbmesh.net import peers
+
+    async def main() -> tuple[ProbeResult, ProbeResult]:
+        me = [peers.Me(n, 1, n, "c", "m-" + n, b"secret") for n in ("a", "b")]
+        answered: asyncio.Queue = asyncio.Queue()
+
+        async def on_accept(reader, writer):
+            await answered.put(await peers.answer(reader, writer, me[1]))
+
+        server = await asyncio.start_server(on_accept, "127.0.0.1", 0)
+        async with server:
+            dialled = await peers.dial("127.0.0.1", server.sockets[0].getsockname()[1], me[0], "probe")
+            channel = await answered.get()
+            assert dialled.tls is not None and channel.tls is not None
+            receiving = asyncio.create_task(probe_receive(channel))
+            sent = await probe_send(dialled, duration=0.2)
+            dialled.close()
+            return sent, await receiving
+
+    sent, received = asyncio.run(main())
+    assert sent == received and sent.bytes_per_s > 0
+
+
 def test_send_rejects_bad_arguments() -> None:
     async def main() -> None:
         with pytest.raises(ValueError):
-            await probe_send(None, None, duration=0)  # type: ignore[arg-type]
+            await probe_send(None, duration=0)  # type: ignore[arg-type]
 
     asyncio.run(main())
 
@@ -180,9 +208,9 @@ def cable_pair():
 
 async def cable_probe(a: netns.Mac, b: netns.Mac, cable: netns.Cable) -> tuple[ProbeResult, float]:
     (reader, writer), (server_reader, server_writer) = await netns.open_streams(a, b, cable.addr(b))
-    receiving = asyncio.create_task(probe_receive(server_reader, server_writer))
+    receiving = asyncio.create_task(probe_receive(plain(server_reader, server_writer)))
     start = time.perf_counter()
-    result = await probe_send(reader, writer)
+    result = await probe_send(plain(reader, writer))
     elapsed = time.perf_counter() - start
     assert await receiving == result  # both ends know the same figure
     writer.close()

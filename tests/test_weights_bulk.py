@@ -48,8 +48,8 @@ class Server:
     """A node that accepts bulk connections and serves `local` on them, as the daemon will."""
 
     def __init__(self, loop: Loop, local: Local, name: str, host: str = "127.0.0.1",
-                 before_serving: float = 0.0) -> None:
-        self.me = peers.Me(name, 1, name, "test", f"machine-{name}")
+                 before_serving: float = 0.0, secret: bytes | None = None) -> None:
+        self.me = peers.Me(name, 1, name, "test", f"machine-{name}", secret)
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.host = host
@@ -67,8 +67,8 @@ class Server:
         self.port = self.server.sockets[0].getsockname()[1]
 
     def peer(self, client_loop: Loop, port: int | None = None, bandwidth: float = 0.0,
-             has: Callable[[str], bool] = lambda digest: True) -> Peer:
-        connect = bulk.connector(client_loop.loop, self.host, port or self.port, CLIENT)
+             has: Callable[[str], bool] = lambda digest: True, me: peers.Me = CLIENT) -> Peer:
+        connect = bulk.connector(client_loop.loop, self.host, port or self.port, me)
         return Peer(self.me.node, self.me.name, connect, bandwidth, has)
 
     def close(self) -> None:
@@ -183,6 +183,27 @@ def test_a_fetch_from_one_peer_gives_verified_blobs_that_load_as_the_original(mo
     assert progress == sorted(progress) and progress[-1] == size
     again = fetch(wanted(manifest), [server.peer(loop)], store)  # nothing left to fetch
     assert again.objects == 0 and again.bytes == 0
+
+
+def test_with_a_secret_the_fetch_is_sealed_and_a_stranger_gets_nothing(model, loop, tmp_path, small_chunks,
+                                                                        monkeypatch):
+    """With a cluster secret a bulk connection is TLS like any other: objects larger than a
+    sealed slice arrive whole and verified; a fetcher without the secret is refused."""
+    root, manifest = model
+    monkeypatch.setattr(bulk, "TLS_SLICE", 64 << 10)
+    server = Server(loop, Local(manifest, root, Store(tmp_path / "server")), "one", secret=b"s3cret")
+    member = peers.Me("client", 1, "client", "test", "machine-client", b"s3cret")
+    try:
+        store = Store(tmp_path / "client")
+        report = fetch(wanted(manifest), [server.peer(loop, me=member)], store)
+        assert report.objects == len({o.digest for o in wanted(manifest)}) and not report.corrupt
+        assert max(o.object_size for o in wanted(manifest)) > bulk.TLS_SLICE  # several slices
+        check_blobs(store, [o.digest for o in wanted(manifest)])
+        check_weights(store, root, manifest)
+        with pytest.raises(FetchFailed, match="secret"):
+            fetch(wanted(manifest), [server.peer(loop)], Store(tmp_path / "stranger"))
+    finally:
+        server.close()
 
 
 def test_the_manifest_itself_is_fetched_by_digest(model, loop, tmp_path):
@@ -431,8 +452,10 @@ def test_detach_hands_over_the_socket_and_the_bytes_read_past_the_handshake(kind
 
     try:
         server = loop.run(asyncio.start_server(accept, "127.0.0.1", 0))
-        client, client_leftover = loop.run(dial(server.sockets[0].getsockname()[1]))
-        sock, leftover = loop.run(detached_result())
+        ours = loop.run(dial(server.sockets[0].getsockname()[1]))
+        theirs = loop.run(detached_result())
+        (client, client_leftover), (sock, leftover) = (ours.sock, ours.leftover), (theirs.sock, theirs.leftover)
+        assert ours.tls is None and theirs.tls is None  # no secret: plain TCP
         assert client_leftover == b"" and leftover == fetch_frame + b"\x00\x00tail"
         assert sock.getblocking() and client.getblocking()
         client.settimeout(0.3)
@@ -462,7 +485,8 @@ def _raw_client(loop: Loop, server: Server) -> tuple[socket.socket, bytes]:
         await channel.drain()
         return channel.detach()
 
-    return loop.run(dial())
+    conn = loop.run(dial())
+    return conn.sock, conn.leftover
 
 
 def _read_part(sock: socket.socket) -> wire.Part:

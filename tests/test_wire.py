@@ -1,4 +1,4 @@
-"""The wire protocol: frames, schema checks, handshake proofs and tensor frames."""
+"""The wire protocol: frames, schema checks, handshake messages and tensor frames."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tbmesh.core import messages
 from tbmesh.core.messages import Goodbye, Heartbeat
 from tbmesh.core.types import Stage
 from tbmesh.net import wire
-from tbmesh.net.wire import PREFIX, Auth, Fetch, Hello, Part, ProtocolError, Refuse, Tensor, Welcome
+from tbmesh.net.wire import PREFIX, Fetch, Hello, Part, ProtocolError, Refuse, Tensor, Welcome
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -39,8 +39,7 @@ def _plain(depth: int) -> st.SearchStrategy:
 
 
 metas = st.dictionaries(st.text(max_size=4), _plain(1), max_size=3)
-proofs = st.just(b"") | st.binary(min_size=32, max_size=32)
-OVERRIDES = {"nonce": st.binary(min_size=16, max_size=16), "proof": proofs}
+OVERRIDES: dict[str, Any] = {}
 
 
 def strategy(tp: Any) -> st.SearchStrategy:
@@ -106,17 +105,15 @@ def drain(decoder: wire.FrameDecoder) -> list[Any]:
 
 HB = Heartbeat("mac1", 3, 7, 12.5, 12.25, 0.001, 2**64 - 1)
 HB_MAP = {"t": "heartbeat", "sender": "mac1", "incarnation": 3, "seq": 7, "sent_at": 12.5}
-NONCE_D, NONCE_L = b"d" * 16, b"l" * 16
 
 
-def hello(kind: type = Hello, version: int = wire.PROTOCOL_VERSION, node: str = "D", nonce: bytes = NONCE_D,
-          proof: bytes = b"") -> Hello:
-    return kind(version, node, 1, f"{node}'s Mac", "home", "machine-" + node, "peer", nonce, proof)
+def hello(kind: type = Hello, version: int = wire.PROTOCOL_VERSION, node: str = "D") -> Hello:
+    return kind(version, node, 1, f"{node}'s Mac", "home", "machine-" + node, "peer")
 
 
 def hello_map(**changes: Any) -> dict:
     m = {"t": "hello", "version": wire.PROTOCOL_VERSION, "node": "D", "incarnation": 1, "name": "n", "cluster": "c",
-         "machine": "m", "purpose": "peer", "nonce": NONCE_D, "proof": b""}
+         "machine": "m", "purpose": "peer"}
     return m | changes
 
 
@@ -241,10 +238,9 @@ BAD_FIELDS = [
     (_link_states(flops=float("nan")), r"link_states\.states\[0\]\.info\.flops: not a finite"),
     ({"t": "link_states", "sender": "a", "states": [5]}, r"link_states\.states\[0\]: expected a map, got int"),
     (hello_map(purpose="spy"), r"hello\.purpose: expected one of \['peer', 'probe', 'bulk'\]"),
-    (hello_map(nonce=b"x" * 15), r"hello: nonce of 15 bytes, expected 16"),
-    (hello_map(proof=b"x" * 31), r"hello: proof of 31 bytes"),
-    (hello_map(nonce="d" * 16), r"hello\.nonce: expected bytes, got str"),
-    ({"t": "auth", "proof": b"x"}, r"auth: proof of 1 bytes"),
+    (hello_map(nonce=b"x" * 16), r"hello: unknown field 'nonce'"),
+    (hello_map(node=b"D"), r"hello\.node: expected str, got bytes"),
+    ({"t": "auth", "proof": b"x"}, r"unknown message type 'auth'"),
     ({"t": "refuse"}, r"refuse: missing field 'reason'"),
 ]
 
@@ -303,7 +299,7 @@ def test_a_payload_on_a_control_message_is_refused_from_its_header():
 def test_a_hello_from_another_version_names_the_version():
     future = hello_map(version=7, features=["rdma"])
     refused(frame(future), rf"^protocol version 7, we speak {wire.PROTOCOL_VERSION}$")
-    refused(frame(hello_map(nonce=b"")), r"hello: nonce of 0 bytes")  # our version: the real fault
+    refused(frame(hello_map(nonce=b"")), r"hello: unknown field 'nonce'")  # our version: the real fault
 
 
 def test_truncated_frames_are_an_error_at_end_of_stream():
@@ -441,83 +437,6 @@ def test_a_large_payload_fills_one_buffer_in_linear_time():
 # --- handshake --------------------------------------------------------------------------------
 
 
-def handshake(secret_d: bytes | None, secret_l: bytes | None) -> tuple[str | None, str | None]:
-    """Run the exchange through the codec; (dialer's refusal, listener's refusal)."""
-    hd = wire.decode(b"".join(wire.encode(hello(Hello, node="D", nonce=NONCE_D))))
-    proof_l = wire.make_proof(secret_l, NONCE_L, hd.nonce, "L", hd.node, "listener") if secret_l else b""
-    welcome = wire.decode(b"".join(wire.encode(hello(Welcome, node="L", nonce=NONCE_L, proof=proof_l))))
-    d_refuses = wire.version_refusal(welcome) or wire.proof_refusal(
-        secret_d, welcome.proof, welcome.nonce, NONCE_D, welcome.node, "D", "listener")
-    proof_d = wire.make_proof(secret_d, NONCE_D, welcome.nonce, "D", welcome.node, "dialer") if secret_d else b""
-    auth = wire.decode(b"".join(wire.encode(Auth(proof_d))))
-    l_refuses = wire.proof_refusal(secret_l, auth.proof, hd.nonce, NONCE_L, hd.node, "L", "dialer")
-    return d_refuses, l_refuses
-
-
-BAD_SECRET = "refused: bad or missing cluster secret"
-
-
-def test_the_same_secret_is_accepted_both_ways():
-    assert handshake(b"s3cret", b"s3cret") == (None, None)
-    assert handshake(None, None) == (None, None)
-
-
-def test_a_wrong_secret_is_refused_both_ways():
-    assert handshake(b"s3cret", b"other") == (BAD_SECRET, BAD_SECRET)
-
-
-def test_a_missing_proof_is_refused_by_the_side_with_a_secret():
-    assert handshake(None, b"s3cret") == (None, BAD_SECRET)
-    assert handshake(b"s3cret", None) == (BAD_SECRET, None)
-
-
-def test_a_reflected_proof_is_refused():
-    secret = b"s3cret"
-    proof_l = wire.make_proof(secret, NONCE_L, NONCE_D, "L", "D", "listener")
-    # An attacker dialling as D sends L's own proof back as its Auth.
-    assert wire.proof_refusal(secret, proof_l, NONCE_D, NONCE_L, "D", "L", "dialer") == BAD_SECRET
-    assert wire.proof_refusal(secret, proof_l, NONCE_L, NONCE_D, "L", "D", "listener") is None
-
-
-def test_a_proof_relayed_through_a_second_connection_is_refused():
-    # L dials an attacker posing as node "L" on another machine; the attacker dials L with
-    # L's own nonce and relays L's Welcome proof back over the first connection. Ids that
-    # include the machine tell the two ends apart (bare, equal node ids could not).
-    secret, me, impostor = b"s3cret", "L@mac-studio-1", "L@attacker"
-    n_dial, n_second = b"1" * 16, b"2" * 16
-    relayed = wire.make_proof(secret, n_second, n_dial, me, impostor, "listener")  # L on conn 2
-    assert wire.proof_refusal(secret, relayed, n_second, n_dial, impostor, me, "listener") == BAD_SECRET
-
-
-def test_a_proof_is_bound_to_both_nonces_and_both_ids():
-    secret = b"s3cret"
-    proof = wire.make_proof(secret, NONCE_D, NONCE_L, "D", "L", "dialer")
-    assert wire.check_proof(secret, proof, NONCE_D, NONCE_L, "D", "L", "dialer")
-    assert not wire.check_proof(secret, proof, NONCE_D, b"x" * 16, "D", "L", "dialer")  # replayed
-    assert not wire.check_proof(secret, proof, b"x" * 16, NONCE_L, "D", "L", "dialer")
-    assert not wire.check_proof(secret, proof, NONCE_D, NONCE_L, "E", "L", "dialer")
-    assert not wire.check_proof(secret, proof, NONCE_D, NONCE_L, "D", "M", "dialer")
-    assert not wire.check_proof(secret, proof[:-1], NONCE_D, NONCE_L, "D", "L", "dialer")
-    assert not wire.check_proof(secret, proof, NONCE_D, NONCE_L, "D", "L", "listener")  # role
-    assert len(proof) == wire.PROOF_BYTES
-
-
-def test_proofs_are_compared_in_constant_time(monkeypatch):
-    calls = []
-    real = wire.hmac.compare_digest
-    monkeypatch.setattr(wire.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
-    assert wire.check_proof(b"k", wire.make_proof(b"k", NONCE_D, NONCE_L, "D", "L", "dialer"),
-                            NONCE_D, NONCE_L, "D", "L", "dialer")
-    assert calls
-
-
-def test_make_proof_rejects_an_empty_secret_and_unknown_roles():
-    with pytest.raises(ValueError):
-        wire.make_proof(b"", NONCE_D, NONCE_L, "D", "L", "dialer")
-    with pytest.raises(ValueError):
-        wire.make_proof(b"k", NONCE_D, NONCE_L, "D", "L", "server")
-
-
 def test_a_wrong_version_is_refused_with_both_versions():
     future = wire.decode(frame(hello_map(version=7)))  # fits our schema: decodes, then refused
     assert wire.version_refusal(future) == f"refused: protocol version 7, we speak {wire.PROTOCOL_VERSION}"
@@ -525,7 +444,8 @@ def test_a_wrong_version_is_refused_with_both_versions():
 
 
 def test_refuse_round_trips():
-    assert wire.decode(b"".join(wire.encode(Refuse(BAD_SECRET)))) == Refuse(BAD_SECRET)
+    reason = "refused: this cluster has a secret"
+    assert wire.decode(b"".join(wire.encode(Refuse(reason)))) == Refuse(reason)
 
 
 # --- tensors ----------------------------------------------------------------------------------

@@ -1,9 +1,20 @@
 """TCP connections to peers: the handshake, the frame loop, and sending.
 
-One connection per pair of peers (TCP_NODELAY). The dialer sends Hello, the listener
-answers Welcome (or Refuse), the dialer confirms with Auth; with a cluster secret both
-sides prove they hold it (see wire.py). Anything malformed closes that one connection with
-a logged reason: input from the network never takes the daemon down.
+One connection per pair of peers (TCP_NODELAY). With a cluster secret the connection is TLS
+1.3 from its first byte, keyed from the secret (secure.py): both ends prove they hold it, and
+every byte after that is authenticated and encrypted. Inside it (or on plain TCP, without a
+secret) the dialer sends Hello, the listener answers Welcome (or Refuse):
+
+    D -> L  [TLS handshake, with a secret]
+    D -> L  Hello(version, node=D, ..., purpose)
+    L       refuses a wrong version, another cluster, its own node id
+    L -> D  Welcome(version, node=L, ..., purpose)
+    D       refuses a wrong version, another cluster, its own node id, and a node other
+            than the one it dialled (`expect`: the node its discovery record named)
+
+A listener with a secret answers a plain Hello with a plain Refuse saying a secret is needed;
+one without a secret closes a connection that opens with TLS. Anything malformed closes that
+one connection with a logged reason: input from the network never takes the daemon down.
 """
 
 from __future__ import annotations
@@ -13,11 +24,11 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from tbmesh.net import wire
+from tbmesh.net import secure, wire
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +43,7 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class Me:
-    """What we present in a handshake."""
+    """What we present in a handshake, and the secret that keys our connections."""
 
     node: str
     incarnation: int
@@ -41,12 +52,13 @@ class Me:
     machine: str
     secret: bytes | None = None
 
+    def tls(self) -> secure.ClusterTls | None:
+        return secure.cluster_tls(self.secret, self.cluster) if self.secret is not None else None
 
-def _hello(me: Me, purpose: str, nonce: bytes, kind: type = wire.Hello, proof: bytes = b"") -> wire.Hello:
-    return kind(
-        version=wire.PROTOCOL_VERSION, node=me.node, incarnation=me.incarnation, name=me.name,
-        cluster=me.cluster, machine=me.machine, purpose=purpose, nonce=nonce, proof=proof,
-    )
+
+def _hello(me: Me, purpose: str, kind: type = wire.Hello) -> wire.Hello:
+    return kind(version=wire.PROTOCOL_VERSION, node=me.node, incarnation=me.incarnation, name=me.name,
+                cluster=me.cluster, machine=me.machine, purpose=purpose)
 
 
 def _check_hello(me: Me, hello: wire.Hello) -> None:
@@ -56,43 +68,34 @@ def _check_hello(me: Me, hello: wire.Hello) -> None:
     if hello.cluster != me.cluster:
         # Theirs may be 64 KiB of text: cut, so that our Refuse stays within wire.MAX_TEXT.
         raise Refused(f"refused: cluster {hello.cluster!r:.80}, ours is {me.cluster!r}")
-    if hello.node == me.node and hello.machine == me.machine:
-        raise Refused("refused: that is ourselves")
+    if hello.node == me.node:
+        # Ourselves (a relay looping our own dial back to us), or another machine with our id:
+        # a copied state dir takes a new id when it starts (state.load_identity), so nothing a
+        # peer says at run time makes us change ours.
+        raise Refused("refused: that node id is ours")
 
 
-def _who(node: str, machine: str) -> str:
-    # Proofs name the machine too: a stranger that claims our own node id from another
-    # machine cannot relay our own proof back to us (the ids in the MAC would match).
-    return f"{node}@{machine}"
+@dataclass
+class Detached:
+    """A connection taken out of asyncio for a thread (a bulk connection): the socket, in
+    blocking mode; the plaintext already read past the handshake; its TLS session, if any."""
 
-
-def _proof(me: Me, mine: bytes, theirs: bytes, peer: wire.Hello, role: str) -> bytes:
-    if me.secret is None:
-        return b""
-    return wire.make_proof(me.secret, mine, theirs, _who(me.node, me.machine),
-                           _who(peer.node, peer.machine), role)
-
-
-def _verify(me: Me, proof: bytes, mine: bytes, theirs: bytes, peer: wire.Hello, role: str) -> None:
-    if me.secret is None:
-        if proof:
-            raise Refused("refused: the peer has a cluster secret and we have none")
-        return
-    reason = wire.proof_refusal(me.secret, proof, theirs, mine, _who(peer.node, peer.machine),
-                                _who(me.node, me.machine), role)
-    if reason:
-        raise Refused(reason)
+    sock: socket.socket
+    leftover: bytes
+    tls: secure.Session | None
 
 
 class Channel:
-    """A framed, handshaken connection."""
+    """A framed connection, TLS-sealed with a secret. Made by `dial` and `answer`; `peer` is
+    the other end's Hello (or Welcome) once the handshake is through."""
 
-    def __init__(self, peer: wire.Hello, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, decoder: wire.FrameDecoder, dialed: bool) -> None:
-        self.peer = peer
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dialed: bool,
+                 tls: secure.Session | None = None) -> None:
+        self.peer: wire.Hello = None  # type: ignore[assignment]  # set by the handshake
         self.reader = reader
         self.writer = writer
-        self.decoder = decoder
+        self.decoder = wire.FrameDecoder()
+        self.tls = tls
         self.dialed = dialed  # we dialled it (duplicate connections keep the smaller id's dial)
         self.closed = False
         self.close_reason = ""
@@ -100,6 +103,24 @@ class Channel:
     @property
     def peer_id(self) -> str:
         return self.peer.node
+
+    def extra(self, name: str) -> Any:
+        """The socket's `peername`, `sockname` or `socket` (asyncio's get_extra_info)."""
+        return self.writer.get_extra_info(name)
+
+    def write(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Raw bytes (sealed with TLS): a probe's stream, or encoded frames."""
+        self.writer.writelines(self.tls.seal(buffers) if self.tls is not None else buffers)
+
+    async def read(self) -> bytes:
+        """The next bytes from the peer (opened with TLS); b"" at the end of the stream."""
+        while True:
+            data = await self.reader.read(READ_CHUNK)
+            if not data or self.tls is None:
+                return data
+            plain = self.tls.receive(data)
+            if plain or self.tls.ended:
+                return plain
 
     def send(self, message: object) -> bool:
         if self.closed:
@@ -112,9 +133,12 @@ class Channel:
             self.close("the peer stopped reading")
             return False
         try:
-            self.writer.writelines(wire.encode(message))
+            self.write(wire.encode(message))
         except (RuntimeError, OSError) as error:  # uvloop raises on a transport closed under us
             self.close(f"send failed: {error}")
+            return False
+        except wire.ProtocolError as error:  # TLS failed earlier on this connection
+            self.close(f"protocol error: {error}")
             return False
         return True
 
@@ -133,7 +157,7 @@ class Channel:
                 if message is not None:
                     yield message
                     continue
-                data = await self.reader.read(READ_CHUNK)
+                data = await self.read()
                 if not data:
                     self.close("closed by the peer")
                     return
@@ -144,10 +168,27 @@ class Channel:
         except (OSError, ConnectionError) as error:
             self.close(f"connection error: {error}")
 
-    def detach(self) -> tuple[socket.socket, bytes]:
+    async def next_handshake(self, kind: type) -> Any:
+        """The next message, which must be a `kind` (a Refuse raises Refused with its reason)."""
+        while (message := self.decoder.next_message()) is None:
+            data = await self.read()
+            if not data:
+                raise Refused("the peer closed the connection during the handshake")
+            self.decoder.feed(data)
+        if isinstance(message, wire.Refuse):
+            raise Refused(f"the peer says: {message.reason}")
+        if type(message) is not kind:
+            raise Refused(f"expected {kind.__name__.lower()}, got {type(message).__name__.lower()}")
+        return message
+
+    def unread(self) -> bytes:
+        """Plaintext read past the handshake and not yet taken: a probe's first bytes."""
+        return self.decoder.unread()
+
+    def detach(self) -> Detached:
         """Take the connection out of asyncio, for a thread that runs it with a blocking
-        socket (a bulk connection: os.sendfile, recv_into): a duplicate of the socket, and
-        the bytes already read past the handshake. The channel is closed (reason "detached");
+        socket (a bulk connection): a duplicate of the socket, the plaintext already read
+        past the handshake and the TLS session. The channel is closed (reason "detached");
         the connection itself stays open until the returned socket is closed."""
         if self.closed:
             raise RuntimeError(f"cannot detach a closed channel ({self.close_reason})")
@@ -158,13 +199,14 @@ class Channel:
         # StreamReader has no public way to take what it buffered; _buffer is its only store
         # (the same since Python 3.4). The handshake reads in chunks, so bytes the peer sent
         # right after it (a first Fetch) may sit there or in the decoder.
-        leftover = self.decoder.unread() + bytes(self.reader._buffer)
+        raw = bytes(self.reader._buffer)
         self.reader._buffer.clear()
+        leftover = self.decoder.unread() + (self.tls.receive(raw) if self.tls is not None else raw)
         sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
         self.closed, self.close_reason = True, "detached"
         transport.close()  # closes asyncio's fd, not the duplicate: no FIN is sent
         sock.setblocking(True)
-        return sock, leftover
+        return Detached(sock, leftover, self.tls)
 
     def close(self, reason: str = "") -> None:
         if not self.closed:
@@ -179,30 +221,30 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _next(reader: asyncio.StreamReader, decoder: wire.FrameDecoder, kind: type) -> Any:
-    """The next handshake message, which must be a `kind`."""
-    while (message := decoder.next_message()) is None:
+async def _tls_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         session: secure.Session, first: bytes = b"") -> bytes:
+    data = first
+    while True:
+        try:
+            out = session.handshake(data)
+        except wire.ProtocolError as error:
+            raise Refused(str(error)) from None
+        if out:
+            writer.write(out)
+        if session.established:
+            return session.receive(b"")  # plaintext that came with the handshake's last flight
         data = await reader.read(READ_CHUNK)
         if not data:
-            raise Refused("the peer closed the connection during the handshake")
-        decoder.feed(data)
-    if isinstance(message, wire.Refuse):
-        raise Refused(f"the peer says: {message.reason}")
-    if type(message) is not kind:
-        raise Refused(f"expected {kind.__name__.lower()}, got {type(message).__name__.lower()}")
-    return message
+            raise Refused("the peer closed the connection during the TLS handshake "
+                          "(it has no cluster secret, or another one)")
 
 
-@contextlib.contextmanager
-def _telling(writer: asyncio.StreamWriter) -> Iterator[None]:
-    """A refusal (or an undecodable frame) raised inside is sent to the peer, then raised."""
-    try:
-        yield
-    except (Refused, wire.ProtocolError) as error:
-        reason = str(error) if isinstance(error, Refused) else f"refused: {error}"
-        if not reason.startswith("the peer says"):
-            writer.writelines(wire.encode(wire.Refuse(reason)))
-        raise
+def _tell(channel: Channel, error: Refused | wire.ProtocolError) -> None:
+    """Send the peer why we refuse it (not a refusal it sent us)."""
+    reason = str(error) if isinstance(error, Refused) else f"refused: {error}"
+    if not reason.startswith("the peer says"):
+        with contextlib.suppress(wire.ProtocolError, OSError, RuntimeError):
+            channel.write(wire.encode(wire.Refuse(reason[:wire.MAX_TEXT])))
 
 
 async def _handshake(steps: Awaitable[Channel], writer: asyncio.StreamWriter) -> Channel:
@@ -219,38 +261,66 @@ async def _handshake(steps: Awaitable[Channel], writer: asyncio.StreamWriter) ->
     raise error
 
 
-async def dial(host: str, port: int, me: Me, purpose: str = "peer") -> Channel:
-    """Connect and handshake; raises Refused or OSError."""
+async def dial(host: str, port: int, me: Me, purpose: str = "peer", expect: str | None = None) -> Channel:
+    """Connect and handshake; raises Refused or OSError. `expect`: the node we mean to reach
+    (a discovery record's); the Welcome of any other is refused."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_TIMEOUT)
     _nodelay(writer)
-    return await _handshake(_dial_steps(reader, writer, wire.FrameDecoder(), me, purpose), writer)
+    return await _handshake(_dial_steps(reader, writer, me, purpose, expect), writer)
 
 
-async def _dial_steps(reader, writer, decoder, me: Me, purpose: str) -> Channel:
-    nonce = os.urandom(16)
-    writer.writelines(wire.encode(_hello(me, purpose, nonce)))
-    with _telling(writer):
-        welcome = await _next(reader, decoder, wire.Welcome)
+async def _dial_steps(reader, writer, me: Me, purpose: str, expect: str | None) -> Channel:
+    tls = me.tls()
+    session = secure.Session(tls.client, server_side=False) if tls is not None else None
+    channel = Channel(reader, writer, dialed=True, tls=session)
+    if session is not None:
+        channel.decoder.feed(await _tls_handshake(reader, writer, session))
+    channel.write(wire.encode(_hello(me, purpose)))
+    try:
+        welcome = await channel.next_handshake(wire.Welcome)
         _check_hello(me, welcome)
-        _verify(me, welcome.proof, nonce, welcome.nonce, welcome, "listener")
-    writer.writelines(wire.encode(wire.Auth(_proof(me, nonce, welcome.nonce, welcome, "dialer"))))
-    return Channel(welcome, reader, writer, decoder, dialed=True)
+        if welcome.purpose != purpose:
+            raise Refused(f"refused: a welcome for a {welcome.purpose!r:.20} connection, we asked for {purpose!r}")
+        if expect is not None and welcome.node != expect:
+            raise Refused(f"refused: reached node {welcome.node!r:.40} ({welcome.name!r:.80}), "
+                          f"not {expect!r}, the node its address was advertised for")
+    except (Refused, wire.ProtocolError) as error:
+        _tell(channel, error)
+        raise
+    channel.peer = welcome
+    return channel
 
 
 async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, me: Me) -> Channel:
     """Handshake an accepted connection; raises Refused (after telling the peer why)."""
     _nodelay(writer)
-    return await _handshake(_answer_steps(reader, writer, wire.FrameDecoder(), me), writer)
+    return await _handshake(_answer_steps(reader, writer, me), writer)
 
 
-async def _answer_steps(reader, writer, decoder, me: Me) -> Channel:
-    with _telling(writer):
-        hello = await _next(reader, decoder, wire.Hello)
+async def _answer_steps(reader, writer, me: Me) -> Channel:
+    first = await reader.read(READ_CHUNK)
+    if not first:
+        raise Refused("the peer closed the connection before its hello")
+    tls = me.tls()
+    if tls is None and secure.looks_like_tls(first):
+        raise Refused("refused: the peer speaks TLS (it has a cluster secret) and we have none")
+    channel = Channel(reader, writer, dialed=False)
+    if tls is None:
+        channel.decoder.feed(first)
+    elif secure.looks_like_tls(first):
+        channel.tls = secure.Session(tls.server, server_side=True)
+        channel.decoder.feed(await _tls_handshake(reader, writer, channel.tls, first))
+    else:
+        channel.decoder.feed(first)  # a plain hello: tell it why, in plain
+        error = Refused("refused: this cluster has a secret: start the daemon with the same --secret")
+        _tell(channel, error)
+        raise error
+    try:
+        hello = await channel.next_handshake(wire.Hello)
         _check_hello(me, hello)
-    nonce = os.urandom(16)
-    proof = _proof(me, nonce, hello.nonce, hello, "listener")
-    writer.writelines(wire.encode(_hello(me, hello.purpose, nonce, wire.Welcome, proof)))
-    with _telling(writer):
-        auth = await _next(reader, decoder, wire.Auth)
-        _verify(me, auth.proof, nonce, hello.nonce, hello, "dialer")
-    return Channel(hello, reader, writer, decoder, dialed=False)
+    except (Refused, wire.ProtocolError) as error:
+        _tell(channel, error)
+        raise
+    channel.write(wire.encode(_hello(me, hello.purpose, wire.Welcome)))
+    channel.peer = hello
+    return channel

@@ -3,12 +3,16 @@
 The daemon runs it on a separate TCP connection (after its own handshake) when a link appears
 and on request, so it never holds an inference connection for long:
 
-    dialer:   result = await probe_send(reader, writer)       # streams, then reads the report
-    listener: result = await probe_receive(reader, writer)    # counts, times, reports
+    dialer:   result = await probe_send(stream)       # streams, then reads the report
+    listener: result = await probe_receive(stream)    # counts, times, reports
+
+`stream` is a peers.Channel (TLS-sealed with a cluster secret: the probe then measures what
+the link carries of authenticated bytes) or `plain(reader, writer)`.
 
 Wire format (all big-endian):
     sender -> receiver   header  "TBPR", version u8, duration f64 (s)
-    sender -> receiver   zeros for `duration`, then half-close (EOF is the end marker)
+    sender -> receiver   zeros for `duration`, then one byte 0x01 (the end marker: no zero
+                         is, and TLS has no half-close to mark it with)
     receiver -> sender   report  "TBPR", total bytes u64, measured bytes u64, measured s f64
 
 Why the receiver measures: the sender's clock sees bytes enter its socket buffer, and with
@@ -37,10 +41,13 @@ import struct
 import sys
 import termios
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 MAGIC = b"TBPR"
-VERSION = 1
+VERSION = 2
+END = b"\x01"  # follows the zeros
 HEADER = struct.Struct("!4sBd")  # magic, version, duration the sender will stream
 REPORT = struct.Struct("!4sQQd")  # magic, total bytes, measured bytes, measured seconds
 
@@ -70,6 +77,47 @@ class ProbeResult:
     seconds: float  # length of the measured window
 
 
+class Stream(Protocol):
+    """What a probe runs over (peers.Channel is one)."""
+
+    async def read(self) -> bytes: ...  # the next bytes, b"" at the end
+
+    def write(self, buffers: Iterable[bytes | memoryview]) -> None: ...
+
+    writer: asyncio.StreamWriter  # the connection's (drain, its socket)
+
+
+@dataclass
+class plain:  # noqa: N801  (reads as a function: plain(reader, writer))
+    """A Stream over asyncio's plain streams."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def read(self) -> bytes:
+        return await self.reader.read(READ_SIZE)
+
+    def write(self, buffers: Iterable[bytes | memoryview]) -> None:
+        self.writer.writelines(buffers)
+
+
+async def _drain(stream: Stream) -> None:
+    await stream.writer.drain()
+    if stream.writer.transport.is_closing():
+        raise ConnectionResetError("transport closed while streaming")
+
+
+async def _read_exactly(stream: Stream, n: int, have: bytes = b"") -> tuple[bytes, bytes]:
+    """`n` bytes, and what came after them in the same reads."""
+    data = bytearray(have)
+    while len(data) < n:
+        more = await stream.read()
+        if not more:
+            raise asyncio.IncompleteReadError(bytes(data), n)
+        data += more
+    return bytes(data[:n]), bytes(data[n:])
+
+
 _zeros_cache: dict[int, memoryview] = {}
 
 
@@ -82,13 +130,12 @@ def _zeros(size: int) -> memoryview:
 
 
 async def probe_send(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    stream: Stream,
     duration: float = DEFAULT_DURATION,
     chunk: int = DEFAULT_CHUNK,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> ProbeResult:
-    """Stream zeros for `duration` seconds, half-close, and return the receiver's measurement.
+    """Stream zeros for `duration` seconds, the end marker, and return the receiver's measurement.
 
     Raises ProbeError if the peer closes, stops reading or answers nonsense; gives up after
     duration + timeout seconds in all.
@@ -99,11 +146,10 @@ async def probe_send(
         raise ValueError("chunk must be positive")
     try:
         async with asyncio.timeout(duration + timeout):
-            writer.write(HEADER.pack(MAGIC, VERSION, duration))
-            await _stream(writer, duration, _zeros(chunk))
-            if writer.can_write_eof():
-                writer.write_eof()  # EOF marks the end; the report comes back on the other half
-            report = await reader.readexactly(REPORT.size)
+            stream.write([HEADER.pack(MAGIC, VERSION, duration)])
+            await _stream(stream, duration, _zeros(chunk))
+            stream.write([END])
+            report, _ = await _read_exactly(stream, REPORT.size)
     except TimeoutError as exc:
         raise ProbeError(f"probe timed out after {duration + timeout:.1f} s") from exc
     except asyncio.IncompleteReadError as exc:
@@ -113,15 +159,13 @@ async def probe_send(
     return _parse_report(report)
 
 
-async def _stream(writer: asyncio.StreamWriter, duration: float, zeros: memoryview) -> None:
+async def _stream(stream: Stream, duration: float, zeros: memoryview) -> None:
     loop = asyncio.get_running_loop()
     now = loop.time()
     end, next_yield = now + duration, now + YIELD_EVERY
     while now < end:
-        writer.write(zeros)
-        await writer.drain()
-        if writer.transport.is_closing():
-            raise ConnectionResetError("transport closed while streaming")
+        stream.write([zeros])
+        await _drain(stream)
         now = loop.time()
         if now >= next_yield:
             # drain() returns without yielding while the kernel takes every chunk (a fast
@@ -140,11 +184,10 @@ def _parse_report(report: bytes) -> ProbeResult:
 
 
 async def probe_receive(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    stream: Stream,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> ProbeResult:
-    """Count and time the sender's bytes until EOF, send the report, and return it (both
+    """Count and time the sender's bytes until the end marker, send the report, and return it (both
     ends then know the same figure).
 
     Raises ProbeError on a bad header, a sender silent for `timeout` seconds, one that
@@ -152,13 +195,12 @@ async def probe_receive(
     The caller closes the connection afterwards.
     """
     try:
-        header = await asyncio.wait_for(reader.readexactly(HEADER.size), timeout)
+        header, rest = await asyncio.wait_for(_read_exactly(stream, HEADER.size), timeout)
         duration = _parse_header(header)
-        total, measured, seconds = await _count(reader, writer.get_extra_info("socket"),
-                                                duration, timeout)
+        total, measured, seconds = await _count(stream, rest, duration, timeout)
         report = REPORT.pack(MAGIC, total, measured, seconds)
-        writer.write(report)
-        await asyncio.wait_for(writer.drain(), timeout)
+        stream.write([report])
+        await asyncio.wait_for(_drain(stream), timeout)
         return _parse_report(report)
     except TimeoutError as exc:
         raise ProbeError("probe sender went silent or overran its duration") from exc
@@ -191,9 +233,9 @@ def _queued(sock: socket.socket | None) -> int:
         return 0
 
 
-async def _count(reader: asyncio.StreamReader, sock: socket.socket | None, duration: float,
+async def _count(stream: Stream, early: bytes, duration: float,
                  idle: float) -> tuple[int, int, float]:
-    """Read to EOF; return (total bytes, bytes in the measured window, window seconds).
+    """Read to the end marker; return (total bytes, bytes in the measured window, window seconds).
 
     Each read gives a point of the arrival curve: at time t the kernel had received
     `read so far + still queued` bytes. Counting what is still queued matters when the
@@ -203,6 +245,7 @@ async def _count(reader: asyncio.StreamReader, sock: socket.socket | None, durat
     Raises TimeoutError when no byte comes for `idle` s or the sender overruns its duration.
     """
     loop = asyncio.get_running_loop()
+    sock = stream.writer.get_extra_info("socket")
     hard_end = loop.time() + duration + idle
     warmup = duration * WARMUP_FRACTION
     total = 0
@@ -213,11 +256,12 @@ async def _count(reader: asyncio.StreamReader, sock: socket.socket | None, durat
     async with asyncio.timeout(None) as deadline:
         while True:
             deadline.reschedule(min(hard_end, loop.time() + idle))
-            data = await reader.read(READ_SIZE)
+            data, early = (early, b"") if early else (await stream.read(), b"")
             now = time.perf_counter()
             if not data:
-                break
-            total += len(data)
+                raise ConnectionError("the sender closed before its end marker")
+            ended = data.endswith(END)
+            total += len(data) - ended
             point = (now, total + _queued(sock))
             if first is None:
                 first = point
@@ -225,6 +269,8 @@ async def _count(reader: asyncio.StreamReader, sock: socket.socket | None, durat
                 opened = point
             if point[1] > latest[1]:
                 latest = point
+            if ended:
+                break
             if now >= next_yield:
                 await asyncio.sleep(0)  # read() does not yield while data is waiting
                 next_yield = now + YIELD_EVERY

@@ -1,4 +1,4 @@
-"""The wire protocol between tbmesh daemons: framing, message schema, handshake proofs, tensors.
+"""The wire protocol between tbmesh daemons: framing, message schema, handshake, tensors.
 
 Pure protocol logic in the style of h11: no sockets, no asyncio, no clock. The daemon feeds
 the bytes it receives into a `FrameDecoder` and writes what `encode` returns with
@@ -19,32 +19,16 @@ bytes at most `MAX_TEXT`, lists at most `MAX_ITEMS`, no unknown fields (a schema
 `PROTOCOL_VERSION` change). Only `Tensor` carries a payload: its data as raw bytes in the
 sender's byte order (little-endian on every Mac and Linux machine we run on).
 
-Handshake, on every new connection (D dials, L listens; the nonces are 16 random bytes)::
-
-    D -> L  Hello(version, node=D, ..., nonce=nD, proof=b"")
-    L       refuses a wrong version (`version_refusal`), another cluster, itself
-    L -> D  Welcome(version, node=L, ..., nonce=nL,
-                    proof=make_proof(secret, nL, nD, L, D, "listener"))
-    D       checks the version and L's proof (`proof_refusal(secret, proof, nL, nD, L, D, "listener")`)
-    D -> L  Auth(proof=make_proof(secret, nD, nL, D, L, "dialer"))
-    L       checks D's proof (`proof_refusal(secret, proof, nD, nL, D, L, "dialer")`)
-
-Either side may instead send `Refuse(reason)` and close. Each proof is an HMAC-SHA256 of both
-nonces, both ids and the prover's role under the cluster secret: it answers the other side's
-fresh nonce (no replay), and the role in the MAC means L's proof cannot be reflected back to L
-as D's. The ids must tell the two ends apart: a peer may present our own node id (a state
-dir copied to another Mac), and with equal ids an attacker holding no secret can relay our own
-Welcome proof back to us through a second connection it dials to us. So either refuse a peer
-with our node id before proofs, or pass ids that include the machine (f"{node}@{machine}").
-Without a secret proofs are empty; a side with a secret refuses a missing or wrong proof.
+Handshake, on every new connection (D dials, L listens): D -> L Hello, L -> D Welcome (or
+Refuse), each naming its node, machine, cluster and the connection's purpose; with a cluster
+secret both travel inside TLS 1.3 keyed from the secret, which proves the secret and
+authenticates every later byte (tbmesh.net.secure; the steps in tbmesh.net.peers).
 Frozen forever, so any two versions can tell each other why they disagree: the frame
 prefix, the "t" and "version" keys of hello/welcome, and the refuse message.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 import struct
 from collections import deque
@@ -63,7 +47,8 @@ from tbmesh.core.types import OMIT_DEFAULT, Stage
 # 3: log-probabilities (Sampled.surprisal and .top, logprobs in the sampling of Tensor.meta)
 # 4: weights over the cables (Hello.purpose "bulk", Fetch and Part carry weight objects;
 #    LinkState.disk and .keep say what each disk holds and keeps)
-PROTOCOL_VERSION = 4
+# 5: TLS 1.3 keyed from the cluster secret replaces the HMAC proofs (no nonce, proof or Auth)
+PROTOCOL_VERSION = 5
 
 PREFIX = struct.Struct(">II")  # header length, payload length
 MAX_HEADER = 1 << 20  # 1 MiB of msgpack: a link-state database of ~1000 Macs with a plan
@@ -76,9 +61,6 @@ MAX_PART = 64 << 20  # bytes of an object in one Part frame
 MAX_FETCH = 1 << 40  # bytes one Fetch may ask for (answered in Parts of at most MAX_PART)
 DIGEST_CHARS = 64  # sha256 in lower-case hex
 
-NONCE_BYTES = 16
-PROOF_BYTES = 32  # HMAC-SHA256
-ROLES = ("dialer", "listener")
 
 # Tensor element types and their sizes. bfloat16 has no numpy dtype: it travels as raw bytes
 # and becomes an MLX array through a uint16 view (see array_from_tensor).
@@ -97,8 +79,7 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class Hello:
-    """The dialer's greeting. `proof` is always empty in a Hello (the dialer proves itself in
-    Auth, once it has the listener's nonce); it is here so Hello and Welcome share one shape."""
+    """The dialer's greeting: who it is, and what the connection is for."""
 
     version: int
     node: str
@@ -107,20 +88,11 @@ class Hello:
     cluster: str
     machine: str
     purpose: Literal["peer", "probe", "bulk"]
-    nonce: bytes  # NONCE_BYTES random bytes, made by the caller
-    proof: bytes = b""
 
 
 @dataclass(frozen=True)
 class Welcome(Hello):
-    """The listener's answer to a Hello: its own greeting, `proof` answering the dialer's nonce."""
-
-
-@dataclass(frozen=True)
-class Auth:
-    """The dialer's proof, answering the listener's nonce (empty without a secret)."""
-
-    proof: bytes
+    """The listener's answer to a Hello: its own greeting, for the same purpose."""
 
 
 @dataclass(frozen=True)
@@ -212,11 +184,11 @@ class Part:
     data: memoryview | bytes = field(default=b"", repr=False)
 
 
-WireMessage = (Hello | Welcome | Auth | Refuse | Heartbeat | LinkStates | DatabaseSummary | Goodbye
+WireMessage = (Hello | Welcome | Refuse | Heartbeat | LinkStates | DatabaseSummary | Goodbye
                | Tensor | Tokens | Cancel | Fetch | Part)
 
 TAGS: dict[type, str] = {
-    Hello: "hello", Welcome: "welcome", Auth: "auth", Refuse: "refuse",
+    Hello: "hello", Welcome: "welcome", Refuse: "refuse",
     Heartbeat: "heartbeat", LinkStates: "link_states", DatabaseSummary: "db_summary",
     Goodbye: "goodbye", Tensor: "tensor", Tokens: "tokens", Cancel: "cancel",
     Fetch: "fetch", Part: "part",
@@ -225,46 +197,13 @@ TAGS: dict[type, str] = {
 PAYLOAD_FIELD: dict[type, str] = {Tensor: "data", Part: "data"}
 
 
-# --- handshake proofs -----------------------------------------------------------------------
-
-
-def make_proof(secret: bytes, my_nonce: bytes, their_nonce: bytes, my_id: str, their_id: str,
-               role: str) -> bytes:
-    """HMAC-SHA256 proving we hold `secret`, bound to both nonces, both ids and our role.
-
-    `my_id` and `their_id` must differ (see the module notes: include the machine when a peer
-    may share our node id)."""
-    if not secret:
-        raise ValueError("an empty cluster secret proves nothing")
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-    # msgpack keeps the fields unambiguous (no "ab"+"c" == "a"+"bc").
-    text = msgpack.packb(["tbmesh-proof", PROTOCOL_VERSION, role, my_id, their_id,
-                          my_nonce, their_nonce], use_bin_type=True)
-    return hmac.new(secret, text, hashlib.sha256).digest()
-
-
-def check_proof(secret: bytes, proof: bytes, their_nonce: bytes, my_nonce: bytes,
-                their_id: str, my_id: str, their_role: str) -> bool:
-    """Whether the peer's `proof` is `make_proof` from its side; constant-time comparison."""
-    expected = make_proof(secret, their_nonce, my_nonce, their_id, my_id, their_role)
-    return isinstance(proof, bytes) and hmac.compare_digest(expected, proof)
+# --- handshake ---------------------------------------------------------------------------------
 
 
 def version_refusal(greeting: Hello) -> str | None:
     """Why to refuse a Hello or Welcome for its protocol version, or None."""
     if greeting.version != PROTOCOL_VERSION:
         return f"refused: protocol version {greeting.version}, we speak {PROTOCOL_VERSION}"
-    return None
-
-
-def proof_refusal(secret: bytes | None, proof: bytes, their_nonce: bytes, my_nonce: bytes,
-                  their_id: str, my_id: str, their_role: str) -> str | None:
-    """Why to refuse the peer's proof, or None. Without a secret of our own we accept anyone
-    (the peer, if it has one, refuses us instead)."""
-    if secret and not (proof and check_proof(secret, proof, their_nonce, my_nonce,
-                                             their_id, my_id, their_role)):
-        return "refused: bad or missing cluster secret"
     return None
 
 
@@ -462,14 +401,6 @@ def _stage_rules(s: Stage) -> str | None:
     return None
 
 
-def _hello_rules(h: Hello) -> str | None:
-    if len(h.nonce) != NONCE_BYTES:
-        return f"nonce of {len(h.nonce)} bytes, expected {NONCE_BYTES}"
-    if len(h.proof) not in (0, PROOF_BYTES):
-        return f"proof of {len(h.proof)} bytes, expected 0 or {PROOF_BYTES}"
-    return None
-
-
 def _tensor_rules(t: Tensor) -> str | None:
     if t.dtype not in DTYPES:
         return f"dtype {t.dtype!r:.40} is not one of {', '.join(DTYPES)}"
@@ -500,9 +431,6 @@ def _part_rules(p: Part) -> str | None:
 
 # Rules across fields, beyond what the type hints say.
 _SEMANTIC: dict[type, Callable[[Any], str | None]] = {
-    Hello: _hello_rules,
-    Welcome: _hello_rules,
-    Auth: lambda a: None if len(a.proof) in (0, PROOF_BYTES) else f"proof of {len(a.proof)} bytes",
     Stage: _stage_rules,
     Tensor: _tensor_rules,
     Fetch: _fetch_rules,

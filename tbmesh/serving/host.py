@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Sequence
 from typing import Protocol
 
 from tbmesh.core.messages import DiskState, ShardState
+from tbmesh.net.peers import Detached
 from tbmesh.serving.view import ClusterView
 
 
@@ -36,7 +36,7 @@ class Host(Protocol):
         """The IP address of each member of a tensor group (ours among them) for its ranks to
         listen on and dial. Raises ConnectionError when a member is not directly connected."""
 
-    def bulk_connect(self, node: str) -> tuple[socket.socket, bytes]:
-        """A handshaken bulk connection to `node` for fetching weights, as a blocking socket
-        and the bytes already read from it. Blocking: call it from a thread, never the loop.
+    def bulk_connect(self, node: str) -> Detached:
+        """A handshaken bulk connection to `node` for fetching weights, taken out of asyncio
+        (a blocking socket, the bytes already read from it, its TLS session). Blocking: call it from a thread, never the loop.
         Raises OSError when `node` cannot be reached."""

@@ -43,6 +43,7 @@ from tbmesh.weights.store import CorruptObject, Local, Partial, Source, Store
 log = logging.getLogger(__name__)
 
 POLL = 0.2  # s: how often a blocked send or receive looks at its stop signal
+TLS_SLICE = 1 << 20  # bytes read from the socket, or from a file, and sealed or opened at a time
 IDLE_TIMEOUT = 10.0  # s without a byte moving, mid-request, before a connection is given up (a pulled
                      # cable sends no reset: its requests go to another peer after this long)
 REQUEST_TIMEOUT = 600.0  # s a server waits for the next Fetch before it closes the connection
@@ -70,18 +71,22 @@ class Stopped(Exception):
 
 
 class _Stream:
-    """A blocking socket whose calls give up after POLL s to check `stopped`, and the bytes
-    read past its handshake (`leftover`), served first."""
+    """A blocking connection whose calls give up after POLL s to check `stopped`: its socket,
+    the plaintext read past its handshake (`leftover`, served first), and its TLS session
+    with a cluster secret (then every byte is sealed: no sendfile, the file is read and sealed
+    a slice at a time)."""
 
-    def __init__(self, sock: socket.socket, leftover: bytes, stopped: Callable[[], bool]) -> None:
-        self.sock = sock
-        self.leftover = memoryview(leftover)
+    def __init__(self, conn: peers.Detached, stopped: Callable[[], bool]) -> None:
+        self.sock = sock = conn.sock
+        self.leftover = memoryview(conn.leftover)
+        self.tls = conn.tls
         self.stopped = stopped
         sock.setblocking(True)
         timeval = struct.pack("ll", int(POLL), int(POLL % 1 * 1e6))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self.more = getattr(socket, "MSG_MORE", 0)  # Linux: hold a Part's head for its bytes
+        self._sealed_in = bytearray(TLS_SLICE) if self.tls is not None else None
 
     def _waited(self, since: float, limit: float) -> None:
         if self.stopped():
@@ -96,6 +101,17 @@ class _Stream:
             view[:n] = self.leftover[:n]
             self.leftover = self.leftover[n:]
             return n
+        if self.tls is None:
+            return self._recv_into(view, limit)
+        assert self._sealed_in is not None
+        while not (n := self.tls.read_into(view)):
+            if self.tls.ended:
+                raise ConnectionError("closed by the peer")
+            got = self._recv_into(memoryview(self._sealed_in), limit)
+            self.tls.feed(memoryview(self._sealed_in)[:got])
+        return n
+
+    def _recv_into(self, view: memoryview, limit: float) -> int:
         since = time.monotonic()
         while True:
             try:
@@ -120,8 +136,15 @@ class _Stream:
         header_len, payload_len = wire.parse_prefix(prefix, 0, MAX_HEAD, max_payload)
         return wire.parse_header(self.read_exact(header_len), payload_len)
 
-    def write(self, data: bytes, flags: int = 0) -> None:
-        view, since = memoryview(data), time.monotonic()
+    def write(self, data: bytes | memoryview, flags: int = 0) -> None:
+        if self.tls is None:
+            self._send(memoryview(data), flags)
+            return
+        for sealed in self.tls.seal([data]):
+            self._send(memoryview(sealed), 0)
+
+    def _send(self, view: memoryview, flags: int) -> None:
+        since = time.monotonic()
         while view.nbytes:
             try:
                 view = view[self.sock.send(view, flags):]
@@ -130,6 +153,9 @@ class _Stream:
                 self._waited(since, IDLE_TIMEOUT)
 
     def sendfile(self, fd: int, offset: int, count: int) -> None:
+        if self.tls is not None:
+            self._seal_file(fd, offset, count)
+            return
         since = time.monotonic()
         while count:
             try:
@@ -141,15 +167,24 @@ class _Stream:
                 raise OSError(f"the file ends {count} bytes short of the object")
             offset, count, since = offset + sent, count - sent, time.monotonic()
 
+    def _seal_file(self, fd: int, offset: int, count: int) -> None:
+        buffer = bytearray(min(count, TLS_SLICE))
+        while count:
+            got = os.preadv(fd, [memoryview(buffer)[:min(count, TLS_SLICE)]], offset)
+            if not got:
+                raise OSError(f"the file ends {count} bytes short of the object")
+            self.write(memoryview(buffer)[:got])
+            offset, count = offset + got, count - got
+
 
 # --- serving ---------------------------------------------------------------------------------
 
 
-def serve(sock: socket.socket, leftover: bytes, local: Local, stop: threading.Event | None = None) -> None:
+def serve(conn: peers.Detached, local: Local, stop: threading.Event | None = None) -> None:
     """Answer Fetch requests on a handshaken bulk connection until the peer closes it, it
     breaks the protocol, or `stop` is set; then close the socket. Blocking: run it in a
     thread of its own. Never raises."""
-    stream = _Stream(sock, leftover, stop.is_set if stop is not None else lambda: False)
+    stream = _Stream(conn, stop.is_set if stop is not None else lambda: False)
     files = _Files()
     try:
         while True:
@@ -165,7 +200,7 @@ def serve(sock: socket.socket, leftover: bytes, local: Local, stop: threading.Ev
         log.exception("bulk connection failed")
     finally:
         files.close()
-        sock.close()
+        conn.sock.close()
 
 
 def _answer(stream: _Stream, request: wire.Fetch, local: Local, files: _Files) -> None:
@@ -229,13 +264,13 @@ class _Files:
 
 @dataclass(frozen=True)
 class Peer:
-    """A node to fetch from. `connect` (blocking) returns a handshaken bulk socket and the
-    bytes read past its handshake; `bandwidth` is the link probe's bytes/s (0: unknown);
+    """A node to fetch from. `connect` (blocking) returns a handshaken bulk connection;
+    `bandwidth` is the link probe's bytes/s (0: unknown);
     `has(digest)` whether it holds an object."""
 
     node: str
     name: str
-    connect: Callable[[], tuple[socket.socket, bytes]]
+    connect: Callable[[], peers.Detached]
     bandwidth: float = 0.0
     has: Callable[[str], bool] = lambda digest: True
 
@@ -500,14 +535,14 @@ class _Fetch:
                 if self.halt:
                     return
             try:
-                sock, leftover = worker.peer.connect()
+                conn = worker.peer.connect()
             except Exception as error:  # noqa: BLE001  (the daemon's dial: Refused, OSError, a timeout)
                 progressed, why = False, f"cannot connect: {_one_line(error)}"
             else:
                 try:
-                    progressed, why = self._session(worker, _Stream(sock, leftover, lambda: self.halt))
+                    progressed, why = self._session(worker, _Stream(conn, lambda: self.halt))
                 finally:
-                    sock.close()
+                    conn.sock.close()
             with self.lock:
                 self._requeue(worker, why)
                 failures = 0 if progressed or why is None else failures + 1
@@ -701,15 +736,15 @@ def _one_line(error: BaseException) -> str:
 
 
 def connector(loop: asyncio.AbstractEventLoop, host: str, port: int,
-              me: peers.Me) -> Callable[[], tuple[socket.socket, bytes]]:
+              me: peers.Me) -> Callable[[], peers.Detached]:
     """A Peer.connect for a fetch thread: dials a bulk connection on the daemon's event loop
-    and hands the detached socket over."""
+    and hands the detached connection over."""
 
-    async def dial() -> tuple[socket.socket, bytes]:
+    async def dial() -> peers.Detached:
         channel = await peers.dial(host, port, me, "bulk")  # within 2 x peers.HANDSHAKE_TIMEOUT
         return channel.detach()
 
-    def connect() -> tuple[socket.socket, bytes]:
+    def connect() -> peers.Detached:
         future = asyncio.run_coroutine_threadsafe(dial(), loop)
         try:
             return future.result(2 * peers.HANDSHAKE_TIMEOUT + 1)
@@ -722,8 +757,7 @@ def connector(loop: asyncio.AbstractEventLoop, host: str, port: int,
 
 def serve_channel(channel: peers.Channel, local: Local, stop: threading.Event | None = None) -> threading.Thread:
     """Serve an accepted bulk channel in a thread of its own (call on the event loop)."""
-    sock, leftover = channel.detach()
-    thread = threading.Thread(target=serve, args=(sock, leftover, local, stop), daemon=True,
+    thread = threading.Thread(target=serve, args=(channel.detach(), local, stop), daemon=True,
                               name=f"bulk-{channel.peer.name}")
     thread.start()
     return thread
