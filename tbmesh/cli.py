@@ -388,6 +388,17 @@ def _check_daemon_flags(
     return slack
 
 
+def _refuse_exposed(interface: list[str]) -> None:
+    """Without a secret, serve only where no stranger can reach: Thunderbolt cables, loopback."""
+    from tbmesh.net.interfaces import exposed_interfaces
+
+    exposed = exposed_interfaces(interface)
+    if exposed:
+        _fail(f"--interface {', '.join(exposed)} is not Thunderbolt: without a cluster secret anyone on "
+              "that network could join the cluster and read its traffic; give every Mac the same "
+              "--secret-file F (or pass --insecure)")
+
+
 @app.command()
 def daemon(
     interface: list[str] = typer.Option([], "--interface", help="Serve on this interface (repeat); default: the Thunderbolt ones."),
@@ -405,6 +416,7 @@ def daemon(
     disk_slack: Optional[str] = typer.Option(None, "--disk-slack", help="The most bytes of the model this Mac keeps on disk beyond its own layers, e.g. 200GB [default: what the disk has room for, leaving 10% free]."),
     secret: Optional[str] = typer.Option(None, "--secret", help="Cluster secret: peers without it are refused."),
     secret_file: Optional[Path] = typer.Option(None, "--secret-file", help="Read the cluster secret from a file."),
+    insecure: bool = typer.Option(False, "--insecure", help="Serve without a cluster secret on interfaces that are not Thunderbolt (anyone on that network can then join the cluster and read its traffic)."),
     context: int = typer.Option(DEFAULT_CONTEXT, "--context", help="Tokens of KV cache each stage keeps room for."),
     memory: Optional[str] = typer.Option(None, "--memory", help="Pretend this much memory is usable (tests, demos), e.g. 24GB."),
     probe: bool = typer.Option(True, "--probe/--no-probe", help="Measure each link's bandwidth when it appears."),
@@ -446,6 +458,8 @@ def daemon(
         _fail(str(error))
     if secret_bytes is not None and not secret_bytes:
         _fail("the cluster secret is empty")
+    if secret_bytes is None and not insecure:
+        _refuse_exposed(interface)
     if api_key is not None and api_key_file is not None:
         _fail("give --api-key or --api-key-file, not both")
     if api_key_file is not None:
@@ -605,6 +619,7 @@ def install(
     model: Optional[Path] = typer.Option(None, "--model", help="The mlx-lm model directory to plan and serve."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help='Only Macs with the same cluster name join (default: "default").'),
     secret_file: Optional[Path] = typer.Option(None, "--secret-file", help="Read the cluster secret from this file (a secret itself would be readable in the plist)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Serve without a cluster secret on interfaces that are not Thunderbolt."),
     name: Optional[str] = typer.Option(None, "--name", help="This Mac's name in the cluster (default: host name)."),
     port: Optional[int] = typer.Option(None, "--port", help="Control port for peers (default: 7470)."),
     api_host: Optional[str] = typer.Option(None, "--api-host", help="Where the HTTP API listens (default: 127.0.0.1)."),
@@ -666,10 +681,12 @@ def install(
         _fail(f"--secret-file {secret_file}: no such file")
     if api_key_file is not None and not api_key_file.expanduser().is_file():
         _fail(f"--api-key-file {api_key_file}: no such file")
+    if secret_file is None and not insecure:
+        _refuse_exposed(interface)
     flags = DaemonFlags(tuple(interface), model, cluster, secret_file, name, port, api_host, api_port,
                         state_dir, context, log_level, mqtt, resume_wait, ollama_port, api_key_file,
                         parallel=parallel, replicas=replicas, disk_slack=disk_slack,
-                        prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)  # fmt: skip
+                        prefill_chunk=prefill_chunk, prefix_cache=prefix_cache, insecure=insecure)  # fmt: skip
     service = _service_for(user_agent, user, flags)
     for path in protected_paths(service):
         print(f"warning: {path} is in a folder macOS keeps from launchd services unless their program "

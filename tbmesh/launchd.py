@@ -115,6 +115,7 @@ class DaemonFlags:
     disk_slack: str | None = None  # as given, e.g. "200GB"; the daemon parses it
     prefill_chunk: int | None = None
     prefix_cache: bool | None = None  # --prefix-cache or --no-prefix-cache
+    insecure: bool = False  # --insecure: no secret on interfaces that are not Thunderbolt
 
     def arguments(self) -> list[str]:
         """The flags as arguments after `tbmesh daemon`; paths made absolute (launchd's working
@@ -136,6 +137,8 @@ class DaemonFlags:
                 args += [flag, str(Path(value).expanduser().absolute()) if isinstance(value, Path) else str(value)]
         if self.prefix_cache is not None:
             args.append("--prefix-cache" if self.prefix_cache else "--no-prefix-cache")
+        if self.insecure:
+            args.append("--insecure")
         return args
 
 

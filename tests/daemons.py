@@ -49,6 +49,8 @@ class DaemonProcess:
         self.env = env or {}  # added to ours
         self.state_dir = state_dir
         self.args = list(args)
+        if mac is not None and not {"--secret", "--secret-file"} & set(self.args):
+            self.args.append("--insecure")  # its cables are veth pairs, not Thunderbolt
         self.mac = mac  # a netns.Mac to run in (its API is reached through its namespace)
         self.prefix = ["ip", "netns", "exec", mac.netns] if mac is not None else []
         self.log_path = (log_dir or state_dir) / f"{name}.log"

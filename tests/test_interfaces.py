@@ -296,3 +296,15 @@ def test_interface_patterns_match_what_exists_now_and_missing_names_are_skipped_
     assert select_interfaces(["lo", "gone0"], strict=False) == ["lo"]
     with pytest.raises(InterfaceError, match="gone0"):
         select_interfaces(["lo", "gone0"])
+
+
+def test_interfaces_exposed_without_a_secret_are_those_beyond_thunderbolt_and_loopback():
+    """Without a cluster secret the daemon serves only where no stranger reaches: a Thunderbolt
+    cable or loopback. Anything else, or a pattern that could match anything later, is exposed."""
+    existing = sorted(name for _, name in socket.if_nameindex())
+    others = [n for n in existing if n != "lo"]
+    assert interfaces.exposed_interfaces(["lo"], thunderbolt=[]) == []
+    assert interfaces.exposed_interfaces(others, thunderbolt=others) == []  # all Thunderbolt
+    assert interfaces.exposed_interfaces(["lo", *others], thunderbolt=[]) == others
+    assert interfaces.exposed_interfaces(["nomatch*"], thunderbolt=[]) == ["nomatch*"]
+    assert interfaces.exposed_interfaces(["nosuch0"], thunderbolt=[]) == []  # refused elsewhere

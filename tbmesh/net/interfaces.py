@@ -222,6 +222,27 @@ def select_interfaces(explicit: list[str] | None = None, strict: bool = True) ->
     return _unique(chosen)
 
 
+def exposed_interfaces(explicit: list[str], thunderbolt: list[str] | None = None) -> list[str]:
+    """What `explicit` (--interface names and patterns) serves on that is neither a Thunderbolt
+    interface nor loopback: a network other machines share (Wi-Fi, Ethernet), where without a
+    cluster secret anyone could join the cluster and read its traffic. A pattern that matches
+    nothing yet could match anything later, so it counts as exposed (a plain name that does
+    not exist is left to select_interfaces to refuse)."""
+    thunderbolt = thunderbolt_devices() if thunderbolt is None else thunderbolt
+    exposed = []
+    for name in explicit:
+        matched = select_interfaces([name], strict=False)
+        if not matched and any(c in name for c in "*?["):
+            exposed.append(name)
+        exposed += [m for m in matched if m not in thunderbolt and not _is_loopback(m)]
+    return _unique(exposed)
+
+
+def _is_loopback(name: str) -> bool:
+    addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in interface_addresses([name])[name]]
+    return bool(addresses) and all(a.is_loopback for a in addresses)
+
+
 def interface_addresses(names: list[str]) -> dict[str, list[str]]:
     """IPv4 and IPv6 link-local addresses of each interface ("fe80::1%en2", with its scope).
 
