@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the lab harness lives with the tests
 
 import netns  # noqa: E402
 
-from tbmesh.net.probe import probe_receive, probe_send  # noqa: E402
+from tbmesh.net.probe import plain, probe_receive, probe_send  # noqa: E402
 
 RATES: list[str | None] = ["500mbit", "1gbit", "5gbit", None]
 MTUS = [1500, 9000]
@@ -39,9 +39,9 @@ MTUS = [1500, 9000]
 async def one_probe(a: netns.Mac, b: netns.Mac, cable: netns.Cable) -> tuple[float, float]:
     """(measured bits/s, wall seconds the probe took at the sender)."""
     (reader, writer), (server_reader, server_writer) = await netns.open_streams(a, b, cable.addr(b))
-    receiving = asyncio.create_task(probe_receive(server_reader, server_writer))
+    receiving = asyncio.create_task(probe_receive(plain(server_reader, server_writer)))
     start = time.perf_counter()
-    result = await probe_send(reader, writer)
+    result = await probe_send(plain(reader, writer))
     elapsed = time.perf_counter() - start
     await receiving
     writer.close()

@@ -63,7 +63,7 @@ import netns
 from netns import Loop
 
 from tbmesh.net import peers
-from tbmesh.net.probe import probe_receive, probe_send
+from tbmesh.net.probe import plain, probe_receive, probe_send
 from tbmesh.weights import bulk
 from tbmesh.weights.manifest import Manifest, build_manifest
 from tbmesh.weights.store import Local, Store
@@ -120,13 +120,13 @@ def write_checkpoint(root: Path, seed: int = 0) -> int:
 
 
 class Server:
-    def __init__(self, loop: Loop, local: Local, host: str) -> None:
+    def __init__(self, loop: Loop, local: Local, host: str, me: peers.Me = SERVER) -> None:
         self.stop = threading.Event()
         self.loop, self.host = loop, host
 
         async def accept(reader, writer):
             try:
-                channel = await peers.answer(reader, writer, SERVER)
+                channel = await peers.answer(reader, writer, me)
             except peers.Refused:
                 return
             bulk.serve_channel(channel, local, self.stop)
@@ -134,8 +134,8 @@ class Server:
         self.server = loop.run(asyncio.start_server(accept, host, 0))
         self.port = self.server.sockets[0].getsockname()[1]
 
-    def peer(self, client_loop: Loop, bandwidth: float = 0.0) -> bulk.Peer:
-        return bulk.Peer("server", "server", bulk.connector(client_loop.loop, self.host, self.port, CLIENT), bandwidth)
+    def peer(self, client_loop: Loop, bandwidth: float = 0.0, client: peers.Me = CLIENT) -> bulk.Peer:
+        return bulk.Peer("server", "server", bulk.connector(client_loop.loop, self.host, self.port, client), bandwidth)
 
     def close(self) -> None:
         self.stop.set()
@@ -156,11 +156,12 @@ def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def fetch_round(server: Server, client_loop: Loop, wanted, work: Path, bandwidth: float = 0.0) -> dict:
+def fetch_round(server: Server, client_loop: Loop, wanted, work: Path, bandwidth: float = 0.0,
+                client: peers.Me = CLIENT) -> dict:
     store = Store(work / "fetched")
     try:
         started, cpu = time.perf_counter(), cpu_seconds()
-        report = bulk.fetch(wanted, [server.peer(client_loop, bandwidth)], store)
+        report = bulk.fetch(wanted, [server.peer(client_loop, bandwidth, client)], store)
         seconds = time.perf_counter() - started
         assert report.objects == len({e.digest for e in wanted}), report
         return {"bytes": report.bytes, "seconds": seconds, "cpu_s": cpu_seconds() - cpu, "retries": report.retries}
@@ -278,8 +279,8 @@ def loopback(model: Path, manifest: Manifest, rounds: int, work: Path) -> dict:
 
 async def _probe(a: netns.Mac, b: netns.Mac, addr: str) -> float:
     (reader, writer), (server_reader, server_writer) = await netns.open_streams(a, b, addr)
-    receiving = asyncio.create_task(probe_receive(server_reader, server_writer))
-    result = await probe_send(reader, writer)
+    receiving = asyncio.create_task(probe_receive(plain(server_reader, server_writer)))
+    result = await probe_send(plain(reader, writer))
     await receiving
     writer.close()
     server_writer.close()

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tbmesh.net.wire import ProtocolError
 
-READ_CHUNK = 256 * 1024  # plaintext taken out of a session per read
+RECORD = 16 * 1024  # the most plaintext one TLS record holds: what one read of a session returns
 SEAL_SLICE = 256 * 1024  # plaintext sealed before its records are taken out (see Session.seal)
 TLS_RECORD_FIRST_BYTE = 0x16  # a TLS handshake record: how a listener tells TLS from a plain Hello
 
@@ -150,9 +150,11 @@ class Session:
         if data:
             self._incoming.write(data)
         chunks = []
-        while not self.ended:
+        # Bytes still to open, or opened and not taken: a loop that ends without the cost of
+        # an SSLWantReadError in the common case (every record complete).
+        while not self.ended and (self._incoming.pending or self._tls.pending()):
             try:
-                chunk = self._tls.read(READ_CHUNK)
+                chunk = self._tls.read(RECORD)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -185,6 +187,9 @@ class Session:
         """The bytes to write to the socket to send `buffers`, in order. Sealed a slice at a
         time: a memory BIO that grows to a whole large tensor costs ten times the cipher."""
         sealed = []
+        buffers = list(buffers)
+        if len(buffers) > 1 and sum(memoryview(b).nbytes for b in buffers) <= RECORD:
+            buffers = [b"".join(buffers)]  # a frame's head and a small payload: one record, not two
         for buffer in buffers:
             view = memoryview(buffer).cast("B")
             while view.nbytes:
