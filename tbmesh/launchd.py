@@ -115,6 +115,7 @@ class DaemonFlags:
     disk_slack: str | None = None  # as given, e.g. "200GB"; the daemon parses it
     prefill_chunk: int | None = None
     prefix_cache: bool | None = None  # --prefix-cache or --no-prefix-cache
+    api_allow_hosts: tuple[str, ...] = ()
 
     def arguments(self) -> list[str]:
         """The flags as arguments after `tbmesh daemon`; paths made absolute (launchd's working
@@ -136,6 +137,8 @@ class DaemonFlags:
                 args += [flag, str(Path(value).expanduser().absolute()) if isinstance(value, Path) else str(value)]
         if self.prefix_cache is not None:
             args.append("--prefix-cache" if self.prefix_cache else "--no-prefix-cache")
+        for host in self.api_allow_hosts:
+            args += ["--api-allow-host", host]
         return args
 
 

@@ -254,6 +254,8 @@ def test_bad_flags_are_one_line_errors(tmp_path):
         (["--interface", "nosuch0"], "nosuch0"),
         (["--port", "70000"], "bad --port 70000"),
         (["--memory", "lots"], "bad size"),
+        (["--api-allow-host", "http://studio.example"], "bad --api-allow-host"),
+        (["--api-allow-host", "studio.example:7471"], "without scheme or port"),
     ]:
         result = subprocess.run([sys.executable, "-m", "tbmesh", "daemon", "--state-dir",
                                  str(tmp_path / "s"), *args], capture_output=True, text=True, timeout=60)
