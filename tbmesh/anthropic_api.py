@@ -20,18 +20,20 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tbmesh.chat import ChatReader, ClientGone, Event, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate
+from tbmesh.chat import (ChatReader, ClientGone, Event, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate,
+                         text_size)  # fmt: skip
 from tbmesh.generation import Backend, GenerationParams
 from tbmesh.openai_api import (CHAT_TEMPLATE_ERROR, CONFLICTING_FIELDS, CONTEXT_LENGTH_EXCEEDED, UNSUPPORTED_PREFILL,
                                ApiError, Limits, _boolean, _failure, _integer, _number, _type_name, _unicode,
-                               check_served, client_gone, read_json)  # fmt: skip
+                               check_prompt_size, check_served, client_gone, in_worker, read_request)  # fmt: skip
 from tbmesh.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+               404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+               413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
                503: "overloaded_error"}  # fmt: skip
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -255,12 +257,13 @@ def parse_request(body: Any, limits: Limits, count_only: bool = False) -> Messag
                            _boolean(body, "stream"))
 
 
-def _prompt(backend: Backend, tokenizer: TokenizerWrapper, request: MessagesRequest) -> list[int]:
+def _prompt(tokenizer: TokenizerWrapper, request: MessagesRequest, context: int | None, limits: Limits) -> list[int]:
+    """The prompt's tokens; max_tokens cut to what the context leaves. CPU-heavy: in_worker."""
+    check_prompt_size(text_size(request.messages, request.tools), context, limits, "messages")
     try:
         prompt = chat_prompt(tokenizer, request.messages, request.tools)
     except TemplateError as error:
         raise _bad(str(error), CHAT_TEMPLATE_ERROR) from None
-    context = backend.context(request.model)
     if context is not None:
         if len(prompt) >= context:
             raise _bad(f"the prompt has {len(prompt)} tokens; the context is {context} tokens (--context)",
@@ -396,11 +399,15 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
 def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
     """Add POST /v1/messages and /v1/messages/count_tokens. Before any catch-all route."""
 
+    def tokenize(messages: MessagesRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
+        tokenizer = backend.tokenizer(messages.model)  # the first call loads it
+        return tokenizer, _prompt(tokenizer, messages, context, limits)
+
     async def prepare(request: web.Request, count_only: bool) -> tuple[MessagesRequest, TokenizerWrapper, list[int]]:
-        messages = parse_request(await read_json(request, limits), limits, count_only)
+        messages = await read_request(request, limits, lambda body: parse_request(body, limits, count_only))
         check_served(backend, messages.model)
-        tokenizer = backend.tokenizer(messages.model)
-        return messages, tokenizer, _prompt(backend, tokenizer, messages)
+        tokenizer, prompt = await in_worker(tokenize, messages, backend.context(messages.model))
+        return messages, tokenizer, prompt
 
     async def create_message(request: web.Request) -> web.StreamResponse:
         try:

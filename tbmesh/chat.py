@@ -70,6 +70,22 @@ def chat_prompt(tokenizer: TokenizerWrapper, messages: list[dict[str, Any]],
     return list(tokens)
 
 
+def text_size(*values: Any) -> int:
+    """The characters of every string in `values` (messages, tools, prompts: JSON values), keys
+    included: about what a chat template renders of them, before its own few markers."""
+    size, stack = 0, list(values)
+    while stack:  # no recursion: a value may nest as deep as the body's limit allows
+        value = stack.pop()
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, dict):
+            size += sum(len(key) for key in value if isinstance(key, str))
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return size
+
+
 # --- events ----------------------------------------------------------------------------------
 
 

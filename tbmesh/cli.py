@@ -371,9 +371,14 @@ def _check_daemon_flags(
     prefill_chunk: Optional[int] = None,
     max_batch: Optional[int] = None,
     disk_slack: Optional[str] = None,
+    api_allow_hosts: Sequence[str] = (),
 ) -> Optional[int]:
     """The checks of `tbmesh daemon`'s flags that `tbmesh install` passes on too (None: not given),
     a bad one a one-line usage error; the --disk-slack in bytes (None: not given)."""
+    for host in api_allow_hosts:
+        if not host.strip() or any(c in host for c in " /@") or host.count(":") == 1:
+            _fail(f"bad --api-allow-host {host!r}: give a host name as clients write it in the API's URL, "
+                  "without scheme or port (e.g. studio.example.com)")
     if parallel is not None and parallel not in PARALLEL:
         _fail(f"bad --parallel {parallel!r}: use {', '.join(PARALLEL)}")
     for flag, value in (("--replicas", replicas), ("--prefill-chunk", prefill_chunk), ("--max-batch", max_batch)):
@@ -399,6 +404,11 @@ def _refuse_exposed(interface: list[str]) -> None:
               "--secret-file F (or pass --insecure)")
 
 
+ALLOW_HOST_HELP = ("Answer API requests for this host name too (repeat), as clients write it in the API's URL: "
+                   "a request for another name is refused, as a web page's DNS rebinding would be [default: "
+                   "localhost, the --api-host, and beyond loopback this Mac's host names; any IP address].")
+
+
 @app.command()
 def daemon(
     interface: list[str] = typer.Option([], "--interface", help="Serve on this interface (repeat); default: the Thunderbolt ones."),
@@ -408,6 +418,7 @@ def daemon(
     ollama_port: Optional[int] = typer.Option(None, "--ollama-port", help="Serve the API on this port too, for Ollama clients (Ollama's is 11434); 0 = any free."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Every API request but GET /health must carry this key (Bearer or x-api-key)."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the API key from a file (a key on the command line shows in ps)."),
+    api_allow_host: list[str] = typer.Option([], "--api-allow-host", help=ALLOW_HOST_HELP),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the node id is kept."),
     name: Optional[str] = typer.Option(None, "--name", help="This Mac's name in the cluster [default: host name]."),
     cluster: str = typer.Option("default", "--cluster", help="Only Macs with the same cluster name join."),
@@ -444,7 +455,7 @@ def daemon(
         _fail("--context must be 0 or more tokens")
     if not resume_wait >= 0:
         _fail("--resume-wait must be 0 or more seconds")
-    slack = _check_daemon_flags(parallel, replicas, prefill_chunk, max_batch, disk_slack)
+    slack = _check_daemon_flags(parallel, replicas, prefill_chunk, max_batch, disk_slack, api_allow_host)
     if secret is not None and secret_file is not None:
         _fail("give --secret or --secret-file, not both")
     secret_bytes = None
@@ -480,7 +491,7 @@ def daemon(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = DaemonConfig(
         interfaces=interface or None, port=port, api_host=api_host, api_port=api_port, ollama_port=ollama_port,
-        api_key=api_key, cluster=cluster, model=model, secret=secret_bytes, memory_usable=usable, probe_links=probe, mqtt=mqtt,
+        api_key=api_key, api_allow_hosts=api_allow_host, cluster=cluster, model=model, secret=secret_bytes, memory_usable=usable, probe_links=probe, mqtt=mqtt,
         replicas=replicas, disk_slack=slack, parallel=parallel,
         serving=ServingSettings(context=context, prefill_chunk=prefill_chunk, max_batch=max_batch,
                                 resume_wait=resume_wait, prefix_cache=prefix_cache),
@@ -626,6 +637,7 @@ def install(
     api_port: Optional[int] = typer.Option(None, "--api-port", help="HTTP API port (default: 7471)."),
     ollama_port: Optional[int] = typer.Option(None, "--ollama-port", help="Serve the API on this port too, for Ollama clients (e.g. 11434)."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the API key from this file (a key itself would be readable in the plist)."),
+    api_allow_host: list[str] = typer.Option([], "--api-allow-host", help=ALLOW_HOST_HELP),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the node id is kept (default: the user's)."),
     context: Optional[int] = typer.Option(None, "--context", help=f"Tokens of KV cache each stage keeps room for (default: {DEFAULT_CONTEXT})."),
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug, info, warning or error (default: info)."),
@@ -666,7 +678,8 @@ def install(
         _fail(f"bad --log-level {log_level!r}: use debug, info, warning or error")
     if resume_wait is not None and not resume_wait >= 0:
         _fail("--resume-wait must be 0 or more seconds")
-    _check_daemon_flags(parallel=parallel, replicas=replicas, prefill_chunk=prefill_chunk, disk_slack=disk_slack)
+    _check_daemon_flags(parallel=parallel, replicas=replicas, prefill_chunk=prefill_chunk, disk_slack=disk_slack,
+                        api_allow_hosts=api_allow_host)  # fmt: skip
     if mqtt is not None:
         from tbmesh import telemetry
 
@@ -686,7 +699,8 @@ def install(
     flags = DaemonFlags(tuple(interface), model, cluster, secret_file, name, port, api_host, api_port,
                         state_dir, context, log_level, mqtt, resume_wait, ollama_port, api_key_file,
                         parallel=parallel, replicas=replicas, disk_slack=disk_slack,
-                        prefill_chunk=prefill_chunk, prefix_cache=prefix_cache, insecure=insecure)  # fmt: skip
+                        prefill_chunk=prefill_chunk, prefix_cache=prefix_cache, insecure=insecure,
+                        api_allow_hosts=tuple(api_allow_host))  # fmt: skip
     service = _service_for(user_agent, user, flags)
     for path in protected_paths(service):
         print(f"warning: {path} is in a folder macOS keeps from launchd services unless their program "

@@ -91,6 +91,7 @@ class DaemonConfig:
     api_port: int = DEFAULT_API_PORT  # 0 = any free
     ollama_port: int | None = None  # the same API on a second port too (Ollama's is 11434); 0 = any free
     api_key: str | None = None  # every API request but a health check must carry it
+    api_allow_hosts: list[str] = field(default_factory=list)  # Host names the API answers to besides its own
     state_dir: Path = field(default_factory=state.default_state_dir)
     name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     cluster: str = "default"
@@ -359,7 +360,7 @@ class Daemon:
         if self.engine is not None:
             await self.engine.close()
         if self._api is not None:
-            await self._api.cleanup()
+            await self._api.close()
         if self.telemetry is not None:
             await self.telemetry.close()  # "offline" now, not when the broker notices
         with contextlib.suppress(OSError):
@@ -411,26 +412,26 @@ class Daemon:
         return failed
 
     async def _start_api(self) -> None:
-        from aiohttp import web
-
-        from tbmesh.api import make_app
+        from tbmesh.api import Listener, allowed_hosts, make_app
 
         cfg = self.config
-        runner = web.AppRunner(make_app(self.status, self._probe_links, self.engine, api_key=cfg.api_key), access_log=None)
-        await runner.setup()
+        hosts = allowed_hosts(cfg.api_host, cfg.api_allow_hosts, beyond_loopback=not _loopback(cfg.api_host))
+        api = Listener(make_app(self.status, self._probe_links, self.engine, api_key=cfg.api_key, hosts=hosts))
+        await api.start()
         ports = [("--api-port", cfg.api_port)] + ([("--ollama-port", cfg.ollama_port)] if cfg.ollama_port is not None else [])
+        bound = []
         for flag, port in ports:  # one app, so the same endpoints (and key) on each port
             try:
-                await web.TCPSite(runner, cfg.api_host, port).start()
+                bound.append(await api.listen(cfg.api_host, port))
             except OSError as error:
-                await runner.cleanup()
+                await api.close()
                 if error.errno == errno.EADDRINUSE:
                     raise StartupError(f"port {port} ({flag}) is in use; choose another with {flag}") from None
                 raise StartupError(f"cannot serve the API on {cfg.api_host}:{port}: {error.strerror}") from None
-        self._api = runner
-        self.api_port = runner.addresses[0][1]
+        self._api = api
+        self.api_port = bound[0]
         if cfg.ollama_port is not None:
-            self.ollama_port = runner.addresses[1][1]
+            self.ollama_port = bound[1]
 
     def _advert(self) -> Advert:
         assert self.core is not None

@@ -116,6 +116,7 @@ class DaemonFlags:
     prefill_chunk: int | None = None
     prefix_cache: bool | None = None  # --prefix-cache or --no-prefix-cache
     insecure: bool = False  # --insecure: no secret on interfaces that are not Thunderbolt
+    api_allow_hosts: tuple[str, ...] = ()
 
     def arguments(self) -> list[str]:
         """The flags as arguments after `tbmesh daemon`; paths made absolute (launchd's working
@@ -139,6 +140,8 @@ class DaemonFlags:
             args.append("--prefix-cache" if self.prefix_cache else "--no-prefix-cache")
         if self.insecure:
             args.append("--insecure")
+        for host in self.api_allow_hosts:
+            args += ["--api-allow-host", host]
         return args
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from tbmesh.anthropic_api import CODE_HEADER
-from tbmesh.chat import ChatReader, ClientGone, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate
+from tbmesh.chat import ChatReader, ClientGone, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate, text_size
 from tbmesh.generation import Backend, GenerationParams
 from tbmesh.openai_api import (
     CHAT_TEMPLATE_ERROR,
@@ -45,8 +45,11 @@ from tbmesh.openai_api import (
     _type_name,
     _unicode,
     client_gone,
+    check_prompt_size,
     fit_context,
+    in_worker,
     read_json,
+    read_request,
 )
 from tbmesh.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
@@ -326,10 +329,14 @@ def resolve_model(backend: Backend, name: str) -> str:
                         f"{', '.join(tagged(m) for m in served) or 'no model'}")  # fmt: skip
 
 
-def prompt_tokens(tokenizer: TokenizerWrapper, request: OllamaRequest) -> list[int]:
+def prompt_tokens(tokenizer: TokenizerWrapper, request: OllamaRequest, context: int | None = None,
+                  limits: Limits = Limits()) -> list[int]:  # fmt: skip
     """The prompt as token ids: the messages (or the system prompt and the prompt of
     /api/generate) through the model's chat template, unless raw or the model has none (the
-    prompt as it is then, without the system prompt, as Ollama does)."""
+    prompt as it is then, without the system prompt, as Ollama does). A text that could not
+    fit `context` tokens is refused before (check_prompt_size). CPU-heavy: in_worker."""
+    check_prompt_size(text_size(request.messages, request.tools, request.prompt, request.system), context, limits,
+                      "messages" if request.chat else "prompt")  # fmt: skip
     if not request.chat and (request.raw or not tokenizer.has_chat_template):
         tokens = list(tokenizer.encode(request.prompt))  # with the BOS token where the model wants one
         if not tokens:
@@ -476,10 +483,14 @@ def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = L
         return {"name": tagged(model), "model": tagged(model), "modified_at": about.get("modified_at", _timestamp(0)),
                 "size": about.get("size", 0), "digest": about.get("digest", ""), "details": about.get("details", {})}  # fmt: skip
 
+    def tokenize(ask: OllamaRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
+        tokenizer = backend.tokenizer(ask.served)  # the first call loads it
+        return tokenizer, prompt_tokens(tokenizer, ask, context, limits)
+
     async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
         started = time.monotonic_ns()
         try:
-            ask = parse_request(await read_json(request, limits), chat, backend, limits)
+            ask = await read_request(request, limits, lambda body: parse_request(body, chat, backend, limits))
             reason = backend.unavailable(ask.served)
             if reason is not None:
                 raise _failure(reason)
@@ -487,10 +498,9 @@ def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = L
                 loaded = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
                 return web.json_response({"model": ask.model, "created_at": _timestamp(), **loaded, "done": True,
                                           "done_reason": "load"})  # fmt: skip
-            tokenizer = backend.tokenizer(ask.served)
-            prompt = prompt_tokens(tokenizer, ask)
-            completion = ask.completion()
-            ask.params = fit_context(completion, len(prompt), backend.context(ask.served), "num_predict")
+            context = backend.context(ask.served)
+            tokenizer, prompt = await in_worker(tokenize, ask, context)
+            ask.params = fit_context(ask.completion(), len(prompt), context, "num_predict")
         except ApiError as error:
             return _answer_error(error)
         except Exception as error:  # a backend that fails to say what it serves or to tokenize
@@ -525,7 +535,7 @@ def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = L
             if not isinstance(name, str) or not name:
                 raise _bad("model", "'model' is required: a string (GET /api/tags lists them)")
             model = resolve_model(backend, name)
-            tokenizer = backend.tokenizer(model)
+            tokenizer = await in_worker(backend.tokenizer, model)  # the first call loads it
         except ApiError as error:
             return _answer_error(error)
         except Exception as error:

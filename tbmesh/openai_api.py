@@ -5,27 +5,30 @@ whatever generates the tokens: a `tbmesh.generation.Backend` yields token ids, e
 cluster's serving engine or `tbmesh.runtime.local.LocalBackend`, the whole model in one
 process. The chat template, detokenization, stop strings, reasoning and tool calls are
 `tbmesh.chat`'s, shared with the other APIs. The HTTP modules alone map the backends' errors
-to HTTP status codes; the request-reading helpers here (read_json, the field checks,
-check_served, client_gone) serve the Anthropic module too.
+to HTTP status codes; the request-reading helpers here (read_request, the field checks,
+check_served, client_gone, in_worker) serve the Anthropic and Ollama modules too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from tbmesh.chat import (ChatReader, ClientGone, Event, Reasoning, TemplateError, Text, ToolCall,
-                         chat_prompt, generate)
+                         chat_prompt, generate, text_size)
 from tbmesh.generation import MAX_TOP_LOGPROBS, Backend, BadRequest, GenerationParams, TokenLogprobs, Unavailable
 from tbmesh.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -58,11 +62,26 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
+    """What a request, and the API's server, may take: the one home of these defaults (the
+    README lists them; tbmesh.api.Listener applies those of the connections)."""
+
     max_body_bytes: int = 8 * 2**20
     max_json_depth: int = 64  # nested arrays and objects; a request needs 4, a tool schema a dozen
     max_tokens: int = 32768  # the most a request may ask for
     default_max_tokens: int = 2048  # when the request does not say
     max_stop: int = 16  # stop strings per request (OpenAI allows 4; some clients send more)
+    # a prompt of more characters than the context's tokens times this is refused before it is
+    # tokenized (a 1M-character prompt takes seconds): a token is about 4 characters of text,
+    # hardly ever more than 32
+    max_chars_per_token: int = 32
+    # seconds from a connection's start (or its last answer) to a request's whole headers; an
+    # idle keep-alive connection is closed then too (aiohttp's keepalive_timeout), later than
+    # HTTP clients drop theirs (httpx after 5 s, aiohttp after 15 s)
+    header_timeout: float = 20.0
+    body_timeout: float = 30.0  # seconds to read a whole body: max_body_bytes at 280 kB/s (a 408 after)
+    linger: float = 2.0  # seconds a body nobody read is drained before the connection closes (aiohttp's lingering_time)
+    # open connections to the API (all its ports); beyond, a new one is closed as it is accepted
+    max_connections: int = 256
 
 
 # --- parsing requests ------------------------------------------------------------------------
@@ -400,17 +419,21 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> CompletionRequest:
     return request
 
 
-def prompt_tokens(tokenizer: TokenizerWrapper, request: CompletionRequest) -> list[int]:
-    """The prompt as token ids: chat messages through the model's chat template."""
+def prompt_tokens(tokenizer: TokenizerWrapper, request: CompletionRequest, context: int | None = None,
+                  limits: Limits = Limits()) -> list[int]:  # fmt: skip
+    """The prompt as token ids: chat messages through the model's chat template. A text that
+    could not fit `context` tokens is refused before (check_prompt_size). CPU-heavy: in_worker."""
     if request.chat:
         if not tokenizer.has_chat_template:
             raise ApiError(400, f"the model {request.model} has no chat template: use /v1/completions",
                            param="messages", code=CHAT_TEMPLATE_ERROR)
+        check_prompt_size(text_size(request.messages, request.tools), context, limits, "messages")
         try:
             return chat_prompt(tokenizer, request.messages, request.tools)
         except TemplateError as error:
             raise ApiError(400, str(error), param="messages", code=CHAT_TEMPLATE_ERROR) from None
     if isinstance(request.prompt, str):
+        check_prompt_size(len(request.prompt), context, limits, "prompt")
         tokens = tokenizer.encode(request.prompt)  # with the BOS token where the model wants one, as mlx-lm
         if not tokens:
             raise _bad("prompt", "'prompt' is empty", EMPTY_PROMPT)
@@ -654,18 +677,60 @@ def json_depth_exceeds(text: str, limit: int) -> bool:
     return False
 
 
-async def read_json(request: web.Request, limits: Limits) -> Any:
-    """The request's JSON body, read up to its size limit (413 beyond) and its depth limit
-    checked before it is decoded (400 beyond)."""
+# The API's worker: the CPU-heavy steps of a request (decoding and checking its JSON, the chat
+# template, tokenizing) run there, off the event loop, whose heartbeats and GET /health must not
+# wait for them. One thread: two tokenizer calls never overlap (a Hugging Face fast tokenizer
+# refuses a second while one runs: "Already borrowed"), and the loop keeps the other core.
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tbmesh-api")
+
+
+async def in_worker(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)`, run in the API's worker thread."""
+    return await asyncio.get_running_loop().run_in_executor(_WORKER, partial(function, *args))
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+def check_json_type(request: web.Request) -> None:
+    """Raises ApiError(415) unless the body is said to be JSON (application/json or
+    application/*+json, with any parameters). A web page may POST text/plain, a form, or bytes
+    with no type at all (a Blob, an ArrayBuffer) to any address without asking first; a JSON
+    type needs a CORS preflight, which this server never grants. The openai, anthropic and
+    ollama clients all send application/json."""
+    if hdrs.CONTENT_TYPE not in request.headers:
+        raise ApiError(415, "the request body must be JSON sent with Content-Type: application/json; "
+                            "the request has no Content-Type")
+    if not _is_json(request.content_type):
+        raise ApiError(415, f"the request body must be JSON sent with Content-Type: application/json, "
+                            f"not {request.content_type}")
+
+
+async def read_body(request: web.Request, limits: Limits) -> bytes:
+    """The request's JSON body as bytes: its type checked (415), read up to its size limit (413
+    beyond) within limits.body_timeout (408 after; aiohttp closes the connection then)."""
+    check_json_type(request)
     limit = limits.max_body_bytes
     too_big = ApiError(413, f"the request body is larger than {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_big
     data = bytearray()
-    async for chunk in request.content.iter_any():
-        data += chunk
-        if len(data) > limit:
-            raise too_big
+    try:
+        async with asyncio.timeout(limits.body_timeout):
+            async for chunk in request.content.iter_any():
+                data += chunk
+                if len(data) > limit:
+                    raise too_big
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout:g} s") from None
+    except (ConnectionError, web.RequestPayloadError) as error:  # the client went, or broke the chunked encoding
+        raise ApiError(400, f"the request body broke off: {error}") from None
+    return bytes(data)
+
+
+def parse_json(data: bytes, limits: Limits) -> Any:
+    """A body's JSON, its depth limit checked before it is decoded (400 beyond)."""
     try:
         # as json.loads decodes bytes: UTF-8 (BOM or not), UTF-16 or UTF-32
         text = data.decode(json.detect_encoding(data), "surrogatepass")
@@ -675,6 +740,25 @@ async def read_json(request: web.Request, limits: Limits) -> Any:
         return json.loads(text)
     except (UnicodeDecodeError, ValueError) as error:
         raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+
+
+async def read_request(request: web.Request, limits: Limits, parse: Callable[[Any], T]) -> T:
+    """The request's body read (read_body), then decoded and checked by `parse` in the worker."""
+    data = await read_body(request, limits)
+    return await in_worker(lambda: parse(parse_json(data, limits)))
+
+
+async def read_json(request: web.Request, limits: Limits) -> Any:
+    """The request's JSON body (read_body, then parse_json in the worker)."""
+    return await read_request(request, limits, lambda body: body)
+
+
+def check_prompt_size(chars: int, context: int | None, limits: Limits, param: str) -> None:
+    """Raises the too-long 400 for a prompt of more characters than `context` tokens could
+    hold (limits.max_chars_per_token each), before it is tokenized."""
+    if context is not None and chars > context * limits.max_chars_per_token:
+        raise _bad(param, f"the prompt has {chars} characters, more than {context} tokens hold; the context is "
+                          f"{context} tokens (--context)", CONTEXT_LENGTH_EXCEEDED)
 
 
 def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
@@ -688,13 +772,17 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
     def check_model(model: str) -> None:
         check_served(backend, model)
 
+    def tokenize(completion: CompletionRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
+        tokenizer = backend.tokenizer(completion.model)  # the first call loads it
+        return tokenizer, prompt_tokens(tokenizer, completion, context, limits)
+
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
-            completion = parse_request(await read_json(request, limits), chat, limits)
+            completion = await read_request(request, limits, lambda body: parse_request(body, chat, limits))
             check_model(completion.model)
-            tokenizer = backend.tokenizer(completion.model)
-            prompt = prompt_tokens(tokenizer, completion)
-            completion.params = fit_context(completion, len(prompt), backend.context(completion.model))
+            context = backend.context(completion.model)
+            tokenizer, prompt = await in_worker(tokenize, completion, context)
+            completion.params = fit_context(completion, len(prompt), context)
         except ApiError as error:
             return error.response()
         except Exception as error:  # a backend that fails to say what it serves or to tokenize

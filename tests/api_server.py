@@ -1,5 +1,6 @@
-"""A real aiohttp server with the daemon's API (tbmesh.api.make_app), on 127.0.0.1 in a thread
-of its own, and a LocalBackend whose availability and failures tests can steer."""
+"""A real aiohttp server with the daemon's API (tbmesh.api.make_app, served by tbmesh.api.Listener
+as the daemon serves it), on 127.0.0.1 in a thread of its own, and a LocalBackend whose
+availability and failures tests can steer."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import aclosing
 from typing import Any
 
-from aiohttp import web
-
-from tbmesh.api import make_app
+from tbmesh.api import LOOPBACK_NAMES, Listener, make_app
 from tbmesh.generation import Backend, GenerationParams, Unavailable
 from tbmesh.openai_api import Limits
 from tbmesh.runtime.local import LocalBackend
@@ -26,14 +25,17 @@ async def no_links() -> dict[str, Any]:
 
 
 class ApiServer:
-    """Serves one backend as the daemon does (an AppRunner: no handler cancellation). No
-    daemon: GET /status answers `status()`, POST /probe `probe()`."""
+    """Serves one backend as the daemon does (a Listener: no handler cancellation). No
+    daemon: GET /status answers `status()`, POST /probe `probe()`; `hosts`: the names it
+    answers to (tbmesh.api.allowed_hosts)."""
 
     def __init__(self, backend: Backend, limits: Limits = Limits(), handler_cancellation: bool = False,
                  status: Callable[[], dict[str, Any]] = dict,
-                 probe: Callable[[], Awaitable[dict[str, Any]]] = no_links) -> None:  # fmt: skip
+                 probe: Callable[[], Awaitable[dict[str, Any]]] = no_links,
+                 hosts: Collection[str] = LOOPBACK_NAMES) -> None:  # fmt: skip
         self.backend = backend
         self.limits = limits
+        self.hosts = hosts
         self.status = status
         self.probe = probe
         self.handler_cancellation = handler_cancellation  # True in aiohttp's own test server
@@ -47,17 +49,16 @@ class ApiServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(self.listener.close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
     async def _start(self) -> None:
-        app = make_app(self.status, self.probe, self.backend, self.limits)
-        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=self.handler_cancellation)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        app = make_app(self.status, self.probe, self.backend, self.limits, hosts=self.hosts)
+        self.listener = Listener(app, self.limits, handler_cancellation=self.handler_cancellation)
+        await self.listener.start()
+        self.port = await self.listener.listen("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.port}"
 
     # --- a client, with the standard library ---
 

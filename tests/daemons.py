@@ -102,6 +102,8 @@ class DaemonProcess:
         connection = self.connection(timeout)
         try:
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            if body is not None:
+                headers["Content-Type"] = "application/json"  # the API reads only bodies said to be JSON
             connection.request(method, path, body, headers)
             return connection.getresponse().read()
         finally:

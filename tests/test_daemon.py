@@ -256,6 +256,8 @@ def test_bad_flags_are_one_line_errors(tmp_path):
         (["--memory", "lots"], "bad size"),
         # no secret on an interface other machines share: refused (eth0 here is no cable)
         (["--interface", "lo", "--interface", "eth*"], "not Thunderbolt: without a cluster secret"),
+        (["--api-allow-host", "http://studio.example"], "bad --api-allow-host"),
+        (["--api-allow-host", "studio.example:7471"], "without scheme or port"),
     ]:
         result = subprocess.run([sys.executable, "-m", "tbmesh", "daemon", "--state-dir",
                                  str(tmp_path / "s"), *args], capture_output=True, text=True, timeout=60)

@@ -65,7 +65,8 @@ def test_a_client_that_goes_away_frees_the_caches_on_every_stage(cluster):
     host, port = daemons[0].api_url().split("//")[1].split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     connection.request("POST", "/v1/completions", json.dumps(
-        {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 2000, "stream": True, "temperature": 0}))
+        {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 2000, "stream": True, "temperature": 0}),
+        {"Content-Type": "application/json"})
     response = connection.getresponse()
     assert response.status == 200
     assert response.readline().startswith(b"data: ")  # it is generating
@@ -115,6 +116,6 @@ def test_bad_requests_and_a_model_that_does_not_fit_get_openai_errors(cluster):
     assert post(node, "/v1/chat/completions", {"model": "tiny", "messages": "not a list"})[0] == 400
     host, port = node.api_url().split("//")[1].split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
-    connection.request("POST", "/v1/completions", b"{not json")
+    connection.request("POST", "/v1/completions", b"{not json", {"Content-Type": "application/json"})
     assert connection.getresponse().status == 400
     assert node.alive() and node.status()["node"]["name"] == "n0"

@@ -100,14 +100,14 @@ def test_daemon_flags_become_arguments_with_absolute_paths(tmp_path: Path, monke
                         secret_file=Path("secret"), port=7480, context=0, log_level="debug",
                         mqtt="mqtt://nas:1883", resume_wait=60.0, ollama_port=11434,
                         api_key_file=Path("api-key"), parallel="tensor", replicas=3, disk_slack="200GB",
-                        prefill_chunk=256, prefix_cache=False)  # fmt: skip
+                        prefill_chunk=256, prefix_cache=False, api_allow_hosts=("studio.example", "mac.lan"))  # fmt: skip
     assert flags.arguments() == [
         "--interface", "en2", "--interface", "en*", "--model", str(tmp_path / "models" / "m"),
         "--cluster", "lab", "--secret-file", str(tmp_path / "secret"), "--port", "7480",
         "--context", "0", "--log-level", "debug", "--mqtt", "mqtt://nas:1883", "--resume-wait", "60.0",
         "--ollama-port", "11434", "--api-key-file", str(tmp_path / "api-key"),
         "--parallel", "tensor", "--replicas", "3", "--disk-slack", "200GB", "--prefill-chunk", "256",
-        "--no-prefix-cache",
+        "--no-prefix-cache", "--api-allow-host", "studio.example", "--api-allow-host", "mac.lan",
     ]  # fmt: skip
     assert DaemonFlags(prefix_cache=True).arguments() == ["--prefix-cache"]
     assert DaemonFlags().arguments() == []  # nothing given: the daemon's own defaults
@@ -181,6 +181,7 @@ def test_install_dry_run_prints_the_plist_and_the_launchctl_commands(model_and_s
         ["--prefill-chunk", "1024"],
         ["--prefix-cache"],
         ["--no-prefix-cache"],
+        ["--api-allow-host", "studio.example", "--api-allow-host", "mac.lan"],
     ],
 )
 def test_install_passes_serving_options_to_the_daemon(args: list[str]):
@@ -239,6 +240,9 @@ def test_install_as_root_without_sudo_asks_which_user():
         (["--prefill-chunk", "0"], "error: --prefill-chunk must be 1 or more\n"),
         (["--prefix-cache=no"], None),  # a switch takes no value
         (["--secret", "x"], None),  # a secret in a world-readable plist: not offered
+        (["--api-allow-host", "studio.example:7471"],
+         "error: bad --api-allow-host 'studio.example:7471': give a host name as clients write it in the API's URL, "
+         "without scheme or port (e.g. studio.example.com)\n"),
     ],
 )
 def test_install_rejects_bad_options(args: list[str], message: str | None):

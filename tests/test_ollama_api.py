@@ -5,6 +5,7 @@ listings, errors in Ollama's shape, a client leaving mid-stream, and the API key
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ KEY = "test-key-" + uuid.uuid4().hex
 HELLO = [{"role": "user", "content": "Hello!"}]
 HELLO_ANSWER = "Hello! I am a tiny model, taught on this machine by tbmesh. Ask me how the Macs share one model."
 GREEDY = {"temperature": 0}
+ADDED_HOST = "studio.example"  # the daemon's --api-allow-host
 
 
 @contextmanager
@@ -52,10 +54,12 @@ def running_cluster(tmp_path: Path, model_dir: Path, n: int, extra: tuple[str, .
 
 @pytest.fixture(scope="module")
 def one(tmp_path_factory: pytest.TempPathFactory, taught_model: Path) -> Iterator[DaemonProcess]:
-    """One daemon serving the taught model on its API port and on --ollama-port, with an API key."""
+    """One daemon serving the taught model on its API port and on --ollama-port, with an API key
+    and a Host name added."""
     root = tmp_path_factory.mktemp("one")
     (root / "key").write_text(KEY + "\n")
-    with running_cluster(root, taught_model, 1, ("--ollama-port", "0", "--api-key-file", str(root / "key")), KEY) as daemons:
+    flags = ("--ollama-port", "0", "--api-key-file", str(root / "key"), "--api-allow-host", ADDED_HOST)
+    with running_cluster(root, taught_model, 1, flags, KEY) as daemons:
         yield daemons[0]
 
 
@@ -350,6 +354,34 @@ def test_the_api_key_is_asked_by_every_api_in_its_shape(one: DaemonProcess) -> N
     for url in (one.api_url(), ollama_url(one)):  # the health checks are open
         assert httpx.get(url + "/health").json() == {"status": "ok"}
         assert httpx.get(url + "/").text == "Ollama is running"
+
+
+def test_a_web_page_is_refused_on_both_ports(one: DaemonProcess) -> None:
+    """DNS rebinding (a Host of the attacker's) and a body a page may send without a CORS
+    preflight (text/plain), against the daemon's flags: in Ollama's shape, as Ollama's fix of
+    CVE-2024-28224 refuses the first; a name added with --api-allow-host is served."""
+    for url in (one.api_url(), ollama_url(one)):
+        host, port = url.split("//")[1].split(":")
+
+        def ask(method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> tuple[int, Any]:
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                connection.request(method, path, body, {"Authorization": f"Bearer {KEY}", **headers})
+                response = connection.getresponse()
+                return response.status, json.loads(response.read())
+            finally:
+                connection.close()
+
+        chat = json.dumps({"model": "taught", "messages": HELLO, "stream": False}).encode()
+        for name in ("rebind.attacker.example", f"rebind.attacker.example:{port}"):
+            for method, path, body in (("GET", "/api/tags", None), ("POST", "/api/chat", chat), ("GET", "/api/version", None)):
+                status, answer = ask(method, path, {"Host": name, "Content-Type": "text/plain"}, body)
+                assert status == 403 and "--api-allow-host rebind.attacker.example" in answer["error"], answer
+        status, answer = ask("POST", "/api/chat", {"Content-Type": "text/plain"}, chat)
+        assert status == 415 and "Content-Type: application/json" in answer["error"], answer
+        for name in (ADDED_HOST, f"{ADDED_HOST}:{port}", f"localhost:{port}"):
+            status, answer = ask("GET", "/api/tags", {"Host": name})
+            assert status == 200 and answer["models"][0]["model"] == "taught:latest", (name, answer)
 
 
 def tbmesh(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

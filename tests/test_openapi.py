@@ -79,11 +79,15 @@ def test_the_document_is_valid_openapi_and_names_the_models(backend: LocalBacken
     request = doc["components"]["schemas"]["ChatCompletionRequest"]
     assert request["properties"]["model"]["enum"] == ["tiny"]
     assert request["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 100  # the limits it is served with
-    assert {"400", "404", "413", "503"} <= doc["paths"]["/v1/completions"]["post"]["responses"].keys()
+    assert {"400", "403", "404", "408", "413", "415", "503"} <= doc["paths"]["/v1/completions"]["post"]["responses"].keys()
+    assert "403" in doc["paths"]["/health"]["get"]["responses"] and "415" not in doc["paths"]["/health"]["get"]["responses"]
+    assert doc["paths"]["/api/chat"]["post"]["responses"]["415"]["content"]["application/json"]["schema"] == \
+        {"$ref": "#/components/schemas/OllamaError"}  # fmt: skip
     for path in ("/v1/messages", "/v1/messages/count_tokens"):  # Anthropic's error shape, its own schemas
         responses = doc["paths"][path]["post"]["responses"]
-        assert {"400", "404", "413", "503"} <= responses.keys()
-        assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AnthropicError"}
+        assert {"400", "403", "404", "413", "415", "503"} <= responses.keys()
+        for status in ("400", "403", "415"):
+            assert responses[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AnthropicError"}
     assert doc["components"]["schemas"]["MessagesRequest"]["properties"]["model"]["enum"] == ["tiny"]
     assert "text/event-stream" in doc["paths"]["/v1/messages"]["post"]["responses"]["200"]["content"]
 
