@@ -443,7 +443,7 @@ def daemon(
     import logging
 
     from tbmesh.daemon import Daemon as NodeDaemon
-    from tbmesh.daemon import DaemonConfig, StartupError
+    from tbmesh.daemon import DaemonConfig, DaemonFailed, StartupError
 
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
@@ -508,6 +508,9 @@ def daemon(
         _run_event_loop(main())
     except StartupError as error:
         _fail(str(error))
+    except DaemonFailed as error:  # it said why in its log; the exit status says it failed
+        print(f"error: {_one_line(str(error))}", file=sys.stderr)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
 

@@ -6,6 +6,12 @@
 
 Everything that can block (MLX, memory probes) runs in worker threads so heartbeats keep
 flowing. Nothing received from the network can raise out of its own connection's task.
+
+One rule for the background tasks: a loop that fails (the ticker, the disk's, the copies',
+a dial loop, ...) is logged with its traceback and started again after a back-off
+(`supervise`); a one-shot task the node cannot do without stops the daemon with one error
+line and exit status 1; a connection's task that fails costs that connection, logged.
+SIGTERM, SIGINT and SIGHUP all stop the daemon cleanly (goodbye to peers, api.json removed).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import logging
 import os
 import random
+import resource
 import signal
 import socket
 import sys
@@ -26,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tbmesh import measure, state
@@ -63,6 +70,11 @@ BULK_DIAL_TIMEOUT_S = 10.0  # a fetch's dial to a peer, handshake included
 DIAL_BACKOFF_MIN = 0.1
 DIAL_BACKOFF_MAX = 2.0
 KEEP_CHECK_S = 2.0  # how often a node looks for copies of layers the leader asks it to keep
+RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)  # s before each restart of a failed loop in a row; the last repeats
+HEALTHY_AFTER = 60.0  # s a restarted loop runs before its failures count from the start again
+REFUSED_LOG_EVERY = 60.0  # s: one WARNING per remote address for connections refused, then a count
+OPEN_FILES = (10240, 4096, 1024)  # soft limits on descriptors tried when the hard one is refused:
+# macOS caps it at kern.maxfilesperproc, and at OPEN_MAX (10240) when the hard limit is infinite
 
 
 # Events after which messages to or from the node may have been lost with its connection.
@@ -81,6 +93,83 @@ def _loopback(host: str) -> bool:
 
 class StartupError(Exception):
     """A one-line reason the daemon cannot start (port in use, no such interface, ...)."""
+
+
+class DaemonFailed(Exception):
+    """A one-line reason the running daemon stopped on its own (a task it cannot do without failed)."""
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open descriptors as far as the system lets it:
+    launchd starts a daemon with 256 and a shell often gives 1024, while each bulk connection
+    served takes a socket and a few files. Returns (the soft limit before, after)."""
+    # mlx_lm.utils sets (2048, 4096) when first imported, the hard limit too, for good: let it
+    # do so now, before the raise (a daemon imports it anyway, to load its model)
+    import mlx_lm.utils  # noqa: F401
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    if soft == infinite:
+        return soft, soft
+    tried = [n for n in OPEN_FILES if hard == infinite or n < hard]
+    if hard != infinite:
+        tried.insert(0, hard)
+    for limit in tried:
+        if limit <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        except (ValueError, OSError):  # macOS: above kern.maxfilesperproc
+            continue
+        return soft, limit
+    return soft, soft
+
+
+async def supervise(name: str, run: Callable[[], Awaitable[None]], backoff: Sequence[float] = RESTART_BACKOFF,
+                    healthy_after: float = HEALTHY_AFTER) -> None:
+    """Run the loop `run()` until it returns: each exception is logged with its traceback and
+    the loop started again after a back-off (`backoff`'s next step, its last repeating; back
+    to the first after a run of `healthy_after` s). Never raises but CancelledError."""
+    failures = 0
+    while True:
+        began = time.monotonic()
+        try:
+            await run()
+            return
+        except Exception:  # CancelledError is not one: cancelling stops the loop
+            if time.monotonic() - began >= healthy_after:
+                failures = 0
+            delay = backoff[min(failures, len(backoff) - 1)]
+            failures += 1
+            log.exception("%s failed (%d in a row): starting it again in %g s", name, failures, delay)
+            await asyncio.sleep(delay)
+
+
+class OncePer:
+    """At most one log line per key (a remote address) each `every` s at its level, the next
+    saying how many were held back meanwhile (those go to the debug log): refused strangers
+    cannot fill the log."""
+
+    MAX_KEYS = 4096  # past this, keys not heard from for `every` s are forgotten
+
+    def __init__(self, every: float = REFUSED_LOG_EVERY) -> None:
+        self.every = every
+        self._seen: dict[str, tuple[float, int]] = {}  # key -> (when last logged, held back since)
+
+    def log(self, logger: logging.Logger, level: int, key: str, message: str, *args: Any) -> bool:
+        """Log `message % args` unless `key` was logged less than `every` s ago; whether it was."""
+        now = time.monotonic()
+        last, held = self._seen.get(key, (-self.every, 0))
+        if now - last < self.every:
+            self._seen[key] = (last, held + 1)
+            logger.debug(message, *args)
+            return False
+        if len(self._seen) >= self.MAX_KEYS:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.every}
+        self._seen[key] = (now, 0)
+        text = message % args if args else message
+        logger.log(level, "%s%s", text, f" (and {held} more from {key} in the last {now - last:.0f} s)" if held else "")
+        return True
 
 
 @dataclass
@@ -134,9 +223,13 @@ class Daemon:
         self._api = None
         self._state_lock: int | None = None  # the state directory's lock, held while we run
         self._stopping = False
+        self._up = False  # start() completed
         self.engine: Engine | None = None  # the data plane
         self.disk: Disk | None = None  # the model's weights on our disk
         self._bulk_stop = threading.Event()  # set at stop: the bulk connections we serve end
+        self._bulk_served = bulk.Served()  # the bulk connections we serve, within their caps
+        self._refusals = OncePer()  # warnings of refused connections, per remote address
+        self.failure: str | None = None  # why the daemon stopped on its own (exit status 1)
         self._last_view: tuple | None = None  # (plan, preparing) the engine last saw
         self._sound_links: frozenset[frozenset[str]] = frozenset()  # as the engine last heard
         self.telemetry: Telemetry | None = None
@@ -153,6 +246,9 @@ class Daemon:
         except OSError as error:
             raise StartupError(f"cannot use the state directory {cfg.state_dir}: "
                                f"{error.strerror}") from None
+        before, after = raise_open_files_limit()
+        if after != before:
+            log.debug("open files: soft limit raised from %d to %d", before, after)
         try:
             self.interfaces = netif.select_interfaces(cfg.interfaces)
         except ValueError as error:
@@ -172,19 +268,19 @@ class Daemon:
         self.engine = Engine(self, model_dir, cfg.serving, self.disk)
         if self.disk is not None:
             self.carry_out(self.core.set_disk(self.disk.state(), self.now()))
-            self._spawn(self._complete_disk())
-            self._spawn(self._keep_copies())
+            self._keep("the manifest task", self._complete_disk)
+            self._keep("the copies task", self._keep_copies)
         await self._start_server()
         await self._start_api()
         self._discovery = Discovery(self.addresses, self._advert(), self._on_found, self._on_removed)
         await self._discovery.start()
         self._watcher = InterfaceWatcher(self._on_interfaces_changed)
         await self._watcher.start()
-        self._spawn(self._ticker())
+        self._keep("the ticker", self._ticker)
         if cfg.memory_usable is None and os.environ.get(measure.MEMORY_FILE_ENV):
-            self._spawn(self._watch_memory(MEMORY_FILE_CHECK_S))
+            self._keep("the memory watch", lambda: self._watch_memory(MEMORY_FILE_CHECK_S))
         elif sys.platform == "darwin" and cfg.memory_usable is None:
-            self._spawn(self._watch_memory(MEMORY_CHECK_S))
+            self._keep("the memory watch", lambda: self._watch_memory(MEMORY_CHECK_S))
         if cfg.mqtt is not None:
             self._start_telemetry(cfg.mqtt)
         # where `tbmesh status` (and tests) find this daemon's API
@@ -192,6 +288,7 @@ class Daemon:
         if self.ollama_port is not None:
             found["ollama_url"] = f"http://{cfg.api_host}:{self.ollama_port}"
         state.write_atomically(cfg.state_dir / "api.json", json.dumps(found))
+        self._up = True
         log.info("node %s (%s) up: control port %d, API http://%s:%d%s, interfaces %s %s",
                  self.core.info.name, self.core.id, self.port, cfg.api_host, self.api_port,
                  "" if self.ollama_port is None else f" (and :{self.ollama_port} for Ollama clients)",
@@ -316,23 +413,46 @@ class Daemon:
             raise ConnectionError(str(error)) from None
         return channel.detach()
 
-    def _serve_bulk(self, channel: peers.Channel) -> None:
-        """A peer fetches weights from us: a thread of its own, blocking sends (sendfile)."""
+    async def _serve_bulk(self, channel: peers.Channel, address: str) -> None:
+        """A peer fetches weights from us: a thread of its own, blocking sends (sendfile),
+        within the caps of bulk.Served (else refused at once, saying why)."""
         local = self.disk.serving() if self.disk is not None else None
         if local is None:
-            channel.close("no weights to serve here")
-            return
-        bulk.serve_channel(channel, local, self._bulk_stop)
+            why: str | None = "refused: no weights to serve here"
+            await bulk.refuse(channel, why)
+        else:
+            why = await bulk.serve_or_refuse(channel, local, self._bulk_served, self._bulk_stop)
+        if why is not None:
+            self._refusals.log(log, logging.WARNING, address, "refused a bulk connection from %s (%s): %s",
+                               channel.peer.name, address, why)
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
-        await self.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self.stopped.set)
+        """Start, serve until SIGTERM, SIGINT or SIGHUP, then stop cleanly (after a failed
+        start too: what it started is stopped). Raises StartupError, or DaemonFailed when a
+        task it cannot do without failed."""
+        # SIGHUP as SIGTERM: launchd never sends it; a closed terminal does, and then the node
+        # should leave as it does at any stop (its settings are flags: nothing to reload)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
         try:
+            await self.start()
             await self.stopped.wait()
         finally:
             await self.stop()
+        if self.failure is not None:
+            raise DaemonFailed(self.failure)
+
+    def _on_signal(self, sig: int) -> None:
+        if not self.stopped.is_set():
+            log.info("%s: stopping", signal.Signals(sig).name)
+        self.stopped.set()
+
+    def fail(self, why: str) -> None:
+        """Stop the daemon loudly: one error line, a clean stop, exit status 1."""
+        if self.failure is None:
+            self.failure = why
+            log.critical("stopping: %s", why)
+        self.stopped.set()
 
     async def stop(self) -> None:
         """Goodbye to peers, mDNS unregistered, everything closed."""
@@ -340,6 +460,8 @@ class Daemon:
             return
         self._stopping = True
         self.stopped.set()
+        if self._state_lock is None:
+            return  # never started (the state directory is another daemon's): nothing to undo
         if self.core is not None:
             self.carry_out(self.core.leave(self.now()))
         await asyncio.gather(*(c.drain() for c in list(self.channels.values())))
@@ -367,7 +489,8 @@ class Daemon:
             (self.config.state_dir / "api.json").unlink()
         if self._state_lock is not None:
             state.unlock_state_dir(self._state_lock)
-        log.info("stopped")
+        if self._up:  # after a failed start, its one line is all there is to say
+            log.info("stopped")
 
     async def _measure(self) -> NodeInfo:
         total, usable = await asyncio.to_thread(measure.memory, self.config.memory_usable)
@@ -443,16 +566,26 @@ class Daemon:
         return peers.Me(self.core.id, self.core.incarnation, self.core.info.name,
                         self.config.cluster, self.identity.machine, self.config.secret)
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def _spawn(self, coro: Awaitable[None], vital: str | None = None) -> asyncio.Task:
+        """A one-shot task, cancelled at stop. One that fails is logged with its traceback;
+        a `vital` one (its name) stops the daemon (self.fail): the node cannot go on without it."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda done: self._task_done(done, vital))
         return task
 
-    def _task_done(self, task: asyncio.Task) -> None:
+    def _keep(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task:
+        """A loop for the daemon's life, started again whenever it fails (`supervise`)."""
+        return self._spawn(supervise(name, run), vital=name)  # supervise raises only if it has a bug
+
+    def _task_done(self, task: asyncio.Task, vital: str | None) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task failed: %r", task.exception(), exc_info=task.exception())
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error("%s failed: %r", vital or "a task", error, exc_info=error)
+        if vital is not None:
+            self.fail(f"{vital} failed: {' '.join(str(error).split())[:200] or type(error).__name__}")
 
     # ----- the core's clock and actions ------------------------------------------------
 
@@ -491,7 +624,7 @@ class Daemon:
         except ValueError as error:
             raise StartupError(str(error)) from None
         self.telemetry.start()
-        self._spawn(self._report_telemetry())
+        self._keep("the telemetry task", self._report_telemetry)
 
     async def _report_telemetry(self) -> None:
         """Hand the status to telemetry twice a second (status() is not free); it publishes
@@ -616,10 +749,12 @@ class Daemon:
         if self._stopping or local is None or local[0] not in self.addresses:
             writer.close()  # stopping, or a connection on an interface we do not serve (Wi-Fi, Ethernet)
             return
+        remote = writer.get_extra_info("peername")
+        address = str(remote[0]) if remote else "?"
         try:
             channel = await peers.answer(reader, writer, self._me())
-        except peers.Refused as error:
-            log.warning("refused a connection from %s: %s", writer.get_extra_info("peername"), error)
+        except peers.Refused as error:  # a stranger may try again and again: a line a minute
+            self._refusals.log(log, logging.WARNING, address, "refused a connection from %s: %s", address, error)
             return
         except (OSError, ConnectionError, asyncio.CancelledError):  # cancelled: the daemon stops
             writer.close()
@@ -627,7 +762,7 @@ class Daemon:
         if channel.peer.purpose == "probe":
             await self._answer_probe(channel)
         elif channel.peer.purpose == "bulk":
-            self._serve_bulk(channel)
+            await self._serve_bulk(channel, address)
         else:
             self._adopt(channel)
 
@@ -698,7 +833,9 @@ class Daemon:
             return
         self.known[found.node_id] = found
         if found.node_id not in self._dialers or self._dialers[found.node_id].done():
-            self._dialers[found.node_id] = asyncio.ensure_future(self._dial_loop(found.node_id))
+            peer = found.node_id
+            self._dialers[peer] = asyncio.ensure_future(
+                supervise(f"the dial loop to {found.name}", lambda: self._dial_loop(peer)))
         self._wake_dialer(found.node_id)
 
     def _on_removed(self, node_id: str) -> None:

@@ -1,11 +1,13 @@
 """Weights over bulk connections, on real sockets: handshaken bulk connections (loopback and a
 shaped namespace cable), fetches from one and two peers, a cut cable, a corrupt peer, a peer
-that lacks an object, failure, abandoning a fetch, and a server that refuses nonsense."""
+that lacks an object, failure, abandoning a fetch, and a server that refuses nonsense, serves
+no file a model does not need, closes idle connections and caps how many it serves."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -25,7 +27,7 @@ from tbmesh.runtime.modeldir import read_layout
 from tbmesh.runtime.tiny import WEIGHTS_FILE, make_tiny_model
 from tbmesh.weights import bulk
 from tbmesh.weights.bulk import FetchFailed, Peer, fetch
-from tbmesh.weights.manifest import Manifest, ObjectRef, build_manifest
+from tbmesh.weights.manifest import FileEntry, Manifest, ObjectRef, build_manifest
 from tbmesh.weights.store import Local, Store
 
 SMALL = {"layers": 3, "hidden": 128, "heads": 2, "kv_heads": 1}
@@ -48,11 +50,13 @@ class Server:
     """A node that accepts bulk connections and serves `local` on them, as the daemon will."""
 
     def __init__(self, loop: Loop, local: Local, name: str, host: str = "127.0.0.1",
-                 before_serving: float = 0.0, secret: bytes | None = None) -> None:
+                 before_serving: float = 0.0, served: bulk.Served | None = None,
+                 secret: bytes | None = None) -> None:
         self.me = peers.Me(name, 1, name, "test", f"machine-{name}", secret)
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.host = host
+        self.served = served  # with it, connections past its caps are refused
 
         async def accept(reader, writer):
             try:
@@ -60,7 +64,10 @@ class Server:
             except peers.Refused:
                 return
             await asyncio.sleep(before_serving)  # lets a first Fetch arrive before the detach
-            self.threads.append(bulk.serve_channel(channel, local, self.stop))
+            if served is not None:
+                await bulk.serve_or_refuse(channel, local, served, self.stop)
+            else:
+                self.threads.append(bulk.serve_channel(channel, local, self.stop))
 
         self.loop = loop
         self.server = loop.run(asyncio.start_server(accept, host, 0))
@@ -77,6 +84,11 @@ class Server:
         for thread in self.threads:
             thread.join(5)
             assert not thread.is_alive()
+        if self.served is not None:  # every connection's thread gave its place back
+            deadline = time.monotonic() + 5
+            while self.served.count() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert self.served.count() == 0
 
     async def _close(self) -> None:
         self.server.close()
@@ -532,6 +544,160 @@ def test_a_stopped_server_lets_go_of_its_connections(loop, tmp_path):
         assert sock.recv(100) == b""
     finally:
         sock.close()
+
+
+def _fetch_frame(digest: str, offset: int = 0, length: int = 1) -> bytes:
+    return b"".join(wire.encode(wire.Fetch(digest, offset, length)))
+
+
+@pytest.fixture
+def model_with_secrets(tmp_path) -> Path:
+    """A model directory that also holds what no peer should read."""
+    root = make_tiny_model(tmp_path / "secrets-model", **SMALL)
+    (root / "credentials.txt").write_text("aws_secret_access_key = hunter2\n")
+    (root / "README.md").write_text("my notes\n")
+    (root / "tokenization_evil.py").write_text("import os\n")
+    return root
+
+
+def test_only_the_files_a_model_needs_are_listed_and_served(model_with_secrets, loop, tmp_path, caplog):
+    root = model_with_secrets
+    manifest = build_manifest(root)
+    assert {f.name for f in manifest.files} == {"config.json", "tokenizer.json", "tokenizer_config.json",
+                                                "special_tokens_map.json"}
+    secret = (root / "credentials.txt").read_bytes()
+    server = Server(loop, Local(manifest, root, Store(tmp_path / "server")), "s", before_serving=0.3)
+    config = next(f for f in manifest.files if f.name == "config.json")
+    sock, _ = _raw_client(loop, server)
+    try:
+        sock.settimeout(5)
+        assert _read_part(sock).error == "unknown object"  # _raw_client's first request
+        sock.sendall(_fetch_frame(sha(secret), 0, len(secret)))
+        assert _read_part(sock) == wire.Part(sha(secret), 0, 0, "unknown object")
+        sock.sendall(_fetch_frame(config.digest, 0, config.nbytes))  # what a model needs still is
+        assert _read_part(sock).data == (root / "config.json").read_bytes()
+        sock.sendall(_fetch_frame(manifest.digest, 0, len(manifest.to_bytes())))
+        assert _read_part(sock).data == manifest.to_bytes()
+        # path tricks are no digest: the connection is closed
+        sock.sendall(_fetch_frame("../credentials.txt"))
+        assert sock.recv(100) == b""
+    finally:
+        sock.close()
+        server.close()
+
+
+def test_a_manifest_listing_another_file_does_not_get_it_served(model_with_secrets, loop, tmp_path, caplog):
+    """A manifest made before the files were chosen (cached in a state directory), or by hand:
+    its other files are refused by name, even when the store holds a copy, and logged once."""
+    root = model_with_secrets
+    secret = (root / "credentials.txt").read_bytes()
+    built = build_manifest(root)
+    old = Manifest(built.name, (*built.files, FileEntry("credentials.txt", len(secret), sha(secret))), built.tensors)
+    store = Store(tmp_path / "server")
+    store.put(secret)  # taken from a peer by an older version
+    local = Local(old, root, store)
+    assert local.locate(sha(secret)) is None and local.locate(built.files[0].digest) is not None
+    server = Server(loop, local, "s", before_serving=0.3)
+    sock, _ = _raw_client(loop, server)
+    try:
+        sock.settimeout(5)
+        _read_part(sock)
+        caplog.set_level(logging.INFO, logger=bulk.__name__)
+        for _ in range(3):
+            sock.sendall(_fetch_frame(sha(secret), 0, len(secret)))
+            assert _read_part(sock) == wire.Part(sha(secret), 0, 0,
+                                                 "not served: 'credentials.txt' is not a file a model needs")
+    finally:
+        sock.close()
+        server.close()
+    lines = [r for r in caplog.records if r.name == bulk.__name__ and "refused" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING, [r.getMessage() for r in lines]
+    assert "refused 4 requests from client" in lines[0].getMessage()
+
+
+def test_a_connection_that_asks_nothing_is_closed_after_the_request_timeout(loop, tmp_path, monkeypatch):
+    assert bulk.REQUEST_TIMEOUT <= bulk.IDLE_TIMEOUT  # no longer than a fetcher waits for bytes itself
+    monkeypatch.setattr(bulk, "REQUEST_TIMEOUT", 0.5)
+    server = Server(loop, Local(EMPTY, None, Store(tmp_path)), "s")
+
+    async def dial():
+        return (await peers.dial(server.host, server.port, CLIENT, "bulk")).detach().sock
+
+    sock = loop.run(dial())
+    try:
+        sock.settimeout(10)
+        started = time.monotonic()
+        assert sock.recv(100) == b""  # closed by the server, having asked nothing
+        assert 0.4 < time.monotonic() - started < 0.5 + 3 * bulk.POLL + 0.5
+    finally:
+        sock.close()
+        server.close()
+
+
+def _bulk_dial(loop: Loop, server: Server, node: str) -> tuple[socket.socket, bytes]:
+    me = peers.Me(node, 1, node, "test", f"machine-{node}")
+
+    async def dial():
+        return (await peers.dial(server.host, server.port, me, "bulk")).detach()
+
+    conn = loop.run(dial())
+    conn.sock.settimeout(1.0)  # a refusal is sent right after the handshake
+    return conn.sock, conn.leftover
+
+
+def _refusal(sock: socket.socket, leftover: bytes) -> str | None:
+    """The reason of the Refuse the server sent at once, or None when it serves the connection."""
+    decoder = wire.FrameDecoder()
+    decoder.feed(leftover)
+    try:
+        while (message := decoder.next_message()) is None:
+            data = sock.recv(1 << 16)
+            if not data:
+                return "closed without a reason"
+            decoder.feed(data)
+    except TimeoutError:
+        return None
+    assert type(message) is wire.Refuse
+    return message.reason
+
+
+def test_connections_past_a_cap_are_refused_at_once_saying_why(loop, tmp_path):
+    server = Server(loop, Local(EMPTY, None, Store(tmp_path)), "s", served=bulk.Served(per_peer=2, total=3))
+    held = []
+    try:
+        for node in ("a", "a"):
+            held.append(_bulk_dial(loop, server, node))
+        third = _bulk_dial(loop, server, "a")
+        assert _refusal(*third) == "refused: 2 bulk connections from you are served already"
+        assert third[0].recv(100) == b""  # then closed
+        held.append(_bulk_dial(loop, server, "b"))
+        other = _bulk_dial(loop, server, "c")
+        assert _refusal(*other) == "refused: this node serves 3 bulk connections already; try again later"
+        assert _refusal(*held[0]) is None  # still served
+        assert server.served.by_peer == {"a": 2, "b": 1}
+        held.pop(0)[0].close()  # a place is given back once the server sees it close
+        deadline = time.monotonic() + 5
+        while server.served.count() != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        held.append(_bulk_dial(loop, server, "a"))
+        assert _refusal(*held[-1]) is None and server.served.by_peer == {"a": 2, "b": 1}
+    finally:
+        for sock, _ in held:
+            sock.close()
+        server.close()
+
+
+def test_a_fetcher_refused_for_want_of_room_says_so(loop, tmp_path, monkeypatch):
+    monkeypatch.setattr(bulk, "BACKOFF", (0.01,))
+    blob = os.urandom(1000)
+    store = Store(tmp_path / "server")
+    store.put(blob)
+    server = Server(loop, Local(EMPTY, None, store), "full", served=bulk.Served(per_peer=4, total=0))
+    try:
+        with pytest.raises(FetchFailed, match="refused: this node serves 0 bulk connections already"):
+            fetch([ObjectRef(sha(blob), len(blob))], [server.peer(loop)], Store(tmp_path / "client"), connections=1)
+    finally:
+        server.close()
 
 
 # --- across a shaped cable -------------------------------------------------------------------------

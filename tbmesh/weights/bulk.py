@@ -19,12 +19,19 @@ and receives the bytes into one reused buffer that goes straight to the partial 
 
 Blocked calls wake up every POLL seconds (SO_RCVTIMEO/SO_SNDTIMEO) to look at their stop
 signal, so a daemon that abandons a fetch or stops serving is obeyed within that time.
+
+What a server spends is bounded: it serves the objects of its manifest and the small files a
+model needs (manifest.MODEL_FILES), nothing else of the model directory; a connection waits
+REQUEST_TIMEOUT for a request before it is closed; and it serves at most MAX_PER_PEER
+connections to one peer and MAX_SERVED in all (`Served`), refusing more at once with a
+Refuse that says why (`serve_or_refuse`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import os
 import socket
@@ -46,14 +53,24 @@ POLL = 0.2  # s: how often a blocked send or receive looks at its stop signal
 TLS_SLICE = 1 << 20  # bytes read from the socket, or from a file, and sealed or opened at a time
 IDLE_TIMEOUT = 10.0  # s without a byte moving, mid-request, before a connection is given up (a pulled
                      # cable sends no reset: its requests go to another peer after this long)
-REQUEST_TIMEOUT = 600.0  # s a server waits for the next Fetch before it closes the connection
+REQUEST_TIMEOUT = 10.0  # s a server waits for a Fetch (the first or the next) before it closes the
+# connection. A fetcher sends its first right after the handshake and tops its pipeline up as
+# Parts arrive; with nothing left in flight it lingers LINGER (1 s) and closes the connection
+# itself. So silence this long, the fetcher's own IDLE_TIMEOUT, means it is gone or stuck.
 MAX_HEAD = 4096  # bytes of a Fetch or Part header (they take ~100)
 CHUNK = 16 << 20  # bytes per request: objects above this are split, so peers can share one
 PIPELINE_BYTES = 32 << 20  # requested and not yet received, per connection: the link never idles
 MAX_PIPELINE = 64  # requests in flight per connection (small objects: one round trip for many)
 LINGER = 1.0  # s an idle connection waits for more work (a failed peer's) before it is closed
-CONNECTIONS = max(1, min(4, os.cpu_count() or 1))  # bulk connections per peer: each hashes on a core of
+MAX_CONNECTIONS = 4  # bulk connections a fetcher opens to one peer, at most
+CONNECTIONS = max(1, min(MAX_CONNECTIONS, os.cpu_count() or 1))  # per peer: each hashes on a core of
 # its own (one sha256 stream caps near 16 Gbit/s on a Mac core; Thunderbolt 5 carries 80)
+MAX_PER_PEER = MAX_CONNECTIONS + 2  # connections served to one peer at once: its fetcher's, and room
+# for those it opens again while we have not yet seen the old ones close
+MAX_SERVED = 64  # connections served at once in all: each a thread, a socket and up to _Files.KEEP
+# open files (16 peers' fetchers, or a few peers' with room for their copies)
+REFUSE_LINGER = 0.5  # s a refused connection is read (and dropped) before it is closed: closing with
+# the fetcher's first requests unread would reset it, the Refuse lost
 RECV_BUFFER = 1 << 20  # received bytes gathered before each write to the partial
 WRITE_BUFFERS = 3  # buffers in rotation: receiving into one while others are written and hashed
 RECONNECTS = 3  # failed connections in a row before a peer is dropped from a fetch
@@ -180,36 +197,46 @@ class _Stream:
 # --- serving ---------------------------------------------------------------------------------
 
 
-def serve(conn: peers.Detached, local: Local, stop: threading.Event | None = None) -> None:
+def serve(conn: peers.Detached, local: Local, stop: threading.Event | None = None,
+          peer: str = "a peer") -> None:
     """Answer Fetch requests on a handshaken bulk connection until the peer closes it, it
-    breaks the protocol, or `stop` is set; then close the socket. Blocking: run it in a
+    breaks the protocol, it asks nothing for REQUEST_TIMEOUT, or `stop` is set; then close
+    the socket. Requests refused are logged once, when it closes. Blocking: run it in a
     thread of its own. Never raises."""
     stream = _Stream(conn, stop.is_set if stop is not None else lambda: False)
     files = _Files()
+    refused: list[str] = []  # why each refused request was
     try:
         while True:
             request = stream.read_message(0, REQUEST_TIMEOUT)
             if type(request) is not wire.Fetch:
                 raise wire.ProtocolError(f"expected a fetch, got a {wire.TAGS[type(request)]}")
-            _answer(stream, request, local, files)
+            why = _answer(stream, request, local, files)
+            if why is not None:
+                refused.append(f"{request.digest[:12]}: {why}")
     except (ConnectionError, Stopped):
         pass
     except (wire.ProtocolError, OSError, TimeoutError) as error:
-        log.info("bulk connection closed: %s", error)
+        log.info("bulk connection from %s closed: %s", peer, error)
     except Exception:  # a bug here must not take the daemon down
         log.exception("bulk connection failed")
     finally:
         files.close()
         conn.sock.close()
+        if refused:  # "not served" is someone asking for a file no model needs: say so louder
+            level = logging.WARNING if any("not served" in why for why in refused) else logging.INFO
+            log.log(level, "bulk: refused %d requests from %s (%s)", len(refused), peer,
+                    "; ".join(refused[:3]) + ("; ..." if len(refused) > 3 else ""))
 
 
-def _answer(stream: _Stream, request: wire.Fetch, local: Local, files: _Files) -> None:
+def _answer(stream: _Stream, request: wire.Fetch, local: Local, files: _Files) -> str | None:
+    """Send what `request` asks for; or refuse it with one Part that says why, returned."""
     source = local.locate(request.digest)
     end = request.offset + request.length
     if source is None or end > source.size:
-        why = "unknown object" if source is None else f"bytes [{request.offset}, {end}) are past its {source.size}"
+        why = local.refusal(request.digest) if source is None else f"bytes [{request.offset}, {end}) are past its {source.size}"
         stream.write(wire.encode_head(wire.Part(request.digest, request.offset, 0, why)))
-        return
+        return why
     offset = request.offset
     while True:
         if stream.stopped():
@@ -219,7 +246,7 @@ def _answer(stream: _Stream, request: wire.Fetch, local: Local, files: _Files) -
         _send_range(stream, source, offset, offset + n, files)
         offset += n
         if offset == end:
-            return
+            return None
 
 
 def _send_range(stream: _Stream, source: Source, start: int, end: int, files: _Files) -> None:
@@ -601,6 +628,8 @@ class _Fetch:
         """One Part for the oldest request in flight; returns whether bytes arrived."""
         task = worker.inflight[0]
         part = stream.read_message(wire.MAX_PART)
+        if type(part) is wire.Refuse:  # the server has no room for this connection
+            raise ConnectionRefusedError(part.reason)
         if type(part) is not wire.Part:
             raise wire.ProtocolError(f"expected a part, got a {wire.TAGS[type(part)]}")
         if (part.digest, part.offset) != (task.obj.digest, task.offset) or part.length > task.length:
@@ -755,9 +784,79 @@ def connector(loop: asyncio.AbstractEventLoop, host: str, port: int,
     return connect
 
 
-def serve_channel(channel: peers.Channel, local: Local, stop: threading.Event | None = None) -> threading.Thread:
-    """Serve an accepted bulk channel in a thread of its own (call on the event loop)."""
-    thread = threading.Thread(target=serve, args=(channel.detach(), local, stop), daemon=True,
-                              name=f"bulk-{channel.peer.name}")
+def serve_channel(channel: peers.Channel, local: Local, stop: threading.Event | None = None,
+                  done: Callable[[], None] | None = None) -> threading.Thread:
+    """Serve an accepted bulk channel in a thread of its own (call on the event loop);
+    `done()` when it ends."""
+    conn = channel.detach()
+
+    def run() -> None:
+        try:
+            serve(conn, local, stop, channel.peer.name)
+        finally:
+            if done is not None:
+                done()
+
+    thread = threading.Thread(target=run, daemon=True, name=f"bulk-{channel.peer.name}")
     thread.start()
     return thread
+
+
+class Served:
+    """The bulk connections served at once, per peer (by node id) and in all, within
+    `per_peer` and `total`. Thread-safe: a connection's thread gives its place back."""
+
+    def __init__(self, per_peer: int = MAX_PER_PEER, total: int = MAX_SERVED) -> None:
+        self.per_peer, self.total = per_peer, total
+        self.by_peer: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, peer: str) -> str | None:
+        """A place for a connection of `peer`; None when taken, else why not (one line)."""
+        with self._lock:
+            if sum(self.by_peer.values()) >= self.total:
+                return f"refused: this node serves {self.total} bulk connections already; try again later"
+            if self.by_peer.get(peer, 0) >= self.per_peer:
+                return f"refused: {self.per_peer} bulk connections from you are served already"
+            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+            return None
+
+    def give_back(self, peer: str) -> None:
+        with self._lock:
+            left = self.by_peer.get(peer, 0) - 1
+            if left > 0:
+                self.by_peer[peer] = left
+            else:
+                self.by_peer.pop(peer, None)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(self.by_peer.values())
+
+
+async def serve_or_refuse(channel: peers.Channel, local: Local, served: Served,
+                          stop: threading.Event | None = None) -> str | None:
+    """Serve an accepted bulk channel in a thread of its own when `served` has room for it
+    (call on the event loop); else refuse it: a Refuse that says why, then closed. Returns
+    None, or why it was refused."""
+    peer = channel.peer_id
+    why = served.take(peer)
+    if why is None:
+        serve_channel(channel, local, stop, lambda: served.give_back(peer))
+        return None
+    await refuse(channel, why)
+    return why
+
+
+async def refuse(channel: peers.Channel, why: str) -> None:
+    """Tell a handshaken peer why it is refused (a Refuse), and close the connection once it
+    has read it (or after REFUSE_LINGER)."""
+    channel.send(wire.Refuse(why))
+
+    async def read_to_the_end() -> None:
+        while await channel.reader.read(1 << 16):  # its requests sent meanwhile: dropped
+            pass
+
+    with contextlib.suppress(asyncio.TimeoutError, OSError):
+        await asyncio.wait_for(read_to_the_end(), REFUSE_LINGER)
+    channel.close(why)

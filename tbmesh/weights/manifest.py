@@ -17,6 +17,7 @@ treats its input as untrusted and raises nothing but `ManifestError`.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import json
@@ -47,6 +48,17 @@ DTYPE_SIZES: dict[str, int] = {
     "U64": 8, "I64": 8, "F64": 8,
 }
 WEIGHT_NAME = re.compile(r"model.*\.safetensors")  # what mlx-lm loads as weights
+# The small files a model needs besides its weights: what mlx-lm reads to build the model and
+# its tokenizer (transformers' AutoTokenizer, without remote code), and the chat template.
+# Only these are listed in a manifest and served to peers: nothing else in a model directory
+# (a README, notes, credentials.txt) ever leaves the Mac. The index is not one of them: its
+# tensors are listed instead.
+MODEL_FILES = (
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "tiktoken.model", "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.jinja", "chat_template.json",
+)
 SHARD_NAME = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
 
 # Bounds on a manifest from a peer. Kimi-K2's mlx checkpoints hold ~100k tensors (~15 MB of
@@ -199,7 +211,10 @@ def _file(item: Any, i: int) -> FileEntry:
         raise ManifestError(f"file {i} name {name[:60]!r} is not a plain file name")
     if WEIGHT_NAME.fullmatch(name) or name == INDEX_FILE:
         raise ManifestError(f"file {i} name {name[:60]!r} is a weight file: its tensors are listed instead")
-    return FileEntry(name, _count(item[1], MAX_FILE_BYTES, f"file {i} nbytes"), _digest(item[2], f"file {i}"))
+    entry = FileEntry(name, _count(item[1], MAX_FILE_BYTES, f"file {i} nbytes"), _digest(item[2], f"file {i}"))
+    if not is_model_file(name):
+        raise ManifestError(f"file {i} name {name[:60]!r} is not a file a model needs (see MODEL_FILES)")
+    return entry
 
 
 def _tensor(item: Any, i: int) -> TensorEntry:
@@ -234,6 +249,12 @@ def _digest(value: Any, what: str) -> str:
     if not is_digest(value):
         raise ManifestError(f"{what}: digest is not 64 lower-case hex digits")
     return value
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a file of a model directory is one a model needs (MODEL_FILES): only those are
+    listed in a manifest and served to peers."""
+    return "/" not in name and not name.startswith(".") and any(fnmatch.fnmatchcase(name, p) for p in MODEL_FILES)
 
 
 def is_digest(value: Any) -> bool:
@@ -327,11 +348,9 @@ def _describe(root: Path, weights: list[Path], cache: Path | None, name: str | N
 
 
 def _is_small_file(path: Path) -> bool:
-    """The files of a model directory other than its weights: config, tokenizer, templates
-    (top level only; hidden files such as .DS_Store are left out)."""
-    name = path.name
-    return (path.is_file() and not name.startswith(".") and name != INDEX_FILE
-            and not WEIGHT_NAME.fullmatch(name))
+    """The files of a model directory a model needs besides its weights (MODEL_FILES: config,
+    tokenizer, chat template; top level only)."""
+    return is_model_file(path.name) and path.is_file()
 
 
 def _check_complete(root: Path, weights: list[Path]) -> None:

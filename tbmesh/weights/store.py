@@ -15,7 +15,8 @@ daemon, not through a power cut.
 
 `Local` answers, by digest, where this node can read an object from: a blob in the store, a
 tensor still inside one of the model directory's original safetensors files (the object is
-then a synthesized header followed by a range of that file), or, when neither holds it any
+then a synthesized header followed by a range of that file), a small file a model needs
+(manifest.MODEL_FILES; never any other file of the directory), or, when none holds it any
 more, a tensor of a shard it holds in memory (tbmesh.weights.memory).
 
 No MLX here except in `Local.lazy_weights`, and no network.
@@ -41,6 +42,7 @@ from tbmesh.weights.manifest import (
     TensorEntry,
     canonical_header,
     is_digest,
+    is_model_file,
 )
 
 READ_CHUNK = 16 << 20  # bytes per read when hashing what is already on disk
@@ -352,6 +354,7 @@ class Local:
         self._sources: dict[str, Source] = {}  # digest -> where model_dir holds it
         self._in_dir: dict[str, tuple[Path, str]] = {}  # digest -> (file, tensor name)
         self._tensors: dict[str, list[TensorEntry]] = {}  # digest -> the tensors it is
+        self._withheld: dict[str, str] = {}  # digest -> a file the manifest lists that no model needs
         for t in manifest.tensors:
             self._tensors.setdefault(t.digest, []).append(t)
         if not store.has(manifest.digest):
@@ -379,7 +382,9 @@ class Local:
                 self._sources.setdefault(entry.digest, Source(file, slot.start, entry.nbytes, header))
         for entry in self.manifest.files:
             path = root / entry.name
-            if path.is_file() and path.stat().st_size == entry.nbytes:
+            if not is_model_file(entry.name):  # a manifest made before MODEL_FILES, or by hand
+                self._withheld.setdefault(entry.digest, entry.name)
+            elif path.is_file() and path.stat().st_size == entry.nbytes:
                 self._sources.setdefault(entry.digest, Source(path, 0, entry.nbytes))
 
     def refresh(self) -> None:
@@ -393,7 +398,7 @@ class Local:
         source = self._sources.get(digest)
         if source is not None and source.path.is_file():
             return source
-        if not is_digest(digest):
+        if not is_digest(digest) or digest in self._withheld:  # not even a copy kept in the store
             return None
         size = self.store.size(digest)
         if size is not None:
@@ -401,6 +406,11 @@ class Local:
         if self.memory is None:
             return None
         return next((s for t in self._tensors.get(digest, ()) if (s := self.memory.source(t)) is not None), None)
+
+    def refusal(self, digest: str) -> str:
+        """Why `locate` found nothing for `digest`: what a peer that asked is told."""
+        name = self._withheld.get(digest)
+        return "unknown object" if name is None else f"not served: {name[:60]!r} is not a file a model needs"
 
     def on_disk(self, digest: str) -> bool:
         """Whether our disk holds the object (model_dir's files as of the last refresh)."""
