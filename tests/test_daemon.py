@@ -106,7 +106,7 @@ def _frame(header: dict, payload: bytes = b"") -> bytes:
 
 
 def _hello(version: int = wire.PROTOCOL_VERSION, cluster_name: str = "x") -> bytes:
-    hello = wire.Hello(version, "stranger", 1, "stranger", cluster_name, "m", "peer", os.urandom(16))
+    hello = wire.Hello(version, "stranger", 1, "stranger", cluster_name, "m", "peer")
     return b"".join(bytes(p) for p in wire.encode(hello))
 
 
