@@ -18,6 +18,18 @@ from small sets so that the references are few.
               flap      a cable down and up 3-10 times, 0.1-0.4 s each way
               memory    a node's usable memory shrunk (to nothing, or a third of the model)
                         for 1-4 s, then given back
+            With `--hostile` the daemons hold a cluster secret, a stranger's Mac (no secret,
+            no node of its own) is cabled to every Mac, and the nemesis also draws:
+              relay     the stranger advertises a made-up node id over mDNS for 2-8 s and
+                        relays every connection it gets to one member (an opaque pipe,
+                        flipping a bit of a chunk now and then)
+              stranger  the stranger dials a member 5-20 times at once: garbage, a Hello
+                        without the secret, a protocol-4 Hello, a TLS handshake keyed from
+                        another secret, half a handshake that stalls for 1-6 s
+              stray     an mDNS record for a made-up id naming a member's addresses and
+                        control port (no TCP from the stranger), withdrawn after 2-8 s
+            Each must change nothing: no dial of the stranger's is accepted, no member lists
+            its id, and the cluster converges as after any fault (it should never diverge).
             After each fault is healed the nemesis waits until the cluster converges (one
             leader, one committed plan over every node, every stage serving it) and notes
             the time, and each survivor's RSS before the fault and after.
@@ -48,6 +60,7 @@ targets in the same order (timings differ: the machine decides them).
     .venv/bin/python bench/chaos.py flap --minutes 5 --per-minute 100
     .venv/bin/python bench/chaos.py soak --clients 64 --minutes 10
     .venv/bin/python bench/chaos.py campaign --quick          # the CI version (tests/test_chaos.py)
+    .venv/bin/python bench/chaos.py campaign --faults 200 --seed 1 --hostile   # and strangers
 
 Results: bench/results/chaos.json (one key per mode); the whole history stays in the work
 directory (`--keep`, or when a run finds something). Needs root and iproute2.
@@ -56,6 +69,7 @@ directory (`--keep`, or when a run finds something). Needs root and iproute2.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -84,6 +98,7 @@ from daemon import RESULTS, rounded, source_version, workdir  # noqa: E402
 from daemons import DaemonProcess, serving_view, wait_for  # noqa: E402
 from netns import Cable, Lab  # noqa: E402
 from serving import read_stream  # noqa: E402
+from strangers import DIAL_KINDS, Stranger, hostile_dial  # noqa: E402
 
 from tbmesh.core.membership import Timing  # noqa: E402
 from tbmesh.runtime.tiny import make_tiny_model  # noqa: E402
@@ -103,24 +118,43 @@ STABLE_S = 2.0  # a converged state must last this long to count (> detection + 
 MEMORY_GROWTH_BOUND = 64 << 20
 SOAK_GROWTH_BOUND_MB = 16  # flat: a daemon's RSS in the last minute over its RSS in the second
 KINDS = ("kill", "restart", "stop", "cable", "partition", "flap", "memory")
+HOSTILE_KINDS = ("relay", "stranger", "stray")  # with --hostile
+RELAY_FLIP = 0.1  # the chance that a relayed chunk past the first flights has a bit flipped
 
 
 # ----- the cluster -----------------------------------------------------------------------
 
 
 class Cluster:
-    """Namespaced Macs cabled all to all, a daemon on each; every change goes through here."""
+    """Namespaced Macs cabled all to all, a daemon on each; every change goes through here.
+    `secret`: the daemons hold one. `hostile`: a stranger's Mac, cabled to every Mac."""
 
-    def __init__(self, lab: Lab, work: Path, macs: int, resume_wait: float, log_level: str = "info") -> None:
+    def __init__(self, lab: Lab, work: Path, macs: int, resume_wait: float, log_level: str = "info",
+                 secret: bool = False, hostile: bool = False) -> None:
         self.lab = lab
         self.work = work
         self.model = model_dir(work)
         self.model_bytes = sum(f.stat().st_size for f in self.model.glob("*.safetensors"))
         name = f"chaos{uuid.uuid4().hex[:6]}"
+        self.name = name
         self.macs = [lab.add_mac(chr(ord("a") + i)) for i in range(macs)]
         self.cables = {frozenset((x.name, y.name)): lab.cable(x, y) for x, y in combinations(self.macs, 2)}
         first = next(iter(self.cables.values()))
         first.shape(SHAPED_RATE)
+        # The stranger's cables are no member's business: no fault pulls them, no plan uses them
+        # (the stranger does not forward, and the Macs' routes are per cable).
+        self.stranger: Stranger | None = None
+        self.stranger_cables: dict[str, Cable] = {}
+        if hostile:
+            z = lab.add_mac("z")
+            self.stranger_cables = {mac.name: lab.cable(z, mac) for mac in self.macs}
+            self.stranger_mac = z
+            self.stranger = Stranger(z.addrs, ns=z.netns)
+        extra: list[str] = []
+        if secret:
+            secret_file = work / "secret"
+            secret_file.write_text(uuid.uuid4().hex)
+            extra = ["--secret-file", str(secret_file)]
         self.daemons: dict[str, DaemonProcess] = {}
         self.memory_files: dict[str, Path] = {}
         self.stopped: set[str] = set()
@@ -131,7 +165,7 @@ class Cluster:
             self.memory_files[mac.name] = memory_file
             self.daemons[mac.name] = DaemonProcess(
                 mac.name, work / mac.name, ["--interface", "tb*", "--model", str(self.model), "--cluster", name,
-                                            "--resume-wait", str(resume_wait), "--log-level", log_level],
+                                            "--resume-wait", str(resume_wait), "--log-level", log_level, *extra],
                 mac=mac, env={"TBMESH_MEMORY_FILE": str(memory_file)})
         for daemon in self.daemons.values():
             daemon.launch()
@@ -215,6 +249,18 @@ class Cluster:
     def crashed(self) -> list[str]:
         return [n for n, d in self.daemons.items()
                 if d.proc.poll() is not None and d.proc.pid not in self.expected_exits]
+
+    def strangers_listed(self) -> list[str]:
+        """Node ids a member lists that are not members (a stranger taken for a node)."""
+        members = set(self.ids.values())
+        listed = []
+        for name, daemon in self.daemons.items():
+            try:
+                ids = {n["id"] for n in daemon.status()["nodes"]}
+            except Exception:  # down or restarting: it lists nothing
+                continue
+            listed += [f"{name} lists {node}" for node in sorted(ids - members)]
+        return listed
 
     def error_lines(self) -> list[str]:
         lines = []
@@ -336,22 +382,32 @@ class Fault:
     converge_s: float | None = None  # after healing: one plan over every node
     converged_at: float = 0.0
     rss_growth: int = 0  # the largest growth of a survivor's RSS across the fault
+    breaches: list[str] = field(default_factory=list)  # hostile: what a stranger got (goal: nothing)
 
 
-def draw_faults(rng: random.Random, names: list[str], count: int, quick: bool) -> list[list[Fault]]:
-    """The schedule: groups of faults run at once. Quick: one of each kind, in order."""
+def draw_faults(rng: random.Random, names: list[str], count: int, quick: bool,
+                hostile_weight: float = 0.0) -> list[list[Fault]]:
+    """The schedule: groups of faults run at once. Quick: one of each kind, in order.
+    `hostile_weight`: each hostile kind's weight against each of the others' 1 (0: none)."""
     pairs = [f"{x}-{y}" for x, y in combinations(names, 2)]
     groups: list[list[Fault]] = []
-    kinds = list(KINDS) if quick else None
+    every = KINDS + (HOSTILE_KINDS if hostile_weight else ())
+    kinds = list(every) if quick else None
+
+    def pick(among: tuple[str, ...]) -> str:
+        if not hostile_weight:
+            return rng.choice(among)  # as before the hostile kinds: old seeds replay the same faults
+        return rng.choices(among, [hostile_weight if k in HOSTILE_KINDS else 1.0 for k in among])[0]
+
     total = 0
     while total < count:
         if kinds is not None:
             group_kinds = [kinds[len(groups) % len(kinds)]]
         else:
-            first = rng.choice(KINDS)
+            first = pick(every)
             group_kinds = [first]
             if first != "partition" and rng.random() < 0.3 and count - total >= 2:
-                group_kinds.append(rng.choice([k for k in KINDS if k != "partition"]))
+                group_kinds.append(pick(tuple(k for k in every if k != "partition")))
         used: set[str] = set()
         group = []
         for kind in group_kinds:
@@ -371,6 +427,17 @@ def fault_nodes(fault: Fault) -> set[str]:
 def draw_fault(rng: random.Random, kind: str, names: list[str], pairs: list[str], used: set[str]) -> Fault | None:
     free = [n for n in names if n not in used]
     free_pairs = [p for p in pairs if not set(p.split("-")) & used]
+    if kind in HOSTILE_KINDS:  # the member the stranger leads to, relays to, or dials
+        if not free:
+            return None
+        if kind == "stranger":
+            params = {"dials": [rng.choice(DIAL_KINDS) for _ in range(rng.randint(5, 20))],
+                      "stall_s": round(rng.uniform(1.0, 6.0), 2)}
+        else:
+            params = {"seconds": round(rng.uniform(2.0, 8.0), 2)}
+            if kind == "relay":
+                params["seed"] = rng.randrange(1 << 31)  # its bit flips
+        return Fault(kind, [rng.choice(free)], params)
     if kind in ("kill", "restart", "stop", "memory"):
         if not free:
             return None
@@ -444,7 +511,40 @@ def inflict(cluster: Cluster, fault: Fault) -> None:
         time.sleep(fault.params["seconds"])
         for cable in cut:
             cable.up()
+    elif kind in HOSTILE_KINDS:
+        hostile(cluster, fault)
     fault.healed = time.monotonic()
+
+
+def hostile(cluster: Cluster, fault: Fault) -> None:
+    """A stranger at work on member `fault.targets[0]`, reached over the stranger's cable to it."""
+    stranger, target = cluster.stranger, fault.targets[0]
+    assert stranger is not None, "hostile faults need a Cluster(hostile=True)"
+    member = cluster.macs[cluster.names.index(target)]
+    address = cluster.stranger_cables[target].addr(member)  # where the stranger reaches it
+    port = cluster.daemons[target].control_port
+    if fault.kind == "stranger":
+        async def all_at_once() -> list[str]:
+            return await asyncio.gather(*(hostile_dial(kind, address, port, cluster.name, fault.params["stall_s"])
+                                          for kind in fault.params["dials"]))
+
+        outcomes = stranger.run(all_at_once(), timeout=fault.params["stall_s"] + 60)
+        fault.params["outcomes"] = dict(Counter(o.split(":")[0] for o in outcomes))
+        fault.breaches += [f"{target} accepted a stranger's dial: {o}" for o in outcomes if "ACCEPTED" in o]
+        return
+    node_id = f"x{uuid.uuid4().hex[:15]}"  # made up, in the members' cluster
+    relay = None
+    if fault.kind == "relay":  # every member that dials the made-up node is piped to `target`
+        relay = stranger.relay((address, port), flip=RELAY_FLIP, seed=fault.params["seed"], listen="0.0.0.0")
+        stranger.advertise(node_id, cluster.name, relay.port, cluster.stranger_mac.addrs)
+    else:  # stray: the record names the member's own addresses and port
+        stranger.advertise(node_id, cluster.name, port, member.addrs)
+    time.sleep(fault.params["seconds"])
+    fault.breaches += cluster.strangers_listed()
+    stranger.withdraw(node_id)
+    if relay is not None:
+        stranger.stop_relay(relay)
+        fault.params.update(connections=relay.connections, flipped=relay.flipped)
 
 
 def run_group(cluster: Cluster, group: list[Fault]) -> None:
@@ -592,7 +692,7 @@ def percentiles(values: list[float]) -> dict[str, Any]:
 
 def fault_table(faults: list[Fault]) -> dict[str, dict]:
     table = {}
-    for kind in KINDS:
+    for kind in KINDS + HOSTILE_KINDS:
         of_kind = [f for f in faults if f.kind == kind]
         if not of_kind:
             continue
@@ -603,6 +703,11 @@ def fault_table(faults: list[Fault]) -> dict[str, dict]:
         without = [f.converged_without_s for f in of_kind if f.converged_without_s is not None]
         if kind == "kill":
             table[kind]["survivors_converge_s"] = percentiles(without)
+        if kind == "relay":
+            table[kind]["relayed_connections"] = sum(f.params.get("connections", 0) for f in of_kind)
+            table[kind]["chunks_flipped"] = sum(f.params.get("flipped", 0) for f in of_kind)
+        if kind == "stranger":
+            table[kind]["dials"] = dict(sum((Counter(f.params.get("outcomes", {})) for f in of_kind), Counter()))
     return table
 
 
@@ -612,9 +717,10 @@ def fault_table(faults: list[Fault]) -> dict[str, dict]:
 def run_campaign(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     print(f"campaign: seed {seed} (replay with --seed {seed})", flush=True)
-    cluster = Cluster(lab, work, args.macs, args.resume_wait, args.log_level)
+    cluster = Cluster(lab, work, args.macs, args.resume_wait, args.log_level, args.secret, args.hostile)
     startup = cluster.wait_converged()
-    groups = draw_faults(random.Random(seed), cluster.names, args.faults, args.quick)
+    groups = draw_faults(random.Random(seed), cluster.names, args.faults, args.quick,
+                         args.hostile_weight if args.hostile else 0.0)
     clients = Clients(cluster, args.clients, seed)
     time.sleep(2.0)  # the clients warm up, the prefix caches fill
     began = time.monotonic()
@@ -623,8 +729,12 @@ def run_campaign(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
     clients.stop()
     print("checking the history against mlx-lm ...", flush=True)
     verdict = check(clients.history, faults, References(cluster.model), args.resume_wait)
+    if cluster.stranger is not None:
+        cluster.stranger.close()
     result = {
         "seed": seed, "macs": args.macs, "clients": args.clients, "quick": args.quick,
+        "secret": args.secret, "hostile": args.hostile,
+        "hostile_breaches": [b for f in faults for b in f.breaches],
         "faults": len(faults), "groups": len(groups), "minutes": elapsed / 60,
         "startup_converge_s": startup, "by_fault": fault_table(faults),
         "converge_s": percentiles([f.converge_s for f in faults if f.converge_s is not None]),
@@ -643,7 +753,7 @@ def run_campaign(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
 def run_flap(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     rng = random.Random(seed)
-    cluster = Cluster(lab, work, args.macs, args.resume_wait, args.log_level)
+    cluster = Cluster(lab, work, args.macs, args.resume_wait, args.log_level, args.secret)
     view = wait_for(lambda: cluster.converged(), CONVERGE_TIMEOUT_S, "the cluster to converge")
     # a cable between two consecutive stages: its flaps break the route if anything does
     by_id = {node: name for name, node in cluster.ids.items()}
@@ -674,7 +784,7 @@ def run_flap(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
                      converged_at=last_flap + (converge or 0))
     verdict = check(clients.history, [flapping],
                     References(cluster.model), args.resume_wait)
-    result = {"seed": seed, "cable": "-".join(sorted(pair)), "per_minute": args.per_minute,
+    result = {"seed": seed, "secret": args.secret, "cable": "-".join(sorted(pair)), "per_minute": args.per_minute,
               "minutes": args.minutes, "flaps": flaps, "plans_committed": plans,
               "converge_after_last_flap_s": converge, **verdict, "crashed": cluster.crashed(),
               "error_lines": cluster.error_lines()[:50]}
@@ -685,7 +795,7 @@ def run_flap(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
 
 def run_soak(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
-    cluster = Cluster(lab, work, args.macs, args.resume_wait, args.log_level)
+    cluster = Cluster(lab, work, args.macs, args.resume_wait, args.log_level, args.secret)
     cluster.wait_converged()
     clients = Clients(cluster, args.clients, seed)
     samples: list[tuple[float, dict[str, int]]] = []
@@ -704,7 +814,7 @@ def run_soak(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
     minutes = args.minutes
     second = median_rss(60, 120) if minutes >= 2 else median_rss(0, 60 * minutes / 2)
     last = median_rss(60 * (minutes - 1), 60 * minutes) if minutes >= 2 else median_rss(60 * minutes / 2, 1e9)
-    result = {"seed": seed, "clients": args.clients, "minutes": minutes,
+    result = {"seed": seed, "secret": args.secret, "clients": args.clients, "minutes": minutes,
               "rss_mb_second_minute": second, "rss_mb_last_minute": last,
               "rss_growth_mb": {n: last[n] - second[n] for n in cluster.names},
               "completed": sum(r.end is not None and r.error is None for r in clients.history),
@@ -718,6 +828,7 @@ def run_soak(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
 def ok(result: dict) -> bool:
     requests = result["requests"]
     return (not result["findings"] and not result.get("memory_not_back") and requests.get("wrong", 0) == 0 and requests.get("lost", 0) == 0
+            and not result.get("hostile_breaches")
             and not result["crashed"] and not result.get("not_converged") and not result["error_lines"])
 
 
@@ -752,6 +863,8 @@ def report(mode: str, result: dict) -> None:
                   f"p95 {p['p95']:.2f} s  max {p['max']:.2f} s")
     for finding in result["findings"][:10]:
         print("FINDING:", json.dumps(finding)[:600])
+    for breach in result.get("hostile_breaches", [])[:10]:
+        print("BREACH:", breach)
     if result["crashed"]:
         print("CRASHED:", result["crashed"])
     for line in result["error_lines"][:10]:
@@ -761,7 +874,8 @@ def report(mode: str, result: dict) -> None:
 
 def write_result(mode: str, result: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = mode + ("_quick" if result.get("quick") else "")
+    variant = "_hostile" if result.get("hostile") else "_secret" if result.get("secret") else ""
+    key = mode + variant + ("_quick" if result.get("quick") else "")
     try:
         everything = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -785,12 +899,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-wait", type=float, default=30.0)
     parser.add_argument("--log-level", default="info", help="the daemons' (their logs stay with a failed run)")
     parser.add_argument("--quick", action="store_true", help="one fault of each kind, 3 Macs (CI)")
+    parser.add_argument("--secret", action="store_true", help="the daemons hold a cluster secret (TLS)")
+    parser.add_argument("--hostile", action="store_true",
+                        help="a stranger's Mac too, and its faults: relay, stranger, stray (implies --secret)")
+    parser.add_argument("--hostile-weight", type=float, default=1.0,
+                        help="each hostile kind's chance of being drawn against each other kind's (1: even)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, history)")
     parser.add_argument("--out", type=Path, default=RESULTS / "chaos.json",
                         help="the results file (each mode replaces its own key)")
     args = parser.parse_args(argv)
+    args.secret = args.secret or args.hostile
     if args.quick:
-        args.macs, args.faults = 3, len(KINDS)
+        args.macs, args.faults = 3, len(KINDS) + (len(HOSTILE_KINDS) if args.hostile else 0)
         args.clients = args.clients or 3
     args.clients = args.clients or {"campaign": 8, "flap": 8, "soak": 64}[args.mode]
     args.minutes = args.minutes or {"campaign": 0, "flap": 5, "soak": 10}[args.mode]

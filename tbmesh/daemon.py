@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tbmesh import measure, state
@@ -763,11 +763,43 @@ class Daemon:
             await self._answer_probe(channel)
         elif channel.peer.purpose == "bulk":
             await self._serve_bulk(channel, address)
-        else:
-            self._adopt(channel)
+        elif (first := await self._first_message(channel)) is not None:
+            self._adopt(channel, first)
 
-    def _adopt(self, channel: peers.Channel) -> None:
-        """A handshaken peer connection: keep it (or the one we had) and start reading."""
+    async def _first_message(self, channel: peers.Channel) -> object | None:
+        """The first message on a peer connection we accepted; None when the dialer refused our
+        Welcome, closed, or said nothing in time. A dialer refuses the Welcome of a node other
+        than the one it meant to reach (a stray mDNS record or a relay led it to us under another
+        id); a dialer that meant us sends its heartbeat at once. Until then the connection is
+        not ours to keep: adopting it would replace the one we have with that node, at each dial."""
+
+        async def first() -> object:
+            while (message := channel.decoder.next_message()) is None:
+                data = await channel.read()
+                if not data:
+                    raise ConnectionError("closed after our welcome")
+                channel.decoder.feed(data)
+            return message
+
+        try:
+            message = await asyncio.wait_for(first(), peers.HANDSHAKE_TIMEOUT)
+        except asyncio.CancelledError:  # the daemon stops
+            channel.close("daemon stopping")
+            return None
+        except (OSError, asyncio.TimeoutError, wire.ProtocolError) as error:
+            log.info("a connection from %s ended before its first message: %s", channel.peer.name,
+                     error or "timed out")
+            channel.close("no first message")
+            return None
+        if isinstance(message, wire.Refuse):
+            log.info("a connection from %s was not meant for us: %s", channel.peer.name, message.reason)
+            channel.close("refused by its dialer")
+            return None
+        return message
+
+    def _adopt(self, channel: peers.Channel, first: object | None = None) -> None:
+        """A handshaken peer connection: keep it (or the one we had) and start reading
+        (`first`: the message already read from it)."""
         if self._stopping:
             channel.close("daemon stopping")
             return
@@ -781,7 +813,7 @@ class Daemon:
         self.channels[peer] = channel
         self.carry_out(self.core.peer_connected(peer, channel.peer.incarnation, self.now()))
         self.carry_out(self.core.set_link_rdma(peer, self._rdma_device(channel), self.now()))
-        self._spawn(self._read(channel))
+        self._spawn(self._read(channel, first))
         if channel.dialed and self.config.probe_links:
             self._spawn(self._probe(peer))
 
@@ -792,10 +824,10 @@ class Daemon:
         smaller_dialled = (self.core.id < new.peer_id) == new.dialed
         return smaller_dialled
 
-    async def _read(self, channel: peers.Channel) -> None:
+    async def _read(self, channel: peers.Channel, first: object | None = None) -> None:
         peer = channel.peer_id
         try:
-            async for message in channel.messages():
+            async for message in _then(first, channel.messages()):
                 if self.channels.get(peer) is not channel:
                     break
                 try:
@@ -1061,6 +1093,14 @@ class Daemon:
             "runtime": self.engine.status() if self.engine else None,
             "events": list(self.events)[-50:],
         }
+
+
+async def _then(first: object | None, messages: AsyncIterator[object]) -> AsyncIterator[object]:
+    """`first` (unless None), then `messages`."""
+    if first is not None:
+        yield first
+    async for message in messages:
+        yield message
 
 
 def _port_free_everywhere(port: int) -> int:

@@ -27,3 +27,19 @@ def test_the_quick_chaos_campaign_loses_nothing_and_every_answer_is_mlx_lms(tmp_
     assert result["not_converged"] == 0 and not result["crashed"] and not result["findings"]
     requests = result["requests"]
     assert requests.get("wrong", 0) == 0 and requests.get("lost", 0) == 0 and requests["exact"] >= 10
+
+
+@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+def test_the_quick_hostile_campaign_lets_no_stranger_in_and_loses_nothing(tmp_path):
+    out = tmp_path / "chaos.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, str(ROOT / "bench/chaos.py"), "campaign", "--quick", "--hostile",
+                          "--seed", "11", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())["campaign_hostile_quick"]
+    assert {"relay", "stranger", "stray"} <= set(result["by_fault"]) and result["secret"]
+    assert result["by_fault"]["relay"]["relayed_connections"] >= 1  # the members did dial the stranger
+    assert not result["hostile_breaches"] and not result["findings"] and not result["crashed"]
+    requests = result["requests"]
+    assert requests.get("wrong", 0) == 0 and requests.get("lost", 0) == 0 and requests["exact"] >= 10
