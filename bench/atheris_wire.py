@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import sys
 
-import atheris
+try:
+    import atheris
+except ModuleNotFoundError:
+    sys.exit("bench/atheris_wire.py needs atheris: pip install -e '.[fuzz]' (a wheel on Linux x86-64; "
+             "elsewhere build it with clang and libFuzzer, see atheris's README)")
 
 with atheris.instrument_imports(include=["tbmesh"]):
     import fuzz_wire  # bench/ is sys.path[0]; the tbmesh modules it imports are instrumented
