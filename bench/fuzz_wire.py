@@ -1089,7 +1089,7 @@ def check_tls_records(case: Case, rng: random.Random) -> tuple[str, str]:
     chunks = chunk_sizes(rng, len(mutated))
     case.data, case.chunks = mutated, chunks
     out, error, at = bytearray(), None, 0
-    buffer = memoryview(bytearray(secure.READ_CHUNK))
+    buffer = memoryview(bytearray(secure.RECORD))
     use_read_into = rng.random() < 0.5  # as a detached bulk connection reads
     try:
         for size in chunks:
