@@ -170,3 +170,62 @@ def test_memory_is_no_copy_on_disk():
                                                                     for k in keep.values()) for i in range(16)]
     assert on_disks == [2] * 16
     assert all(FIRST in k.ends for k in keep.values()) and sum(LAST in k.ends for k in keep.values()) == 1
+
+
+# ----- a model directory deleted on one Mac, then a join (issue 20, item 9) -----------------
+
+def test_a_deleted_model_directory_and_a_join_recover_once_a_copy_is_reachable():
+    """a's model directory is deleted while it serves: it holds its stage in memory and can
+    load nothing new. c joins: the new plan gives a layers it cannot load, so the leader plans
+    without it (and must not stop leading: a load that fails while the running plan's stage
+    still serves once made it crash on every update). Once c has gone, the cluster serves
+    again from the Macs that hold a copy."""
+    sim = cluster({"a": WHOLE, "b": WHOLE})
+    plan = sim.nodes["a"].plan
+    assert set(plan.nodes) == {"a", "b"}
+    held = plan.stage_of("a")
+    sim.unloadable.add("a")  # its directory is gone: every new load fails
+    sim.set_disk("a", DiskState("m", "digest", MODEL, memory=((held.start, held.end),)))
+    sim.add_node("c")
+    sim.set_disk("c", NOTHING)
+    for peer in "ab":
+        sim.cable("c", peer)
+
+    def serving(nodes: set[str]) -> bool:  # one committed plan of `nodes`, each serving its stage
+        plan = sim.nodes["b"].plan
+        return sim.converged() and plan is not None and set(plan.nodes) == nodes and all(
+            sim.nodes[n].plan == plan and sim.nodes[n].preparing is None for n in sim.nodes) and all(
+            sim.nodes[n].shard is not None and sim.nodes[n].shard.serving == plan.epoch for n in nodes)
+
+    assert sim.run_until_true(lambda: serving({"b", "c"}), 30) is not None
+    sim.crash("c")
+    assert sim.run_until_true(lambda: serving({"b"}) or serving({"a", "b"}), 30) is not None
+    assert not sim.nodes["b"].no_fit
+
+
+def test_layers_lost_with_a_deleted_directory_serve_again_once_a_mac_with_a_copy_joins():
+    """As above, but a's disk held the only copy of its layers: without a, they are on no
+    reachable disk, and the leader says so; a Mac holding the model joins and it serves."""
+    sim = cluster({"a": WHOLE, "b": NOTHING})
+    held = sim.nodes["a"].plan.stage_of("a")
+    sim.unloadable.add("a")
+    sim.set_disk("a", DiskState("m", "digest", MODEL, memory=((held.start, held.end),)))
+    sim.add_node("c")
+    sim.set_disk("c", NOTHING)
+    for peer in "ab":
+        sim.cable("c", peer)
+    assert sim.run_until_true(lambda: "on no reachable Mac's disk" in (sim.nodes["b"].no_fit or ""), 30) is not None
+    sim.crash("c")
+    sim.run_for(10)
+    sim.add_node("d")
+    sim.set_disk("d", WHOLE)
+    for peer in "ab":
+        sim.cable("d", peer)
+
+    def serving() -> bool:
+        plan = sim.nodes["b"].plan
+        return sim.converged() and plan is not None and "d" in plan.nodes and all(
+            sim.nodes[n].plan == plan and sim.nodes[n].preparing is None for n in sim.nodes) and all(
+            sim.nodes[n].shard is not None and sim.nodes[n].shard.serving == plan.epoch for n in plan.nodes)
+
+    assert sim.run_until_true(serving, 30) is not None

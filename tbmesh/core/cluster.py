@@ -564,8 +564,11 @@ class ClusterNode:
         shards = self.shards()
         for stage in self.plan.stages if self.plan is not None else ():
             held = shards.get(stage.node)
-            if held is not None and held.serving == self.plan.epoch:
-                self._unable_failures.pop(stage.node, None)  # it loads again: the back-off restarts
+            # it loads again: the back-off restarts. Not while it waits out a failure: a Mac
+            # whose directory vanished still serves the running plan's stage from memory
+            # while its load of the next one fails (its count is what the back-off reads)
+            if held is not None and held.serving == self.plan.epoch and stage.node not in self._unable:
+                self._unable_failures.pop(stage.node, None)
         for node, since in list(self._unable.items()):
             failures = self._unable_failures[node]
             wait = min(self.timing.retry_unable * 2 ** (failures - 1), self.timing.retry_unable_max)
