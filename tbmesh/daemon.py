@@ -347,8 +347,9 @@ class Daemon:
             if not offers:
                 continue
             if len(offers) > 1:
-                log.warning("peers hold different models named %s: taking the first", disk.name)
-            digest, nbytes = min(offers)
+                log.warning("peers hold different models named %s: taking the cluster's", disk.name)
+            wanted = self.core.model_manifest()  # the one the leader plans for, see ClusterNode
+            digest, nbytes = min(offers, key=lambda offer: (offer[0] != wanted, offer))
             try:
                 await asyncio.to_thread(disk.take_manifest, disk.peers(), digest, nbytes)
             except (OSError, ValueError, bulk.FetchFailed) as error:  # a manifest that does not parse
@@ -1058,8 +1059,9 @@ class Daemon:
                 "start": held.start, "end": held.end, "epoch": held.epoch,
                 "bytes": stage_bytes.get(node["id"]), "progress": held.progress,
                 "loaded": held.ready, "serving": held.serving}
-        disks = core.disks()
+        disks, others = core.disks(), core.other_models()
         for node in nodes:
+            node["other_model"] = others.get(node["id"])  # why no plan uses it: another model under the name
             disk = disks.get(node["id"])
             fetching = disk.fetching if disk is not None else None
             node["disk"] = None if disk is None else {
@@ -1131,4 +1133,5 @@ def _plan_json(plan: Plan | None) -> dict[str, Any] | None:
         "stages": [{"node": s.node, "start": s.start, "end": s.end, "bytes": s.bytes}
                    | ({"group": list(s.group)} if s.group else {}) for s in plan.stages],
         "left_out": list(plan.left_out),
+        "manifest": plan.manifest,  # the digest of the model's manifest: "" when not known
     }

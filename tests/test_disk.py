@@ -5,6 +5,7 @@ lets go."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,46 @@ def test_a_mac_with_only_the_name_lacks_everything_until_it_has_the_manifest(mod
     again = Disk(Alone(), "tiny", empty.model_dir, tmp_path / "empty")
     again.open()
     assert again.ready and again.state().layers == ((0, 2),)
+
+
+def test_a_kept_manifest_that_no_longer_describes_the_directory_is_not_adopted(model_dir, tmp_path):
+    """The manifest kept in the state directory is adopted at start only while the directory
+    still holds what it describes; another model copied in under the same name (sizes and
+    times kept, as cp -p does) is hashed again, and only its changed file is."""
+    copy = shutil.copytree(model_dir, tmp_path / "copy" / "tiny")
+    first = whole(copy, tmp_path / "state").manifest
+    again = Disk(Alone(), "tiny", copy, tmp_path / "state")
+    again.open()
+    assert again.manifest == first  # unchanged: adopted at once, nothing hashed
+
+    other = make_tiny_model(tmp_path / "other" / "tiny", layers=4, hidden=64, vocab=512, seed=1)
+    weights = next(copy.glob("model*.safetensors"))
+    before = weights.stat()
+    shutil.copy2(next(other.glob("model*.safetensors")), weights)  # same size, same mtime
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
+    replaced = Disk(Alone(), "tiny", copy, tmp_path / "state")
+    replaced.open()
+    assert replaced.manifest is None and replaced.state().manifest == ""  # not taken on trust
+    replaced.build()
+    assert replaced.manifest.digest != first.digest
+    assert {t.digest for t in replaced.manifest.tensors} == {t.digest for t in whole(other, tmp_path / "o").manifest.tensors}
+
+
+def test_a_kept_manifest_disagreeing_with_the_small_files_here_is_taken_again(model_dir, tmp_path):
+    holder = whole(model_dir, tmp_path / "holder")
+    state, here = tmp_path / "empty", tmp_path / "empty" / "models" / "tiny"
+    empty = Disk(Alone(), "tiny", here, state)
+    empty.open()
+    empty.store.put(holder.manifest.to_bytes())
+    here.mkdir(parents=True)
+    for f in holder.manifest.files:
+        shutil.copyfile(model_dir / f.name, here / f.name)
+    empty._adopt(holder.manifest)
+    (here / "config.json").write_text((here / "config.json").read_text().replace("}", ', "note": 1}', 1))
+    again = Disk(Alone(), "tiny", here, state)
+    again.open()
+    assert again.manifest is None
 
 
 def test_disk_slack_lets_go_of_what_no_stage_or_copy_needs(model_dir, tmp_path):

@@ -170,3 +170,125 @@ def test_memory_is_no_copy_on_disk():
                                                                     for k in keep.values()) for i in range(16)]
     assert on_disks == [2] * 16
     assert all(FIRST in k.ends for k in keep.values()) and sum(LAST in k.ends for k in keep.values()) == 1
+
+
+# ----- a model directory deleted on one Mac, then a join (issue 20, item 9) -----------------
+
+def test_a_deleted_model_directory_and_a_join_recover_once_a_copy_is_reachable():
+    """a's model directory is deleted while it serves: it holds its stage in memory and can
+    load nothing new. c joins: the new plan gives a layers it cannot load, so the leader plans
+    without it (and must not stop leading: a load that fails while the running plan's stage
+    still serves once made it crash on every update). Once c has gone, the cluster serves
+    again from the Macs that hold a copy."""
+    sim = cluster({"a": WHOLE, "b": WHOLE})
+    plan = sim.nodes["a"].plan
+    assert set(plan.nodes) == {"a", "b"}
+    held = plan.stage_of("a")
+    sim.unloadable.add("a")  # its directory is gone: every new load fails
+    sim.set_disk("a", DiskState("m", "digest", MODEL, memory=((held.start, held.end),)))
+    sim.add_node("c")
+    sim.set_disk("c", NOTHING)
+    for peer in "ab":
+        sim.cable("c", peer)
+
+    def serving(nodes: set[str]) -> bool:  # one committed plan of `nodes`, each serving its stage
+        plan = sim.nodes["b"].plan
+        return sim.converged() and plan is not None and set(plan.nodes) == nodes and all(
+            sim.nodes[n].plan == plan and sim.nodes[n].preparing is None for n in sim.nodes) and all(
+            sim.nodes[n].shard is not None and sim.nodes[n].shard.serving == plan.epoch for n in nodes)
+
+    assert sim.run_until_true(lambda: serving({"b", "c"}), 30) is not None
+    sim.crash("c")
+    assert sim.run_until_true(lambda: serving({"b"}) or serving({"a", "b"}), 30) is not None
+    assert not sim.nodes["b"].no_fit
+
+
+def test_layers_lost_with_a_deleted_directory_serve_again_once_a_mac_with_a_copy_joins():
+    """As above, but a's disk held the only copy of its layers: without a, they are on no
+    reachable disk, and the leader says so; a Mac holding the model joins and it serves."""
+    sim = cluster({"a": WHOLE, "b": NOTHING})
+    held = sim.nodes["a"].plan.stage_of("a")
+    sim.unloadable.add("a")
+    sim.set_disk("a", DiskState("m", "digest", MODEL, memory=((held.start, held.end),)))
+    sim.add_node("c")
+    sim.set_disk("c", NOTHING)
+    for peer in "ab":
+        sim.cable("c", peer)
+    assert sim.run_until_true(lambda: "on no reachable Mac's disk" in (sim.nodes["b"].no_fit or ""), 30) is not None
+    sim.crash("c")
+    sim.run_for(10)
+    sim.add_node("d")
+    sim.set_disk("d", WHOLE)
+    for peer in "ab":
+        sim.cable("d", peer)
+
+    def serving() -> bool:
+        plan = sim.nodes["b"].plan
+        return sim.converged() and plan is not None and "d" in plan.nodes and all(
+            sim.nodes[n].plan == plan and sim.nodes[n].preparing is None for n in sim.nodes) and all(
+            sim.nodes[n].shard is not None and sim.nodes[n].shard.serving == plan.epoch for n in plan.nodes)
+
+    assert sim.run_until_true(serving, 30) is not None
+
+
+# ----- two models under one name (issue 20, item 6) --------------------------------------------
+
+OTHER = DiskState("m", "other", MODEL, ((0, 16),), ends=ENDS, bytes=17 * GB)  # same name and shape, other weights
+
+
+def two_models(disks: dict[str, DiskState]) -> Simulator:
+    sim = Simulator(seed=1, config=CoreConfig(model=MODEL), network=NetworkModel(load_delay=0.5))
+    for node, disk in disks.items():
+        sim.add_node(node)
+        sim.set_disk(node, disk)
+    for a, b in itertools.combinations(disks, 2):
+        sim.cable(a, b)
+    return sim
+
+
+def committed(sim: Simulator, nodes: set[str]) -> bool:
+    """Every node runs one committed plan of exactly `nodes`, each serving its stage."""
+    plan = next(iter(sim.nodes.values())).plan
+    return sim.converged() and plan is not None and set(plan.nodes) == nodes and plan.considered == nodes and all(
+        sim.nodes[n].plan == plan and sim.nodes[n].preparing is None for n in sim.nodes) and all(
+        sim.nodes[n].shard is not None and sim.nodes[n].shard.serving == plan.epoch for n in nodes)
+
+
+def test_a_mac_holding_another_model_under_the_name_is_planned_without_and_told_why():
+    sim = two_models({"a": WHOLE, "b": OTHER, "c": NOTHING})  # "a" sorts first and so leads
+    assert sim.run_until_true(lambda: committed(sim, {"a", "c"}), 10) is not None
+    assert sim.nodes["a"].plan.manifest == "digest"
+    why = "b holds another model under the name m: manifest other… vs digest…, the cluster's"
+    assert all(sim.nodes[n].other_models() == {"b": why} for n in "abc")  # every node's status says so
+    events = [e for n, e in sim.stats.events if n == "a" and e.kind == "other-model"]
+    assert [(e.node, e.detail) for e in events] == [("b", why + ": left out of the plan")]
+    assert all(k.node != "b" for k in sim.nodes["a"].keep)  # nor asked to keep copies of ours
+
+
+def test_another_models_layers_do_not_make_the_model_whole():
+    half = DiskState("m", "digest", MODEL, ((0, 8),), ends=ENDS)
+    sim = two_models({"a": half, "b": OTHER})
+    assert sim.run_until_true(lambda: bool(sim.nodes["a"].no_fit), 10) is not None
+    sim.run_for(2)
+    no_fit = sim.nodes["a"].no_fit
+    assert sim.nodes["a"].plan is None and "layers 8-15 of m: on no reachable Mac's disk" in no_fit
+    assert no_fit.startswith("b holds another model under the name m")
+
+
+def test_a_new_leader_holding_another_model_keeps_the_running_one():
+    sim = two_models({"a": WHOLE, "b": OTHER, "c": WHOLE})
+    assert sim.run_until_true(lambda: committed(sim, {"a", "c"}), 10) is not None
+    sim.crash("a")  # b sorts first of the two left, and leads now
+    assert sim.run_until_true(lambda: committed(sim, {"c"}) and sim.nodes["b"].is_leader, 20) is not None
+    assert sim.nodes["b"].plan.manifest == "digest" and set(sim.nodes["b"].other_models()) == {"b"}
+
+
+def test_two_macs_that_served_alone_with_two_models_under_one_name_agree_on_the_leaders():
+    sim = two_models({"a": WHOLE, "b": OTHER})  # no cable yet: each plans its own model alone
+    sim.unplug("a", "b")
+    assert sim.run_until_true(lambda: all(sim.nodes[n].plan is not None for n in "ab"), 10) is not None
+    assert sim.nodes["a"].plan.key == sim.nodes["b"].plan.key  # each its first plan
+    sim.cable("a", "b")
+    # a leads: b runs a's plan, newer than its own, though made for the same group
+    assert sim.run_until_true(lambda: committed(sim, {"a"}), 10) is not None
+    assert sim.nodes["b"].plan.manifest == "digest" and set(sim.nodes["b"].other_models()) == {"b"}

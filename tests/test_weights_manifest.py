@@ -209,7 +209,7 @@ def test_the_digest_cache_is_used_until_a_file_changes(model, tmp_path):
     entries = json.loads(cache.read_text())
     key = str((copy / WEIGHTS_FILE).resolve())
     name = first.tensors[0].name
-    entries[key][2][name] = "c" * 64
+    entries[key][4][name] = "c" * 64
     cache.write_text(json.dumps(entries))
     assert build_manifest(copy, cache=cache).tensors[0].digest == "c" * 64
     # A change of mtime makes it hash the file again.

@@ -15,6 +15,7 @@ It never reads a clock, opens a socket or sleeps.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -108,6 +109,7 @@ class ClusterNode:
         self._unable_failures: dict[str, int] = {}  # failures in a row, for the back-off
         self._unable_why: dict[str, str] = {}  # what their last failed load said
         self._unable_in: frozenset[str] = frozenset()  # the membership that holds for
+        self._others: dict[str, str] = {}  # members left out, holding another model under its name -> why
         self._election_key: tuple | None = None
         self._claims_cache: dict[str, election.Claim] = {}
         self._best: str | None = None
@@ -268,13 +270,48 @@ class ClusterNode:
         return found
 
     @property
+    def model_name(self) -> str | None:
+        return self.config.model.name if self.config.model is not None else self.config.model_name
+
+    @property
     def model(self) -> ModelSpec | None:
-        """The model to plan for: ours, or the one a member describes under our model's name."""
+        """The model to plan for: ours, or the one a member describes under our model's name
+        (one holding the cluster's copy of it, see model_manifest)."""
         if self.config.model is not None:
             return self.config.model
-        name = self.config.model_name
-        specs = [d.spec for n, d in sorted(self.disks().items()) if d.spec is not None and d.spec.name == name]
+        name, wanted = self.config.model_name, self.model_manifest()
+        specs = [d.spec for n, d in sorted(self.disks().items(), key=lambda x: (x[1].manifest != wanted, x[0]))
+                 if d.spec is not None and d.spec.name == name and d.manifest in ("", wanted)]
         return specs[0] if name is not None and specs else None
+
+    def model_manifest(self) -> str:
+        """The digest of the manifest of the model the cluster serves ("" while no member
+        knows it): the running plan's while a member holds it (a new leader, or a Mac that
+        joins, changes nothing), else the leader's own copy's, else the one most members hold
+        (ties: the smallest digest). Every node reads the same from the same view."""
+        name = self.model_name
+        if name is None:
+            return ""
+        disks = {n: d for n, d in self.disks().items() if d.model == name and d.manifest}
+        running = self.plan.manifest if self.plan is not None and self.plan.model == name else ""
+        if running and any(d.manifest == running for d in disks.values()):
+            return running
+        if (leader := disks.get(self.leader or "")) is not None:
+            return leader.manifest
+        counts = Counter(d.manifest for d in disks.values())
+        return min(counts, key=lambda m: (-counts[m], m), default="")
+
+    def other_models(self) -> dict[str, str]:
+        """The reachable Macs whose disk holds another model under our model's name, each with
+        why no plan uses them (answers made of two models' layers would be silently wrong).
+        A Mac whose manifest is not known yet (it is hashing its copy) is not one of them."""
+        wanted = self.model_manifest()
+        if not wanted:
+            return {}
+        return {n: f"{self._name(n)} holds another model under the name {d.model}: manifest "
+                   f"{d.manifest[:12]}… vs {wanted[:12]}…, the cluster's"
+                for n, d in sorted(self.disks().items())
+                if d.model == self.model_name and d.manifest and d.manifest != wanted}
 
     def node_infos(self) -> dict[str, NodeInfo]:
         """Every node ever heard of, with the info it last published."""
@@ -471,12 +508,14 @@ class ClusterNode:
         model = self.model
         if model is None:
             return
+        manifest = self.model_manifest()
         plans = [p for p in self._visible_plans() if p.model == model.name]
-        newest = max(plans, key=lambda p: p.key, default=None)
-        members = self._eligible(frozenset(self._members), now)
-        ours = max((p for p in plans if p.considered == members), key=lambda p: p.key, default=None)
+        newest = max(plans, key=lambda p: p.key, default=None)  # what we run must be newer (or members refuse it)
+        members = self._eligible(frozenset(self._members), now) - self._other_models(now)
+        ours = max((p for p in plans if p.considered == members and p.manifest in ("", manifest)),
+                   key=lambda p: p.key, default=None)  # not one of another model under the name
         if self.preparing is None:  # a new leader takes over what its predecessor prepared
-            self.preparing = max((p for p in self._visible_preparing(model.name)
+            self.preparing = max((p for p in self._visible_preparing(model.name, manifest)
                                   if p.considered == members), key=lambda p: p.key, default=None)
         if members != self._planned_for:
             self._planned_memory = {}
@@ -490,9 +529,11 @@ class ClusterNode:
         if ours is not None:
             # A plan made for exactly this group is adopted as it is: a new leader changes
             # nothing. When a member runs a newer plan (the one it made while it was alone),
-            # the same stages are stamped newer still, or that member would refuse ours.
-            if ours.key < newest.key:
-                ours = replace(ours, term=self.term, epoch=newest.epoch + 1)
+            # or another as new (alone, with another model under the name), the same stages are
+            # stamped newer still, or that member would refuse ours. So are they when the plan
+            # was made before the model's manifest was known (its Macs were hashing their copies).
+            if any(p.key >= ours.key and p != ours for p in plans) or ours.manifest != manifest:
+                ours = replace(ours, term=self.term, epoch=newest.epoch + 1, manifest=manifest)
             self._planned_for = members
             self._planned_memory = self._planned_memory or self._memory_of(members)
             self.no_fit = None
@@ -521,9 +562,10 @@ class ClusterNode:
         self._planned_for, self._planned_memory = members, self._memory_of(members)
         self._missing = missing = self._missing_from_disks(model, members)
         if missing:
-            if self.no_fit != missing:
-                self._event(now, "no-fit", None, missing)
-            self.no_fit, self.plan, self.preparing = missing, None, None
+            reason = self._unable_reason(members, missing)
+            if self.no_fit != reason:
+                self._event(now, "no-fit", None, reason)
+            self.no_fit, self.plan, self.preparing = reason, None, None
             return
         infos = self.node_infos()
         previous = self.plan or newest
@@ -543,7 +585,7 @@ class ClusterNode:
             return
         self.no_fit = None
         epoch = max((p.epoch for p in self._visible_plans() + self._visible_plans(True)), default=0) + 1
-        plan = placement.stamp(self.term, epoch, model.name)
+        plan = placement.stamp(self.term, epoch, model.name, manifest)
         if self.plan is not None and plan.stages == self.plan.stages:
             self._accept(plan, now)  # nothing moves: nothing to load, commit at once
             return
@@ -564,8 +606,11 @@ class ClusterNode:
         shards = self.shards()
         for stage in self.plan.stages if self.plan is not None else ():
             held = shards.get(stage.node)
-            if held is not None and held.serving == self.plan.epoch:
-                self._unable_failures.pop(stage.node, None)  # it loads again: the back-off restarts
+            # it loads again: the back-off restarts. Not while it waits out a failure: a Mac
+            # whose directory vanished still serves the running plan's stage from memory
+            # while its load of the next one fails (its count is what the back-off reads)
+            if held is not None and held.serving == self.plan.epoch and stage.node not in self._unable:
+                self._unable_failures.pop(stage.node, None)
         for node, since in list(self._unable.items()):
             failures = self._unable_failures[node]
             wait = min(self.timing.retry_unable * 2 ** (failures - 1), self.timing.retry_unable_max)
@@ -589,11 +634,21 @@ class ClusterNode:
                     self._planned_for = None
         return members - frozenset(self._unable)
 
+    def _other_models(self, now: float) -> frozenset[str]:
+        """The members other_models() names, with an event for each as it is first left out."""
+        others = self.other_models()
+        for node in sorted(others.keys() - self._others.keys()):
+            self._event(now, "other-model", node, f"{others[node]}: left out of the plan")
+        self._others = others
+        return frozenset(others)
+
     def _unable_reason(self, eligible: frozenset[str], reason: str) -> str:
         """The planner's reason, led by the members left out because they could not load
-        their layers (a damaged or vanished model directory): that is what to repair."""
+        their layers (a damaged or vanished model directory) or hold another model under its
+        name: that is what to repair."""
         unable = [f"{self._name(n)} could not load its layers: {self._unable_why.get(n, '')}"
                   for n in sorted(self._unable) if n in self._members]
+        unable += [why for _, why in sorted(self._others.items())]
         if not unable:
             return reason
         return "; ".join(unable) + (f"; the other Macs alone: {reason}" if eligible else "")
@@ -620,7 +675,8 @@ class ClusterNode:
         model, disks = self.model, self.disks()
         if model is None or not disks or self.plan is None:
             return ()
-        return keep_on_disk(model, {n: d for n, d in disks.items() if n in self._members},
+        others = self.other_models()  # their copies are another model's
+        return keep_on_disk(model, {n: d for n, d in disks.items() if n in self._members and n not in others},
                             self.plan.stages, self.config.replicas)
 
     def my_keep(self) -> KeepOnDisk | None:
@@ -641,9 +697,10 @@ class ClusterNode:
         self._event(now, "abandoned", None, f"epoch {self.preparing.epoch}: {why}")
         self.preparing = None
 
-    def _visible_preparing(self, model: str) -> list[Plan]:
+    def _visible_preparing(self, model: str, manifest: str) -> list[Plan]:
         running = self.plan.key if self.plan else (0, 0)
-        return [p for p in self._visible_plans(True) if p.model == model and p.key > running]
+        return [p for p in self._visible_plans(True)
+                if p.model == model and p.manifest in ("", manifest) and p.key > running]
 
     def _prepared(self, plan: Plan) -> bool:
         shards = self.shards()

@@ -204,7 +204,7 @@ class Event:
     """Something worth a line in the event log and the status screen."""
 
     at: float
-    kind: str  # joined, suspect, alive, dead, left, restarted, leader, plan, no-fit
+    kind: str  # joined, suspect, alive, dead, left, restarted, leader, plan, no-fit, other-model, ...
     node: str | None = None
     detail: str = ""
     data: dict = field(default_factory=dict, compare=False)

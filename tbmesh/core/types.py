@@ -131,6 +131,9 @@ class Plan:
     model: str
     stages: tuple[Stage, ...] = field(default_factory=tuple)
     left_out: tuple[str, ...] = ()  # nodes the planner considered and gave nothing
+    # the digest of the model's manifest (its files and tensors, tbmesh.weights.manifest): two
+    # copies under one name are one model only when theirs agree; "" when not known
+    manifest: str = field(default="", metadata=OMIT_DEFAULT)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -161,7 +164,7 @@ class Plan:
             "model": self.model,
             "stages": [s.to_wire() for s in self.stages],
             "left_out": list(self.left_out),
-        }
+        } | ({"manifest": self.manifest} if self.manifest else {})
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Plan:
@@ -171,6 +174,7 @@ class Plan:
             model=str(data["model"]),
             stages=tuple(Stage.from_wire(s) for s in data["stages"]),
             left_out=tuple(str(n) for n in data.get("left_out", ())),
+            manifest=str(data.get("manifest", "")),
         )
 
 
@@ -185,10 +189,10 @@ class Placement:
     notes: tuple[str, ...] = ()  # e.g. why a node was left out
     why: str = ""  # why this shape (pipeline, tensor groups), with the numbers; "" for parallel="pipeline"
 
-    def stamp(self, term: int, epoch: int, model: str) -> Plan:
+    def stamp(self, term: int, epoch: int, model: str, manifest: str = "") -> Plan:
         if not self.fits:
             raise ValueError("cannot stamp a placement that does not fit")
-        return Plan(term, epoch, model, self.stages, self.left_out)
+        return Plan(term, epoch, model, self.stages, self.left_out, manifest)
 
 
 def _omit_defaults(obj: Any) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from tbmesh.weights.manifest import (
     TensorEntry,
     build_manifest,
     build_part,
+    describe_cached,
     union,
 )
 from tbmesh.weights.memory import Memory
@@ -97,8 +98,8 @@ class Disk:
     # ----- what we hold --------------------------------------------------------------------
 
     def open(self) -> None:
-        """Describe what is on disk now (at start: quick, no hashing). Raises ModelFormatError
-        for a model directory that is there but broken."""
+        """Describe what is on disk now (at start: quick, no weight file is hashed). Raises
+        ModelFormatError for a model directory that is there but broken."""
         if (self.model_dir / "config.json").is_file():
             try:
                 weight_files(self.model_dir)
@@ -109,9 +110,32 @@ class Disk:
                 self.spec = describe_model_dir(self.model_dir, self.name)
         try:
             digest = self._pointer.read_text().strip()
-            self._adopt(Manifest.from_bytes(self.store.path(digest).read_bytes()))
+            kept = Manifest.from_bytes(self.store.path(digest).read_bytes())
         except (OSError, ValueError):
-            pass  # none yet (or its files are gone): hashed from our files, or taken from a peer
+            return  # none yet (or its files are gone): hashed from our files, or taken from a peer
+        if not self._describes_dir(kept):
+            log.warning("the manifest of %s kept from an earlier run (%s) does not describe %s any more: "
+                        "%s", self.name, kept.digest[:12], self.model_dir,
+                        "hashing what changed" if self.whole else "taking it from a peer again")
+            return
+        try:
+            self._adopt(kept)
+        except (OSError, ValueError):  # its small files are gone: taken from a peer again
+            self.manifest = self.local = None
+
+    def _describes_dir(self, manifest: Manifest) -> bool:
+        """Whether `manifest` (kept from an earlier run) is what model_dir holds now: the whole
+        model exactly, or of a part (or of the small files alone) every file and tensor. Weight
+        files are not hashed again (describe_cached: their size, times and inode must be as
+        when they were hashed); one that changed makes it false, and build() hashes it."""
+        if not self.model_dir.is_dir():
+            return True  # nothing here to disagree (the small files come from peers again)
+        here = describe_cached(self.model_dir, self._digests, self.name)
+        if here is None:
+            return False
+        if self.whole:
+            return here.digest == manifest.digest
+        return set(here.files) <= set(manifest.files) and set(here.tensors) <= set(manifest.tensors)
 
     def serving(self) -> Local | None:
         """What we can serve to peers: the model, or until we know it whole, our part of it."""
@@ -313,7 +337,8 @@ class Disk:
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self._files = {f.digest for f in manifest.files}  # peers that hold the manifest hold these
         wanted = [f for f in manifest.files if not (self.model_dir / f.name).is_file()]
-        self._locked(lambda: bulk.fetch(wanted, peers, self.store))
+        holders = [p for p in peers if p.has(digest)]  # not a peer with another model under the name
+        self._locked(lambda: bulk.fetch(wanted, holders, self.store))
         for f in wanted:  # a copy, not a link: the store may let its objects go
             target = self.model_dir / f.name
             target.parent.mkdir(parents=True, exist_ok=True)

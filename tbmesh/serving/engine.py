@@ -212,6 +212,12 @@ class Engine:
         resume_wait, as a request in flight does, and fails then saying what it waited for:
         a node that just started, or restarted, answers as soon as it has joined."""
         view = self.host.view()
+        serves = view.plan.manifest if view.plan is not None else ""
+        mine = self.disk.manifest.digest if self.disk is not None and self.disk.manifest is not None else ""
+        if serves and mine and mine != serves:  # our tokenizer is another model's: answers would be wrong
+            return Unavailable(f"{self.host.name} holds another model under the name {model} than the cluster "
+                               f"serves (manifest {mine[:12]}… vs {serves[:12]}…): ask a Mac that holds the "
+                               "cluster's, or give this one a copy of it")
         if view.no_fit:
             return Unavailable(usable(view))  # usable() says why it does not fit
         if self.disk is not None and not self.disk.ready:

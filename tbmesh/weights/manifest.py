@@ -76,6 +76,10 @@ class ManifestError(ValueError):
     """A manifest (from a peer, or a model directory) is not valid; one line says why."""
 
 
+class NotHashed(Exception):
+    """A weight file the digest cache does not know as it is now: only hashing it says what it holds."""
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
@@ -306,8 +310,8 @@ def build_manifest(model_dir: str | Path, cache: Path | None = None, name: str |
 
     Every tensor's object is hashed (the canonical header, then its data streamed from the
     file): minutes for a 600 GB model. With `cache` (a JSON file, e.g. in the state
-    directory) the digests of each file are kept under (path, size, mtime_ns), so a restart
-    hashes only what changed. Needs all the weights: a Mac with part of a model gets the
+    directory) the digests of each file are kept under its path and stat (_DigestCache), so a
+    restart hashes only what changed. Needs all the weights: a Mac with part of a model gets the
     manifest from a peer. Raises ManifestError (one line) when the directory is incomplete
     or not a model.
     """
@@ -321,8 +325,31 @@ def build_manifest(model_dir: str | Path, cache: Path | None = None, name: str |
     return _describe(root, weights, cache, name)
 
 
-def _describe(root: Path, weights: list[Path], cache: Path | None, name: str | None) -> Manifest:
-    """The manifest of the small files of `root` and the tensors of `weights`, hashed."""
+def describe_cached(model_dir: str | Path, cache: Path, name: str | None = None) -> Manifest | None:
+    """What `model_dir` holds now, as build_manifest (or for part of a split model, build_part)
+    describes it, without hashing a weight file: a stat and a header read of each, its
+    digests from `cache`; the small files are hashed where the cache does not know them.
+    None when a weight file changed since it was hashed, or is not in the cache. What is
+    checked against a manifest kept from an earlier run before it is taken on trust."""
+    root = Path(model_dir)
+    try:
+        weights = weight_files(root)
+    except ModelFormatError:  # part of a split model (or none): the index's files that are here
+        try:
+            index = read_index(root) if root.is_dir() else None
+        except ModelFormatError:
+            return None
+        weights = [root / f for f in sorted(set(index.values())) if (root / f).is_file()] if index else []
+    try:
+        return _describe(root, weights, cache, name, hash_weights=False)
+    except (NotHashed, ManifestError, OSError):
+        return None
+
+
+def _describe(root: Path, weights: list[Path], cache: Path | None, name: str | None,
+              hash_weights: bool = True) -> Manifest:
+    """The manifest of the small files of `root` and the tensors of `weights`, hashed (without
+    `hash_weights`, a weight file the cache does not know raises NotHashed)."""
     digests = _DigestCache(cache)
     files = []
     for path in sorted(p for p in root.iterdir() if _is_small_file(p)):
@@ -336,7 +363,7 @@ def _describe(root: Path, weights: list[Path], cache: Path | None, name: str | N
             raise ManifestError(f"cannot build a manifest of {root}: {error}") from None
         for tensor, slot in slots.items():
             _check_slot(path, tensor, slot)
-        found = digests.get(path, functools.partial(_hash_tensors, slots=slots))
+        found = digests.get(path, functools.partial(_hash_tensors, slots=slots) if hash_weights else _not_hashed)
         digests.save()  # after each weight file: an interrupted build keeps what it hashed
         for tensor, slot in slots.items():
             if tensor in tensors:
@@ -376,6 +403,10 @@ def _check_slot(path: Path, tensor: str, slot: Slot) -> None:
         raise ManifestError(f"{path.name}: a tensor name longer than {MAX_NAME} characters")
 
 
+def _not_hashed(path: Path) -> dict[str, str]:
+    raise NotHashed(f"{path} changed since it was hashed")
+
+
 def _hash_tensors(path: Path, slots: dict[str, Slot]) -> dict[str, str]:
     return {tensor: _hash_ranges(path, canonical_header(s.dtype, s.shape, s.end - s.start), s.start, s.end)
             for tensor, s in slots.items()}
@@ -399,10 +430,13 @@ def _hash_ranges(path: Path, prefix: bytes, start: int, end: int) -> str:
 
 
 class _DigestCache:
-    """Digests of files already hashed, in a JSON file: {path: [size, mtime_ns, {key: digest}]}.
+    """Digests of files already hashed, in a JSON file: {path: [size, mtime_ns, ctime_ns, inode,
+    {key: digest}]}.
 
-    A file whose size or mtime changed is hashed again. A cache that cannot be read is
-    ignored (it only saves time); `save` writes it atomically."""
+    A file whose size, mtime, ctime or inode changed is hashed again: a file replaced by
+    another, even one copied with its size and mtime kept (cp -p, rsync -a), gets a new inode
+    and ctime, which no one can set back. A cache that cannot be read is ignored (it only
+    saves time); `save` writes it atomically."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -419,11 +453,12 @@ class _DigestCache:
         stat = file.stat()
         key = str(file.resolve())
         known = self.entries.get(key)
-        if (isinstance(known, list) and len(known) == 3 and known[:2] == [stat.st_size, stat.st_mtime_ns]
-                and isinstance(known[2], dict) and all(is_digest(d) for d in known[2].values())):
-            return known[2]
+        seen = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        if (isinstance(known, list) and len(known) == 5 and known[:4] == seen
+                and isinstance(known[4], dict) and all(is_digest(d) for d in known[4].values())):
+            return known[4]
         digests = compute(file)
-        self.entries[key] = [stat.st_size, stat.st_mtime_ns, digests]
+        self.entries[key] = [*seen, digests]
         self.dirty = True
         return digests
 
