@@ -507,7 +507,7 @@ class Engine:
             self._observe(snapshot)
             self.counters.steps += step.kind != "flush"
             if outcome.failed:
-                self.counters.refused_nonfinite += sum("not finite" in why for _, why in outcome.failed)
+                self.counters.refused_nonfinite += outcome.refused
                 for member, why in outcome.failed:
                     self._failed(step, (member,), why)
             if damaged is not None:

@@ -18,8 +18,8 @@ its seed and step), so a seeded request draws the same tokens whatever else is i
 
 Nothing that is not finite goes on: a row whose activations from the previous stage, or
 whose outputs here (hidden states; logits at the last stage), hold a NaN or an inf fails,
-as a row on a dead stage does (its entry starts it again on a fresh cache), and leaves the
-caches here first, so no entry of the prefix cache is ever made from it. The check is one
+as a row on a dead stage does (its entry starts it again), and leaves the caches here
+first, so no entry of the prefix cache is ever made from it. The check is one
 reduction per tensor, evaluated with the step's outputs. (A last stage computes no logits
 while it prefills: its own damage shows at the first decode step, before any token.)
 """
@@ -77,6 +77,7 @@ class Outcome:
     tokens: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of the members that asked
     failed: list[tuple[Member, str]] = field(default_factory=list)
+    refused: int = 0  # rows of `failed` refused for values that are not finite
     nonfinite: bool = False  # our layers made NaN or inf of finite inputs (are their weights damaged?)
 
 
@@ -160,7 +161,7 @@ class StageCaches:
         failed, own = self._not_finite(step, step.members, ins, outs, fine)
         if failed:
             self.alone.pop(member.attempt, None)  # its cache holds them now
-            return Outcome(failed=failed, nonfinite=own)
+            return Outcome(failed=failed, refused=len(failed), nonfinite=own)
         return Outcome(ran=step.members) if shard.last else Outcome(out, step.members)
 
     def _decode(self, shard: Shard, step: Step, x: mx.array) -> Outcome:
@@ -222,7 +223,7 @@ class StageCaches:
             lane.ahead = sample_rows(shard.forward(tokens[:, None], lane.cache), following)
             mx.async_eval(lane.ahead.tokens)
         failed, outcome.nonfinite = self._not_finite(step, ran, ins, rows.finite, fine)
-        kept = self._refuse(lane, outcome, failed)
+        kept = set(self._refuse(lane, outcome, failed))
         outcome.tokens = {m.attempt: t for i, (m, t) in enumerate(zip(ran, tokens.tolist())) if i in kept}
         if rows.logprobs is not None:  # only when a member asked: the top-k costs a sort a row
             for i, m in enumerate(ran):
@@ -260,6 +261,7 @@ class StageCaches:
         if gone:
             self._leave(lane, list(gone))
             outcome.failed += failed
+            outcome.refused += len(failed)
             outcome.ran = tuple(outcome.ran[i] for i in kept)
         return kept
 
