@@ -240,6 +240,10 @@ def _plan_lines(status: Status, names: dict[str, str], width: int) -> list[Rende
     else:
         lines.append(_no_plan(status))
     lines += [_pack([line], width) for line in _fetches(status)]
+    for node in _list(status.get("nodes")):  # left out of every plan: another model under the name
+        if isinstance(node, dict) and node.get("other_model"):
+            words = [Text(word) for word in str(node["other_model"]).split()]
+            lines.append(_pack([Text("another model:", style="bold red"), *words], width, sep=" "))
     replicas = _list(status.get("replicas"))
     if replicas and min(replicas) < 2:  # a dead Mac would take layers no other disk holds
         few = [i for i, n in enumerate(replicas) if n < 2]

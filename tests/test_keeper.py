@@ -81,6 +81,18 @@ def test_a_load_that_failed_is_published_and_tried_again_after_the_retry_time():
     assert Load((0, 4), False) in keeper.tick(11.0, set())
 
 
+def test_held_layers_found_damaged_go_and_are_published_as_a_load_that_failed():
+    keeper = Keeper(retry_s=10.0)
+    keeper.assign(Assignment.of("a", "m", RUNNING, None), 0.0, set())
+    keeper.loaded((0, 4), 0.0, set())
+    actions = keeper.damaged((0, 4), "NaN in memory", 1.0, {(0, 4)})
+    assert Drop((0, 4)) in actions and WakeAt(11.0) in actions and keeper.held == set()
+    (published,) = [a.state for a in actions if isinstance(a, Publish)]
+    assert published.failed == "NaN in memory" and not published.ready and published.serving == 0
+    assert not any(isinstance(a, Load) for a in keeper.tick(5.0, set()))
+    assert Load((0, 4), False) in keeper.tick(11.0, set())  # read from disk again, checked as it is read
+
+
 def test_a_load_for_a_plan_left_behind_is_abandoned():
     keeper = Keeper()
     keeper.assign(Assignment.of("a", "m", RUNNING, MOVED), 0.0, set())

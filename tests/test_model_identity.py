@@ -79,3 +79,58 @@ def test_two_models_under_one_name_are_not_planned_as_one(daemons, tmp_path):
     # the other Mac's own API refuses: its tokenizer and weights are the other model's
     status, body = post(other[0], "/v1/completions", {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4})
     assert status == 503 and "holds another model under the name tiny" in body["error"]["message"]
+
+
+def rot(model: Path) -> None:
+    """Bits rotted in place in a copy already hashed: a NaN in a weight of every layer (the file
+    keeps its size; the running daemon's manifest still names the bytes it hashed)."""
+    for path in model.glob("model*.safetensors"):
+        slots = read_layout(path)
+        with open(path, "r+b") as f:
+            for name, slot in slots.items():
+                if name.endswith("mlp.down_proj.weight") and slot.dtype == "F32":
+                    f.seek(slot.start)
+                    f.write(struct.pack("<f", float("nan")))
+
+
+def test_a_mac_whose_copy_rotted_serves_no_layer_of_it_and_answers_stay_mlx_lms(daemons, tmp_path):
+    """a and b hold copies of one model; b's has rotted (a NaN in each layer) since it hashed it.
+    When a new plan gives b layers it has not loaded yet, it refuses them as it reads them:
+    the leader plans without b, and the answers are mlx-lm's, before and after."""
+    model = tiny(tmp_path / "models", 0)
+    copies = [shutil.copytree(model, tmp_path / name / "tiny") for name in ("copy-a", "copy-b")]
+    memory = tmp_path / "b-memory"
+    memory.write_text("10MiB")  # b holds two layers at first
+    a = daemons("a", copies[0])
+    a.args += ["--memory", "40MiB"]
+    b = daemons("b", copies[1])
+    b.args.remove("--memory"), b.args.remove("4GB")
+    b.env = {"TBMESH_MEMORY_FILE": str(memory)}
+    start_all([a, b])
+    ids = {a.node_id: "a", b.node_id: "b"}
+
+    def stages() -> list[tuple[str, int, int]] | None:
+        statuses = [d.status() for d in (a, b)]
+        plan = statuses[0]["plan"]
+        if plan is None or statuses[1]["plan"] != plan or statuses[0]["preparing"] is not None:
+            return None
+        if not all(node(statuses[0], s["node"])["shard"] and node(statuses[0], s["node"])["shard"]["serving"]
+                   == plan["epoch"] for s in plan["stages"]):
+            return None
+        return [(ids[s["node"]], s["start"], s["end"]) for s in plan["stages"]]
+
+    before = wait_for(lambda: (found := stages()) and len(found) == 2 and found, 60, "a plan of a and b")
+    held = next(range(s, e) for n, s, e in before if n == "b")
+    assert len(held) <= 2  # of 8: a bigger share has layers new to it
+    reference = mlx_reference(model)
+    expected = {prompt: reference(prompt, 16) for prompt in PROMPTS}
+    assert complete(a, PROMPTS[0], 16, temperature=0) == expected[PROMPTS[0]]
+    rot(copies[1])
+    memory.write_text("40MiB")  # b's share grows: it must read new layers from its rotted copy
+    assert wait_for(lambda: stages() == [("a", 0, 8)], 60, "a plan without b")
+    events = a.status()["events"] + b.status()["events"]  # the leader's says why
+    failed = [e["detail"] for e in events if e["kind"] == "load-failed"]
+    assert failed and "holds values that are not finite (NaN or inf): this copy of the model is damaged" in failed[0]
+    for prompt in PROMPTS:
+        assert complete(b, prompt, 16, temperature=0) == expected[prompt]  # b's API still answers, through a
+    assert complete(a, PROMPTS[0], 16, temperature=0) == expected[PROMPTS[0]]  # again: from the prefix cache

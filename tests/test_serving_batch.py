@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -65,6 +66,8 @@ class Harness:
         self.steps: list[Step] = []
         self.on_the_way: list[deque] = [deque() for _ in splits]  # per stage: (step, input)
         self.tokens_back: deque = deque()
+        self.tamper: Callable[[int, Step, mx.array], mx.array] | None = None  # a stage's input on its way
+        self.nonfinite: list[int] = []  # stages whose own layers made NaN or inf (Outcome.nonfinite)
 
     def admit(self, attempt: str, prompt: list[int], max_tokens: int, sampling: Sampling = Sampling(),
               produced: int = 0) -> None:
@@ -93,9 +96,12 @@ class Harness:
             if not self.on_the_way[i]:
                 continue
             step, x = self.on_the_way[i].popleft()
+            if self.tamper is not None and x is not None:
+                x = self.tamper(i, step, x)
             outcome = self.caches[i].run(self.shards[i], step, x)
+            self.nonfinite += [i] if outcome.nonfinite else []
             for member, why in outcome.failed:
-                self.failed[member.attempt] = why
+                self.failed.setdefault(member.attempt, why)  # what its entry hears first
                 self.scheduler.cancel(member.attempt, failed=True)
             if not step.last:
                 following = step.onward(outcome.ran if outcome.out is not None else None)
@@ -247,3 +253,79 @@ def test_a_step_built_ahead_is_taken_back_when_the_lane_changes(model_dir, mlx_l
     assert harness.out["r2"] == reference(mlx_lm_model, PROMPTS[2], 30)
     assert harness.out["c"] == reference(mlx_lm_model, PROMPTS[1] + left, 20)  # from the entry, exact
     assert harness.scheduler.status()["prefix_hits"] == 1
+
+
+# ----- values that are not finite never spread (issue 20, item 7) ----------------------------------
+
+def run_restarting(harness: Harness, arrivals: dict[int, list[tuple]], prompts: dict[str, list[int]],
+                   max_tokens: int) -> list[str]:
+    """Run, starting a failed attempt again as its entry would (prompt + tokens so far, on
+    the same route); returns why each failed."""
+    seen: list[str] = []
+    for t in range(10_000):
+        for args in arrivals.pop(t, []):
+            harness.admit(*args)
+        for attempt in [a for a in harness.failed if a not in seen]:
+            seen.append(attempt)
+            request, n = attempt.split(".")
+            produced = list(harness.out[request])
+            arrivals.setdefault(t + 1, []).append((f"{request}.{int(n) + 1}", prompts[request] + produced,
+                                                   max_tokens, Sampling(), len(produced)))
+        if not harness.tick() and not arrivals:
+            return [harness.failed[a] for a in seen]
+    raise AssertionError("the harness did not finish")
+
+
+def finite_caches(harness: Harness) -> bool:
+    """Every KV cache the stages hold (prefix-cache entries, lanes, prompts being prefilled) is finite."""
+    caches = [entry.cache for c in harness.caches for entry in c.entries.values()]
+    caches += [lane.cache for c in harness.caches for lane in c.lanes.values() if lane.cache is not None]
+    caches += [alone.cache for c in harness.caches for alone in c.alone.values()]
+    return all(mx.isfinite(a).all().item() for cache in caches for layer in cache for a in layer.state)
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_activations_that_are_not_finite_are_refused_and_nothing_of_them_is_cached(model_dir, mlx_lm_model, kind):
+    # stage 1 receives NaN for one row of one step (a member's poisoned activations): it
+    # refuses the row, the entry starts it again, and every answer is mlx-lm's; no cache
+    # anywhere holds a NaN, and the same prompt again starts from a clean prefix-cache entry
+    harness = Harness(model_dir, [(0, 2), (2, 4), (4, 6)], ServingSettings(prefill_chunk=16))
+    poisoned: list[Step] = []
+
+    def tamper(stage: int, step: Step, x: mx.array) -> mx.array:
+        if stage != 1 or poisoned or step.kind != kind or "a.0" not in [m.attempt for m in step.members]:
+            return x
+        if kind == "decode" and (len(harness.out["a"]) < 5 or len(step.members) < 2):
+            return x  # a row of a batch, some tokens in
+        poisoned.append(step)
+        row = [m.attempt for m in step.members].index("a.0")
+        return mx.where(mx.arange(x.shape[0])[:, None, None] == row, mx.array(float("nan"), x.dtype), x)
+
+    harness.tamper = tamper
+    prompts = {r: PROMPTS[i] for r, i in zip("abcdef", (5, 2, 4, 0, 3, 7))}
+    arrivals = {2 * i: [(f"{r}.0", prompt, 20)] for i, (r, prompt) in enumerate(prompts.items())}
+    failures = run_restarting(harness, arrivals, prompts, 20)
+    assert poisoned and len(failures) == 1
+    assert failures[0] == f"n1 refused activations that are not finite (NaN or inf) from n0 for layers 2-3"
+    if kind == "decode":
+        assert len(poisoned[0].members) > 1  # the others in the batch went on
+    for request, prompt in prompts.items():
+        assert harness.out[request] == reference(mlx_lm_model, prompt, 20), request
+    assert finite_caches(harness) and all(c.entries for c in harness.caches)
+    assert not harness.nonfinite  # not the refusing stage's own doing
+    harness.run({0: [("again.0", prompts["a"], 20)]})
+    assert harness.out["again"] == reference(mlx_lm_model, prompts["a"], 20)
+    assert harness.scheduler.status()["prefix_hits"] >= 1 and finite_caches(harness)
+
+
+def test_a_stage_whose_weights_turned_nan_refuses_its_own_outputs_and_names_the_weight(model_dir, mlx_lm_model):
+    harness = Harness(model_dir, [(0, 3), (3, 6)], ServingSettings(prefill_chunk=16))
+    harness.run({0: [("a.0", PROMPTS[1], 8)]})
+    assert harness.out["a"] == reference(mlx_lm_model, PROMPTS[1], 8)
+    assert harness.shards[0].damaged() is None
+    mlp = harness.shards[0].layer(1).mlp  # a bit flipped in memory: one weight is NaN now
+    mlp.down_proj.weight = mlp.down_proj.weight.at[0, 0].add(float("nan"))
+    assert harness.shards[0].damaged() == "model.layers.1.mlp.down_proj.weight"
+    harness.run({0: [("b.0", PROMPTS[3], 8)]})
+    assert harness.failed["b.0"] == "n0 computed values that are not finite (NaN or inf) in layers 0-2"
+    assert harness.nonfinite == [0] and harness.out["b"] == [] and finite_caches(harness)

@@ -300,6 +300,20 @@ def test_missing_and_misshapen_tensors(models, tmp_path):
         load_shard(root, 0, 3)  # the other layers are fine: only the shard's tensors matter
 
 
+def test_weights_that_are_not_finite_are_refused_as_they_are_read(models, tmp_path):
+    # a damaged copy (a NaN where bits rotted): the layers that hold it do not load; the others do
+    weights = mx.load(str(models["llama"] / "model.safetensors"))
+    name = "model.layers.4.mlp.up_proj.weight"
+    weights[name] = weights[name].at[0, 0].add(float("nan"))
+    root = tmp_path / "rotted"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(LLAMA))
+    mx.save_safetensors(str(root / "model.safetensors"), weights)
+    assert one_line(root, 3, 6) == ("rotted: mlp.up_proj.weight of layer 4 holds values that are not finite "
+                                   "(NaN or inf): this copy of the model is damaged")
+    assert load_shard(root, 0, 3).damaged() is None
+
+
 def test_supported_families_are_the_tested_ones():
     tested = {_get_classes(c)[0].__module__.rsplit(".", 1)[-1] for c in CONFIGS.values()}
     assert tested == set(FAMILIES)

@@ -132,6 +132,17 @@ def test_disks_fetches_and_single_copies_are_shown(width):
 
 
 @pytest.mark.parametrize("width", [80, 200])
+def test_a_mac_holding_another_model_under_the_name_is_named_with_why(width):
+    status = kimi_status()
+    why = "studio-d holds another model under the name Kimi-K2: manifest 0123456789ab… vs abababababab…, the cluster's"
+    status["nodes"][-1]["other_model"] = why
+    text = frame(status, width)
+    assert_fits(text, width)
+    joined = " ".join(" ".join(line.strip("│ ") for line in text.splitlines()).split())
+    assert "another model: " + why in joined
+
+
+@pytest.mark.parametrize("width", [80, 200])
 def test_frame_shows_nodes_leader_links_plan_runtime_and_events(width):
     text = frame(kimi_status(), width)
     assert_fits(text, width)

@@ -14,7 +14,7 @@ The forward is written out flat, as the supported families' own __call__ does it
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,11 @@ class Shard:
         prefix = ("language_model." if self._lm is not self.model else "") + "model.layers."
         return {_original(name, prefix, self.start): a for name, a in tree_flatten(self.model.parameters())}
 
+    def damaged(self) -> str | None:
+        """The first of our parameters (its name in the checkpoint) holding a NaN or an inf, None
+        when all are finite: one pass over the weights, when a step computed NaN or inf."""
+        return _not_finite(self.checkpoint_arrays().items())
+
     def make_cache(self) -> list[Any]:
         """A fresh KV cache for this shard's layers (one per request)."""
         return make_prompt_cache(self.model)
@@ -110,6 +115,28 @@ class Shard:
         h = self._inner.norm(h[:, -1:])
         out = self._lm.lm_head(h) if "lm_head" in self._lm else self._inner.embed_tokens.as_linear(h)
         return out[:, -1, :]
+
+
+def _read_finite(module: nn.Module, model: str, layer: int | None) -> None:
+    """Read a module's weights; raises ShardError when one holds a NaN or an inf (a damaged
+    copy: bits rotted on disk, or fetched from a damaged one). A pass over the bytes just
+    read, not another read of the disk."""
+    mx.eval(module.parameters())
+    bad = _not_finite(tree_flatten(module.parameters()))
+    if bad is not None:
+        where = f"layer {layer}" if layer is not None else "the model's ends"
+        raise ShardError(f"{model}: {bad} of {where} holds values that are not finite (NaN or inf): "
+                         "this copy of the model is damaged")
+
+
+def _not_finite(arrays: Iterable[tuple[str, mx.array]]) -> str | None:
+    """The name of the first floating-point array holding a NaN or an inf, else None. One array
+    at a time, fused: the check holds no array of its size (peak memory stays the weights')."""
+    return next((name for name, a in arrays if mx.issubdtype(a.dtype, mx.floating) and not _finite(a).item()),
+                None)
+
+
+_finite = mx.compile(lambda a: mx.isfinite(a).all())
 
 
 class LoadAbandoned(Exception):
@@ -194,8 +221,9 @@ def load_shard(model_dir: str | Path, start: int, end: int, keep: Sequence[Shard
     kept = _take_kept(lm, inner, start, end, keep)
     layers = [layer for layer in inner.layers if id(layer) not in kept]
     todo = [m for m in _ends(lm, inner) if id(m) not in kept] + layers
+    numbers = {id(layer): start + i for i, layer in enumerate(inner.layers)}
     for done, module in enumerate(todo, 1):
-        mx.eval(module.parameters())
+        _read_finite(module, root.name, numbers.get(id(module)))
         if on_layer is not None and not on_layer(done, len(todo)):
             raise LoadAbandoned(f"layers [{start}, {end})")
     shard = Shard(model, config, start, end, num_layers, FAMILIES[_family(model)])

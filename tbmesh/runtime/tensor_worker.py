@@ -98,7 +98,7 @@ def outcome_frame(outcome: Any, held: Held) -> wire.Tensor:
                 for attempt, lp in outcome.logprobs.items()}
     return op_frame("done", outcome.out, ran=[m.meta() for m in outcome.ran],
                     failed=[m.meta() for m, _ in outcome.failed], why=[why for _, why in outcome.failed],
-                    tokens=outcome.tokens, logprobs=logprobs, **_held_fields(held))
+                    refused=outcome.refused, tokens=outcome.tokens, logprobs=logprobs, **_held_fields(held))
 
 
 def _held_fields(held: Held) -> dict[str, Any]:
@@ -119,7 +119,8 @@ def outcome_of(frame: wire.Tensor) -> tuple[Any, Held]:
                 for a, (token, logprob, tokens, probs) in meta["logprobs"].items()}
     outcome = Outcome(wire.array_from_tensor(frame) if frame.shape != (0,) else None,
                       tuple(Member.from_meta(m) for m in meta["ran"]), dict(meta["tokens"]), logprobs,
-                      [(Member.from_meta(m), why) for m, why in zip(meta["failed"], meta["why"])])
+                      [(Member.from_meta(m), why) for m, why in zip(meta["failed"], meta["why"])],
+                      refused=meta["refused"])
     return outcome, held_of(meta)
 
 

@@ -87,6 +87,7 @@ class Counters:
     resumed: int = 0  # attempts started again on another route
     tokens: int = 0  # tokens streamed by this entry
     steps: int = 0  # steps this node's stages ran
+    refused_nonfinite: int = 0  # rows of steps refused here: activations or outputs not finite
 
 
 class Worker:
@@ -447,13 +448,17 @@ class Engine:
                            lambda result, error: self._computed(step, result, error))
 
     def _compute(self, shard: Shard | GroupShard | None, step: Step,
-                 tensor: wire.Tensor) -> tuple[Outcome, wire.Tensor | None, Any]:
-        """Worker thread. A group's rank 0 runs the step on every rank (GroupFailed if it cannot)."""
+                 tensor: wire.Tensor) -> tuple[Outcome, wire.Tensor | None, Any, str | None]:
+        """Worker thread. A group's rank 0 runs the step on every rank (GroupFailed if it cannot).
+        When our layers made NaN or inf of finite inputs, their weights are looked at: the
+        name of one that is not finite (the shard is damaged) comes last, else None."""
         x = wire.array_from_tensor(tensor) if step.kind != "flush" else None
+        damaged = None
         if isinstance(shard, GroupShard):
             outcome = shard.worker.run(step, x)
         else:
             outcome = self.caches.run(shard, step, x) if shard is not None else Outcome()
+            damaged = shard.damaged() if outcome.nonfinite and shard is not None else None
         forward = None
         if not step.last:
             following = step.onward(outcome.ran if outcome.out is not None else None)
@@ -461,7 +466,7 @@ class Engine:
                 forward = wire.tensor_from_array(outcome.out, step.lane, 0, following.meta())
             else:
                 forward = wire.tensor_from_array(np.zeros((0,), np.int32), step.lane, 0, following.meta())
-        return outcome, forward, self._snapshot()
+        return outcome, forward, self._snapshot(), damaged
 
     def _snapshot(self) -> tuple[set[Range], dict[str, int]]:
         """Worker thread: what the loop side keeps of the caches (layers in use, figures),
@@ -491,19 +496,22 @@ class Engine:
             self._in_use = in_use
             self._keep(self.keeper.tick(time.monotonic(), in_use))
 
-    def _computed(self, step: Step, result: tuple[Outcome, wire.Tensor | None, Any] | None,
+    def _computed(self, step: Step, result: tuple[Outcome, wire.Tensor | None, Any, str | None] | None,
                   error: BaseException | None) -> None:
         self._busy -= 1
         if error is not None:
             log.error("a %s step of layers %d-%d failed: %r", step.kind, *step.layers, error)
             self._failed(step, step.members, f"{self._name(self.me)} failed to compute a step")
         elif result is not None:
-            outcome, forward, snapshot = result
+            outcome, forward, snapshot, damaged = result
             self._observe(snapshot)
             self.counters.steps += step.kind != "flush"
             if outcome.failed:
+                self.counters.refused_nonfinite += outcome.refused
                 for member, why in outcome.failed:
                     self._failed(step, (member,), why)
+            if damaged is not None:
+                self._damaged(step.layers, damaged)
             if forward is not None:
                 if not self._deliver(step.route[step.stage + 1][0], forward):
                     self._failed(step, outcome.ran, f"no route to {self._name(step.route[step.stage + 1][0])}")
@@ -534,6 +542,16 @@ class Engine:
                 self._observe(snapshot)
 
         self.worker.submit(lambda: (fn(), self._snapshot())[1], done)
+
+    def _damaged(self, layers: Range, tensor: str) -> None:
+        """Our held `layers` computed NaN or inf and hold a weight that is not finite: they go,
+        published as a load that failed, so the leader plans without us; they are read from
+        disk again when tried again (and a load refuses weights that are not finite)."""
+        why = (f"{tensor} of layers {layers[0]}-{layers[1] - 1} holds values that are not finite (NaN or inf) "
+               f"in {self.host.name}'s memory")
+        log.error("%s: letting the layers go", why)
+        self.host.record("damaged", self.me, why)
+        self._keep(self.keeper.damaged(layers, why, time.monotonic(), self._in_use))
 
     # ----- layers ----------------------------------------------------------------------
 

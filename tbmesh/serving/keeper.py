@@ -10,6 +10,8 @@ stage, unused layers stay LINGER_S: a Mac that ran alone and joins keeps what it
 the stage the next plan gives it, a moment later. A tight node (its running and prepared
 stages do not fit its memory together) lets the running one go at once. A load that failed
 (a damaged file) is tried again after LOAD_RETRY_S; meanwhile the leader plans without us.
+Held layers found damaged (they computed NaN or inf, and their weights hold some) go, and
+count as a load that failed.
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ class Keeper:
             self.loading = None
         self._failed = (target, now, why)
         return self._follow(now, in_use) + [WakeAt(now + self.retry_s)]
+
+    def damaged(self, layers: Range, why: str, now: float, in_use: set[Range]) -> list[Action]:
+        """The held `layers` are damaged (weights in memory that are not finite): they go at
+        once, and the stage is published as a load that failed, saying `why` (the leader plans
+        without us, and a load tried after retry_s reads them from disk again)."""
+        self._failed, self.progress = (layers, now, why), 0.0
+        return self.forget(layers, now, in_use) + [WakeAt(now + self.retry_s)]
 
     def forget(self, layers: Range, now: float, in_use: set[Range]) -> list[Action]:
         """The held `layers` cannot serve any more: a tensor group's worker died, or the plan

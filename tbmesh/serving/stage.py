@@ -15,6 +15,13 @@ attempt instead of computing on a cache out of step.
 
 At the last stage each row is sampled on its own (its temperature, top-p, and the key of
 its seed and step), so a seeded request draws the same tokens whatever else is in its batch.
+
+Nothing that is not finite goes on: a row whose activations from the previous stage, or
+whose outputs here (hidden states; logits at the last stage), hold a NaN or an inf fails,
+as a row on a dead stage does (its entry starts it again), and leaves the caches here
+first, so no entry of the prefix cache is ever made from it. The check is one
+reduction per tensor, evaluated with the step's outputs. (A last stage computes no logits
+while it prefills: its own damage shows at the first decode step, before any token.)
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ class Outcome:
     tokens: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of the members that asked
     failed: list[tuple[Member, str]] = field(default_factory=list)
+    refused: int = 0  # rows of `failed` refused for values that are not finite
+    nonfinite: bool = False  # our layers made NaN or inf of finite inputs (are their weights damaged?)
 
 
 class StageCaches:
@@ -145,11 +154,15 @@ class StageCaches:
             return Outcome(failed=[(member, f"{self.name} lost the request's cache")])
         out = shard.forward(x, alone.cache)
         alone.length += step.length
-        if shard.last:
-            mx.eval([c.state for c in alone.cache])
-            return Outcome(ran=step.members)
-        mx.eval(out)
-        return Outcome(out, step.members)
+        ins = None if shard.first else finite_rows(x)
+        outs = mx.array([True]) if shard.last else finite_rows(out)  # a prefill's logits are not computed
+        fine = both(ins, outs)
+        mx.eval([c.state for c in alone.cache] if shard.last else out, fine)
+        failed, own = self._not_finite(step, step.members, ins, outs, fine)
+        if failed:
+            self.alone.pop(member.attempt, None)  # its cache holds them now
+            return Outcome(failed=failed, refused=len(failed), nonfinite=own)
+        return Outcome(ran=step.members) if shard.last else Outcome(out, step.members)
 
     def _decode(self, shard: Shard, step: Step, x: mx.array) -> Outcome:
         lane = self.lanes.setdefault((step.route, step.lane), LaneCache())
@@ -180,21 +193,28 @@ class StageCaches:
             self.lanes.pop((step.route, step.lane), None)
             return outcome
         outcome.ran = ran
+        ins = None  # whether each row's activations from the previous stage are finite
         if lane.ahead is not None:  # this very step is on its way already: same rows, same inputs
             rows, lane.ahead = lane.ahead, None
         else:
             if len(ran) < len(step.members):
                 x = x[mx.array([i for i, m in enumerate(step.members) if m.attempt in lane.members])]
             out = shard.forward(x, lane.cache)
+            ins = None if shard.first else finite_rows(x)
             if not shard.last:
-                mx.eval(out)
+                outs = finite_rows(out)
+                fine = both(ins, outs)
+                mx.eval(out, fine)
                 lane.lengths = [n + 1 for n in lane.lengths]
-                outcome.out = out
+                failed, outcome.nonfinite = self._not_finite(step, ran, ins, outs, fine)
+                kept = self._refuse(lane, outcome, failed)
+                outcome.out = out if len(kept) == len(ran) else out[mx.array(kept)] if kept else None
                 return outcome
             rows = sample_rows(out, ran)
         tokens = rows.tokens
         lane.lengths = [n + 1 for n in lane.lengths]
-        mx.async_eval(tokens)
+        fine = both(ins, rows.finite)
+        mx.async_eval(tokens, fine)
         if step.ahead and shard.first and all(c.is_trimmable() for c in lane.cache):
             # A route of one stage feeds its own tokens back: the next step is built from them
             # before they are read, and computes while this one's go out (mlx-lm's async_eval
@@ -202,13 +222,48 @@ class StageCaches:
             following = tuple(replace(m, step=m.step + 1) for m in ran)
             lane.ahead = sample_rows(shard.forward(tokens[:, None], lane.cache), following)
             mx.async_eval(lane.ahead.tokens)
-        outcome.tokens = dict(zip((m.attempt for m in ran), tokens.tolist()))
+        failed, outcome.nonfinite = self._not_finite(step, ran, ins, rows.finite, fine)
+        kept = set(self._refuse(lane, outcome, failed))
+        outcome.tokens = {m.attempt: t for i, (m, t) in enumerate(zip(ran, tokens.tolist())) if i in kept}
         if rows.logprobs is not None:  # only when a member asked: the top-k costs a sort a row
             for i, m in enumerate(ran):
-                if m.sampling.logprobs is not None:
+                if m.sampling.logprobs is not None and i in kept:
                     outcome.logprobs[m.attempt] = token_logprobs(rows.logprobs[i], outcome.tokens[m.attempt],
                                                                  m.sampling.logprobs)  # fmt: skip
         return outcome
+
+    def _not_finite(self, step: Step, members: tuple[Member, ...], ins: mx.array | None,
+                    outs: mx.array, fine: mx.array) -> tuple[list[tuple[Member, str]], bool]:
+        """The members whose activations from the previous stage (`ins`) or whose outputs here
+        (`outs`) are not all finite (`fine`, evaluated: both are), each with why; and whether
+        some were ours alone (finite inputs, not finite outputs)."""
+        if all(fine.tolist()):
+            return [], False
+        first, last = step.layers[0], step.layers[1] - 1
+        before = step.route[step.stage - 1][0] if step.stage else ""
+        fine_in = ins.tolist() if ins is not None else [True] * len(members)
+        failed, own = [], False
+        for member, fine_before, fine_here in zip(members, fine_in, outs.tolist()):
+            if not fine_before:
+                failed.append((member, f"{self.name} refused activations that are not finite (NaN or inf) "
+                                       f"from {before} for layers {first}-{last}"))
+            elif not fine_here:
+                own = True
+                failed.append((member, f"{self.name} computed values that are not finite (NaN or inf) "
+                                       f"in layers {first}-{last}"))
+        return failed, own
+
+    def _refuse(self, lane: LaneCache, outcome: Outcome, failed: list[tuple[Member, str]]) -> list[int]:
+        """The `failed` rows of a decode step leave the lane (their caches here hold the values
+        refused, and go), and the outcome; returns the indices in outcome.ran of the others."""
+        gone = {m.attempt for m, _ in failed}
+        kept = [i for i, m in enumerate(outcome.ran) if m.attempt not in gone]
+        if gone:
+            self._leave(lane, list(gone))
+            outcome.failed += failed
+            outcome.refused += len(failed)
+            outcome.ran = tuple(outcome.ran[i] for i in kept)
+        return kept
 
     # ----- caches ----------------------------------------------------------------------
 
@@ -286,9 +341,11 @@ def _fresh(shard: Shard) -> Cache:
 
 @dataclass
 class Rows:
-    """A step's sampled tokens (lazy), and its log-probabilities when a member asked for them."""
+    """A step's sampled tokens (lazy), whether each row's logits are finite (lazy), and its
+    log-probabilities when a member asked for them."""
 
     tokens: mx.array
+    finite: mx.array
     logprobs: mx.array | None = None
 
 
@@ -296,8 +353,20 @@ def sample_rows(logits: mx.array, members: tuple[Member, ...]) -> Rows:
     """Each row's token (lazy): greedy rows by one argmax, the others drawn with their own keys."""
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     greedy = mx.argmax(logprobs, axis=-1)
+    finite = finite_rows(logits)
     wanted = logprobs if any(m.sampling.logprobs is not None for m in members) else None
     if all(m.sampling.temperature == 0 for m in members):
-        return Rows(greedy, wanted)
+        return Rows(greedy, finite, wanted)
     return Rows(mx.concatenate([greedy[i : i + 1] if m.sampling.temperature == 0 else draw(logprobs[i : i + 1], m.sampling, m.step)
-                                for i, m in enumerate(members)]), wanted)
+                                for i, m in enumerate(members)]), finite, wanted)
+
+
+def finite_rows(x: mx.array) -> mx.array:
+    """Whether each row (first axis) of `x` is finite everywhere: lazy, evaluated with the step
+    (one pass over activations a step computes anyway)."""
+    return mx.isfinite(x).all(axis=tuple(range(1, x.ndim)))
+
+
+def both(ins: mx.array | None, outs: mx.array) -> mx.array:
+    """Per row: the inputs (None: token ids, at stage 0) and the outputs are finite (lazy)."""
+    return outs if ins is None else mx.logical_and(ins, outs)
