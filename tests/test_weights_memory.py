@@ -20,6 +20,7 @@ from tbmesh.core.messages import ENDS, DiskState
 from tbmesh.runtime.shard import Shard, load_shard
 from tbmesh.serving.disk import Disk
 from tbmesh.serving.view import ClusterView
+from tbmesh.net import peers
 from tbmesh.weights import bulk
 from tbmesh.weights.store import Local, Store
 
@@ -68,10 +69,10 @@ def vanished(original: Path, tmp_path: Path) -> tuple[Disk, Shard]:
 
 def serving(local: Local) -> bulk.Peer:
     """A peer serving `local` with bulk.serve over a fresh socket pair at each connection."""
-    def connect() -> tuple[socket.socket, bytes]:
+    def connect() -> peers.Detached:
         ours, theirs = socket.socketpair()
-        threading.Thread(target=bulk.serve, args=(theirs, b"", local), daemon=True).start()
-        return ours, b""
+        threading.Thread(target=bulk.serve, args=(peers.Detached(theirs, b"", None), local), daemon=True).start()
+        return peers.Detached(ours, b"", None)
     return bulk.Peer("a", "a", connect)
 
 
