@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 GROUP_RETRY_S = 0.5  # how often a group load waiting for a member's connection tries again
 POLL_S = 0.01  # how often requests waiting for a usable plan look at the view again
 FETCH_RETRY_S = 0.5  # how often a load waiting for the model's manifest tries again
+SCAN_EVERY_S = 60.0  # a held shard's weights are looked over for NaN at most this often (a prompt
+                     # that overflows the model's dtype makes NaN again at every retry, on any Mac)
 
 DataMessage = wire.Tensor | wire.Tokens | wire.Cancel
 
@@ -174,6 +176,7 @@ class Engine:
         self._forming: Forming | None = None  # a group forming for layers we serve alone (_reshape)
         self._generation = 0  # bumped when the loads under way are to be ignored (see on_view)
         self._loading_as: tuple | None = None  # the shape of the stage under way (_shape)
+        self._scanned: dict[int, float] = {}  # id of a held shard -> when its weights were looked over (worker's)
         self._closed = False
 
     async def close(self) -> None:
@@ -458,7 +461,8 @@ class Engine:
             outcome = shard.worker.run(step, x)
         else:
             outcome = self.caches.run(shard, step, x) if shard is not None else Outcome()
-            damaged = shard.damaged() if outcome.nonfinite and shard is not None else None
+            if outcome.nonfinite and shard is not None and self._scan_due(shard):
+                damaged = shard.damaged()
         forward = None
         if not step.last:
             following = step.onward(outcome.ran if outcome.out is not None else None)
@@ -467,6 +471,15 @@ class Engine:
             else:
                 forward = wire.tensor_from_array(np.zeros((0,), np.int32), step.lane, 0, following.meta())
         return outcome, forward, self._snapshot(), damaged
+
+    def _scan_due(self, shard: Shard) -> bool:
+        """Worker thread: whether to look over the shard's weights now (see SCAN_EVERY_S)."""
+        now = time.monotonic()
+        if now - self._scanned.get(id(shard), -SCAN_EVERY_S) < SCAN_EVERY_S:
+            return False
+        self._scanned = {key: at for key, at in self._scanned.items() if now - at < SCAN_EVERY_S}
+        self._scanned[id(shard)] = now
+        return True
 
     def _snapshot(self) -> tuple[set[Range], dict[str, int]]:
         """Worker thread: what the loop side keeps of the caches (layers in use, figures),
