@@ -151,12 +151,7 @@ def bulk_fetch(rounds: int, work: Path, rate_name: str = "1gbit", limit: int = 5
     model = work / "model"
     wb.write_checkpoint(model)
     manifest = build_manifest(model)
-    wanted, size = [], 0
-    for entry in manifest.needed(0, wb.LAYERS, wb.LAYERS):
-        if size >= limit:
-            break
-        wanted.append(entry)
-        size += entry.object_size
+    wanted, _ = wb.first_objects(manifest, limit)
     with netns.Lab() as lab:
         a, b = lab.add_mac("a"), lab.add_mac("b")
         cable = lab.cable(a, b, rate=rate_name)

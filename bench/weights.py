@@ -287,13 +287,19 @@ async def _probe(a: netns.Mac, b: netns.Mac, addr: str) -> float:
     return result.bytes_per_s
 
 
-def shaped(model: Path, manifest: Manifest, rate_name: str, rounds: int, work: Path, limit: int) -> dict:
+def first_objects(manifest: Manifest, limit: int) -> tuple[list, int]:
+    """The checkpoint's first objects, in layer order, until `limit` bytes; and their bytes."""
     wanted, size = [], 0
     for entry in manifest.needed(0, LAYERS, LAYERS):
         if size >= limit:
             break
         wanted.append(entry)
         size += entry.object_size
+    return wanted, size
+
+
+def shaped(model: Path, manifest: Manifest, rate_name: str, rounds: int, work: Path, limit: int) -> dict:
+    wanted, size = first_objects(manifest, limit)
     with netns.Lab() as lab:
         a, b = lab.add_mac("a"), lab.add_mac("b")
         cable = lab.cable(a, b, rate=rate_name)
