@@ -110,7 +110,7 @@ class Channel:
 
     def write(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
         """Raw bytes (sealed with TLS): a probe's stream, or encoded frames."""
-        self.writer.writelines(self.tls.seal(buffers) if self.tls is not None else buffers)
+        write_all(self.writer, self.tls.seal(buffers) if self.tls is not None else buffers)
 
     async def read(self) -> bytes:
         """The next bytes from the peer (opened with TLS); b"" at the end of the stream."""
@@ -213,6 +213,16 @@ class Channel:
             self.closed = True
             self.close_reason = reason
             self.writer.close()
+
+
+def write_all(writer: asyncio.StreamWriter, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+    """`buffers` in order. One is written as it is: asyncio's writelines joins its list into a
+    new bytes first (Python 3.11), a copy of every byte that halved the probe at 5 Gbit/s."""
+    buffers = buffers if isinstance(buffers, list) else list(buffers)
+    if len(buffers) == 1:
+        writer.write(buffers[0])
+    else:
+        writer.writelines(buffers)
 
 
 def _nodelay(writer: asyncio.StreamWriter) -> None:

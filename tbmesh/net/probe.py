@@ -98,7 +98,8 @@ class plain:  # noqa: N801  (reads as a function: plain(reader, writer))
         return await self.reader.read(READ_SIZE)
 
     def write(self, buffers: Iterable[bytes | memoryview]) -> None:
-        self.writer.writelines(buffers)
+        for buffer in buffers:  # one by one: writelines would join them into a copy first
+            self.writer.write(buffer)
 
 
 async def _drain(stream: Stream) -> None:
