@@ -774,16 +774,10 @@ class Daemon:
         id); a dialer that meant us sends its heartbeat at once. Until then the connection is
         not ours to keep: adopting it would replace the one we have with that node, at each dial."""
 
-        async def first() -> object:
-            while (message := channel.decoder.next_message()) is None:
-                data = await channel.read()
-                if not data:
-                    raise ConnectionError("closed after our welcome")
-                channel.decoder.feed(data)
-            return message
-
         try:
-            message = await asyncio.wait_for(first(), peers.HANDSHAKE_TIMEOUT)
+            message = await asyncio.wait_for(channel.receive(), peers.HANDSHAKE_TIMEOUT)
+            if message is None:
+                raise ConnectionError("closed after our welcome")
         except asyncio.CancelledError:  # the daemon stops
             channel.close("daemon stopping")
             return None

@@ -104,10 +104,6 @@ class Channel:
     def peer_id(self) -> str:
         return self.peer.node
 
-    def extra(self, name: str) -> Any:
-        """The socket's `peername`, `sockname` or `socket` (asyncio's get_extra_info)."""
-        return self.writer.get_extra_info(name)
-
     def write(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
         """Raw bytes (sealed with TLS): a probe's stream, or encoded frames."""
         write_all(self.writer, self.tls.seal(buffers) if self.tls is not None else buffers)
@@ -168,13 +164,20 @@ class Channel:
         except (OSError, ConnectionError) as error:
             self.close(f"connection error: {error}")
 
-    async def next_handshake(self, kind: type) -> Any:
-        """The next message, which must be a `kind` (a Refuse raises Refused with its reason)."""
+    async def receive(self) -> Any | None:
+        """The next message; None when the peer closed the connection first."""
         while (message := self.decoder.next_message()) is None:
             data = await self.read()
             if not data:
-                raise Refused("the peer closed the connection during the handshake")
+                return None
             self.decoder.feed(data)
+        return message
+
+    async def next_handshake(self, kind: type) -> Any:
+        """The next message, which must be a `kind` (a Refuse raises Refused with its reason)."""
+        message = await self.receive()
+        if message is None:
+            raise Refused("the peer closed the connection during the handshake")
         if isinstance(message, wire.Refuse):
             raise Refused(f"the peer says: {message.reason}")
         if type(message) is not kind:
@@ -182,7 +185,7 @@ class Channel:
         return message
 
     def unread(self) -> bytes:
-        """Plaintext read past the handshake and not yet taken: a probe's first bytes."""
+        """Plaintext read past the handshake and not yet taken."""
         return self.decoder.unread()
 
     def detach(self) -> Detached:
