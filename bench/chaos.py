@@ -61,6 +61,7 @@ targets in the same order (timings differ: the machine decides them).
     .venv/bin/python bench/chaos.py soak --clients 64 --minutes 10
     .venv/bin/python bench/chaos.py campaign --quick          # the CI version (tests/test_chaos.py)
     .venv/bin/python bench/chaos.py campaign --faults 200 --seed 1 --hostile   # and strangers
+    .venv/bin/python bench/chaos.py campaign --faults 200 --seed 1 --groups 50:54   # a stretch of it
 
 Results: bench/results/chaos.json (one key per mode); the whole history stays in the work
 directory (`--keep`, or when a run finds something). Needs root and iproute2.
@@ -572,7 +573,7 @@ def campaign(cluster: Cluster, clients: Clients, groups: list[list[Fault]], seed
         run_group(cluster, group)
         done += group
         took = group[0].converge_s
-        print(f"  [{i + 1}/{len(groups)}] {desc}: converged "
+        print(f"  [{i + 1}/{len(groups)}] at {group[0].start:.1f}: {desc}: converged "
               f"{'NOT within %.0f s' % CONVERGE_TIMEOUT_S if took is None else '%.2f s after the heal' % took}",
               flush=True)
         if took is None or cluster.crashed():
@@ -721,6 +722,9 @@ def run_campaign(args: argparse.Namespace, lab: Lab, work: Path) -> dict:
     startup = cluster.wait_converged()
     groups = draw_faults(random.Random(seed), cluster.names, args.faults, args.quick,
                          args.hostile_weight if args.hostile else 0.0)
+    if args.groups:  # replay a stretch of the seed's schedule
+        first, _, last = args.groups.partition(":")
+        groups = groups[int(first or 0):int(last) if last else None]
     clients = Clients(cluster, args.clients, seed)
     time.sleep(2.0)  # the clients warm up, the prefix caches fill
     began = time.monotonic()
@@ -904,6 +908,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a stranger's Mac too, and its faults: relay, stranger, stray (implies --secret)")
     parser.add_argument("--hostile-weight", type=float, default=1.0,
                         help="each hostile kind's chance of being drawn against each other kind's (1: even)")
+    parser.add_argument("--groups", metavar="A:B",
+                        help="run only groups A to B (0-based, B excluded) of the seed's schedule: replays a finding")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, history)")
     parser.add_argument("--out", type=Path, default=RESULTS / "chaos.json",
                         help="the results file (each mode replaces its own key)")
