@@ -231,7 +231,7 @@ class Daemon:
         self._refusals = OncePer()  # warnings of refused connections, per remote address
         self.failure: str | None = None  # why the daemon stopped on its own (exit status 1)
         self._last_view: tuple | None = None  # (plan, preparing) the engine last saw
-        self._sound_links: frozenset[frozenset[str]] = frozenset()  # as the engine last heard
+        self._sound_links: dict[frozenset[str], dict[str, int]] = {}  # as the engine last heard
         self.telemetry: Telemetry | None = None
         self.rdma = rdma.RdmaStatus(None)  # this Mac's RDMA, read at start and when interfaces change
 
@@ -662,7 +662,7 @@ class Daemon:
                 self.engine.on_node_trouble(event.node, gone=event.kind != "suspect")
         sound = self.core.sound_links()
         if sound != self._sound_links:
-            troubled, self._sound_links = self._sound_links - sound, sound
+            troubled, self._sound_links = self.core.troubled_links(self._sound_links, sound), sound
             for pair in troubled if self.engine is not None else ():
                 self.engine.on_link_trouble(*sorted(pair))
         view = (self.core.plan, self.core.preparing)

@@ -225,16 +225,17 @@ class ClusterNode:
         """Reachable nodes (ourselves included), each mapped to whether it is suspected."""
         return dict(self._members)
 
-    def sound_links(self) -> frozenset[frozenset[str]]:
+    def sound_links(self) -> dict[frozenset[str], dict[str, int]]:
         """Pairs of reachable nodes whose connection no end suspects (ours as our detectors
-        see them now). A pair that leaves this set may have lost messages with its connection,
-        though both nodes stay reachable (by other cables): the data plane starts again what
-        went over it."""
-        published: set[frozenset[str]] = set()
+        see them now), each with the connections its ends say they made to each other. A
+        pair that leaves, or whose count goes up at either end, may have lost messages with
+        its connection, though both nodes stay reachable (by other cables): the data plane
+        starts again what went over it."""
+        counts: dict[frozenset[str], dict[str, int]] = {}
         suspected: set[frozenset[str]] = set()
         for peer, detector in self.peers.items():
             pair = frozenset((self.id, peer))
-            published.add(pair)
+            counts.setdefault(pair, {})[self.id] = detector.connections
             if detector.state is not PeerState.ALIVE or not detector.connected:
                 suspected.add(pair)
         for origin in self._members:
@@ -242,10 +243,18 @@ class ClusterNode:
             for adj in state.neighbours if state is not None else ():
                 if adj.peer in self._members:
                     pair = frozenset((origin, adj.peer))
-                    published.add(pair)
+                    counts.setdefault(pair, {})[origin] = adj.connections
                     if adj.suspect:
                         suspected.add(pair)
-        return frozenset(p for p in published - suspected if p <= self._members.keys())
+        return {p: c for p, c in counts.items() if p not in suspected and p <= self._members.keys()}
+
+    @staticmethod
+    def troubled_links(before: dict[frozenset[str], dict[str, int]],
+                       now: dict[frozenset[str], dict[str, int]]) -> list[frozenset[str]]:
+        """The pairs of `before` (sound_links) that are no longer sound, or whose connection
+        was made anew at an end that reported it both times."""
+        return [pair for pair, counts in before.items()
+                if pair not in now or any(now[pair].get(end, count) != count for end, count in counts.items())]
 
     def state_of(self, node: str) -> PeerState:
         if node in self._members:
@@ -750,7 +759,8 @@ class ClusterNode:
                 continue
             neighbours.append(
                 Adjacency(peer, detector.state is PeerState.SUSPECT,
-                          self._rtt_to_publish(peer, detector.rtt_s), detector.bytes_per_s, detector.rdma)
+                          self._rtt_to_publish(peer, detector.rtt_s), detector.bytes_per_s, detector.rdma,
+                          detector.connections)
             )
         state = LinkState(
             origin=self.id,

@@ -58,6 +58,7 @@ class PeerDetector:
     last_seq: int = -1
     echo_at: float = 0.0  # the peer's latest sent_at, echoed back for its RTT
     echo_received: float = 0.0
+    connections: int = 1  # connections made to the peer: a new one may have lost what the old one carried
 
     def heartbeat(self, incarnation: int, seq: int, now: float) -> bool:
         """Record a heartbeat; returns False when it is stale (older incarnation)."""
@@ -77,6 +78,7 @@ class PeerDetector:
             self.state, self.suspect_since = PeerState.SUSPECT, now
 
     def connection_made(self, incarnation: int, now: float) -> None:
+        self.connections += 1
         if incarnation > self.incarnation:
             self.incarnation, self.last_seq = incarnation, -1
         self.connected, self.state, self.last_heard = True, PeerState.ALIVE, now

@@ -38,6 +38,9 @@ class Adjacency:
     # our RDMA device on the cable to `peer` ("rdma_en2"), "" without one; omitted when
     # empty, so a Mac without RDMA (and every Linux box) sends what it sent before
     rdma: str = field(default="", metadata=OMIT_DEFAULT)
+    # connections the publisher made to `peer`: a new one (a replaced connection, a cable that
+    # flapped faster than anyone suspected it) may have lost what the old one carried
+    connections: int = field(default=0, metadata=OMIT_DEFAULT)
 
 
 @dataclass(frozen=True)
