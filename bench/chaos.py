@@ -3,7 +3,7 @@ and a checker reads the history afterwards (Jepsen's shape: generator, nemesis, 
 
 The cluster: `--macs` daemons (default 4) in network namespaces (tests/netns.py), cabled all
 to all with veth pairs, the first cable shaped to 1 Gbit/s; the 8-layer test model
-(float32, tbmesh.runtime.tiny). Every Mac's usable memory is a file (TBMESH_MEMORY_FILE) that
+(float32, tbmesh.testbed.tiny). Every Mac's usable memory is a file (TBMESH_MEMORY_FILE) that
 the nemesis can shrink. Clients (`--clients`, spread over the nodes) stream /v1/completions
 all the time: greedy or seeded (temperature 0.8, top-p 0.9), a prompt and a max_tokens drawn
 from small sets so that the references are few.
@@ -102,7 +102,7 @@ from serving import read_stream  # noqa: E402
 from strangers import DIAL_KINDS, Stranger, hostile_dial  # noqa: E402
 
 from tbmesh.core.membership import Timing  # noqa: E402
-from tbmesh.runtime.tiny import make_tiny_model  # noqa: E402
+from tbmesh.testbed.tiny import make_tiny_model  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "Thunderbolt cables link the Macs", "Hello",
            "Four Mac Studios on a desk, cabled together, run one model that none of them could hold"]

@@ -9,14 +9,14 @@ Sub-benchmarks (each prints a table and writes bench/results/daemon-<name>.json)
                    TCP connect from c to d's control port succeeds (the physical floor).
   failure          the chain a-b-c-d: time from `kill -9` of d, and from pulling the cable c-d
                    (veth deleted), until a, b and c all list d dead (polled every 10 ms).
-                   Baseline in the same run: tbmesh.sim's prediction for the same timing,
+                   Baseline in the same run: tbmesh.testbed.sim's prediction for the same timing,
                    topology and kind of failure (real / simulated).
   false-positives  3 daemons on loopback: an unloaded phase, then a phase with both cores
                    saturated by 2 processes doing float32 matmuls with MLX. Counts suspect/dead
                    events (status event logs and daemon logs; target 0) and compares the
                    heartbeat RTT (links' rtt_s) and the /status latency, loaded / unloaded.
   idle             one daemon with one peer on loopback: CPU % (cpu_times delta / wall) and
-                   RSS; baseline: a bare `python -c "import mlx.core, tbmesh.daemon; sleep"`
+                   RSS; baseline: a bare `python -c "import mlx.core, tbmesh.node.daemon; sleep"`
                    measured over the same window.
 
 Medians everywhere. Needs root and iproute2 for join and failure (network namespaces).
@@ -66,8 +66,8 @@ from netns import Cable, Lab, Mac  # noqa: E402
 
 from tbmesh.core.cluster import CoreConfig  # noqa: E402
 from tbmesh.core.membership import Timing  # noqa: E402
-from tbmesh.runtime.modeldir import describe_model_dir  # noqa: E402
-from tbmesh.sim import Simulator  # noqa: E402
+from tbmesh.testbed.sim import Simulator  # noqa: E402
+from tbmesh.weights.modeldir import describe_model_dir  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ tbmesh: (.*)$")
@@ -504,7 +504,7 @@ def time_dead(clients: list[StatusClient], node: str, t0: float) -> dict:
 
 
 def simulate(kind: str, seeds: int, model_dir: Path) -> list[float]:
-    """tbmesh.sim on the same chain a-b-c-d and timing: d crashes (kill -9: its connection
+    """tbmesh.testbed.sim on the same chain a-b-c-d and timing: d crashes (kill -9: its connection
     resets) or the cable c-d is pulled (silence); virtual seconds until a, b, c list d dead."""
     config = CoreConfig(Timing(), describe_model_dir(model_dir), 4096)
     out = []
@@ -569,7 +569,7 @@ def report_failure(kills: list[dict], pulls: list[dict], sims: dict[str, list[fl
     print(f"rejoins after which the daemons never agreed on one plan (10 s): {stuck}")
     result = {"rows": rows, "target_s": 1.5,
               "setup": "netns lab; chain a-b-c-d over veth cables; daemons --interface 'tb*' "
-                       "--no-probe; times until all of a, b, c list d dead; simulated: tbmesh.sim, "
+                       "--no-probe; times until all of a, b, c list d dead; simulated: tbmesh.testbed.sim, "
                        "same chain and Timing, crash(reset=True) or unplug, one run per seed "
                        "(the simulator ticks every heartbeat/2 = 0.1 s, the daemon every 0.05 s)"}
     write_result("failure", result)
@@ -728,7 +728,7 @@ def report_false_positives(unloaded: dict, loaded: dict, still: bool, args: argp
 
 # ----- idle cost -------------------------------------------------------------------------
 
-BARE_CODE = "import time, mlx.core, tbmesh.daemon; time.sleep({seconds})"
+BARE_CODE = "import time, mlx.core, tbmesh.node.daemon; time.sleep({seconds})"
 
 
 def usage(pid: int) -> tuple[float, int]:
@@ -780,7 +780,7 @@ def bench_idle(args: argparse.Namespace) -> dict:
 def report_idle(measured: dict[str, dict], statuses: list[Status | None], args: argparse.Namespace) -> dict:
     base = measured["bare python"]
     print(f"\nidle: one daemon with one peer on loopback, {args.seconds:.0f} s "
-          f"(baseline: bare `import mlx.core, tbmesh.daemon; sleep`)")
+          f"(baseline: bare `import mlx.core, tbmesh.node.daemon; sleep`)")
     print(f"{'process':22s} {'cpu':>8s} {'cpu s':>7s} {'rss':>9s} {'rss / bare':>10s} {'cpu - bare':>10s}")
     for name, m in measured.items():
         print(f"{name:22s} {m['cpu_percent']:7.2f}% {m['cpu_s']:7.2f} {m['rss_mb']:6.1f} MB "

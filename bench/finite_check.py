@@ -20,11 +20,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from tbmesh.generation import Sampling
+from tbmesh.core.generation import Sampling
 from tbmesh.runtime.shard import load_shard
-from tbmesh.runtime.tiny import make_tiny_model
 from tbmesh.serving import stage
 from tbmesh.serving.messages import Member, Origin, Step
+from tbmesh.testbed.tiny import make_tiny_model
 
 CHECKED = stage.finite_rows
 

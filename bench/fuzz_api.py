@@ -3,7 +3,7 @@
 The run of tests/test_openapi_fuzz.py (tests/api_fuzz.py: schemathesis's `st run` with every
 check of its own and two of ours, configured by tests/schemathesis.toml) with many more
 examples, going on after failures to count them all: one `tbmesh daemon` on loopback, a
-cluster of its own, serving a random tiny llama (tbmesh.runtime.tiny, made once under
+cluster of its own, serving a random tiny llama (tbmesh.testbed.tiny, made once under
 /tmp/tbmesh-bench) with a short --context so that answers stay short.
 
 Figures: requests sent, answers by status, 5xx (goal 0), schema violations (answers the
@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from api_fuzz import fuzz  # noqa: E402
 from daemons import serving_alone  # noqa: E402
-from tbmesh.runtime.tiny import make_tiny_model  # noqa: E402
+
+from tbmesh.testbed.tiny import make_tiny_model  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "tbmesh-bench"
 

@@ -94,8 +94,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import tracemalloc
 import traceback
+import tracemalloc
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -105,7 +105,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import msgpack
 import numpy as np
 
-from tbmesh.generation import Sampling
+from tbmesh.core.generation import Sampling
 from tbmesh.net import peers, secure, wire
 from tbmesh.serving.messages import Admit, Member, Origin, Release, Step
 

@@ -1,6 +1,6 @@
 """Inference through real daemons on loopback against single-process mlx-lm.
 
-One random llama (tbmesh.runtime.tiny.make_tiny_model, float32; built once, cached under
+One random llama (tbmesh.testbed.tiny.make_tiny_model, float32; built once, cached under
 /tmp/tbmesh-bench) served by clusters of 1, 2 and 3 `tbmesh daemon` processes on `lo`
 (`--interface lo --memory 8GB --no-probe`, a cluster name each), all started at once and
 measured in interleaved rounds, in rotating order, so that the load of this shared machine
@@ -221,8 +221,9 @@ def ring_stage_main(path: str, start: int, end: int, read_fd: int, write_fd: int
     (P: a prompt, fresh cache; D: one decode step; Q: quit), a length and the payload:
     token ids into the first stage, float32 hidden states between stages, the argmax token
     out of the last."""
-    import numpy as np
     import mlx.core as mx
+    import numpy as np
+
     from tbmesh.runtime.shard import load_shard
 
     shard = load_shard(path, start, end)
@@ -326,7 +327,7 @@ def reset_peak_rss(pid: int) -> None:
 
 def model_dir(layers: int, hidden: int, vocab: int) -> Path:
     """The benchmark model, made once (a marker file says it is complete)."""
-    from tbmesh.runtime.tiny import make_tiny_model
+    from tbmesh.testbed.tiny import make_tiny_model
 
     root = CACHE / f"llama-{layers}x{hidden}-v{vocab}-f32"
     if not (root / ".complete").exists():
@@ -476,7 +477,7 @@ def decode_rate(emitted: list[int], times: list[float]) -> float:
 def pick_prompts(baseline: Baseline, n: int, tokens: int) -> list[list[int]]:
     """`n` short prompts (the first words of the sentences of tiny's corpus) whose greedy answers
     run `tokens` tokens without EOS, so that every run does the same work."""
-    from tbmesh.runtime.tiny import CORPUS
+    from tbmesh.testbed.tiny import CORPUS
 
     starts = dict.fromkeys(" ".join(s.split()[:4]) for s in CORPUS.replace("\n", " ").split(". ")
                            if len(s.split()) >= 4)
@@ -707,7 +708,7 @@ def main() -> None:
         print(f"decode: {args.tokens} tokens, {len(prompt)}-token prompt, {args.rounds} rounds (tokens/s)", flush=True)
         results["decode"] = measure_decode(baseline, clusters, rings, prompt, args.tokens, args.rounds)
 
-        from tbmesh.runtime.tiny import CORPUS
+        from tbmesh.testbed.tiny import CORPUS
 
         long_prompt = baseline.call("encode", text=CORPUS)[: args.prompt_tokens]
         poller = StatusPoller(everyone)

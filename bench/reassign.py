@@ -1,7 +1,7 @@
 """Hot re-assignment through real daemons: how long a running answer stops when a stage dies
 or a Mac joins, where that time goes, and what is read from disk.
 
-One random llama (tbmesh.runtime.tiny.make_tiny_model, 24 layers x 512 hidden, float32,
+One random llama (tbmesh.testbed.tiny.make_tiny_model, 24 layers x 512 hidden, float32,
 ~300 MB; built once, cached under /tmp/tbmesh-bench, as bench/inference.py's) and one
 temperature-0 prompt whose greedy answer has no end-of-sequence token for `--tokens` tokens
 (bench/inference.py's pick_prompts). Every answer is compared with single-process mlx-lm's

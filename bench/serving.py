@@ -1,6 +1,6 @@
 """Serving through the OpenAI API: tbmesh daemons against mlx_lm.server, with the openai SDK.
 
-One random llama (bench/inference.py's model: tbmesh.runtime.tiny, float32, 24 layers x 256
+One random llama (bench/inference.py's model: tbmesh.testbed.tiny, float32, 24 layers x 256
 hidden by default, made once and cached under /tmp/tbmesh-bench) is served, in the same run,
 by three servers, all started by this script and all up at once:
 
@@ -99,7 +99,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import (  # bench/inference.py (it puts tests/ on the path)
-    ROOT, Baseline, Cluster, StatusPoller, decode_rate, median, model_dir, reset_peak_rss, rotate, vmhwm,
+    ROOT,
+    Baseline,
+    Cluster,
+    StatusPoller,
+    decode_rate,
+    median,
+    model_dir,
+    reset_peak_rss,
+    rotate,
+    vmhwm,
 )
 
 SYSTEM_PROMPT = (  # 305 tokens with the default (vocab 512) tokenizer; the run records the count
@@ -584,7 +593,7 @@ class Memory:
             self.rss_peak[pid] = max(self.rss_peak.get(pid, 0), vmhwm(pid) or 0)
 
     def result(self, servers: list[Any], path: Path, context: int, level: int) -> dict[str, Any]:
-        from tbmesh.runtime.modeldir import describe_model_dir
+        from tbmesh.weights.modeldir import describe_model_dir
 
         spec = describe_model_dir(path)
         nodes = []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tbmesh.core.cluster import CoreConfig
 from tbmesh.core.presets import preset_spec
-from tbmesh.sim import GB, Simulator, make_info
+from tbmesh.testbed.sim import GB, Simulator, make_info
 
 
 def topology(n: int) -> list[tuple[int, int]]:

@@ -4,7 +4,7 @@ Two modes, both by default (`--modes workers,daemons`), one after the other in t
 
 workers: one process running the whole model (a Shard and its StageCaches, stage 0's scheduler
 making the steps: what a node runs) against a group of 2 worker processes
-(tbmesh.runtime.tensor_worker, each holding half of every layer, 2 all-reduces a layer),
+(tbmesh.serving.tensor_worker, each holding half of every layer, 2 all-reduces a layer),
 driven by the same scheduler from this process as their parent. Greedy decode of 1 request,
 and of 8 at once (batched); tokens/s over the whole generation, medians of interleaved
 rounds; the group's tokens are checked equal to the process's. Also a bare group of 2 ranks
@@ -61,12 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference import ROOT, median, model_dir, rotate
 
-from tbmesh.generation import Sampling
+from tbmesh.core.generation import Sampling
 from tbmesh.runtime.tensor import free_ports, ring_environment, ring_hostfile
-from tbmesh.runtime.tensor_worker import Worker
 from tbmesh.serving.messages import Admit
 from tbmesh.serving.scheduler import Scheduler
 from tbmesh.serving.settings import ServingSettings
+from tbmesh.serving.tensor_worker import Worker
 
 
 def generate(run: Callable[[Any, np.ndarray], Any], route: tuple, prompts: list[list[int]],

@@ -394,7 +394,7 @@ def join(rounds: int, work: Path) -> dict:
     """A Mac with no weights plugged into a serving one: cable plugged -> serving, in phases."""
     from daemons import DaemonProcess, serving_view, wait_for
 
-    from tbmesh.runtime.tiny import make_tiny_model
+    from tbmesh.testbed.tiny import make_tiny_model
 
     model = make_tiny_model(work / "join-model" / "tiny", layers=8, hidden=512, vocab=2048, intermediate=2048)
     phases = []

@@ -1,5 +1,5 @@
 """`python -m tbmesh`, the same as the `tbmesh` command."""
 
-from tbmesh.cli import app
+from tbmesh.cli.main import app
 
 app(prog_name="tbmesh")

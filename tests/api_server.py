@@ -1,4 +1,4 @@
-"""A real aiohttp server with the daemon's API (tbmesh.api.make_app, served by tbmesh.api.Listener
+"""A real aiohttp server with the daemon's API (tbmesh.http.server.make_app, served by tbmesh.http.server.Listener
 as the daemon serves it), on 127.0.0.1 in a thread of its own, and a LocalBackend whose
 availability and failures tests can steer."""
 
@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import aclosing
 from typing import Any
 
-from tbmesh.api import LOOPBACK_NAMES, Listener, make_app
-from tbmesh.generation import Backend, GenerationParams, Unavailable
-from tbmesh.openai_api import Limits
+from tbmesh.core.generation import Backend, GenerationParams, Unavailable
+from tbmesh.http.openai import Limits
+from tbmesh.http.server import LOOPBACK_NAMES, Listener, make_app
 from tbmesh.runtime.local import LocalBackend
 
 
@@ -27,7 +27,7 @@ async def no_links() -> dict[str, Any]:
 class ApiServer:
     """Serves one backend as the daemon does (a Listener: no handler cancellation). No
     daemon: GET /status answers `status()`, POST /probe `probe()`; `hosts`: the names it
-    answers to (tbmesh.api.allowed_hosts)."""
+    answers to (tbmesh.http.server.allowed_hosts)."""
 
     def __init__(self, backend: Backend, limits: Limits = Limits(), handler_cancellation: bool = False,
                  status: Callable[[], dict[str, Any]] = dict,

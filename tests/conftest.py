@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import pytest
-
 import netns
+import pytest
 
 # the fixtures of tests that generate through real daemons: model_dir, reference, cluster
 pytest_plugins = ["serving"]
@@ -41,7 +40,7 @@ def lab() -> Iterator[netns.Lab]:
 @pytest.fixture(scope="session")
 def taught_model(tmp_path_factory: pytest.TempPathFactory):
     """`tbmesh model tiny DIR --teach default`, taught once a session (about 10 s on a CPU)."""
-    from tbmesh.runtime.teach import CONVERSATIONS
-    from tbmesh.runtime.tiny import make_tiny_model
+    from tbmesh.testbed.teach import CONVERSATIONS
+    from tbmesh.testbed.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("taught") / "taught", teach=CONVERSATIONS)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tbmesh.runtime.tiny import make_tiny_model
+from tbmesh.testbed.tiny import make_tiny_model
 
 
 def tiny_model_dir(root: Path) -> Path:

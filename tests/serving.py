@@ -12,12 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from daemons import DaemonProcess, agreed, start_all, wait_for
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from daemons import DaemonProcess, agreed, start_all, wait_for
 from tbmesh.runtime.sampling import Sampling, make_sampler
-from tbmesh.runtime.tiny import make_tiny_model
+from tbmesh.testbed.tiny import make_tiny_model
 
 PROMPTS = ["The quick brown fox", "Thunderbolt cables link the Macs", "Hello"]
 

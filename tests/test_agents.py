@@ -17,11 +17,11 @@ import mlx.core as mx
 import mlx_lm
 import openai
 import pytest
-from mlx_lm.generate import generate_step, make_text_state_machine
-
 from daemons import DaemonProcess, wait_for
+from mlx_lm.generate import generate_step, make_text_state_machine
 from serving import serving
-from tbmesh.runtime.teach import CONVERSATIONS, DEMO_ANSWER, DEMO_QUESTION, WEATHER_TOOL
+
+from tbmesh.testbed.teach import CONVERSATIONS, DEMO_ANSWER, DEMO_QUESTION, WEATHER_TOOL
 
 MODEL = "taught"  # the model directory's name
 WEATHER = [{"role": "user", "content": "What is the weather in Oslo?"}]

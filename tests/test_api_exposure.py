@@ -21,12 +21,12 @@ import anthropic
 import ollama
 import openai
 import pytest
-
 from api_server import ApiServer, SteeredBackend, wait_until
-from tbmesh.api import allowed_hosts
-from tbmesh.anthropic_api import CODE_HEADER
-from tbmesh.openai_api import CONTEXT_LENGTH_EXCEEDED, Limits
-from tbmesh.runtime.tiny import make_tiny_model
+
+from tbmesh.http.anthropic import CODE_HEADER
+from tbmesh.http.openai import CONTEXT_LENGTH_EXCEEDED, Limits
+from tbmesh.http.server import allowed_hosts
+from tbmesh.testbed.tiny import make_tiny_model
 
 MODEL = "tiny"
 ATTACKER = "rebind.attacker.example"

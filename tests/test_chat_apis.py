@@ -19,12 +19,12 @@ import mlx.core as mx
 import mlx_lm
 import openai
 import pytest
+from api_server import ApiServer, SteeredBackend
 from mlx_lm.generate import generate_step
 
-from api_server import ApiServer, SteeredBackend
-from tbmesh.generation import Unavailable
-from tbmesh.openai_api import Limits
-from tbmesh.runtime.teach import CONVERSATIONS, WEATHER_TOOL
+from tbmesh.core.generation import Unavailable
+from tbmesh.http.openai import Limits
+from tbmesh.testbed.teach import CONVERSATIONS, WEATHER_TOOL
 
 MODEL = "taught"
 WEATHER = [{"role": "user", "content": "What is the weather in Oslo?"}]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import mlx_lm
 import pytest
-
 from api_server import ApiServer, SteeredBackend
-from tbmesh.runtime.tiny import make_tiny_model
-from tbmesh.generation import Unavailable
+
+from tbmesh.core.generation import Unavailable
+from tbmesh.testbed.tiny import make_tiny_model
 
 MODEL = "tiny"
 

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 from tbmesh.core.presets import PRESETS, preset_spec
-from tbmesh.runtime.modeldir import describe_model_dir
+from tbmesh.weights.modeldir import describe_model_dir
 
 TBMESH = Path(sys.executable).parent / "tbmesh"
 GB = 10**9

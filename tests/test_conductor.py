@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import itertools
 
-from tbmesh.generation import Sampling, Unavailable
-from tbmesh.serving.conductor import (MAX_FAILURES, Conductor, Emit, Fail, Finish, Resumed, SendAdmit,
-                                      SendCancel)
+from tbmesh.core.generation import Sampling, Unavailable
+from tbmesh.serving.conductor import MAX_FAILURES, Conductor, Emit, Fail, Finish, Resumed, SendAdmit, SendCancel
 
 ROUTE = (("a", 0, 4), ("b", 4, 8))
 OTHER = (("c", 0, 8),)

@@ -53,5 +53,5 @@ def test_core_imports_only_core_stdlib_and_numpy(path: Path) -> None:
 
 def test_the_rule_catches_what_it_should() -> None:
     assert not allowed("tbmesh.runtime.shapes") and not allowed("mlx.core") and not allowed("transformers")
-    assert not allowed("tbmesh.units") and not allowed("asyncio") and not allowed("aiohttp")
+    assert not allowed("tbmesh.node.state") and not allowed("asyncio") and not allowed("aiohttp")
     assert allowed("tbmesh.core.types") and allowed("dataclasses") and allowed("numpy")

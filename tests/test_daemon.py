@@ -16,9 +16,9 @@ import uuid
 import msgpack
 import psutil
 import pytest
+from daemons import DaemonProcess, agreed, alive_ids, state_of, tiny_model_dir, wait_for
 
 from tbmesh.net import peers, wire
-from daemons import DaemonProcess, agreed, alive_ids, state_of, tiny_model_dir, wait_for
 
 
 @pytest.fixture
@@ -286,7 +286,7 @@ def test_status_json_and_the_no_daemon_message(cluster):
 
 def test_status_shows_a_groups_members():
     from tbmesh.core.types import Plan, Stage
-    from tbmesh.daemon import _plan_json
+    from tbmesh.node.daemon import _plan_json
 
     plan = Plan(1, 2, "m", (Stage("a", 0, 4, 10, ("a", "b")), Stage("c", 4, 8, 10)))
     assert _plan_json(plan)["stages"] == [{"node": "a", "start": 0, "end": 4, "bytes": 10, "group": ["a", "b"]},

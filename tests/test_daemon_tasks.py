@@ -10,8 +10,8 @@ import resource
 
 import pytest
 
-from tbmesh import daemon as daemon_module
-from tbmesh.daemon import Daemon, DaemonConfig, OncePer, raise_open_files_limit, supervise
+from tbmesh.node import daemon as daemon_module
+from tbmesh.node.daemon import Daemon, DaemonConfig, OncePer, raise_open_files_limit, supervise
 
 
 def test_a_loop_that_fails_is_logged_and_started_again_with_back_off(caplog):

@@ -8,7 +8,7 @@ import sys
 
 import psutil
 
-from tbmesh.runtime.teach import DEMO_ANSWER
+from tbmesh.testbed.teach import DEMO_ANSWER
 
 
 def test_the_demo_runs_a_cluster_survives_a_kill_and_leaves_nothing_behind(tmp_path):

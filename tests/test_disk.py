@@ -13,9 +13,9 @@ import pytest
 
 from tbmesh.core.messages import KeepOnDisk
 from tbmesh.core.types import Plan, Stage
-from tbmesh.runtime.tiny import make_tiny_model
 from tbmesh.serving.disk import Disk
 from tbmesh.serving.view import ClusterView
+from tbmesh.testbed.tiny import make_tiny_model
 from tbmesh.weights.store import Local
 
 
@@ -167,8 +167,8 @@ def test_macs_that_each_hold_part_of_a_split_model_make_its_whole_manifest(tmp_p
         assert not disk.whole and disk.manifest is None and disk.part is not None
         assert disk.state().part == disk.part.digest
     # what assemble() does once it has fetched the other's part
-    from tbmesh.runtime.modeldir import read_index
     from tbmesh.weights.manifest import union
+    from tbmesh.weights.modeldir import read_index
 
     assert union([first.part], read_index(first.model_dir)) is None  # not all of it yet
     whole = union([first.part, second.part], read_index(first.model_dir))

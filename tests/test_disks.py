@@ -7,7 +7,7 @@ import itertools
 from tbmesh.core.cluster import CoreConfig
 from tbmesh.core.messages import ENDS, FIRST, LAST, DiskState
 from tbmesh.core.types import ModelSpec
-from tbmesh.sim import GB, NetworkModel, Simulator
+from tbmesh.testbed.sim import GB, NetworkModel, Simulator
 
 MODEL = ModelSpec("m", (1 * GB,) * 16, embed_bytes=GB // 2, head_bytes=GB // 2)
 WHOLE = DiskState("m", "digest", MODEL, ((0, 16),), ends=ENDS, bytes=17 * GB)

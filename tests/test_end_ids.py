@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-
 from serving import complete, post, serving
-from tbmesh.runtime.modeldir import load_tokenizer
-from tbmesh.runtime.tiny import EOS, IM_END, make_tiny_model
+
+from tbmesh.testbed.tiny import EOS, IM_END, make_tiny_model
+from tbmesh.weights.modeldir import load_tokenizer
 
 PROMPT = "Hello"
 

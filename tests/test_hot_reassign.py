@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from daemons import DaemonProcess, start_all, wait_for
 from serving import Stream, post, serving
 
@@ -123,7 +122,7 @@ def pair_that_needs_both(tmp_path, model_dir):
     """Two daemons, each with room for a bit more than half the model; a third can be added."""
     from tbmesh.core.planner import plan_layers
     from tbmesh.core.types import NodeInfo
-    from tbmesh.runtime.modeldir import describe_model_dir
+    from tbmesh.weights.modeldir import describe_model_dir
 
     spec = describe_model_dir(model_dir)
 
@@ -252,8 +251,8 @@ def test_a_mac_that_cannot_load_its_layers_is_planned_around(tmp_path, model_dir
 
 @pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_the_leader_dying_disturbs_nothing_when_it_holds_no_layers(tmp_path, model_dir, reference):
-    from tbmesh.measure import machine_identity
-    from tbmesh.state import Identity, save_identity
+    from tbmesh.node.measure import machine_identity
+    from tbmesh.node.state import Identity, save_identity
 
     name = f"l{uuid.uuid4().hex[:8]}"
 
@@ -323,7 +322,7 @@ def test_a_mac_without_room_for_its_old_and_new_layers_lets_the_old_go_before_lo
         tmp_path, model_dir, reference):
     from tbmesh.core.assignment import kv_room, union_bytes
     from tbmesh.core.types import Stage
-    from tbmesh.runtime.modeldir import describe_model_dir
+    from tbmesh.weights.modeldir import describe_model_dir
 
     # 8 layers of 0.79 MB weights + 2.1 MB of KV room each (4096 tokens): three Macs of 12.2 MB
     # hold 3/3/2 layers, two of them 4/4 (11.8 MB); the one that moves to the front would need

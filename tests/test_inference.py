@@ -10,9 +10,9 @@ import sys
 import threading
 
 import pytest
-
 from daemons import DaemonProcess, wait_for
 from serving import PROMPTS, complete, post, serving
+
 from tbmesh.runtime.sampling import Sampling
 
 
@@ -83,7 +83,7 @@ def test_a_client_that_goes_away_frees_the_caches_on_every_stage(cluster):
 
 @pytest.mark.slow  # test_serving.py covers the pipeline against mlx-lm in every run
 def test_each_node_holds_only_its_shard(cluster, model_dir):
-    from tbmesh.runtime.modeldir import describe_model_dir
+    from tbmesh.weights.modeldir import describe_model_dir
 
     total = describe_model_dir(model_dir).weight_bytes
     daemons = cluster(3)

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from recorded import recorded
 
-from tbmesh import system
-from tbmesh.net import interfaces
+from tbmesh.net import interfaces, system
 from tbmesh.net.interfaces import (
     HardwarePort,
     IfconfigInterface,
@@ -27,8 +27,6 @@ from tbmesh.net.interfaces import (
     thunderbolt_devices_linux,
     thunderbolt_devices_macos,
 )
-
-from recorded import recorded
 
 
 def ports_of(n: int) -> list[HardwarePort]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tbmesh import launchd
-from tbmesh.launchd import AGENT, DAEMON, LABEL, DaemonFlags, InstallError, Service
+from tbmesh.cli import launchd
+from tbmesh.cli.launchd import AGENT, DAEMON, LABEL, DaemonFlags, InstallError, Service
 
 TBMESH = Path(sys.executable).parent / "tbmesh"
 REPO = Path(__file__).resolve().parent.parent
@@ -139,7 +139,7 @@ def test_the_other_kind_is_looked_for_where_it_would_be():
 
 def test_shipped_plist_is_the_documented_example():
     text = SHIPPED.read_text()
-    assert text == launchd.example_plist_text()  # regenerate: python -m tbmesh.launchd > launchd/...
+    assert text == launchd.example_plist_text()  # regenerate: python -m tbmesh.cli.launchd > launchd/...
     plist = plistlib.loads(text.encode())  # the comment keeps it a valid plist
     assert plist == launchd.build_plist(launchd.example_service())
     assert plist["ProgramArguments"][:2] == ["/Users/alice/tbmesh/.venv/bin/tbmesh", "daemon"]

@@ -8,12 +8,14 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from recorded import recorded
 
-from tbmesh import measure
-from tbmesh.measure import (
+from tbmesh.net.system import CommandError
+from tbmesh.node import measure
+from tbmesh.node.measure import (
     GiB,
-    MiB,
     Memory,
+    MiB,
     chip_name,
     hash_identity,
     machine_identity,
@@ -27,9 +29,6 @@ from tbmesh.measure import (
     usable_linux,
     usable_macos,
 )
-from tbmesh.system import CommandError
-
-from recorded import recorded
 
 
 def device_info(n: int) -> dict:

@@ -12,11 +12,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from daemons import DaemonProcess, start_all, wait_for
 from serving import PROMPTS, complete, mlx_reference, post
-from tbmesh.runtime.modeldir import read_layout
-from tbmesh.runtime.tiny import make_tiny_model
+
+from tbmesh.testbed.tiny import make_tiny_model
+from tbmesh.weights.modeldir import read_layout
 
 
 def tiny(root: Path, seed: int) -> Path:

@@ -16,7 +16,7 @@ from mlx_lm.models import deepseek_v3, llama
 from mlx_lm.utils import MODEL_REMAPPING
 
 from tbmesh.core.modelspec import MLA_LATENT_CACHE, ModelFormatError, describe_model
-from tbmesh.runtime.modeldir import describe_model_dir
+from tbmesh.weights.modeldir import describe_model_dir
 
 LAYERS = 4
 LLAMA = {

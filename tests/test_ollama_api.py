@@ -22,11 +22,11 @@ import httpx
 import ollama
 import openai
 import pytest
-
 from daemons import DaemonProcess, start_all, wait_for
 from serving import mlx_reference, serving
+
 from tbmesh.runtime.sampling import Sampling
-from tbmesh.runtime.teach import WEATHER_TOOL
+from tbmesh.testbed.teach import WEATHER_TOOL
 
 KEY = "test-key-" + uuid.uuid4().hex
 HELLO = [{"role": "user", "content": "Hello!"}]
@@ -401,7 +401,7 @@ def test_tbmesh_status_and_chat_pass_the_key(one: DaemonProcess) -> None:
 
 
 def test_a_public_api_host_without_a_key_is_warned_about() -> None:
-    from tbmesh.daemon import _loopback
+    from tbmesh.node.daemon import _loopback
 
     assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost") and _loopback("127.0.0.2")
     assert not _loopback("0.0.0.0") and not _loopback("192.168.2.1") and not _loopback("studio.local")

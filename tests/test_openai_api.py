@@ -11,14 +11,14 @@ from typing import Any
 
 import mlx_lm
 import pytest
+from api_server import ApiServer, SteeredBackend, wait_until
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from api_server import ApiServer, SteeredBackend, wait_until
-from tbmesh.generation import GenerationParams, Unavailable
-from tbmesh.chat import StopText
-from tbmesh.openai_api import Limits
+from tbmesh.core.generation import GenerationParams, Unavailable
+from tbmesh.http.chat import StopText
+from tbmesh.http.openai import Limits
 from tbmesh.runtime.sampling import Sampling, make_sampler
-from tbmesh.runtime.tiny import make_tiny_model
+from tbmesh.testbed.tiny import make_tiny_model
 
 MODEL = "tiny"
 HELLO = [{"role": "user", "content": "Hello café 🙂"}]

@@ -16,13 +16,13 @@ import pytest
 import schemathesis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-
 from api_server import ApiServer, no_links
-from tbmesh.api import make_app, openapi_document
-from tbmesh.openai_api import Limits
-from tbmesh.openapi import ApiDescription, document
+
+from tbmesh.http.openai import Limits
+from tbmesh.http.openapi import ApiDescription, document
+from tbmesh.http.server import make_app, openapi_document
 from tbmesh.runtime.local import LocalBackend
-from tbmesh.runtime.tiny import make_tiny_model
+from tbmesh.testbed.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")

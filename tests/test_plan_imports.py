@@ -72,7 +72,7 @@ def write_safetensors(path: Path, tensors: dict[str, list[int]]) -> None:
 
 
 def test_plan_of_a_model_directory_imports_no_mlx(tmp_path: Path) -> None:
-    # --model reads config.json and the safetensors headers (tbmesh.runtime.modeldir) only
+    # --model reads config.json and the safetensors headers (tbmesh.weights.modeldir) only
     hidden, layers, vocab = 64, 2, 256
     config = {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 128,
               "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip

@@ -13,7 +13,7 @@ from tbmesh.core.cluster import CoreConfig
 from tbmesh.core.membership import Timing
 from tbmesh.core.messages import ShardState
 from tbmesh.core.types import ModelSpec
-from tbmesh.sim import GB, NetworkModel, Simulator, make_info
+from tbmesh.testbed.sim import GB, NetworkModel, Simulator, make_info
 
 MODEL = ModelSpec("m", (1 * GB,) * 16, embed_bytes=GB // 2, head_bytes=GB // 2)
 CONFIG = CoreConfig(model=MODEL)

@@ -22,10 +22,10 @@ from hub_server import Hub
 from mlx_lm.utils import load_model
 
 from tbmesh.core.modelspec import files_for_layers, tensor_part
-from tbmesh.runtime.modeldir import INDEX_FILE
+from tbmesh.core.units import format_bytes
 from tbmesh.runtime.shard import load_shard
-from tbmesh.runtime.tiny import make_tiny_model
-from tbmesh.units import format_bytes
+from tbmesh.testbed.tiny import make_tiny_model
+from tbmesh.weights.modeldir import INDEX_FILE
 
 REPO = "tbmesh-tests/tiny-split"
 LAYERS = 6

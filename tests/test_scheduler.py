@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from tbmesh.generation import Sampling
+from tbmesh.core.generation import Sampling
 from tbmesh.serving.messages import Admit, Origin, Release
 from tbmesh.serving.scheduler import Book, Scheduler
 from tbmesh.serving.settings import ServingSettings

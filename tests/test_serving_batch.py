@@ -18,14 +18,14 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from tbmesh.generation import Sampling
+from tbmesh.core.generation import Sampling
 from tbmesh.runtime.sampling import make_sampler
 from tbmesh.runtime.shard import load_shard
-from tbmesh.runtime.tiny import make_tiny_model
 from tbmesh.serving.messages import Admit, Step
 from tbmesh.serving.scheduler import Scheduler
 from tbmesh.serving.settings import ServingSettings
 from tbmesh.serving.stage import StageCaches
+from tbmesh.testbed.tiny import make_tiny_model
 
 ENDS = (509, 511)
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tbmesh.generation import Sampling
+from tbmesh.core.generation import Sampling
 from tbmesh.net import wire
 from tbmesh.serving.messages import Admit, Member, Origin, Release, Step
 

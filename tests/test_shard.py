@@ -16,9 +16,9 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import _get_classes, load_model, quantize_model
 
 from tbmesh.core.planner import stage_bytes
-from tbmesh.runtime.modeldir import describe_model_dir
 from tbmesh.runtime.sampling import Sampling, make_sampler
 from tbmesh.runtime.shard import FAMILIES, Shard, ShardError, generate_locally, load_shard
+from tbmesh.weights.modeldir import describe_model_dir
 
 LLAMA = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
@@ -321,7 +321,7 @@ def test_supported_families_are_the_tested_ones():
 
 def test_bfloat16_model_with_tokenizer_matches_stream_generate(tmp_path):
     """mlx_lm.load + stream_generate on a tokenizer-carrying bf16 model (tbmesh model tiny's)."""
-    tiny = pytest.importorskip("tbmesh.runtime.tiny")
+    tiny = pytest.importorskip("tbmesh.testbed.tiny")
     from mlx_lm import load, stream_generate
 
     path = tmp_path / "tiny"

@@ -7,9 +7,9 @@ import os
 import subprocess
 
 import pytest
-
-from tbmesh import state
 from daemons import DaemonProcess, wait_for
+
+from tbmesh.node import state
 
 
 def test_the_id_is_kept_and_each_start_is_a_new_incarnation(tmp_path):

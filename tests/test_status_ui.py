@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daemons import DaemonProcess, agreed, start_all, state_of, tiny_model_dir, wait_for
 from rich.console import Console
 
-from daemons import DaemonProcess, agreed, start_all, state_of, tiny_model_dir, wait_for
-from tbmesh.status_view import render
+from tbmesh.cli.status_view import render
 
 GB = 10**9
 

@@ -14,9 +14,9 @@ import pytest
 from mlx_lm.generate import make_text_state_machine
 from mlx_lm.tool_parsers import json_tools
 
-from tbmesh.runtime import teach, tiny
-from tbmesh.runtime.teach import CONVERSATIONS, DEMO_ANSWER, DEMO_QUESTION, WEATHER_TOOL, read_conversations
-from tbmesh.runtime.tiny import FILES, make_tiny_model
+from tbmesh.testbed import teach, tiny
+from tbmesh.testbed.teach import CONVERSATIONS, DEMO_ANSWER, DEMO_QUESTION, WEATHER_TOOL, read_conversations
+from tbmesh.testbed.tiny import FILES, make_tiny_model
 
 WEATHER = [{"role": "user", "content": "What is the weather in Oslo?"}]
 CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}

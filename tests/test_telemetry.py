@@ -18,10 +18,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-
-from tbmesh import telemetry
-from tbmesh.telemetry import Telemetry, parse_url, retained_state
 from daemons import DaemonProcess, agreed, start_all, tiny_model_dir, wait_for
+
+from tbmesh.node import telemetry
+from tbmesh.node.telemetry import Telemetry, parse_url, retained_state
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 

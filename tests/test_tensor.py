@@ -32,7 +32,7 @@ from tbmesh.runtime.tensor import (
     ring_hostfile,
     tensor_unfit,
 )
-from tbmesh.runtime.tiny import make_tiny_model
+from tbmesh.testbed.tiny import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK = Path(__file__).with_name("tensor_rank.py")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import openai
 import pytest
-
 from daemons import DaemonProcess, start_all, wait_for
 from serving import mlx_reference
-from tbmesh.runtime.tiny import make_tiny_model
+
+from tbmesh.testbed.tiny import make_tiny_model
 
 PROMPTS = ["The quick brown fox", "Thunderbolt cables link the Macs", "Hello", "one two three",
            "Macs in a ring", "tensor groups", "a b c d e f", "split every layer"]

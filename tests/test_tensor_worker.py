@@ -1,4 +1,4 @@
-"""Tensor-group workers (tbmesh.runtime.tensor_worker): 2 real worker processes joined by MLX's
+"""Tensor-group workers (tbmesh.serving.tensor_worker): 2 real worker processes joined by MLX's
 ring backend on loopback, this test as the parent of both, stage 0's real scheduler making
 the steps. Tokens against mlx-lm; workers that lose their parent or a peer end at once."""
 
@@ -16,12 +16,12 @@ import pytest
 from mlx_lm import load
 from test_serving_batch import PROMPTS, Harness, reference
 
-from tbmesh.generation import Sampling
+from tbmesh.core.generation import Sampling
 from tbmesh.runtime.tensor import free_ports, ring_environment, ring_hostfile
-from tbmesh.runtime.tensor_worker import GroupFailed, Worker
-from tbmesh.runtime.tiny import make_tiny_model
 from tbmesh.serving.messages import Member, Origin, Step
 from tbmesh.serving.settings import ServingSettings
+from tbmesh.serving.tensor_worker import GroupFailed, Worker
+from tbmesh.testbed.tiny import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"PYTHONPATH": str(ROOT)}

@@ -13,8 +13,8 @@ import mlx_lm
 import pytest
 from mlx_lm.generate import stream_generate
 
-from tbmesh.runtime.modeldir import describe_model_dir, read_header
-from tbmesh.runtime.tiny import BOS, EOS, FILES, IM_END, IM_START, WEIGHTS_FILE, make_tiny_model
+from tbmesh.testbed.tiny import BOS, EOS, FILES, IM_END, IM_START, WEIGHTS_FILE, make_tiny_model
+from tbmesh.weights.modeldir import describe_model_dir, read_header
 
 SMALL = {"layers": 4, "hidden": 64}  # fast
 HEADS = {"heads": 2, "kv_heads": 1}  # the default (heads of 64) would leave one, with no grouping

@@ -1,6 +1,6 @@
 import pytest
 
-from tbmesh.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
+from tbmesh.core.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
 
 
 @pytest.mark.parametrize(

@@ -23,11 +23,11 @@ import pytest
 from netns import Loop
 
 from tbmesh.net import peers, wire
-from tbmesh.runtime.modeldir import read_layout
-from tbmesh.runtime.tiny import WEIGHTS_FILE, make_tiny_model
+from tbmesh.testbed.tiny import WEIGHTS_FILE, make_tiny_model
 from tbmesh.weights import bulk
 from tbmesh.weights.bulk import FetchFailed, Peer, fetch
 from tbmesh.weights.manifest import FileEntry, Manifest, ObjectRef, build_manifest
+from tbmesh.weights.modeldir import read_layout
 from tbmesh.weights.store import Local, Store
 
 SMALL = {"layers": 3, "hidden": 128, "heads": 2, "kv_heads": 1}

@@ -14,8 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tbmesh.runtime.modeldir import read_layout
-from tbmesh.runtime.tiny import WEIGHTS_FILE, make_tiny_model
+from tbmesh.testbed.tiny import WEIGHTS_FILE, make_tiny_model
 from tbmesh.weights.manifest import (
     FileEntry,
     Manifest,
@@ -25,6 +24,7 @@ from tbmesh.weights.manifest import (
     canonical_header,
     layer_of,
 )
+from tbmesh.weights.modeldir import read_layout
 
 SMALL = {"layers": 3, "hidden": 64, "heads": 1, "kv_heads": 1}
 

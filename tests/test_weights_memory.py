@@ -17,10 +17,10 @@ import pytest
 from daemons import wait_for
 
 from tbmesh.core.messages import ENDS, DiskState
+from tbmesh.net import peers
 from tbmesh.runtime.shard import Shard, load_shard
 from tbmesh.serving.disk import Disk
 from tbmesh.serving.view import ClusterView
-from tbmesh.net import peers
 from tbmesh.weights import bulk
 from tbmesh.weights.store import Local, Store
 
@@ -45,7 +45,7 @@ class Alone:
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def original(request, tmp_path_factory) -> Path:
-    from tbmesh.runtime.tiny import make_tiny_model
+    from tbmesh.testbed.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp(request.param) / "tiny", layers=LAYERS, hidden=64, vocab=512,
                            dtype=request.param)

@@ -210,7 +210,7 @@ def test_a_cable_pulled_mid_fetch_and_the_fetch_goes_on_from_another_peer(lab, m
 
 @pytest.mark.slow  # CI's time budget: ./dev test -m slow
 def test_a_peer_serving_corrupt_bytes_is_caught_and_avoided(lab, macs, tmp_path, model_dir):  # noqa: F811
-    from tbmesh.runtime.modeldir import read_layout, weight_files
+    from tbmesh.weights.modeldir import read_layout, weight_files
 
     a, b, c = (lab.add_mac(n) for n in "abc")
     for x, y in ((a, b), (b, c), (a, c)):
@@ -240,7 +240,7 @@ def test_macs_that_each_pulled_part_of_the_model_serve_it_together(lab, tmp_path
     their parts make the manifest, and a third Mac with only the name joins them."""
     from serving import mlx_reference
 
-    from tbmesh.runtime.tiny import make_tiny_model
+    from tbmesh.testbed.tiny import make_tiny_model
 
     split = make_tiny_model(tmp_path / "split" / "tiny", layers=8, hidden=128, vocab=512, max_shard_bytes=400_000)
     files = sorted(p.name for p in split.glob("model-*.safetensors"))

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tbmesh.runtime.tiny import WEIGHTS_FILE, make_tiny_model
+from tbmesh.testbed.tiny import WEIGHTS_FILE, make_tiny_model
 from tbmesh.weights.manifest import Manifest, build_manifest
 from tbmesh.weights.store import CorruptObject, Local, MissingWeights, Source, Store
 

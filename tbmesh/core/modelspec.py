@@ -1,6 +1,6 @@
 """A model's size per layer, from its config and the dtype and shape of each tensor.
 
-Pure: the caller reads config.json and the safetensors headers (tbmesh.runtime.modeldir) or
+Pure: the caller reads config.json and the safetensors headers (tbmesh.weights.modeldir) or
 builds the shapes some other way (tbmesh.runtime.presets_table); nothing here touches a file.
 
 Tensor names follow mlx-lm's saved checkpoints: `model.layers.3.self_attn.q_proj.weight`,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from tbmesh.system import run_command
+from tbmesh.net.system import run_command
 
 THUNDERBOLT_BRIDGE_PORT = "Thunderbolt Bridge"
 # "Thunderbolt 1" .. "Thunderbolt N"; not "Thunderbolt Ethernet Slot 1", which is an

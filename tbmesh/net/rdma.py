@@ -33,7 +33,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tbmesh.net.interfaces import HardwarePort, is_thunderbolt_port
-from tbmesh.system import CommandError, run_command
+from tbmesh.net.system import CommandError, run_command
 
 DEVICE_PREFIX = "rdma_"
 PORT_ACTIVE = "PORT_ACTIVE"

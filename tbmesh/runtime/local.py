@@ -1,6 +1,6 @@
 """The whole model in one process: what a single Mac runs, and a baseline for the cluster.
 
-`LocalBackend` is a `tbmesh.generation.Backend` over `mlx_lm.load`: requests interleave token
+`LocalBackend` is a `tbmesh.core.generation.Backend` over `mlx_lm.load`: requests interleave token
 by token in one MLX worker thread, each with its own KV cache.
 """
 
@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
-from tbmesh.generation import BadRequest, GenerationParams, TokenLogprobs, Unavailable
+from tbmesh.core.generation import BadRequest, GenerationParams, TokenLogprobs, Unavailable
 from tbmesh.runtime.sampling import Sampling, draw, logprobs_of, token_logprobs
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_p
 
-from tbmesh.generation import Sampling, TokenLogprobs
+from tbmesh.core.generation import Sampling, TokenLogprobs
 
 __all__ = ["Sampling", "TokenLogprobs", "draw", "logprobs_of", "make_sampler", "sample", "step_key", "token_logprobs"]
 

@@ -27,8 +27,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import _get_classes, _takes_global_scale, infer_quant_config
 
 from tbmesh.core.modelspec import ModelFormatError
-from tbmesh.runtime.modeldir import read_config, weight_files
 from tbmesh.runtime.sampling import Sampling, draw, logprobs_of
+from tbmesh.weights.modeldir import read_config, weight_files
 
 # mlx-lm model modules (after its MODEL_REMAPPING: mistral, kimi_k2, ... map onto these) whose
 # forward is exactly embed -> layers(h, mask, cache) -> norm -> lm_head or tied embedding,

@@ -11,7 +11,7 @@ same step on the same input and ends with the same hidden states (or logits). Th
 embedding, the final norm and the head are whole on every rank (mlx-lm does not split them).
 
 Every rank must run every step, in the same order, with the same input: a rank that skips
-one leaves the others waiting in an all-reduce (tbmesh.runtime.tensor_worker keeps them in
+one leaves the others waiting in an all-reduce (tbmesh.serving.tensor_worker keeps them in
 step). The ranks find each other through MLX's environment: `ring_environment` below for
 the ring backend (TCP), tbmesh.net.rdma.jaccl_environment for jaccl (RDMA, Macs).
 """
@@ -30,8 +30,8 @@ from mlx_lm.utils import _get_classes
 
 from tbmesh.core.modelspec import TENSOR_FAMILIES
 from tbmesh.core.modelspec import tensor_unfit as core_tensor_unfit
-from tbmesh.runtime.modeldir import read_config
 from tbmesh.runtime.shard import FAMILIES, Shard, ShardError, load_shard
+from tbmesh.weights.modeldir import read_config
 
 # shard.py's FAMILIES whose mlx-lm model class has `shard(group)` live in core (the planner
 # needs them); tests/test_tensor.py checks each against mlx-lm.

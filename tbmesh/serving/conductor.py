@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tbmesh.generation import GenerationError, Sampling, TokenLogprobs, Unavailable
+from tbmesh.core.generation import GenerationError, Sampling, TokenLogprobs, Unavailable
 from tbmesh.serving.messages import Admit, Route
 
 MAX_FAILURES = 6  # attempts in a row without a token before a request gives up (~3 s of back-off)

@@ -39,12 +39,6 @@ from typing import Any
 from tbmesh.core.messages import ENDS, FIRST, LAST, DiskState, Fetching, KeepOnDisk
 from tbmesh.core.modelspec import ModelFormatError, describe_model
 from tbmesh.core.types import ModelSpec, ranges_of
-from tbmesh.runtime.modeldir import (
-    describe_model_dir,
-    read_config,
-    read_index,
-    weight_files,
-)
 from tbmesh.serving.host import Host
 from tbmesh.weights import bulk
 from tbmesh.weights.manifest import (
@@ -58,6 +52,12 @@ from tbmesh.weights.manifest import (
     union,
 )
 from tbmesh.weights.memory import Memory
+from tbmesh.weights.modeldir import (
+    describe_model_dir,
+    read_config,
+    read_index,
+    weight_files,
+)
 from tbmesh.weights.store import Local, Store
 
 log = logging.getLogger(__name__)

@@ -32,18 +32,17 @@ import mlx.core as mx
 import numpy as np
 
 from tbmesh.core.assignment import Assignment, Range
-from tbmesh.core.messages import Fetching, ShardState
-from tbmesh.core.types import Plan, Stage
-from tbmesh.generation import (
+from tbmesh.core.generation import (
     BadRequest,
     GenerationParams,
     Sampling,
     TokenLogprobs,
     Unavailable,
 )
+from tbmesh.core.messages import Fetching, ShardState
+from tbmesh.core.types import Plan, Stage
 from tbmesh.net import wire
 from tbmesh.runtime.shard import Kept, LoadAbandoned, Shard, load_shard
-from tbmesh.runtime.tensor_worker import GroupFailed
 from tbmesh.serving import conductor as c
 from tbmesh.serving import keeper as k
 from tbmesh.serving.conductor import Conductor
@@ -55,6 +54,7 @@ from tbmesh.serving.messages import Admit, Member, Route, Step, route_of
 from tbmesh.serving.scheduler import Scheduler
 from tbmesh.serving.settings import ServingSettings
 from tbmesh.serving.stage import Outcome, StageCaches
+from tbmesh.serving.tensor_worker import GroupFailed
 from tbmesh.serving.view import usable
 from tbmesh.weights.manifest import TensorEntry
 
@@ -195,7 +195,7 @@ class Engine:
             await asyncio.wait_for(done, 10)
         self.worker.stop()
 
-    # ----- the API's side (tbmesh.generation.Backend) ------------------------------------
+    # ----- the API's side (tbmesh.core.generation.Backend) ------------------------------------
 
     def models(self) -> list[str]:
         return [self.model_name] if self.model_name else []
@@ -205,7 +205,7 @@ class Engine:
 
     def tokenizer(self, model: str) -> Any:
         if self._tokenizer is None:
-            from tbmesh.runtime.modeldir import load_tokenizer
+            from tbmesh.weights.modeldir import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model_dir)
         return self._tokenizer

@@ -1,7 +1,7 @@
 """A tensor-parallel stage this node is a member of: its rank's worker process.
 
 A group stage (Stage.group, tbmesh.core.groups) is served by one worker process per member
-(tbmesh.runtime.tensor_worker): an mx.distributed group cannot be made twice in a process, so
+(tbmesh.serving.tensor_worker): an mx.distributed group cannot be made twice in a process, so
 each incarnation of a group is a new set of workers, which load while the old group (or the
 old plan's stages) still serve, and stop when their layers go. The engine holds a GroupShard
 where it would hold a Shard:
@@ -35,9 +35,9 @@ from typing import Any
 
 from tbmesh.core.types import Stage
 from tbmesh.net.rdma import Cable, DeviceMatrix, RdmaError, device_matrix, interface_of, jaccl_environment
-from tbmesh.runtime.modeldir import read_config
 from tbmesh.runtime.tensor import group_ports, ring_environment, ring_hostfile
-from tbmesh.runtime.tensor_worker import CONNECT_TIMEOUT_S, Worker
+from tbmesh.serving.tensor_worker import CONNECT_TIMEOUT_S, Worker
+from tbmesh.weights.modeldir import read_config
 
 log = logging.getLogger(__name__)
 

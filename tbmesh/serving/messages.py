@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from tbmesh.core.generation import Sampling
 from tbmesh.core.types import Plan
-from tbmesh.generation import Sampling
 from tbmesh.net.wire import ProtocolError, Tensor
 
 Route = tuple[tuple[str, int, int], ...]  # (node, start, end) per stage

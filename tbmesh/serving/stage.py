@@ -32,7 +32,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from tbmesh.generation import TokenLogprobs
+from tbmesh.core.generation import TokenLogprobs
 from tbmesh.runtime.sampling import draw, token_logprobs
 from tbmesh.runtime.shard import Shard
 from tbmesh.serving.messages import Member, Origin, Range, Route, Step

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tbmesh.core.modelspec import ModelFormatError, stage_wants, tensor_part
-from tbmesh.runtime.modeldir import (
+from tbmesh.weights.modeldir import (
     INDEX_FILE,
     Slot,
     read_index,

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from tbmesh.core.modelspec import ModelFormatError
-from tbmesh.runtime.modeldir import read_layout
 from tbmesh.weights.manifest import (
     WEIGHT_NAME,
     FileEntry,
@@ -44,6 +43,7 @@ from tbmesh.weights.manifest import (
     is_digest,
     is_model_file,
 )
+from tbmesh.weights.modeldir import read_layout
 
 READ_CHUNK = 16 << 20  # bytes per read when hashing what is already on disk
 SAVE_EVERY = 64 << 20  # bytes written past a gap between two saves of a partial's ranges

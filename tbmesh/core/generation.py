@@ -3,7 +3,7 @@
 A `Backend` turns prompt token ids into generated token ids: the cluster's serving engine
 (tbmesh.serving.engine) or `LocalBackend`, the whole model in one process
 (tbmesh.runtime.local). Its errors say what went wrong in words; only the HTTP layer
-(tbmesh.openai_api) turns them into status codes.
+(tbmesh.http.openai) turns them into status codes.
 """
 
 from __future__ import annotations
@@ -12,11 +12,7 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
+from typing import Any, Protocol
 
 MAX_TOP_LOGPROBS = 20  # the likeliest tokens a request may ask for with each token (as OpenAI)
 
@@ -97,7 +93,7 @@ class Backend(Protocol):
     def context(self, model: str) -> int | None:
         """The most tokens (prompt and answer) one request may hold, or None for no limit."""
 
-    def tokenizer(self, model: str) -> TokenizerWrapper:
+    def tokenizer(self, model: str) -> Any:  # an mlx_lm TokenizerWrapper (the core names no MLX type)
         """mlx-lm's tokenizer wrapper of `model` (chat template, eos ids, streaming detokenizer)."""
 
     def generate(self, model: str, prompt: list[int],

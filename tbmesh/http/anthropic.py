@@ -1,12 +1,12 @@
 """Anthropic's Messages API: POST /v1/messages and /v1/messages/count_tokens.
 
 For the `anthropic` SDK and Claude Code (ANTHROPIC_BASE_URL=http://mac:port). Requests become
-tbmesh.chat's messages and tools (content blocks: text, thinking, tool_use, tool_result), the
+tbmesh.http.chat's messages and tools (content blocks: text, thinking, tool_use, tool_result), the
 answer comes back as Anthropic's content blocks (thinking, text, tool_use), streamed or not.
 Errors are in Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}; what
 OpenAI's errors say in their `code` is in the header X-Tbmesh-Error-Code (for the 400s that no
-schema of the request foresees: tbmesh.openai_api.MODEL_DEPENDENT_CODES and UNDESCRIBABLE_CODES).
-The `x-api-key` header is accepted (tbmesh.api checks it when the daemon has an API key).
+schema of the request foresees: tbmesh.http.openai.MODEL_DEPENDENT_CODES and UNDESCRIBABLE_CODES).
+The `x-api-key` header is accepted (tbmesh.http.server checks it when the daemon has an API key).
 """
 
 from __future__ import annotations
@@ -20,13 +20,39 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tbmesh.chat import (ChatReader, ClientGone, Event, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate,
-                         text_size)  # fmt: skip
-from tbmesh.generation import Backend, GenerationParams
-from tbmesh.openai_api import (CHAT_TEMPLATE_ERROR, CONFLICTING_FIELDS, CONTEXT_LENGTH_EXCEEDED, UNSUPPORTED_PREFILL,
-                               ApiError, Limits, _boolean, _failure, _integer, _number, _type_name, _unicode,
-                               check_prompt_size, check_served, client_gone, in_worker, read_request)  # fmt: skip
-from tbmesh.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
+from tbmesh.core.generation import Backend, GenerationParams
+from tbmesh.http.chat import (
+    ChatReader,
+    ClientGone,
+    Event,
+    Reasoning,
+    TemplateError,
+    Text,
+    ToolCall,
+    chat_prompt,
+    generate,
+    text_size,  # fmt: skip
+)
+from tbmesh.http.openai import (
+    CHAT_TEMPLATE_ERROR,
+    CONFLICTING_FIELDS,
+    CONTEXT_LENGTH_EXCEEDED,
+    UNSUPPORTED_PREFILL,
+    ApiError,
+    Limits,
+    _boolean,
+    _failure,
+    _integer,
+    _number,
+    _type_name,
+    _unicode,
+    check_prompt_size,  # fmt: skip
+    check_served,
+    client_gone,
+    in_worker,
+    read_request,
+)
+from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -70,8 +96,8 @@ def _bad(message: str, code: str | None = None) -> ApiError:
 @dataclass
 class MessagesRequest:
     model: str
-    messages: list[dict[str, Any]]  # tbmesh.chat's form, the system prompt first
-    tools: list[dict[str, Any]] | None  # tbmesh.chat's form, tool_choice applied
+    messages: list[dict[str, Any]]  # tbmesh.http.chat's form, the system prompt first
+    tools: list[dict[str, Any]] | None  # tbmesh.http.chat's form, tool_choice applied
     params: GenerationParams
     stop: list[str]
     stream: bool

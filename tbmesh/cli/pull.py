@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from tbmesh.core.modelspec import ModelFormatError, count_layers, files_for_layers
-from tbmesh.runtime.modeldir import INDEX_FILE, read_config, read_index
-from tbmesh.state import StateDirInUse, lock_state_dir, unlock_state_dir
-from tbmesh.units import format_bytes
+from tbmesh.core.units import format_bytes
+from tbmesh.node.state import StateDirInUse, lock_state_dir, unlock_state_dir
+from tbmesh.weights.modeldir import INDEX_FILE, read_config, read_index
 
 # What mlx-lm downloads besides the weights (its DEFAULT_ALLOW_PATTERNS): configs, tokenizer
 # files, chat templates, custom tokenizer code. Not README.md, images or original/*.pth.

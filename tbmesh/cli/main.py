@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tbmesh.client import (
+from tbmesh.cli.client import (
     API_KEY_ENV,
     DEFAULT_API,
     ApiProblem,
@@ -25,8 +25,8 @@ from tbmesh.client import (
 from tbmesh.core.groups import PARALLEL, member_bytes
 from tbmesh.core.replicas import REPLICAS
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement
+from tbmesh.core.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
 from tbmesh.serving.settings import ServingSettings
-from tbmesh.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
 
 EXIT_FITS, EXIT_USAGE, EXIT_DOES_NOT_FIT = 0, 2, 3
 DEFAULT_CONTEXT = ServingSettings.context
@@ -188,7 +188,7 @@ def build_request(
         found = get_preset(preset)
         spec, title = preset_spec(found.name), found.title
     else:
-        from tbmesh.runtime.modeldir import describe_model_dir
+        from tbmesh.weights.modeldir import describe_model_dir
 
         spec = describe_model_dir(model_dir)  # type: ignore[arg-type]
         title = spec.name
@@ -442,8 +442,8 @@ def daemon(
     """Run this Mac's node: discover peers on Thunderbolt, join the cluster, serve the API."""
     import logging
 
-    from tbmesh.daemon import Daemon as NodeDaemon
-    from tbmesh.daemon import DaemonConfig, DaemonFailed, StartupError
+    from tbmesh.node.daemon import Daemon as NodeDaemon
+    from tbmesh.node.daemon import DaemonConfig, DaemonFailed, StartupError
 
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
@@ -481,7 +481,7 @@ def daemon(
     if api_key is not None and not api_key.strip():
         _fail("the API key is empty")
     if mqtt is not None:
-        from tbmesh import telemetry
+        from tbmesh.node import telemetry
 
         try:
             telemetry.parse_url(mqtt)
@@ -537,7 +537,7 @@ def status(
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    from tbmesh import status_view
+    from tbmesh.cli import status_view
 
     console = Console(highlight=False)
     if once or not console.is_terminal:
@@ -556,7 +556,7 @@ def _watch_status(api: str, data: dict[str, Any], console: Console, api_key: str
 
     from rich.live import Live
 
-    from tbmesh import status_view
+    from tbmesh.cli import status_view
 
     error = None
     # the alternate screen: a full-screen view that leaves the shell as it was on exit
@@ -582,7 +582,7 @@ def _service_for(user_agent: bool, user: Optional[str], flags: Any = None) -> An
     import getpass
     import os
 
-    from tbmesh.launchd import AGENT, DAEMON, InstallError, find_program, make_service
+    from tbmesh.cli.launchd import AGENT, DAEMON, InstallError, find_program, make_service
 
     if user_agent and user is not None:
         _fail("--user is for the LaunchDaemon; a LaunchAgent runs as the user who installs it")
@@ -608,7 +608,7 @@ def _check_can_change(command: str, user_agent: bool) -> None:
     if sys.platform != "darwin":
         _fail(NOT_MACOS.format(command=command, what="plist and commands" if command == "install" else "commands"))
     if not user_agent and os.geteuid() != 0:
-        from tbmesh.launchd import InstallError, find_program
+        from tbmesh.cli.launchd import InstallError, find_program
 
         try:
             program = str(find_program())  # sudo's PATH does not have the venv's bin
@@ -660,7 +660,7 @@ def install(
     By default a LaunchDaemon (sudo; starts at boot with nobody logged in, as your user, so it
     keeps your node id and reads your models). Logs: ~/Library/Logs/tbmesh/daemon.log.
     """
-    from tbmesh.launchd import (
+    from tbmesh.cli.launchd import (
         DaemonFlags,
         InstallError,
         install_commands,
@@ -668,7 +668,7 @@ def install(
         plist_bytes,
         protected_paths,
     )
-    from tbmesh.launchd import install as install_service
+    from tbmesh.cli.launchd import install as install_service
 
     if not dry_run:
         _check_can_change("install", user_agent)
@@ -684,7 +684,7 @@ def install(
     _check_daemon_flags(parallel=parallel, replicas=replicas, prefill_chunk=prefill_chunk, disk_slack=disk_slack,
                         api_allow_hosts=api_allow_host)  # fmt: skip
     if mqtt is not None:
-        from tbmesh import telemetry
+        from tbmesh.node import telemetry
 
         try:
             telemetry.parse_url(mqtt)
@@ -735,8 +735,8 @@ def uninstall(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the launchctl commands; change nothing."),
 ) -> None:  # fmt: skip
     """Stop the launchd service and remove its plist (the logs and the node id stay)."""
-    from tbmesh.launchd import InstallError, uninstall_commands
-    from tbmesh.launchd import uninstall as uninstall_service
+    from tbmesh.cli.launchd import InstallError, uninstall_commands
+    from tbmesh.cli.launchd import uninstall as uninstall_service
 
     if not dry_run:
         _check_can_change("uninstall", user_agent)
@@ -824,7 +824,7 @@ def demo(
     """A whole cluster on this machine: start NODES daemons on loopback with a small taught
     model, stream its answer through their pipeline, stop one of them mid-answer and watch the
     cluster re-form and the answer go on; everything started is stopped at the end."""
-    from tbmesh import demo as local_demo
+    from tbmesh.cli import demo as local_demo
 
     if ui is None:
         ui = sys.stdout.isatty()
@@ -873,9 +873,9 @@ def model_tiny(
     import math
     import time
 
-    from tbmesh.runtime.modeldir import read_header
-    from tbmesh.runtime.teach import CONVERSATIONS, read_conversations
-    from tbmesh.runtime.tiny import FILES, WEIGHTS_FILE, make_tiny_model
+    from tbmesh.testbed.teach import CONVERSATIONS, read_conversations
+    from tbmesh.testbed.tiny import FILES, WEIGHTS_FILE, make_tiny_model
+    from tbmesh.weights.modeldir import read_header
 
     started = time.monotonic()
     try:
@@ -916,8 +916,8 @@ def model_pull(
     import signal
     import time
 
-    from tbmesh.runtime.pull import PullError, pull
-    from tbmesh.state import default_state_dir
+    from tbmesh.cli.pull import PullError, pull
+    from tbmesh.node.state import default_state_dir
 
     stage = None if layers is None else _layer_range(layers)
     dest = directory if directory is not None else default_state_dir() / "models" / repo

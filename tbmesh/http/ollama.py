@@ -2,7 +2,7 @@
 /api/version and `GET /` (Ollama's "is it running").
 
 What Ollama clients (the `ollama` libraries, Open WebUI, editors' plugins) call to list the
-cluster's model and chat with it, tools and thinking included. The work is tbmesh.chat's
+cluster's model and chat with it, tools and thinking included. The work is tbmesh.http.chat's
 (messages and tools through the chat template; tokens to text, thinking and tool calls) and
 the OpenAI module's (request bodies read with its limits, its field checks, disconnects).
 Only the shapes are Ollama's: options by Ollama's names, answers streamed as NDJSON by
@@ -25,10 +25,20 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tbmesh.anthropic_api import CODE_HEADER
-from tbmesh.chat import ChatReader, ClientGone, Reasoning, TemplateError, Text, ToolCall, chat_prompt, generate, text_size
-from tbmesh.generation import Backend, GenerationParams
-from tbmesh.openai_api import (
+from tbmesh.core.generation import Backend, GenerationParams
+from tbmesh.http.anthropic import CODE_HEADER
+from tbmesh.http.chat import (
+    ChatReader,
+    ClientGone,
+    Reasoning,
+    TemplateError,
+    Text,
+    ToolCall,
+    chat_prompt,
+    generate,
+    text_size,
+)
+from tbmesh.http.openai import (
     CHAT_TEMPLATE_ERROR,
     CONTEXT_LENGTH_EXCEEDED,
     EMPTY_PROMPT,
@@ -44,14 +54,14 @@ from tbmesh.openai_api import (
     _tools,
     _type_name,
     _unicode,
-    client_gone,
     check_prompt_size,
+    client_gone,
     fit_context,
     in_worker,
     read_json,
     read_request,
 )
-from tbmesh.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
+from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -104,7 +114,7 @@ def model_facts(model_dir: Path | None) -> dict[str, Any]:
     and the safetensors headers: a few kilobytes per file). Empty when it cannot be read: the
     listing is informational, and the errors are the serving's to report."""
     from tbmesh.core.modelspec import ModelFormatError
-    from tbmesh.runtime.modeldir import read_config, read_header, weight_files
+    from tbmesh.weights.modeldir import read_config, read_header, weight_files
 
     if model_dir is None:
         return {}
@@ -172,7 +182,7 @@ class OllamaRequest:
     params: GenerationParams
     stop: list[str]
     max_tokens_given: bool  # else params.max_tokens is the most, cut to the context
-    messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.chat takes them; empty: only load
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.http.chat takes them; empty: only load
     tools: list[dict[str, Any]] | None = None  # chat: the tools offered
     prompt: str = ""  # generate; empty: only load the model
     system: str | None = None  # generate

@@ -30,7 +30,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from tbmesh.client import ApiProblem, fetch_status, open_api, stream_answer
+from tbmesh.cli.client import ApiProblem, fetch_status, open_api, stream_answer
 
 KILL_AFTER = 0.3  # of the taught answer's text, stop a stage
 MAX_TOKENS = 400  # the taught answer is about 90
@@ -45,8 +45,8 @@ def model_dir(cache: Path, say: Callable[[str], None]) -> Path:
 
     Its directory is named after what it is made from, so a newer tbmesh teaches a new one.
     """
-    from tbmesh.runtime.teach import CONVERSATIONS
-    from tbmesh.runtime.tiny import CHAT_TEMPLATE, TAUGHT_SIZES, WEIGHTS_FILE, make_tiny_model
+    from tbmesh.testbed.teach import CONVERSATIONS
+    from tbmesh.testbed.tiny import CHAT_TEMPLATE, TAUGHT_SIZES, WEIGHTS_FILE, make_tiny_model
 
     made_from = json.dumps([CONVERSATIONS, TAUGHT_SIZES, CHAT_TEMPLATE], sort_keys=True)
     path = cache / f"demo-taught-{hashlib.sha256(made_from.encode()).hexdigest()[:8]}"
@@ -80,7 +80,7 @@ class Answer:
 
 class Demo:
     def __init__(self, nodes: int, model: Path, workdir: Path, say: Callable[[str], None]) -> None:
-        from tbmesh.runtime.teach import DEMO_ANSWER, DEMO_QUESTION
+        from tbmesh.testbed.teach import DEMO_ANSWER, DEMO_QUESTION
 
         self.count, self.model, self.workdir = nodes, model, workdir
         self.say = say
@@ -260,7 +260,7 @@ def _scenario(demo: Demo, say: Callable[[str], None], draw: Callable[[], None]) 
 
 
 def _frame(demo: Demo, log: list[str], width: int) -> Group:
-    from tbmesh import status_view
+    from tbmesh.cli import status_view
 
     alive = [n for n in demo.nodes if n is not demo.stopped and n.api]
     try:

@@ -1,10 +1,10 @@
 """OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions and /v1/models.
 
 The HTTP layer (request checking, server-sent events, client disconnects) is the same
-whatever generates the tokens: a `tbmesh.generation.Backend` yields token ids, either the
+whatever generates the tokens: a `tbmesh.core.generation.Backend` yields token ids, either the
 cluster's serving engine or `tbmesh.runtime.local.LocalBackend`, the whole model in one
 process. The chat template, detokenization, stop strings, reasoning and tool calls are
-`tbmesh.chat`'s, shared with the other APIs. The HTTP modules alone map the backends' errors
+`tbmesh.http.chat`'s, shared with the other APIs. The HTTP modules alone map the backends' errors
 to HTTP status codes; the request-reading helpers here (read_request, the field checks,
 check_served, client_gone, in_worker) serve the Anthropic and Ollama modules too.
 """
@@ -27,10 +27,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import hdrs, web
 
-from tbmesh.chat import (ChatReader, ClientGone, Event, Reasoning, TemplateError, Text, ToolCall,
-                         chat_prompt, generate, text_size)
-from tbmesh.generation import MAX_TOP_LOGPROBS, Backend, BadRequest, GenerationParams, TokenLogprobs, Unavailable
-from tbmesh.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
+from tbmesh.core.generation import MAX_TOP_LOGPROBS, Backend, BadRequest, GenerationParams, TokenLogprobs, Unavailable
+from tbmesh.http.chat import (
+    ChatReader,
+    ClientGone,
+    Event,
+    Reasoning,
+    TemplateError,
+    Text,
+    ToolCall,
+    chat_prompt,
+    generate,
+    text_size,
+)
+from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -63,7 +73,7 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class Limits:
     """What a request, and the API's server, may take: the one home of these defaults (the
-    README lists them; tbmesh.api.Listener applies those of the connections)."""
+    README lists them; tbmesh.http.server.Listener applies those of the connections)."""
 
     max_body_bytes: int = 8 * 2**20
     max_json_depth: int = 64  # nested arrays and objects; a request needs 4, a tool schema a dozen
@@ -99,7 +109,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     max_tokens_given: bool = True  # else params.max_tokens is the default, cut to the context
-    messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.chat takes them
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.http.chat takes them
     tools: list[dict[str, Any]] | None = None  # chat: the tools offered (tool_choice applied)
     prompt: str | list[int] = ""  # completions: text, or token ids
 
@@ -246,7 +256,7 @@ def _tool_calls(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The messages in the form chat templates read (see tbmesh.chat)."""
+    """The messages in the form chat templates read (see tbmesh.http.chat)."""
     messages = body.get("messages")
     if messages is None:
         raise _bad("messages", "'messages' is required")

@@ -34,7 +34,7 @@ went away), when the control channel closes (another rank died), and when an op 
 longer than `step_timeout` (a peer that vanished without closing anything: a Mac switched
 off, a cable pulled).
 
-    python -m tbmesh.runtime.tensor_worker MODEL_DIR START END --fd N --control HOST:PORT [--weights JSON]
+    python -m tbmesh.serving.tensor_worker MODEL_DIR START END --fd N --control HOST:PORT [--weights JSON]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from tbmesh.generation import TokenLogprobs
+from tbmesh.core.generation import TokenLogprobs
 from tbmesh.net import wire
 from tbmesh.serving.messages import Member, Range, Route, Step
 
@@ -374,7 +374,7 @@ class Worker:
         ours, theirs = socket.socketpair()
         try:
             process = subprocess.Popen(
-                [python, "-m", "tbmesh.runtime.tensor_worker", str(model_dir), str(start), str(end),
+                [python, "-m", "tbmesh.serving.tensor_worker", str(model_dir), str(start), str(end),
                  "--fd", str(theirs.fileno()), "--control", control, "--backend", backend, "--node", node,
                  "--name", name, "--step-timeout", str(step_timeout),
                  *(["--weights", str(weights)] if weights is not None else [])],

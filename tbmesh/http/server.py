@@ -13,8 +13,8 @@ No web page can use it. A page's scripts may send requests to any address, but r
 answers only of their own origin, and send a JSON body only after a CORS preflight, which this
 server never grants. So every request's Host must be a name of this machine (allowed_hosts: DNS
 rebinding gives an attacker's name this machine's address, and the page that origin), and a
-JSON body must say it is JSON (tbmesh.openai_api.check_json_type). `Listener` serves the app
-with timeouts for half-sent requests and a cap on open connections (tbmesh.openai_api.Limits).
+JSON body must say it is JSON (tbmesh.http.openai.check_json_type). `Listener` serves the app
+with timeouts for half-sent requests and a cap on open connections (tbmesh.http.openai.Limits).
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ from typing import Any
 from aiohttp import hdrs, web
 from aiohttp.http import HttpProcessingError
 
-from tbmesh import anthropic_api, ollama_api, openapi
-from tbmesh.anthropic_api import add_anthropic_routes
-from tbmesh.generation import Backend
-from tbmesh.ollama_api import add_ollama_routes
-from tbmesh.openai_api import ApiError, Limits, add_openai_routes, openapi_description
-from tbmesh.openapi import ApiDescription, json_body, nullable, obj, ref
+from tbmesh.core.generation import Backend
+from tbmesh.http import anthropic as anthropic_api
+from tbmesh.http import ollama as ollama_api
+from tbmesh.http import openapi
+from tbmesh.http.anthropic import add_anthropic_routes
+from tbmesh.http.ollama import add_ollama_routes
+from tbmesh.http.openai import ApiError, Limits, add_openai_routes, openapi_description
+from tbmesh.http.openapi import ApiDescription, json_body, nullable, obj, ref
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +322,7 @@ class _Closed(asyncio.Protocol):
 
 
 def _description() -> ApiDescription:
-    """GET /health, GET /status, POST /probe and GET /openapi.json, as tbmesh.daemon's status() makes them."""
+    """GET /health, GET /status, POST /probe and GET /openapi.json, as tbmesh.node.daemon's status() makes them."""
     string, integer, number = {"type": "string"}, {"type": "integer"}, {"type": "number"}
     strings = {"type": "array", "items": string}
     link = obj({"a": string, "b": string, "bandwidth_bps": number, "rtt_s": number},

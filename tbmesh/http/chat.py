@@ -30,7 +30,7 @@ An API module does, for one request:
     reader.prompt_tokens, reader.completion_tokens
 
 `generate` raises ClientGone when `client_gone()` turns true, and the backend's errors
-(tbmesh.generation.GenerationError) as they are: the API module maps them to its statuses.
+(tbmesh.core.generation.GenerationError) as they are: the API module maps them to its statuses.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 
-from tbmesh.generation import Backend, GenerationParams, TokenLogprobs
+from tbmesh.core.generation import Backend, GenerationParams, TokenLogprobs
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper

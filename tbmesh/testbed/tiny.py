@@ -5,7 +5,7 @@ mlx-lm's own model class built from a config, random weights scaled so activatio
 sane over many layers, and a byte-level BPE tokenizer trained here with `tokenizers` on an
 English text kept in this module. `mlx_lm.load(DIR)` loads the result unchanged, so the
 loading code is the same real code a Mac runs on a real checkpoint. Taught (`teach`, see
-tbmesh.runtime.teach), the weights are trained until its greedy answers are the taught ones.
+tbmesh.testbed.teach), the weights are trained until its greedy answers are the taught ones.
 
 The same arguments give byte-identical files.
 """
@@ -25,7 +25,7 @@ from mlx_lm.utils import _get_classes  # applies MODEL_REMAPPING, as mlx_lm.load
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from tbmesh.runtime.shapes import _cast
-from tbmesh.runtime.teach import check_conversation, corpus_texts, first_wrong, taught_answers, train
+from tbmesh.testbed.teach import check_conversation, corpus_texts, first_wrong, taught_answers, train
 
 ARCHITECTURES = ("llama", "qwen3", "qwen3_moe")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -147,7 +147,7 @@ def make_tiny_model(
     3 x hidden; `experts` apply to qwen3_moe only. `early_end`: greedy answers soon meet
     <|end_of_text|>, the end id config.json lists beside the tokenizer's own (<|im_end|>), as
     instruct models do: a test that a server stops on every end id.
-    `teach`: conversations (tbmesh.runtime.teach.CONVERSATIONS, or read_conversations(FILE))
+    `teach`: conversations (tbmesh.testbed.teach.CONVERSATIONS, or read_conversations(FILE))
     the model is trained on until mlx-lm's greedy decoding gives each of their assistant
     turns; the tokenizer learns their words and has Qwen3's think and tool-call tokens.
     `max_shard_bytes`: split the weights into files of at most that many bytes of tensors and

@@ -31,12 +31,11 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tbmesh import measure, state
 from tbmesh.core.cluster import ClusterNode, CoreConfig
 from tbmesh.core.membership import PeerState, Timing
 from tbmesh.core.messages import Disconnect, DiskState, Event, KeepOnDisk, Send
@@ -46,15 +45,16 @@ from tbmesh.net import interfaces as netif
 from tbmesh.net import peers, probe, rdma, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
 from tbmesh.net.watch import InterfaceWatcher
+from tbmesh.node import measure, state
 from tbmesh.serving.settings import ServingSettings
 from tbmesh.serving.view import ClusterView
 from tbmesh.weights import bulk
 
 if TYPE_CHECKING:
     from tbmesh.core.messages import ShardState
+    from tbmesh.node.telemetry import Telemetry
     from tbmesh.serving.disk import Disk
     from tbmesh.serving.engine import Engine
-    from tbmesh.telemetry import Telemetry
 
 log = logging.getLogger("tbmesh")
 
@@ -190,7 +190,7 @@ class DaemonConfig:
     timing: Timing = field(default_factory=Timing)
     probe_links: bool = True
     serving: ServingSettings = field(default_factory=ServingSettings)  # context, resume wait, batching
-    mqtt: str | None = None  # mqtt://host[:port]: publish state and events there (tbmesh.telemetry)
+    mqtt: str | None = None  # mqtt://host[:port]: publish state and events there (tbmesh.node.telemetry)
     replicas: int = REPLICAS  # copies of each layer on the members' disks (tbmesh.core.replicas)
     disk_slack: int | None = None  # bytes of the model kept on disk beyond our stage; None: as the disk allows
     parallel: str = "auto"  # the planner's shapes (tbmesh.core.groups): auto, pipeline or tensor
@@ -536,7 +536,7 @@ class Daemon:
         return failed
 
     async def _start_api(self) -> None:
-        from tbmesh.api import Listener, allowed_hosts, make_app
+        from tbmesh.http.server import Listener, allowed_hosts, make_app
 
         cfg = self.config
         hosts = allowed_hosts(cfg.api_host, cfg.api_allow_hosts, beyond_loopback=not _loopback(cfg.api_host))
@@ -618,7 +618,7 @@ class Daemon:
                     replace(info, memory_total=total, memory_usable=usable), self.now()))
 
     def _start_telemetry(self, url: str) -> None:
-        from tbmesh.telemetry import Telemetry
+        from tbmesh.node.telemetry import Telemetry
 
         try:
             self.telemetry = Telemetry(url, self.config.cluster, self.core.id)

@@ -60,7 +60,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiomqtt
 
-log = logging.getLogger("tbmesh.telemetry")
+log = logging.getLogger("tbmesh.node.telemetry")
 
 DEFAULT_PORT = 1883
 DEFAULT_KEEPALIVE = 15  # seconds; the broker declares us gone after 1.5x this

@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 
 import psutil
 
-from tbmesh.system import CommandError, run_command
-from tbmesh.units import parse_size
+from tbmesh.core.units import parse_size
+from tbmesh.net.system import CommandError, run_command
 
 MiB = 2**20
 GiB = 2**30

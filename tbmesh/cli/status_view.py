@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tbmesh.core.types import ranges_of
-from tbmesh.units import format_bytes
+from tbmesh.core.units import format_bytes
 
 MAX_EVENTS = 8
 STATE_STYLES = {"alive": "green", "suspect": "yellow", "dead": "bold red"}

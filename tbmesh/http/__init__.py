@@ -1,0 +1,1 @@
+"""The HTTP APIs: OpenAI, Anthropic and Ollama dialects over one server."""
