@@ -334,6 +334,9 @@ sharing this machine's two cores. The {f['bytes_over_least']:.2f}× is the plann
 fewest bytes moved): when an end stage dies, the layers are spread over both survivors."""
 
 
+API_NAMES = {"openai": "OpenAI", "anthropic": "Anthropic", "ollama": "Ollama", "tbmesh": "tbmesh's own"}
+
+
 def fuzz_api(r: Results) -> str:
     d, pos = r["fuzz_api.json"], r["fuzz_api-positive.json"]
 
@@ -345,12 +348,15 @@ def fuzz_api(r: Results) -> str:
         return f"{num(run['5xx'])} × 5xx, {num(run['schema_violations'])} schema violations, {failures}"
 
     def breakdown(run: dict) -> str:
+        """Written by bench/fuzz_api.py since the runs above: the answers generated, and per API."""
         b = run.get("breakdown")
         if not b:
             return ""
         codes = ", ".join(f"{num(n)} `{code}`" for code, n in b["error_codes"].items())
+        apis = "; ".join(f"{API_NAMES.get(api, api)}: {num(c['requests'])} requests, {statuses(c)}, {num(c['generated'])} "
+                         f"generated answers ({num(c['streamed'])} streamed)" for api, c in b["by_api"].items())
         return (f" ({num(b['generated'])} generated answers, {num(b['streamed'])} of them streamed; "
-                f"error codes: {codes or 'none'})")
+                f"the 400s' codes: {codes or 'none'}; {apis})")
 
     s, p = d["settings"], pos["settings"]
     return f"""**Fuzzing the API** (`.venv/bin/python bench/fuzz_api.py --examples {s['examples']}`; {d['seconds'] / 60:.0f} minutes on
@@ -644,7 +650,8 @@ sampled cases is {alloc['closest_to_bound']:.1%} of the frame's own bound. A cov
 
 
 def finite_check(r: Results) -> str:
-    rows = r["finite_check.json"]
+    data = r["finite_check.json"]
+    rows = data["rows"] if isinstance(data, dict) else data  # a list before it recorded its commit
 
     def cost(stages: int, n: int) -> list[float]:
         row = next(x for x in rows if x["stages"] == stages and x["rows"] == n)
@@ -654,7 +661,7 @@ def finite_check(r: Results) -> str:
         low, high = min(values), max(values)
         return f"{low:+.1f}%" if f"{low:.1f}" == f"{high:.1f}" else f"{low:+.1f} to {high:+.1f}%"
 
-    return (f"`bench/finite_check.py`, bench/results/finite_check.json, {commit_words(rows)}: median and mean "
+    return (f"`bench/finite_check.py`, bench/results/finite_check.json, {commit_words(data)}: median and mean "
             f"{pct(cost(1, 1))} of a decode step of the 12 x 256 test model on one stage, {pct(cost(3, 1))} through "
             f"3 stages with one row, {pct(cost(3, 4))} with 4 rows; CPU time on this 2-vCPU machine")
 

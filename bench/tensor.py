@@ -60,6 +60,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference import ROOT, median, model_dir, rotate
+from provenance import provenance
 
 from tbmesh.core.generation import Sampling
 from tbmesh.runtime.tensor import free_ports, ring_environment, ring_hostfile
@@ -523,7 +524,10 @@ def main() -> None:
         result = {}
     result.update({"python": platform.python_version(), "machine": platform.machine(), "model": path.name})
     for mode in modes:
-        result.update(run_workers(args, path) if mode == "workers" else {"daemons": run_daemons(args, path)})
+        if mode == "workers":  # the top-level keys, with what made them
+            result.update({**run_workers(args, path), **provenance()})
+        else:
+            result["daemons"] = {**run_daemons(args, path), **provenance()}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}", flush=True)
