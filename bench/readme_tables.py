@@ -643,7 +643,7 @@ stopped short (a last record incomplete, as from a slow peer) with a prefix of w
 claiming 4 GiB costs {probes['header_claims_4GiB']['peak_traced'] / 1000:.1f} KB, a tensor header announcing 512 MiB
 {probes['tensor_claims_MAX_PAYLOAD_header_only']['peak_traced'] / 1000:.1f} KB (the payload buffer grows as bytes arrive); the largest traced peak of {num(alloc['measured_cases'])}
 sampled cases is {alloc['closest_to_bound']:.1%} of the frame's own bound. A coverage-guided run (atheris,
-`bench/atheris_wire.py`, `pip install -e '.[fuzz]'` on Linux x86-64, `{a['command'].removeprefix('python ')}`:
+`bench/atheris_wire.py`, `pip install -e '.[fuzz]'`, `{a['command'].removeprefix('python ')}`:
 {num(a['executions'])} inputs, {a['coverage_edges']} edges covered) {'found nothing more' if not a['crashed'] else 'crashed'}.
 
 {source(r, 'fuzz_wire.json campaign', 'fuzz_wire.json atheris')}"""
