@@ -517,6 +517,28 @@ half of what a token needs) over RDMA's few-µs all-reduces (see the cost model 
 {source(r, 'tensor.json')}"""
 
 
+def tensor_projection(r: Results) -> str:
+    """Not a measurement: tbmesh.core.tensor_cost's projection, computed here as
+    `python -m tbmesh.core.tensor_cost` prints it (the cost model is pure)."""
+    from tbmesh.core import tensor_cost as tc
+
+    cal, kimi = tc.calibration(), "kimi-k2-thinking"
+    shard, split = tc.decode_work(kimi), tc.decode_work(kimi, split_all=True)
+
+    def up(work: Any, n: int, link: Any) -> str:
+        return x(tc.speedup(work, n, link, cal))
+
+    return f"""- `tbmesh/core/tensor_cost.py`: a decode cost model (bytes read per token over memory
+  bandwidth; per layer two all-reduces at the link's latency), calibrated on exo's published
+  {x(tc.EXO_SPEEDUP[2], 1)} on 2 M3 Ultra Studios and {tc.KIMI_4_STUDIOS_TOKENS_PER_S} tokens/s for Kimi-K2-Thinking on 4 (it gives {up(split, 4, tc.TB5_RDMA)}
+  against exo's {x(tc.EXO_SPEEDUP[4], 1)}). **A projection, not a measurement**, for Kimi-K2-Thinking on M3
+  Ultras over TB5 RDMA: {up(shard, 2, tc.TB5_RDMA)} the pipeline on 2 Macs and {up(shard, 4, tc.TB5_RDMA)} on 4 with mlx-lm's split
+  (it keeps the head, router and MLA down-projections whole on every rank: {shard.whole_bytes / 1e9:.1f} GB of the
+  {shard.weight_bytes / 1e9:.1f} GB a token reads); {up(split, 2, tc.TB5_RDMA)} and {up(split, 4, tc.TB5_RDMA)} if every weight were split. Over TB4 without RDMA:
+  {up(shard, 2, tc.TB4_TCP)} and {up(shard, 4, tc.TB4_TCP)}. `python -m tbmesh.core.tensor_cost` prints it (this README's figures are computed
+  from it by bench/readme_tables.py)."""
+
+
 FAULTS = {"kill": "`kill -9` (then started again)", "restart": "restarted as itself", "stop": "SIGSTOP 0.3-4 s",
           "cable": "cable pulled 0.3-4 s", "partition": "partition 1-5 s", "flap": "cable flapping 3-10 times",
           "memory": "memory shrunk 1-4 s"}
@@ -671,7 +693,7 @@ RENDERERS: dict[str, Callable[[Results], str]] = {
     "serving": serving, "serving-memory": serving_memory, "serving-notes": serving_notes,
     "reassign": reassign, "reassign-notes": reassign_notes, "fuzz-api": fuzz_api, "probe": probe,
     "secure": secure, "sim": sim, "weights": weights, "weights-notes": weights_notes, "manifest": manifest,
-    "tensor": tensor, "tensor-notes": tensor_notes, "chaos-campaign": chaos_campaign,
+    "tensor": tensor, "tensor-notes": tensor_notes, "tensor-projection": tensor_projection, "chaos-campaign": chaos_campaign,
     "chaos-hostile": chaos_hostile, "chaos-flap": chaos_flap, "chaos-soak": chaos_soak,
     "fuzz-wire": fuzz_wire, "finite-check": finite_check,
 }
