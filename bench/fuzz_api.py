@@ -37,9 +37,8 @@ from api_fuzz import fuzz  # noqa: E402
 from daemons import serving_alone  # noqa: E402
 from provenance import provenance  # noqa: E402
 
-from tbmesh.testbed.tiny import make_tiny_model  # noqa: E402
-
 from tbmesh.http.anthropic import CODE_HEADER  # noqa: E402
+from tbmesh.testbed.tiny import make_tiny_model  # noqa: E402
 
 CACHE = Path(tempfile.gettempdir()) / "tbmesh-bench"
 GENERATION = {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/api/chat", "/api/generate"}

@@ -36,7 +36,7 @@ README = ROOT / "README.md"
 RESULTS = ROOT / "bench" / "results"
 
 # A block on lines of its own, or inline within a sentence (no newline inside).
-BLOCK = re.compile(r"(<!-- figures: ([a-z0-9-]+) -->(\n?))(.*?)(\n?<!-- /figures -->)", re.S)
+BLOCK = re.compile(r"(<!-- figures: ([a-z0-9-]+) -->(\n?))(.*?)(\n?<!-- /figures -->)", re.DOTALL)
 
 # Results measured on code that has changed since in what they measure: rendered with this note
 # while the file still holds that commit's run.
@@ -140,8 +140,8 @@ def daemon(r: Results) -> str:
 | failure: `kill -9` → marked dead | {kill['dead_s']:.2f} s | < {fail['target_s']:g} s | {kill['real_over_simulated']:.3f}× the simulator's figure |
 | failure: cable pulled → marked dead | {pull['dead_s']:.2f} s | < {fail['target_s']:g} s | {pull['real_over_simulated']:.3f}× the simulator's figure |
 | false positives, {loaded['seconds'] / 60:.0f} min with both cores saturated by MLX | {false} | {fp['target_false_positives']} | heartbeat RTT {loaded['rtt_median_s'] * 1000:.1f} ms loaded vs {unloaded['rtt_median_s'] * 1000:.1f} ms unloaded |
-| idle daemon (one peer), CPU | {a['cpu_percent']:.2f} % | < {idle['target_cpu_percent']:g} % | a bare Python process: {bare['cpu_percent']:g} % |
-| idle daemon, RSS | {a['rss_mb']:.1f} MB | | a bare `import mlx.core` process: {bare['rss_mb']:.1f} MB |
+| idle daemon (one peer), CPU | {a['cpu_percent']:.2f} % | < {idle['target_cpu_percent']:g} % | a bare process importing `mlx.core` and the daemon's module: {bare['cpu_percent']:g} % |
+| idle daemon, RSS | {a['rss_mb']:.1f} MB | | the same bare process: {bare['rss_mb']:.1f} MB |
 
 {source(r, 'daemon-join.json', 'daemon-failure.json', 'daemon-false-positives.json', 'daemon-idle.json')}"""
 
@@ -301,10 +301,13 @@ def reassign(r: Results) -> str:
     rec, join = d["recovery"], d["join"]
     f, lead = rec["follower"], rec["leader"]
     fp, lp = f["phases_s"], lead["phases_s"]
-    ms = lambda v: f"{v * 1000:.0f}"  # noqa: E731
+
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1000:.0f}"
+
     model = d["model"]
     runs = join["matched"]
-    stages = len(f["runs"][0]["old_plan"]) if isinstance(f["runs"][0]["old_plan"], list) else 3
+    stages = len(f["runs"][0]["old_plan"])  # ["n1 0-7", "n0 8-15", "n2 16-23"]
     middles = [run["bytes_over_least"] for run, victim in zip(f["runs"], f["victim_stages"]) if 0 < victim < stages - 1]
     middle = f"; {statistics.median(middles):.2f}× when the middle stage dies" if middles else ""
     return f"""A {model['layers']}-layer × {model['hidden']} {model['dtype']} llama of {model['weight_bytes'] / 1e6:.0f} MB, a {rec['tokens']}-token greedy answer, fresh daemons
@@ -485,18 +488,16 @@ def manifest(r: Results) -> str:
 def tensor(r: Results) -> str:
     d = r["tensor.json"]["daemons"]
     t, gp, gl = d["tokens_per_s"], d["group_vs_process"], d["group_vs_pipeline"]
-    rows = "\n".join(f"| {shape} | {t[shape + ', 1 request']:.1f} | {t[shape + ', 8 requests']:.1f} |"
-                     for shape in ("1 process", "pipeline of 2", "group of 2"))
-    label = {"group of 2": "tensor group of 2 (`ring`)"}
-    for shape, name in label.items():
-        rows = rows.replace(f"| {shape} |", f"| {name} |")
+    shapes = {"1 process": "1 process", "pipeline of 2": "pipeline of 2 daemons", "group of 2": "tensor group of 2 (`ring`)"}
+    rows = "\n".join(f"| {label} | {t[shape + ', 1 request']:.1f} | {t[shape + ', 8 requests']:.1f} |"
+                     for shape, label in shapes.items())
     return f"""| served by daemons on loopback | 1 request | 8 requests |
 | --- | --- | --- |
-{rows.replace('| 1 process |', '| 1 process |').replace('| pipeline of 2 |', '| pipeline of 2 daemons |')}
+{rows}
 | group vs 1 process | **{x(gp['1 request'])}** | **{x(gp['8 requests'])}** |
 | group vs pipeline of 2 | **{x(gl['1 request'])}** | **{x(gl['8 requests'])}** |
 
-{source(r, 'tensor.json')}"""
+{source(r, 'tensor.json daemons')}"""
 
 
 def tensor_notes(r: Results) -> str:
@@ -514,7 +515,7 @@ other, and the pipeline of two processes also keeps both cores busy once 8 reque
 without the all-reduces. On Macs the speed-up comes from memory bandwidth (each rank reads
 half of what a token needs) over RDMA's few-µs all-reduces (see the cost model above).
 
-{source(r, 'tensor.json')}"""
+{source(r, 'tensor.json daemons', 'tensor.json')}"""
 
 
 def tensor_projection(r: Results) -> str:
