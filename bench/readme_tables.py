@@ -80,8 +80,12 @@ def commit_of(data: Any) -> str | None:
 
 
 def commit_words(data: Any) -> str:
+    """"commit 1234abc", with what commit_of says after the hash; or that none is recorded."""
     commit = commit_of(data)
-    return f"commit {commit[:7]}{commit[40:]}" if commit else "commit not recorded"
+    if not commit:
+        return "commit not recorded"
+    sha, _, rest = commit.partition(" ")
+    return f"commit {sha[:7]}" + (f" {rest}" if rest else "")
 
 
 def source(results: Results, *names: str) -> str:
