@@ -16,8 +16,9 @@ import sys
 try:
     import atheris
 except ModuleNotFoundError:
-    sys.exit("bench/atheris_wire.py needs atheris: pip install -e '.[fuzz]' (a wheel on Linux x86-64; "
-             "elsewhere build it with clang and libFuzzer, see atheris's README)")
+    sys.exit("bench/atheris_wire.py needs atheris: pip install -e '.[fuzz]' (a wheel on Linux x86-64; elsewhere "
+             "pip builds it with a clang that has libFuzzer, CLANG_BIN=...: on macOS brew install llvm, "
+             'CLANG_BIN="$(brew --prefix llvm)/bin/clang")')
 
 with atheris.instrument_imports(include=["tbmesh"]):
     import fuzz_wire  # bench/ is sys.path[0]; the tbmesh modules it imports are instrumented

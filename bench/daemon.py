@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -209,7 +210,8 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"daemon-{name}.json"
     meta = {"benchmark": name, "when": datetime.now().isoformat(timespec="seconds"),
-            "source": source_version(), "python": platform.python_version(),
+            "source": source_version(), "command": shlex.join([".venv/bin/python", "bench/daemon.py", *sys.argv[1:]]),
+            "python": platform.python_version(),
             "cpus": os.cpu_count(), "timing": Timing().__dict__}
     path.write_text(json.dumps(rounded({**meta, **result}), indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT)}")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from provenance import provenance  # bench/ is sys.path[0]
 from tbmesh.core.generation import Sampling
 from tbmesh.runtime.shard import load_shard
 from tbmesh.serving import stage
@@ -85,7 +86,7 @@ def main() -> None:
         print(f"{r['stages']} stage(s), {r['rows']} row(s), {r['steps']} steps each: "
               f"{r['median_ms']['unchecked']:.2f} -> {r['median_ms']['checked']:.2f} ms CPU a step "
               f"(median {100 * r['median_cost']:+.2f}%, mean {100 * r['mean_cost']:+.2f}%)")
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.write_text(json.dumps({**provenance(), "rows": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

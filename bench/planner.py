@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from provenance import provenance  # bench/ is sys.path[0]
 from tbmesh.core.planner import bytes_to_load, plan_layers
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Stage
 
@@ -132,7 +133,7 @@ def main() -> None:
                   f"{r['moved_gb_from_scratch']:10.1f} {r['even_overloaded']:13d}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"repeat": args.repeat, "context": CONTEXT, "python": platform.python_version(),
+    result = {**provenance(), "repeat": args.repeat, "context": CONTEXT, "python": platform.python_version(),
               "baseline": "fresh_ms: the same inputs without a previous plan; "
                           "ratio = planner_ms / fresh_ms",
               "rows": rows}

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the lab harness lives with the tests
 
 import netns  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 from tbmesh.net.probe import plain, probe_receive, probe_send  # noqa: E402
 
@@ -140,6 +141,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
+        **provenance(),
         "method": "median of N probes (0.5 s, receiver-timed after a 20% warm-up) per tbf rate;"
                   " reference: plain bulk TCP through the same cable in the same run",
         "tbf": {rate: netns.tbf_args(netns.parse_rate(rate)) for rate in RATES if rate},

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the lab harness and the daemon helpers live with the tests
 sys.path.insert(0, str(ROOT / "bench"))
 
+from provenance import provenance  # noqa: E402
 from tbmesh.core.messages import Heartbeat  # noqa: E402
 from tbmesh.net import peers, wire  # noqa: E402
 
@@ -200,7 +201,7 @@ def main() -> None:
     if "bulk" in modes and os.geteuid() != 0:
         parser.error("bulk needs root (network namespaces): sudo .venv/bin/python bench/secure.py")
     work = Path(tempfile.mkdtemp(prefix="tbmesh-bench-secure-"))
-    result: dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count(), "rounds": args.rounds,
+    result: dict[str, Any] = {**provenance(), "machine": platform.machine(), "cpus": os.cpu_count(), "rounds": args.rounds,
                               "load_before": os.getloadavg()}
     try:
         if "control" in modes:

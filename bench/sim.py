@@ -19,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+from provenance import provenance  # bench/ is sys.path[0]
 from tbmesh.core.cluster import CoreConfig
 from tbmesh.core.presets import preset_spec
 from tbmesh.testbed.sim import GB, Simulator, make_info
@@ -100,7 +101,7 @@ def main() -> None:
                   f"[{wall:.1f}s wall per run]")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"heartbeat_interval_s": hb, "timing": config.timing.__dict__, "rows": rows}
+    result = {**provenance(), "heartbeat_interval_s": hb, "timing": config.timing.__dict__, "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference import ROOT, PipeRing, median, model_dir, rotate  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
     med = {k: median(v) for k, v in rates.items()}
     result = {
         "python": platform.python_version(), "machine": platform.machine(),
-        "command": " ".join([".venv/bin/python", "bench/split.py", *sys.argv[1:]]),
+        **provenance(),
         "model": path.name, "tokens": args.tokens, "rounds": args.rounds,
         "tokens_per_s": {k: round(v, 2) for k, v in med.items()},
         "ms_per_token": {k: round(1e3 / v, 2) for k, v in med.items()},

@@ -10,8 +10,9 @@ and of 8 at once (batched); tokens/s over the whole generation, medians of inter
 rounds; the group's tokens are checked equal to the process's. Also a bare group of 2 ranks
 (generate_locally over the tensor shard, no worker, no scheduler): the floor of the split
 itself, which the workers' own cost is read against. And the group's idle CPU
-(a ring rank waiting in a collective spins a core; the workers wait on sockets) and what a
-bare all_sum costs over the ring. The JSON's top-level keys.
+(a ring rank waiting in a collective spins a core; the workers wait on sockets). The cost of
+one all_sum over the ring is not measured. The JSON's top-level keys, with the commit and
+command that made them.
 
 daemons: the same model served by real `tbmesh daemon`s on loopback (bench/inference.py's
 Cluster: --interface lo --memory 8GB --no-probe --context C, a cluster name each), all up at
@@ -60,6 +61,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference import ROOT, median, model_dir, rotate
+from provenance import provenance
 
 from tbmesh.core.generation import Sampling
 from tbmesh.runtime.tensor import free_ports, ring_environment, ring_hostfile
@@ -523,7 +525,10 @@ def main() -> None:
         result = {}
     result.update({"python": platform.python_version(), "machine": platform.machine(), "model": path.name})
     for mode in modes:
-        result.update(run_workers(args, path) if mode == "workers" else {"daemons": run_daemons(args, path)})
+        if mode == "workers":  # the top-level keys, with what made them
+            result.update({**run_workers(args, path), **provenance()})
+        else:
+            result["daemons"] = {**run_daemons(args, path), **provenance()}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}", flush=True)

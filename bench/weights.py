@@ -63,6 +63,7 @@ import netns
 from netns import Loop
 
 from tbmesh.net import peers
+from provenance import provenance  # noqa: E402
 from tbmesh.net.probe import plain, probe_receive, probe_send
 from tbmesh.weights import bulk
 from tbmesh.weights.manifest import Manifest, build_manifest
@@ -503,6 +504,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
+        **provenance(),
         "method": "median of N rounds; loopback against cp and a bare sendfile socket copy of the same bytes, "
                   "shaped cables against tbmesh's link probe on the same cable, all in the same run",
         "checkpoint_bytes": total, "tensors": len(manifest.tensors) if manifest else 0,
