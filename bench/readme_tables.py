@@ -601,16 +601,15 @@ def chaos_hostile(r: Results) -> str:
         took, bound = re.fullmatch(r"stall of ([\d.]+) s > ([\d.]+) s", fd["what"]).groups()
         by_bound.setdefault(f"{float(bound):.1f}", []).append(f"{float(took):.1f}")
     stalled = "; ".join(f"{', '.join(took)} s against a bound of {bound} s" for bound, took in by_bound.items())
+    longest = max(v["max"] for v in c["stall_s"].values())
+    stall_text = (f"**no request stalled past its bound** (the longest wait for a piece: {longest:.1f} s)" if not stalls
+                  else f"**{len(stalls)} requests stalled past the bound** ({stalled})")
     return f"""**With the stranger** (`sudo .venv/bin/python bench/chaos.py campaign --faults {c['faults']} --seed {c['seed']}
 --hostile`, {c['minutes']:.1f} minutes): {c['faults']} faults in {c['groups']} groups, {sum(hostile.values())} of them hostile ({hostile['relay']} relays,
 {hostile['stranger']} strangers dialling, {hostile['stray']} stray records): **{num(req.get('exact', 0))} answers exact, {req.get('wrong', 0)} wrong, {req.get('lost', 0)} lost,
 {len(c['hostile_breaches'])} breaches** (no stranger's dial welcomed, no member listing the stranger), {req.get('entry died', 0)} into a node
 that was killed (each a prefix of the reference), {'every fault converged' if not c['not_converged'] else str(c['not_converged']) + ' faults not converged'} (relay p95 {f['relay']['converge_s']['p95']:.2f} s,
-stranger {f['stranger']['converge_s']['p95']:.2f} s, stray {f['stray']['converge_s']['p95']:.2f} s), {'no crash, no error line' if not c['crashed'] and not c['error_lines'] else 'crashes or error lines'}. But **{len(stalls)} requests
-stalled past the bound** ({stalled}). The answers were exact; the
-stalls of about 30 s (in one window of a flapping cable, a restart, a stop and a stray record)
-look like a resume sent into a connection just before a flapping cable closed it, and never
-sent again, and are the next thing to chase.
+stranger {f['stranger']['converge_s']['p95']:.2f} s, stray {f['stray']['converge_s']['p95']:.2f} s), {'no crash, no error line' if not c['crashed'] and not c['error_lines'] else 'crashes or error lines'}, and {stall_text}.
 
 {source(r, 'chaos.json campaign_hostile')}"""
 
