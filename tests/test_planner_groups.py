@@ -183,7 +183,7 @@ def test_groups_are_cliques_and_memory_is_never_exceeded(cluster, parallel, cont
     nodes, links = cluster
     placement = plan_layers(SMALL, nodes, links, context=context, parallel=parallel)
     if not placement.fits:
-        assert parallel == "tensor" or not plan_layers(SMALL, nodes, links, context=context).fits
+        assert parallel == "tensor" or not plan_layers(SMALL, nodes, links, context=context, parallel="pipeline").fits
         return
     assert placement.why
     linked = {frozenset((x.a, x.b)) for x in links}
@@ -197,7 +197,7 @@ def test_groups_are_cliques_and_memory_is_never_exceeded(cluster, parallel, cont
     everyone = [m for s in placement.stages for m in s.members] + list(placement.left_out)
     assert sorted(everyone) == sorted(n.id for n in nodes)
     if parallel == "auto" and any(s.group for s in placement.stages):  # chosen only when it pays
-        pipe = plan_layers(SMALL, nodes, links, context=context)
+        pipe = plan_layers(SMALL, nodes, links, context=context, parallel="pipeline")
         assert decode_s(SMALL, pipe.stages, nodes, links) >= MIN_SPEEDUP * decode_s(SMALL, placement.stages,
                                                                                      nodes, links)
 
@@ -206,8 +206,9 @@ def test_groups_are_cliques_and_memory_is_never_exceeded(cluster, parallel, cont
 @given(clusters(), st.sampled_from([0, 4096]))
 def test_pipeline_is_todays_plan(cluster, context):
     nodes, links = cluster
-    today = plan_layers(SMALL, nodes, links, context=context)
-    assert plan_layers(SMALL, nodes, links, context=context, parallel="pipeline") == today
+    today = plan_layers(SMALL, nodes, links, context=context, parallel="pipeline")
+    if not any(x.rdma for x in links):  # the default, auto, groups only over RDMA cables
+        assert plan_layers(SMALL, nodes, links, context=context).stages == today.stages
     assert today.why == "" and all(s.group == () for s in today.stages)
     if today.fits:  # one-Mac stages serialize exactly as before groups
         plan = today.stamp(1, 1, "small")

@@ -40,7 +40,7 @@ from tbmesh.core.messages import (
     Send,
     ShardState,
 )
-from tbmesh.core.groups import Parallel
+from tbmesh.core.groups import DEFAULT_PARALLEL, Parallel
 from tbmesh.core.replicas import REPLICAS, keep_on_disk
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement, Plan, ranges_of
 
@@ -56,9 +56,8 @@ class CoreConfig:
     context: int = 0  # tokens of KV cache each stage must keep room for
     model_name: str | None = None  # without `model`: serve this one, as a member's disk state describes it
     replicas: int = REPLICAS  # copies of each layer the leader keeps on its members' disks
-    # the planner's shapes (tbmesh.core.groups); a bare core plans layers only, while a node
-    # passes its own (DaemonConfig.parallel, "auto" unless told)
-    parallel: Parallel = "pipeline"
+    # the planner's shapes (tbmesh.core.groups); a node passes its --parallel
+    parallel: Parallel = DEFAULT_PARALLEL
 
 
 def _default_planner() -> Planner:
@@ -587,7 +586,7 @@ class ClusterNode:
             self.links(),
             context=self.config.context,
             previous=previous.stages if previous else None,
-            **({"parallel": self.config.parallel} if self.config.parallel != "pipeline" else {}),
+            parallel=self.config.parallel,
         )
         if not placement.fits:
             reason = self._unable_reason(members, placement.reason or "")

@@ -61,6 +61,9 @@ from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Stage
 # A node's default is DaemonConfig.parallel (tbmesh.node.config); the bare planner's, "pipeline".
 Parallel = Literal["auto", "pipeline", "tensor"]
 PARALLEL: tuple[Parallel, ...] = get_args(Parallel)
+# every planner's default, the node's --parallel included: groups only over RDMA cables, where
+# they beat the pipeline by the cost model's margin; otherwise layers, as "pipeline"
+DEFAULT_PARALLEL: Parallel = "auto"
 MIN_SPEEDUP = 1.2  # "auto" takes groups only when projected this much faster than the pipeline:
 # the model is a projection, and a group stops as a whole when any member is lost
 MAX_CLIQUES = 256  # cliques considered (a bigger cluster: the first found, largest first)

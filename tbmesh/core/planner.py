@@ -66,6 +66,7 @@ from typing import Sequence
 import numpy as np
 
 from tbmesh.core.groups import (
+    DEFAULT_PARALLEL,
     MIN_SPEEDUP,
     PARALLEL,
     Parallel,
@@ -952,13 +953,12 @@ def plan_layers(
     links: Sequence[LinkInfo] = (),
     context: int = 0,
     previous: Sequence[Stage] | None = None,
-    parallel: Parallel = "pipeline",
+    parallel: Parallel = DEFAULT_PARALLEL,
 ) -> Placement:
     """Partition the model's layers over the nodes (see the module docstring).
 
-    `parallel` (tbmesh.core.groups.Parallel): "pipeline" splits layers over Macs only (one Mac
-    a stage; the bare planner's default, while a node asks for its --parallel, "auto" unless
-    told: tbmesh.node.config.DaemonConfig); "auto" also tries
+    `parallel` (tbmesh.core.groups.Parallel, DEFAULT_PARALLEL unless told): "pipeline" splits
+    layers over Macs only (one Mac a stage); "auto" also tries
     tensor-parallel groups as stages and takes the shape with the fastest expected decode
     (tbmesh.core.groups: a group only if at least MIN_SPEEDUP faster); "tensor" takes the
     fastest shape with a group, and does not fit when none is possible. Except with

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from tbmesh.core.groups import Parallel
+from tbmesh.core.groups import DEFAULT_PARALLEL, Parallel
 from tbmesh.core.membership import Timing
 from tbmesh.core.replicas import REPLICAS
 from tbmesh.node.state import default_state_dir
@@ -52,7 +52,7 @@ class DaemonConfig:
     replicas: int = REPLICAS  # copies of each layer on the members' disks (tbmesh.core.replicas)
     disk_slack: int | None = None  # bytes of the model kept on disk beyond our stage; None: as the disk allows
     # the planner's shapes (tbmesh.core.groups): tensor groups only where they pay, else a pipeline
-    parallel: Parallel = "auto"
+    parallel: Parallel = DEFAULT_PARALLEL
 
 
 # The defaults that are found when the daemon starts, in words: what --help and the README show.
