@@ -30,6 +30,8 @@ from tbmesh.node.doctor import (
     parse_launchctl_print,
 )
 from tbmesh.node.measure import GiB, parse_device_info
+from tbmesh.node.power import NoPower
+from tbmesh.node.power_macos import macmon_source
 
 # --- one check at a time ----------------------------------------------------------------------
 
@@ -163,6 +165,10 @@ def test_the_launchd_service_state():
 # --- all of them, on a recorded Mac ---------------------------------------------------------------
 
 
+def no_macmon(platform: str) -> NoPower:
+    return NoPower("power is not readable here: install macmon (`brew install macmon`), or run the daemon as root")
+
+
 def fake_mac(outputs: dict[tuple[str, ...], str]):
     def run(args: list[str]) -> str:
         if tuple(args) not in outputs:
@@ -208,9 +214,10 @@ def test_a_healthy_mac_has_no_problem(tmp_path, disk_of_100_gib):
     m5_max = parse_device_info(recorded("mlx-metal-device_info.3.txt"))
     findings = local_findings(shard_bytes=60 * GiB, layers_dir=tmp_path, daemon_problem=None, api="http://127.0.0.1:7471",
                               service_targets=TARGETS, platform="darwin", run=fake_mac(HEALTHY),
-                              mac_version=lambda: "26.2", device_info=lambda: m5_max)  # fmt: skip
+                              mac_version=lambda: "26.2", device_info=lambda: m5_max,
+                              power=lambda platform: macmon_source("/opt/homebrew/bin/macmon"))  # fmt: skip
     assert statuses(findings) == {"macos": OK, "thunderbolt": OK, "rdma": OK, "bridge": OK, "wired-limit": OK,
-                                  "disk": OK, "metal": OK, "daemon": OK, "service": OK}
+                                  "disk": OK, "metal": OK, "power": OK, "daemon": OK, "service": OK}
     assert not [f.fix for f in findings if f.fix]
 
 
@@ -218,16 +225,18 @@ def test_a_broken_mac_gets_every_problem_with_its_fix(tmp_path, disk_of_100_gib)
     findings = local_findings(shard_bytes=150 * GiB, wants_rdma=True, layers_dir=tmp_path, daemon_problem="connection refused",
                               api="http://127.0.0.1:7471", service_targets=TARGETS, platform="darwin",
                               run=fake_mac(BROKEN), mac_version=lambda: "15.7.5",
-                              device_info=lambda: None)  # fmt: skip
+                              device_info=lambda: None, power=no_macmon)  # fmt: skip
     problems = [f for f in findings if f.status == PROBLEM]
     assert [f.check for f in problems] == ["macos", "thunderbolt", "thunderbolt", "rdma", "bridge", "wired-limit",
                                            "disk", "metal", "service"]  # fmt: skip
     assert all(f.fix for f in problems)
-    assert statuses(findings)["daemon"] == WARNING
+    assert statuses(findings)["daemon"] == WARNING and statuses(findings)["power"] == WARNING
+    assert next(f for f in findings if f.check == "power").fix == "brew install macmon"
 
 
 def test_rdma_is_wanted_when_it_is_enabled(tmp_path):
-    common = dict(layers_dir=tmp_path, platform="darwin", mac_version=lambda: "26.2", device_info=lambda: None)
+    common = dict(layers_dir=tmp_path, platform="darwin", mac_version=lambda: "26.2", device_info=lambda: None,
+                  power=no_macmon)  # fmt: skip
     broken_but_off = local_findings(run=fake_mac(BROKEN), **common)
     assert statuses(broken_but_off)["bridge"] == OK and statuses(broken_but_off)["rdma"] == WARNING
     bridged = HEALTHY | {("ifconfig", "bridge0"): recorded("ifconfig-bridge0.1.txt")}
@@ -237,7 +246,7 @@ def test_rdma_is_wanted_when_it_is_enabled(tmp_path):
 
 def test_commands_that_fail_make_checks_that_say_why(tmp_path):
     findings = local_findings(layers_dir=tmp_path, platform="darwin", run=fake_mac({}), mac_version=lambda: "26.2",
-                              device_info=lambda: (_ for _ in ()).throw(ImportError("no mlx")))  # fmt: skip
+                              device_info=lambda: (_ for _ in ()).throw(ImportError("no mlx")), power=no_macmon)  # fmt: skip
     by_check = {f.check: f for f in findings}
     assert by_check["thunderbolt"].status == SKIPPED and "not recorded" in by_check["thunderbolt"].message
     assert by_check["wired-limit"].status == SKIPPED and by_check["metal"].status == PROBLEM
@@ -251,6 +260,8 @@ def test_on_this_linux_machine_the_mac_checks_say_they_could_not_run(tmp_path):
     findings = local_findings(shard_bytes=1, layers_dir=tmp_path / "not yet made", daemon_problem="connection refused",
                               api="http://127.0.0.1:7471", platform="linux")  # fmt: skip
     skipped = {f.check: f.message for f in findings if f.status == SKIPPED}
+    power = skipped.pop("power", None)  # this machine has no RAPL counters; one that has reads them
+    assert power is None or power.startswith("power is not readable here")
     assert set(skipped) == {"macos", "thunderbolt", "rdma", "bridge", "wired-limit", "metal", "service"}
     assert all(message.startswith("not a Mac") for message in skipped.values())
     assert statuses(findings)["disk"] == OK  # one byte fits the nearest existing parent's disk

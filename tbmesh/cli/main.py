@@ -22,6 +22,7 @@ from tbmesh.cli.client import (
     open_api,
     stream_answer,
 )
+from tbmesh.cli.doctor import doctor
 from tbmesh.core.groups import PARALLEL, member_bytes
 from tbmesh.core.replicas import REPLICAS
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement
@@ -54,6 +55,7 @@ class _App(typer.Typer):
 
 
 app = _App(pretty_exceptions_enable=False, no_args_is_help=True)
+app.command()(doctor)
 
 
 @app.callback()

@@ -32,6 +32,7 @@ from tbmesh.net.rdma import MACOS_WITH_RDMA, RdmaDevice, parse_ibv_devices, pars
 from tbmesh.net.system import CommandError, run_command
 from tbmesh.net.thunderbolt import ThunderboltPort, parse_thunderbolt_json
 from tbmesh.node.measure import GiB, MiB, metal_device_info, parse_sysctl, usable_macos
+from tbmesh.node.power import PowerSource, power_source
 
 OK, WARNING, PROBLEM, SKIPPED = "ok", "warning", "problem", "skipped"
 STATUSES = (PROBLEM, WARNING, OK, SKIPPED)  # the order findings are shown in
@@ -47,7 +48,7 @@ ENABLE_RDMA = ("rdma_ctl enable   # in recoveryOS: hold the power button, Option
 
 @dataclass(frozen=True)
 class Finding:
-    check: str  # "macos", "thunderbolt", "rdma", "bridge", "wired-limit", "disk", "metal", "daemon", "service"
+    check: str  # "macos", "thunderbolt", "rdma", "bridge", "wired-limit", "disk", "metal", "power", "daemon", "service"
     status: str  # OK, WARNING, PROBLEM or SKIPPED
     message: str  # one line: what was found, or why the check could not run here
     fix: str = ""  # the exact command that fixes it (for hardware: what to do); "" when nothing to fix
@@ -200,6 +201,15 @@ def check_daemon(problem: str | None, api: str) -> Finding:
                    "tbmesh daemon   # or once, as a service that starts at boot: sudo tbmesh install")
 
 
+def check_power(source: str, why_not: str, is_mac: bool) -> Finding:
+    """Whether this machine's power can be read (node/power.py's source, or why not)."""
+    if not why_not:
+        return Finding("power", OK, f"power is read from {source}")
+    if is_mac:
+        return Finding("power", WARNING, why_not, "brew install macmon")
+    return Finding("power", SKIPPED, why_not)
+
+
 def parse_launchctl_print(text: str) -> dict[str, str]:
     """The `key = value` lines at the top level of `launchctl print <target>` ("state",
     "pid", "path", "last exit code"...); nested blocks are skipped."""
@@ -247,6 +257,7 @@ def local_findings(
     run: Callable[[list[str]], str] = run_command,
     mac_version: Callable[[], str] = lambda: platform_module.mac_ver()[0],
     device_info: Callable[[], dict[str, Any] | None] = metal_device_info,
+    power: Callable[[str], PowerSource] = power_source,
 ) -> list[Finding]:
     """Every local check of this machine, in the order shown. `wants_rdma` None: RDMA is
     wanted when it is enabled. `daemon_problem`: why no daemon answers at `api`, None when one
@@ -297,6 +308,9 @@ def local_findings(
         free = None
     findings.append(check_disk(free, shard_bytes, layers_dir))
     findings.append(check_metal(info, is_mac, metal_why))
+    source = power(platform)  # made, not started: a stream starts at its first sample
+    findings.append(check_power(source.name, source.why_not, is_mac))
+    source.close()
     findings.append(check_daemon(daemon_problem, api))
     findings.append(_service(service_targets, is_mac, run))
     return findings
