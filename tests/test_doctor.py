@@ -235,8 +235,8 @@ def test_a_broken_mac_gets_every_problem_with_its_fix(tmp_path, disk_of_100_gib)
 
 
 def test_rdma_is_wanted_when_it_is_enabled(tmp_path):
-    common = dict(layers_dir=tmp_path, platform="darwin", mac_version=lambda: "26.2", device_info=lambda: None,
-                  power=no_macmon)  # fmt: skip
+    common = {"layers_dir": tmp_path, "platform": "darwin", "mac_version": lambda: "26.2",
+              "device_info": lambda: None, "power": no_macmon}
     broken_but_off = local_findings(run=fake_mac(BROKEN), **common)
     assert statuses(broken_but_off)["bridge"] == OK and statuses(broken_but_off)["rdma"] == WARNING
     bridged = HEALTHY | {("ifconfig", "bridge0"): recorded("ifconfig-bridge0.1.txt")}
@@ -244,9 +244,13 @@ def test_rdma_is_wanted_when_it_is_enabled(tmp_path):
     assert bridge.status == PROBLEM and bridge.message.startswith("en2 is inside")  # RDMA on en1, en6, en2 only
 
 
+def mlx_missing() -> None:
+    raise ImportError("no mlx")
+
+
 def test_commands_that_fail_make_checks_that_say_why(tmp_path):
     findings = local_findings(layers_dir=tmp_path, platform="darwin", run=fake_mac({}), mac_version=lambda: "26.2",
-                              device_info=lambda: (_ for _ in ()).throw(ImportError("no mlx")), power=no_macmon)  # fmt: skip
+                              device_info=mlx_missing, power=no_macmon)  # fmt: skip
     by_check = {f.check: f for f in findings}
     assert by_check["thunderbolt"].status == SKIPPED and "not recorded" in by_check["thunderbolt"].message
     assert by_check["wired-limit"].status == SKIPPED and by_check["metal"].status == PROBLEM

@@ -194,8 +194,8 @@ def test_rapl_drops_a_domain_when_one_of_its_zones_could_not_be_read(tmp_path):
 
 
 def test_rapl_unreadable_or_missing_says_why(tmp_path, monkeypatch):
-    assert find_zones(tmp_path) == ([], f"power is not readable here: this kernel has no RAPL counters "
-                                        f"({tmp_path}/intel-rapl:*)")  # fmt: skip
+    why = f"power is not readable here: this kernel has no RAPL counters ({tmp_path}/intel-rapl:*)"
+    assert find_zones(tmp_path) == ([], why)
     make_zone(tmp_path, "intel-rapl:0", "package-0", 0)
     read_text = Path.read_text
 

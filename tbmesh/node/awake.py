@@ -18,6 +18,7 @@ recorded output of it exists yet.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -94,7 +95,7 @@ def parse_pmset_assertions(text: str) -> Assertions:
             section = "counters"
         elif line.startswith("Listed by owning process:"):
             section = "held"
-        elif line.startswith("Kernel Assertions") or line.startswith("No kernel assertions"):
+        elif line.startswith(("Kernel Assertions", "No kernel assertions")):
             section = "kernel"
         elif section == "counters" and (counter := _COUNTER.fullmatch(line)):
             counters[counter[1]] = int(counter[2])
@@ -229,7 +230,5 @@ class KeepAwake:
 
 
 def _signal_group(process: subprocess.Popen[str], signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # the group is gone already
         os.killpg(process.pid, signum)  # the holder started its own group (start_new_session)
-    except ProcessLookupError:
-        pass

@@ -33,6 +33,7 @@ from tbmesh.net.system import CommandError, run_command
 from tbmesh.net.thunderbolt import ThunderboltPort, parse_thunderbolt_json
 from tbmesh.node.measure import GiB, MiB, metal_device_info, parse_sysctl, usable_macos
 from tbmesh.node.power import PowerSource, power_source
+from tbmesh.node.state import default_state_dir
 
 OK, WARNING, PROBLEM, SKIPPED = "ok", "warning", "problem", "skipped"
 STATUSES = (PROBLEM, WARNING, OK, SKIPPED)  # the order findings are shown in
@@ -249,7 +250,7 @@ def check_service(printed: dict[str, str] | None, target: str, is_mac: bool) -> 
 def local_findings(
     shard_bytes: int | None = None,
     wants_rdma: bool | None = None,
-    layers_dir: Path = Path.home(),
+    layers_dir: Path | None = None,
     daemon_problem: str | None = "not asked",
     api: str = "",
     service_targets: Sequence[str] = (),
@@ -262,7 +263,9 @@ def local_findings(
     """Every local check of this machine, in the order shown. `wants_rdma` None: RDMA is
     wanted when it is enabled. `daemon_problem`: why no daemon answers at `api`, None when one
     does (the caller asks it). `service_targets`: the launchd targets tbmesh may be installed
-    as ("system/com.tbmesh.daemon", "gui/501/com.tbmesh.daemon")."""
+    as ("system/com.tbmesh.daemon", "gui/501/com.tbmesh.daemon"). `layers_dir`: where the
+    layers go, the daemon's state directory by default."""
+    layers_dir = default_state_dir() if layers_dir is None else layers_dir
     is_mac = platform == "darwin"
     enabled: bool | None = None
     devices: list[RdmaDevice] = []
@@ -299,7 +302,7 @@ def local_findings(
         wired = _sysctl_int(run, "iogpu.wired_limit_mb")  # missing before macOS 14 (debug.iogpu then)
         try:
             info = device_info()
-        except Exception as error:  # MLX missing or broken: that is the finding
+        except (ImportError, OSError, RuntimeError) as error:  # MLX missing or broken: that is the finding
             metal_why = f"{type(error).__name__}: {error}"
     findings.append(check_wired_limit(shard_bytes, total, info, wired, is_mac))
     try:

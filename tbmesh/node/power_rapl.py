@@ -93,7 +93,7 @@ class RaplSource:
         seconds = now - before[0]
         watts: dict[str, float] = {}
         missed = set()  # a domain with a zone unread this time: a part of it is no figure
-        for zone, old, new in zip(self.zones, before[1], counters):
+        for zone, old, new in zip(self.zones, before[1], counters, strict=True):
             if old is None or new is None:
                 missed.add(zone.domain)
                 continue
