@@ -17,9 +17,11 @@ from tbmesh.node.awake import (
     Assertion,
     Battery,
     KeepAwake,
+    idle_sleep_minutes,
     PowerSupply,
     parse_pmset_assertions,
     parse_pmset_batt,
+    parse_pmset_settings,
 )
 
 # --- pmset -g assertions ----------------------------------------------------------------------
@@ -108,6 +110,19 @@ def test_battery_without_an_estimate():
 def test_battery_output_without_a_source_is_an_error():
     with pytest.raises(ValueError, match="Now drawing from"):
         parse_pmset_batt("pmset: command not found")
+
+
+# --- pmset -g ----------------------------------------------------------------------------------------
+
+
+def test_settings_of_a_mac_mini_that_never_sleeps_and_a_laptop_that_does():
+    mini = parse_pmset_settings(recorded("pmset-g.1.txt"))
+    assert mini["sleep"] == "0 (sleep prevented by powerd, sharingd, bluetoothd)" and mini["Sleep On Power Button"] == "1"
+    assert idle_sleep_minutes(mini) == 0 and "hibernatemode" not in mini and len(mini) == 12
+    laptop = parse_pmset_settings(recorded("pmset-g.2.txt"))
+    assert idle_sleep_minutes(laptop) == 1 and laptop["hibernatefile"] == "/var/vm/sleepimage"
+    assert laptop["lowpowermode"] == "0" and len(laptop) == 13
+    assert idle_sleep_minutes({}) is None
 
 
 # --- holding the machine awake --------------------------------------------------------------------

@@ -18,6 +18,7 @@ from tbmesh.node.doctor import (
     SKIPPED,
     WARNING,
     Finding,
+    check_battery,
     check_bridge,
     check_disk,
     check_macos,
@@ -29,6 +30,7 @@ from tbmesh.node.doctor import (
     local_findings,
     parse_launchctl_print,
 )
+from tbmesh.node.awake import parse_pmset_batt
 from tbmesh.node.measure import GiB, parse_device_info
 from tbmesh.node.power import NoPower
 from tbmesh.node.power_macos import macmon_source
@@ -162,6 +164,19 @@ def test_the_launchd_service_state():
     assert check_service(None, target, is_mac=False).status == SKIPPED
 
 
+@pytest.mark.parametrize("n, status, message", [
+    (1, OK, "on AC Power (battery 36%, charging)"),
+    (2, WARNING, "on battery (battery 100%, discharging, 6:30 left): macOS may slow this Mac"),
+    (3, OK, "on AC Power (battery 80%, AC attached; not charging)"),
+    (4, OK, "on AC Power (no battery)"),
+    (5, OK, "on AC Power (battery 100%, charged)"),
+])  # fmt: skip
+def test_battery_of_every_recorded_mac(n, status, message):
+    finding = check_battery(parse_pmset_batt(recorded(f"pmset-g-batt.{n}.txt")), is_mac=True)
+    assert finding.status == status and finding.message.startswith(message)
+    assert bool(finding.fix) == (status == WARNING)
+
+
 # --- all of them, on a recorded Mac ---------------------------------------------------------------
 
 
@@ -186,6 +201,7 @@ HEALTHY = {  # an M5 Max MacBook Pro with RDMA on (the osaurus pair's peer), bri
     ("sysctl", "hw.memsize"): "hw.memsize: 137438953472\n",
     ("sysctl", "iogpu.wired_limit_mb"): recorded("sysctl-iogpu.wired_limit_mb.1.txt"),
     ("launchctl", "print", "system/com.tbmesh.daemon"): recorded("launchctl-print.1.running-derived.txt"),
+    ("pmset", "-g", "batt"): recorded("pmset-g-batt.1.txt"),
 }
 BROKEN = {  # Thunderbolt 4 links, RDMA off, its ports in the bridge, the service stopped
     ("rdma_ctl", "status"): recorded("rdma_ctl-status.1.disabled-derived.txt"),
@@ -195,6 +211,7 @@ BROKEN = {  # Thunderbolt 4 links, RDMA off, its ports in the bridge, the servic
     ("sysctl", "hw.memsize"): recorded("sysctl-hw.model-hw.memsize.1.txt"),
     ("sysctl", "iogpu.wired_limit_mb"): recorded("sysctl-iogpu.wired_limit_mb.1.txt"),
     ("launchctl", "print", "system/com.tbmesh.daemon"): recorded("launchctl-print.1.txt"),
+    ("pmset", "-g", "batt"): recorded("pmset-g-batt.2.txt"),
 }  # fmt: skip
 TARGETS = ("system/com.tbmesh.daemon", "gui/501/com.tbmesh.daemon")
 
@@ -217,7 +234,7 @@ def test_a_healthy_mac_has_no_problem(tmp_path, disk_of_100_gib):
                               mac_version=lambda: "26.2", device_info=lambda: m5_max,
                               power=lambda platform: macmon_source("/opt/homebrew/bin/macmon"))  # fmt: skip
     assert statuses(findings) == {"macos": OK, "thunderbolt": OK, "rdma": OK, "bridge": OK, "wired-limit": OK,
-                                  "disk": OK, "metal": OK, "power": OK, "daemon": OK, "service": OK}
+                                  "disk": OK, "metal": OK, "battery": OK, "power": OK, "daemon": OK, "service": OK}
     assert not [f.fix for f in findings if f.fix]
 
 
@@ -231,6 +248,8 @@ def test_a_broken_mac_gets_every_problem_with_its_fix(tmp_path, disk_of_100_gib)
                                            "disk", "metal", "service"]  # fmt: skip
     assert all(f.fix for f in problems)
     assert statuses(findings)["daemon"] == WARNING and statuses(findings)["power"] == WARNING
+    battery = next(f for f in findings if f.check == "battery")
+    assert battery.status == WARNING and battery.message.startswith("on battery (battery 100%, discharging, 6:30 left)")
     assert next(f for f in findings if f.check == "power").fix == "brew install macmon"
 
 
@@ -266,7 +285,7 @@ def test_on_this_linux_machine_the_mac_checks_say_they_could_not_run(tmp_path):
     skipped = {f.check: f.message for f in findings if f.status == SKIPPED}
     power = skipped.pop("power", None)  # this machine has no RAPL counters; one that has reads them
     assert power is None or power.startswith("power is not readable here")
-    assert set(skipped) == {"macos", "thunderbolt", "rdma", "bridge", "wired-limit", "metal", "service"}
+    assert set(skipped) == {"macos", "thunderbolt", "rdma", "bridge", "wired-limit", "metal", "battery", "service"}
     assert all(message.startswith("not a Mac") for message in skipped.values())
     assert statuses(findings)["disk"] == OK  # one byte fits the nearest existing parent's disk
     assert statuses(findings)["daemon"] == WARNING

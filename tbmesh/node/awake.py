@@ -156,6 +156,27 @@ def parse_pmset_batt(text: str) -> PowerSupply:
     return PowerSupply(source[1], battery)
 
 
+# --- pmset -g ---------------------------------------------------------------------------------
+
+
+def parse_pmset_settings(text: str) -> dict[str, str]:
+    """`pmset -g`'s settings in use: {"sleep": "0 (sleep prevented by powerd, sharingd)", ...}.
+    A name may hold spaces ("Sleep On Power Button 1"): the value is the first field that
+    starts with a digit or a slash."""
+    settings: dict[str, str] = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r" (\S.*?)\s+([\d/].*)", line)
+        if match:
+            settings[match[1]] = match[2].strip()
+    return settings
+
+
+def idle_sleep_minutes(settings: dict[str, str]) -> int | None:
+    """Minutes of idleness before the system sleeps (0: never); None when pmset does not say."""
+    match = re.match(r"\d+", settings.get("sleep", ""))
+    return int(match[0]) if match else None
+
+
 # --- holding the machine awake ---------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from tbmesh.net.interfaces import parse_ifconfig
 from tbmesh.net.rdma import MACOS_WITH_RDMA, RdmaDevice, parse_ibv_devices, parse_ibv_devinfo, parse_rdma_ctl_status
 from tbmesh.net.system import CommandError, run_command
 from tbmesh.net.thunderbolt import ThunderboltPort, parse_thunderbolt_json
+from tbmesh.node.awake import PowerSupply, parse_pmset_batt
 from tbmesh.node.measure import GiB, MiB, metal_device_info, parse_sysctl, usable_macos
 from tbmesh.node.power import PowerSource, power_source
 from tbmesh.node.state import default_state_dir
@@ -49,7 +50,8 @@ ENABLE_RDMA = ("rdma_ctl enable   # in recoveryOS: hold the power button, Option
 
 @dataclass(frozen=True)
 class Finding:
-    check: str  # "macos", "thunderbolt", "rdma", "bridge", "wired-limit", "disk", "metal", "power", "daemon", "service"
+    check: str  # "macos", "thunderbolt", "rdma", "bridge", "wired-limit", "disk", "metal", "battery", "power",
+    #             "daemon", "service"
     status: str  # OK, WARNING, PROBLEM or SKIPPED
     message: str  # one line: what was found, or why the check could not run here
     fix: str = ""  # the exact command that fixes it (for hardware: what to do); "" when nothing to fix
@@ -202,6 +204,23 @@ def check_daemon(problem: str | None, api: str) -> Finding:
                    "tbmesh daemon   # or once, as a service that starts at boot: sudo tbmesh install")
 
 
+def check_battery(supply: PowerSupply | None, is_mac: bool, why_not: str = "") -> Finding:
+    """Where this Mac's power comes from (`pmset -g batt`): a MacBook on battery may be slowed
+    and is put to sleep when the battery runs low, in the middle of an answer. (The lid is not
+    in pmset's output; it is not checked yet.)"""
+    if not is_mac:
+        return Finding("battery", SKIPPED, f"{NOT_A_MAC}: pmset is macOS's")
+    if supply is None:
+        return Finding("battery", SKIPPED, why_not or "pmset -g batt could not be read")
+    battery = supply.battery
+    charge = f"battery {battery.percent}%, {battery.state}" if battery else "no battery"
+    if supply.on_battery:
+        left = f", {battery.remaining} left" if battery and battery.remaining else ""
+        return Finding("battery", WARNING, f"on battery ({charge}{left}): macOS may slow this Mac and puts it to "
+                       "sleep when the battery runs low", "plug this Mac in to power")  # fmt: skip
+    return Finding("battery", OK, f"on {supply.source} ({charge})")
+
+
 def check_power(source: str, why_not: str, is_mac: bool) -> Finding:
     """Whether this machine's power can be read (node/power.py's source, or why not)."""
     if not why_not:
@@ -311,6 +330,14 @@ def local_findings(
         free = None
     findings.append(check_disk(free, shard_bytes, layers_dir))
     findings.append(check_metal(info, is_mac, metal_why))
+    supply = None
+    why_not = ""
+    if is_mac:
+        try:
+            supply = parse_pmset_batt(run(["pmset", "-g", "batt"]))
+        except (CommandError, ValueError) as error:
+            why_not = str(error)
+    findings.append(check_battery(supply, is_mac, why_not))
     source = power(platform)  # made, not started: a stream starts at its first sample
     findings.append(check_power(source.name, source.why_not, is_mac))
     source.close()
