@@ -31,6 +31,7 @@ POWERMETRICS_ARGS = ["powermetrics", "--samplers", "cpu_power,gpu_power", "--for
                      "--sample-rate", "1000"]  # fmt: skip
 # A stream that has said nothing for this long is stuck: its last reading is no longer now.
 STALE_AFTER_S = 5.0
+EXIT_WAIT_S = 0.5  # a tool whose output ended is reaped within this, to say its exit status
 STREAM_READ_BYTES = 1 << 16  # one read; a plist sample is ~60 KB on an Ultra
 
 
@@ -173,8 +174,12 @@ class StreamSource:
                 chunk = os.read(self._process.stdout.fileno(), STREAM_READ_BYTES)
             except BlockingIOError:
                 break
-            if not chunk:
-                self.why_not = f"{self.args[0]} stopped (exit status {self._process.wait()})"
+            if not chunk:  # the tool ended (or closed its output): started again at the next sample
+                try:
+                    code: int | None = self._process.wait(timeout=EXIT_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    code = None  # it closed its output but runs on: close() ends it
+                self.why_not = f"{self.args[0]} stopped" + (f" (exit status {code})" if code is not None else "")
                 self.close()
                 return None
             self._take(chunk, now)
