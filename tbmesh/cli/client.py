@@ -1,5 +1,5 @@
-"""A client of a daemon's HTTP API, standard library only: what `tbmesh status`, `tbmesh chat`
-and `tbmesh demo` use."""
+"""A client of a daemon's HTTP API, on the standard library's urllib: what `tbmesh status`,
+`tbmesh chat` and `tbmesh demo` use."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-DEFAULT_API = "http://127.0.0.1:7471"
+from tbmesh.node.config import api_url
+
+DEFAULT_API = api_url()  # the local daemon's, started with its default --api-host and --api-port
 API_KEY_ENV = "TBMESH_API_KEY"  # where `tbmesh status` and `tbmesh chat` find the daemon's --api-key
 
 

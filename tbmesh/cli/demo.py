@@ -23,15 +23,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import typer
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from tbmesh.cli.app import one_line
 from tbmesh.cli.client import ApiProblem, fetch_status, open_api, stream_answer
 
+NODES = 3  # daemons (Macs) the demo runs: a three-stage pipeline, two stages after one is stopped
 KILL_AFTER = 0.3  # of the taught answer's text, stop a stage
 MAX_TOKENS = 400  # the taught answer is about 90
 
@@ -190,7 +193,26 @@ class Demo:
             self.answer.done.set()
 
 
-def run(nodes: int = 3, ui: bool = True, cache: Path | None = None) -> int:
+def command(
+    nodes: int = typer.Option(NODES, "--nodes", help="How many daemons (Macs) to run on this machine."),
+    ui: Optional[bool] = typer.Option(None, "--ui/--no-ui", help="Show the live status screen.", show_default="when stdout is a terminal"),
+) -> None:  # fmt: skip
+    """A whole cluster on this machine: start NODES daemons on loopback with a small taught
+    model, stream its answer through their pipeline, stop one of them mid-answer and watch the
+    cluster re-form and the answer go on; everything started is stopped at the end."""
+    if ui is None:
+        ui = sys.stdout.isatty()
+    try:
+        code = run(nodes=nodes, ui=ui)
+    except DemoError as error:
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    raise typer.Exit(code)
+
+
+def run(nodes: int = NODES, ui: bool = True, cache: Path | None = None) -> int:
     """The whole demo; returns the exit code."""
     if nodes < 2:
         raise DemoError("--nodes must be 2 or more (one of them is stopped mid-answer)")

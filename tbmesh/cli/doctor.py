@@ -28,8 +28,8 @@ CHECK_WIDTH = 12  # the longest check name, "wired-limit", and a space
 
 def doctor(
     shard_size: Optional[str] = typer.Option(None, "--shard-size", metavar="SIZE", help="The memory and disk this Mac's layers take (e.g. 120GB), for the wired-memory and disk checks; `tbmesh plan` shows each stage's."),
-    rdma: Optional[bool] = typer.Option(None, "--rdma/--no-rdma", help="Check what RDMA over Thunderbolt needs (default: when it is enabled)."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the daemon keeps the layers (its --state-dir; default: the daemon's)."),
+    rdma: Optional[bool] = typer.Option(None, "--rdma/--no-rdma", show_default="when it is enabled", help="Check what RDMA over Thunderbolt needs."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", show_default="the daemon's", help="Where the daemon keeps the layers (its --state-dir)."),
     api: str = typer.Option(DEFAULT_API, "--api", help="The daemon's API URL."),
     json_output: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ) -> None:  # fmt: skip

@@ -1,8 +1,8 @@
 """One frame of the `tbmesh status` screen, drawn from a daemon's GET /status JSON.
 
 Pure: render() takes the status dict and the terminal size and returns a rich renderable; the
-polling loop is in cli.py. Any key may be missing or None (an older daemon, a daemon without a
-model), so the status is only ever read with .get().
+polling loop is in status_chat.py. Any key may be missing or None (an older daemon, a daemon
+without a model), so the status is only ever read with .get().
 
 Every line is built to fit the width (cells never wrap, bars are sized to the panel), except
 the planner's no-fit reason, which is worth word-wrapping rather than cutting.

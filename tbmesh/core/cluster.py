@@ -40,6 +40,7 @@ from tbmesh.core.messages import (
     Send,
     ShardState,
 )
+from tbmesh.core.groups import Parallel
 from tbmesh.core.replicas import REPLICAS, keep_on_disk
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement, Plan, ranges_of
 
@@ -55,7 +56,9 @@ class CoreConfig:
     context: int = 0  # tokens of KV cache each stage must keep room for
     model_name: str | None = None  # without `model`: serve this one, as a member's disk state describes it
     replicas: int = REPLICAS  # copies of each layer the leader keeps on its members' disks
-    parallel: str = "pipeline"  # the planner's shapes: pipeline, auto or tensor (tbmesh.core.groups)
+    # the planner's shapes (tbmesh.core.groups); a bare core plans layers only, while a node
+    # passes its own (DaemonConfig.parallel, "auto" unless told)
+    parallel: Parallel = "pipeline"
 
 
 def _default_planner() -> Planner:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Literal, get_args
 
 from tbmesh.core.modelspec import MAX_GROUP
 from tbmesh.core.tensor_cost import (
@@ -55,7 +56,11 @@ from tbmesh.core.tensor_cost import (
 )
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Stage
 
-PARALLEL = ("auto", "pipeline", "tensor")  # plan_layers' `parallel`; "pipeline": layers only
+# How the planner may shape the stages: "pipeline", layers over Macs only (one Mac a stage);
+# "auto", tensor groups too where they pay (MIN_SPEEDUP); "tensor", groups wherever possible.
+# A node's default is DaemonConfig.parallel (tbmesh.node.config); the bare planner's, "pipeline".
+Parallel = Literal["auto", "pipeline", "tensor"]
+PARALLEL: tuple[Parallel, ...] = get_args(Parallel)
 MIN_SPEEDUP = 1.2  # "auto" takes groups only when projected this much faster than the pipeline:
 # the model is a projection, and a group stops as a whole when any member is lost
 MAX_CLIQUES = 256  # cliques considered (a bigger cluster: the first found, largest first)

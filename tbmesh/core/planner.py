@@ -68,6 +68,7 @@ import numpy as np
 from tbmesh.core.groups import (
     MIN_SPEEDUP,
     PARALLEL,
+    Parallel,
     all_reduce_us,
     cliques,
     decode_s,
@@ -951,11 +952,13 @@ def plan_layers(
     links: Sequence[LinkInfo] = (),
     context: int = 0,
     previous: Sequence[Stage] | None = None,
-    parallel: str = "pipeline",
+    parallel: Parallel = "pipeline",
 ) -> Placement:
     """Partition the model's layers over the nodes (see the module docstring).
 
-    `parallel`: "pipeline" splits layers over Macs only (one Mac a stage); "auto" also tries
+    `parallel` (tbmesh.core.groups.Parallel): "pipeline" splits layers over Macs only (one Mac
+    a stage; the bare planner's default, while a node asks for its --parallel, "auto" unless
+    told: tbmesh.node.config.DaemonConfig); "auto" also tries
     tensor-parallel groups as stages and takes the shape with the fastest expected decode
     (tbmesh.core.groups: a group only if at least MIN_SPEEDUP faster); "tensor" takes the
     fastest shape with a group, and does not fit when none is possible. Except with
@@ -1107,7 +1110,7 @@ def _split_causes(nodes: list[NodeInfo], small: list[NodeInfo], costs: _Costs, k
 
 
 def _with_groups(model: ModelSpec, nodes: list[NodeInfo], links: Sequence[LinkInfo], context: int,
-                 previous: Sequence[Stage] | None, pipe: Placement, parallel: str) -> Placement:
+                 previous: Sequence[Stage] | None, pipe: Placement, parallel: Parallel) -> Placement:
     """The pipeline `pipe` or a shape with tensor groups, whichever decodes fastest (groups.py)."""
     pipe_s = decode_s(model, pipe.stages, nodes, links)
     best: tuple[float, Placement] | None = None

@@ -32,21 +32,20 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tbmesh.core.cluster import ClusterNode, CoreConfig
-from tbmesh.core.membership import PeerState, Timing
+from tbmesh.core.membership import PeerState
 from tbmesh.core.messages import Disconnect, DiskState, Event, KeepOnDisk, Send
-from tbmesh.core.replicas import REPLICAS
 from tbmesh.core.types import ModelSpec, NodeInfo, Plan
 from tbmesh.net import interfaces as netif
 from tbmesh.net import peers, probe, rdma, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
 from tbmesh.net.watch import InterfaceWatcher
 from tbmesh.node import measure, state
-from tbmesh.serving.settings import ServingSettings
+from tbmesh.node.config import DaemonConfig  # the node's settings and their defaults
 from tbmesh.serving.view import ClusterView
 from tbmesh.weights import bulk
 
@@ -58,8 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tbmesh")
 
-DEFAULT_PORT = 7470
-DEFAULT_API_PORT = 7471
 PROBE_SECONDS = 0.5
 MEMORY_CHECK_S = 10.0
 MEMORY_FILE_CHECK_S = 0.5  # TBMESH_MEMORY_FILE: reading a file is cheap, tests want it soon
@@ -170,30 +167,6 @@ class OncePer:
         text = message % args if args else message
         logger.log(level, "%s%s", text, f" (and {held} more from {key} in the last {now - last:.0f} s)" if held else "")
         return True
-
-
-@dataclass
-class DaemonConfig:
-    interfaces: list[str] | None = None  # None: the Thunderbolt interfaces
-    port: int = DEFAULT_PORT  # control port; 0 = any free
-    api_host: str = "127.0.0.1"
-    api_port: int = DEFAULT_API_PORT  # 0 = any free
-    ollama_port: int | None = None  # the same API on a second port too (Ollama's is 11434); 0 = any free
-    api_key: str | None = None  # every API request but a health check must carry it
-    api_allow_hosts: list[str] = field(default_factory=list)  # Host names the API answers to besides its own
-    state_dir: Path = field(default_factory=state.default_state_dir)
-    name: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
-    cluster: str = "default"
-    model: Path | None = None
-    secret: bytes | None = None
-    memory_usable: int | None = None  # pretend to have this much (tests, demos)
-    timing: Timing = field(default_factory=Timing)
-    probe_links: bool = True
-    serving: ServingSettings = field(default_factory=ServingSettings)  # context, resume wait, batching
-    mqtt: str | None = None  # mqtt://host[:port]: publish state and events there (tbmesh.node.telemetry)
-    replicas: int = REPLICAS  # copies of each layer on the members' disks (tbmesh.core.replicas)
-    disk_slack: int | None = None  # bytes of the model kept on disk beyond our stage; None: as the disk allows
-    parallel: str = "auto"  # the planner's shapes (tbmesh.core.groups): auto, pipeline or tensor
 
 
 class Daemon:

@@ -40,6 +40,7 @@ from tbmesh.core.messages import ENDS, FIRST, LAST, DiskState, Fetching, KeepOnD
 from tbmesh.core.modelspec import ModelFormatError, describe_model
 from tbmesh.core.types import ModelSpec, ranges_of
 from tbmesh.serving.host import Host
+from tbmesh.serving.settings import DISK_RESERVE
 from tbmesh.weights import bulk
 from tbmesh.weights.manifest import (
     Manifest,
@@ -61,8 +62,6 @@ from tbmesh.weights.modeldir import (
 from tbmesh.weights.store import Local, Store
 
 log = logging.getLogger(__name__)
-
-DISK_RESERVE = 0.10  # of the disk left free: copies of layers never fill a Mac's disk
 
 
 class Disk:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 # short request does not hold 256 positions of room it never uses. A live cache of n tokens
 # holds at most n + KV_BLOCK positions: the budget counts it so (scheduler.py).
 KV_BLOCK = 32
+DISK_RESERVE = 0.10  # of the disk left free: copies of layers never fill a Mac's disk (disk.py)
 
 
 @dataclass(frozen=True)

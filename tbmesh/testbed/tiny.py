@@ -25,15 +25,9 @@ from mlx_lm.utils import _get_classes  # applies MODEL_REMAPPING, as mlx_lm.load
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from tbmesh.runtime.shapes import _cast
+from tbmesh.testbed.sizes import ARCHITECTURES, DTYPES, HEAD_DIM, RANDOM_SIZES, TAUGHT_SIZES
 from tbmesh.testbed.teach import check_conversation, corpus_texts, first_wrong, taught_answers, train
 
-ARCHITECTURES = ("llama", "qwen3", "qwen3_moe")
-DTYPES = ("float32", "bfloat16", "float16")
-HEAD_DIM = 64  # as in real models: a narrow model gets fewer heads, not narrower ones
-RANDOM_SIZES = {"layers": 8, "hidden": 256, "vocab": 512}
-# A taught model is narrow, so a CPU trains it in seconds, has 6 layers to split over stages,
-# and a vocabulary that holds the corpus' words (fewer tokens to learn: 15 to 20 steps).
-TAUGHT_SIZES = {"layers": 6, "hidden": 64, "heads": 2, "kv_heads": 1, "intermediate": 128, "vocab": 768}
 MAX_POSITIONS = 4096
 LOGIT_STD = 2.0  # peaked enough that sampling is not uniform noise, flat enough to vary
 
@@ -123,12 +117,12 @@ STALE = ("model*.safetensors", "model.safetensors.index.json", "generation_confi
 def make_tiny_model(
     path: str | Path,
     *,
-    arch: str = "llama",
+    arch: str = ARCHITECTURES[0],
     layers: int | None = None,
     hidden: int | None = None,
     vocab: int | None = None,
     seed: int = 0,
-    dtype: str = "float32",
+    dtype: str = DTYPES[0],
     heads: int | None = None,
     kv_heads: int | None = None,
     intermediate: int | None = None,
