@@ -291,7 +291,7 @@ def local_findings(
     if is_mac:
         enabled, devices = _rdma(run)
     wants = bool(enabled) if wants_rdma is None else wants_rdma
-    findings = [check_macos(mac_version() or None if is_mac else None, wants)]
+    findings = [check_macos((mac_version() or None) if is_mac else None, wants)]
 
     ports: list[ThunderboltPort] | None = None
     why_not = ""
