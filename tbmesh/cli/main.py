@@ -6,7 +6,7 @@ status_chat.py (`status`, `chat`), demo.py (`demo`), model.py (`model tiny`, `mo
 
 from __future__ import annotations
 
-from tbmesh.cli import daemon, demo, model, plan, status_chat
+from tbmesh.cli import daemon, demo, doctor, model, plan, status_chat
 from tbmesh.cli.app import app
 
 app.command("plan")(plan.plan)
@@ -16,4 +16,5 @@ app.command("install")(daemon.install)
 app.command("uninstall")(daemon.uninstall)
 app.command("chat")(status_chat.chat)
 app.command("demo")(demo.command)
+app.command("doctor")(doctor.doctor)
 app.add_typer(model.model_app, name="model")
