@@ -199,3 +199,30 @@ def test_a_route_that_failed_is_tried_again_at_its_back_off_deadline_not_by_a_po
             await closed(cluster)
 
     asyncio.run(run())
+
+
+def test_weights_that_turned_nan_in_memory_go_are_read_again_and_the_request_resumes_on_them(tiny, expected):
+    async def run() -> None:
+        cluster = Cluster(asyncio.get_running_loop())
+        engine = cluster.engine("a", tiny)
+        engine.keeper.retry_s = 0.5  # a failed load is tried again after 10 s; sooner here
+        cluster.commit(plan(1, tiny, ("a", 0, 4)))
+        try:
+            assert await asyncio.wait_for(answer(engine, tiny), 60) == expected
+            mlp = engine.held[(0, 4)].layer(1).mlp
+
+            def flip() -> None:  # a bit flipped in memory: one weight is NaN now (in the MLX thread: its stream)
+                mlp.down_proj.weight = mlp.down_proj.weight.at[0, 0].add(float("nan"))
+                mx.eval(mlp.down_proj.weight)
+
+            flipped = asyncio.get_running_loop().create_future()
+            engine.thread.submit(flip, lambda _, error: flipped.set_result(error))
+            assert await flipped is None
+            assert await asyncio.wait_for(answer(engine, tiny), 60) == expected  # on the layers read again
+            assert [kind for kind, _ in cluster.events] == ["damaged", "resumed"]
+            assert "model.layers.1.mlp.down_proj.weight of layers 0-3" in cluster.events[0][1]
+            assert engine.counters.loads == 2 and engine.counters.refused_nonfinite == 1
+        finally:
+            await closed(cluster)
+
+    asyncio.run(run())
