@@ -139,3 +139,25 @@ def test_a_request_in_flight_waits_its_resume_wait_even_when_the_model_no_longer
     assert request in c.requests
     (admit,) = admits(c.tick(3.0, (OTHER, 2)))  # a Mac came back: it goes on
     assert admit.route == OTHER
+
+
+def test_the_next_deadline_is_a_waiting_requests_back_off_then_its_resume_wait():
+    c = conductor(resume_wait=2.0)
+    assert c.next_deadline() is None  # nothing waits
+    _, actions = c.submit([1], 10, Sampling(), ENDS, 0.0, (ROUTE, 1))
+    assert c.next_deadline() is None  # in flight: only events move it
+    c.on_failed(admits(actions)[0].attempt, "a stage failed", False, 1.0, (ROUTE, 1))
+    assert c.next_deadline() == 1.0 + 0.05 * 2  # the back-off of the route that failed
+    assert admits(c.tick(c.next_deadline(), (ROUTE, 1)))  # at it, the route is taken again
+    assert c.next_deadline() is None
+
+
+def test_a_back_off_over_while_no_route_is_usable_leaves_only_the_resume_wait():
+    c = conductor(resume_wait=2.0)
+    _, actions = c.submit([1], 10, Sampling(), ENDS, 0.0, (ROUTE, 1))
+    c.on_failed(admits(actions)[0].attempt, "a stage failed", False, 1.0, "b stopped answering")
+    assert c.next_deadline() == 1.1
+    assert c.tick(1.1, "b stopped answering") == []
+    assert c.next_deadline() == 3.0  # never a deadline in the past, which would spin its timer
+    (fail,) = c.tick(3.0, "b stopped answering")
+    assert isinstance(fail, Fail) and c.next_deadline() is None

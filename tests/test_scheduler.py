@@ -145,3 +145,74 @@ def test_a_broken_link_ends_the_attempts_that_cross_it_unsaved_and_their_lanes_w
     back(s, alone)
     after, _ = s.next_step()
     assert [m.attempt for m in after.members] == ["other"]  # the route it does not cross goes on
+
+
+# ----- admission and preemption (KV_BLOCK = 32: a live cache of n tokens counts n + 32) -----
+
+
+def test_an_attempt_is_admitted_when_its_prompt_fits_beside_what_is_held_first_come_first_served():
+    s = scheduler(context=110, prefix_cache=False)
+    admit(s, "a", list(range(1, 41)))  # 40 + 32 held
+    admit(s, "b", list(range(1, 11)))  # 10 + 32 more: 114, too many
+    admit(s, "c", [1])  # 1 + 32 would fit (105), but b came first
+    step, _ = s.next_step()
+    assert step.kind == "prefill" and step.members[0].attempt == "a"
+    assert [a.id for a in s.books[ONE].waiting] == ["b", "c"] and s.stats.admitted == 1
+    step, _ = s.next_step()
+    assert step.kind == "decode" and [m.attempt for m in step.members] == ["a"]
+    s.cancel("a", failed=False)  # a ends: its room is free
+    step, _ = s.next_step()
+    assert step.releases == (Release("a", 40),) and s.stats.admitted == 3 and not s.books[ONE].waiting
+
+
+def test_an_attempt_alone_is_admitted_however_long_its_prompt():
+    s = scheduler(context=64, prefix_cache=False)
+    admit(s, "a", list(range(1, 201)))
+    step, _ = s.next_step()
+    assert step.kind == "prefill" and step.members[0].attempt == "a" and s.stats.admitted == 1
+
+
+def test_a_prompt_that_does_not_fit_evicts_the_least_recently_used_prefix_cache_entries():
+    s = scheduler(context=100)
+    s.books[ONE] = Book(ONE)
+    index = s.books[ONE].index
+    index.insert("old", list(range(100, 130)))
+    index.insert("used", list(range(200, 230)))
+    index.insert("new", list(range(300, 310)))
+    index.lookup(list(range(100, 130)), 29)  # "old" was just used: "used" is now the oldest use
+    admit(s, "a", list(range(1, 21)))  # 20 + 32 beside 70 of entries: 122 > 100; without "used", 92
+    step, _ = s.next_step()
+    assert step.evictions == ("used",) and step.members[0].attempt == "a" and step.members[0].origin == Origin()
+    assert "old" in index and "new" in index and s.stats.admitted == 1
+
+
+def test_a_decode_step_that_would_overflow_evicts_entries_then_preempts_the_youngest_attempt():
+    s = scheduler(context=100)
+    s.books[ONE] = Book(ONE)
+    s.books[ONE].index.insert("e1", list(range(100, 110)))  # 10 tokens of prefix cache
+    admit(s, "a", [1, 2], max_tokens=200)
+    admit(s, "b", [3, 4], max_tokens=200)
+    evicted = preempted = None
+    for _ in range(100):
+        step, _ = s.next_step()
+        refused = s.take_refused()
+        if step.evictions and evicted is None:
+            evicted = step, step.members[0].position  # a's cached tokens before the step
+            assert not refused  # the entry goes first
+        if refused:
+            preempted = refused, step
+            break
+        if step.kind == "decode":
+            back(s, step)
+    (step, cached), ((gone,), after) = evicted, preempted
+    # a lane of two holds 2 x (a's cache + 32), and grows by 2 a step: beside the entry's 10
+    # tokens that passes 100 once a holds 13; without them, once a holds 18
+    assert step.evictions == ("e1",) and cached == 13 and after.members[0].position == 18
+    assert gone.attempt == "b" and gone.entry == "e" and gone.preempted and "KV room" in gone.reason
+    assert s.stats.preempted == 1
+    assert [m.attempt for m in after.members] == ["a"]  # the step goes on without it
+    for _ in range(100):  # a alone is never held back, past the room too
+        back(s, after)
+        after, _ = s.next_step()
+        assert not s.take_refused()
+    assert after.members[0].position > 100

@@ -642,6 +642,8 @@ class Daemon:
         if self.engine is not None and view != self._last_view:
             self._last_view = view
             self.engine.on_view(*view)
+        elif self.engine is not None:
+            self.engine.on_cluster_change()  # a member's shard, a suspicion: waiting requests look again
 
     def send(self, node: str, message: object) -> bool:
         """Send to `node` directly, or through the neighbour on the shortest path to it

@@ -182,9 +182,24 @@ class Conductor:
     def waiting(self) -> bool:
         return any(not r.attempt for r in self.requests.values())
 
+    def next_deadline(self) -> float | None:
+        """When `tick` next has something to do though no event came: a waiting request's
+        back-off ends (the route that failed may be taken again) or its resume_wait is up.
+        A view that changes (a route becomes usable, or the model stops fitting) is an
+        event: the caller ticks then too. None while no request waits."""
+        deadlines = []
+        for request in self.requests.values():
+            if not request.attempt:
+                deadlines.append(request.waiting_since + self.resume_wait)
+                if request.failed_route:
+                    deadlines.append(request.retry_at)
+        return min(deadlines, default=None)
+
     # ----- attempts ------------------------------------------------------------------------
 
     def _start(self, request: Request, now: float, usable: Usable) -> list[Action]:
+        if request.failed_route and now >= request.retry_at:
+            request.failed_route = ()  # its back-off is over: no deadline of it any more
         if isinstance(usable, str) or (usable[0] == request.failed_route and now < request.retry_at):
             if now - request.waiting_since < self.resume_wait:
                 return []

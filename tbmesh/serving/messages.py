@@ -14,6 +14,9 @@ An `Admit` and a `Step` travel as a `wire.Tensor`: the token ids or hidden state
 payload, the description its `meta` (made by `to_meta`, read back, untrusted, by
 `from_meta`, and `Admit.from_tensor` with its tokens, which raise `wire.ProtocolError` on
 anything malformed).
+
+A tensor group's ops (its parent and its worker processes, tensor_worker.py) travel as a
+`wire.Tensor` too, at the end of this module, with the `Outcome` of a step.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 
-from tbmesh.core.generation import Sampling
+from tbmesh.core.generation import Sampling, TokenLogprobs
 from tbmesh.core.types import Plan
-from tbmesh.net.wire import ProtocolError, Tensor
+from tbmesh.net.wire import ProtocolError, Tensor, array_from_tensor, tensor_from_array
 
 Route = tuple[tuple[str, int, int], ...]  # (node, start, end) per stage
 Range = tuple[int, int]
@@ -206,6 +209,82 @@ class Step:
             raise ProtocolError(f"step: stage {step.stage} of {len(step.route)}, {kind} of "
                                 f"{len(step.members)} members and {step.length} tokens")
         return step
+
+
+# --- what a step produced, and a tensor group's ops ------------------------------------------
+#
+# A group's rank 0 worker (tensor_worker.py) runs a step for its parent and answers with the
+# Outcome. The parent and its workers talk in ops, each a Tensor: the op and its fields in
+# `meta`, a step's input or output the payload. Between a daemon and the worker processes it
+# started: read as they are, not checked as a peer's messages are.
+
+
+@dataclass
+class Outcome:
+    """What a step produced here: `out` for the next stage (hidden states, an mx.array) or the
+    sampled tokens (last stage: member -> token), the members it ran, and those it could not."""
+
+    out: Any = None
+    ran: tuple[Member, ...] = ()
+    tokens: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of the members that asked
+    failed: list[tuple[Member, str]] = field(default_factory=list)
+    refused: int = 0  # rows of `failed` refused for values that are not finite
+    nonfinite: bool = False  # our layers made NaN or inf of finite inputs (are their weights damaged?)
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a group's caches hold after an op, as StageCaches reports it."""
+
+    in_use: frozenset[Range] = frozenset()
+    figures: dict[str, int] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    attempts: int = 0
+
+
+def op_frame(op: str, array: Any = None, **fields: Any) -> Tensor:
+    """An op (step, drop, stop; a worker's ready, done, error), its fields in meta."""
+    return tensor_from_array(np.zeros((0,), np.int32) if array is None else array, meta={**fields, "op": op})
+
+
+def step_frame(step: Step, x: Any) -> Tensor:
+    return op_frame("step", x, **step.meta())
+
+
+def outcome_frame(outcome: Outcome, held: Held) -> Tensor:
+    """Rank 0's answer to a step: the Outcome, its hidden states as the payload."""
+    logprobs = {attempt: [lp.token, lp.logprob, [t for t, _ in lp.top], [p for _, p in lp.top]]
+                for attempt, lp in outcome.logprobs.items()}
+    return op_frame("done", outcome.out, ran=[m.meta() for m in outcome.ran],
+                    failed=[m.meta() for m, _ in outcome.failed], why=[why for _, why in outcome.failed],
+                    refused=outcome.refused, tokens=outcome.tokens, logprobs=logprobs, **_held_fields(held))
+
+
+def held_frame(held: Held) -> Tensor:
+    """Rank 0's answer to a drop: what the caches hold now."""
+    return op_frame("done", **_held_fields(held))
+
+
+def _held_fields(held: Held) -> dict[str, Any]:
+    return {"in_use": [list(r) for r in sorted(held.in_use)], "figures": held.figures,
+            "routes": [[list(s) for s in route] for route in held.routes], "attempts": held.attempts}
+
+
+def held_of(meta: dict[str, Any]) -> Held:
+    return Held(frozenset((s, e) for s, e in meta["in_use"]), dict(meta["figures"]),
+                tuple(tuple((n, s, e) for n, s, e in route) for route in meta["routes"]), meta["attempts"])
+
+
+def outcome_of(frame: Tensor) -> tuple[Outcome, Held]:
+    meta = frame.meta
+    logprobs = {a: TokenLogprobs(token, logprob, tuple(zip(tokens, probs)))
+                for a, (token, logprob, tokens, probs) in meta["logprobs"].items()}
+    outcome = Outcome(array_from_tensor(frame) if frame.shape != (0,) else None,
+                      tuple(Member.from_meta(m) for m in meta["ran"]), dict(meta["tokens"]), logprobs,
+                      [(Member.from_meta(m), why) for m, why in zip(meta["failed"], meta["why"])],
+                      refused=meta["refused"])
+    return outcome, held_of(meta)
 
 
 # --- checks of untrusted fields ----------------------------------------------------------------

@@ -32,10 +32,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from tbmesh.core.generation import TokenLogprobs
 from tbmesh.runtime.sampling import draw, token_logprobs
 from tbmesh.runtime.shard import Shard
-from tbmesh.serving.messages import Member, Origin, Range, Route, Step
+from tbmesh.serving.messages import Member, Origin, Outcome, Range, Route, Step
 from tbmesh.serving.settings import KV_BLOCK
 
 Cache = list[Any]  # one mlx-lm cache object per layer of the shard
@@ -65,20 +64,6 @@ class Entry:
     cache: Cache
     length: int
     nbytes: int
-
-
-@dataclass
-class Outcome:
-    """What a step produced here: `out` for the next stage (hidden states) or the sampled
-    tokens (last stage: member -> token), the members it ran, and those it could not."""
-
-    out: mx.array | None = None
-    ran: tuple[Member, ...] = ()
-    tokens: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # of the members that asked
-    failed: list[tuple[Member, str]] = field(default_factory=list)
-    refused: int = 0  # rows of `failed` refused for values that are not finite
-    nonfinite: bool = False  # our layers made NaN or inf of finite inputs (are their weights damaged?)
 
 
 class StageCaches:

@@ -20,8 +20,8 @@ on every rank in the same order:
     stop   every rank exits
 
 So a group stands in for a node's Shard + StageCaches: the engine hands the step to
-`Worker.run` instead of `StageCaches.run`. Messages are wire.Tensor frames (tbmesh.net.wire),
-the op and its fields in `meta`, a step's input or output the payload.
+`Worker.run` instead of `StageCaches.run`. The ops are wire.Tensor frames (made and read in
+tbmesh.serving.messages), over blocking connections (tbmesh.net.blocking).
 
 Rank 0 passes each op on to the other ranks over a TCP connection of its own (the control
 channel), not over mx.distributed: measured here (MLX 0.32.4), a ring rank waiting 3 s in an
@@ -51,118 +51,32 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from tbmesh.core.generation import TokenLogprobs
 from tbmesh.net import wire
-from tbmesh.serving.messages import Member, Range, Route, Step
+from tbmesh.net.blocking import Connection
+from tbmesh.serving.messages import (
+    Held,
+    Outcome,
+    Range,
+    Route,
+    Step,
+    held_frame,
+    held_of,
+    op_frame,
+    outcome_frame,
+    outcome_of,
+    step_frame,
+)
 
 STEP_TIMEOUT_S = 120.0  # a step (or a load) longer than this means a rank is gone
 CONNECT_TIMEOUT_S = 60.0  # ranks joining the control channel, and loading, at most
-READ_SIZE = 1 << 20
 READY_POLL_S = 0.25  # how often a parent waiting for its worker to be ready asks whether to give up
 
 
 class GroupFailed(RuntimeError):
     """The group cannot go on (a rank died, its parent left, a step timed out); one line."""
-
-
-# --- the messages --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Held:
-    """What a group's caches hold after an op, as StageCaches reports it."""
-
-    in_use: frozenset[Range] = frozenset()
-    figures: dict[str, int] = field(default_factory=dict)
-    routes: tuple[Route, ...] = ()
-    attempts: int = 0
-
-
-def op_frame(op: str, array: Any = None, **fields: Any) -> wire.Tensor:
-    return wire.tensor_from_array(np.zeros((0,), np.int32) if array is None else array, meta={**fields, "op": op})
-
-
-def step_frame(step: Step, x: Any) -> wire.Tensor:
-    return op_frame("step", x, **step.meta())
-
-
-def outcome_frame(outcome: Any, held: Held) -> wire.Tensor:
-    """Rank 0's answer to a step: the Outcome, its hidden states as the payload."""
-    logprobs = {attempt: [lp.token, lp.logprob, [t for t, _ in lp.top], [p for _, p in lp.top]]
-                for attempt, lp in outcome.logprobs.items()}
-    return op_frame("done", outcome.out, ran=[m.meta() for m in outcome.ran],
-                    failed=[m.meta() for m, _ in outcome.failed], why=[why for _, why in outcome.failed],
-                    refused=outcome.refused, tokens=outcome.tokens, logprobs=logprobs, **_held_fields(held))
-
-
-def _held_fields(held: Held) -> dict[str, Any]:
-    return {"in_use": [list(r) for r in sorted(held.in_use)], "figures": held.figures,
-            "routes": [[list(s) for s in route] for route in held.routes], "attempts": held.attempts}
-
-
-def held_of(meta: dict[str, Any]) -> Held:
-    return Held(frozenset((s, e) for s, e in meta["in_use"]), dict(meta["figures"]),
-                tuple(tuple((n, s, e) for n, s, e in route) for route in meta["routes"]), meta["attempts"])
-
-
-def outcome_of(frame: wire.Tensor) -> tuple[Any, Held]:
-    from tbmesh.serving.stage import Outcome
-
-    meta = frame.meta
-    logprobs = {a: TokenLogprobs(token, logprob, tuple(zip(tokens, probs)))
-                for a, (token, logprob, tokens, probs) in meta["logprobs"].items()}
-    outcome = Outcome(wire.array_from_tensor(frame) if frame.shape != (0,) else None,
-                      tuple(Member.from_meta(m) for m in meta["ran"]), dict(meta["tokens"]), logprobs,
-                      [(Member.from_meta(m), why) for m, why in zip(meta["failed"], meta["why"])],
-                      refused=meta["refused"])
-    return outcome, held_of(meta)
-
-
-# --- a blocking frame connection --------------------------------------------------------------
-
-
-class Connection:
-    """wire frames over a blocking stream socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.decoder = wire.FrameDecoder()
-        self.send_lock = threading.Lock()
-
-    def send(self, message: Any, timeout: float | None = None) -> None:
-        """Send one frame; with `timeout`, give up (TimeoutError) when another thread's send
-        holds the connection that long."""
-        if not self.send_lock.acquire(timeout=-1 if timeout is None else timeout):
-            raise TimeoutError
-        try:
-            self.sock.sendall(b"".join(bytes(part) for part in wire.encode(message)))
-        finally:
-            self.send_lock.release()
-
-    def receive(self, timeout: float | None = None) -> Any | None:
-        """The next message; None at the end of the stream. Raises TimeoutError."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (message := self.decoder.next_message()) is None:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.sock], [], [], left)[0]:
-                    raise TimeoutError
-            data = self.sock.recv(READ_SIZE)
-            if not data:
-                self.decoder.feed_eof()
-                return self.decoder.next_message()
-            self.decoder.feed(data)
-        return message
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
 
 
 # --- the worker --------------------------------------------------------------------------------
@@ -328,7 +242,7 @@ def serve(args: argparse.Namespace) -> int:
         watchdog.disarm()
         if rank == 0:
             held = Held(frozenset(caches.in_use()), caches.figures(), tuple(caches.routes()), caches.attempts())
-            parent.send(outcome_frame(outcome, held) if outcome is not None else op_frame("done", **_held_fields(held)))
+            parent.send(outcome_frame(outcome, held) if outcome is not None else held_frame(held))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,7 +311,7 @@ class Worker:
             raise GroupFailed(f"the worker said {meta.get('op')!r} before it was ready")
         self.rank, self.size, self.weight_bytes = meta["rank"], meta["size"], meta["weight_bytes"]
 
-    def run(self, step: Step, x: Any, timeout: float = STEP_TIMEOUT_S) -> Any:
+    def run(self, step: Step, x: Any, timeout: float = STEP_TIMEOUT_S) -> Outcome:
         """Rank 0: run `step` with input `x` (token ids at stage 0, else hidden states) on the
         group; its Outcome, as StageCaches.run gives it on one node."""
         self._send(step_frame(step, x))
