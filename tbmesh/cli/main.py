@@ -768,7 +768,7 @@ def chat(
     api: str = typer.Option(DEFAULT_API, "--api", help="The daemon's API URL."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar=API_KEY_ENV, help=API_KEY_HELP),
     model: Optional[str] = typer.Option(None, "--model", help="The model id (default: the first the daemon serves)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens in the answer (default: the API's, 2048)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens in the answer (default: what the context leaves)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 picks the likeliest token each step (default: 1)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sample the same answer every time."),
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),
