@@ -163,6 +163,20 @@ def test_bad_anthropic_requests_are_400s_in_anthropics_shape(server, body, words
     assert answer["error"]["type"] == "invalid_request_error" and words in answer["error"]["message"], answer
 
 
+def test_anthropic_thinking_and_a_tool_result_without_content_are_read(server, tokenizer) -> None:
+    """An assistant turn's thinking block goes to the template as its reasoning; a tool_result
+    with no content is an empty result."""
+    turn = {"role": "assistant", "content": [{"type": "thinking", "thinking": "Oslo.", "signature": ""},
+                                             {"type": "tool_use", "id": "t1", "name": "get_weather",
+                                              "input": {"city": "Oslo"}}]}  # fmt: skip
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1"}]}
+    status, count = server.post("/v1/messages/count_tokens", {"model": MODEL, "messages": [*WEATHER, turn, result]})
+    rendered_turn = {"role": "assistant", "content": "", "reasoning_content": "Oslo.", "tool_calls": [
+        {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+    expected = rendered(tokenizer, [*WEATHER, rendered_turn, {"role": "tool", "tool_call_id": "t1", "content": ""}], None)
+    assert status == 200 and count == {"input_tokens": expected}, count
+
+
 def _post(server: ApiServer, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], Any]:
     """The status, the JSON body and the headers of a POST."""
     request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),

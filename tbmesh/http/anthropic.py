@@ -150,7 +150,7 @@ def _user(content: Any, where: str) -> list[dict[str, Any]]:
         elif block["type"] == "tool_result":
             if not isinstance(block.get("tool_use_id"), str):
                 raise _bad(f"'{here}.tool_use_id' must be a string")
-            result = block.get("content", None)
+            result = block.get("content", "")
             messages.append({"role": "tool", "tool_call_id": block["tool_use_id"],
                              "content": _text(result, f"{here}.content")})  # fmt: skip
         else:
@@ -169,7 +169,7 @@ def _assistant(content: Any, where: str) -> dict[str, Any]:
         elif block["type"] == "thinking":
             if not isinstance(block.get("thinking"), str):
                 raise _bad(f"'{here}.thinking' must be a string")
-            message["reasoning_content"] = message.get("reasoning_content", None) + block["thinking"]
+            message["reasoning_content"] = message.get("reasoning_content", "") + block["thinking"]
         elif block["type"] == "redacted_thinking":
             continue  # nothing readable to render
         elif block["type"] == "tool_use":
