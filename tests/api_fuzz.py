@@ -8,7 +8,7 @@ checks of our own besides all of schemathesis's:
   refer to (OpenAI's Error, Anthropic's AnthropicError, Ollama's OllamaError);
 - a request the document calls valid is served, or refused only for what no schema of the
   request can foresee (the prompt's length in tokens, the vocabulary, the chat template: the
-  codes tbmesh.http.openai.MODEL_DEPENDENT_CODES) or JSON Schema cannot say (a string that must
+  codes tbmesh.http.common.MODEL_DEPENDENT_CODES) or JSON Schema cannot say (a string that must
   hold JSON, fields that must agree: UNDESCRIBABLE_CODES); Anthropic's and Ollama's errors give
   the code in a header. It replaces schemathesis's
   positive_data_acceptance, which would take those 400s for a fault of the document.
@@ -33,8 +33,7 @@ import schemathesis
 
 from tbmesh.http import anthropic as anthropic_api
 from tbmesh.http import ollama as ollama_api
-from tbmesh.http.anthropic import CODE_HEADER
-from tbmesh.http.openai import MODEL_DEPENDENT_CODES, UNDESCRIBABLE_CODES
+from tbmesh.http.common import CODE_HEADER, MODEL_DEPENDENT_CODES, UNDESCRIBABLE_CODES
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 # schemathesis's failures that say an answer is not as the document describes it

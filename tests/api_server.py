@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import aclosing
 from typing import Any
 
-from tbmesh.core.generation import Backend, GenerationParams, Unavailable
-from tbmesh.http.openai import Limits
+from tbmesh.core.generation import Backend, Sampling, Unavailable
+from tbmesh.http.common import Limits
 from tbmesh.http.server import LOOPBACK_NAMES, Listener, make_app
 from tbmesh.runtime.local import LocalBackend
 
@@ -123,8 +123,8 @@ class SteeredBackend(LocalBackend):
     def context(self, model: str) -> int | None:
         return self.room
 
-    async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
-        async with aclosing(super().generate(model, prompt, params)) as tokens:
+    async def generate(self, model: str, prompt: list[int], max_tokens: int, sampling: Sampling) -> AsyncIterator[int]:
+        async with aclosing(super().generate(model, prompt, max_tokens, sampling)) as tokens:
             count = 0
             async for token in tokens:
                 if count == self.fail_after:

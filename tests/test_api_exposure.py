@@ -23,8 +23,7 @@ import openai
 import pytest
 from api_server import ApiServer, SteeredBackend, wait_until
 
-from tbmesh.http.anthropic import CODE_HEADER
-from tbmesh.http.openai import CONTEXT_LENGTH_EXCEEDED, Limits
+from tbmesh.http.common import CODE_HEADER, CONTEXT_LENGTH_EXCEEDED, Limits
 from tbmesh.http.server import allowed_hosts
 from tbmesh.testbed.tiny import make_tiny_model
 

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from api_server import ApiServer, SteeredBackend
 from mlx_lm.generate import generate_step
 
 from tbmesh.core.generation import Unavailable
-from tbmesh.http.openai import Limits
+from tbmesh.http.common import Limits
 from tbmesh.testbed.teach import CONVERSATIONS, WEATHER_TOOL
 
 MODEL = "taught"
@@ -116,6 +117,11 @@ CALL = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type"
     ({**CHAT, "logit_bias": {"5": 10}}, "logit_bias", "not supported"),
     ({**CHAT, "functions": [{"name": "f"}]}, "functions", "use 'tools'"),
     ({"model": MODEL, "prompt": "Hi", "logprobs": 2}, "logprobs", "not supported on /v1/completions"),
+    ({**CHAT, "reasoning_effort": "high"}, "reasoning_effort", "reasoning effort is not supported"),
+    ({**CHAT, "top_k": 5}, "top_k", "Unrecognized request argument supplied: top_k"),
+    ({"model": MODEL, "prompt": "Hi", "frequency_penalty": 0.5}, "frequency_penalty", "not supported"),
+    ({"model": MODEL, "prompt": "Hi", "echo": True}, "echo", "not supported"),
+    ({"model": MODEL, "prompt": "Hi", "best_of": 2}, "best_of", "only best_of=1"),
 ])  # fmt: skip
 def test_bad_openai_fields_are_400s_naming_the_field(server, body, param, words) -> None:
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -155,6 +161,48 @@ def test_bad_anthropic_requests_are_400s_in_anthropics_shape(server, body, words
     status, answer = server.post("/v1/messages", body)
     assert status == 400 and answer["type"] == "error", answer
     assert answer["error"]["type"] == "invalid_request_error" and words in answer["error"]["message"], answer
+
+
+def test_anthropic_thinking_and_a_tool_result_without_content_are_read(server, tokenizer) -> None:
+    """An assistant turn's thinking block goes to the template as its reasoning; a tool_result
+    with no content is an empty result."""
+    turn = {"role": "assistant", "content": [{"type": "thinking", "thinking": "Oslo.", "signature": ""},
+                                             {"type": "tool_use", "id": "t1", "name": "get_weather",
+                                              "input": {"city": "Oslo"}}]}  # fmt: skip
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1"}]}
+    status, count = server.post("/v1/messages/count_tokens", {"model": MODEL, "messages": [*WEATHER, turn, result]})
+    rendered_turn = {"role": "assistant", "content": "", "reasoning_content": "Oslo.", "tool_calls": [
+        {"id": "t1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}
+    expected = rendered(tokenizer, [*WEATHER, rendered_turn, {"role": "tool", "tool_call_id": "t1", "content": ""}], None)
+    assert status == 200 and count == {"input_tokens": expected}, count
+
+
+def _post(server: ApiServer, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], Any]:
+    """The status, the JSON body and the headers of a POST."""
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read()), error.headers
+
+
+def test_a_last_assistant_message_is_refused_where_the_api_would_continue_it(server, tokenizer) -> None:
+    """README, *Running a model* (`unsupported_prefill`): a last assistant message is refused on
+    the Anthropic and Ollama APIs, which would continue it (this server's chat template would
+    start a new turn after it), and answered with the next turn on the OpenAI API, as OpenAI's is."""
+    conversation = [*WEATHER, {"role": "assistant", "content": "It is"}]
+    status, answer, headers = _post(server, "/v1/messages", {**MESSAGE, "messages": conversation})
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
+    assert headers["X-Tbmesh-Error-Code"] == "unsupported_prefill" and "not supported" in answer["error"]["message"]
+    status, answer, headers = _post(server, "/api/chat", {"model": MODEL, "messages": conversation, "stream": False})
+    assert status == 400 and "Ollama continues" in answer["error"], answer
+    assert headers["X-Tbmesh-Error-Code"] == "unsupported_prefill"
+    status, answer, _ = _post(server, "/v1/chat/completions", {**CHAT, "messages": conversation, "max_tokens": 1})
+    assert status == 200, answer
+    assert answer["usage"]["prompt_tokens"] == rendered(tokenizer, conversation, None)  # a new turn after it
 
 
 def test_anthropic_errors_beyond_400_keep_anthropics_shape(server) -> None:
@@ -209,6 +257,28 @@ def test_anthropic_failures_before_and_during_a_stream_keep_anthropics_shape(ser
             for event in client.messages.create(model=MODEL, max_tokens=10, messages=WEATHER, stream=True):
                 events.append(event.type)
         assert events[0] == "message_start" and "message_stop" not in events
+    finally:
+        server.backend.reset()
+
+
+def test_ollama_failures_before_and_during_a_stream_keep_ollamas_shape(server) -> None:
+    """The answer's one way out (tbmesh.http.common.respond), in Ollama's NDJSON: an error before
+    the first line is an HTTP error status, one after it an {"error"} line that ends the stream."""
+    ask = {"model": MODEL, "messages": WEATHER, "options": {"num_predict": 10, "temperature": 0}}
+    try:
+        server.backend.reason = Unavailable("no plan yet: waiting for a leader")
+        status, answer, _ = _post(server, "/api/chat", ask)
+        assert (status, answer) == (503, {"error": "no plan yet: waiting for a leader"})
+        server.backend.reset()
+        server.backend.fail_after = 3
+        request = urllib.request.Request(server.url + "/api/chat", data=json.dumps(ask).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200 and response.headers["Content-Type"].startswith("application/x-ndjson")
+            lines = [json.loads(line) for line in response.read().splitlines()]
+        *parts, last = lines
+        assert parts and all(not part["done"] for part in parts)
+        assert last == {"error": "generation failed: RuntimeError: stage 1 went away"}
     finally:
         server.backend.reset()
 

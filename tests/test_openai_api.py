@@ -14,10 +14,10 @@ import pytest
 from api_server import ApiServer, SteeredBackend, wait_until
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from tbmesh.core.generation import GenerationParams, Unavailable
+from tbmesh.core.generation import Sampling, Unavailable
 from tbmesh.http.chat import StopText
-from tbmesh.http.openai import Limits
-from tbmesh.runtime.sampling import Sampling, make_sampler
+from tbmesh.http.common import Limits
+from tbmesh.runtime.sampling import make_sampler
 from tbmesh.testbed.tiny import make_tiny_model
 
 MODEL = "tiny"
@@ -181,6 +181,20 @@ def test_default_max_tokens_applies(server: ApiServer, reference: Any) -> None:
     tokens, _, _ = greedy(reference, reference[1].encode("Hello"), 16)  # the server's default here
     status, body = server.post("/v1/completions", {"model": MODEL, "prompt": "Hello", "temperature": 0})
     assert status == 200 and body["usage"]["completion_tokens"] == len(tokens)
+
+
+def test_without_max_tokens_an_answer_takes_what_the_context_leaves(server: ApiServer, backend: SteeredBackend,
+                                                                    reference: Any, endless: None) -> None:  # fmt: skip
+    """README, *Running a model* (the KV room is budgeted): "without `max_tokens` an answer may
+    take what is left of the context, at most 32768 tokens"."""
+    assert Limits().default_max_tokens == Limits().max_tokens == 32768
+    prompt = chat_prompt(reference, HI)
+    backend.room = len(prompt) + 5  # the context: 5 tokens after the prompt (this server's default is 16)
+    status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": HI, "temperature": 0})
+    assert status == 200, body
+    assert (body["usage"]["completion_tokens"], body["choices"][0]["finish_reason"]) == (5, "length")
+    status, body = server.post("/v1/chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 6})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"  # asked for: whole, or refused
 
 
 def test_seed_gives_the_same_sample(server: ApiServer, endless: None) -> None:
@@ -412,11 +426,54 @@ def test_too_large_a_body_is_413(server: ApiServer) -> None:
     assert status == 413 and "larger than" in answer["error"]["message"]
 
 
-def test_unknown_fields_are_ignored(server: ApiServer) -> None:
+def test_fields_that_change_nothing_of_the_answer_are_accepted(server: ApiServer) -> None:
+    """README, *Running a model*: OpenAI's fields that change nothing of the answer are accepted
+    (what the openai library, Codex and LangChain send), as are the neutral values of those
+    refused."""
     body = {**CHAT, "max_tokens": 2, "user": "me", "frequency_penalty": 0, "logit_bias": {}, "n": 1,
-            "metadata": {"a": 1}, "stream": False, "stop": None, "seed": None}  # fmt: skip
+            "metadata": {"a": 1}, "stream": False, "stop": None, "seed": None, "store": False,
+            "parallel_tool_calls": True, "service_tier": "auto", "prompt_cache_key": "k",
+            "safety_identifier": "h", "stream_options": None, "reasoning_effort": None}  # fmt: skip
     status, answer = server.post("/v1/chat/completions", body)
     assert status == 200, answer
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "user": "me", "best_of": 1, "echo": False,
+            "suffix": None, "presence_penalty": 0.0}  # fmt: skip
+    status, answer = server.post("/v1/completions", body)
+    assert status == 200, answer
+
+
+@pytest.mark.parametrize("path, body, unknown", [
+    ("/v1/chat/completions", {**CHAT, "top_k": 5}, "top_k"),
+    ("/v1/chat/completions", {**CHAT, "min_p": 0.1, "top_k": 5}, "min_p, top_k"),
+    ("/v1/completions", {"model": MODEL, "prompt": "Hi", "top_k": 5}, "top_k"),
+    ("/v1/completions", {"model": MODEL, "prompt": "Hi", "tools": []}, "tools"),  # a chat field
+])  # fmt: skip
+def test_a_field_openais_api_does_not_have_is_a_400_in_openais_words(server: ApiServer, path: str,
+                                                                      body: dict[str, Any], unknown: str) -> None:  # fmt: skip
+    """README, *Running a model*: "a field OpenAI's API does not have (`top_k`, `min_p`, ...) is a
+    400 in OpenAI's words" (it would change the answer, or the client thinks it does)."""
+    status, answer = server.post(path, body)
+    assert status == 400, answer
+    plural = "s" if "," in unknown else ""
+    assert answer["error"]["message"] == f"Unrecognized request argument{plural} supplied: {unknown}"
+    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == unknown.split(",")[0]
+
+
+def test_the_fields_known_are_those_of_the_openai_library() -> None:
+    """Every field the `openai` library can send is read, refused for what it asks, or accepted as
+    changing nothing: none is taken for a field OpenAI's API does not have."""
+    from openai.types import completion_create_params as completion
+    from openai.types.chat import completion_create_params as chat
+
+    from tbmesh.http import openai as openai_api
+
+    def fields(params: Any) -> set[str]:
+        base = params.CompletionCreateParamsBase
+        return set(base.__required_keys__ | base.__optional_keys__) | {"stream"}
+
+    assert fields(chat) == {*openai_api.CHAT_READ, *openai_api.CHAT_UNSUPPORTED, *openai_api.CHAT_NO_EFFECT}
+    assert fields(completion) == {*openai_api.COMPLETION_READ, *openai_api.COMPLETION_UNSUPPORTED,
+                                  *openai_api.COMPLETION_NO_EFFECT}  # fmt: skip
 
 
 def test_unknown_model_is_404(server: ApiServer) -> None:
@@ -533,9 +590,9 @@ class ScriptedBackend:
     def tokenizer(self, model: str) -> Any:
         return self._tokenizer
 
-    async def generate(self, model: str, prompt: list[int], params: GenerationParams) -> AsyncIterator[int]:
+    async def generate(self, model: str, prompt: list[int], max_tokens: int, sampling: Sampling) -> AsyncIterator[int]:
         try:
-            for token in self.tokens[: params.max_tokens]:
+            for token in self.tokens[:max_tokens]:
                 yield token
         finally:
             self.closed += 1

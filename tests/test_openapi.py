@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from api_server import ApiServer, no_links
 
-from tbmesh.http.openai import Limits
+from tbmesh.http.common import Limits
 from tbmesh.http.openapi import ApiDescription, document
 from tbmesh.http.server import make_app, openapi_document
 from tbmesh.runtime.local import LocalBackend

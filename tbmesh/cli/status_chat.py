@@ -78,7 +78,7 @@ def chat(
     api: str = typer.Option(DEFAULT_API, "--api", help="The daemon's API URL."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar=API_KEY_ENV, help=API_KEY_HELP),
     model: Optional[str] = typer.Option(None, "--model", help="The model id.", show_default="the first the daemon serves"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens in the answer.", show_default="the API's"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most tokens in the answer.", show_default="what the context leaves"),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 picks the likeliest token each step.", show_default="the API's"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sample the same answer every time."),
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),

@@ -3,7 +3,7 @@
 A `Backend` turns prompt token ids into generated token ids: the cluster's serving engine
 (tbmesh.serving.engine) or `LocalBackend`, the whole model in one process
 (tbmesh.runtime.local). Its errors say what went wrong in words; only the HTTP layer
-(tbmesh.http.openai) turns them into status codes.
+(tbmesh.http.common) turns them into status codes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ MAX_TOP_LOGPROBS = 20  # the likeliest tokens a request may ask for with each to
 @dataclass(frozen=True)
 class Sampling:
     """How a request samples: temperature 0 is greedy (argmax). `logprobs`: None, or how many
-    of the likeliest tokens the last stage reports with each token's log-probability."""
+    of the likeliest tokens the last stage reports with each token's log-probability. The one
+    type of it from the HTTP APIs, which check what clients send before they make one, through
+    the backends and the wire (tbmesh.serving.messages) to the sampler (tbmesh.runtime.sampling)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -44,19 +46,10 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    logprobs: int | None = None  # None: tokens only; k: each token's log-probability and the top k
-
-
-@dataclass(frozen=True)
 class TokenLogprobs:
     """A generated token with its log-probability and the `top` likeliest tokens of its step
     (token id, log-probability), likeliest first: what a backend yields, instead of the bare
-    token id, for a request whose params.logprobs is set."""
+    token id, for a request whose sampling.logprobs is set."""
 
     token: int
     logprob: float
@@ -96,8 +89,8 @@ class Backend(Protocol):
     def tokenizer(self, model: str) -> Any:  # an mlx_lm TokenizerWrapper (the core names no MLX type)
         """mlx-lm's tokenizer wrapper of `model` (chat template, eos ids, streaming detokenizer)."""
 
-    def generate(self, model: str, prompt: list[int],
-                 params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
-        """Yield the generated token ids (TokenLogprobs when params.logprobs is set). Ends after
+    def generate(self, model: str, prompt: list[int], max_tokens: int,
+                 sampling: Sampling) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
+        """Yield the generated token ids (TokenLogprobs when sampling.logprobs is set). Ends after
         max_tokens, or at an end token, which is not yielded. Closing the iterator early (aclose) cancels the generation everywhere and
         frees its caches. Raises GenerationError for an error the client should see as such."""

@@ -2,10 +2,11 @@
 
 For the `anthropic` SDK and Claude Code (ANTHROPIC_BASE_URL=http://mac:port). Requests become
 tbmesh.http.chat's messages and tools (content blocks: text, thinking, tool_use, tool_result), the
-answer comes back as Anthropic's content blocks (thinking, text, tool_use), streamed or not.
-Errors are in Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}; what
-OpenAI's errors say in their `code` is in the header X-Tbmesh-Error-Code (for the 400s that no
-schema of the request foresees: tbmesh.http.openai.MODEL_DEPENDENT_CODES and UNDESCRIBABLE_CODES).
+answer comes back as Anthropic's content blocks (thinking, text, tool_use), streamed or not
+(`AnthropicAnswer`; the HTTP of it is tbmesh.http.common's). Errors are in Anthropic's shape:
+{"type": "error", "error": {"type": ..., "message": ...}}; what OpenAI's errors say in their
+`code` is in the header X-Tbmesh-Error-Code (for the 400s that no schema of the request
+foresees: tbmesh.http.common.MODEL_DEPENDENT_CODES and UNDESCRIBABLE_CODES).
 The `x-api-key` header is accepted (tbmesh.http.server checks it when the daemon has an API key).
 """
 
@@ -13,44 +14,47 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tbmesh.core.generation import Backend, GenerationParams
+from tbmesh.core.generation import Backend
 from tbmesh.http.chat import (
     ChatReader,
-    ClientGone,
     Event,
     Reasoning,
     TemplateError,
     Text,
     ToolCall,
     chat_prompt,
-    generate,
-    text_size,  # fmt: skip
+    text_size,
 )
-from tbmesh.http.openai import (
+from tbmesh.http.common import (
     CHAT_TEMPLATE_ERROR,
+    CODE_HEADER,
     CONFLICTING_FIELDS,
     CONTEXT_LENGTH_EXCEEDED,
     UNSUPPORTED_PREFILL,
     ApiError,
+    Generation,
     Limits,
-    _boolean,
-    _failure,
-    _integer,
-    _number,
-    _type_name,
-    _unicode,
-    check_prompt_size,  # fmt: skip
+    answer_events,
+    bad_request,
+    boolean,
+    check_prompt_size,
     check_served,
-    client_gone,
+    failure,
+    fit_context,
     in_worker,
+    integer,
+    number,
     read_request,
+    request_sampling,
+    respond,
+    stop_strings,
+    type_name,
+    valid_unicode,
 )
 from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
@@ -68,7 +72,6 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
 
 
-CODE_HEADER = "X-Tbmesh-Error-Code"
 PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 
 
@@ -77,17 +80,16 @@ def owns(path: str) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
-def error_response(error: Exception) -> web.Response:
-    """Any error (ApiError, the backend's) as Anthropic answers it."""
-    failure = _failure(error)
-    headers = dict(failure.headers or {})
-    if failure.code is not None:
-        headers[CODE_HEADER] = failure.code
-    return web.json_response(error_body(failure.status, failure.message), status=failure.status, headers=headers)
+def error_response(error: ApiError) -> web.Response:
+    """An error as Anthropic answers it; OpenAI's `code` in the header CODE_HEADER."""
+    headers = dict(error.headers or {})
+    if error.code is not None:
+        headers[CODE_HEADER] = error.code
+    return web.json_response(error_body(error.status, error.message), status=error.status, headers=headers)
 
 
 def _bad(message: str, code: str | None = None) -> ApiError:
-    return ApiError(400, message, code=code)
+    return bad_request(None, message, code)  # Anthropic's errors name no field but in their message
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -95,39 +97,37 @@ def _bad(message: str, code: str | None = None) -> ApiError:
 
 @dataclass
 class MessagesRequest:
-    model: str
+    generation: Generation
     messages: list[dict[str, Any]]  # tbmesh.http.chat's form, the system prompt first
     tools: list[dict[str, Any]] | None  # tbmesh.http.chat's form, tool_choice applied
-    params: GenerationParams
-    stop: list[str]
     stream: bool
 
 
 def _text(value: Any, where: str) -> str:
     """A string, or an array of text blocks (joined)."""
     if isinstance(value, str):
-        return _unicode(value, where, "")
+        return valid_unicode(value, where, None)
     if not isinstance(value, list):
-        raise _bad(f"'{where}' must be a string or an array of text blocks, not {_type_name(value)}")
+        raise _bad(f"'{where}' must be a string or an array of text blocks, not {type_name(value)}")
     texts = []
     for i, block in enumerate(value):
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
             raise _bad(f"'{where}[{i}]' must be a text block ({{\"type\": \"text\", \"text\": ...}})")
-        texts.append(_unicode(block["text"], f"{where}[{i}].text", ""))
+        texts.append(valid_unicode(block["text"], f"{where}[{i}].text", None))
     return "".join(texts)
 
 
 def _block_text(block: dict[str, Any], where: str) -> str:
     if not isinstance(block.get("text"), str):
-        raise _bad(f"'{where}.text' must be a string, not {_type_name(block.get('text'))}")
-    return _unicode(block["text"], f"{where}.text", "")
+        raise _bad(f"'{where}.text' must be a string, not {type_name(block.get('text'))}")
+    return valid_unicode(block["text"], f"{where}.text", None)
 
 
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
-        raise _bad(f"'{where}.content' must be a string or an array of content blocks, not {_type_name(content)}")
+        raise _bad(f"'{where}.content' must be a string or an array of content blocks, not {type_name(content)}")
     if not content:
         raise _bad(f"'{where}.content' is empty")
     for i, block in enumerate(content):
@@ -176,7 +176,7 @@ def _assistant(content: Any, where: str) -> dict[str, Any]:
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise _bad(f"'{here}' must have an id and a name (strings)")
             if not isinstance(block.get("input"), dict):
-                raise _bad(f"'{here}.input' must be an object, not {_type_name(block.get('input'))}")
+                raise _bad(f"'{here}.input' must be an object, not {type_name(block.get('input'))}")
             message.setdefault("tool_calls", []).append(
                 {"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": block["input"]}})
         else:
@@ -196,7 +196,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad(f"'{where}' must be an object, not {_type_name(message)}")
+            raise _bad(f"'{where}' must be an object, not {type_name(message)}")
         role = message.get("role")
         if role == "user":
             result += _user(message.get("content"), where)
@@ -219,7 +219,7 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     if tools is None:
         tools = []
     if not isinstance(tools, list):
-        raise _bad(f"'tools' must be an array of tools, not {_type_name(tools)}")
+        raise _bad(f"'tools' must be an array of tools, not {type_name(tools)}")
     functions = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
@@ -254,48 +254,36 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
 def parse_request(body: Any, limits: Limits, count_only: bool = False) -> MessagesRequest:
     """Check a request body; raises ApiError(400) naming the first bad field."""
     if not isinstance(body, dict):
-        raise _bad(f"the request body must be a JSON object, not {_type_name(body)}")
+        raise _bad(f"the request body must be a JSON object, not {type_name(body)}")
     model = body.get("model")
     if not isinstance(model, str):
-        raise _bad(f"'model' is required: a string, not {_type_name(model)}")
+        raise _bad(f"'model' is required: a string, not {type_name(model)}")
     # a ceiling, not a wish: clients (Claude Code) ask for more than a Mac's context holds, so
     # the answer may take what is left of it (then it stops with "max_tokens")
-    max_tokens = _integer(body, "max_tokens", 1)
+    max_tokens = integer(body, "max_tokens", 1)
     if max_tokens is None and not count_only:
         raise _bad("'max_tokens' is required")
-    temperature = _number(body, "temperature", 0.0, 1.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    if body.get("top_k") is not None:
+    temperature = number(body, "temperature", 0.0, 1.0)
+    top_p = number(body, "top_p", 0.0, 1.0)
+    if body.get("top_k") is not None:  # it would change the answer; the sampler has no top-k
         raise _bad("'top_k' is not supported (temperature and top_p are)")
-    stops = body.get("stop_sequences")
-    if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
-        raise _bad("'stop_sequences' must be an array of strings")
-    if stops is not None and len(stops) > limits.max_stop:
-        raise _bad(f"'stop_sequences' may hold at most {limits.max_stop} strings, not {len(stops)}")
+    stop = stop_strings(body, limits, "stop_sequences", one=False)
     thinking = body.get("thinking")
     if thinking is not None and (not isinstance(thinking, dict) or not isinstance(thinking.get("type"), str)):
         raise _bad("'thinking' must be an object with a type ({\"type\": \"enabled\", ...})")
-    temperature = 1.0 if temperature is None else temperature  # Anthropic's defaults
-    top_p = 1.0 if top_p is None or top_p == 0 else top_p
-    params = GenerationParams(max_tokens=min(max_tokens or 1, limits.max_tokens), temperature=temperature,
-                              top_p=top_p, seed=None)  # fmt: skip
-    return MessagesRequest(model, _messages(body), _tools(body), params, [s for s in stops or [] if s],
-                           _boolean(body, "stream"))
+    sampling = request_sampling(1.0 if temperature is None else temperature,  # Anthropic's defaults
+                                1.0 if top_p is None else top_p)  # fmt: skip
+    generation = Generation(model, min(max_tokens or 1, limits.max_tokens), sampling, stop, max_tokens_strict=False)
+    return MessagesRequest(generation, _messages(body), _tools(body), boolean(body, "stream"))
 
 
 def _prompt(tokenizer: TokenizerWrapper, request: MessagesRequest, context: int | None, limits: Limits) -> list[int]:
-    """The prompt's tokens; max_tokens cut to what the context leaves. CPU-heavy: in_worker."""
+    """The prompt's tokens. CPU-heavy: in_worker."""
     check_prompt_size(text_size(request.messages, request.tools), context, limits, "messages")
     try:
-        prompt = chat_prompt(tokenizer, request.messages, request.tools)
+        return chat_prompt(tokenizer, request.messages, request.tools)
     except TemplateError as error:
         raise _bad(str(error), CHAT_TEMPLATE_ERROR) from None
-    if context is not None:
-        if len(prompt) >= context:
-            raise _bad(f"the prompt has {len(prompt)} tokens; the context is {context} tokens (--context)",
-                       CONTEXT_LENGTH_EXCEEDED)
-        request.params = replace(request.params, max_tokens=min(request.params.max_tokens, context - len(prompt)))
-    return prompt
 
 
 # --- answers ---------------------------------------------------------------------------------
@@ -324,129 +312,107 @@ def _stop(reader: ChatReader) -> tuple[str, str | None]:
     return STOP_REASONS[reader.finish_reason], None
 
 
-class Answer:
-    """Answers one Messages request, streamed or not."""
-
-    def __init__(self, request: web.Request, backend: Backend, messages: MessagesRequest) -> None:
-        self.request = request
-        self.backend = backend
-        self.messages = messages
-        self.id = f"msg_{uuid.uuid4().hex[:24]}"
-
-    def _message(self, content: list[dict[str, Any]], reader: ChatReader, done: bool) -> dict[str, Any]:
-        stop_reason, stop_sequence = _stop(reader) if done else (None, None)
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.messages.model,
-                "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-                "usage": {"input_tokens": reader.prompt_tokens, "output_tokens": reader.completion_tokens}}
-
-    async def answer(self, tokenizer: TokenizerWrapper, prompt: list[int]) -> web.StreamResponse:
-        request = self.messages
-        reader = ChatReader(tokenizer, prompt, request.stop, request.tools)
-        events = generate(self.backend, request.model, prompt, request.params, reader,
-                          lambda: client_gone(self.request))
-        if request.stream:
-            return await self._stream(events, reader)
-        content: list[dict[str, Any]] = []
-        try:
-            async with aclosing(events):
-                async for event in events:
-                    if isinstance(event, ToolCall):
-                        content.append({**_block_of(event), "input": event.arguments})
-                    elif isinstance(event, (Text, Reasoning)):
-                        key = "text" if isinstance(event, Text) else "thinking"
-                        if not content or content[-1]["type"] != _block_of(event)["type"]:
-                            content.append(_block_of(event))
-                        content[-1][key] += event.text
-        except ClientGone:
-            return web.Response(status=499)
-        except Exception as error:
-            return error_response(error)
-        return web.json_response(self._message(content, reader, done=True))
-
-    async def _stream(self, events: AsyncIterator[Event], reader: ChatReader) -> web.StreamResponse:
-        """Anthropic's server-sent events. The response starts with the first event, so that an
-        error before any is still an HTTP error status."""
-        response: web.StreamResponse | None = None
-        block: dict[str, Any] | None = None  # the content block open now
-        index = -1
-
-        async def send(name: str, data: dict[str, Any]) -> None:
-            nonlocal response
-            try:
-                if response is None:
-                    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
-                    await response.prepare(self.request)
-                    start = {"type": "message_start", "message": self._message([], reader, done=False)}
-                    await response.write(_event("message_start", start))
-                await response.write(_event(name, {"type": name, **data}))
-            except ConnectionError:  # the client went away
-                raise ClientGone() from None
-
-        async def close_block() -> None:
-            nonlocal block
-            if block is not None:
-                await send("content_block_stop", {"index": index})
-                block = None
-
-        try:
-            async with aclosing(events):
-                async for event in events:
-                    if not isinstance(event, (Text, Reasoning, ToolCall)):
-                        continue
-                    starts = _block_of(event)
-                    if block is None or block["type"] != starts["type"] or isinstance(event, ToolCall):
-                        await close_block()
-                        block, index = starts, index + 1
-                        await send("content_block_start", {"index": index, "content_block": starts})
-                    await send("content_block_delta", {"index": index, "delta": _delta_of(event)})
-            await close_block()
-            stop_reason, stop_sequence = _stop(reader)
-            await send("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                         "usage": {"output_tokens": reader.completion_tokens}})
-            await send("message_stop", {})
-        except ClientGone:
-            return response or web.Response(status=499)
-        except Exception as error:
-            failure = _failure(error)
-            if response is None:
-                return error_response(failure)
-            try:  # the status has gone out already: an error event ends the stream
-                await send("error", {"error": error_body(failure.status, failure.message)["error"]})
-            except ClientGone:
-                pass
-        return response  # type: ignore[return-value]  # set by send()
-
-
 def _event(name: str, data: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    """A server-sent event named as its data's type."""
+    return f"event: {name}\ndata: {json.dumps({'type': name, **data}, ensure_ascii=False)}\n\n".encode()
+
+
+class AnthropicAnswer:
+    """One Messages answer in Anthropic's shapes (a tbmesh.http.common.AnswerShape): content
+    blocks, whole or as server-sent events (message_start, each block's start, deltas and
+    stop, message_delta, message_stop)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, messages: MessagesRequest, reader: ChatReader) -> None:
+        self.messages = messages
+        self.reader = reader
+        self.id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.block: dict[str, Any] | None = None  # streamed: the content block open now
+        self.index = -1  # ... and its index
+
+    def _message(self, content: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        stop_reason, stop_sequence = _stop(self.reader) if done else (None, None)
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.messages.generation.model,
+                "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+                "usage": {"input_tokens": self.reader.prompt_tokens, "output_tokens": self.reader.completion_tokens}}
+
+    def whole(self, events: list[Event]) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        for event in events:
+            if isinstance(event, ToolCall):
+                content.append({**_block_of(event), "input": event.arguments})
+            elif isinstance(event, (Text, Reasoning)):
+                key = "text" if isinstance(event, Text) else "thinking"
+                if not content or content[-1]["type"] != _block_of(event)["type"]:
+                    content.append(_block_of(event))
+                content[-1][key] += event.text
+        return self._message(content, done=True)
+
+    def opening(self) -> bytes:
+        return _event("message_start", {"message": self._message([], done=False)})
+
+    def _close_block(self) -> bytes:
+        if self.block is None:
+            return b""
+        self.block = None
+        return _event("content_block_stop", {"index": self.index})
+
+    def event(self, event: Event) -> bytes:
+        if not isinstance(event, (Text, Reasoning, ToolCall)):
+            return b""
+        data = b""
+        starts = _block_of(event)
+        if self.block is None or self.block["type"] != starts["type"] or isinstance(event, ToolCall):
+            data += self._close_block()
+            self.block, self.index = starts, self.index + 1
+            data += _event("content_block_start", {"index": self.index, "content_block": starts})
+        return data + _event("content_block_delta", {"index": self.index, "delta": _delta_of(event)})
+
+    def closing(self) -> bytes:
+        stop_reason, stop_sequence = _stop(self.reader)
+        return self._close_block() + \
+            _event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                                     "usage": {"output_tokens": self.reader.completion_tokens}}) + \
+            _event("message_stop", {})  # fmt: skip
+
+    def error_event(self, error: ApiError) -> bytes:
+        return _event("error", {"error": error_body(error.status, error.message)["error"]})
+
+    def error_response(self, error: ApiError) -> web.Response:
+        return error_response(error)
 
 
 def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
     """Add POST /v1/messages and /v1/messages/count_tokens. Before any catch-all route."""
 
     def tokenize(messages: MessagesRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
-        tokenizer = backend.tokenizer(messages.model)  # the first call loads it
+        tokenizer = backend.tokenizer(messages.generation.model)  # the first call loads it
         return tokenizer, _prompt(tokenizer, messages, context, limits)
 
     async def prepare(request: web.Request, count_only: bool) -> tuple[MessagesRequest, TokenizerWrapper, list[int]]:
         messages = await read_request(request, limits, lambda body: parse_request(body, limits, count_only))
-        check_served(backend, messages.model)
-        tokenizer, prompt = await in_worker(tokenize, messages, backend.context(messages.model))
+        model = messages.generation.model
+        check_served(backend, model)
+        context = backend.context(model)
+        tokenizer, prompt = await in_worker(tokenize, messages, context)
+        messages.generation = fit_context(messages.generation, len(prompt), context, "messages")
         return messages, tokenizer, prompt
 
     async def create_message(request: web.Request) -> web.StreamResponse:
         try:
             messages, tokenizer, prompt = await prepare(request, count_only=False)
         except Exception as error:  # ApiError, and a backend that fails to say what it serves
-            return error_response(error)
-        return await Answer(request, backend, messages).answer(tokenizer, prompt)
+            return error_response(failure(error))
+        reader = ChatReader(tokenizer, prompt, messages.generation.stop, messages.tools)
+        events = answer_events(request, backend, messages.generation, prompt, reader)
+        return await respond(request, events, AnthropicAnswer(messages, reader), messages.stream)
 
     async def count_tokens(request: web.Request) -> web.Response:
         try:
             _, _, prompt = await prepare(request, count_only=True)
         except Exception as error:
-            return error_response(error)
+            return error_response(failure(error))
         return web.json_response({"input_tokens": len(prompt)})
 
     app.router.add_post("/v1/messages", create_message)

@@ -13,9 +13,9 @@ Two halves, neither of which knows HTTP:
        "tool_call_id": "...", "name": "..."}             # tool, optional
       tools: [{"type": "function", "function": {"name", "description", "parameters"}}]
 
-- `generate(backend, model, prompt, params, reader, client_gone)`: runs the backend and yields
-  the answer as events: `Text`, `Reasoning` (a thinking model's think block) and `ToolCall`
-  (one whole call), and `TokenLogprobs` when params.logprobs asks for them. `ChatReader` turns
+- `generate(backend, model, prompt, max_tokens, sampling, reader, client_gone)`: runs the backend
+  and yields the answer as events: `Text`, `Reasoning` (a thinking model's think block) and
+  `ToolCall` (one whole call), and `TokenLogprobs` when sampling.logprobs asks for them. `ChatReader` turns
   tokens into those events as mlx_lm.server does: mlx-lm's streaming detokenizer, its text state
   machine (the tokenizer's think and tool-call markers) and its tool parser
   (`tokenizer.tool_parser`). `reader.finish_reason` and the token counts say how it ended.
@@ -24,13 +24,13 @@ An API module does, for one request:
 
     prompt = chat_prompt(tokenizer, messages, tools)            # TemplateError: a 400
     reader = ChatReader(tokenizer, prompt, stops, tools)        # tools: those offered, or None
-    async for event in generate(backend, model, prompt, params, reader, client_gone):
+    async for event in generate(backend, model, prompt, max_tokens, sampling, reader, client_gone):
         ...                                                     # Text, Reasoning, ToolCall, TokenLogprobs
     reader.finish_reason        # "stop", "length" or "tool_calls"; reader.stop.matched: the stop string met
     reader.prompt_tokens, reader.completion_tokens
 
 `generate` raises ClientGone when `client_gone()` turns true, and the backend's errors
-(tbmesh.core.generation.GenerationError) as they are: the API module maps them to its statuses.
+(tbmesh.core.generation.GenerationError) as they are: tbmesh.http.common maps them to statuses.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 
-from tbmesh.core.generation import Backend, GenerationParams, TokenLogprobs
+from tbmesh.core.generation import Backend, Sampling, TokenLogprobs
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -280,15 +280,15 @@ async def next_token(tokens: AsyncIterator[Any], client_gone: Callable[[], bool]
     return task.result()
 
 
-async def generate(backend: Backend, model: str, prompt: list[int], params: GenerationParams,
+async def generate(backend: Backend, model: str, prompt: list[int], max_tokens: int, sampling: Sampling,
                    reader: ChatReader, client_gone: Callable[[], bool]) -> AsyncIterator[Event]:  # fmt: skip
     """The answer's events as the tokens come. The backend's iterator is closed whatever ends
     this: the end of the answer, a stop string, an error, the client leaving (ClientGone), or
     the caller closing this generator (which frees the request's caches on every stage)."""
     ends = reader.tokenizer.eos_token_ids
-    tokens = backend.generate(model, prompt, params)
+    tokens = backend.generate(model, prompt, max_tokens, sampling)
     try:
-        while reader.completion_tokens < params.max_tokens:
+        while reader.completion_tokens < max_tokens:
             item = await next_token(tokens, client_gone)
             token = item.token if isinstance(item, TokenLogprobs) else item
             if token is None or token in ends:  # an end token (the backend should not yield it, but may)
@@ -299,7 +299,7 @@ async def generate(backend: Backend, model: str, prompt: list[int], params: Gene
                 yield event
             if reader.stopped:
                 break
-        for event in reader.finish(length=reader.completion_tokens >= params.max_tokens):
+        for event in reader.finish(length=reader.completion_tokens >= max_tokens):
             yield event
     finally:
         await tokens.aclose()

@@ -4,9 +4,10 @@
 What Ollama clients (the `ollama` libraries, Open WebUI, editors' plugins) call to list the
 cluster's model and chat with it, tools and thinking included. The work is tbmesh.http.chat's
 (messages and tools through the chat template; tokens to text, thinking and tool calls) and
-the OpenAI module's (request bodies read with its limits, its field checks, disconnects).
-Only the shapes are Ollama's: options by Ollama's names, answers streamed as NDJSON by
-default, tool-call arguments as objects, durations in nanoseconds, errors as {"error": "..."}.
+tbmesh.http.common's (request bodies read with their limits, the field checks, the answer
+whole or streamed, disconnects). Only the shapes are Ollama's (`OllamaAnswer`): options by
+Ollama's names, answers streamed as NDJSON by default, tool-call arguments as objects,
+durations in nanoseconds, errors as {"error": "..."}.
 """
 
 from __future__ import annotations
@@ -25,41 +26,43 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tbmesh.core.generation import Backend, GenerationParams
-from tbmesh.http.anthropic import CODE_HEADER
+from tbmesh.core.generation import Backend
 from tbmesh.http.chat import (
     ChatReader,
-    ClientGone,
+    Event,
     Reasoning,
     TemplateError,
     Text,
     ToolCall,
     chat_prompt,
-    generate,
     text_size,
 )
-from tbmesh.http.openai import (
+from tbmesh.http.common import (
     CHAT_TEMPLATE_ERROR,
+    CODE_HEADER,
     CONTEXT_LENGTH_EXCEEDED,
     EMPTY_PROMPT,
+    UNSUPPORTED_PREFILL,
     ApiError,
-    CompletionRequest,
+    Generation,
     Limits,
-    _bad,
-    _boolean,
-    _failure,
-    _integer,
-    _number,
-    _stop_strings,
-    _tools,
-    _type_name,
-    _unicode,
+    answer_events,
+    bad_request,
+    boolean,
     check_prompt_size,
-    client_gone,
+    failure,
     fit_context,
+    function_tools,
     in_worker,
+    integer,
+    number,
     read_json,
     read_request,
+    request_sampling,
+    respond,
+    stop_strings,
+    type_name,
+    valid_unicode,
 )
 from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
@@ -74,24 +77,17 @@ ROLES = ("system", "user", "assistant", "tool")
 NEVER = "9999-12-31T23:59:59Z"  # /api/ps's expires_at: the cluster keeps its model loaded
 
 
-# CODE_HEADER (as Anthropic's errors): what OpenAI's error would say in its `code`
-
-
 def owns(path: str) -> bool:
     """Whether a path is this API's (its errors then in Ollama's shape), routed or not."""
     return path == "/api" or path.startswith("/api/")
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    """An error in Ollama's shape: {"error": "..."}."""
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def _answer_error(error: ApiError) -> web.Response:
+def error_response(error: ApiError) -> web.Response:
+    """An error in Ollama's shape: {"error": "..."}; OpenAI's `code` in the header CODE_HEADER."""
     headers = dict(error.headers or {})
     if error.code is not None:
         headers[CODE_HEADER] = error.code
-    return error_response(error.status, error.message, headers)
+    return web.json_response({"error": error.message}, status=error.status, headers=headers)
 
 
 def tagged(name: str) -> str:
@@ -177,11 +173,8 @@ def _human_count(n: int) -> str:
 class OllamaRequest:
     chat: bool  # /api/chat, else /api/generate
     model: str  # as the client named it: answers echo it
-    served: str  # the backend's name of that model
+    generation: Generation  # its model: the backend's name of that model
     stream: bool
-    params: GenerationParams
-    stop: list[str]
-    max_tokens_given: bool  # else params.max_tokens is the most, cut to the context
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.http.chat takes them; empty: only load
     tools: list[dict[str, Any]] | None = None  # chat: the tools offered
     prompt: str = ""  # generate; empty: only load the model
@@ -194,43 +187,34 @@ class OllamaRequest:
         """Ollama's way to load a model: a request with no messages (or no prompt)."""
         return not (self.messages if self.chat else self.prompt)
 
-    def completion(self) -> CompletionRequest:
-        """The request as the OpenAI module's fit_context takes it."""
-        return CompletionRequest(self.chat, self.served, self.params, self.stop, self.stream, False,
-                                 max_tokens_given=self.max_tokens_given)  # fmt: skip
-
 
 def _unsupported(body: dict[str, Any], name: str, what: str) -> None:
     """Refuse a field that would change the answer in a way this server cannot honour (an empty
     value is no request for it: clients send them)."""
     if body.get(name) not in (None, "", [], {}, False):
-        raise _bad(name, f"'{name}' is not supported: {what}")
+        raise bad_request(name, f"'{name}' is not supported: {what}")
 
 
-def _options(body: dict[str, Any], limits: Limits) -> tuple[GenerationParams, list[str], bool]:
+def _generation(body: dict[str, Any], served: str, limits: Limits) -> Generation:
     """The sampling options, their defaults Ollama's; other options (top_k, num_ctx,
     repeat_penalty, ...) are ignored, as Ollama ignores those a runner does not know."""
     options = body.get("options")
     if options is None:
         options = {}
     if not isinstance(options, dict):
-        raise _bad("options", f"'options' must be an object, not {_type_name(options)}")
-    temperature = _number(options, "temperature", 0.0, 2.0)
-    top_p = _number(options, "top_p", 0.0, 1.0)
-    seed = _integer(options, "seed", -(2**63), 2**63 - 1)
+        raise bad_request("options", f"'options' must be an object, not {type_name(options)}")
+    temperature = number(options, "temperature", 0.0, 2.0)
+    top_p = number(options, "top_p", 0.0, 1.0)
+    seed = integer(options, "seed", -(2**63), 2**63 - 1)
     # -1 (Ollama's default) and -2: as long as the context allows
-    num_predict = _integer(options, "num_predict", -2, limits.max_tokens)
+    num_predict = integer(options, "num_predict", -2, limits.max_tokens)
     if num_predict == 0:
-        raise _bad("num_predict", f"'num_predict' must be 1 to {limits.max_tokens}, or -1 for no limit, not 0")
-    stop = _stop_strings(options, limits)
-    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
-    top_p = DEFAULT_TOP_P if top_p is None else top_p
-    if top_p == 0:  # only the likeliest token is left: greedy
-        temperature, top_p = 0.0, 1.0
-    given = num_predict is not None and num_predict > 0
-    params = GenerationParams(max_tokens=num_predict if given else limits.max_tokens, temperature=temperature,
-                              top_p=top_p, seed=None if seed is None else seed % 2**64)  # fmt: skip
-    return params, stop, given
+        raise bad_request("num_predict", f"'num_predict' must be 1 to {limits.max_tokens}, or -1 for no limit, not 0")
+    stop = stop_strings(options, limits)
+    asked = num_predict if num_predict is not None and num_predict > 0 else None
+    sampling = request_sampling(DEFAULT_TEMPERATURE if temperature is None else temperature,
+                                DEFAULT_TOP_P if top_p is None else top_p, seed)  # fmt: skip
+    return Generation(served, asked or limits.default_max_tokens, sampling, stop, max_tokens_strict=asked is not None)
 
 
 def _tool_calls(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
@@ -238,16 +222,16 @@ def _tool_calls(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
     objects already)."""
     calls = message["tool_calls"]
     if not isinstance(calls, list):
-        raise _bad("messages", f"'{where}.tool_calls' must be an array, not {_type_name(calls)}")
+        raise bad_request("messages", f"'{where}.tool_calls' must be an array, not {type_name(calls)}")
     result = []
     for j, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise _bad("messages", f"'{where}.tool_calls[{j}]' must be an object with a function (with a name)")
+            raise bad_request("messages", f"'{where}.tool_calls[{j}]' must be an object with a function (with a name)")
         arguments = function.get("arguments", {})
         if not isinstance(arguments, dict):
-            raise _bad("messages", f"'{where}.tool_calls[{j}].function.arguments' must be an object, "
-                                   f"not {_type_name(arguments)}")  # fmt: skip
+            raise bad_request("messages", f"'{where}.tool_calls[{j}].function.arguments' must be an object, "
+                                   f"not {type_name(arguments)}")  # fmt: skip
         result.append({"id": str(call.get("id") or f"call_{j}"), "type": "function",
                        "function": {"name": function["name"], "arguments": arguments}})  # fmt: skip
     return result
@@ -258,69 +242,72 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     if messages is None:
         return []
     if not isinstance(messages, list):
-        raise _bad("messages", f"'messages' must be an array of messages, not {_type_name(messages)}")
+        raise bad_request("messages", f"'messages' must be an array of messages, not {type_name(messages)}")
     result = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad("messages", f"'{where}' must be an object, not {_type_name(message)}")
+            raise bad_request("messages", f"'{where}' must be an object, not {type_name(message)}")
         role = message.get("role")
         if role not in ROLES:
-            raise _bad("messages", f"'{where}.role' must be one of {', '.join(ROLES)}, not {json.dumps(role)}")
+            raise bad_request("messages", f"'{where}.role' must be one of {', '.join(ROLES)}, not {json.dumps(role)}")
         content = message.get("content")
         if content is None:
             content = ""
         if not isinstance(content, str):
-            raise _bad("messages", f"'{where}.content' must be a string, not {_type_name(content)}")
+            raise bad_request("messages", f"'{where}.content' must be a string, not {type_name(content)}")
         if message.get("images"):
-            raise _bad("messages", f"'{where}.images' is not supported: the model reads text only")
-        chat: dict[str, Any] = {"role": role, "content": _unicode(content, f"{where}.content", "messages")}
+            raise bad_request("messages", f"'{where}.images' is not supported: the model reads text only")
+        chat: dict[str, Any] = {"role": role, "content": valid_unicode(content, f"{where}.content", "messages")}
         if role == "assistant" and message.get("tool_calls"):
             chat["tool_calls"] = _tool_calls(message, where)
         thinking = message.get("thinking")
         if role == "assistant" and isinstance(thinking, str) and thinking:  # the turn's think block
-            chat["reasoning_content"] = _unicode(thinking, f"{where}.thinking", "messages")
+            chat["reasoning_content"] = valid_unicode(thinking, f"{where}.thinking", "messages")
         if role == "tool" and isinstance(message.get("tool_name"), str):
             chat["name"] = message["tool_name"]  # the function whose result this is
         result.append(chat)
+    if result and result[-1]["role"] == "assistant":  # the chat template starts a new turn after it
+        raise bad_request("messages", f"'messages[{len(result) - 1}]': a last assistant message (which Ollama "
+                                      "continues) is not supported: end with a user or tool message",
+                          UNSUPPORTED_PREFILL)  # fmt: skip
     return result
 
 
 def _string(body: dict[str, Any], name: str) -> str | None:
     value = body.get(name)
     if value is not None and not isinstance(value, str):
-        raise _bad(name, f"'{name}' must be a string, not {_type_name(value)}")
-    return None if value is None else _unicode(value, name, name)
+        raise bad_request(name, f"'{name}' must be a string, not {type_name(value)}")
+    return None if value is None else valid_unicode(value, name, name)
 
 
 def parse_request(body: Any, chat: bool, backend: Backend, limits: Limits) -> OllamaRequest:
     """Check a /api/chat or /api/generate body; raises ApiError naming the first bad field (400),
     or the model this node does not serve (404)."""
     if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, not {_type_name(body)}")
+        raise ApiError(400, f"the request body must be a JSON object, not {type_name(body)}")
     model = body.get("model")
     if model is None or model == "":
-        raise _bad("model", "'model' is required (GET /api/tags lists them)")
+        raise bad_request("model", "'model' is required (GET /api/tags lists them)")
     if not isinstance(model, str):
-        raise _bad("model", f"'model' must be a string, not {_type_name(model)}")
+        raise bad_request("model", f"'model' must be a string, not {type_name(model)}")
     served = resolve_model(backend, model)
-    stream = True if body.get("stream") is None else _boolean(body, "stream")  # Ollama streams by default
-    params, stop, given = _options(body, limits)
+    stream = True if body.get("stream") is None else boolean(body, "stream")  # Ollama streams by default
+    generation = _generation(body, served, limits)
     _unsupported(body, "format", "this server does not constrain answers to JSON")
     _unsupported(body, "logprobs", "not yet on the Ollama API (the OpenAI one has them)")
     think = body.get("think")
     if think is not None and not isinstance(think, bool) and think not in ("high", "medium", "low"):
-        raise _bad("think", f"'think' must be a boolean (or \"high\", \"medium\", \"low\"), not {json.dumps(think)}")
-    request = OllamaRequest(chat, model, served, stream, params, stop, given,
-                            think=None if think is None else think is not False)  # fmt: skip
+        raise bad_request("think", f"'think' must be a boolean (or \"high\", \"medium\", \"low\"), not {json.dumps(think)}")
+    request = OllamaRequest(chat, model, generation, stream, think=None if think is None else think is not False)
     if chat:
         request.messages = _messages(body)
-        request.tools = _tools(body)
+        request.tools = function_tools(body)
     else:
         _unsupported(body, "tools", "tools are for /api/chat")
         request.prompt = _string(body, "prompt") or ""
         request.system = _string(body, "system")
-        request.raw = _boolean(body, "raw")
+        request.raw = boolean(body, "raw")
         _unsupported(body, "images", "the model reads text only")
         _unsupported(body, "suffix", "this server does not fill in the middle")
         _unsupported(body, "template", "the model's own chat template is used")
@@ -350,36 +337,50 @@ def prompt_tokens(tokenizer: TokenizerWrapper, request: OllamaRequest, context: 
     if not request.chat and (request.raw or not tokenizer.has_chat_template):
         tokens = list(tokenizer.encode(request.prompt))  # with the BOS token where the model wants one
         if not tokens:
-            raise _bad("prompt", "the prompt makes no token", EMPTY_PROMPT)
+            raise bad_request("prompt", "the prompt makes no token", EMPTY_PROMPT)
         return tokens
     if request.think and not tokenizer.has_thinking:
-        raise _bad("think", f"the model {request.model} does not think (its chat template has no think block)",
-                   CHAT_TEMPLATE_ERROR)
+        raise bad_request("think", f"the model {request.model} does not think (its chat template has no think "
+                                   "block)", CHAT_TEMPLATE_ERROR)
     messages = request.messages
     if not request.chat:
         messages = ([{"role": "system", "content": request.system}] if request.system else []) + \
             [{"role": "user", "content": request.prompt}]  # fmt: skip
     if not tokenizer.has_chat_template:
-        raise _bad("messages", f"the model {request.model} has no chat template: use /api/generate with a prompt",
-                   CHAT_TEMPLATE_ERROR)
+        raise bad_request("messages", f"the model {request.model} has no chat template: use /api/generate with "
+                                      "a prompt", CHAT_TEMPLATE_ERROR)
     try:
         return chat_prompt(tokenizer, messages, request.tools, thinking=request.think)
     except TemplateError as error:
-        raise _bad("messages" if request.chat else "prompt", str(error), CHAT_TEMPLATE_ERROR) from None
+        raise bad_request("messages" if request.chat else "prompt", str(error), CHAT_TEMPLATE_ERROR) from None
 
 
 # --- responses ----------------------------------------------------------------------------------
 
 
-class Responder:
-    """Answers one /api/chat or /api/generate request, streamed (NDJSON) or not, in Ollama's shapes."""
+def _line(part: dict[str, Any]) -> bytes:
+    return json.dumps(part, ensure_ascii=False).encode() + b"\n"
 
-    def __init__(self, request: web.Request, backend: Backend, ask: OllamaRequest, started: int) -> None:
-        self.request = request
-        self.backend = backend
+
+class OllamaAnswer:
+    """One /api/chat or /api/generate answer in Ollama's shapes (a tbmesh.http.common.AnswerShape):
+    one JSON object, or NDJSON (one object a line, the last with done: true and the counts)."""
+
+    media_type = NDJSON
+
+    def __init__(self, ask: OllamaRequest, reader: ChatReader, started: int) -> None:
         self.ask = ask
+        self.reader = reader
         self.started = started  # time.monotonic_ns() when the request arrived
         self.first_event: int | None = None  # ... when the answer's first piece was ready: the prompt's end
+
+    async def stamped(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """`events`, the time of the first piece of the answer noted (Ollama's prompt_eval_duration)."""
+        async with aclosing(events):
+            async for event in events:
+                if self.first_event is None and isinstance(event, (Text, Reasoning, ToolCall)):
+                    self.first_event = time.monotonic_ns()
+                yield event
 
     def _part(self, text: str, thinking: str, calls: list[ToolCall], done: bool) -> dict[str, Any]:
         part: dict[str, Any] = {"model": self.ask.model, "created_at": _timestamp()}
@@ -397,16 +398,11 @@ class Responder:
         part["done"] = done
         return part
 
-    def _event_part(self, event: Text | Reasoning | ToolCall) -> dict[str, Any]:
-        if isinstance(event, ToolCall):
-            return self._part("", "", [event], False)
-        return self._part(event.text if isinstance(event, Text) else "",
-                          event.text if isinstance(event, Reasoning) else "", [], False)  # fmt: skip
-
-    def _last(self, text: str, thinking: str, calls: list[ToolCall], reader: ChatReader) -> dict[str, Any]:
+    def _last(self, text: str, thinking: str, calls: list[ToolCall]) -> dict[str, Any]:
         """The last part: the rest of the answer, why it ended, and the counts and durations (ns)."""
         now = time.monotonic_ns()
         first = self.first_event or now
+        reader = self.reader
         return {**self._part(text, thinking, calls, True),
                 "done_reason": "length" if reader.finish_reason == "length" else "stop",  # Ollama's for tool calls too
                 "total_duration": now - self.started,
@@ -414,69 +410,31 @@ class Responder:
                 "prompt_eval_count": reader.prompt_tokens, "prompt_eval_duration": first - self.started,
                 "eval_count": reader.completion_tokens, "eval_duration": now - first}  # fmt: skip
 
-    async def _events(self, prompt: list[int], reader: ChatReader) -> AsyncIterator[Text | Reasoning | ToolCall]:
-        ask = self.ask
-        async with aclosing(generate(self.backend, ask.served, prompt, ask.params, reader,
-                                     lambda: client_gone(self.request))) as events:  # fmt: skip
-            async for event in events:
-                if isinstance(event, (Text, Reasoning, ToolCall)):
-                    if self.first_event is None:
-                        self.first_event = time.monotonic_ns()
-                    yield event
+    def whole(self, events: list[Event]) -> dict[str, Any]:
+        return self._last("".join(e.text for e in events if isinstance(e, Text)),
+                          "".join(e.text for e in events if isinstance(e, Reasoning)),
+                          [e for e in events if isinstance(e, ToolCall)])  # fmt: skip
 
-    async def answer(self, tokenizer: TokenizerWrapper, prompt: list[int]) -> web.StreamResponse:
-        ask = self.ask
-        # a raw prompt is not the chat template's: no think block or tool call to split from the text
-        reader = ChatReader(tokenizer, prompt, ask.stop, ask.tools, split=ask.chat or not ask.raw)
-        events = self._events(prompt, reader)
-        if ask.stream:
-            return await self._stream(events, reader)
-        text, thinking, calls = [], [], []
-        try:
-            async with aclosing(events):
-                async for event in events:
-                    if isinstance(event, ToolCall):
-                        calls.append(event)
-                    else:
-                        (text if isinstance(event, Text) else thinking).append(event.text)
-        except ClientGone:
-            return web.Response(status=499)  # nobody reads it: nginx's "client closed request"
-        except Exception as error:
-            return _answer_error(_failure(error))
-        return web.json_response(self._last("".join(text), "".join(thinking), calls, reader))
+    def opening(self) -> bytes:
+        return b""
 
-    async def _stream(self, events: AsyncIterator[Text | Reasoning | ToolCall], reader: ChatReader) -> web.StreamResponse:
-        """One JSON object a line. The response starts with the first event, so that an error
-        before any is still an HTTP error status; after it, an {"error"} line ends it."""
-        response: web.StreamResponse | None = None
+    def event(self, event: Event) -> bytes:
+        if isinstance(event, ToolCall):
+            return _line(self._part("", "", [event], False))
+        if isinstance(event, Text):
+            return _line(self._part(event.text, "", [], False))
+        if isinstance(event, Reasoning):
+            return _line(self._part("", event.text, [], False))
+        return b""
 
-        async def send(part: dict[str, Any]) -> None:
-            nonlocal response
-            try:
-                if response is None:
-                    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache",
-                                                           "X-Accel-Buffering": "no"})  # fmt: skip
-                    await response.prepare(self.request)
-                await response.write(json.dumps(part, ensure_ascii=False).encode() + b"\n")
-            except ConnectionError:  # aiohttp's ClientConnectionResetError: the client went away
-                raise ClientGone() from None
+    def closing(self) -> bytes:
+        return _line(self._last("", "", []))
 
-        try:
-            async with aclosing(events):
-                async for event in events:
-                    await send(self._event_part(event))
-            await send(self._last("", "", [], reader))
-        except ClientGone:
-            return response or web.Response(status=499)
-        except Exception as error:
-            failure = _failure(error)
-            if response is None:
-                return _answer_error(failure)
-            try:
-                await send({"error": failure.message})
-            except ClientGone:
-                pass
-        return response  # type: ignore[return-value]  # set by send()
+    def error_event(self, error: ApiError) -> bytes:
+        return _line({"error": error.message})
+
+    def error_response(self, error: ApiError) -> web.Response:
+        return error_response(error)
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -494,28 +452,32 @@ def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = L
                 "size": about.get("size", 0), "digest": about.get("digest", ""), "details": about.get("details", {})}  # fmt: skip
 
     def tokenize(ask: OllamaRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
-        tokenizer = backend.tokenizer(ask.served)  # the first call loads it
+        tokenizer = backend.tokenizer(ask.generation.model)  # the first call loads it
         return tokenizer, prompt_tokens(tokenizer, ask, context, limits)
 
     async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
         started = time.monotonic_ns()
         try:
             ask = await read_request(request, limits, lambda body: parse_request(body, chat, backend, limits))
-            reason = backend.unavailable(ask.served)
+            served = ask.generation.model
+            reason = backend.unavailable(served)
             if reason is not None:
-                raise _failure(reason)
+                raise failure(reason)
             if ask.loads_only:  # the model is loaded while the cluster serves it
                 loaded = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
                 return web.json_response({"model": ask.model, "created_at": _timestamp(), **loaded, "done": True,
                                           "done_reason": "load"})  # fmt: skip
-            context = backend.context(ask.served)
+            context = backend.context(served)
             tokenizer, prompt = await in_worker(tokenize, ask, context)
-            ask.params = fit_context(ask.completion(), len(prompt), context, "num_predict")
-        except ApiError as error:
-            return _answer_error(error)
-        except Exception as error:  # a backend that fails to say what it serves or to tokenize
-            return _answer_error(_failure(error))
-        return await Responder(request, backend, ask, started).answer(tokenizer, prompt)
+            ask.generation = fit_context(ask.generation, len(prompt), context, "messages" if chat else "prompt",
+                                         "num_predict")  # fmt: skip
+        except Exception as error:  # ApiError, and a backend that fails to say what it serves or to tokenize
+            return error_response(failure(error))
+        # a raw prompt is not the chat template's: no think block or tool call to split from the text
+        reader = ChatReader(tokenizer, prompt, ask.generation.stop, ask.tools, split=chat or not ask.raw)
+        answer = OllamaAnswer(ask, reader, started)
+        events = answer.stamped(answer_events(request, backend, ask.generation, prompt, reader))
+        return await respond(request, events, answer, ask.stream)
 
     async def chat(request: web.Request) -> web.StreamResponse:
         return await generate(request, chat=True)
@@ -540,16 +502,14 @@ def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = L
         try:
             body = await read_json(request, limits)
             if not isinstance(body, dict):
-                raise ApiError(400, f"the request body must be a JSON object, not {_type_name(body)}")
+                raise ApiError(400, f"the request body must be a JSON object, not {type_name(body)}")
             name = body.get("model", body.get("name"))  # "name" is the older field
             if not isinstance(name, str) or not name:
-                raise _bad("model", "'model' is required: a string (GET /api/tags lists them)")
+                raise bad_request("model", "'model' is required: a string (GET /api/tags lists them)")
             model = resolve_model(backend, name)
             tokenizer = await in_worker(backend.tokenizer, model)  # the first call loads it
-        except ApiError as error:
-            return _answer_error(error)
-        except Exception as error:
-            return _answer_error(_failure(error))
+        except Exception as error:  # ApiError, and a backend whose tokenizer fails
+            return error_response(failure(error))
         about = await facts(model)
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""  # or None, or a dict
         return web.json_response({
@@ -634,7 +594,8 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
     ]}  # fmt: skip
     chat = {**common,
             "messages": nullable({"type": "array", "items": message,
-                                  "description": "none (or empty): only load the model"}),
+                                  "description": "none (or empty): only load the model; the last not the "
+                                                 f"assistant's (code {UNSUPPORTED_PREFILL}: no prefill)"}),
             "tools": nullable({"type": "array", "items": ref("Tool")})}  # fmt: skip
     generate = {**common,
                 "prompt": nullable({**string, "description": "none (or empty): only load the model"}),
@@ -721,7 +682,9 @@ def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescr
                 400: "a field is wrong or the body is not JSON; or what depends on the model (the code in "
                      f"the header {CODE_HEADER}): {CONTEXT_LENGTH_EXCEEDED} (the prompt and num_predict do "
                      f"not fit the context), {EMPTY_PROMPT} (a raw prompt of no token), {CHAT_TEMPLATE_ERROR} "
-                     "(the model has no chat template, does not think, or its template refused the messages)",
+                     "(the model has no chat template, does not think, or its template refused the messages); "
+                     f"or what the schema cannot say: {UNSUPPORTED_PREFILL} (/api/chat's last message is the "
+                     "assistant's, which Ollama would continue)",
                 404: "no such model here",
                 413: f"the body is larger than {limits.max_body_bytes} bytes",
                 500: "generation failed",

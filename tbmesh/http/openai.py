@@ -1,97 +1,76 @@
 """OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions and /v1/models.
 
-The HTTP layer (request checking, server-sent events, client disconnects) is the same
-whatever generates the tokens: a `tbmesh.core.generation.Backend` yields token ids, either the
-cluster's serving engine or `tbmesh.runtime.local.LocalBackend`, the whole model in one
-process. The chat template, detokenization, stop strings, reasoning and tool calls are
-`tbmesh.http.chat`'s, shared with the other APIs. The HTTP modules alone map the backends' errors
-to HTTP status codes; the request-reading helpers here (read_request, the field checks,
-check_served, client_gone, in_worker) serve the Anthropic and Ollama modules too.
+This module is OpenAI's wire format alone: its requests read into a tbmesh.http.common
+`Generation` (a field OpenAI's API does not know is refused as OpenAI refuses it: "Unrecognized
+request argument supplied"), its answers and errors written in OpenAI's shapes
+(`OpenAIAnswer`). The way in and out (body limits, the worker thread, streaming, client
+disconnects, the backend's errors) is tbmesh.http.common's; the chat template, detokenization,
+stop strings, reasoning and tool calls are tbmesh.http.chat's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import math
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
-from dataclasses import dataclass, field, replace
-from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
-from tbmesh.core.generation import MAX_TOP_LOGPROBS, Backend, BadRequest, GenerationParams, TokenLogprobs, Unavailable
+from tbmesh.core.generation import MAX_TOP_LOGPROBS, Backend, TokenLogprobs
 from tbmesh.http.chat import (
     ChatReader,
-    ClientGone,
     Event,
     Reasoning,
     TemplateError,
     Text,
     ToolCall,
     chat_prompt,
-    generate,
     text_size,
+)
+from tbmesh.http.common import (
+    CHAT_TEMPLATE_ERROR,
+    CONFLICTING_FIELDS,
+    CONTEXT_LENGTH_EXCEEDED,
+    EMPTY_PROMPT,
+    INVALID_TOOL_ARGUMENTS,
+    TOKEN_NOT_IN_VOCABULARY,
+    ApiError,
+    Generation,
+    Limits,
+    answer_events,
+    as_integer,
+    bad_request,
+    boolean,
+    check_prompt_size,
+    check_served,
+    failure,
+    fit_context,
+    function_tools,
+    in_worker,
+    integer,
+    number,
+    read_request,
+    request_sampling,
+    respond,
+    stop_strings,
+    type_name,
+    valid_unicode,
 )
 from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+def error_body(error: ApiError) -> dict[str, Any]:
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a request, and the API's server, may take: the one home of these defaults (the
-    README lists them; tbmesh.http.server.Listener applies those of the connections)."""
-
-    max_body_bytes: int = 8 * 2**20
-    max_json_depth: int = 64  # nested arrays and objects; a request needs 4, a tool schema a dozen
-    max_tokens: int = 32768  # the most a request may ask for
-    default_max_tokens: int = 2048  # when the request does not say
-    max_stop: int = 16  # stop strings per request (OpenAI allows 4; some clients send more)
-    # a prompt of more characters than the context's tokens times this is refused before it is
-    # tokenized (a 1M-character prompt takes seconds): a token is about 4 characters of text,
-    # hardly ever more than 32
-    max_chars_per_token: int = 32
-    # seconds from a connection's start (or its last answer) to a request's whole headers; an
-    # idle keep-alive connection is closed then too (aiohttp's keepalive_timeout), later than
-    # HTTP clients drop theirs (httpx after 5 s, aiohttp after 15 s)
-    header_timeout: float = 20.0
-    body_timeout: float = 30.0  # seconds to read a whole body: max_body_bytes at 280 kB/s (a 408 after)
-    linger: float = 2.0  # seconds a body nobody read is drained before the connection closes (aiohttp's lingering_time)
-    # open connections to the API (all its ports); beyond, a new one is closed as it is accepted
-    max_connections: int = 256
+def error_response(error: ApiError) -> web.Response:
+    return web.json_response(error_body(error), status=error.status, headers=error.headers)
 
 
 # --- parsing requests ------------------------------------------------------------------------
@@ -103,129 +82,85 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 @dataclass
 class CompletionRequest:
     chat: bool  # /v1/chat/completions, else /v1/completions
-    model: str
-    params: GenerationParams
-    stop: list[str]
+    generation: Generation
     stream: bool
     include_usage: bool
-    max_tokens_given: bool = True  # else params.max_tokens is the default, cut to the context
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.http.chat takes them
     tools: list[dict[str, Any]] | None = None  # chat: the tools offered (tool_choice applied)
     prompt: str | list[int] = ""  # completions: text, or token ids
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+# Every field of OpenAI's requests (those of the `openai` library's CompletionCreateParams, which
+# tests/test_openai_api.py compares with these), by what this server does with it: read, refused
+# unless its value asks for nothing (it would change the answer in a way this server cannot
+# honour), or accepted and left alone (it changes nothing of the answer: who asks, what OpenAI
+# would store or bill). A field of none of them is refused as OpenAI refuses it.
+READ = ("model", "max_tokens", "n", "temperature", "top_p", "seed", "stop", "stream", "stream_options")
+CHAT_READ = (*READ, "messages", "max_completion_tokens", "tools", "tool_choice", "logprobs", "top_logprobs",
+             "response_format", "modalities")  # fmt: skip
+COMPLETION_READ = (*READ, "prompt", "logprobs")
+NO_EFFECT = (None, 0, False, {}, [])  # what a client sends for "not asked" (0 for a penalty)
+# name: (why it is refused, its values that ask for nothing)
+UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "logit_bias": ("logit biases are not supported", NO_EFFECT),
+    "presence_penalty": ("presence penalties are not supported", NO_EFFECT),
+    "frequency_penalty": ("frequency penalties are not supported", NO_EFFECT),
+}
+CHAT_UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    **UNSUPPORTED,
+    "functions": ("the old 'functions' are not supported: use 'tools'", NO_EFFECT),
+    "function_call": ("the old 'function_call' is not supported: use 'tool_choice'", NO_EFFECT),
+    "audio": ("audio output is not supported", NO_EFFECT),
+    "prediction": ("predicted outputs are not supported", NO_EFFECT),
+    "reasoning_effort": ("reasoning effort is not supported: a thinking model thinks as its chat template says",
+                         (None,)),
+    "verbosity": ("verbosity is not supported", (None,)),
+    "web_search_options": ("web search is not supported", (None,)),
+    "moderation": ("moderation is not supported", (None,)),
+}  # fmt: skip
+COMPLETION_UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    **UNSUPPORTED,
+    "best_of": ("only best_of=1 is supported", (None, 1)),
+    "echo": ("echoing the prompt is not supported", (None, False)),
+    "suffix": ("a suffix is not supported (no filling in the middle)", (None, "")),
+}
+CHAT_NO_EFFECT = ("user", "metadata", "store", "parallel_tool_calls", "service_tier", "safety_identifier",
+                  "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options")  # fmt: skip
+COMPLETION_NO_EFFECT = ("user",)
 
 
-def _bad(param: str, message: str, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
+def _asks_nothing(value: Any, neutral: tuple[Any, ...]) -> bool:
+    return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
 
 
-# The codes of the 400s that no schema of the request foresees: they depend on the model
-# (its vocabulary, its chat template) and on the context. The OpenAPI document names them.
-CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code for it
-TOKEN_NOT_IN_VOCABULARY = "token_not_in_vocabulary"
-EMPTY_PROMPT = "empty_prompt"  # a text that the tokenizer makes no token of
-CHAT_TEMPLATE_ERROR = "chat_template_error"  # the model has none, or it refused the messages
-MODEL_DEPENDENT_CODES = (CONTEXT_LENGTH_EXCEEDED, TOKEN_NOT_IN_VOCABULARY, EMPTY_PROMPT, CHAT_TEMPLATE_ERROR)
-# and those of what JSON Schema cannot say of a request: a string that must hold JSON, fields that
-# must agree (tool_choice and tools, top_logprobs and logprobs), the last of the messages
-INVALID_TOOL_ARGUMENTS = "invalid_tool_arguments"  # a tool call's arguments: a string that is not JSON
-CONFLICTING_FIELDS = "conflicting_fields"
-UNSUPPORTED_PREFILL = "unsupported_prefill"  # Anthropic's: a last assistant message to continue
-UNDESCRIBABLE_CODES = (INVALID_TOOL_ARGUMENTS, CONFLICTING_FIELDS, UNSUPPORTED_PREFILL)
-
-
-def _as_integer(value: Any) -> int | None:
-    """`value` as an integer, or None if it is none. JSON has one kind of number: 5.0 is the
-    integer 5 (as JSON Schema, and so the OpenAPI document, says), though json.loads makes it
-    a float."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _integer(body: dict[str, Any], name: str, low: int, high: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    integer = _as_integer(value)
-    if integer is None:
-        raise _bad(name, f"'{name}' must be an integer, not {_type_name(value)}")
-    if integer < low or (high is not None and integer > high):
-        raise _bad(name, f"'{name}' must be {f'{low} to {high}' if high is not None else f'at least {low}'}, not {value}")
-    return integer
-
-
-def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(name, f"'{name}' must be a number, not {_type_name(value)}")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise _bad(name, f"'{name}' must be {low:g} to {high:g}, not {value}")
-    return float(value)
-
-
-def _boolean(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _bad(name, f"'{name}' must be a boolean, not {_type_name(value)}")
-    return value
-
-
-def _stop_strings(body: dict[str, Any], limits: Limits) -> list[str]:
-    value = body.get("stop")
-    if value is None:
-        return []
-    strings = [value] if isinstance(value, str) else value
-    if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
-        raise _bad("stop", "'stop' must be a string or an array of strings")
-    if len(strings) > limits.max_stop:
-        raise _bad("stop", f"'stop' may hold at most {limits.max_stop} strings, not {len(strings)}")
-    return [s for s in strings if s]  # an empty stop string would end every answer at once
-
-
-def _unicode(text: str, where: str, param: str) -> str:
-    """`text`, if it can be encoded: JSON's \\ud800 escapes decode to lone surrogates, which
-    no tokenizer takes (UTF-8 has no encoding for them)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise _bad(param, f"'{where}' is not valid Unicode: it holds a lone surrogate "
-                          f"(U+{ord(text[error.start]):04X}) at character {error.start}") from None
-    return text
+def _refuse_unknown_and_unsupported(body: dict[str, Any], chat: bool) -> None:
+    read, unsupported, no_effect = ((CHAT_READ, CHAT_UNSUPPORTED, CHAT_NO_EFFECT) if chat else
+                                    (COMPLETION_READ, COMPLETION_UNSUPPORTED, COMPLETION_NO_EFFECT))  # fmt: skip
+    unknown = [name for name in body if name not in read and name not in unsupported and name not in no_effect]
+    if unknown:  # OpenAI's own words
+        raise bad_request(unknown[0], f"Unrecognized request argument{'s' if len(unknown) > 1 else ''} supplied: "
+                                      f"{', '.join(unknown)}")  # fmt: skip
+    for name, (why, neutral) in unsupported.items():
+        if name in body and not _asks_nothing(body[name], neutral):
+            raise bad_request(name, f"'{name}': {why}")
 
 
 def _content(message: dict[str, Any], where: str) -> str:
     """A message's text: a string, or an array of text parts (joined)."""
     content = message.get("content")
     if isinstance(content, str):
-        return _unicode(content, f"{where}.content", "messages")
+        return valid_unicode(content, f"{where}.content", "messages")
     if content is None and message.get("role") == "assistant":  # e.g. a tool-calling turn
         return ""
     if not isinstance(content, list):
-        raise _bad("messages", f"'{where}.content' must be a string or an array of text parts, not {_type_name(content)}")
+        raise bad_request("messages", f"'{where}.content' must be a string or an array of text parts, "
+                                      f"not {type_name(content)}")  # fmt: skip
     texts = []
     for i, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise _bad("messages", f"'{where}.content[{i}]' is not a text part "
-                                   '({"type": "text", "text": "..."}); only text is supported')  # fmt: skip
-        texts.append(_unicode(part["text"], f"{where}.content[{i}].text", "messages"))
+            raise bad_request("messages", f"'{where}.content[{i}]' is not a text part "
+                                          '({"type": "text", "text": "..."}); only text is supported')  # fmt: skip
+        texts.append(valid_unicode(part["text"], f"{where}.content[{i}].text", "messages"))
     return "".join(texts)
 
 
@@ -237,39 +172,40 @@ def _arguments(call: dict[str, Any], where: str) -> Any:
     try:
         return json.loads(arguments) if arguments.strip() else {}
     except ValueError as error:
-        raise _bad("messages", f"'{where}.arguments' is not JSON: {error}", INVALID_TOOL_ARGUMENTS) from None
+        raise bad_request("messages", f"'{where}.arguments' is not JSON: {error}", INVALID_TOOL_ARGUMENTS) from None
 
 
 def _tool_calls(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
     calls = message.get("tool_calls")
     if not isinstance(calls, list):
-        raise _bad("messages", f"'{where}.tool_calls' must be an array, not {_type_name(calls)}")
+        raise bad_request("messages", f"'{where}.tool_calls' must be an array, not {type_name(calls)}")
     result = []
     for j, call in enumerate(calls):
         here = f"{where}.tool_calls[{j}]"
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise _bad("messages", f"'{here}' must be an object with a function (with a name)")
+            raise bad_request("messages", f"'{here}' must be an object with a function (with a name)")
         result.append({"id": str(call.get("id") or f"call_{j}"), "type": "function",
                        "function": {"name": function["name"], "arguments": _arguments(function, f"{here}.function")}})
     return result
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The messages in the form chat templates read (see tbmesh.http.chat)."""
+    """The messages in the form chat templates read (see tbmesh.http.chat). A last assistant
+    message is a turn of the conversation, as on OpenAI's API: the answer is the next turn."""
     messages = body.get("messages")
     if messages is None:
-        raise _bad("messages", "'messages' is required")
+        raise bad_request("messages", "'messages' is required")
     if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "'messages' must be a non-empty array of messages")
+        raise bad_request("messages", "'messages' must be a non-empty array of messages")
     result = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad("messages", f"'{where}' must be an object, not {_type_name(message)}")
+            raise bad_request("messages", f"'{where}' must be an object, not {type_name(message)}")
         role = message.get("role")
         if role not in ROLES:
-            raise _bad("messages", f"'{where}.role' must be one of {', '.join(ROLES)}, not {json.dumps(role)}")
+            raise bad_request("messages", f"'{where}.role' must be one of {', '.join(ROLES)}, not {json.dumps(role)}")
         # OpenAI's "developer" is the newer name of "system", which chat templates know
         chat: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": _content(message, where)}
         if role == "assistant":
@@ -277,30 +213,13 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 chat["tool_calls"] = _tool_calls(message, where)
             reasoning = message.get("reasoning_content", message.get("reasoning"))
             if isinstance(reasoning, str) and reasoning:
-                chat["reasoning_content"] = _unicode(reasoning, f"{where}.reasoning_content", "messages")
+                chat["reasoning_content"] = valid_unicode(reasoning, f"{where}.reasoning_content", "messages")
         if role == "tool":
             for name in ("tool_call_id", "name"):
                 if isinstance(message.get(name), str):
                     chat[name] = message[name]
         result.append(chat)
     return result
-
-
-def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
-    tools = body.get("tools")
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise _bad("tools", f"'tools' must be an array of tools, not {_type_name(tools)}")
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise _bad("tools", f"'tools[{i}]' must be a function tool: {{\"type\": \"function\", \"function\": {{...}}}}")
-        function = tool.get("function")
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise _bad("tools", f"'tools[{i}].function' must be an object with a name")
-        if not isinstance(function.get("parameters", {}), dict):
-            raise _bad("tools", f"'tools[{i}].function.parameters' must be a JSON schema object")
-    return tools or None
 
 
 def _offered_tools(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -310,121 +229,102 @@ def _offered_tools(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> 
     choice = body.get("tool_choice")
     if choice is None or choice in ("auto", "required"):
         if choice is not None and tools is None:
-            raise _bad("tool_choice", "'tool_choice' is only allowed when 'tools' are given", CONFLICTING_FIELDS)
+            raise bad_request("tool_choice", "'tool_choice' is only allowed when 'tools' are given", CONFLICTING_FIELDS)
         return tools
     if choice == "none":
         return None
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
-        raise _bad("tool_choice", "'tool_choice' must be \"none\", \"auto\", \"required\" or "
-                                  '{"type": "function", "function": {"name": ...}}')
+        raise bad_request("tool_choice", "'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                                         '{"type": "function", "function": {"name": ...}}')
     named = [tool for tool in tools or [] if tool["function"]["name"] == name]
     if not named:
-        raise _bad("tool_choice", f"'tool_choice' names the function {name!r}, which is not in 'tools'",
-                   CONFLICTING_FIELDS)
+        raise bad_request("tool_choice", f"'tool_choice' names the function {name!r}, which is not in 'tools'",
+                          CONFLICTING_FIELDS)
     return named
 
 
-# fields OpenAI has and this server does not: refused rather than silently ignored
-UNSUPPORTED = {
-    "logit_bias": "logit biases are not supported",
-    "presence_penalty": "presence penalties are not supported",
-    "frequency_penalty": "frequency penalties are not supported",
-    "functions": "the old 'functions' are not supported: use 'tools'",
-    "function_call": "the old 'function_call' is not supported: use 'tool_choice'",
-    "audio": "audio output is not supported",
-    "prediction": "predicted outputs are not supported",
-}
-
-
-def _refuse_unsupported(body: dict[str, Any]) -> None:
-    for name, why in UNSUPPORTED.items():
-        if body.get(name) not in (None, 0, {}, []):  # their neutral values are fine
-            raise _bad(name, f"'{name}': {why}")
+def _refuse_other_formats(body: dict[str, Any]) -> None:
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
-        raise _bad("response_format", "'response_format': only {\"type\": \"text\"} is supported "
-                                      "(no JSON mode or schema)")
+        raise bad_request("response_format", "'response_format': only {\"type\": \"text\"} is supported "
+                                             "(no JSON mode or schema)")
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
-        raise _bad("modalities", "'modalities': only [\"text\"] is supported")
+        raise bad_request("modalities", "'modalities': only [\"text\"] is supported")
 
 
 def _logprobs(body: dict[str, Any]) -> int | None:
     """None, or how many of the likeliest tokens to give with each token's log-probability."""
-    wanted = _boolean(body, "logprobs")
-    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    wanted = boolean(body, "logprobs")
+    top = integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top is not None and not wanted:
-        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true", CONFLICTING_FIELDS)
+        raise bad_request("top_logprobs", "'top_logprobs' needs 'logprobs': true", CONFLICTING_FIELDS)
     return (top or 0) if wanted else None
 
 
 def _prompt(body: dict[str, Any]) -> str | list[int]:
     prompt = body.get("prompt")
     if prompt is None:
-        raise _bad("prompt", "'prompt' is required")
+        raise bad_request("prompt", "'prompt' is required")
     # OpenAI takes a batch too (an array of strings or of token arrays): one prompt is served
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
-            raise _bad("prompt", f"only one prompt per request is supported, not {len(prompt)}")
+            raise bad_request("prompt", f"only one prompt per request is supported, not {len(prompt)}")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return _unicode(prompt, "prompt", "prompt")
+        return valid_unicode(prompt, "prompt", "prompt")
     if isinstance(prompt, list):
-        tokens = [_as_integer(t) for t in prompt]
+        tokens = [as_integer(t) for t in prompt]
         if None not in tokens:
             return tokens
-    raise _bad("prompt", "'prompt' must be a string or an array of token ids")
+    raise bad_request("prompt", "'prompt' must be a string or an array of token ids")
 
 
 def parse_request(body: Any, chat: bool, limits: Limits) -> CompletionRequest:
     """Check a request body; raises ApiError(400) naming the first bad field."""
     if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, not {_type_name(body)}")
+        raise ApiError(400, f"the request body must be a JSON object, not {type_name(body)}")
+    _refuse_unknown_and_unsupported(body, chat)
     model = body.get("model")
     if model is None:
-        raise _bad("model", "'model' is required (GET /v1/models lists them)")
+        raise bad_request("model", "'model' is required (GET /v1/models lists them)")
     if not isinstance(model, str):
-        raise _bad("model", f"'model' must be a string, not {_type_name(model)}")
-    n = _integer(body, "n", 1)
+        raise bad_request("model", f"'model' must be a string, not {type_name(model)}")
+    n = integer(body, "n", 1)
     if n is not None and n != 1:
-        raise _bad("n", f"only n=1 is supported, not {n}")
+        raise bad_request("n", f"only n=1 is supported, not {n}")
     # max_completion_tokens is the newer name; it wins when both are given (as in mlx-lm),
     # but both are checked: a wrong value is an error even where the other one wins
-    max_completion_tokens = _integer(body, "max_completion_tokens", 1, limits.max_tokens)
-    max_tokens = _integer(body, "max_tokens", 1, limits.max_tokens)
+    max_completion_tokens = integer(body, "max_completion_tokens", 1, limits.max_tokens) if chat else None
+    max_tokens = integer(body, "max_tokens", 1, limits.max_tokens)
     if max_completion_tokens is not None:
         max_tokens = max_completion_tokens
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    seed = _integer(body, "seed", -(2**63), 2**63 - 1)
-    stop = _stop_strings(body, limits)
-    stream = _boolean(body, "stream")
+    temperature = number(body, "temperature", 0.0, 2.0)
+    top_p = number(body, "top_p", 0.0, 1.0)
+    seed = integer(body, "seed", -(2**63), 2**63 - 1)
+    stop = stop_strings(body, limits)
+    stream = boolean(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise _bad("stream_options", f"'stream_options' must be an object, not {_type_name(options)}")
-    include_usage = _boolean(options or {}, "include_usage")
-    temperature = 1.0 if temperature is None else temperature  # OpenAI's defaults
-    top_p = 1.0 if top_p is None else top_p
-    if top_p == 0:  # only the likeliest token is left: greedy
-        temperature, top_p = 0.0, 1.0
-    params = GenerationParams(
-        max_tokens=limits.default_max_tokens if max_tokens is None else max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=None if seed is None else seed % 2**64,  # OpenAI's are signed, the samplers' keys not
-    )
-    request = CompletionRequest(chat, model, params, stop, stream, stream and include_usage,
-                                max_tokens_given=max_tokens is not None)
+        raise bad_request("stream_options", f"'stream_options' must be an object, not {type_name(options)}")
+    include_usage = boolean(options or {}, "include_usage")
+    logprobs = None
     if chat:
-        _refuse_unsupported(body)
+        _refuse_other_formats(body)
+        logprobs = _logprobs(body)
+    elif body.get("logprobs") is not None:
+        raise bad_request("logprobs", "'logprobs' is not supported on /v1/completions: use /v1/chat/completions")
+    sampling = request_sampling(1.0 if temperature is None else temperature,  # OpenAI's defaults
+                                1.0 if top_p is None else top_p, seed, logprobs)  # fmt: skip
+    generation = Generation(model, limits.default_max_tokens if max_tokens is None else max_tokens, sampling, stop,
+                            max_tokens_strict=max_tokens is not None)  # fmt: skip
+    request = CompletionRequest(chat, generation, stream, stream and include_usage)
+    if chat:
         request.messages = _messages(body)
-        request.tools = _offered_tools(body, _tools(body))
-        request.params = replace(params, logprobs=_logprobs(body))
+        request.tools = _offered_tools(body, function_tools(body))
     else:
-        if body.get("logprobs") is not None:
-            raise _bad("logprobs", "'logprobs' is not supported on /v1/completions: use /v1/chat/completions")
         request.prompt = _prompt(body)
     return request
 
@@ -435,57 +335,30 @@ def prompt_tokens(tokenizer: TokenizerWrapper, request: CompletionRequest, conte
     could not fit `context` tokens is refused before (check_prompt_size). CPU-heavy: in_worker."""
     if request.chat:
         if not tokenizer.has_chat_template:
-            raise ApiError(400, f"the model {request.model} has no chat template: use /v1/completions",
-                           param="messages", code=CHAT_TEMPLATE_ERROR)
+            raise bad_request("messages", f"the model {request.generation.model} has no chat template: use "
+                                          "/v1/completions", CHAT_TEMPLATE_ERROR)  # fmt: skip
         check_prompt_size(text_size(request.messages, request.tools), context, limits, "messages")
         try:
             return chat_prompt(tokenizer, request.messages, request.tools)
         except TemplateError as error:
-            raise ApiError(400, str(error), param="messages", code=CHAT_TEMPLATE_ERROR) from None
+            raise bad_request("messages", str(error), CHAT_TEMPLATE_ERROR) from None
     if isinstance(request.prompt, str):
         check_prompt_size(len(request.prompt), context, limits, "prompt")
         tokens = tokenizer.encode(request.prompt)  # with the BOS token where the model wants one, as mlx-lm
         if not tokens:
-            raise _bad("prompt", "'prompt' is empty", EMPTY_PROMPT)
+            raise bad_request("prompt", "'prompt' is empty", EMPTY_PROMPT)
         return list(tokens)
     if not request.prompt:
-        raise _bad("prompt", "'prompt' is empty")
+        raise bad_request("prompt", "'prompt' is empty")
     vocabulary = len(tokenizer)
     wrong = next((t for t in request.prompt if not 0 <= t < vocabulary), None)
     if wrong is not None:
-        raise _bad("prompt", f"token id {wrong} is not in the vocabulary (0 to {vocabulary - 1})",
-                   TOKEN_NOT_IN_VOCABULARY)
+        raise bad_request("prompt", f"token id {wrong} is not in the vocabulary (0 to {vocabulary - 1})",
+                          TOKEN_NOT_IN_VOCABULARY)
     return list(request.prompt)
 
 
-def fit_context(request: CompletionRequest, prompt: int, context: int | None,
-                max_tokens_name: str = "max_tokens") -> GenerationParams:  # fmt: skip
-    """The parameters with max_tokens within the backend's context (the KV room of a stage):
-    a default cut to what is left, a prompt and max_tokens that can never fit a 400 (naming
-    max_tokens as the API does)."""
-    params = request.params
-    if context is None:
-        return params
-    if prompt >= context:
-        raise _bad("messages" if request.chat else "prompt",
-                   f"the prompt has {prompt} tokens; the context is {context} tokens (--context)",
-                   CONTEXT_LENGTH_EXCEEDED)
-    if not request.max_tokens_given:
-        return replace(params, max_tokens=min(params.max_tokens, context - prompt))
-    if prompt + params.max_tokens > context:
-        raise _bad(max_tokens_name, f"the prompt ({prompt} tokens) and {max_tokens_name} ({params.max_tokens}) "
-                                    f"need {prompt + params.max_tokens} tokens; the context is {context} tokens "
-                                    f"(--context): lower {max_tokens_name} to at most {context - prompt}",
-                   CONTEXT_LENGTH_EXCEEDED)
-    return params
-
-
-# --- from tokens to text ---------------------------------------------------------------------
-
-
-def client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
+# --- answers ---------------------------------------------------------------------------------
 
 
 def usage(reader: ChatReader) -> dict[str, int]:
@@ -493,42 +366,25 @@ def usage(reader: ChatReader) -> dict[str, int]:
             "total_tokens": reader.prompt_tokens + reader.completion_tokens}  # fmt: skip
 
 
-# --- responses -------------------------------------------------------------------------------
+def _event(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
 
 
-def _failure(error: Exception) -> ApiError:
-    """An error of the backend as the client sees it."""
-    if isinstance(error, ApiError):
-        return error
-    if isinstance(error, Unavailable):
-        return ApiError(503, str(error), "service_unavailable")
-    if isinstance(error, BadRequest):
-        return ApiError(400, str(error), param=error.param)
-    log.error("generation failed", exc_info=error)
-    return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
+class OpenAIAnswer:
+    """One completion's answer in OpenAI's shapes (a tbmesh.http.common.AnswerShape): a chat
+    completion or a text completion, whole or as server-sent chunks."""
 
+    media_type = "text/event-stream"
 
-def check_served(backend: Backend, model: str) -> None:
-    """Raises ApiError: 404 for a model this node does not serve, 503 for one that cannot serve now."""
-    served = backend.models()
-    if model not in served:
-        raise ApiError(404, f"the model {model!r} does not exist here; this node serves: "
-                            f"{', '.join(served) or 'no model'}", param="model", code="model_not_found")  # fmt: skip
-    reason = backend.unavailable(model)
-    if reason is not None:
-        raise _failure(reason)
-
-
-class Responder:
-    """Answers one completion request, streamed or not, in OpenAI's shapes."""
-
-    def __init__(self, request: web.Request, backend: Backend, completion: CompletionRequest) -> None:
-        self.request = request
-        self.backend = backend
+    def __init__(self, completion: CompletionRequest, tokenizer: TokenizerWrapper, reader: ChatReader) -> None:
         self.completion = completion
+        self.tokenizer = tokenizer
+        self.reader = reader
         self.id = f"{'chatcmpl' if completion.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.tokenizer: TokenizerWrapper | None = None
+        self.include_usage: dict[str, Any] = {"usage": None} if completion.include_usage else {}
+        self.logprobs: list[TokenLogprobs] = []  # streamed: of the tokens since the last chunk
 
     def _object(self, chunk: bool) -> str:
         if not self.completion.chat:
@@ -537,7 +393,7 @@ class Responder:
 
     def _envelope(self, chunk: bool, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": self._object(chunk), "created": self.created,
-                "model": self.completion.model, "choices": choices}  # fmt: skip
+                "model": self.completion.generation.model, "choices": choices}  # fmt: skip
 
     def _choice(self, content: dict[str, Any], finish_reason: str | None, chunk: bool,
                 logprobs: list[TokenLogprobs] | None = None) -> dict[str, Any]:  # fmt: skip
@@ -555,7 +411,6 @@ class Responder:
 
     def _logprobs(self, tokens: list[TokenLogprobs]) -> dict[str, Any]:
         """OpenAI's logprobs object of a chat choice."""
-        assert self.tokenizer is not None
 
         def entry(token: int, logprob: float) -> dict[str, Any]:
             text = self.tokenizer.decode([token])
@@ -569,206 +424,56 @@ class Responder:
                 "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
         return {"index": call.index, **body} if chunk else body
 
-    async def answer(self, tokenizer: TokenizerWrapper, prompt: list[int]) -> web.StreamResponse:
-        self.tokenizer = tokenizer
-        completion = self.completion
-        reader = ChatReader(tokenizer, prompt, completion.stop, completion.tools, split=completion.chat)
-        events = generate(self.backend, completion.model, prompt, completion.params, reader,
-                          lambda: client_gone(self.request))
-        if completion.stream:
-            return await self._stream(events, reader)
-        text, reasoning, calls, logprobs = [], [], [], []
-        try:
-            async with aclosing(events):
-                async for event in events:
-                    if isinstance(event, Text):
-                        text.append(event.text)
-                    elif isinstance(event, Reasoning):
-                        reasoning.append(event.text)
-                    elif isinstance(event, ToolCall):
-                        calls.append(self._tool_call(event, chunk=False))
-                    else:
-                        logprobs.append(event)
-        except ClientGone:
-            return web.Response(status=499)  # nobody reads it: nginx's "client closed request"
-        except Exception as error:
-            return _failure(error).response()
-        message: dict[str, Any] = {"content": "".join(text)}
-        if calls and not message["content"]:
-            message["content"] = None  # as OpenAI: a turn of tool calls has no content
+    def whole(self, events: list[Event]) -> dict[str, Any]:
+        text = "".join(e.text for e in events if isinstance(e, Text))
+        reasoning = "".join(e.text for e in events if isinstance(e, Reasoning))
+        calls = [self._tool_call(e, chunk=False) for e in events if isinstance(e, ToolCall)]
+        logprobs = [e for e in events if isinstance(e, TokenLogprobs)]
+        message: dict[str, Any] = {"content": text or (None if calls else "")}  # as OpenAI: a turn of calls has none
         if reasoning:
-            message["reasoning_content"] = "".join(reasoning)
+            message["reasoning_content"] = reasoning
         if calls:
             message["tool_calls"] = calls
-        choice = self._choice(message, reader.finish_reason, chunk=False, logprobs=logprobs)
-        if completion.params.logprobs is not None and not logprobs:
+        choice = self._choice(message, self.reader.finish_reason, chunk=False, logprobs=logprobs)
+        if self.completion.generation.sampling.logprobs is not None and not logprobs:
             choice["logprobs"] = {"content": [], "refusal": None}
-        body = self._envelope(False, [choice])
-        body["usage"] = usage(reader)
-        return web.json_response(body)
+        return {**self._envelope(False, [choice]), "usage": usage(self.reader)}
 
-    def _delta(self, event: Text | Reasoning | ToolCall) -> dict[str, Any]:
+    def _chunk(self, content: dict[str, Any], finish_reason: str | None) -> bytes:
+        choice = self._choice(content, finish_reason, chunk=True, logprobs=self.logprobs)
+        self.logprobs = []
+        return _event({**self._envelope(True, [choice]), **self.include_usage})
+
+    def opening(self) -> bytes:
+        if not self.completion.chat:
+            return b""
+        first = self._envelope(True, [self._choice({"role": "assistant", "content": ""}, None, chunk=True)])
+        return _event({**first, **self.include_usage})  # OpenAI's first chunk gives the role
+
+    def event(self, event: Event) -> bytes:
+        if isinstance(event, TokenLogprobs):
+            self.logprobs.append(event)  # sent with the text they make
+            return b""
         if isinstance(event, Text):
-            return {"content": event.text}
+            return self._chunk({"content": event.text}, None)
         if isinstance(event, Reasoning):
-            return {"reasoning_content": event.text}
-        return {"tool_calls": [self._tool_call(event, chunk=True)]}
+            return self._chunk({"reasoning_content": event.text}, None)
+        return self._chunk({"tool_calls": [self._tool_call(event, chunk=True)]}, None)
 
-    async def _stream(self, events: AsyncIterator[Event], reader: ChatReader) -> web.StreamResponse:
-        """Server-sent events. The response starts with the first event, so that an error
-        before any (no plan any more, a failed prefill) is still an HTTP error status."""
-        response: web.StreamResponse | None = None
-        include_usage: dict[str, Any] = {"usage": None} if self.completion.include_usage else {}
-        logprobs: list[TokenLogprobs] = []  # of the tokens since the last chunk
+    def closing(self) -> bytes:
+        data = self._chunk({}, self.reader.finish_reason)
+        if self.completion.include_usage:
+            data += _event({**self._envelope(True, []), "usage": usage(self.reader)})
+        return data + _event("[DONE]")
 
-        async def send(event: dict[str, Any] | str) -> None:
-            nonlocal response
-            try:
-                if response is None:
-                    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
-                    await response.prepare(self.request)
-                    if self.completion.chat:  # OpenAI's first chunk gives the role
-                        first = self._envelope(True, [self._choice({"role": "assistant", "content": ""}, None, chunk=True)])
-                        await response.write(_event({**first, **include_usage}))
-                await response.write(_event(event))
-            except ConnectionError:  # aiohttp's ClientConnectionResetError: the client went away
-                raise ClientGone() from None
+    def error_event(self, error: ApiError) -> bytes:
+        return _event(error_body(error)) + _event("[DONE]")
 
-        async def chunk(content: dict[str, Any], finish_reason: str | None) -> None:
-            choice = self._choice(content, finish_reason, chunk=True, logprobs=logprobs)
-            logprobs.clear()
-            await send({**self._envelope(True, [choice]), **include_usage})
-
-        try:
-            async with aclosing(events):
-                async for event in events:
-                    if isinstance(event, TokenLogprobs):
-                        logprobs.append(event)
-                    else:
-                        await chunk(self._delta(event), None)
-            await chunk({}, reader.finish_reason)
-            if self.completion.include_usage:
-                await send({**self._envelope(True, []), "usage": usage(reader)})
-            await send("[DONE]")
-        except ClientGone:
-            return response or web.Response(status=499)
-        except Exception as error:
-            failure = _failure(error)
-            if response is None:
-                return failure.response()
-            try:  # the status has gone out already: an error event, then the end
-                await send(failure.body())
-                await send("[DONE]")
-            except ClientGone:
-                pass
-        return response  # type: ignore[return-value]  # set by send()
+    def error_response(self, error: ApiError) -> web.Response:
+        return error_response(error)
 
 
-def _event(data: dict[str, Any] | str) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {text}\n\n".encode()
-
-
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
-
-
-def json_depth_exceeds(text: str, limit: int) -> bool:
-    """Whether arrays and objects nest deeper than `limit` in `text` (brackets in strings do not
-    count). Without recursion: json.loads recurses per level and a body of 100 000 brackets
-    raises RecursionError. An invalid body may be misjudged; json.loads refuses it anyway."""
-    depth = 0
-    for bracket in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
-        depth += _NESTING[bracket]
-        if depth > limit:
-            return True
-    return False
-
-
-# The API's worker: the CPU-heavy steps of a request (decoding and checking its JSON, the chat
-# template, tokenizing) run there, off the event loop, whose heartbeats and GET /health must not
-# wait for them. One thread: two tokenizer calls never overlap (a Hugging Face fast tokenizer
-# refuses a second while one runs: "Already borrowed"), and the loop keeps the other core.
-_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tbmesh-api")
-
-
-async def in_worker(function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)`, run in the API's worker thread."""
-    return await asyncio.get_running_loop().run_in_executor(_WORKER, partial(function, *args))
-
-
-def _is_json(media_type: str) -> bool:
-    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
-
-
-def check_json_type(request: web.Request) -> None:
-    """Raises ApiError(415) unless the body is said to be JSON (application/json or
-    application/*+json, with any parameters). A web page may POST text/plain, a form, or bytes
-    with no type at all (a Blob, an ArrayBuffer) to any address without asking first; a JSON
-    type needs a CORS preflight, which this server never grants. The openai, anthropic and
-    ollama clients all send application/json."""
-    if hdrs.CONTENT_TYPE not in request.headers:
-        raise ApiError(415, "the request body must be JSON sent with Content-Type: application/json; "
-                            "the request has no Content-Type")
-    if not _is_json(request.content_type):
-        raise ApiError(415, f"the request body must be JSON sent with Content-Type: application/json, "
-                            f"not {request.content_type}")
-
-
-async def read_body(request: web.Request, limits: Limits) -> bytes:
-    """The request's JSON body as bytes: its type checked (415), read up to its size limit (413
-    beyond) within limits.body_timeout (408 after; aiohttp closes the connection then)."""
-    check_json_type(request)
-    limit = limits.max_body_bytes
-    too_big = ApiError(413, f"the request body is larger than {limit} bytes")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_big
-    data = bytearray()
-    try:
-        async with asyncio.timeout(limits.body_timeout):
-            async for chunk in request.content.iter_any():
-                data += chunk
-                if len(data) > limit:
-                    raise too_big
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout:g} s") from None
-    except (ConnectionError, web.RequestPayloadError) as error:  # the client went, or broke the chunked encoding
-        raise ApiError(400, f"the request body broke off: {error}") from None
-    return bytes(data)
-
-
-def parse_json(data: bytes, limits: Limits) -> Any:
-    """A body's JSON, its depth limit checked before it is decoded (400 beyond)."""
-    try:
-        # as json.loads decodes bytes: UTF-8 (BOM or not), UTF-16 or UTF-32
-        text = data.decode(json.detect_encoding(data), "surrogatepass")
-        if json_depth_exceeds(text, limits.max_json_depth):
-            raise ApiError(400, f"the request body nests arrays and objects deeper than "
-                                f"{limits.max_json_depth} levels")
-        return json.loads(text)
-    except (UnicodeDecodeError, ValueError) as error:
-        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
-
-
-async def read_request(request: web.Request, limits: Limits, parse: Callable[[Any], T]) -> T:
-    """The request's body read (read_body), then decoded and checked by `parse` in the worker."""
-    data = await read_body(request, limits)
-    return await in_worker(lambda: parse(parse_json(data, limits)))
-
-
-async def read_json(request: web.Request, limits: Limits) -> Any:
-    """The request's JSON body (read_body, then parse_json in the worker)."""
-    return await read_request(request, limits, lambda body: body)
-
-
-def check_prompt_size(chars: int, context: int | None, limits: Limits, param: str) -> None:
-    """Raises the too-long 400 for a prompt of more characters than `context` tokens could
-    hold (limits.max_chars_per_token each), before it is tokenized."""
-    if context is not None and chars > context * limits.max_chars_per_token:
-        raise _bad(param, f"the prompt has {chars} characters, more than {context} tokens hold; the context is "
-                          f"{context} tokens (--context)", CONTEXT_LENGTH_EXCEEDED)
+# --- routes ----------------------------------------------------------------------------------
 
 
 def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
@@ -779,25 +484,24 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": created, "owned_by": "tbmesh"}
 
-    def check_model(model: str) -> None:
-        check_served(backend, model)
-
     def tokenize(completion: CompletionRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
-        tokenizer = backend.tokenizer(completion.model)  # the first call loads it
+        tokenizer = backend.tokenizer(completion.generation.model)  # the first call loads it
         return tokenizer, prompt_tokens(tokenizer, completion, context, limits)
 
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
             completion = await read_request(request, limits, lambda body: parse_request(body, chat, limits))
-            check_model(completion.model)
-            context = backend.context(completion.model)
+            model = completion.generation.model
+            check_served(backend, model)
+            context = backend.context(model)
             tokenizer, prompt = await in_worker(tokenize, completion, context)
-            completion.params = fit_context(completion, len(prompt), context)
-        except ApiError as error:
-            return error.response()
-        except Exception as error:  # a backend that fails to say what it serves or to tokenize
-            return _failure(error).response()
-        return await Responder(request, backend, completion).answer(tokenizer, prompt)
+            completion.generation = fit_context(completion.generation, len(prompt), context,
+                                                "messages" if chat else "prompt")  # fmt: skip
+        except Exception as error:  # ApiError, and a backend that fails to say what it serves or to tokenize
+            return error_response(failure(error))
+        reader = ChatReader(tokenizer, prompt, completion.generation.stop, completion.tools, split=chat)
+        events = answer_events(request, backend, completion.generation, prompt, reader)
+        return await respond(request, events, OpenAIAnswer(completion, tokenizer, reader), completion.stream)
 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await complete(request, chat=True)
@@ -811,8 +515,8 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
     async def get_model(request: web.Request) -> web.Response:
         name = request.match_info["model"]
         if name not in backend.models():
-            return ApiError(404, f"the model {name!r} does not exist here", param="model",
-                            code="model_not_found").response()  # fmt: skip
+            return error_response(ApiError(404, f"the model {name!r} does not exist here", param="model",
+                                           code="model_not_found"))  # fmt: skip
         return web.json_response(model_card(name))
 
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -846,13 +550,14 @@ def _event_stream(chunk: str) -> dict[str, Any]:
 
 
 def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
-    """The request bodies as parse_request checks them (what it ignores is allowed)."""
+    """The request bodies as parse_request checks them: every field OpenAI's API has, no other."""
     token_count = nullable({"type": "integer", "minimum": 1, "maximum": limits.max_tokens,
-                            "description": "with the prompt, at most the context (--context)"})
+                            "description": "with the prompt, at most the context (--context); none: the answer "
+                                           "may take what the context leaves, at most "
+                                           f"{limits.default_max_tokens}"})
     common: dict[str, Schema] = {
         "model": model,
         "max_tokens": token_count,
-        "max_completion_tokens": {**token_count, "description": "the newer name of max_tokens; wins over it"},
         "n": nullable({"type": "integer", "minimum": 1, "maximum": 1, "description": "only 1 is supported"}),
         "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
         "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
@@ -864,6 +569,14 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
         "stream": nullable({"type": "boolean"}),
         "stream_options": nullable(obj({"include_usage": nullable({"type": "boolean"})})),
     }
+
+    def unsupported(fields: dict[str, tuple[str, tuple[Any, ...]]]) -> dict[str, Schema]:
+        return {name: {"enum": list(neutral), "description": f"{why}: only a value that asks for nothing"}
+                for name, (why, neutral) in fields.items()}  # fmt: skip
+
+    def no_effect(names: tuple[str, ...]) -> dict[str, Schema]:
+        return {name: {"description": "accepted: it changes nothing of the answer"} for name in names}
+
     content = {"anyOf": [{"type": "string"}, {"type": "array", "items": ref("TextPart")}]}
     token_ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
     one = {"minItems": 1, "maxItems": 1, "description": "a batch of one prompt"}
@@ -873,10 +586,9 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
                          "description": "a string of JSON (code invalid_tool_arguments if it is not), or the "
                                         "arguments themselves"}}, required=["name"])},
                     required=["function"])  # fmt: skip
-    unsupported = {name: {"enum": [None, 0, False, {}, []], "description": f"{why}: only a neutral value"}
-                   for name, why in UNSUPPORTED.items()}  # fmt: skip
     chat = {
         **common,
+        "max_completion_tokens": {**token_count, "description": "the newer name of max_tokens; wins over it"},
         "messages": {"type": "array", "minItems": 1, "items": {"anyOf": [
             obj({"role": {"enum": [r for r in ROLES if r not in ("assistant", "tool")]}, "content": content},
                 required=["role", "content"]),
@@ -900,13 +612,14 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
         "logprobs": nullable({"type": "boolean"}),
         "top_logprobs": nullable({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
                                   "description": f"needs logprobs: true (code {CONFLICTING_FIELDS} if not)"}),
-        **unsupported,
+        **unsupported(CHAT_UNSUPPORTED),
+        **no_effect(CHAT_NO_EFFECT),
         "response_format": nullable(obj({"type": {"const": "text"}}, required=["type"], additionalProperties=False,
                                         description="only text (no JSON mode or schema)")),
         "modalities": nullable({"const": ["text"]}),
     }  # fmt: skip
     return {
-        "ChatCompletionRequest": obj(chat, required=["model", "messages"]),
+        "ChatCompletionRequest": obj(chat, required=["model", "messages"], additionalProperties=False),
         "TextPart": obj({"type": {"const": "text"}, "text": {"type": "string"}}, required=["type", "text"]),
         "Tool": obj({"type": {"const": "function"}, "function": obj({
             "name": {"type": "string", "minLength": 1},
@@ -918,8 +631,9 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
             {**token_ids, "description": "token ids"},
             {"type": "array", "items": {"type": "string"}, **one},
             {"type": "array", "items": token_ids, **one},
-        ]}, "logprobs": {"type": "null", "description": "not supported here: use /v1/chat/completions"}},
-            required=["model", "prompt"]),  # fmt: skip
+        ]}, "logprobs": {"type": "null", "description": "not supported here: use /v1/chat/completions"},
+            **unsupported(COMPLETION_UNSUPPORTED), **no_effect(COMPLETION_NO_EFFECT)},
+            required=["model", "prompt"], additionalProperties=False),  # fmt: skip
     }
 
 
@@ -991,7 +705,8 @@ def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescr
               "content": {"application/json": {"schema": ref(answer)}, **_event_stream(chunk)}}  # fmt: skip
         return {"post": {
             "summary": summary,
-            "requestBody": {"required": True, **json_body(ref(request), "the request (unknown fields are ignored)")},
+            "requestBody": {"required": True, **json_body(ref(request), "the request (a field OpenAI's API does "
+                                                                        "not have is a 400)")},
             "responses": {"200": ok, **error_responses({
                 400: "a field is wrong (`param` names it) or the body is not JSON; or what depends on "
                      f"the model: code {CONTEXT_LENGTH_EXCEEDED} (the prompt and max_tokens do not fit "

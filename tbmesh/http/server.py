@@ -13,8 +13,8 @@ No web page can use it. A page's scripts may send requests to any address, but r
 answers only of their own origin, and send a JSON body only after a CORS preflight, which this
 server never grants. So every request's Host must be a name of this machine (allowed_hosts: DNS
 rebinding gives an attacker's name this machine's address, and the page that origin), and a
-JSON body must say it is JSON (tbmesh.http.openai.check_json_type). `Listener` serves the app
-with timeouts for half-sent requests and a cap on open connections (tbmesh.http.openai.Limits).
+JSON body must say it is JSON (tbmesh.http.common.check_json_type). `Listener` serves the app
+with timeouts for half-sent requests and a cap on open connections (tbmesh.http.common.Limits).
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ from aiohttp.http import HttpProcessingError
 from tbmesh.core.generation import Backend
 from tbmesh.http import anthropic as anthropic_api
 from tbmesh.http import ollama as ollama_api
+from tbmesh.http import openai as openai_api
 from tbmesh.http import openapi
 from tbmesh.http.anthropic import add_anthropic_routes
+from tbmesh.http.common import ApiError, Limits
 from tbmesh.http.ollama import add_ollama_routes
-from tbmesh.http.openai import ApiError, Limits, add_openai_routes, openapi_description
+from tbmesh.http.openai import add_openai_routes
 from tbmesh.http.openapi import ApiDescription, json_body, nullable, obj, ref
 
 log = logging.getLogger(__name__)
@@ -48,10 +50,10 @@ OPEN_PATHS = frozenset({"/health", "/"})  # health checks (GET): no key needed, 
 def _in_api_shape(path: str, error: ApiError) -> web.Response:
     """`error` in the format of the API `path` belongs to (routed or not)."""
     if ollama_api.owns(path):
-        return ollama_api.error_response(error.status, error.message, error.headers)
+        return ollama_api.error_response(error)
     if anthropic_api.owns(path):
         return anthropic_api.error_response(error)
-    return error.response()
+    return openai_api.error_response(error)
 
 
 
@@ -186,7 +188,7 @@ def make_app(status: Callable[[], dict[str, Any]], probe: Callable[[], Awaitable
 def openapi_document(backend: Backend, limits: Limits = Limits(), keyed: bool = False) -> dict[str, Any]:
     """The OpenAPI document of make_app's API on this node (its models are named in it);
     `keyed`: the node wants an API key (the document's security then says how to send it)."""
-    document = openapi.document([_description(), openapi_description(backend, limits),
+    document = openapi.document([_description(), openai_api.openapi_description(backend, limits),
                                  anthropic_api.openapi_description(backend, limits),
                                  ollama_api.openapi_description(backend, limits)])  # fmt: skip
     for path, item in document["paths"].items():  # what any operation may answer, in its API's error format

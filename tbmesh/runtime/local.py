@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
-from tbmesh.core.generation import BadRequest, GenerationParams, TokenLogprobs, Unavailable
+from tbmesh.core.generation import BadRequest, TokenLogprobs, Unavailable
 from tbmesh.runtime.sampling import Sampling, draw, logprobs_of, token_logprobs
 
 if TYPE_CHECKING:
@@ -75,25 +75,25 @@ class LocalBackend:
     def tokenizer(self, model: str) -> TokenizerWrapper:
         return self._tokenizer
 
-    async def generate(self, model: str, prompt: list[int],
-                       params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
+    async def generate(self, model: str, prompt: list[int], max_tokens: int,
+                       sampling: Sampling) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
         if model != self.name:
             raise BadRequest(f"the model {model!r} does not exist here", param="model")
         if not prompt:
             raise BadRequest("the prompt is empty", param="prompt")
         loop = asyncio.get_running_loop()
         # no seed: a random one of this request's own, never the global RNG shared by all
-        state = _LocalRequest(Sampling(params.temperature, params.top_p, params.seed, params.logprobs).seeded())
+        state = _LocalRequest(sampling.seeded())
         name = uuid.uuid4().hex
         self.requests[name] = state
         eos = self._tokenizer.eos_token_ids
         try:
             token, logprobs = await loop.run_in_executor(self._executor, self._prefill, state, prompt)
-            for step in range(params.max_tokens):
+            for step in range(max_tokens):
                 if token in eos:
                     return
                 yield token if logprobs is None else logprobs
-                if step + 1 == params.max_tokens:
+                if step + 1 == max_tokens:
                     return
                 token, logprobs = await loop.run_in_executor(self._executor, self._decode, state, token, step + 1)
         except (GeneratorExit, asyncio.CancelledError):

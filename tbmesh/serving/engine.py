@@ -33,7 +33,6 @@ import numpy as np
 from tbmesh.core.assignment import Range
 from tbmesh.core.generation import (
     BadRequest,
-    GenerationParams,
     Sampling,
     TokenLogprobs,
     Unavailable,
@@ -149,19 +148,18 @@ class Engine:
                                "from its peers")
         return None
 
-    async def generate(self, model: str, prompt: list[int],
-                       params: GenerationParams) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
+    async def generate(self, model: str, prompt: list[int], max_tokens: int,
+                       sampling: Sampling) -> AsyncIterator[int | TokenLogprobs]:  # fmt: skip
         """Run one request through the cluster; yields sampled tokens until an end token or
         max_tokens. Survives plan changes: each new route gets the prompt and the tokens so far."""
         if (error := self.unavailable(model)) is not None:
             raise error
-        if len(prompt) + params.max_tokens > self.settings.context:  # the API checks it first
-            raise BadRequest(f"the prompt ({len(prompt)} tokens) and max_tokens ({params.max_tokens}) "
+        if len(prompt) + max_tokens > self.settings.context:  # the API checks it first
+            raise BadRequest(f"the prompt ({len(prompt)} tokens) and max_tokens ({max_tokens}) "
                              f"need more than the context of {self.settings.context} tokens", "max_tokens")
         ends = tuple(self.tokenizer(model).eos_token_ids)
         queue: asyncio.Queue = asyncio.Queue()
-        sampling = Sampling(params.temperature, params.top_p, params.seed, params.logprobs)
-        request, actions = self.conductor.submit(prompt, params.max_tokens, sampling, ends, time.monotonic(),
+        request, actions = self.conductor.submit(prompt, max_tokens, sampling, ends, time.monotonic(),
                                                  self._usable())
         self._queues[request] = queue
         self._conduct(actions)
