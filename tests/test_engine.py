@@ -17,7 +17,7 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from tbmesh.core.generation import GenerationParams, Sampling, Unavailable
+from tbmesh.core.generation import Sampling, Unavailable
 from tbmesh.core.messages import DiskState, ShardState
 from tbmesh.core.types import Plan, Stage
 from tbmesh.runtime.sampling import make_sampler
@@ -27,7 +27,8 @@ from tbmesh.serving.view import ClusterView
 from tbmesh.testbed.tiny import make_tiny_model
 
 PROMPT = [5, 17, 42, 99, 3, 250]
-GREEDY = GenerationParams(max_tokens=12, temperature=0.0, top_p=1.0, seed=None)
+MAX_TOKENS = 12
+GREEDY = Sampling(temperature=0.0, top_p=1.0, seed=None)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def expected(tiny):
     """Single-process mlx-lm's greedy answer to PROMPT."""
     model, tokenizer = load(str(tiny))
     tokens = []
-    for token, _ in generate_step(mx.array(PROMPT), model, max_tokens=GREEDY.max_tokens, sampler=make_sampler(Sampling())):
+    for token, _ in generate_step(mx.array(PROMPT), model, max_tokens=MAX_TOKENS, sampler=make_sampler(Sampling())):
         if token in tokenizer.eos_token_ids:
             break
         tokens.append(token)
@@ -118,8 +119,8 @@ def plan(epoch: int, model: Path, *stages: tuple[str, int, int]) -> Plan:
     return Plan(1, epoch, model.name, tuple(Stage(node, start, end, 0) for node, start, end in stages))
 
 
-async def answer(engine: Engine, model: Path, params: GenerationParams = GREEDY) -> list[int]:
-    return [token async for token in engine.generate(model.name, PROMPT, params)]
+async def answer(engine: Engine, model: Path, sampling: Sampling = GREEDY) -> list[int]:
+    return [token async for token in engine.generate(model.name, PROMPT, MAX_TOKENS, sampling)]
 
 
 async def closed(cluster: Cluster) -> None:
@@ -166,7 +167,7 @@ def test_a_request_whose_stage_stopped_answering_resumes_on_the_next_plan_token_
         cluster.commit(plan(1, tiny, ("b", 0, 4)))  # a enters requests, b runs every layer
         try:
             tokens = []
-            stream = entry.generate(tiny.name, PROMPT, GREEDY)
+            stream = entry.generate(tiny.name, PROMPT, MAX_TOKENS, GREEDY)
             tokens.append(await asyncio.wait_for(anext(stream), 60))
             cluster.down.add("b")  # b goes silent mid-answer; then a new plan gives a the layers
             entry.on_node_trouble("b", gone=True)
