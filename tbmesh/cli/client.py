@@ -1,5 +1,5 @@
-"""A client of a daemon's HTTP API, standard library only: what `tbmesh status`, `tbmesh chat`
-and `tbmesh demo` use."""
+"""A client of a daemon's HTTP API, standard library only (and the status's types): what
+`tbmesh status`, `tbmesh chat` and `tbmesh demo` use."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from typing import Any
+
+from tbmesh.core.jsonform import from_json
+from tbmesh.core.status import Status
 
 DEFAULT_API = "http://127.0.0.1:7471"
 API_KEY_ENV = "TBMESH_API_KEY"  # where `tbmesh status` and `tbmesh chat` find the daemon's --api-key
@@ -39,13 +42,18 @@ def open_api(api: str, path: str, body: dict[str, Any] | None = None, timeout: f
                          "start one with `tbmesh daemon` (or point --api at one)") from None
 
 
-def fetch_status(api: str, timeout: float = 2.0, api_key: str | None = None) -> dict[str, Any]:
-    """GET /status; raises ApiProblem (a ConnectionError) with a one-line reason."""
+def fetch_status_json(api: str, timeout: float = 2.0, api_key: str | None = None) -> dict[str, Any]:
+    """GET /status as the daemon sends it; raises ApiProblem (a ConnectionError) with a one-line reason."""
     with open_api(api, "/status", timeout=timeout, api_key=api_key) as response:
         try:
             return json.loads(response.read())
         except (OSError, ValueError) as error:
             raise ApiProblem(f"the daemon at {api} sent a broken status ({error})") from None
+
+
+def fetch_status(api: str, timeout: float = 2.0, api_key: str | None = None) -> Status:
+    """GET /status, read typed (what an older or newer daemon lacks reads as empty)."""
+    return from_json(Status, fetch_status_json(api, timeout, api_key))
 
 
 def stream_answer(response: Any, write: Callable[[str], None]) -> None:

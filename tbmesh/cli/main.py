@@ -19,11 +19,14 @@ from tbmesh.cli.client import (
     DEFAULT_API,
     ApiProblem,
     fetch_status,
+    fetch_status_json,
     open_api,
     stream_answer,
 )
 from tbmesh.core.groups import PARALLEL, member_bytes
+from tbmesh.core.jsonform import from_json, to_json
 from tbmesh.core.replicas import REPLICAS
+from tbmesh.core.status import Status
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement
 from tbmesh.core.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
 from tbmesh.serving.settings import ServingSettings
@@ -204,11 +207,9 @@ def placement_json(placement: Placement, model: ModelSpec | None = None, context
     last = len(placement.stages) - 1
     stages = []
     for i, s in enumerate(placement.stages):
-        stage: dict[str, Any] = {"node": s.node, "start": s.start, "end": s.end, "bytes": s.bytes}
-        if s.group:
-            stage["group"] = list(s.group)
-            if model is not None:
-                stage["member_bytes"] = member_bytes(model, s.start, s.end, len(s.group), i == 0, i == last, context)
+        stage: dict[str, Any] = to_json(s)  # as in a plan
+        if s.group and model is not None:
+            stage["member_bytes"] = member_bytes(model, s.start, s.end, len(s.group), i == 0, i == last, context)
         stages.append(stage)
     out = {"fits": placement.fits, "reason": placement.reason, "stages": stages, "left_out": list(placement.left_out)}
     return out | ({"why": placement.why} if placement.why else {})
@@ -530,26 +531,26 @@ def status(
     (Ctrl-C to leave). When stdout is not a terminal (a pipe, a script), print one frame and
     exit, as with --once."""
     try:
-        data = fetch_status(api, api_key=api_key)
+        data = fetch_status_json(api, api_key=api_key)
     except ConnectionError as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(1)
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(data, indent=2))  # as the daemon sent it
         return
     from tbmesh.cli import status_view
 
     console = Console(highlight=False)
     if once or not console.is_terminal:
-        console.print(status_view.render(data, console.width))
+        console.print(status_view.render(from_json(Status, data), console.width))
         return
     try:
-        _watch_status(api, data, console, api_key)
+        _watch_status(api, from_json(Status, data), console, api_key)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how one leaves the screen: exit 0, no traceback
 
 
-def _watch_status(api: str, data: dict[str, Any], console: Console, api_key: str | None) -> None:
+def _watch_status(api: str, status: Status, console: Console, api_key: str | None) -> None:
     """Redraw from GET /status until Ctrl-C; while the daemon does not answer, keep the last
     frame under a red line and keep asking."""
     import time
@@ -563,10 +564,10 @@ def _watch_status(api: str, data: dict[str, Any], console: Console, api_key: str
     with Live(console=console, screen=True, auto_refresh=False) as live:
         while True:
             width, height = console.size  # read each time: the terminal may be resized
-            live.update(status_view.render(data, width, height, error), refresh=True)
+            live.update(status_view.render(status, width, height, error), refresh=True)
             time.sleep(STATUS_REFRESH_S)
             try:
-                data, error = fetch_status(api, timeout=1.0, api_key=api_key), None
+                status, error = fetch_status(api, timeout=1.0, api_key=api_key), None
             except ConnectionError:
                 error = f"daemon not answering at {api}: its last status below; retrying"
 

@@ -40,6 +40,7 @@ from tbmesh.core.generation import (
     Unavailable,
 )
 from tbmesh.core.messages import Fetching, ShardState
+from tbmesh.core.status import CacheFigures, EngineCounters, LoadingStatus, RuntimeStatus
 from tbmesh.core.types import Plan, Stage
 from tbmesh.net import wire
 from tbmesh.runtime.shard import Kept, LoadAbandoned, Shard, load_shard
@@ -80,7 +81,7 @@ class Forming:
 
 
 @dataclass
-class Counters:
+class Counters:  # the status shows them (tbmesh.core.status.EngineCounters)
     loads: int = 0  # shards loaded
     layers_read: int = 0  # layers read from disk
     layers_kept: int = 0  # layers a new shard took from one already in memory
@@ -927,23 +928,22 @@ class Engine:
 
     # ----- status ----------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RuntimeStatus:
         now = time.monotonic()
         recent = sum(1 for t in self._recent_tokens if now - t <= 5.0)
         loading = self.keeper.loading
-        return {
-            "requests": len(self.conductor.requests),  # entering here, in flight
-            "held": [list(r) for r in sorted(self.held)],
-            "loading": None if loading is None else
-            {"start": loading[0], "end": loading[1], "progress": self.keeper.progress},
-            "weight_bytes": weight_bytes(self.held.values()),
-            "active_memory": mx.get_active_memory(),
-            "tokens_per_s": recent / 5.0,
-            **self.counters.__dict__,
-            "tight_loads": self.keeper.tight_loads,  # loads begun after letting the running stage go
-            **self.scheduler.status(),  # as stage 0 of the routes that start here
-            **self._figures,  # the caches this node holds (stage_requests, kv and prefix-cache bytes)
-        }
+        return RuntimeStatus(
+            requests=len(self.conductor.requests),  # entering here, in flight
+            held=tuple(sorted(self.held)),
+            loading=None if loading is None else LoadingStatus(loading[0], loading[1], self.keeper.progress),
+            weight_bytes=weight_bytes(self.held.values()),
+            active_memory=mx.get_active_memory(),
+            tokens_per_s=recent / 5.0,
+            counters=EngineCounters(**vars(self.counters)),
+            tight_loads=self.keeper.tight_loads,  # loads begun after letting the running stage go
+            scheduler=self.scheduler.status(),  # as stage 0 of the routes that start here
+            caches=CacheFigures(**self._figures),  # as of the last change in the worker
+        )
 
 
 EARLY_RUNS = 4  # a stage's fetch is split in this many runs of layers, each loaded as it arrives
