@@ -4,6 +4,8 @@ Each API module describes what it serves next to its routes and its request chec
 `ApiDescription` (its paths and the schemas they refer to); `document()` joins them. A new API
 (another vendor's endpoints) adds its description to the list in tbmesh.http.server.openapi_document
 and its routes in make_app.
+What a dataclass describes is not written twice: `dataclass_schemas` makes the schemas of
+GET /status from tbmesh.core.status's types.
 tests/test_openapi.py checks that the document names exactly the routes the app has, and
 tests/test_openapi_fuzz.py fuzzes a live daemon from it.
 """
