@@ -81,7 +81,7 @@ class Forming:
 
 
 @dataclass
-class Counters:  # the status shows them (tbmesh.core.status.EngineCounters)
+class Counters:
     loads: int = 0  # shards loaded
     layers_read: int = 0  # layers read from disk
     layers_kept: int = 0  # layers a new shard took from one already in memory
