@@ -15,13 +15,19 @@ from contextlib import aclosing
 from typing import Any
 
 from tbmesh.core.generation import Backend, Sampling, Unavailable
+from tbmesh.core.jsonform import from_json
+from tbmesh.core.status import LinkStatus, Status
 from tbmesh.http.common import Limits
 from tbmesh.http.server import LOOPBACK_NAMES, Listener, make_app
 from tbmesh.runtime.local import LocalBackend
 
 
-async def no_links() -> dict[str, Any]:
-    return {"links": []}
+def empty_status() -> Status:
+    return from_json(Status, {})
+
+
+async def no_links() -> tuple[LinkStatus, ...]:
+    return ()
 
 
 class ApiServer:
@@ -30,8 +36,8 @@ class ApiServer:
     answers to (tbmesh.http.server.allowed_hosts)."""
 
     def __init__(self, backend: Backend, limits: Limits = Limits(), handler_cancellation: bool = False,
-                 status: Callable[[], dict[str, Any]] = dict,
-                 probe: Callable[[], Awaitable[dict[str, Any]]] = no_links,
+                 status: Callable[[], Status] = empty_status,
+                 probe: Callable[[], Awaitable[tuple[LinkStatus, ...]]] = no_links,
                  hosts: Collection[str] = LOOPBACK_NAMES) -> None:  # fmt: skip
         self.backend = backend
         self.limits = limits

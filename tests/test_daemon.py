@@ -285,9 +285,9 @@ def test_status_json_and_the_no_daemon_message(cluster):
 
 
 def test_status_shows_a_groups_members():
+    from tbmesh.core.jsonform import to_json
     from tbmesh.core.types import Plan, Stage
-    from tbmesh.node.daemon import _plan_json
 
     plan = Plan(1, 2, "m", (Stage("a", 0, 4, 10, ("a", "b")), Stage("c", 4, 8, 10)))
-    assert _plan_json(plan)["stages"] == [{"node": "a", "start": 0, "end": 4, "bytes": 10, "group": ["a", "b"]},
+    assert to_json(plan)["stages"] == [{"node": "a", "start": 0, "end": 4, "bytes": 10, "group": ["a", "b"]},
                                           {"node": "c", "start": 4, "end": 8, "bytes": 10}]

@@ -16,8 +16,9 @@ import pytest
 import schemathesis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from api_server import ApiServer, no_links
+from api_server import ApiServer, empty_status, no_links
 
+from tbmesh.core.status import Status
 from tbmesh.http.common import Limits
 from tbmesh.http.openapi import ApiDescription, document
 from tbmesh.http.server import make_app, openapi_document
@@ -31,7 +32,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBackend]:
         yield backend
 
 
-def failing_status() -> dict[str, Any]:
+def failing_status() -> Status:
     raise RuntimeError("the status could not be made")
 
 
@@ -63,7 +64,7 @@ def is_anthropic_error(body: Any) -> bool:
 
 
 def test_the_document_names_every_route_and_no_other(backend: LocalBackend) -> None:
-    app = make_app(dict, no_links, backend)
+    app = make_app(empty_status, no_links, backend)
     # aiohttp adds a HEAD route to each GET one, which OpenAPI leaves implied
     routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
     described = {(method, path) for path, item in openapi_document(backend)["paths"].items() for method in item}
@@ -157,7 +158,7 @@ def test_a_failing_handler_under_anthropics_path_is_500_in_anthropics_shape(back
         raise RuntimeError("it broke")
 
     async def get() -> tuple[int, Any]:
-        app = make_app(dict, no_links, backend)
+        app = make_app(empty_status, no_links, backend)
         app.router.add_get("/v1/messages/failing", failing)
         async with TestClient(TestServer(app)) as client:
             response = await client.get("/v1/messages/failing")

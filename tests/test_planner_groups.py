@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tbmesh.core.groups import MIN_SPEEDUP, cliques, decode_s, member_bytes
+from tbmesh.core.jsonform import from_json, to_json
 from tbmesh.core.planner import plan_layers
 from tbmesh.core.presets import preset_spec
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Plan, Stage
@@ -212,8 +213,8 @@ def test_pipeline_is_todays_plan(cluster, context):
     assert today.why == "" and all(s.group == () for s in today.stages)
     if today.fits:  # one-Mac stages serialize exactly as before groups
         plan = today.stamp(1, 1, "small")
-        assert all(set(s) == {"node", "start", "end", "bytes"} for s in plan.to_wire()["stages"])
-        assert Plan.from_wire(plan.to_wire()) == plan
+        assert all(set(s) == {"node", "start", "end", "bytes"} for s in to_json(plan)["stages"])
+        assert from_json(Plan, to_json(plan)) == plan
 
 
 def test_a_group_goes_over_the_wire():
@@ -221,7 +222,7 @@ def test_a_group_goes_over_the_wire():
     from tbmesh.net import wire
 
     plan = Plan(1, 2, "m", (Stage("a", 0, 4, 10, ("a", "b")), Stage("c", 4, 8, 10)))
-    assert Plan.from_wire(plan.to_wire()) == plan
+    assert from_json(Plan, to_json(plan)) == plan
     assert plan.considered == {"a", "b", "c"} and plan.members == ("a", "b", "c")
     info = NodeInfo("a", "a")
     def frame(p: Plan) -> bytes:

@@ -179,7 +179,7 @@ def test_a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest(model_d
     assert harness.out["c"] == reference(mlx_lm_model, other, 10)
     assert harness.scheduler.stats.prefilled - prefilled == 3
     status = harness.scheduler.status()
-    assert status["prefix_hits"] == 2 and status["prefix_lookups"] == 3
+    assert status.prefix_hits == 2 and status.prefix_lookups == 3
 
 
 @pytest.mark.parametrize("splits", [[(0, 6)], [(0, 3), (3, 6)]])
@@ -228,7 +228,7 @@ def test_an_attempt_started_again_on_the_same_route_starts_from_what_its_caches_
             break
     assert harness.out["a"] == reference(mlx_lm_model, prompt, 40)
     assert harness.scheduler.stats.prefilled == prefilled  # nothing prefilled again: the last token decodes
-    assert harness.scheduler.status()["prefix_hits"] == 1
+    assert harness.scheduler.status().prefix_hits == 1
 
 
 def test_a_step_built_ahead_is_taken_back_when_the_lane_changes(model_dir, mlx_lm_model):
@@ -252,7 +252,7 @@ def test_a_step_built_ahead_is_taken_back_when_the_lane_changes(model_dir, mlx_l
     assert harness.out["r0"] == reference(mlx_lm_model, PROMPTS[0], 30)
     assert harness.out["r2"] == reference(mlx_lm_model, PROMPTS[2], 30)
     assert harness.out["c"] == reference(mlx_lm_model, PROMPTS[1] + left, 20)  # from the entry, exact
-    assert harness.scheduler.status()["prefix_hits"] == 1
+    assert harness.scheduler.status().prefix_hits == 1
 
 
 # ----- values that are not finite never spread (issue 20, item 7) ----------------------------------
@@ -315,7 +315,7 @@ def test_activations_that_are_not_finite_are_refused_and_nothing_of_them_is_cach
     assert not harness.nonfinite  # not the refusing stage's own doing
     harness.run({0: [("again.0", prompts["a"], 20)]})
     assert harness.out["again"] == reference(mlx_lm_model, prompts["a"], 20)
-    assert harness.scheduler.status()["prefix_hits"] >= 1 and finite_caches(harness)
+    assert harness.scheduler.status().prefix_hits >= 1 and finite_caches(harness)
 
 
 def test_a_stage_whose_weights_turned_nan_refuses_its_own_outputs_and_names_the_weight(model_dir, mlx_lm_model):

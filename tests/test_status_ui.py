@@ -21,10 +21,12 @@ from daemons import DaemonProcess, agreed, start_all, state_of, tiny_model_dir, 
 from rich.console import Console
 
 from tbmesh.cli.status_view import render
+from tbmesh.core.jsonform import from_json
+from tbmesh.core.status import Status
 
 GB = 10**9
 
-# ----- status dicts, in the shape of Daemon.status() -------------------------------------
+# ----- status dicts, in the shape of GET /status (read back as `tbmesh status` does) ---------
 
 IDS = {"studio-a": "a1f0c3d2e4b5a6c7", "studio-b": "b2e1d4c3f5a6b7c8", "studio-c": "c3d2e5f4a6b7c8d9",
        "studio-d": "d4c3f6e5b7c8d9e0"}
@@ -90,13 +92,13 @@ def not_fitting() -> dict:
 
 def frame(status: dict, width: int, height: int | None = None, error: str | None = None) -> str:
     console = Console(width=width, record=True, file=io.StringIO())
-    console.print(render(status, width, height, error))
+    console.print(render(from_json(Status, status), width, height, error))
     return console.export_text()
 
 
 def styled_frame(status: dict, width: int) -> str:
     console = Console(width=width, record=True, file=io.StringIO(), force_terminal=True, color_system="standard")
-    console.print(render(status, width))
+    console.print(render(from_json(Status, status), width))
     return console.export_text(styles=True)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import shutil
 import signal
@@ -13,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from daemons import DaemonProcess, agreed, start_all, tiny_model_dir, wait_for
 
+from tbmesh.core.jsonform import from_json
+from tbmesh.core.status import Status, StatusEvent
 from tbmesh.node import telemetry
 from tbmesh.node.telemetry import Telemetry, parse_url, retained_state
 
@@ -276,8 +278,8 @@ def test_a_bad_mqtt_url_is_a_one_line_error(tmp_path):
 # ----- the module on its own ----------------------------------------------------------
 
 
-def _status(me: str = "n1", leader: str | None = "n1", model: str | None = "m") -> dict[str, Any]:
-    """The shape of Daemon.status() for two nodes."""
+def _status_json(me: str = "n1", leader: str | None = "n1", model: str | None = "m") -> dict[str, Any]:
+    """GET /status of a node of two."""
     def node(node_id: str, name: str, start: int, end: int) -> dict[str, Any]:
         return {"id": node_id, "name": name, "chip": "Apple M3 Ultra", "state": "alive",
                 "memory_total": 512 * 10**9, "memory_usable": 384 * 10**9, "flops": 1e13,
@@ -297,6 +299,11 @@ def _status(me: str = "n1", leader: str | None = "n1", model: str | None = "m") 
             "events": [{"at": 1.0, "kind": "joined", "node": "n2", "detail": "two"}]}
 
 
+def _status(me: str = "n1", leader: str | None = "n1", model: str | None = "m", **changed: Any) -> Status:
+    """Daemon.status() of a node of two (its JSON: _status_json, with `changed` keys)."""
+    return from_json(Status, _status_json(me, leader, model) | changed)
+
+
 def test_only_the_leader_writes_leader_and_plan_and_only_with_a_model():
     leader = retained_state(_status())
     assert set(leader) == {"tbmesh/unit/nodes/n1", "tbmesh/unit/nodes/n1/links", "tbmesh/unit/nodes/n1/runtime",
@@ -308,17 +315,16 @@ def test_only_the_leader_writes_leader_and_plan_and_only_with_a_model():
     follower = retained_state(_status(me="n2", leader="n1"))
     assert set(follower) == {"tbmesh/unit/nodes/n2", "tbmesh/unit/nodes/n2/links", "tbmesh/unit/nodes/n2/runtime"}
     assert "tbmesh/unit/plan" not in retained_state(_status(model=None))
-    no_fit = json.loads(retained_state({**_status(), "plan": None, "no_fit": "needs 700 GB"})["tbmesh/unit/plan"])
+    no_fit = json.loads(retained_state(_status(plan=None, no_fit="needs 700 GB"))["tbmesh/unit/plan"])
     assert no_fit["reason"] == "needs 700 GB" and not no_fit["fits"] and no_fit["stages"] == []
     # the first plan, still loading: published with its progress
     preparing = {"term": 1, "epoch": 1, "model": "m", "left_out": [], "progress": {"n1": 0.5},
                  "stages": [{"node": "n1", "start": 0, "end": 8, "bytes": 10**9}]}
-    first = json.loads(retained_state({**_status(), "plan": None, "preparing": preparing})["tbmesh/unit/plan"])
+    first = json.loads(retained_state(_status(plan=None, preparing=preparing))["tbmesh/unit/plan"])
     assert first["fits"] and first["stages"] == [] and first["preparing"]["progress"] == {"n1": 0.5}
     assert first["preparing"]["stages"][0]["name"] == "one"
     # the clock and the event list are not state: a status that differs only there is the same
-    later = {**_status(), "now": 99.0, "events": []}
-    assert retained_state(later) == leader
+    assert retained_state(_status(now=99.0, events=[])) == leader
 
 
 def test_the_urls_it_takes():
@@ -354,13 +360,13 @@ def test_only_what_changed_is_published_and_close_says_offline(broker, subscribe
         assert set(counts.values()) == {1}
         assert sub.on("tbmesh/unit/nodes/n1/status") == [("online", False)]
 
-        for _ in range(5):  # the same state again (a new dict, a new clock): nothing to say
-            t.update({**copy.deepcopy(status), "now": time.monotonic()})
+        for _ in range(5):  # the same state again (a new clock): nothing to say
+            t.update(replace(status, now=time.monotonic()))
             await asyncio.sleep(0.05)
-        changed = copy.deepcopy(status)
+        changed = _status_json()
         changed["nodes"][0]["shard"]["progress"] = 0.5
-        t.update(changed)
-        t.event({"at": 13.0, "kind": "dead", "node": "n2", "detail": "two"})
+        t.update(from_json(Status, changed))
+        t.event(StatusEvent(13.0, "dead", "n2", "two"))
         await _until(lambda: len(sub.on("tbmesh/unit/nodes/n1")) == 2, 5, "the changed record")
         await asyncio.sleep(0.3)
         assert {topic: len(sub.on(topic)) for topic in counts} == {**counts, "tbmesh/unit/nodes/n1": 2}
@@ -382,7 +388,7 @@ def test_a_missing_broker_never_blocks_the_caller():
         started = time.monotonic()
         for i in range(telemetry.EVENT_BACKLOG * 2):
             t.update(_status())
-            t.event({"at": float(i), "kind": "joined", "node": "n2", "detail": "two"})
+            t.event(StatusEvent(float(i), "joined", "n2", "two"))
         assert time.monotonic() - started < 0.5
         await asyncio.sleep(1.0)  # a few failed attempts
         assert not t.connected and len(t._events) == telemetry.EVENT_BACKLOG  # bounded
@@ -394,9 +400,9 @@ def test_a_missing_broker_never_blocks_the_caller():
 
 
 def test_a_tensor_groups_members_are_published_with_their_names():
-    status = _status()
+    status = _status_json()
     status["plan"]["stages"] = [{"node": "n2", "start": 0, "end": 8, "bytes": 2 * 10**9, "group": ["n2", "n1"]}]
-    plan = json.loads(retained_state(status)["tbmesh/unit/plan"])
+    plan = json.loads(retained_state(from_json(Status, status))["tbmesh/unit/plan"])
     assert plan["stages"] == [{"node": "n2", "name": "two", "start": 0, "end": 8, "bytes": 2 * 10**9,
                                "group": ["n2", "n1"], "group_names": ["two", "one"]}]
     assert "group" not in json.loads(retained_state(_status())["tbmesh/unit/plan"])["stages"][0]

@@ -1,5 +1,5 @@
-"""A client of a daemon's HTTP API, on the standard library's urllib: what `tbmesh status`,
-`tbmesh chat` and `tbmesh demo` use."""
+"""A client of a daemon's HTTP API, standard library only (and the status's types): what
+`tbmesh status`, `tbmesh chat` and `tbmesh demo` use."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from tbmesh.core.jsonform import from_json
+from tbmesh.core.status import Status
 from tbmesh.node.config import api_url
 
 DEFAULT_API = api_url()  # the local daemon's, started with its default --api-host and --api-port
@@ -41,13 +43,18 @@ def open_api(api: str, path: str, body: dict[str, Any] | None = None, timeout: f
                          "start one with `tbmesh daemon` (or point --api at one)") from None
 
 
-def fetch_status(api: str, timeout: float = 2.0, api_key: str | None = None) -> dict[str, Any]:
-    """GET /status; raises ApiProblem (a ConnectionError) with a one-line reason."""
+def fetch_status_json(api: str, timeout: float = 2.0, api_key: str | None = None) -> dict[str, Any]:
+    """GET /status as the daemon sends it; raises ApiProblem (a ConnectionError) with a one-line reason."""
     with open_api(api, "/status", timeout=timeout, api_key=api_key) as response:
         try:
             return json.loads(response.read())
         except (OSError, ValueError) as error:
             raise ApiProblem(f"the daemon at {api} sent a broken status ({error})") from None
+
+
+def fetch_status(api: str, timeout: float = 2.0, api_key: str | None = None) -> Status:
+    """GET /status, read typed (what an older or newer daemon lacks reads as empty)."""
+    return from_json(Status, fetch_status_json(api, timeout, api_key))
 
 
 def stream_answer(response: Any, write: Callable[[str], None]) -> None:

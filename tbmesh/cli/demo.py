@@ -33,6 +33,7 @@ from rich.text import Text
 
 from tbmesh.cli.app import one_line
 from tbmesh.cli.client import ApiProblem, fetch_status, open_api, stream_answer
+from tbmesh.core.status import Status
 
 NODES = 3  # daemons (Macs) the demo runs: a three-stage pipeline, two stages after one is stopped
 KILL_AFTER = 0.3  # of the taught answer's text, stop a stage
@@ -66,7 +67,7 @@ class Node:
     proc: subprocess.Popen
     api: str = ""
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         return fetch_status(self.api, timeout=2.0)
 
 
@@ -121,16 +122,15 @@ class Demo:
         except (OSError, ValueError, KeyError):
             return None
 
-    def serving(self, nodes: list[Node], timeout: float = 60) -> dict[str, Any]:
+    def serving(self, nodes: list[Node], timeout: float = 60) -> Status:
         """Wait for a committed plan over `nodes` whose every stage serves it."""
-        def ready() -> dict[str, Any] | None:
+        def ready() -> Status | None:
             view = nodes[0].status()
-            plan = view.get("plan")
-            if plan is None or view.get("preparing") or len(plan["stages"]) != len(nodes):
+            plan = view.plan
+            if plan is None or view.preparing or len(plan.stages) != len(nodes):
                 return None
-            serving = {n["id"] for n in view["nodes"] if n.get("shard") and n["state"] == "alive"
-                       and n["shard"].get("serving") == plan["epoch"]}
-            return view if {s["node"] for s in plan["stages"]} <= serving else None
+            serving = {n.id for n in view.nodes if n.shard and n.state == "alive" and n.shard.serving == plan.epoch}
+            return view if set(plan.nodes) <= serving else None
 
         return self._wait(ready, timeout, f"a plan over {len(nodes)} nodes")
 
@@ -146,10 +146,9 @@ class Demo:
             time.sleep(0.1)
         raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
 
-    def stop_a_stage(self, view: dict[str, Any]) -> Node:
+    def stop_a_stage(self, view: Status) -> Node:
         """kill -9 a stage other than the entry (node 0), a middle one if there is one."""
-        by_id = {n["id"]: n["name"] for n in view["nodes"]}
-        stages = [by_id[s["node"]] for s in view["plan"]["stages"]]
+        stages = [_name(view, node) for node in view.plan.nodes] if view.plan else []
         middle = stages[1:-1] or stages
         victim = min((n for n in self.nodes[1:] if n.name in stages),
                      key=lambda n: (n.name not in middle, n.name))
@@ -243,8 +242,7 @@ def run(nodes: int = NODES, ui: bool = True, cache: Path | None = None) -> int:
 def _scenario(demo: Demo, say: Callable[[str], None], draw: Callable[[], None]) -> None:
     demo.start()
     view = demo.serving(demo.nodes)
-    say(f"the cluster formed: leader {_name(view, view['leader'])}, plan epoch "
-        f"{view['plan']['epoch']}: {_stages(view)}")
+    say(f"the cluster formed: leader {_name(view, view.leader)}, plan epoch {_epoch(view)}: {_stages(view)}")
     draw()
     say(f"asking {demo.nodes[0].name}: {demo.question!r} (temperature 0)")
     demo.ask()
@@ -267,14 +265,13 @@ def _scenario(demo: Demo, say: Callable[[str], None], draw: Callable[[], None]) 
     # the longest wait for a piece after the kill (pieces in flight may arrive first)
     pause = max((b - a for a, b in zip([stopped_at, *after], after)), default=float("nan"))
     view = demo.serving(survivors)
-    say(f"the cluster re-formed without {victim.name}: plan epoch {view['plan']['epoch']}: "
-        f"{_stages(view)}")
+    say(f"the cluster re-formed without {victim.name}: plan epoch {_epoch(view)}: {_stages(view)}")
     say(f"the answer went on: {before} pieces before the kill, {len(after)} after; "
         f"it paused {pause:.2f} s")
-    resumed = [e for e in survivors[0].status()["events"] if e["kind"] == "resumed"]
+    resumed = [e for e in survivors[0].status().events if e.kind == "resumed"]
     if not resumed:
         raise DemoError("the answer was not resumed on the new plan")
-    say(f"event: resumed {resumed[-1]['detail']}")
+    say(f"event: resumed {resumed[-1].detail}")
     if demo.answer.text != demo.taught:
         raise DemoError(f"the answer is not the taught one: {demo.answer.text!r}")
     say("the answer is the taught one, word for word")
@@ -294,10 +291,13 @@ def _frame(demo: Demo, log: list[str], width: int) -> Group:
                  Text("\n".join(log[-6:]), style="bold"))
 
 
-def _stages(view: dict[str, Any]) -> str:
-    return ", ".join(f"{_name(view, s['node'])} layers {s['start']}-{s['end'] - 1}"
-                     for s in view["plan"]["stages"])
+def _epoch(view: Status) -> int | None:
+    return view.plan.epoch if view.plan else None
 
 
-def _name(view: dict[str, Any], node_id: str | None) -> str:
-    return next((n["name"] for n in view["nodes"] if n["id"] == node_id), str(node_id))
+def _stages(view: Status) -> str:
+    return ", ".join(f"{_name(view, s.node)} layers {s.start}-{s.end - 1}" for s in view.plan.stages) if view.plan else ""
+
+
+def _name(view: Status, node_id: str | None) -> str:
+    return next((n.name for n in view.nodes if n.id == node_id), str(node_id))

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from tbmesh.cli.app import fail_usage
 from tbmesh.core.groups import MIN_SPEEDUP, PARALLEL, member_bytes
+from tbmesh.core.jsonform import to_json
 from tbmesh.core.types import LinkInfo, ModelSpec, NodeInfo, Placement
 from tbmesh.core.units import format_bandwidth, format_bytes, parse_bandwidth, parse_size
 from tbmesh.node.config import DaemonConfig
@@ -158,11 +159,9 @@ def placement_json(placement: Placement, model: ModelSpec | None = None, context
     last = len(placement.stages) - 1
     stages = []
     for i, s in enumerate(placement.stages):
-        stage: dict[str, Any] = {"node": s.node, "start": s.start, "end": s.end, "bytes": s.bytes}
-        if s.group:
-            stage["group"] = list(s.group)
-            if model is not None:
-                stage["member_bytes"] = member_bytes(model, s.start, s.end, len(s.group), i == 0, i == last, context)
+        stage: dict[str, Any] = to_json(s)  # as in a plan
+        if s.group and model is not None:
+            stage["member_bytes"] = member_bytes(model, s.start, s.end, len(s.group), i == 0, i == last, context)
         stages.append(stage)
     out = {"fits": placement.fits, "reason": placement.reason, "stages": stages, "left_out": list(placement.left_out)}
     return out | ({"why": placement.why} if placement.why else {})

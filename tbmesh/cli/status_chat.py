@@ -10,7 +10,17 @@ import typer
 from rich.console import Console
 
 from tbmesh.cli.app import one_line
-from tbmesh.cli.client import API_KEY_ENV, DEFAULT_API, ApiProblem, fetch_status, open_api, stream_answer
+from tbmesh.cli.client import (
+    API_KEY_ENV,
+    DEFAULT_API,
+    ApiProblem,
+    fetch_status,
+    fetch_status_json,
+    open_api,
+    stream_answer,
+)
+from tbmesh.core.jsonform import from_json
+from tbmesh.core.status import Status
 
 
 STATUS_REFRESH_S = 0.5  # the live screen polls the daemon twice a second
@@ -27,26 +37,26 @@ def status(
     (Ctrl-C to leave). When stdout is not a terminal (a pipe, a script), print one frame and
     exit, as with --once."""
     try:
-        data = fetch_status(api, api_key=api_key)
+        data = fetch_status_json(api, api_key=api_key)
     except ConnectionError as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(1)
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps(data, indent=2))  # as the daemon sent it
         return
     from tbmesh.cli import status_view
 
     console = Console(highlight=False)
     if once or not console.is_terminal:
-        console.print(status_view.render(data, console.width))
+        console.print(status_view.render(from_json(Status, data), console.width))
         return
     try:
-        _watch_status(api, data, console, api_key)
+        _watch_status(api, from_json(Status, data), console, api_key)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how one leaves the screen: exit 0, no traceback
 
 
-def _watch_status(api: str, data: dict[str, Any], console: Console, api_key: str | None) -> None:
+def _watch_status(api: str, status: Status, console: Console, api_key: str | None) -> None:
     """Redraw from GET /status until Ctrl-C; while the daemon does not answer, keep the last
     frame under a red line and keep asking."""
     import time
@@ -60,10 +70,10 @@ def _watch_status(api: str, data: dict[str, Any], console: Console, api_key: str
     with Live(console=console, screen=True, auto_refresh=False) as live:
         while True:
             width, height = console.size  # read each time: the terminal may be resized
-            live.update(status_view.render(data, width, height, error), refresh=True)
+            live.update(status_view.render(status, width, height, error), refresh=True)
             time.sleep(STATUS_REFRESH_S)
             try:
-                data, error = fetch_status(api, timeout=1.0, api_key=api_key), None
+                status, error = fetch_status(api, timeout=1.0, api_key=api_key), None
             except ConnectionError:
                 error = f"daemon not answering at {api}: its last status below; retrying"
 

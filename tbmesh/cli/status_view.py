@@ -1,8 +1,8 @@
-"""One frame of the `tbmesh status` screen, drawn from a daemon's GET /status JSON.
+"""One frame of the `tbmesh status` screen, drawn from a daemon's GET /status.
 
-Pure: render() takes the status dict and the terminal size and returns a rich renderable; the
-polling loop is in status_chat.py. Any key may be missing or None (an older daemon, a daemon
-without a model), so the status is only ever read with .get().
+Pure: render() takes the status (tbmesh.core.status.Status, read with from_json: what an older
+daemon lacks reads as empty) and the terminal size and returns a rich renderable; the polling
+loop is in status_chat.py.
 
 Every line is built to fit the width (cells never wrap, bars are sized to the panel), except
 the planner's no-fit reason, which is worth word-wrapping rather than cutting.
@@ -20,7 +20,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from tbmesh.core.types import ranges_of
+from tbmesh.core.status import DiskStatus, LinkStatus, NodeStatus, RuntimeStatus, ShardStatus, Status
+from tbmesh.core.types import Stage, ranges_of
 from tbmesh.core.units import format_bytes
 
 MAX_EVENTS = 8
@@ -34,24 +35,21 @@ STAGE_BLOCKS = ("█", "▓")
 EMPTY_BLOCK = "░"
 PANEL_CHROME = 4  # a panel's two borders and its padding of one on each side
 
-Status = dict[str, Any]
-
 
 def render(status: Status, width: int, height: int | None = None, error: str | None = None) -> RenderableType:
     """The whole screen for `width` columns; with `height`, fewer events so that it fits."""
-    status = status or {}
-    names = {n.get("id"): n.get("name") or _short(n.get("id")) for n in _list(status.get("nodes"))}
+    names = {n.id: n.name or _short(n.id) for n in status.nodes}
     top: list[RenderableType] = []
     if error:
         top.append(Text(error, style="bold red"))
     top.append(_header(status, names, width))
     top += _nodes_and_links(status, names, width)
-    serving = _serving(status.get("runtime"), width - PANEL_CHROME)
+    serving = _serving(status.runtime, width - PANEL_CHROME)
     plan = _panel(Group(*_plan_lines(status, names, width - PANEL_CHROME), *serving), _plan_title(status))
-    plan.subtitle, plan.subtitle_align = _runtime(status.get("runtime")), "right"  # on its bottom border
+    plan.subtitle, plan.subtitle_align = _runtime(status.runtime), "right"  # on its bottom border
     top.append(plan)
     limit = MAX_EVENTS if height is None else min(MAX_EVENTS, height - _lines(Group(*top), width) - 3)
-    if limit > 0 and _list(status.get("events")):
+    if limit > 0 and status.events:
         top.append(_panel(_events_table(status, limit), "events"))
     return Group(*top)
 
@@ -60,11 +58,11 @@ def _nodes_and_links(status: Status, names: dict[str, str], width: int) -> list[
     """Side by side when both fit whole, else one above the other; on narrow screens the nodes
     table drops columns rather than cut names, and the links take two columns to save lines."""
     full = _nodes_table(status, squeeze=0)
-    links = _list(status.get("links"))
+    links = status.links
     links_table = _links_table(links, names)
     nodes_width, links_width = _width(full) + PANEL_CHROME, _width(links_table) + PANEL_CHROME
     if nodes_width + links_width <= width:
-        rows = max(_table_height(status.get("nodes")), _table_height(links))
+        rows = max(_table_height(status.nodes), _table_height(links))
         return [_side_by_side(_panel(full, "nodes"), _panel(links_table, "links"), nodes_width, rows)]
     nodes = full
     for squeeze in (1, 2, 3):
@@ -85,15 +83,14 @@ def _nodes_and_links(status: Status, names: dict[str, str], width: int) -> list[
 # ----- header ---------------------------------------------------------------------------
 
 def _header(status: Status, names: dict[str, str], width: int) -> Text:
-    me = status.get("node") or {}
-    leader = status.get("leader")
+    leader = status.leader
     parts = [
-        Text.assemble(("tbmesh ", "bold"), (str(me.get("name") or "?"), "bold cyan")),
-        Text.assemble(("cluster ", "dim"), str(status.get("cluster") or "?")),
+        Text.assemble(("tbmesh ", "bold"), (status.node.name or "?", "bold cyan")),
+        Text.assemble(("cluster ", "dim"), status.cluster or "?"),
         Text.assemble(("leader ", "dim"), (_name(names, leader) if leader else "none yet",
                                            "magenta" if leader else "yellow")),
-        Text.assemble(("term ", "dim"), str(status.get("term", "?"))),
-        Text.assemble(("model ", "dim"), str(status.get("model") or "none")),
+        Text.assemble(("term ", "dim"), str(status.term)),
+        Text.assemble(("model ", "dim"), status.model or "none"),
     ]
     return _pack(parts, width)
 
@@ -104,7 +101,7 @@ def _nodes_table(status: Status, squeeze: int, bar_width: int | None = None) -> 
     """One row per node. To fit narrower screens, squeeze 1 drops the chip column and shortens
     the memory bars; squeeze 2 also leaves the followers' role blank (the leader's is shown);
     squeeze 3 drops the disk column (the plan panel tells of fetches)."""
-    me = (status.get("node") or {}).get("id")
+    me = status.node.id
     compact = squeeze > 0
     table = _table()
     _column(table, "node", min_width=6)
@@ -115,32 +112,31 @@ def _nodes_table(status: Status, squeeze: int, bar_width: int | None = None) -> 
     _column(table, "memory used / usable")
     _column(table, "compute", justify="right")
     _column(table, "layers")
-    disks = squeeze < 3 and any(node.get("disk") for node in _list(status.get("nodes")))
+    disks = squeeze < 3 and any(node.disk for node in status.nodes)
     if disks:
         _column(table, "disk")
-    for node in _list(status.get("nodes")):
+    for node in status.nodes:
         # (an older daemon without "role": the leader is the one status names)
-        leader = node.get("role", "leader" if node.get("id") == status.get("leader") else "") == "leader"
-        name = Text(("★ " if leader else "  ") + str(node.get("name") or _short(node.get("id"))),
-                    style="bold" if node.get("id") == me else "")
-        role = str(node.get("role") or "") if squeeze < 2 or leader else ""
-        state = str(node.get("state") or "?")
-        row = [name] + ([str(node.get("chip") or "")] if not compact else [])
+        leader = (node.role or ("leader" if node.id == status.leader else "")) == "leader"
+        name = Text(("★ " if leader else "  ") + (node.name or _short(node.id)),
+                    style="bold" if node.id == me else "")
+        role = node.role if squeeze < 2 or leader else ""
+        state = node.state or "?"
+        row = [name] + ([node.chip] if not compact else [])
         row += [Text(role, style="magenta" if leader else "dim"),
                 Text(state, style=STATE_STYLES.get(state, "")),
                 _memory(node, bar_width or (8 if compact else 20)),
-                _flops(node.get("flops")),
-                _layers(node.get("shard"))]
+                _flops(node.flops),
+                _layers(node.shard)]
         if disks:
-            row.append(_disk(node.get("disk"), compact))
+            row.append(_disk(node.disk, compact))
         table.add_row(*row)
     return table
 
 
-def _memory(node: dict[str, Any], bar_width: int) -> Text:
-    shard = node.get("shard") or {}
-    used = shard.get("bytes") or 0  # the loaded shard; the rest of the usable memory is free
-    usable = node.get("memory_usable") or 0
+def _memory(node: NodeStatus, bar_width: int) -> Text:
+    used = (node.shard.bytes or 0) if node.shard else 0  # the loaded shard; the rest of the usable memory is free
+    usable = node.memory_usable
     filled = 0 if usable <= 0 else min(bar_width, round(bar_width * used / usable))
     used_text, usable_text = format_bytes(used), format_bytes(usable)
     if used_text.split()[-1] == usable_text.split()[-1]:  # "153.6/464.0 GB": one unit is enough
@@ -151,47 +147,46 @@ def _memory(node: dict[str, Any], bar_width: int) -> Text:
                          f" {used_text}{usable_text}")
 
 
-def _layers(shard: dict[str, Any] | None) -> Text:
+def _layers(shard: ShardStatus | None) -> Text:
     if not shard or _span(shard) == (0, 0):
         return Text("")
     text = Text(_range(*_span(shard)))
-    if shard.get("loaded"):
+    if shard.loaded:
         text.append(" loaded", style="green")
-    elif "loaded" in shard:  # still loading: how far
-        text.append(f" {shard.get('progress') or 0:.0%}", style="yellow")
+    else:  # still loading: how far
+        text.append(f" {shard.progress:.0%}", style="yellow")
     return text
 
 
-def _disk(disk: dict[str, Any] | None, compact: bool) -> Text:
+def _disk(disk: DiskStatus | None, compact: bool) -> Text:
     """The model's bytes on the node's disk, and a fetch under way: how far, how fast, from whom."""
     if not disk:
         return Text("")
-    text = Text(format_bytes(disk.get("bytes") or 0))
-    fetching = disk.get("fetching")
+    text = Text(format_bytes(disk.bytes))
+    fetching = disk.fetching
     if fetching:
-        done = (fetching.get("done") or 0) / max(fetching.get("total") or 1, 1)
+        done = fetching.done / max(fetching.total, 1)
         text.append(f" ↓{done:.0%}", style="yellow")
         if not compact:
-            text.append(f" {_bandwidth((fetching.get('bytes_per_s') or 0) * 8)}", style="yellow")
+            text.append(f" {_bandwidth(fetching.bytes_per_s * 8)}", style="yellow")
     return text
 
 
 def _fetches(status: Status) -> list[Text]:
     """A line per node fetching weights: how far, how fast, from whom."""
     lines = []
-    for node in _list(status.get("nodes")):
-        fetching = (node.get("disk") or {}).get("fetching") if isinstance(node.get("disk"), dict) else None
-        if not isinstance(fetching, dict):
+    for node in status.nodes:
+        fetching = node.disk.fetching if node.disk else None
+        if fetching is None:
             continue
-        done, total = fetching.get("done") or 0, fetching.get("total") or 0
         lines.append(Text.assemble(
-            (f"{node.get('name') or _short(node.get('id'))} fetching ", "yellow"),
-            f"{format_bytes(done)} of {format_bytes(total)} at {_bandwidth((fetching.get('bytes_per_s') or 0) * 8)}",
-            (f" from {', '.join(map(str, _list(fetching.get('from'))))}" if fetching.get("from") else "", "dim")))
+            (f"{node.name or _short(node.id)} fetching ", "yellow"),
+            f"{format_bytes(fetching.done)} of {format_bytes(fetching.total)} at {_bandwidth(fetching.bytes_per_s * 8)}",
+            (f" from {', '.join(fetching.sources)}" if fetching.sources else "", "dim")))
     return lines
 
 
-def _links_table(links: list[dict[str, Any]], names: dict[str, str]) -> Table | Text:
+def _links_table(links: tuple[LinkStatus, ...], names: dict[str, str]) -> Table | Text:
     if not links:
         return Text("no links measured yet", style="dim")
     table = _table()
@@ -199,9 +194,9 @@ def _links_table(links: list[dict[str, Any]], names: dict[str, str]) -> Table | 
     _column(table, "bandwidth", justify="right")
     _column(table, "RTT", justify="right")
     for link in links:
-        ends = f"{_name(names, link.get('a'))} ↔ {_name(names, link.get('b'))}"
-        ends += " RDMA" if link.get("rdma") is True else ""  # both ends run RDMA: groups use jaccl
-        table.add_row(ends, _bandwidth(link.get("bandwidth_bps")), _rtt(link.get("rtt_s")))
+        ends = f"{_name(names, link.a)} ↔ {_name(names, link.b)}"
+        ends += " RDMA" if link.rdma else ""  # both ends run RDMA: groups use jaccl
+        table.add_row(ends, _bandwidth(link.bandwidth_bps), _rtt(link.rtt_s))
     return table
 
 
@@ -219,59 +214,58 @@ def _side_by_side(left: Panel, right: Panel, left_width: int, rows: int) -> Tabl
 # ----- the plan -------------------------------------------------------------------------
 
 def _plan_title(status: Status) -> str:
-    plan = status.get("plan") or {}
-    model = plan.get("model") or status.get("model")
+    model = (status.plan.model if status.plan else "") or status.model
     return f"plan of {model}" if model else "plan"
 
 
 def _plan_lines(status: Status, names: dict[str, str], width: int) -> list[RenderableType]:
     lines: list[RenderableType] = []
-    plan = status.get("plan")
-    if plan and _list(plan.get("stages")):
-        stages = _list(plan["stages"])
-        lines.append(_pack([Text(f"epoch {plan.get('epoch', '?')}", style="bold"),
-                            Text(f"term {plan.get('term', '?')}"),
+    plan = status.plan
+    if plan and plan.stages:
+        stages = plan.stages
+        lines.append(_pack([Text(f"epoch {plan.epoch}", style="bold"),
+                            Text(f"term {plan.term}"),
                             Text(f"{_layer_count(stages)} layers on {_plural(_member_count(stages), 'node')}",
                                  style="dim")], width))
         lines += _bar(stages, names, width)
-        left_out = [_name(names, n) for n in _list(plan.get("left_out"))]
+        left_out = [_name(names, n) for n in plan.left_out]
         if left_out:
             lines.append(_pack([Text("left out:", style="yellow")] + [Text(n) for n in left_out], width))
     else:
         lines.append(_no_plan(status))
     lines += [_pack([line], width) for line in _fetches(status)]
-    for node in _list(status.get("nodes")):  # left out of every plan: another model under the name
-        if isinstance(node, dict) and node.get("other_model"):
-            words = [Text(word) for word in str(node["other_model"]).split()]
+    for node in status.nodes:  # left out of every plan: another model under the name
+        if node.other_model:
+            words = [Text(word) for word in node.other_model.split()]
             lines.append(_pack([Text("another model:", style="bold red"), *words], width, sep=" "))
-    replicas = _list(status.get("replicas"))
+    replicas = status.replicas
     if replicas and min(replicas) < 2:  # a dead Mac would take layers no other disk holds
         few = [i for i, n in enumerate(replicas) if n < 2]
         lines.append(_pack([Text("one copy on disk:", style="yellow"),
                             Text(", ".join(_range(a, b) for a, b in ranges_of(few))),
                             Text("(a Mac that dies takes them along)", style="dim")], width))
-    preparing = status.get("preparing")
-    if preparing and _list(preparing.get("stages")):
+    preparing = status.preparing
+    if preparing and preparing.plan.stages:
         lines.append(Text(""))
-        lines.append(_pack([Text(f"preparing epoch {preparing.get('epoch', '?')}", style="bold yellow"),
-                            Text(f"term {preparing.get('term', '?')}"),
+        lines.append(_pack([Text(f"preparing epoch {preparing.plan.epoch}", style="bold yellow"),
+                            Text(f"term {preparing.plan.term}"),
                             Text("loading shards", style="dim")], width))
-        lines += _bar(_list(preparing["stages"]), names, width, preparing.get("progress") or {})
+        lines += _bar(preparing.plan.stages, names, width, preparing.progress)
     return lines
 
 
 def _no_plan(status: Status) -> Text:
-    if status.get("no_fit"):
-        return Text.assemble(("does not fit: ", "bold red"), (str(status["no_fit"]), "red"))
-    if not status.get("model"):
+    if status.no_fit:
+        return Text.assemble(("does not fit: ", "bold red"), (status.no_fit, "red"))
+    if not status.model:
         return Text("no model: this daemon only keeps membership (give it --model DIR to serve one)",
                     style="dim")
-    if not status.get("leader"):
+    if not status.leader:
         return Text("waiting for a leader…", style="yellow")
     return Text("waiting for the leader's plan…", style="yellow")
 
 
-def _bar(stages: list[dict[str, Any]], names: dict[str, str], width: int,
+def _bar(stages: tuple[Stage, ...], names: dict[str, str], width: int,
          progress: dict[str, float] | None = None) -> list[Text]:
     """A bar of layer ranges, one segment per stage in proportion to its layers, labelled below;
     with `progress` ({node: 0..1}), each segment fills as its node loads its shard."""
@@ -281,7 +275,7 @@ def _bar(stages: list[dict[str, Any]], names: dict[str, str], width: int,
         colour, block = STAGE_COLOURS[i % len(STAGE_COLOURS)], STAGE_BLOCKS[i % 2]
         label = f"{_members(names, stage)} {_range(*_span(stage))}"
         if progress is not None:
-            done = max(0.0, min(1.0, float(progress.get(stage.get("node"), 0) or 0)))
+            done = max(0.0, min(1.0, progress.get(stage.node, 0.0)))
             filled = round(cells * done)
             bar.append(block * filled, colour)
             bar.append(EMPTY_BLOCK * (cells - filled), colour)
@@ -301,14 +295,13 @@ def _bar(stages: list[dict[str, Any]], names: dict[str, str], width: int,
     return lines
 
 
-def _members(names: dict[str, str], stage: dict[str, Any]) -> str:
+def _members(names: dict[str, str], stage: Stage) -> str:
     """A stage's Mac, or a tensor group's members on one segment: "studio1+studio2"."""
-    group = [m for m in _list(stage.get("group")) if isinstance(m, str)]
-    return "+".join(_name(names, m) for m in group) if group else _name(names, stage.get("node"))
+    return "+".join(_name(names, m) for m in stage.members)
 
 
-def _member_count(stages: list[dict[str, Any]]) -> int:
-    return sum(len(_list(s.get("group"))) or 1 for s in stages)
+def _member_count(stages: tuple[Stage, ...]) -> int:
+    return sum(len(s.members) for s in stages)
 
 
 def _segment_widths(sizes: list[int], width: int) -> list[int]:
@@ -326,29 +319,27 @@ def _segment_widths(sizes: list[int], width: int) -> list[int]:
     return widths
 
 
-def _runtime(runtime: dict[str, Any] | None) -> Text | None:
-    """Requests in flight and, from daemons that count them, tokens/s and tokens."""
+def _runtime(runtime: RuntimeStatus | None) -> Text | None:
+    """Requests in flight, tokens/s and tokens."""
     if not runtime:
         return None
-    text = Text.assemble(" ", ("requests in flight ", "dim"), (str(runtime.get("requests", 0)), "bold"))
-    if runtime.get("tokens_per_s") is not None:
-        text.append_text(Text.assemble("  ", (f"{runtime['tokens_per_s']:.1f}", "bold"), (" tokens/s", "dim")))
-    if runtime.get("tokens") is not None:
-        text.append_text(Text.assemble("  ", (f"{runtime['tokens']:,}", "bold"), (" tokens", "dim")))
-    return text.append(" ")
+    return Text.assemble(" ", ("requests in flight ", "dim"), (str(runtime.requests), "bold"),
+                         "  ", (f"{runtime.tokens_per_s:.1f}", "bold"), (" tokens/s", "dim"),
+                         "  ", (f"{runtime.counters.tokens:,}", "bold"), (" tokens", "dim"), " ")
 
 
-def _serving(runtime: dict[str, Any] | None, width: int) -> list[Text]:
+def _serving(runtime: RuntimeStatus | None, width: int) -> list[Text]:
     """The batch, the KV room and the prefix cache, from daemons that serve with them."""
-    if not runtime or runtime.get("kv_room") is None:
+    if not runtime or not runtime.scheduler.kv_room:
         return []
-    parts = [Text.assemble(("decoding ", "dim"), (str(runtime.get("decoding") or 0), "bold"),
-                           (" queued ", "dim"), (str(runtime.get("queued") or 0), "bold")),
-             Text.assemble(("KV ", "dim"), (f"{runtime.get('kv_tokens') or 0:,}", "bold"),
-                           (f" of {runtime['kv_room']:,} tokens", "dim"))]
-    lookups, hits = runtime.get("prefix_lookups") or 0, runtime.get("prefix_hits") or 0
-    cached = Text.assemble(("prefix cache ", "dim"), (f"{runtime.get('prefix_tokens') or 0:,}", "bold"),
-                           (" tokens ", "dim"), (format_bytes(runtime.get("prefix_bytes") or 0), "bold"))
+    scheduler, caches = runtime.scheduler, runtime.caches
+    parts = [Text.assemble(("decoding ", "dim"), (str(scheduler.decoding), "bold"),
+                           (" queued ", "dim"), (str(scheduler.queued), "bold")),
+             Text.assemble(("KV ", "dim"), (f"{scheduler.kv_tokens:,}", "bold"),
+                           (f" of {scheduler.kv_room:,} tokens", "dim"))]
+    lookups, hits = scheduler.prefix_lookups, scheduler.prefix_hits
+    cached = Text.assemble(("prefix cache ", "dim"), (f"{caches.prefix_tokens:,}", "bold"),
+                           (" tokens ", "dim"), (format_bytes(caches.prefix_bytes), "bold"))
     if lookups:
         cached.append_text(Text.assemble(("  hits ", "dim"), (f"{hits / lookups:.0%}", "bold"),
                                          (f" of {lookups:,}", "dim")))
@@ -359,15 +350,13 @@ def _serving(runtime: dict[str, Any] | None, width: int) -> list[Text]:
 
 def _events_table(status: Status, limit: int) -> Table:
     """The newest `limit` events, newest first, with their age on the daemon's clock."""
-    now = status.get("now")
     table = _table(header=False, expand=True)  # the details get all the room there is
     _column(table, "age", justify="right")
     _column(table, "kind")
     _column(table, "detail", ratio=1)
-    for event in reversed(_list(status.get("events"))[-limit:]):
-        kind = str(event.get("kind") or "")
-        table.add_row(_age(now, event.get("at")), Text(kind, style=EVENT_STYLES.get(kind, "")),
-                      str(event.get("detail") or ""))
+    for event in reversed(status.events[-limit:]):
+        table.add_row(_age(status.now, event.at), Text(event.kind, style=EVENT_STYLES.get(event.kind, "")),
+                      event.detail)
     return table
 
 
@@ -388,8 +377,8 @@ def _column(table: Table, header: str, **kwargs: Any) -> None:
     table.add_column(header, no_wrap=True, overflow="ellipsis", **kwargs)
 
 
-def _table_height(rows: Any) -> int:
-    return 1 + max(len(_list(rows)), 1)  # the header and the rows (or one "none" line)
+def _table_height(rows: tuple[Any, ...]) -> int:
+    return 1 + max(len(rows), 1)  # the header and the rows (or one "none" line)
 
 
 def _pack(parts: list[Text], width: int, sep: str = "  ") -> Text:
@@ -418,16 +407,12 @@ def _lines(renderable: RenderableType, width: int) -> int:
     return len(console.render_lines(renderable, console.options, pad=False))
 
 
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
+def _name(names: dict[str, str], node_id: str | None) -> str:
+    return names.get(node_id or "") or _short(node_id)
 
 
-def _name(names: dict[str, str], node_id: Any) -> str:
-    return names.get(node_id) or _short(node_id)
-
-
-def _short(node_id: Any) -> str:
-    return str(node_id)[:8] if node_id else "?"
+def _short(node_id: str | None) -> str:
+    return node_id[:8] if node_id else "?"
 
 
 def _range(start: int, end: int) -> str:
@@ -441,13 +426,12 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def _span(stage: dict[str, Any]) -> tuple[int, int]:
-    """A stage's [start, end) of layers, (0, 0) where unknown."""
-    start, end = stage.get("start"), stage.get("end")
-    return (start, end) if isinstance(start, int) and isinstance(end, int) else (0, 0)
+def _span(stage: Stage | ShardStatus) -> tuple[int, int]:
+    """A stage's [start, end) of layers."""
+    return stage.start, stage.end
 
 
-def _layer_count(stages: list[dict[str, Any]]) -> int:
+def _layer_count(stages: tuple[Stage, ...]) -> int:
     return sum(max(0, end - start) for start, end in map(_span, stages))
 
 
@@ -471,8 +455,8 @@ def _rtt(seconds: float | None) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds >= 0.9995e-3 else f"{seconds * 1e6:.0f} µs"
 
 
-def _age(now: float | None, at: float | None) -> str:
-    if now is None or at is None:
+def _age(now: float, at: float) -> str:
+    if not now or not at:  # a daemon that did not say
         return ""
     seconds = max(0, int(now - at))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):

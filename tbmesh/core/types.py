@@ -1,12 +1,13 @@
 """Descriptions shared by the whole core: nodes, links, models, plans.
 
 All sizes are bytes, bandwidths bytes per second, times seconds. Everything here is
-immutable and plain, so it can be compared, hashed, and sent over the wire as a dict.
+immutable and plain, so it can be compared, hashed, and sent over the wire as a dict
+(tbmesh.net.wire) or as JSON (tbmesh.core.jsonform: /status, telemetry, `tbmesh plan --json`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, dataclass, field
 from typing import Any
 
 # Fields marked so are left out of a message when they hold their default (tbmesh.net.wire):
@@ -25,21 +26,6 @@ class NodeInfo:
     memory_usable: int = 0  # what a model may take here (Metal's working set, not all RAM)
     flops: float = 0.0
     memory_bandwidth: float = field(default=0.0, metadata=OMIT_DEFAULT)  # bytes/s, 0 = unknown
-
-    def to_wire(self) -> dict[str, Any]:
-        return _omit_defaults(self)
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> NodeInfo:
-        return cls(
-            id=str(data["id"]),
-            name=str(data["name"]),
-            chip=str(data.get("chip", "")),
-            memory_total=int(data.get("memory_total", 0)),
-            memory_usable=int(data.get("memory_usable", 0)),
-            flops=float(data.get("flops", 0.0)),
-            memory_bandwidth=float(data.get("memory_bandwidth", 0.0)),
-        )
 
 
 @dataclass(frozen=True)
@@ -110,14 +96,6 @@ class Stage:
     def members(self) -> tuple[str, ...]:
         return self.group or (self.node,)
 
-    def to_wire(self) -> dict[str, Any]:
-        return _omit_defaults(self)
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> Stage:
-        group = tuple(str(x) for x in data.get("group", ()))
-        return cls(str(data["node"]), int(data["start"]), int(data["end"]), int(data["bytes"]), group)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -157,26 +135,6 @@ class Plan:
         """The stage `node` holds layers of (alone, or as a member of its group)."""
         return next((s for s in self.stages if node in s.members), None)
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "term": self.term,
-            "epoch": self.epoch,
-            "model": self.model,
-            "stages": [s.to_wire() for s in self.stages],
-            "left_out": list(self.left_out),
-        } | ({"manifest": self.manifest} if self.manifest else {})
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> Plan:
-        return cls(
-            term=int(data["term"]),
-            epoch=int(data["epoch"]),
-            model=str(data["model"]),
-            stages=tuple(Stage.from_wire(s) for s in data["stages"]),
-            left_out=tuple(str(n) for n in data.get("left_out", ())),
-            manifest=str(data.get("manifest", "")),
-        )
-
 
 @dataclass(frozen=True)
 class Placement:
@@ -195,12 +153,14 @@ class Placement:
         return Plan(term, epoch, model, self.stages, self.left_out, manifest)
 
 
-def _omit_defaults(obj: Any) -> dict[str, Any]:
-    out = asdict(obj)
-    for f in fields(obj):
-        if f.metadata == OMIT_DEFAULT and out[f.name] == f.default:
-            del out[f.name]
-    return out
+def omits_default(f: Field) -> bool:
+    """Whether field `f` is left out of a message (and of its JSON) while it holds its default."""
+    return f.metadata == OMIT_DEFAULT
+
+
+def omitted(obj: Any, f: Field) -> bool:
+    """Whether `obj`'s field `f` is left out of its message now (see OMIT_DEFAULT)."""
+    return omits_default(f) and getattr(obj, f.name) == f.default
 
 
 def ranges_of(indices: list[int]) -> tuple[tuple[int, int], ...]:

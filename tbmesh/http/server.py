@@ -32,6 +32,8 @@ from aiohttp import hdrs, web
 from aiohttp.http import HttpProcessingError
 
 from tbmesh.core.generation import Backend
+from tbmesh.core.jsonform import to_json
+from tbmesh.core.status import LinkStatus, Status
 from tbmesh.http import anthropic as anthropic_api
 from tbmesh.http import ollama as ollama_api
 from tbmesh.http import openai as openai_api
@@ -40,7 +42,7 @@ from tbmesh.http.anthropic import add_anthropic_routes
 from tbmesh.http.common import ApiError, Limits
 from tbmesh.http.ollama import add_ollama_routes
 from tbmesh.http.openai import add_openai_routes
-from tbmesh.http.openapi import ApiDescription, json_body, nullable, obj, ref
+from tbmesh.http.openapi import ApiDescription, json_body, obj, ref
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +153,10 @@ def key_middleware(api_key: str) -> Any:
     return check_key
 
 
-def make_app(status: Callable[[], dict[str, Any]], probe: Callable[[], Awaitable[dict[str, Any]]],
+def make_app(status: Callable[[], Status], probe: Callable[[], Awaitable[Iterable[LinkStatus]]],
              backend: Backend, limits: Limits = Limits(), api_key: str | None = None,
              hosts: Collection[str] = LOOPBACK_NAMES) -> web.Application:  # fmt: skip
-    """`status()`: GET /status; `probe()`: POST /probe (measure the links again, say them);
+    """`status()`: GET /status; `probe()`: POST /probe (measure the links again, give them);
     `api_key`: the key every request but a health check must carry (None: no key); `hosts`:
     the names it answers to (allowed_hosts)."""
 
@@ -162,10 +164,10 @@ def make_app(status: Callable[[], dict[str, Any]], probe: Callable[[], Awaitable
         return web.json_response({"status": "ok"})
 
     async def get_status(request: web.Request) -> web.Response:
-        return web.json_response(status())
+        return web.json_response(to_json(status()))
 
     async def post_probe(request: web.Request) -> web.Response:
-        return web.json_response(await probe())
+        return web.json_response({"links": to_json(tuple(await probe()))})
 
     async def get_openapi(request: web.Request) -> web.Response:
         return web.json_response(openapi_document(backend, limits, keyed=api_key is not None))
@@ -324,48 +326,9 @@ class _Closed(asyncio.Protocol):
 
 
 def _description() -> ApiDescription:
-    """GET /health, GET /status, POST /probe and GET /openapi.json, as tbmesh.node.daemon's status() makes them."""
-    string, integer, number = {"type": "string"}, {"type": "integer"}, {"type": "number"}
-    strings = {"type": "array", "items": string}
-    link = obj({"a": string, "b": string, "bandwidth_bps": number, "rtt_s": number},
-               required=["a", "b", "bandwidth_bps", "rtt_s"])
-    shard = obj({"start": integer, "end": integer, "epoch": integer, "bytes": nullable(integer),
-                 "progress": number, "loaded": {"type": "boolean"}, "serving": integer},
-                required=["start", "end", "epoch", "bytes", "progress", "loaded", "serving"])  # fmt: skip
-    node = obj({"id": string, "name": string, "chip": string, "state": {"enum": ["alive", "suspect", "dead"]},
-                "memory_total": integer, "memory_usable": integer, "flops": number,
-                "role": {"enum": ["leader", "follower"]}, "shard": nullable(shard)},
-               required=["id", "name", "chip", "state", "memory_total", "memory_usable", "flops", "role",
-                         "shard"])  # fmt: skip
-    stage = obj({"node": string, "start": integer, "end": integer, "bytes": integer},
-                required=["node", "start", "end", "bytes"])
-    plan_fields = {"term": integer, "epoch": integer, "model": string,
-                   "stages": {"type": "array", "items": stage}, "left_out": strings}  # fmt: skip
-    plan = obj(plan_fields, required=list(plan_fields))
-    preparing = obj({**plan_fields, "progress": {"type": "object", "additionalProperties": number,
-                                                 "description": "each stage's node: how much it has loaded"}},
-                    required=[*plan_fields, "progress"])  # fmt: skip
-    event = obj({"at": number, "kind": string, "node": nullable(string), "detail": string},
-                required=["at", "kind", "node", "detail"])
-    status = obj({
-        "node": obj({"id": string, "name": string, "incarnation": integer, "port": integer,
-                     "interfaces": strings, "addresses": strings},
-                    required=["id", "name", "incarnation", "port", "interfaces", "addresses"]),
-        "cluster": string,
-        "now": {**number, "description": "the clock of events[].at"},
-        "leader": nullable(string),
-        "term": integer,
-        "model": nullable(string),
-        "nodes": {"type": "array", "items": node},
-        "links": {"type": "array", "items": ref("Link")},
-        "plan": nullable(ref("Plan")),
-        "preparing": nullable(preparing),
-        "no_fit": nullable({**string, "description": "why the model fits no plan"}),
-        "runtime": nullable({"type": "object", "description": "this node's serving engine: its figures"}),
-        "events": {"type": "array", "items": event},
-    }, required=["node", "cluster", "now", "leader", "term", "model", "nodes", "links", "plan", "preparing",
-                 "no_fit", "runtime", "events"])  # fmt: skip
-    links = obj({"links": {"type": "array", "items": ref("Link")}}, required=["links"])
+    """GET /health, GET /status, POST /probe and GET /openapi.json; the status's schemas are made
+    from its types (tbmesh.core.status)."""
+    links = obj({"links": {"type": "array", "items": ref("LinkStatus")}}, required=["links"])
     return ApiDescription(
         paths={
             "/health": {"get": {"summary": "Whether the node's API is up (no API key needed)",
@@ -378,6 +341,6 @@ def _description() -> ApiDescription:
             "/openapi.json": {"get": {"summary": "This document (it wants the API key, if the node has one)", "responses": {"200": json_body(
                 {"type": "object", "required": ["openapi", "info", "paths"]}, "the OpenAPI document")}}},
         },  # fmt: skip
-        schemas={"Status": status, "Plan": plan, "Link": link},
+        schemas=openapi.dataclass_schemas(Status),
     )
 

@@ -41,7 +41,7 @@ import msgpack
 import numpy as np
 
 from tbmesh.core.messages import DatabaseSummary, Goodbye, Heartbeat, LinkStates
-from tbmesh.core.types import OMIT_DEFAULT, Stage
+from tbmesh.core.types import Stage, omitted
 
 # 2: batched serving (Tokens, Cancel.kind, the steps in Tensor.meta)
 # 3: log-probabilities (Sampled.surprisal and .top, logprobs in the sampling of Tensor.meta)
@@ -492,15 +492,12 @@ def parse_header(header: bytes | bytearray | memoryview, payload_len: int) -> An
 # --- encoding ---------------------------------------------------------------------------------
 
 
-def _omitted(obj: Any, f: Any) -> bool:
-    """A field added later (core.types.OMIT_DEFAULT) is not sent while it holds its default."""
-    return f.metadata == OMIT_DEFAULT and getattr(obj, f.name) == f.default
-
-
 def _as_map(obj: Any) -> dict[str, Any]:
-    """msgpack's fallback for nested dataclasses (tuples it packs as arrays by itself)."""
+    """msgpack's fallback for nested dataclasses (tuples it packs as arrays by itself); a
+    field marked OMIT_DEFAULT is left out while it holds its default, as in their JSON form
+    (tbmesh.core.jsonform)."""
     if is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: getattr(obj, f.name) for f in fields(obj) if not _omitted(obj, f)}
+        return {f.name: getattr(obj, f.name) for f in fields(obj) if not omitted(obj, f)}
     raise TypeError(f"cannot send a {type(obj).__name__}")
 
 
@@ -533,7 +530,7 @@ def encode_head(part: Part) -> bytes:
 
 def _head(message: Any, tag: str, skip: str | None, payload_len: int) -> bytes:
     header = {"t": tag} | {f.name: getattr(message, f.name) for f in fields(message)
-                           if f.name != skip and not _omitted(message, f)}
+                           if f.name != skip and not omitted(message, f)}
     packed = msgpack.packb(header, default=_as_map, use_bin_type=True)
     if len(packed) > MAX_HEADER:
         raise ValueError(f"{tag} header of {len(packed)} bytes exceeds {MAX_HEADER}")

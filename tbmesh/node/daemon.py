@@ -39,7 +39,18 @@ from typing import TYPE_CHECKING, Any
 from tbmesh.core.cluster import ClusterNode, CoreConfig
 from tbmesh.core.membership import PeerState
 from tbmesh.core.messages import Disconnect, DiskState, Event, KeepOnDisk, Send
-from tbmesh.core.types import ModelSpec, NodeInfo, Plan
+from tbmesh.core.status import (
+    DiskStatus,
+    FetchStatus,
+    LinkStatus,
+    NodeStatus,
+    Preparing,
+    ShardStatus,
+    Status,
+    StatusEvent,
+    ThisNode,
+)
+from tbmesh.core.types import ModelSpec, NodeInfo
 from tbmesh.net import interfaces as netif
 from tbmesh.net import peers, probe, rdma, wire
 from tbmesh.net.discovery import Advert, Discovery, Found
@@ -180,7 +191,7 @@ class Daemon:
         self.addresses: list[str] = []
         self.channels: dict[str, peers.Channel] = {}
         self.known: dict[str, Found] = {}
-        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
+        self.events: collections.deque[StatusEvent] = collections.deque(maxlen=200)
         self.port = 0
         self.api_port = 0
         self.ollama_port: int | None = None  # where --ollama-port listens, once it does
@@ -712,8 +723,7 @@ class Daemon:
         self._record(Event(self.now(), kind, node, detail))
 
     def _record(self, event: Event) -> None:
-        self.events.append({"at": event.at, "kind": event.kind, "node": event.node,
-                            "detail": event.detail})
+        self.events.append(StatusEvent(event.at, event.kind, event.node, event.detail))
         log.info("%s %s", event.kind, event.detail)
         if self.telemetry is not None:
             self.telemetry.event(self.events[-1])
@@ -956,10 +966,10 @@ class Daemon:
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe(p) for p in list(self.channels)))
 
-    async def _probe_links(self) -> dict[str, Any]:
+    async def _probe_links(self) -> tuple[LinkStatus, ...]:
         """POST /probe: every link measured again, then the links as /status gives them."""
         await self.probe_all()
-        return {"links": self.status()["links"]}
+        return self.status().links
 
     # ----- interfaces ------------------------------------------------------------------
 
@@ -1009,61 +1019,51 @@ class Daemon:
 
     # ----- status ----------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         core = self.core
-        nodes = []
-        for node_id, info in sorted(core.node_infos().items()):
-            state_ = core.state_of(node_id)
-            nodes.append({
-                "id": node_id, "name": info.name, "chip": info.chip, "state": state_.value,
-                "memory_total": info.memory_total, "memory_usable": info.memory_usable,
-                "flops": info.flops,
-                "role": "leader" if node_id == core.leader and state_ is not PeerState.DEAD else "follower",
-            })
-        shards = core.shards()
+        infos, shards, disks, others = core.node_infos(), core.shards(), core.disks(), core.other_models()
         stage_bytes = {s.node: s.bytes for s in core.plan.stages} if core.plan else {}
-        for node in nodes:
-            held = shards.get(node["id"])
-            node["shard"] = None if held is None else {
-                "start": held.start, "end": held.end, "epoch": held.epoch,
-                "bytes": stage_bytes.get(node["id"]), "progress": held.progress,
-                "loaded": held.ready, "serving": held.serving}
-        disks, others = core.disks(), core.other_models()
-        for node in nodes:
-            node["other_model"] = others.get(node["id"])  # why no plan uses it: another model under the name
-            disk = disks.get(node["id"])
-            fetching = disk.fetching if disk is not None else None
-            node["disk"] = None if disk is None else {
-                "layers": [list(r) for r in disk.layers], "ends": list(disk.ends), "bytes": disk.bytes,
-                "manifest": disk.manifest,
-                "fetching": None if fetching is None else {
-                    "done": fetching.done, "total": fetching.total, "bytes_per_s": fetching.bytes_per_s,
-                    "from": [core.node_infos()[n].name if n in core.node_infos() else n for n in fetching.sources]}}
-        links = [{"a": link.a, "b": link.b, "bandwidth_bps": link.bytes_per_s * 8, "rtt_s": link.rtt_s,
-                  "rdma": link.rdma} for link in core.links()]
-        plan = core.plan
-        return {
-            "node": {"id": core.id, "name": core.info.name, "incarnation": core.incarnation,
-                     "port": self.port, "interfaces": self.interfaces, "addresses": self.addresses},
-            "cluster": self.config.cluster,
-            "now": self.now(),  # the clock of events[].at
-            "leader": core.leader,
-            "term": core.term,
-            "model": self.model.name if self.model else None,
-            "nodes": nodes,
-            "replicas": _replicas(core.model, disks),
-            "links": links,
-            "plan": _plan_json(plan),
-            "preparing": None if core.preparing is None else {
-                **_plan_json(core.preparing),
-                "progress": {s.node: (held.progress if (held := shards.get(s.node)) is not None
-                                      and held.epoch == core.preparing.epoch else 0.0)
-                             for s in core.preparing.stages},
-            },
-            "no_fit": core.no_fit,
-            "runtime": self.engine.status() if self.engine else None,
-            "events": list(self.events)[-50:],
-        }
+
+        def shard(node_id: str) -> ShardStatus | None:
+            held = shards.get(node_id)
+            return None if held is None else ShardStatus(held.start, held.end, held.epoch, stage_bytes.get(node_id),
+                                                         held.progress, held.ready, held.serving)
+
+        def disk(node_id: str) -> DiskStatus | None:
+            if (on_disk := disks.get(node_id)) is None:
+                return None
+            fetching = on_disk.fetching
+            return DiskStatus(on_disk.layers, on_disk.ends, on_disk.bytes, on_disk.manifest, None if fetching is None
+                              else FetchStatus(fetching.done, fetching.total, fetching.bytes_per_s,
+                                               tuple(infos[n].name if n in infos else n for n in fetching.sources)))
+
+        nodes = []
+        for node_id, info in sorted(infos.items()):
+            state_ = core.state_of(node_id)
+            role = "leader" if node_id == core.leader and state_ is not PeerState.DEAD else "follower"
+            nodes.append(NodeStatus(node_id, info.name, info.chip, state_.value, info.memory_total, info.memory_usable,
+                                    info.flops, role, shard(node_id), others.get(node_id), disk(node_id)))
+        preparing = core.preparing
+        return Status(
+            node=ThisNode(core.id, core.info.name, core.incarnation, self.port, tuple(self.interfaces),
+                          tuple(self.addresses)),
+            cluster=self.config.cluster,
+            now=self.now(),
+            leader=core.leader,
+            term=core.term,
+            model=self.model.name if self.model else None,
+            nodes=tuple(nodes),
+            replicas=_replicas(core.model, disks),
+            links=tuple(LinkStatus(link.a, link.b, link.bytes_per_s * 8, link.rtt_s, link.rdma)
+                        for link in core.links()),
+            plan=core.plan,
+            preparing=None if preparing is None else Preparing(preparing, {
+                s.node: (held.progress if (held := shards.get(s.node)) is not None and held.epoch == preparing.epoch
+                         else 0.0) for s in preparing.stages}),
+            no_fit=core.no_fit,
+            runtime=self.engine.status() if self.engine else None,
+            events=tuple(list(self.events)[-50:]),
+        )
 
 
 async def _then(first: object | None, messages: AsyncIterator[object]) -> AsyncIterator[object]:
@@ -1089,18 +1089,8 @@ def _layers_text(keep: KeepOnDisk) -> str:
     return ", ".join(parts + [{"first": "the embedding", "last": "the head"}[end] for end in keep.ends])
 
 
-def _replicas(model: ModelSpec | None, disks: dict[str, DiskState]) -> list[int] | None:
+def _replicas(model: ModelSpec | None, disks: dict[str, DiskState]) -> tuple[int, ...] | None:
     """How many reachable disks hold each layer (None when no node says what its disk holds)."""
     if model is None or not disks:
         return None
-    return [sum(d.has(i, i + 1) for d in disks.values() if d.model == model.name) for i in range(model.num_layers)]
-
-
-def _plan_json(plan: Plan | None) -> dict[str, Any] | None:
-    return None if plan is None else {
-        "term": plan.term, "epoch": plan.epoch, "model": plan.model,
-        "stages": [{"node": s.node, "start": s.start, "end": s.end, "bytes": s.bytes}
-                   | ({"group": list(s.group)} if s.group else {}) for s in plan.stages],
-        "left_out": list(plan.left_out),
-        "manifest": plan.manifest,  # the digest of the model's manifest: "" when not known
-    }
+    return tuple(sum(d.has(i, i + 1) for d in disks.values() if d.model == model.name) for i in range(model.num_layers))

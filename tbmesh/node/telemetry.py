@@ -10,8 +10,8 @@ Every daemon publishes its own state to one broker under `tbmesh/<cluster>/`:
                                                                  and a fetch under way: {"done","total","bytes_per_s","from"})
     tbmesh/<cluster>/nodes/<id>/status    yes       the node    "online" / "offline" (the last will)
     tbmesh/<cluster>/nodes/<id>/links     yes       the node    [{"peer","peer_name","bandwidth_bps","rtt_s"}]
-    tbmesh/<cluster>/nodes/<id>/runtime   yes       the node    {"requests","stage_requests","weight_bytes",
-                                                                 "active_memory"} (the data plane)
+    tbmesh/<cluster>/nodes/<id>/runtime   yes       the node    /status's "runtime": {"requests","weight_bytes",
+                                                                 "tokens_per_s",...} (the data plane)
     tbmesh/<cluster>/leader               yes       the leader  {"id","name","term","members":[{"id","name","state"}]}
     tbmesh/<cluster>/plan                 yes       the leader  {"model","fits","reason","term","epoch",
                                                                  "stages":[{"node","name","start","end","bytes"}],
@@ -59,6 +59,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiomqtt
+
+from tbmesh.core.jsonform import to_json
+from tbmesh.core.status import Status, StatusEvent
+from tbmesh.core.types import Stage
 
 log = logging.getLogger("tbmesh.node.telemetry")
 
@@ -124,52 +128,53 @@ def _canonical(payload: Any) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
 
 
-def retained_state(status: dict[str, Any]) -> dict[str, bytes]:
+def retained_state(status: Status) -> dict[str, bytes]:
     """The retained topics this node writes, and their payloads, from the daemon's status."""
-    me = status["node"]["id"]
-    prefix = f"tbmesh/{status['cluster']}"
-    names = {n["id"]: n["name"] for n in status["nodes"]}
-    mine = next((n for n in status["nodes"] if n["id"] == me), None)
+    me = status.node.id
+    prefix = f"tbmesh/{status.cluster}"
+    names = {n.id: n.name for n in status.nodes}
+    mine = next((n for n in status.nodes if n.id == me), None)
     out: dict[str, Any] = {}
     if mine is not None:
         out[f"{prefix}/nodes/{me}"] = {
-            "id": me, "name": mine["name"], "chip": mine["chip"], "state": mine["state"],
-            "role": mine["role"], "incarnation": status["node"]["incarnation"],
-            "memory_total": mine["memory_total"], "memory_usable": mine["memory_usable"],
-            "flops": mine["flops"], "shard": mine["shard"], "disk": mine.get("disk"), "model": status["model"],
-            "leader": status["leader"], "term": status["term"],
-            "alive_nodes": sum(1 for n in status["nodes"] if n["state"] == "alive"),
+            "id": me, "name": mine.name, "chip": mine.chip, "state": mine.state,
+            "role": mine.role, "incarnation": status.node.incarnation,
+            "memory_total": mine.memory_total, "memory_usable": mine.memory_usable,
+            "flops": mine.flops, "shard": to_json(mine.shard), "disk": to_json(mine.disk), "model": status.model,
+            "leader": status.leader, "term": status.term,
+            "alive_nodes": sum(1 for n in status.nodes if n.state == "alive"),
         }
     links = []
-    for link in status["links"]:
-        if me in (link["a"], link["b"]):
-            peer = link["b"] if link["a"] == me else link["a"]
-            links.append({"peer": peer, "peer_name": names.get(peer), "bandwidth_bps": link["bandwidth_bps"],
-                          "rtt_s": link["rtt_s"]})
+    for link in status.links:
+        if me in (link.a, link.b):
+            peer = link.b if link.a == me else link.a
+            links.append({"peer": peer, "peer_name": names.get(peer), "bandwidth_bps": link.bandwidth_bps,
+                          "rtt_s": link.rtt_s})
     out[f"{prefix}/nodes/{me}/links"] = sorted(links, key=lambda link: link["peer"])
-    if status.get("runtime") is not None:
-        out[f"{prefix}/nodes/{me}/runtime"] = status["runtime"]
-    if status["leader"] == me:  # one writer per cluster-wide topic: the leader
+    if status.runtime is not None:
+        out[f"{prefix}/nodes/{me}/runtime"] = to_json(status.runtime)
+    if status.leader == me:  # one writer per cluster-wide topic: the leader
         out[f"{prefix}/leader"] = {
-            "id": me, "name": names.get(me), "term": status["term"],
-            "members": [{"id": n["id"], "name": n["name"], "state": n["state"]} for n in status["nodes"]],
+            "id": me, "name": names.get(me), "term": status.term,
+            "members": [{"id": n.id, "name": n.name, "state": n.state} for n in status.nodes],
         }
-        plan, preparing, no_fit = status["plan"], status.get("preparing"), status.get("no_fit")
+        plan, preparing, no_fit = status.plan, status.preparing, status.no_fit
 
-        def named(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [{**s, "name": names.get(s["node"])}
-                    | ({"group_names": [names.get(m) for m in s["group"]]} if s.get("group") else {})
+        def named(stages: tuple[Stage, ...]) -> list[dict[str, Any]]:
+            return [to_json(s) | {"name": names.get(s.node)}
+                    | ({"group_names": [names.get(m) for m in s.group]} if s.group else {})
                     for s in stages]
 
         if plan is not None or preparing is not None or no_fit:
             out[f"{prefix}/plan"] = {
-                "model": status["model"], "fits": not no_fit, "reason": no_fit,
-                "term": plan["term"] if plan else status["term"], "epoch": plan["epoch"] if plan else None,
-                "stages": named(plan["stages"]) if plan else [],
-                "left_out": plan["left_out"] if plan else [],
+                "model": status.model, "fits": not no_fit, "reason": no_fit,
+                "term": plan.term if plan else status.term, "epoch": plan.epoch if plan else None,
+                "stages": named(plan.stages) if plan else [],
+                "left_out": list(plan.left_out) if plan else [],
                 # the next plan while its shards load (the running one serves meanwhile)
-                "preparing": None if preparing is None else {**preparing, "stages": named(preparing["stages"])},
-                "replicas": status.get("replicas"),
+                "preparing": None if preparing is None else
+                to_json(preparing) | {"stages": named(preparing.plan.stages)},
+                "replicas": to_json(status.replicas),
             }
     return {topic: _canonical(payload) for topic, payload in out.items()}
 
@@ -189,7 +194,7 @@ class Telemetry:
         self.cluster = cluster
         self.node_id = node_id
         self.connected = False
-        self._status: dict[str, Any] | None = None
+        self._status: Status | None = None
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_BACKLOG)
         self._sent: dict[str, bytes] = {}  # what the broker holds from us on this connection
         self._wake = asyncio.Event()
@@ -198,15 +203,15 @@ class Telemetry:
 
     # ----- what the daemon calls (cheap, never blocks) ---------------------------------
 
-    def update(self, status: dict[str, Any]) -> None:
+    def update(self, status: Status) -> None:
         """The daemon's latest status (Daemon.status()); only what changed gets published."""
         self._status = status
         self._wake.set()
 
-    def event(self, event: dict[str, Any]) -> None:
-        """One event {"at","kind","node","detail"} (`at` is the daemon's monotonic clock)."""
-        self._events.append({"time": round(time.time(), 3), "kind": event["kind"], "node": event["node"],
-                             "detail": event["detail"], "by": self.node_id})
+    def event(self, event: StatusEvent) -> None:
+        """One event of the daemon's log (its `at` is the daemon's monotonic clock: ours is `time`)."""
+        self._events.append({"time": round(time.time(), 3), "kind": event.kind, "node": event.node,
+                             "detail": event.detail, "by": self.node_id})
         self._wake.set()
 
     def start(self) -> None:
@@ -307,8 +312,8 @@ class Telemetry:
         status = self._status
         if status is None:
             return
-        if status["node"]["id"] != self.node_id:
-            await self._retire(client, status["node"]["id"])
+        if status.node.id != self.node_id:
+            await self._retire(client, status.node.id)
         for topic, payload in retained_state(status).items():
             if self._sent.get(topic) != payload:
                 await client.publish(topic, payload, qos=1, retain=True)

@@ -37,7 +37,9 @@ from tbmesh.core.generation import (
     TokenLogprobs,
     Unavailable,
 )
-from tbmesh.core.types import Plan
+from tbmesh.core.messages import Fetching, ShardState
+from tbmesh.core.status import CacheFigures, EngineCounters, LoadingStatus, RuntimeStatus
+from tbmesh.core.types import Plan, Stage
 from tbmesh.net import wire
 from tbmesh.runtime.shard import Shard
 from tbmesh.serving import conductor as c
@@ -362,23 +364,22 @@ class Engine:
 
     # ----- status ----------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> RuntimeStatus:
         now = time.monotonic()
         recent = sum(1 for t in self._recent_tokens if now - t <= 5.0)
         loading = self.keeper.loading
-        return {
-            "requests": len(self.conductor.requests),  # entering here, in flight
-            "held": [list(r) for r in sorted(self.held)],
-            "loading": None if loading is None else
-            {"start": loading[0], "end": loading[1], "progress": self.keeper.progress},
-            "weight_bytes": weight_bytes(self.held.values()),
-            "active_memory": mx.get_active_memory(),
-            "tokens_per_s": recent / 5.0,
-            **self.counters.__dict__,
-            "tight_loads": self.keeper.tight_loads,  # loads begun after letting the running stage go
-            **self.scheduler.status(),  # as stage 0 of the routes that start here
-            **self._figures,  # the caches this node holds (stage_requests, kv and prefix-cache bytes)
-        }
+        return RuntimeStatus(
+            requests=len(self.conductor.requests),  # entering here, in flight
+            held=tuple(sorted(self.held)),
+            loading=None if loading is None else LoadingStatus(loading[0], loading[1], self.keeper.progress),
+            weight_bytes=weight_bytes(self.held.values()),
+            active_memory=mx.get_active_memory(),
+            tokens_per_s=recent / 5.0,
+            counters=EngineCounters(**vars(self.counters)),
+            tight_loads=self.keeper.tight_loads,  # loads begun after letting the running stage go
+            scheduler=self.scheduler.status(),  # as stage 0 of the routes that start here
+            caches=CacheFigures(**self._figures),  # as of the last change in the worker
+        )
 
 
 def _new_id() -> str:

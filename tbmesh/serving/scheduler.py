@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
+from tbmesh.core.status import SchedulerStatus
 from tbmesh.serving.messages import Admit, Member, Origin, Release, Route, Step
 from tbmesh.serving.prefix_cache import PrefixIndex
 from tbmesh.serving.settings import KV_BLOCK, ServingSettings
@@ -404,17 +405,17 @@ class Scheduler:
 
     # ----- status ------------------------------------------------------------------------
 
-    def status(self) -> dict[str, int | float]:
+    def status(self) -> SchedulerStatus:
         books = list(self.books.values())
-        hits = sum(b.index.stats.hits for b in books)
-        lookups = sum(b.index.stats.lookups for b in books)
-        return {
-            "queued": sum(len(b.waiting) for b in books),
-            "decoding": sum(len(lane.members) for b in books for lane in b.lanes),
-            "kv_tokens": sum(b.held() for b in books),
-            "kv_room": self.settings.context,
-            "prefix_hits": hits,
-            "prefix_lookups": lookups,
-            "prefix_hit_tokens": sum(b.index.stats.hit_tokens for b in books),
-            **self.stats.__dict__,
-        }
+        stats = self.stats
+        return SchedulerStatus(
+            queued=sum(len(b.waiting) for b in books),
+            decoding=sum(len(lane.members) for b in books for lane in b.lanes),
+            kv_tokens=sum(b.held() for b in books),
+            kv_room=self.settings.context,
+            prefix_hits=sum(b.index.stats.hits for b in books),
+            prefix_lookups=sum(b.index.stats.lookups for b in books),
+            prefix_hit_tokens=sum(b.index.stats.hit_tokens for b in books),
+            admitted=stats.admitted, preempted=stats.preempted, decode_steps=stats.decode_steps,
+            decoded=stats.decoded, prefill_steps=stats.prefill_steps, prefilled=stats.prefilled,
+        )
