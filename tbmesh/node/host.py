@@ -3,24 +3,40 @@ the disk are handed this, never the daemon, and reach the cluster only through i
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Container, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tbmesh.core.messages import DiskState, ShardState
 from tbmesh.net import peers
 from tbmesh.serving.view import ClusterView
 
 if TYPE_CHECKING:
+    from tbmesh.core.cluster import ClusterNode
     from tbmesh.core.types import LinkInfo
-    from tbmesh.node.daemon import Daemon
+    from tbmesh.node.bulk_service import BulkService
+    from tbmesh.node.connections import Connections
+    from tbmesh.node.control import ControlPlane
+
+
+class Parts(Protocol):
+    """The daemon's parts a host reads (tbmesh.node.daemon.Daemon), each made at start."""
+
+    loop: asyncio.AbstractEventLoop
+    core: ClusterNode
+    control: ControlPlane
+    connections: Connections
+    bulk: BulkService
+
+    def view(self) -> ClusterView: ...
 
 
 class NodeHost:
     """A Host over a daemon's parts, read when called: the disk is handed it at start, before
     the core and the connections are made."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Parts) -> None:
         self._daemon = daemon
         self.loop = daemon.loop
 
