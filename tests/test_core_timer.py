@@ -81,9 +81,10 @@ def check_ticks(monkeypatch) -> dict[str, int]:
     tick = ClusterNode.tick
 
     def view(core: ClusterNode) -> tuple:
+        connected = any(d.connected for d in core.peers.values())  # else no heartbeat is scheduled
         return (core.db.states.get(core.id), core.leader, core.term, core.plan, core.preparing, core.no_fit,
                 core.members(), {p: (d.state, d.connected) for p, d in core.peers.items()}, core.keep,
-                core.next_heartbeat, len(core.events))
+                core.next_heartbeat if connected else None, len(core.events))
 
     def checked(core: ClusterNode, now: float) -> list:
         deadline = core.next_deadline()
