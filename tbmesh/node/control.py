@@ -60,7 +60,7 @@ class ControlPlane:
         self.ticks = 0  # times the timer fired (tests, benchmarks)
         self._timer: asyncio.TimerHandle | None = None
         self._armed_for: float | None = None  # the deadline the timer is armed for
-        self._stopped = False
+        self._running = False  # between start() and stop(): the timer is armed only then
         self._sound_links: dict[frozenset[str], dict[str, int]] = {}  # as the engine last heard
         self._last_view: tuple | None = None  # (plan, preparing) the engine last saw
 
@@ -104,12 +104,14 @@ class ControlPlane:
         self._record(Event(self.now(), kind, node, detail))
 
     def start(self) -> None:
-        """Arm the timer (the core's first deadlines: its election, after its start-up grace)."""
+        """Arm the timer from now on: once the node listens and discovery runs, as its start-up
+        grace (its election alone) means to count while it can hear from peers."""
+        self._running = True
         self._arm(self.core.next_deadline())
 
     def stop(self) -> None:
         """No timer any more (the core has left)."""
-        self._stopped = True
+        self._running = False
         self._arm(None)
 
     def _record(self, event: Event) -> None:
@@ -119,7 +121,7 @@ class ControlPlane:
             self.telemetry.event(self.events[-1])
 
     def _arm(self, deadline: float | None) -> None:
-        if self._stopped:
+        if not self._running:
             deadline = None
         if deadline == self._armed_for:  # None: no timer
             return
