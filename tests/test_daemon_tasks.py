@@ -10,8 +10,9 @@ import resource
 
 import pytest
 
-from tbmesh.node import daemon as daemon_module
-from tbmesh.node.daemon import Daemon, DaemonConfig, OncePer, raise_open_files_limit, supervise
+from tbmesh.node import tasks as tasks_module
+from tbmesh.node.daemon import Daemon, DaemonConfig, raise_open_files_limit
+from tbmesh.node.tasks import OncePer, supervise
 
 
 def test_a_loop_that_fails_is_logged_and_started_again_with_back_off(caplog):
@@ -56,7 +57,7 @@ def test_a_vital_task_that_fails_stops_the_daemon_loudly(caplog, tmp_path):
         async def renew() -> None:
             raise RuntimeError("discovery would not start again")
 
-        node._spawn(renew(), vital="renewing the node id")
+        node.tasks.spawn(renew(), vital="renewing the node id")
         await asyncio.wait_for(node.stopped.wait(), 5)
         return node
 
@@ -73,7 +74,7 @@ def test_a_task_of_one_connection_that_fails_is_logged_and_the_daemon_goes_on(ca
         async def read() -> None:
             raise ValueError("a bug in a reader")
 
-        await asyncio.gather(node._spawn(read()), return_exceptions=True)
+        await asyncio.gather(node.tasks.spawn(read()), return_exceptions=True)
         await asyncio.sleep(0)
         return node
 
@@ -85,7 +86,7 @@ def test_a_task_of_one_connection_that_fails_is_logged_and_the_daemon_goes_on(ca
 
 def test_refusals_from_one_address_are_one_warning_a_minute(caplog, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(daemon_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(tasks_module.time, "monotonic", lambda: clock[0])
     log = logging.getLogger("tbmesh.test")
     caplog.set_level(logging.DEBUG, logger="tbmesh.test")
     quiet = OncePer(every=60)

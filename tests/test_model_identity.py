@@ -5,7 +5,6 @@ the answers are mlx-lm's, token for token, for the cluster's model."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 import uuid

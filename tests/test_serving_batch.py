@@ -306,7 +306,7 @@ def test_activations_that_are_not_finite_are_refused_and_nothing_of_them_is_cach
     arrivals = {2 * i: [(f"{r}.0", prompt, 20)] for i, (r, prompt) in enumerate(prompts.items())}
     failures = run_restarting(harness, arrivals, prompts, 20)
     assert poisoned and len(failures) == 1
-    assert failures[0] == f"n1 refused activations that are not finite (NaN or inf) from n0 for layers 2-3"
+    assert failures[0] == "n1 refused activations that are not finite (NaN or inf) from n0 for layers 2-3"
     if kind == "decode":
         assert len(poisoned[0].members) > 1  # the others in the batch went on
     for request, prompt in prompts.items():

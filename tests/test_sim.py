@@ -2,6 +2,7 @@
 
 import itertools
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,15 @@ T = CONFIG.timing
 # After the last fault, the network must be quiet this long for the cluster to converge:
 # failure detection, election delay, settle window, and flooding, with room to spare.
 CONVERGENCE_BOUND = 3 * (T.suspect_after + T.dead_after + T.election_delay + T.settle) + 2.0
+
+
+@pytest.fixture(autouse=True, scope="module", params=["ticked", "timed"])
+def shell(request):
+    """Every scenario twice: each node ticked on a fixed interval, and each run from its one
+    timer armed for ClusterNode.next_deadline() alone, as the daemon runs it."""
+    Simulator.TIMERS = request.param == "timed"
+    yield request.param
+    Simulator.TIMERS = False
 
 
 def mesh(sim: Simulator, ids) -> None:

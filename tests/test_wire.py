@@ -20,7 +20,7 @@ from tbmesh.core import messages
 from tbmesh.core.messages import Goodbye, Heartbeat
 from tbmesh.core.types import Stage
 from tbmesh.net import wire
-from tbmesh.net.wire import PREFIX, Fetch, Hello, Part, ProtocolError, Refuse, Tensor, Welcome
+from tbmesh.net.wire import PREFIX, Fetch, Hello, Part, ProtocolError, Refuse, Tensor
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

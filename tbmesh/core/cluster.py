@@ -7,10 +7,12 @@ out the actions it returns:
     actions = node.peer_connected("b", incarnation=3, now=now)
     actions = node.receive("b", message, now)
     actions = node.flush(now)           # soon after a burst of receives (coalesced)
-    actions = node.tick(now)            # call every heartbeat_interval / 2 or so
+    actions = node.tick(now)            # at node.next_deadline(), asked again after every call
     events = node.drain_events()        # joined, dead, leader, plan, ...
 
-It never reads a clock, opens a socket or sleeps.
+It never reads a clock, opens a socket or sleeps. Its timers are one deadline
+(`next_deadline`, as aioquic's `get_timer`): a shell arms one timer for it; a shell that ticks
+on a fixed interval instead (the simulator) sees the same, as a tick before it does nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from tbmesh.core import election
-from tbmesh.core.membership import LinkStateDb, PeerDetector, PeerState, Timing
+from tbmesh.core.membership import LinkStateDb, PeerDetector, PeerState, Timing, due_at
 from tbmesh.core.messages import (
     ENDS,
     FIRST,
@@ -117,6 +119,8 @@ class ClusterNode:
         self._best: str | None = None
         self._left = False
         self.dirty = False  # received messages not yet reflected in the view
+        self._dirty_at = now  # when the first of them came: a flush is owed from then
+        self._updated_at = now  # the time of the last update: its timers that were due are done
         self._publish(now)
 
     # ----- inputs -------------------------------------------------------------------
@@ -158,6 +162,8 @@ class ClusterNode:
         elif isinstance(message, Goodbye):
             if message.incarnation >= detector.incarnation:
                 detector.state, detector.connected = PeerState.DEAD, False
+        if not self.dirty:
+            self._dirty_at = now
         self.dirty = True
         out, self._out = self._out, []
         return out
@@ -170,10 +176,44 @@ class ClusterNode:
         if self._left:
             return []
         if now >= self.next_heartbeat:
-            self.next_heartbeat = max(self.next_heartbeat + self.timing.heartbeat_interval, now)
+            interval = self.timing.heartbeat_interval
+            # a whole interval late (no peer was connected, so no timer was armed for it):
+            # the next one interval from now, not a second one at once to catch up
+            late = self.next_heartbeat + interval <= now
+            self.next_heartbeat = now + interval if late else self.next_heartbeat + interval
             for peer in self._connected():
                 self._send(peer, self._heartbeat(peer, now))
         return self._update(now)
+
+    def next_deadline(self) -> float | None:
+        """When `tick` next has something to do; None when nothing will be until an input
+        comes. The earliest of: the next heartbeats (while a peer is connected), each direct
+        peer's suspicion after silence and death after suspicion, the election when we are
+        the leaderless group's candidate, the leader's settling before it plans and its
+        retries of Macs that could not load, and a flush owed since a `receive` (at once).
+
+        It moves with every input (a heartbeat received puts a suspicion off, a member
+        joining restarts the settling), so a shell asks again after each call into the node
+        and re-arms its one timer. A tick before the deadline changes nothing."""
+        if self._left:
+            return None
+        if self.dirty:
+            return self._dirty_at
+        timing = self.timing
+        timers = [detector.deadline(timing) for detector in self.peers.values()]
+        if self.leader is None and self.leaderless_since is not None \
+                and election.candidate(self._members) == self.id:
+            timers.append(max(due_at(self.leaderless_since, timing.election_delay),
+                              due_at(self.started_at, timing.startup_grace)))
+        if self.is_leader:
+            timers.append(due_at(self._members_since, timing.settle))
+            timers += [due_at(since, self._retry_wait(node)) for node, since in self._unable.items()]
+        # These are conditions of time, true from their deadline on: one the last update
+        # already saw (its deadline at or before it) has done what it does.
+        due = [t for t in timers if t is not None and t > self._updated_at]
+        if any(d.connected and d.state is not PeerState.DEAD for d in self.peers.values()):
+            due.append(self.next_heartbeat)  # due until a tick sends them
+        return min(due, default=None)
 
     def set_link_bandwidth(self, peer: str, bytes_per_s: float, now: float) -> list[Action]:
         """A bandwidth probe to a direct peer finished."""
@@ -416,7 +456,7 @@ class ClusterNode:
     # ----- the state machine ------------------------------------------------------------
 
     def _update(self, now: float) -> list[Action]:
-        self.dirty = False
+        self.dirty, self._updated_at = False, now
         for detector in self.peers.values():
             before = detector.state
             detector.tick(now, self.timing)
@@ -624,8 +664,7 @@ class ClusterNode:
                 self._unable_failures.pop(stage.node, None)
         for node, since in list(self._unable.items()):
             failures = self._unable_failures[node]
-            wait = min(self.timing.retry_unable * 2 ** (failures - 1), self.timing.retry_unable_max)
-            if now - since >= wait:
+            if now - since >= self._retry_wait(node):
                 del self._unable[node]
                 self._planned_for = None
                 self._event(now, "retry", node, f"{self._name(node)} is planned for again "
@@ -644,6 +683,11 @@ class ClusterNode:
                         self._abandon(now, f"{self._name(stage.node)} could not load its layers")
                     self._planned_for = None
         return members - frozenset(self._unable)
+
+    def _retry_wait(self, node: str) -> float:
+        """How long a member that could not load waits to be planned for again."""
+        failures = self._unable_failures[node]
+        return min(self.timing.retry_unable * 2 ** (failures - 1), self.timing.retry_unable_max)
 
     def _other_models(self, now: float) -> frozenset[str]:
         """The members other_models() names, with an event for each as it is first left out."""

@@ -9,6 +9,7 @@ for liveness (its records live for minutes).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -35,6 +36,18 @@ class Timing:
     summary_interval: float = 1.0  # at most one database summary per peer per interval
     retry_unable: float = 60.0  # a node that could not load is planned for again after this,
     retry_unable_max: float = 3600.0  # doubling at each failure in a row, up to this
+
+
+def due_at(since: float, wait: float) -> float:
+    """The first instant `now` at which `now - since >= wait` holds as floats compute it
+    (`since + wait` may be an ulp off either way): a timer armed for it finds the condition
+    true when it fires, and nothing is due a hair before it."""
+    at = since + wait
+    while at - since < wait:
+        at = math.nextafter(at, math.inf)
+    while math.nextafter(at, -math.inf) - since >= wait:
+        at = math.nextafter(at, -math.inf)
+    return at
 
 
 @dataclass
@@ -86,6 +99,15 @@ class PeerDetector:
     def measure_rtt(self, sample: float) -> None:
         # exponential moving average: one slow heartbeat must not swing the figure
         self.rtt_s = sample if self.rtt_s == 0 else 0.8 * self.rtt_s + 0.2 * sample
+
+    def deadline(self, timing: Timing) -> float | None:
+        """When `tick` next changes our state: suspicion after silence, death after
+        suspicion; None once dead. A heartbeat received moves it."""
+        if self.state is PeerState.ALIVE:
+            return due_at(self.last_heard, timing.suspect_after)
+        if self.state is PeerState.SUSPECT:
+            return due_at(self.suspect_since, timing.dead_after)
+        return None
 
     def tick(self, now: float, timing: Timing) -> None:
         if self.state is PeerState.ALIVE and now - self.last_heard >= timing.suspect_after:

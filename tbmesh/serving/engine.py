@@ -37,9 +37,8 @@ from tbmesh.core.generation import (
     TokenLogprobs,
     Unavailable,
 )
-from tbmesh.core.messages import Fetching, ShardState
 from tbmesh.core.status import CacheFigures, EngineCounters, LoadingStatus, RuntimeStatus
-from tbmesh.core.types import Plan, Stage
+from tbmesh.core.types import Plan
 from tbmesh.net import wire
 from tbmesh.runtime.shard import Shard
 from tbmesh.serving import conductor as c

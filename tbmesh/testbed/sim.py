@@ -4,6 +4,9 @@ It plays the shell's part for N `ClusterNode`s against a virtual clock: connecti
 cables, message delays (FIFO per direction, as TCP), random drops, network partitions,
 crashes (with or without a connection reset reaching the peers), restarts with a new
 incarnation, graceful leaves, and joins. The same seed gives the same run.
+
+Each node is ticked on a fixed interval, or with `timers` as the daemon runs it: one timer
+armed for `ClusterNode.next_deadline()` after every call into the node, and no tick besides.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class Stats:
 
 
 class Simulator:
+    TIMERS = False  # the default of `timers` (a test module may run all its scenarios both ways)
+
     def __init__(
         self,
         seed: int = 0,
@@ -54,8 +59,11 @@ class Simulator:
         network: NetworkModel | None = None,
         keep_events: bool = True,
         planner: Planner | None = None,
+        timers: bool | None = None,
     ) -> None:
         self.rng = random.Random(seed)
+        self.timers = self.TIMERS if timers is None else timers
+        self.ticks = 0  # the nodes' ticks (fixed or timed), for comparing the two
         self.planner = planner
         self.config = config or CoreConfig()
         self.net = network or NetworkModel()
@@ -78,6 +86,7 @@ class Simulator:
         self.loads: dict[str, list[Range]] = {}  # node -> every range it loaded
         self.unloadable: set[str] = set()  # nodes whose loads fail (a damaged model copy)
         self._followed: dict[str, tuple] = {}
+        self._armed: dict[str, tuple[ClusterNode, float | None]] = {}  # node -> (its core, its timer's deadline)
         self._schedule(self.net.reconnect_interval, self._reconnect_loop)
 
     # ----- scenario verbs ------------------------------------------------------------
@@ -225,8 +234,11 @@ class Simulator:
         self.nodes[node] = core
         self.keepers[node] = k.Keeper(retry_s=self.net.load_retry)  # a restart loses what was in memory
         self._followed.pop(node, None)
-        phase = self.rng.random() * self.config.timing.heartbeat_interval / 2
-        self._schedule(phase, lambda: self._tick(node, core))
+        phase = self.rng.random() * self.config.timing.heartbeat_interval / 2  # drawn either way: the same run
+        if self.timers:
+            self._arm(node, core)
+        else:
+            self._schedule(phase, lambda: self._tick(node, core))
         for pair in sorted(self.cables, key=sorted):
             if node in pair:
                 (peer,) = pair - {node}
@@ -236,8 +248,28 @@ class Simulator:
     def _tick(self, node: str, core: ClusterNode) -> None:
         if self.nodes.get(node) is not core:
             return  # crashed or restarted since this tick was scheduled
+        self.ticks += 1
         self._carry_out(node, core.tick(self.now))
         self._schedule(self.config.timing.heartbeat_interval / 2, lambda: self._tick(node, core))
+
+    def _arm(self, node: str, core: ClusterNode) -> None:
+        """Arm the node's one timer for its core's next deadline (the one armed before, if
+        another, will find itself superseded)."""
+        deadline = core.next_deadline()
+        if self._armed.get(node) == (core, deadline):
+            return
+        self._armed[node] = (core, deadline)
+        if deadline is None:
+            return
+
+        def fire() -> None:
+            if self.nodes.get(node) is not core or self._armed.get(node) != (core, deadline):
+                return  # crashed, restarted, or re-armed since
+            del self._armed[node]
+            self.ticks += 1
+            self._carry_out(node, core.tick(self.now))
+
+        self._schedule_at(deadline, fire)
 
     def _usable(self, pair: frozenset[str]) -> bool:
         return pair in self.cables and pair not in self.blocked
@@ -283,6 +315,8 @@ class Simulator:
 
         if core is not None and core.model is not None:
             self._follow_plan(node, core)
+        if core is not None and self.timers:
+            self._arm(node, core)
 
     @property
     def held(self) -> dict[str, set[Range]]:
@@ -345,7 +379,7 @@ class Simulator:
         if core is None or pair not in self.connections or not self._usable(pair):
             return
         self._carry_out(dst, core.receive(src, message, self.now))
-        if core.dirty and dst not in self._flush_pending:
+        if core.dirty and dst not in self._flush_pending and not self.timers:  # timed: the flush is its deadline
             self._flush_pending.add(dst)
             self._schedule(self.net.flush_delay, lambda: self._flush(dst, core))
 
@@ -370,3 +404,7 @@ class Simulator:
 
     def _schedule(self, delay: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._queue, (self.now + delay, next(self._order), action))
+
+    def _schedule_at(self, at: float, action: Callable[[], None]) -> None:
+        """At `at` exactly (now + (at - now) may round below it), or now if it is past."""
+        heapq.heappush(self._queue, (max(at, self.now), next(self._order), action))
