@@ -213,3 +213,29 @@ def test_plain_messages_cross_a_tls_channel_intact():
             server.close()
 
     run(scenario())
+
+
+def test_raw_bytes_that_came_with_the_welcome_are_read_first():
+    """A probe's answer writes its go-ahead right after its Welcome, and both may arrive in one
+    segment: the dialer's raw read must return the byte the handshake's read took, not wait
+    for more (it did: every daemon probe timed out)."""
+
+    async def scenario():
+        async def on_accept(reader, writer):
+            await reader.read(4096)  # the Hello
+            b = me("b")
+            welcome = wire.Welcome(version=wire.PROTOCOL_VERSION, node=b.node, incarnation=b.incarnation,
+                                   name=b.name, cluster=b.cluster, machine=b.machine, purpose="probe")
+            writer.write(b"".join(wire.encode(welcome)) + b"G")  # one write, one segment
+            await writer.drain()
+            await asyncio.sleep(5)
+
+        server = await asyncio.start_server(on_accept, "127.0.0.1", 0)
+        try:
+            dialled = await peers.dial("127.0.0.1", server.sockets[0].getsockname()[1], me("a"), "probe")
+            assert await asyncio.wait_for(dialled.read(), 2) == b"G"
+            dialled.close()
+        finally:
+            server.close()
+
+    run(scenario())

@@ -109,7 +109,15 @@ class Channel:
         write_all(self.writer, self.tls.seal(buffers) if self.tls is not None else buffers)
 
     async def read(self) -> bytes:
-        """The next bytes from the peer (opened with TLS); b"" at the end of the stream."""
+        """The next raw bytes from the peer (opened with TLS), for a stream that follows the
+        handshake (a probe's): first what the handshake's reads took past its last message (the
+        answer's go-ahead may come in one segment with its Welcome); b"" at the end."""
+        if left := self.decoder.unread():
+            self.decoder = wire.FrameDecoder()  # from here on the stream is raw bytes
+            return left
+        return await self._read()
+
+    async def _read(self) -> bytes:
         while True:
             data = await self.reader.read(READ_CHUNK)
             if not data or self.tls is None:
@@ -153,7 +161,7 @@ class Channel:
                 if message is not None:
                     yield message
                     continue
-                data = await self.read()
+                data = await self._read()
                 if not data:
                     self.close("closed by the peer")
                     return
@@ -167,7 +175,7 @@ class Channel:
     async def receive(self) -> Any | None:
         """The next message; None when the peer closed the connection first."""
         while (message := self.decoder.next_message()) is None:
-            data = await self.read()
+            data = await self._read()
             if not data:
                 return None
             self.decoder.feed(data)
