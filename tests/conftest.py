@@ -16,7 +16,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "needs_root: needs root and iproute2 (network-namespace lab); skipped otherwise"
     )
     config.addinivalue_line(
-        "markers", "slow: left out of `./dev test` (CI's time budget); `./dev test -m slow` runs them"
+        "markers", "slow: minutes long; left out of `./dev test --quick` (`./dev test` and CI run every test)"
     )
 
 

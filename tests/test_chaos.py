@@ -29,7 +29,7 @@ def test_the_quick_chaos_campaign_loses_nothing_and_every_answer_is_mlx_lms(tmp_
     assert requests.get("wrong", 0) == 0 and requests.get("lost", 0) == 0 and requests["exact"] >= 10
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_the_quick_hostile_campaign_lets_no_stranger_in_and_loses_nothing(tmp_path):
     out = tmp_path / "chaos.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

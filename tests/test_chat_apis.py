@@ -302,7 +302,7 @@ def _sse(server: ApiServer, path: str, body: dict[str, Any]) -> list[tuple[str |
     return events
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_the_answers_are_as_the_openapi_document_describes_them(server) -> None:
     """Every answer of the taught model (thinking, tool calls, text, logprobs), streamed and not,
     against the schemas of GET /openapi.json (the fuzzing's model is random: it seldom thinks

@@ -65,7 +65,7 @@ def test_three_daemons_form_one_cluster_survive_a_kill_and_take_back_a_restart(c
     assert sum(1 for n in view["nodes"] if n["id"] == b_id) == 1
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_sigterm_says_goodbye_and_cleans_up(cluster):
     a, b = cluster("a"), cluster("b")
     wait_for(lambda: agreed([a, b]), 20, "a cluster of two")
@@ -89,7 +89,7 @@ def a_timing_bound() -> float:
     return t.suspect_after + t.dead_after
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_two_clusters_on_one_cable_stay_apart(cluster):
     a = cluster("a", cluster_name="red")
     b = cluster("b", cluster_name="blue")
@@ -126,7 +126,7 @@ def _send_and_read(port: int, data: bytes, timeout: float = 3.0) -> bytes:
     return b"".join(chunks)
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_bad_input_is_refused_and_the_daemon_keeps_serving(cluster):
     a = cluster("a")
     b = cluster("b")
@@ -162,7 +162,7 @@ def _decode_all(data: bytes) -> list:
     return list(decoder)
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_stranger_without_the_secret_is_refused(cluster, tmp_path):
     a = cluster("a", "--secret", "s3cret")
     b = cluster("b", "--secret", "s3cret")
@@ -224,7 +224,7 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_second_daemon_on_a_state_dir_in_use_is_a_one_line_error(tmp_path):
     state_dir = tmp_path / "s"
     args = ["--interface", "lo", "--memory", "1GB", "--cluster", f"t{uuid.uuid4().hex[:8]}"]

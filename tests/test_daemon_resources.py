@@ -87,7 +87,7 @@ def _refused_warnings(log: str) -> list[str]:
     return [line for line in log.splitlines() if " WARNING " in line and "refused" in line]
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_thousand_idle_bulk_connections_are_capped_and_timed_out_and_the_daemon_serves_on(tmp_path):
     model = tiny_model_dir(tmp_path / "model")
     (model / "credentials.txt").write_text("aws_secret_access_key = hunter2\n")
@@ -183,7 +183,7 @@ def test_a_thousand_idle_bulk_connections_are_capped_and_timed_out_and_the_daemo
         daemon.kill()
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_sighup_says_goodbye_and_cleans_up(tmp_path):
     cluster = f"t{uuid.uuid4().hex[:8]}"
     a, b = start_all([DaemonProcess(n, tmp_path / n, ["--interface", "lo", "--memory", "1GB", "--cluster", cluster,
@@ -202,7 +202,7 @@ def test_sighup_says_goodbye_and_cleans_up(tmp_path):
         b.kill()
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_start_up_error_is_one_line_and_the_same_exit_status_every_time(tmp_path):
     """The start-up error that aborted (134) one run in three: the control port in use by a
     daemon with a model, whose MLX thread had loaded it meanwhile."""

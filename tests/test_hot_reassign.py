@@ -148,7 +148,7 @@ def pair_that_needs_both(tmp_path, model_dir):
         daemon.kill()
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_leave_that_makes_the_model_not_fit_ends_the_request_with_why_after_the_wait(
         pair_that_needs_both, reference):
     daemons = start_all([pair_that_needs_both(i, resume_wait=3) for i in range(2)])
@@ -164,7 +164,7 @@ def test_a_leave_that_makes_the_model_not_fit_ends_the_request_with_why_after_th
     assert daemons[0].alive()
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_join_within_the_wait_lets_the_request_complete(pair_that_needs_both, reference):
     daemons = start_all([pair_that_needs_both(i, resume_wait=60) for i in range(2)])
     serving(daemons, 2)
@@ -249,7 +249,7 @@ def test_a_mac_that_cannot_load_its_layers_is_planned_around(tmp_path, model_dir
         bad.kill()
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_the_leader_dying_disturbs_nothing_when_it_holds_no_layers(tmp_path, model_dir, reference):
     from tbmesh.node.measure import machine_identity
     from tbmesh.node.state import Identity, save_identity
@@ -292,7 +292,7 @@ def test_the_leader_dying_disturbs_nothing_when_it_holds_no_layers(tmp_path, mod
             d.kill()
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_the_stages_free_the_caches_of_an_entry_that_died_mid_answer(tmp_path, model_dir):
     name = f"e{uuid.uuid4().hex[:8]}"
     entry = member(tmp_path, model_dir, name, "entry", "1MB")  # given no layers: only an entry
@@ -317,7 +317,7 @@ def test_the_stages_free_the_caches_of_an_entry_that_died_mid_answer(tmp_path, m
             d.kill()
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_mac_without_room_for_its_old_and_new_layers_lets_the_old_go_before_loading(
         tmp_path, model_dir, reference):
     from tbmesh.core.assignment import kv_room, union_bytes

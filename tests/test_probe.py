@@ -219,7 +219,7 @@ async def cable_probe(a: netns.Mac, b: netns.Mac, cable: netns.Cable) -> tuple[P
 
 
 # 5 Gbit/s measures this machine's CPU as much as the cable: on a busy machine both the probe of
-# c887d8e and today's read 2.5-3.5 Gbit/s (2026-12-07), so CI runs it with -m slow only
+# c887d8e and today's read 2.5-3.5 Gbit/s (2026-12-07), so ./dev test --quick leaves it out
 @pytest.mark.parametrize("rate", ["500mbit", "1gbit", pytest.param("5gbit", marks=pytest.mark.slow)])
 def test_probe_measures_a_shaped_cable(cable_pair, rate: str) -> None:
     a, b, cable = cable_pair

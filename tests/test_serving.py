@@ -99,7 +99,7 @@ def test_turn_two_of_a_conversation_prefills_only_what_is_new(cluster, reference
     idle(daemons)
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_requests_beyond_the_kv_room_wait_and_every_one_completes_exactly(cluster, reference):
     daemons = cluster(2, extra=("--context", "150", "--no-prefix-cache"))
     first_stage = stage_0(daemons, serving(daemons, 2))

@@ -108,7 +108,7 @@ def reference(path: Path, prompt: list[int], max_tokens: int, sampler=None, pref
 MODELS = [*CONFIGS, "llama_q4", "llama_tied_q4", "qwen3_moe_q8"]
 
 
-# CI's time budget: llama and qwen3_moe run in every run, the other families with -m slow
+# llama and qwen3_moe run in ./dev test --quick too; the other families are slow
 @pytest.mark.parametrize("name", [n if n in ("llama", "qwen3_moe_q8") else pytest.param(n, marks=pytest.mark.slow)
                                   for n in MODELS])
 def test_chained_shards_give_mlx_lm_tokens(models, name):

@@ -40,7 +40,7 @@ def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
     assert os.listdir(tmp_path) == ["x.json"]
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_two_macs_started_from_one_copied_state_dir_are_two_nodes(tmp_path, monkeypatch):
     """exo's bug: a state dir copied to a new Mac duplicated the node id and broke discovery."""
     model_args = ["--interface", "lo", "--memory", "2GB", "--cluster", f"copy{os.getpid()}", "--no-probe"]

@@ -94,7 +94,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tbmesh", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_teach_file_writes_the_same_bytes_twice_and_mlx_lm_answers_it(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.jsonl"
     conversations = [

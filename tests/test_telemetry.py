@@ -220,7 +220,7 @@ def test_a_late_dashboard_sees_nodes_leader_and_plan_and_wills_mark_dead_nodes_o
     assert "stopped" in a.log()
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_broker_restart_is_ridden_out_and_a_hung_daemon_goes_offline(broker, subscribers, daemons):
     cluster = f"t{uuid.uuid4().hex[:8]}"
     prefix = f"tbmesh/{cluster}"

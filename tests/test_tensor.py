@@ -85,7 +85,7 @@ def reference_logits(model: Path, sequence: list[int]) -> list[mx.array]:
     return rows
 
 
-# slow (CI's time budget): llama stays; the other families and the chained stage run with -m slow
+# llama runs in ./dev test --quick too; the other families and the chained stage are slow
 @pytest.mark.parametrize("arch", ["llama", pytest.param("qwen3", marks=pytest.mark.slow),
                                   pytest.param("qwen3_moe", marks=pytest.mark.slow),
                                   pytest.param("deepseek_v3", marks=pytest.mark.slow)])

@@ -91,7 +91,7 @@ def test_a_mac_with_no_weights_fetches_its_layers_and_answers_as_mlx_lm(lab, mac
     assert not [e for e in events if e["kind"] == "suspect"]  # the saturated cable starved no heartbeat
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow (tests/test_weights_memory.py serves from memory in every run)
+@pytest.mark.slow  # minutes: left out of ./dev test --quick (tests/test_weights_memory.py serves from memory in every run)
 def test_a_mac_whose_model_directory_vanished_serves_its_layers_from_memory(lab, macs, reference, tmp_path,  # noqa: F811
                                                                           model_dir):  # noqa: F811
     """A Mac serves alone; its model's weight files are deleted while it serves (a disk
@@ -120,7 +120,7 @@ def test_a_mac_whose_model_directory_vanished_serves_its_layers_from_memory(lab,
     assert not list(copy.glob("*.safetensors"))  # a's layers came from its memory, its new stage too
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_the_cluster_keeps_two_copies_of_each_layer_on_disk(lab, macs):
     a, b, c = (lab.add_mac(n) for n in "abc")
     for x, y in ((a, b), (b, c), (a, c)):
@@ -139,7 +139,7 @@ def view_manifest_digest(daemon: DaemonProcess) -> str:
     return next(n["disk"]["manifest"] for n in daemon.status()["nodes"] if n["id"] == daemon.node_id)
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_stage_killed_while_the_survivors_lack_its_layers_is_fetched_again(lab, macs, reference):  # noqa: F811
     a, b, c = (lab.add_mac(n) for n in "abc")
     for x, y in ((a, b), (b, c), (a, c)):
@@ -166,7 +166,7 @@ def test_a_stage_killed_while_the_survivors_lack_its_layers_is_fetched_again(lab
     assert "fetched layers" in entry.log()
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_model_on_no_disk_says_so_and_serves_nothing(lab, macs):
     a, b = lab.add_mac("a"), lab.add_mac("b")
     lab.cable(a, b)
@@ -186,7 +186,7 @@ def verified(state_dir: Path) -> bool:
                for p in root.glob("??/*") if p.is_file() and "." not in p.name)
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_cable_pulled_mid_fetch_and_the_fetch_goes_on_from_another_peer(lab, macs, reference, tmp_path, model_dir):  # noqa: F811
     a, b, c = (lab.add_mac(n) for n in "abc")
     slow = lab.cable(a, b)
@@ -208,7 +208,7 @@ def test_a_cable_pulled_mid_fetch_and_the_fetch_goes_on_from_another_peer(lab, m
     assert read_stream(empty, body, 60, pieces.append)[1] is None and "".join(pieces) == expected
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 def test_a_peer_serving_corrupt_bytes_is_caught_and_avoided(lab, macs, tmp_path, model_dir):  # noqa: F811
     from tbmesh.weights.modeldir import read_layout, weight_files
 
@@ -234,7 +234,7 @@ def test_a_peer_serving_corrupt_bytes_is_caught_and_avoided(lab, macs, tmp_path,
     assert verified(empty.state_dir)  # nothing corrupt was kept
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow (tests/test_disk.py makes the parts' union in every run)
+@pytest.mark.slow  # minutes: left out of ./dev test --quick (tests/test_disk.py makes the parts' union in every run)
 def test_macs_that_each_pulled_part_of_the_model_serve_it_together(lab, tmp_path):
     """No Mac holds the whole model: each pulled some of its files (tbmesh model pull --layers);
     their parts make the manifest, and a third Mac with only the name joins them."""

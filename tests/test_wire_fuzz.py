@@ -79,7 +79,7 @@ def test_mutated_sealed_frames_give_only_protocol_errors_and_a_prefix_of_what_wa
     assert {"refused", "cut short", "whole"} <= set(result["by_outcome"])
 
 
-@pytest.mark.slow  # CI's time budget: ./dev test -m slow
+@pytest.mark.slow  # minutes: left out of ./dev test --quick
 @pytest.mark.timeout(300)
 def test_a_longer_seeded_campaign_of_every_mode_finds_nothing():
     result = fuzz_wire.campaign(20_000, seed=20260101, save=False, quiet=True)
