@@ -134,7 +134,8 @@ def test_bad_openai_fields_are_400s_naming_the_field(server, body, param, words)
     ({**MESSAGE, "max_tokens": "8"}, "'max_tokens' must be an integer"),
     ({**MESSAGE, "model": 5}, "'model' is required: a string"),
     ({**MESSAGE, "messages": []}, "'messages' is required"),
-    ({**MESSAGE, "messages": [{"role": "system", "content": "x"}]}, "'messages[0].role' must be \"user\" or \"assistant\""),
+    ({**MESSAGE, "messages": [{"role": "tool", "content": "x"}]}, "'messages[0].role' must be \"user\", \"assistant\" or \"system\""),
+    ({**MESSAGE, "messages": [*WEATHER, {"role": "system", "content": 5}, *WEATHER]}, "'messages[1].content' must be a string or an array of text blocks"),
     ({**MESSAGE, "messages": [{"role": "user", "content": 5}]}, "'messages[0].content' must be a string or an array"),
     ({**MESSAGE, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image blocks are not supported"),
     ({**MESSAGE, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": 5}]}]},
@@ -236,10 +237,40 @@ def test_anthropic_max_tokens_is_a_ceiling_within_the_context(server, tokenizer)
             cut = stream.get_final_message()
         assert (cut.stop_reason, cut.usage.output_tokens) == ("max_tokens", 4)
         server.backend.room = prompt
-        with pytest.raises(anthropic.BadRequestError, match=f"the prompt has {prompt} tokens; the context is {prompt}"):
+        with pytest.raises(anthropic.BadRequestError) as raised:
             client.messages.create(model=MODEL, max_tokens=10, messages=WEATHER)
+        # Anthropic's words, which Claude Code compacts on (and reads the numbers of)
+        assert raised.value.body["error"] == {"type": "invalid_request_error",
+                                              "message": f"prompt is too long: {prompt} tokens > {prompt} maximum"}
+        assert raised.value.response.headers["X-Tbmesh-Error-Code"] == "context_length_exceeded"
+        # count_tokens counts whatever the length: clients count to learn whether a prompt fits
+        assert client.messages.count_tokens(model=MODEL, messages=WEATHER).input_tokens == prompt
+        server.backend.room = 2
+        assert client.messages.count_tokens(model=MODEL, messages=WEATHER).input_tokens == prompt
     finally:
         server.backend.reset()
+
+
+def test_anthropic_system_messages_stand_where_they_are_sent(server, taught_model: Path) -> None:
+    """Claude Code sends system messages inside `messages`: they go through the chat template
+    where they stand, and the answer is single-process mlx-lm's on that prompt."""
+    model, tokenizer = mlx_lm.load(str(taught_model))
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    reply = {"role": "assistant", "content": "Rainy."}
+    later = {"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]}
+    conversation = [*WEATHER, reply, later, *WEATHER]
+    expected = tokenizer.apply_chat_template([*WEATHER, reply, {"role": "system", "content": "Answer in one word."},
+                                              *WEATHER], add_generation_prompt=True)  # fmt: skip
+    assert client.messages.count_tokens(model=MODEL, system="Be brief.", messages=conversation).input_tokens == \
+        len(tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *WEATHER, reply,
+                                           {"role": "system", "content": "Answer in one word."}, *WEATHER],
+                                          add_generation_prompt=True))  # fmt: skip
+    answer = client.messages.create(model=MODEL, max_tokens=6, messages=conversation, extra_body={"temperature": 0})
+    steps = [token for token, _ in generate_step(mx.array(expected), model, max_tokens=6)]
+    assert answer.usage.input_tokens == len(expected)
+    assert answer.usage.output_tokens == len(steps) or answer.stop_reason == "end_turn"
+    text = "".join(block.text for block in answer.content if block.type == "text")
+    assert text in tokenizer.decode(steps), (text, tokenizer.decode(steps))
 
 
 def test_anthropic_failures_before_and_during_a_stream_keep_anthropics_shape(server) -> None:

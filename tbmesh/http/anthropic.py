@@ -37,6 +37,7 @@ from tbmesh.http.common import (
     CONTEXT_LENGTH_EXCEEDED,
     UNSUPPORTED_PREFILL,
     ApiError,
+    ContextTooLong,
     Generation,
     Limits,
     answer_events,
@@ -72,6 +73,18 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
 
 
+def error_message(error: ApiError) -> str:
+    """The error's message; the too-long one in Anthropic's words, which Claude Code matches (and
+    reads the numbers of) to compact the conversation. A prompt refused by its characters, before
+    it is tokenized, says the fewest tokens it has."""
+    if not isinstance(error, ContextTooLong):
+        return error.message
+    if error.max_tokens is None:
+        return f"prompt is too long: {error.prompt_tokens} tokens > {error.context} maximum"
+    return (f"input length and `max_tokens` exceed context limit: {error.prompt_tokens} + {error.max_tokens} > "
+            f"{error.context}, decrease input length or `max_tokens` and try again")  # fmt: skip
+
+
 PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 
 
@@ -85,7 +98,7 @@ def error_response(error: ApiError) -> web.Response:
     headers = dict(error.headers or {})
     if error.code is not None:
         headers[CODE_HEADER] = error.code
-    return web.json_response(error_body(error.status, error.message), status=error.status, headers=headers)
+    return web.json_response(error_body(error.status, error_message(error)), status=error.status, headers=headers)
 
 
 def _bad(message: str, code: str | None = None) -> ApiError:
@@ -202,9 +215,10 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             result += _user(message.get("content"), where)
         elif role == "assistant":
             result.append(_assistant(message.get("content"), where))
+        elif role == "system":  # Anthropic takes them mid-conversation (Claude Code sends them): where they stand
+            result.append({"role": "system", "content": _text(message.get("content"), f"{where}.content")})
         else:
-            raise _bad(f"'{where}.role' must be \"user\" or \"assistant\", not {json.dumps(role)} "
-                       "(the system prompt is the top-level 'system')")
+            raise _bad(f"'{where}.role' must be \"user\", \"assistant\" or \"system\", not {json.dumps(role)}")
     if messages[-1].get("role") == "assistant":  # the chat template starts a new turn after it
         raise _bad(f"'messages[{len(messages) - 1}]': a last assistant message (a prefill to continue) "
                    "is not supported: end with a user message", UNSUPPORTED_PREFILL)
@@ -377,7 +391,7 @@ class AnthropicAnswer:
             _event("message_stop", {})  # fmt: skip
 
     def error_event(self, error: ApiError) -> bytes:
-        return _event("error", {"error": error_body(error.status, error.message)["error"]})
+        return _event("error", {"error": error_body(error.status, error_message(error))["error"]})
 
     def error_response(self, error: ApiError) -> web.Response:
         return error_response(error)
@@ -394,6 +408,8 @@ def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits 
         messages = await read_request(request, limits, lambda body: parse_request(body, limits, count_only))
         model = messages.generation.model
         check_served(backend, model)
+        if count_only:  # counted whatever its length: clients count to learn whether a prompt fits
+            return messages, *await in_worker(tokenize, messages, None)
         context = backend.context(model)
         tokenizer, prompt = await in_worker(tokenize, messages, context)
         messages.generation = fit_context(messages.generation, len(prompt), context, "messages")
@@ -455,6 +471,8 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
             obj({"role": {"const": "assistant"},
                  "content": blocks("TextBlock", "ThinkingBlock", "RedactedThinkingBlock", "ToolUseBlock")},
                 required=["role", "content"]),
+            obj({"role": {"const": "system"}, "content": texts}, required=["role", "content"],
+                description="a system message where it stands, through the chat template"),
         ]}, "description": f"the last a user message (code {UNSUPPORTED_PREFILL} if not: no prefill)"},
         "temperature": nullable({"type": "number", "minimum": 0, "maximum": 1}),
         "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),

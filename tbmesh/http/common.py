@@ -121,6 +121,31 @@ class Generation:
     max_tokens_strict: bool
 
 
+class ContextTooLong(ApiError):
+    """The 400 of a prompt (with a strict max_tokens) that cannot fit the context, with its
+    numbers: each dialect words it as its API does (clients match those words: litellm maps
+    OpenAI's to ContextWindowExceededError, Claude Code compacts on Anthropic's). The message
+    here is tbmesh's own, for what has no wording of its own."""
+
+    def __init__(self, prompt_param: str, prompt_tokens: int, context: int, max_tokens: int | None = None,
+                 max_tokens_param: str = "max_tokens", counted: bool = True) -> None:  # fmt: skip
+        param = prompt_param if max_tokens is None else max_tokens_param
+        if not counted:
+            message = f"the prompt has at least {prompt_tokens} tokens; the context is {context} tokens (--context)"
+        elif max_tokens is None:
+            message = f"the prompt has {prompt_tokens} tokens; the context is {context} tokens (--context)"
+        else:
+            message = (f"the prompt ({prompt_tokens} tokens) and {param} ({max_tokens}) need "
+                       f"{prompt_tokens + max_tokens} tokens; the context is {context} tokens (--context): "
+                       f"lower {param} to at most {context - prompt_tokens}")  # fmt: skip
+        super().__init__(400, message, param=param, code=CONTEXT_LENGTH_EXCEEDED)
+        self.prompt_param = prompt_param  # what the dialect calls the prompt: messages, prompt
+        self.prompt_tokens = prompt_tokens  # a lower bound when not counted (told from the characters)
+        self.context = context
+        self.max_tokens = max_tokens  # the strict max_tokens that does not fit, or None: the prompt alone
+        self.counted = counted
+
+
 def fit_context(generation: Generation, prompt: int, context: int | None, prompt_param: str,
                 max_tokens_param: str = "max_tokens") -> Generation:  # fmt: skip
     """`generation` with max_tokens within the backend's context (the KV room of a stage): a
@@ -129,15 +154,11 @@ def fit_context(generation: Generation, prompt: int, context: int | None, prompt
     if context is None:
         return generation
     if prompt >= context:
-        raise bad_request(prompt_param, f"the prompt has {prompt} tokens; the context is {context} tokens (--context)",
-                          CONTEXT_LENGTH_EXCEEDED)
+        raise ContextTooLong(prompt_param, prompt, context)
     if not generation.max_tokens_strict:
         return replace(generation, max_tokens=min(generation.max_tokens, context - prompt))
     if prompt + generation.max_tokens > context:
-        raise bad_request(max_tokens_param,
-                          f"the prompt ({prompt} tokens) and {max_tokens_param} ({generation.max_tokens}) need "
-                          f"{prompt + generation.max_tokens} tokens; the context is {context} tokens (--context): "
-                          f"lower {max_tokens_param} to at most {context - prompt}", CONTEXT_LENGTH_EXCEEDED)
+        raise ContextTooLong(prompt_param, prompt, context, generation.max_tokens, max_tokens_param)
     return generation
 
 
@@ -254,10 +275,10 @@ def function_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 def check_prompt_size(chars: int, context: int | None, limits: Limits, param: str) -> None:
     """Raises the too-long 400 for a prompt of more characters than `context` tokens could
-    hold (limits.max_chars_per_token each), before it is tokenized."""
+    hold (limits.max_chars_per_token each), before it is tokenized: it has at least
+    chars / max_chars_per_token tokens."""
     if context is not None and chars > context * limits.max_chars_per_token:
-        raise bad_request(param, f"the prompt has {chars} characters, more than {context} tokens hold; the context "
-                                 f"is {context} tokens (--context)", CONTEXT_LENGTH_EXCEEDED)  # fmt: skip
+        raise ContextTooLong(param, -(-chars // limits.max_chars_per_token), context, counted=False)
 
 
 # --- the backend's errors --------------------------------------------------------------------

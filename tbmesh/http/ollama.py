@@ -44,6 +44,7 @@ from tbmesh.http.common import (
     EMPTY_PROMPT,
     UNSUPPORTED_PREFILL,
     ApiError,
+    ContextTooLong,
     Generation,
     Limits,
     answer_events,
@@ -87,7 +88,20 @@ def error_response(error: ApiError) -> web.Response:
     headers = dict(error.headers or {})
     if error.code is not None:
         headers[CODE_HEADER] = error.code
-    return web.json_response({"error": error.message}, status=error.status, headers=headers)
+    return web.json_response({"error": _message(error)}, status=error.status, headers=headers)
+
+
+def _message(error: ApiError) -> str:
+    """The error's message; the too-long one in Ollama's words (as it refuses an input longer
+    than the context with truncate false), its numbers after them."""
+    if not isinstance(error, ContextTooLong):
+        return error.message
+    if error.max_tokens is None:
+        tokens = f"{error.prompt_tokens}" if error.counted else f"at least {error.prompt_tokens}"
+        return f"the input length exceeds the context length ({tokens} tokens; the context is {error.context})"
+    return (f"the input length and num_predict exceed the context length ({error.prompt_tokens} + "
+            f"{error.max_tokens} tokens; the context is {error.context}): lower num_predict to at most "
+            f"{error.context - error.prompt_tokens}")  # fmt: skip
 
 
 def tagged(name: str) -> str:
@@ -431,7 +445,7 @@ class OllamaAnswer:
         return _line(self._last("", "", []))
 
     def error_event(self, error: ApiError) -> bytes:
-        return _line({"error": error.message})
+        return _line({"error": _message(error)})
 
     def error_response(self, error: ApiError) -> web.Response:
         return error_response(error)

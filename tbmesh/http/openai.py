@@ -37,6 +37,7 @@ from tbmesh.http.common import (
     INVALID_TOOL_ARGUMENTS,
     TOKEN_NOT_IN_VOCABULARY,
     ApiError,
+    ContextTooLong,
     Generation,
     Limits,
     answer_events,
@@ -64,9 +65,23 @@ if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 
+def too_long_message(error: ContextTooLong) -> str:
+    """OpenAI's wording of context_length_exceeded, which clients match (litellm's
+    ContextWindowExceededError: "This model's maximum context length is")."""
+    what = error.prompt_param  # "messages" or "prompt", as the request calls it
+    limit = f"This model's maximum context length is {error.context} tokens. However, "
+    if error.max_tokens is None:
+        tokens = f"{error.prompt_tokens}" if error.counted else f"at least {error.prompt_tokens}"
+        return limit + f"your {what} resulted in {tokens} tokens. Please reduce the length of the {what}."
+    return limit + (f"you requested {error.prompt_tokens + error.max_tokens} tokens ({error.prompt_tokens} in the "
+                    f"{what}, {error.max_tokens} in the completion). Please reduce the length of the {what} or "
+                    "completion.")  # fmt: skip
+
+
 def error_body(error: ApiError) -> dict[str, Any]:
     """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+    message = too_long_message(error) if isinstance(error, ContextTooLong) else error.message
+    return {"error": {"message": message, "type": error.type, "param": error.param, "code": error.code}}
 
 
 def error_response(error: ApiError) -> web.Response:
