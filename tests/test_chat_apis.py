@@ -22,9 +22,11 @@ import openai
 import pytest
 from api_server import ApiServer, SteeredBackend
 from mlx_lm.generate import generate_step
+from typer.testing import CliRunner
 
+from tbmesh.cli.main import app
 from tbmesh.core.generation import Unavailable
-from tbmesh.http.common import Limits
+from tbmesh.http.common import Limits, ModelNames
 from tbmesh.testbed.teach import CONVERSATIONS, WEATHER_TOOL
 
 MODEL = "taught"
@@ -373,3 +375,44 @@ def test_the_answers_are_as_the_openapi_document_describes_them(server) -> None:
         assert status == 200
         _validator(document, "TokenCount").validate(count)
     assert seen >= {"reasoning_content", "tool_calls", "thinking", "tool_use", "text"}, seen
+
+
+def test_model_names_with_latest_and_aliases_reach_the_served_model(server) -> None:
+    """README, *Claude Code*: a served model's name with Ollama's ":latest" tag means it on every
+    API (real Ollama takes both, and /api/tags lists the tagged one); --model-alias PATTERN=NAME
+    takes clients' own model names (Claude Code's main and small models) to a served one; the
+    lists keep the real name."""
+    names = ModelNames.parse(["claude-*=taught:latest", "gpt-*=not-served"])
+    with ApiServer(server.backend, names=names) as aliased:
+        chat = openai.OpenAI(base_url=aliased.url + "/v1", api_key="none", max_retries=0)
+        ask = {"messages": WEATHER, "max_tokens": 4, "temperature": 0}
+        plain = chat.chat.completions.create(model=MODEL, **ask)
+        latest = chat.chat.completions.create(model=MODEL + ":latest", **ask)
+        assert latest.choices[0].message.content == plain.choices[0].message.content and latest.model == MODEL
+        assert [m.id for m in chat.models.list()] == [MODEL] and chat.models.retrieve(MODEL + ":latest").id == MODEL
+        messages = anthropic.Anthropic(base_url=aliased.url, api_key="k", max_retries=0)
+        real = messages.messages.create(model=MODEL, max_tokens=4, messages=WEATHER, extra_body={"temperature": 0})
+        for name in ("claude-sonnet-4-5-20250929", "claude-haiku-4-5", MODEL + ":latest"):  # main, small, tagged
+            answer = messages.messages.create(model=name, max_tokens=4, messages=WEATHER, extra_body={"temperature": 0})
+            assert answer.content == real.content and answer.model == MODEL, name
+            assert messages.messages.count_tokens(model=name, messages=WEATHER).input_tokens == real.usage.input_tokens
+        with pytest.raises(anthropic.NotFoundError) as raised:  # an alias to a model not served
+            messages.messages.create(model="gpt-4o", max_tokens=4, messages=WEATHER)
+        assert raised.value.body["error"]["type"] == "not_found_error"
+        status, answer, _ = _post(aliased, "/api/chat", {"model": "claude-opus-4-1", "messages": WEATHER, "stream": False,
+                                                         "options": {"temperature": 0, "num_predict": 4}})  # fmt: skip
+        assert status == 200 and answer["message"]["content"] == plain.choices[0].message.content, answer
+        document = json.loads(urllib.request.urlopen(aliased.url + "/openapi.json", timeout=10).read())
+        model = document["components"]["schemas"]["MessagesRequest"]["properties"]["model"]
+        assert "enum" not in model and "--model-alias" in model["description"]  # any name may be an alias's
+    with pytest.raises(anthropic.NotFoundError):  # no alias: another name is a 404
+        anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0).messages.create(
+            model="claude-haiku-4-5", max_tokens=4, messages=WEATHER)
+
+
+@pytest.mark.parametrize("spec", ["claude-*", "=taught", "claude-*="])
+def test_a_model_alias_without_pattern_and_name_is_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="give PATTERN=NAME"):
+        ModelNames.parse([spec])
+    result = CliRunner().invoke(app, ["daemon", "--model-alias", spec])
+    assert result.exit_code == 2 and "--model-alias: bad model alias" in result.output, result.output

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -40,6 +40,7 @@ from tbmesh.http.common import (
     ContextTooLong,
     Generation,
     Limits,
+    ModelNames,
     answer_events,
     bad_request,
     boolean,
@@ -49,6 +50,7 @@ from tbmesh.http.common import (
     fit_context,
     in_worker,
     integer,
+    model_schema,
     number,
     read_request,
     request_sampling,
@@ -397,7 +399,8 @@ class AnthropicAnswer:
         return error_response(error)
 
 
-def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
+def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits = Limits(),
+                         names: ModelNames = ModelNames()) -> None:  # fmt: skip
     """Add POST /v1/messages and /v1/messages/count_tokens. Before any catch-all route."""
 
     def tokenize(messages: MessagesRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
@@ -406,8 +409,8 @@ def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits 
 
     async def prepare(request: web.Request, count_only: bool) -> tuple[MessagesRequest, TokenizerWrapper, list[int]]:
         messages = await read_request(request, limits, lambda body: parse_request(body, limits, count_only))
-        model = messages.generation.model
-        check_served(backend, model)
+        model = check_served(backend, messages.generation.model, names)
+        messages.generation = replace(messages.generation, model=model)
         if count_only:  # counted whatever its length: clients count to learn whether a prompt fits
             return messages, *await in_worker(tokenize, messages, None)
         context = backend.context(model)
@@ -571,13 +574,10 @@ def _response_schemas() -> dict[str, Schema]:
     }
 
 
-def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescription:
+def openapi_description(backend: Backend, limits: Limits = Limits(), names: ModelNames = ModelNames()) -> ApiDescription:
     """What add_anthropic_routes serves, for the OpenAPI document of this node (which names the
     models it serves)."""
-    served = backend.models()
-    model: Schema = {"type": "string", "description": "a model of GET /v1/models; another is a 404"}
-    if served:
-        model["enum"] = served
+    model = model_schema(backend.models(), names)
     errors = _error_responses({
         400: "a field is wrong (the message names it) or the body is not JSON; or what the schema cannot say, "
              f"with the code header: {CHAT_TEMPLATE_ERROR} (the model has no chat template, or it refused the "

@@ -18,11 +18,12 @@ The backends' errors (tbmesh.core.generation) become statuses here alone (`failu
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -296,15 +297,75 @@ def failure(error: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
 
 
-def check_served(backend: Backend, model: str) -> None:
-    """Raises ApiError: 404 for a model this node does not serve, 503 for one that cannot serve now."""
+LATEST = ":latest"  # the tag Ollama gives a model named without one
+
+
+def tagged(name: str) -> str:
+    """The model's name as Ollama lists it: name:tag, the tag "latest" when it has none."""
+    return name if ":" in name else name + LATEST
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """Which served model a request's name means: the model's own name, the name with Ollama's
+    ":latest" tag (real Ollama takes both), or else the first alias whose pattern (fnmatch's, as
+    `tbmesh daemon --model-alias PATTERN=NAME` gives them) the name matches, so that clients
+    that send their own model names (Claude Code's claude-*) reach a served one."""
+
+    aliases: tuple[tuple[str, str], ...] = ()  # (pattern, name), in the order given
+
+    @classmethod
+    def parse(cls, specs: Iterable[str]) -> ModelNames:
+        """From "PATTERN=NAME" strings; raises ValueError naming a bad one."""
+        aliases = []
+        for spec in specs:
+            pattern, equals, name = spec.partition("=")
+            if not equals or not pattern.strip() or not name.strip():
+                raise ValueError(f"bad model alias {spec!r}: give PATTERN=NAME, e.g. 'claude-*=my-model'")
+            aliases.append((pattern.strip(), name.strip()))
+        return cls(tuple(aliases))
+
+    def resolve(self, name: str, served: Sequence[str]) -> str | None:
+        """The served model `name` means, or None."""
+        for model in served:
+            if name in (model, tagged(model)):
+                return model
+        for pattern, alias in self.aliases:
+            if fnmatch.fnmatchcase(name, pattern):
+                return next((model for model in served if alias in (model, tagged(model))), None)
+        return None
+
+    def accepted(self, served: Sequence[str]) -> list[str] | None:
+        """The names a request may give (for an OpenAPI enum), None when aliases take patterns."""
+        if self.aliases:
+            return None
+        return list(dict.fromkeys(name for model in served for name in (model, tagged(model))))
+
+
+def model_schema(served: Sequence[str], names: ModelNames, listed_by: str = "GET /v1/models") -> dict[str, Any]:
+    """The JSON schema of a request's `model` (for the OpenAPI document): the names it may take."""
+    schema: dict[str, Any] = {"type": "string", "description": f"a model of {listed_by}, or it with the tag "
+                                                              f"{LATEST}; another is a 404"}  # fmt: skip
+    accepted = names.accepted(served)
+    if accepted is None:
+        schema["description"] += " unless an alias (--model-alias) maps it to one"
+    elif accepted:
+        schema["enum"] = accepted
+    return schema
+
+
+def check_served(backend: Backend, model: str, names: ModelNames = ModelNames()) -> str:
+    """The backend's name of the model a request names (ModelNames). Raises ApiError: 404 for a
+    model this node does not serve, 503 for one that cannot serve now."""
     served = backend.models()
-    if model not in served:
+    found = names.resolve(model, served)
+    if found is None:
         raise ApiError(404, f"the model {model!r} does not exist here; this node serves: "
                             f"{', '.join(served) or 'no model'}", param="model", code="model_not_found")  # fmt: skip
-    reason = backend.unavailable(model)
+    reason = backend.unavailable(found)
     if reason is not None:
         raise failure(reason)
+    return found
 
 
 # --- reading requests ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -40,6 +40,7 @@ from tbmesh.http.common import (
     ContextTooLong,
     Generation,
     Limits,
+    ModelNames,
     answer_events,
     as_integer,
     bad_request,
@@ -51,6 +52,7 @@ from tbmesh.http.common import (
     function_tools,
     in_worker,
     integer,
+    model_schema,
     number,
     read_request,
     request_sampling,
@@ -491,7 +493,8 @@ class OpenAIAnswer:
 # --- routes ----------------------------------------------------------------------------------
 
 
-def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
+def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = Limits(),
+                      names: ModelNames = ModelNames()) -> None:  # fmt: skip
     """Add the OpenAI endpoints. Call it before adding any catch-all route: aiohttp matches
     routes in the order they were added."""
     created = int(time.time())
@@ -506,8 +509,8 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
             completion = await read_request(request, limits, lambda body: parse_request(body, chat, limits))
-            model = completion.generation.model
-            check_served(backend, model)
+            model = check_served(backend, completion.generation.model, names)
+            completion.generation = replace(completion.generation, model=model)
             context = backend.context(model)
             tokenizer, prompt = await in_worker(tokenize, completion, context)
             completion.generation = fit_context(completion.generation, len(prompt), context,
@@ -529,10 +532,11 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
 
     async def get_model(request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name not in backend.models():
+        model = names.resolve(name, backend.models())
+        if model is None:
             return error_response(ApiError(404, f"the model {name!r} does not exist here", param="model",
                                            code="model_not_found"))  # fmt: skip
-        return web.json_response(model_card(name))
+        return web.json_response(model_card(model))
 
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -707,13 +711,10 @@ def _response_schemas() -> dict[str, Schema]:
     }
 
 
-def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescription:
+def openapi_description(backend: Backend, limits: Limits = Limits(), names: ModelNames = ModelNames()) -> ApiDescription:
     """What add_openai_routes serves, for the OpenAPI document of this node (which names the
     models it serves)."""
-    served = backend.models()
-    model: Schema = {"type": "string", "description": "a model of GET /v1/models; another is a 404"}
-    if served:
-        model["enum"] = served
+    model = model_schema(backend.models(), names)
 
     def completion(summary: str, request: str, answer: str, chunk: str) -> dict[str, Any]:
         ok = {"description": "the answer; server-sent events with stream: true",
