@@ -416,3 +416,47 @@ def test_a_model_alias_without_pattern_and_name_is_refused(spec: str) -> None:
         ModelNames.parse([spec])
     result = CliRunner().invoke(app, ["daemon", "--model-alias", spec])
     assert result.exit_code == 2 and "--model-alias: bad model alias" in result.output, result.output
+
+
+def test_anthropic_thread_continues_the_conversation_the_server_kept(server) -> None:
+    """`thread`: {"type": "create"} keeps the conversation with its answer; a continuation sends
+    only the new turn and gets the answer the whole conversation gets (the `anthropic` SDK's
+    message threads, as its tool runner uses them)."""
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    greedy = {"max_tokens": 6, "extra_body": {"temperature": 0}}
+    thread = client.beta.messages.thread(model=MODEL, system="Be brief.", **greedy)
+    first = thread.send(WEATHER[0])  # kept whole
+    follow, again = {"role": "user", "content": "And in Bergen?"}, {"role": "user", "content": "And tomorrow?"}
+    with thread.stream(follow) as stream:  # kept as it was streamed
+        second = stream.get_final_message()
+    third = thread.send(again)
+    assert thread.previous_message_id == third.id
+    history = [*WEATHER]
+    for turn, reply in ((follow, second), (again, third)):
+        history += [{"role": "assistant", "content": (first if turn is follow else second).content}, turn]
+        whole = client.messages.create(model=MODEL, system="Be brief.", messages=history, **greedy)
+        assert [b.model_dump() for b in reply.content] == [b.model_dump() for b in whole.content]
+        assert reply.usage.input_tokens == whole.usage.input_tokens
+
+
+def test_anthropic_thread_not_kept_is_told_so_and_the_sdk_sends_it_all_again(taught_model: Path) -> None:
+    """A continuation of a conversation the server no longer keeps (it keeps the last
+    `stored_threads`) is a 404 with Anthropic's details.error_code thread_not_found; the SDK then
+    sends the whole conversation again under a new thread, and the turn is answered."""
+    with SteeredBackend(taught_model) as backend, ApiServer(backend, Limits(stored_threads=1)) as small:
+        client = anthropic.Anthropic(base_url=small.url, api_key="k", max_retries=0)
+        greedy = {"max_tokens": 4, "extra_body": {"temperature": 0}}
+        one, two = (client.beta.messages.thread(model=MODEL, **greedy) for _ in range(2))
+        one.send(WEATHER[0])
+        kept = one.previous_message_id
+        two.send(WEATHER[0])  # the server now keeps only this one
+        status, answer = small.post("/v1/messages", {"model": MODEL, "max_tokens": 4, "messages": WEATHER,
+                                                     "thread": {"type": "continue", "previous_message_id": kept}})  # fmt: skip
+        assert status == 404 and answer["error"]["type"] == "not_found_error", answer
+        assert answer["error"]["details"] == {"error_code": "thread_not_found"}
+        reply = one.send({"role": "user", "content": "And in Bergen?"})  # replayed whole by the SDK
+        assert reply.usage.input_tokens > 20 and one.previous_message_id == reply.id
+        status, answer = small.post("/v1/messages", {"model": MODEL, "max_tokens": 4, "messages": WEATHER,
+                                                     "system": "x", "thread": {"type": "continue",
+                                                                               "previous_message_id": reply.id}})  # fmt: skip
+        assert status == 400 and "'system' cannot be sent with a thread continuation" in answer["error"]["message"]

@@ -13,7 +13,9 @@ The `x-api-key` header is accepted (tbmesh.http.server checks it when the daemon
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -71,8 +73,17 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
+# the codes of a `thread` continuation refused, in the error's `details.error_code`, as the
+# `anthropic` SDK reads them: it then sends the whole conversation again as a new thread
+THREAD_NOT_FOUND = "thread_not_found"
+THREAD_ERROR_CODES = (THREAD_NOT_FOUND,)
+
+
+def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    error = {"type": ERROR_TYPES.get(status, "api_error"), "message": message}
+    if code in THREAD_ERROR_CODES:
+        error["details"] = {"error_code": code}
+    return {"type": "error", "error": error}
 
 
 def error_message(error: ApiError) -> str:
@@ -100,7 +111,8 @@ def error_response(error: ApiError) -> web.Response:
     headers = dict(error.headers or {})
     if error.code is not None:
         headers[CODE_HEADER] = error.code
-    return web.json_response(error_body(error.status, error_message(error)), status=error.status, headers=headers)
+    return web.json_response(error_body(error.status, error_message(error), error.code), status=error.status,
+                             headers=headers)  # fmt: skip
 
 
 def _bad(message: str, code: str | None = None) -> ApiError:
@@ -110,12 +122,46 @@ def _bad(message: str, code: str | None = None) -> ApiError:
 # --- requests --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Conversation:
+    """A conversation as its requests sent it (Anthropic's JSON, checked), kept for `thread`
+    continuations: the thread's system prompt and tools, its messages and answers."""
+
+    system: Any
+    tools: Any
+    messages: list[Any]
+
+
+class Threads:
+    """The conversations kept for `thread` continuations, by the id of their last answer: at most
+    `size`, the least recently used dropped first. Read by the request parser in the API's worker
+    thread, written on the event loop: locked."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._kept: OrderedDict[str, Conversation] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, message_id: str) -> Conversation | None:
+        with self._lock:
+            if message_id in self._kept:
+                self._kept.move_to_end(message_id)
+            return self._kept.get(message_id)
+
+    def keep(self, message_id: str, conversation: Conversation) -> None:
+        with self._lock:
+            self._kept[message_id] = conversation
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+
 @dataclass
 class MessagesRequest:
     generation: Generation
     messages: list[dict[str, Any]]  # tbmesh.http.chat's form, the system prompt first
     tools: list[dict[str, Any]] | None  # tbmesh.http.chat's form, tool_choice applied
     stream: bool
+    thread: Conversation | None = None  # to keep with the answer (`thread` create or continue), or None
 
 
 def _text(value: Any, where: str) -> str:
@@ -267,10 +313,40 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
                "or {\"type\": \"tool\", \"name\": ...}")
 
 
-def parse_request(body: Any, limits: Limits, count_only: bool = False) -> MessagesRequest:
-    """Check a request body; raises ApiError(400) naming the first bad field."""
+def _continued(body: dict[str, Any], threads: Threads | None) -> tuple[dict[str, Any], bool]:
+    """The body with the conversation its `thread` continues before its messages (the thread's
+    system prompt and tools too), and whether the answer is to be kept for a continuation."""
+    thread = body.get("thread")
+    if thread is None:
+        return body, False
+    kind = thread.get("type") if isinstance(thread, dict) else None
+    if kind == "create":
+        return body, True
+    if kind != "continue":
+        raise _bad("'thread' must be {\"type\": \"create\"} or {\"type\": \"continue\", \"previous_message_id\": ...}")
+    message_id = thread.get("previous_message_id")
+    if not isinstance(message_id, str):
+        raise _bad(f"'thread.previous_message_id' must be a string, not {type_name(message_id)}")
+    for field in ("system", "tools"):  # set when the thread was created
+        if body.get(field) is not None:
+            raise _bad(f"'{field}' cannot be sent with a thread continuation: the thread's own is used")
+    if not isinstance(body.get("messages", []), list):
+        raise _bad(f"'messages' must be an array of messages, not {type_name(body.get('messages'))}")
+    kept = None if threads is None else threads.get(message_id)
+    if kept is None:
+        size = 0 if threads is None else threads.size
+        raise ApiError(404, f"thread not found: this server keeps no conversation that ends with the message "
+                            f"{message_id!r} (it keeps the last {size}); send the whole conversation with "
+                            "'thread' {\"type\": \"create\"}", code=THREAD_NOT_FOUND)  # fmt: skip
+    return {**body, "system": kept.system, "tools": kept.tools, "messages": [*kept.messages, *body.get("messages", [])]}, True
+
+
+def parse_request(body: Any, limits: Limits, count_only: bool = False, threads: Threads | None = None) -> MessagesRequest:
+    """Check a request body; raises ApiError(400) naming the first bad field (404: a `thread`
+    continuation of a conversation `threads` does not keep)."""
     if not isinstance(body, dict):
         raise _bad(f"the request body must be a JSON object, not {type_name(body)}")
+    body, keep = _continued(body, threads)
     model = body.get("model")
     if not isinstance(model, str):
         raise _bad(f"'model' is required: a string, not {type_name(model)}")
@@ -290,7 +366,10 @@ def parse_request(body: Any, limits: Limits, count_only: bool = False) -> Messag
     sampling = request_sampling(1.0 if temperature is None else temperature,  # Anthropic's defaults
                                 1.0 if top_p is None else top_p)  # fmt: skip
     generation = Generation(model, min(max_tokens or 1, limits.max_tokens), sampling, stop, max_tokens_strict=False)
-    return MessagesRequest(generation, _messages(body), _tools(body), boolean(body, "stream"))
+    request = MessagesRequest(generation, _messages(body), _tools(body), boolean(body, "stream"))
+    if keep:
+        request.thread = Conversation(body.get("system"), body.get("tools"), list(body["messages"]))
+    return request
 
 
 def _prompt(tokenizer: TokenizerWrapper, request: MessagesRequest, context: int | None, limits: Limits) -> list[int]:
@@ -346,6 +425,8 @@ class AnthropicAnswer:
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
         self.block: dict[str, Any] | None = None  # streamed: the content block open now
         self.index = -1  # ... and its index
+        self.content: list[dict[str, Any]] = []  # the content blocks sent so far, whole
+        self.done = False  # the whole answer was sent
 
     def _message(self, content: list[dict[str, Any]], done: bool) -> dict[str, Any]:
         stop_reason, stop_sequence = _stop(self.reader) if done else (None, None)
@@ -363,6 +444,7 @@ class AnthropicAnswer:
                 if not content or content[-1]["type"] != _block_of(event)["type"]:
                     content.append(_block_of(event))
                 content[-1][key] += event.text
+        self.content, self.done = content, True
         return self._message(content, done=True)
 
     def opening(self) -> bytes:
@@ -383,17 +465,21 @@ class AnthropicAnswer:
             data += self._close_block()
             self.block, self.index = starts, self.index + 1
             data += _event("content_block_start", {"index": self.index, "content_block": starts})
+            self.content.append({**starts, "input": event.arguments} if isinstance(event, ToolCall) else dict(starts))
+        if isinstance(event, (Text, Reasoning)):
+            self.content[-1]["text" if isinstance(event, Text) else "thinking"] += event.text
         return data + _event("content_block_delta", {"index": self.index, "delta": _delta_of(event)})
 
     def closing(self) -> bytes:
         stop_reason, stop_sequence = _stop(self.reader)
+        self.done = True
         return self._close_block() + \
             _event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                                      "usage": {"output_tokens": self.reader.completion_tokens}}) + \
             _event("message_stop", {})  # fmt: skip
 
     def error_event(self, error: ApiError) -> bytes:
-        return _event("error", {"error": error_body(error.status, error_message(error))["error"]})
+        return _event("error", {"error": error_body(error.status, error_message(error), error.code)["error"]})
 
     def error_response(self, error: ApiError) -> web.Response:
         return error_response(error)
@@ -402,13 +488,14 @@ class AnthropicAnswer:
 def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits = Limits(),
                          names: ModelNames = ModelNames()) -> None:  # fmt: skip
     """Add POST /v1/messages and /v1/messages/count_tokens. Before any catch-all route."""
+    threads = Threads(limits.stored_threads)
 
     def tokenize(messages: MessagesRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
         tokenizer = backend.tokenizer(messages.generation.model)  # the first call loads it
         return tokenizer, _prompt(tokenizer, messages, context, limits)
 
     async def prepare(request: web.Request, count_only: bool) -> tuple[MessagesRequest, TokenizerWrapper, list[int]]:
-        messages = await read_request(request, limits, lambda body: parse_request(body, limits, count_only))
+        messages = await read_request(request, limits, lambda body: parse_request(body, limits, count_only, threads))
         model = check_served(backend, messages.generation.model, names)
         messages.generation = replace(messages.generation, model=model)
         if count_only:  # counted whatever its length: clients count to learn whether a prompt fits
@@ -425,7 +512,12 @@ def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits 
             return error_response(failure(error))
         reader = ChatReader(tokenizer, prompt, messages.generation.stop, messages.tools)
         events = answer_events(request, backend, messages.generation, prompt, reader)
-        return await respond(request, events, AnthropicAnswer(messages, reader), messages.stream)
+        answer = AnthropicAnswer(messages, reader)
+        response = await respond(request, events, answer, messages.stream)
+        if messages.thread is not None and answer.done:  # kept for a continuation from this answer
+            turn = {"role": "assistant", "content": answer.content or ""}
+            threads.keep(answer.id, replace(messages.thread, messages=[*messages.thread.messages, turn]))
+        return response
 
     async def count_tokens(request: web.Request) -> web.Response:
         try:
@@ -485,6 +577,13 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
         "thinking": nullable(obj({"type": string}, required=["type"], description="the model thinks as its "
                                                                                  "chat template says")),
         "tools": nullable({"type": "array", "items": ref("AnthropicTool")}),
+        "thread": nullable({"anyOf": [
+            obj({"type": {"const": "create"}}, required=["type"],
+                description=f"keep the conversation with the answer (the last {limits.stored_threads} are kept)"),
+            obj({"type": {"const": "continue"}, "previous_message_id": string}, required=["type", "previous_message_id"],
+                description="the kept conversation that ends with this answer, then messages (system and tools: the "
+                            f"thread's; 404 with details.error_code {THREAD_NOT_FOUND} when it is not kept)"),
+        ]}),
         "tool_choice": nullable({"anyOf": [
             obj({"type": {"enum": ["auto", "any", "none"]}}, required=["type"],
                 description="any offers the tools as auto does (nothing forces a call); none offers none"),
@@ -569,6 +668,7 @@ def _response_schemas() -> dict[str, Schema]:
         "TokenCount": obj({"input_tokens": count}, required=["input_tokens"]),
         ERROR: obj({"type": {"const": "error"}, "error": obj({
             "type": {"enum": sorted({*ERROR_TYPES.values(), "api_error"})}, "message": string,
+            "details": obj({"error_code": {"enum": list(THREAD_ERROR_CODES)}}, required=["error_code"]),
         }, required=["type", "message"], additionalProperties=False)},
             required=["type", "error"], additionalProperties=False),  # fmt: skip
     }
@@ -583,7 +683,8 @@ def openapi_description(backend: Backend, limits: Limits = Limits(), names: Mode
              f"with the code header: {CHAT_TEMPLATE_ERROR} (the model has no chat template, or it refused the "
              f"messages), {CONTEXT_LENGTH_EXCEEDED} (the prompt does not fit the context), {UNSUPPORTED_PREFILL}, "
              f"{CONFLICTING_FIELDS}",
-        404: "no such model here (code model_not_found)",
+        404: f"no such model here (code model_not_found), or a thread continuation of a conversation not kept "
+             f"(code {THREAD_NOT_FOUND})",
         413: f"the body is larger than {limits.max_body_bytes} bytes",
         500: "generation failed",
         503: "the model cannot serve now: no plan yet, it does not fit, a node went away",

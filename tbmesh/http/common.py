@@ -74,6 +74,10 @@ class Limits:
     # may take thousands of tokens, and OpenAI's API lets such an answer run to the context's end
     default_max_tokens: int = max_tokens
     max_stop: int = 16  # stop strings per request (OpenAI allows 4; some clients send more)
+    # conversations the server keeps for Anthropic's `thread` continuations, by their last answer's
+    # id, the least recently used dropped first (a continuation of a dropped one is told so, and
+    # the SDK then sends the whole conversation again)
+    stored_threads: int = 64
     # a prompt of more characters than the context's tokens times this is refused before it is
     # tokenized (a 1M-character prompt takes seconds): a token is about 4 characters of text,
     # hardly ever more than 32
