@@ -329,7 +329,8 @@ def _continued(body: dict[str, Any], threads: Threads | None) -> tuple[dict[str,
         raise _bad(f"'thread.previous_message_id' must be a string, not {type_name(message_id)}")
     for field in ("system", "tools"):  # set when the thread was created
         if body.get(field) is not None:
-            raise _bad(f"'{field}' cannot be sent with a thread continuation: the thread's own is used")
+            raise _bad(f"'{field}' cannot be sent with a thread continuation: the thread's own is used",
+                       CONFLICTING_FIELDS)
     if not isinstance(body.get("messages", []), list):
         raise _bad(f"'messages' must be an array of messages, not {type_name(body.get('messages'))}")
     kept = None if threads is None else threads.get(message_id)
@@ -582,7 +583,7 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
                 description=f"keep the conversation with the answer (the last {limits.stored_threads} are kept)"),
             obj({"type": {"const": "continue"}, "previous_message_id": string}, required=["type", "previous_message_id"],
                 description="the kept conversation that ends with this answer, then messages (system and tools: the "
-                            f"thread's; 404 with details.error_code {THREAD_NOT_FOUND} when it is not kept)"),
+                            f"thread's, code {CONFLICTING_FIELDS} if sent; 404 with details.error_code {THREAD_NOT_FOUND} when it is not kept)"),
         ]}),
         "tool_choice": nullable({"anyOf": [
             obj({"type": {"enum": ["auto", "any", "none"]}}, required=["type"],
