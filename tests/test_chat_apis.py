@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -136,7 +137,7 @@ def test_bad_openai_fields_are_400s_naming_the_field(server, body, param, words)
     ({**MESSAGE, "max_tokens": "8"}, "'max_tokens' must be an integer"),
     ({**MESSAGE, "model": 5}, "'model' is required: a string"),
     ({**MESSAGE, "messages": []}, "'messages' is required"),
-    ({**MESSAGE, "messages": [{"role": "tool", "content": "x"}]}, "'messages[0].role' must be \"user\", \"assistant\" or \"system\""),
+    ({**MESSAGE, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role: Unexpected role \"tool\". The input message role must be `user`, `assistant` or `system`."),
     ({**MESSAGE, "messages": [*WEATHER, {"role": "system", "content": 5}, *WEATHER]}, "'messages[1].content' must be a string or an array of text blocks"),
     ({**MESSAGE, "messages": [{"role": "user", "content": 5}]}, "'messages[0].content' must be a string or an array"),
     ({**MESSAGE, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image blocks are not supported"),
@@ -460,3 +461,26 @@ def test_anthropic_thread_not_kept_is_told_so_and_the_sdk_sends_it_all_again(tau
                                                      "system": "x", "thread": {"type": "continue",
                                                                                "previous_message_id": reply.id}})  # fmt: skip
         assert status == 400 and "'system' cannot be sent with a thread continuation" in answer["error"]["message"]
+
+
+def test_a_template_that_refuses_system_messages_is_told_in_anthropics_words(taught_model: Path, tmp_path: Path) -> None:
+    """A chat template that takes a system message only first: the refusal is worded as
+    Anthropic's of a system message in `messages`, which Claude Code recognises to send its
+    system messages merged instead."""
+    strict = tmp_path / "strict"
+    shutil.copytree(taught_model, strict)
+    config = json.loads((strict / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{%- for m in messages %}{%- if m.role == 'system' and not loop.first %}"
+                               "{{ raise_exception('System message must be at the beginning.') }}{%- endif %}"
+                               "{%- endfor %}" + config["chat_template"])  # fmt: skip
+    (strict / "tokenizer_config.json").write_text(json.dumps(config))
+    with SteeredBackend(strict) as backend, ApiServer(backend) as alone:
+        client = anthropic.Anthropic(base_url=alone.url, api_key="k", max_retries=0)
+        late = [*WEATHER, {"role": "assistant", "content": "Rainy."}, {"role": "system", "content": "Be brief."}, *WEATHER]
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            client.messages.create(model="strict", max_tokens=4, messages=late)
+        assert raised.value.body["error"]["type"] == "invalid_request_error"
+        assert raised.value.body["error"]["message"].startswith(
+            'messages.2.role: Unexpected role "system". The input message role must be `user` or `assistant`')
+        merged = client.messages.create(model="strict", max_tokens=4, system="Be brief.", messages=late[:2] + late[3:])
+        assert merged.stop_reason in ("max_tokens", "end_turn")  # the fallback is answered

@@ -162,6 +162,7 @@ class MessagesRequest:
     tools: list[dict[str, Any]] | None  # tbmesh.http.chat's form, tool_choice applied
     stream: bool
     thread: Conversation | None = None  # to keep with the answer (`thread` create or continue), or None
+    system_at: int | None = None  # the index in `messages` (as sent) of the first system message, if any
 
 
 def _text(value: Any, where: str) -> str:
@@ -265,8 +266,9 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             result.append(_assistant(message.get("content"), where))
         elif role == "system":  # Anthropic takes them mid-conversation (Claude Code sends them): where they stand
             result.append({"role": "system", "content": _text(message.get("content"), f"{where}.content")})
-        else:
-            raise _bad(f"'{where}.role' must be \"user\", \"assistant\" or \"system\", not {json.dumps(role)}")
+        else:  # in Anthropic's words
+            raise _bad(f"messages.{i}.role: Unexpected role {json.dumps(role)}. The input message role must be "
+                       "`user`, `assistant` or `system`.")  # fmt: skip
     if messages[-1].get("role") == "assistant":  # the chat template starts a new turn after it
         raise _bad(f"'messages[{len(messages) - 1}]': a last assistant message (a prefill to continue) "
                    "is not supported: end with a user message", UNSUPPORTED_PREFILL)
@@ -368,6 +370,7 @@ def parse_request(body: Any, limits: Limits, count_only: bool = False, threads: 
                                 1.0 if top_p is None else top_p)  # fmt: skip
     generation = Generation(model, min(max_tokens or 1, limits.max_tokens), sampling, stop, max_tokens_strict=False)
     request = MessagesRequest(generation, _messages(body), _tools(body), boolean(body, "stream"))
+    request.system_at = next((i for i, m in enumerate(body["messages"]) if m.get("role") == "system"), None)
     if keep:
         request.thread = Conversation(body.get("system"), body.get("tools"), list(body["messages"]))
     return request
@@ -379,6 +382,10 @@ def _prompt(tokenizer: TokenizerWrapper, request: MessagesRequest, context: int 
     try:
         return chat_prompt(tokenizer, request.messages, request.tools)
     except TemplateError as error:
+        if request.system_at is not None:  # in Anthropic's words, on which Claude Code merges its system messages
+            raise _bad(f"messages.{request.system_at}.role: Unexpected role \"system\". The input message role "
+                       f"must be `user` or `assistant` (the model's chat template refused it: {error})",
+                       CHAT_TEMPLATE_ERROR) from None  # fmt: skip
         raise _bad(str(error), CHAT_TEMPLATE_ERROR) from None
 
 
