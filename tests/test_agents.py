@@ -276,8 +276,8 @@ def test_bad_requests_get_each_apis_error_shape_and_the_daemon_goes_on(daemons) 
     assert raised.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message":
                                  "'messages[0].content[0].tool_use_id' must be a string"}}  # fmt: skip
     with pytest.raises(anthropic.NotFoundError) as missing:
-        anthropic_client(daemon).messages.create(model="claude-opus", max_tokens=10, messages=WEATHER)
-    assert missing.value.body["error"]["type"] == "not_found_error" and "claude-opus" in str(missing.value)
+        anthropic_client(daemon).messages.create(model="gpt-4o", max_tokens=10, messages=WEATHER)  # no alias's
+    assert missing.value.body["error"]["type"] == "not_found_error" and "gpt-4o" in str(missing.value)
     with pytest.raises(openai.BadRequestError) as refused:
         openai_client(daemon).chat.completions.create(model=MODEL, messages=WEATHER, n=2)
     assert refused.value.body["param"] == "n"
