@@ -246,6 +246,18 @@ def test_anthropic_max_tokens_is_a_ceiling_within_the_context(server, tokenizer)
         assert raised.value.body["error"] == {"type": "invalid_request_error",
                                               "message": f"prompt is too long: {prompt} tokens > {prompt} maximum"}
         assert raised.value.response.headers["X-Tbmesh-Error-Code"] == "context_length_exceeded"
+        # Ollama's words (as it refuses an input longer than the context with truncate false)
+        status, answer, headers = _post(server, "/api/chat", {"model": MODEL, "messages": WEATHER, "stream": False})
+        assert (status, answer) == (400, {"error": "the input length exceeds the context length "
+                                                   f"({prompt} tokens; the context is {prompt})"})
+        assert headers["X-Tbmesh-Error-Code"] == "context_length_exceeded"
+        server.backend.room = prompt + 2
+        status, answer, _ = _post(server, "/api/chat", {"model": MODEL, "messages": WEATHER, "stream": False,
+                                                        "options": {"num_predict": 10}})  # fmt: skip
+        assert (status, answer) == (400, {"error": f"the input length and num_predict exceed the context length "
+                                                   f"({prompt} + 10 tokens; the context is {prompt + 2}): lower "
+                                                   "num_predict to at most 2"})
+        server.backend.room = prompt
         # count_tokens counts whatever the length: clients count to learn whether a prompt fits
         assert client.messages.count_tokens(model=MODEL, messages=WEATHER).input_tokens == prompt
         server.backend.room = 2
