@@ -17,7 +17,7 @@ from typing import Any
 from tbmesh.core.generation import Backend, Sampling, Unavailable
 from tbmesh.core.jsonform import from_json
 from tbmesh.core.status import LinkStatus, Status
-from tbmesh.http.common import Limits
+from tbmesh.http.common import Limits, ModelNames
 from tbmesh.http.server import LOOPBACK_NAMES, Listener, make_app
 from tbmesh.runtime.local import LocalBackend
 
@@ -38,8 +38,9 @@ class ApiServer:
     def __init__(self, backend: Backend, limits: Limits = Limits(), handler_cancellation: bool = False,
                  status: Callable[[], Status] = empty_status,
                  probe: Callable[[], Awaitable[tuple[LinkStatus, ...]]] = no_links,
-                 hosts: Collection[str] = LOOPBACK_NAMES) -> None:  # fmt: skip
+                 hosts: Collection[str] = LOOPBACK_NAMES, names: ModelNames = ModelNames()) -> None:  # fmt: skip
         self.backend = backend
+        self.names = names
         self.limits = limits
         self.hosts = hosts
         self.status = status
@@ -60,7 +61,7 @@ class ApiServer:
         self.thread.join(10)
 
     async def _start(self) -> None:
-        app = make_app(self.status, self.probe, self.backend, self.limits, hosts=self.hosts)
+        app = make_app(self.status, self.probe, self.backend, self.limits, hosts=self.hosts, names=self.names)
         self.listener = Listener(app, self.limits, handler_cancellation=self.handler_cancellation)
         await self.listener.start()
         self.port = await self.listener.listen("127.0.0.1", 0)

@@ -79,7 +79,8 @@ def daemons(request: pytest.FixtureRequest, taught_model: Path, tmp_path_factory
     root = tmp_path_factory.mktemp(f"agents{stages}")
     cluster = f"a{uuid.uuid4().hex[:8]}"
     started = [DaemonProcess(f"n{i}", root / f"n{i}", ["--interface", "lo", "--memory", "4GB", "--model",
-                                                       str(taught_model), "--cluster", cluster, "--no-probe"])
+                                                       str(taught_model), "--cluster", cluster, "--no-probe",
+                                                       "--model-alias", "claude-*=taught"])
                for i in range(stages)]  # fmt: skip
     try:
         for daemon in started:
@@ -207,6 +208,31 @@ def test_anthropic_tool_use_round_trip(daemons, loaded) -> None:
     idle(daemons)
 
 
+def test_anthropic_thread_tool_round_trip_and_system_messages_as_claude_code_sends_them(daemons, loaded) -> None:
+    """The SDK's message thread (the tool result sent alone, after the id of the answer that
+    called the tool), under Claude Code's own model name (--model-alias 'claude-*=taught'), and a
+    system message inside `messages`: each answer mlx-lm's on the whole conversation."""
+    client = anthropic_client(daemons[0])
+    thread = client.beta.messages.thread(model="claude-sonnet-4-5", max_tokens=200, tools=[ANTHROPIC_TOOL],
+                                         extra_body=GREEDY)  # fmt: skip
+    first = thread.send(WEATHER[0])
+    (block,) = first.content
+    assert first.stop_reason == "tool_use" and (block.name, block.input) == ("get_weather", {"city": "Oslo"})
+    assert first.model == MODEL  # the served model answers, under its own name
+    final = thread.send({"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id, "content": RESULT}]})
+    assert [b.type for b in final.content] == ["text"] and final.content[0].text == "It is 4 degrees and raining in Oslo."
+    assert thread.previous_message_id == final.id
+
+    late = [*WEATHER, {"role": "assistant", "content": "Rainy."}, {"role": "system", "content": "Answer briefly."},
+            *WEATHER]  # fmt: skip
+    want = expected(loaded, late, max_tokens=40)
+    answer = client.messages.create(model="claude-haiku-4-5", max_tokens=40, messages=late, extra_body=GREEDY)
+    assert answer.usage.output_tokens == len(want.tokens)
+    assert "".join(b.text for b in answer.content if b.type == "text") == want.text
+    assert "".join(b.thinking for b in answer.content if b.type == "thinking") == want.reasoning
+    idle(daemons)
+
+
 def test_anthropic_thinking_block_streamed_and_max_tokens(daemons, loaded) -> None:
     client = anthropic_client(daemons[0])
     think = expected(loaded, THINK)
@@ -250,8 +276,8 @@ def test_bad_requests_get_each_apis_error_shape_and_the_daemon_goes_on(daemons) 
     assert raised.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message":
                                  "'messages[0].content[0].tool_use_id' must be a string"}}  # fmt: skip
     with pytest.raises(anthropic.NotFoundError) as missing:
-        anthropic_client(daemon).messages.create(model="claude-opus", max_tokens=10, messages=WEATHER)
-    assert missing.value.body["error"]["type"] == "not_found_error" and "claude-opus" in str(missing.value)
+        anthropic_client(daemon).messages.create(model="gpt-4o", max_tokens=10, messages=WEATHER)  # no alias's
+    assert missing.value.body["error"]["type"] == "not_found_error" and "gpt-4o" in str(missing.value)
     with pytest.raises(openai.BadRequestError) as refused:
         openai_client(daemon).chat.completions.create(model=MODEL, messages=WEATHER, n=2)
     assert refused.value.body["param"] == "n"

@@ -213,13 +213,23 @@ def health_beside(server: ApiServer, path: str, ask: dict[str, Any]) -> tuple[in
 
 def test_a_huge_prompt_is_refused_at_once_in_each_apis_shape(server: ApiServer, backend: SteeredBackend) -> None:
     backend.room = 4096  # the daemon's --context: at most 4096 x 32 characters
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
-                 "/api/chat", "/api/generate"):  # fmt: skip
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/api/chat", "/api/generate"):
         started = time.monotonic()
         status, body, headers, slowest = health_beside(server, path, with_prompt(path, HUGE))
         assert status == 400, (path, body)
         message = error_message(path, body)  # the characters of the request's every string (roles too)
-        assert re.match(r"the prompt has 10010\d\d characters, .*; the context is 4096 tokens \(--context\)$", message)
+        # each API's words, the fewest tokens 1 001 0xx characters hold (32 each) for the prompt's
+        assert re.fullmatch({"/v1/chat/completions": r"This model's maximum context length is 4096 tokens\. However, "
+                                                      r"your messages resulted in at least 3128\d tokens\. Please "
+                                                      r"reduce the length of the messages\.",
+                             "/v1/completions": r"This model's maximum context length is 4096 tokens\. However, your "
+                                                r"prompt resulted in at least 3128\d tokens\. Please reduce the "
+                                                r"length of the prompt\.",
+                             "/v1/messages": r"prompt is too long: 3128\d tokens > 4096 maximum",
+                             "/api/chat": r"the input length exceeds the context length \(at least 3128\d tokens; "
+                                          r"the context is 4096\)",
+                             "/api/generate": r"the input length exceeds the context length \(at least 3128\d tokens; "
+                                              r"the context is 4096\)"}[path], message), message  # fmt: skip
         code = body["error"]["code"] if path.startswith("/v1/") and not path.startswith("/v1/messages") else \
             headers[CODE_HEADER]  # fmt: skip
         assert code == CONTEXT_LENGTH_EXCEEDED
@@ -239,7 +249,8 @@ def test_tokenizing_never_stalls_health(server: ApiServer, backend: SteeredBacke
     status, body, _, slowest = health_beside(server, "/v1/chat/completions", with_prompt("/v1/chat/completions",
                                                                                          HUGE[:100_000]))
     assert status == 400 and body["error"]["code"] == CONTEXT_LENGTH_EXCEEDED
-    assert "tokens; the context is 4096 tokens (--context)" in body["error"]["message"] and slowest < 0.5
+    assert body["error"]["message"].startswith("This model's maximum context length is 4096 tokens. However, your "
+                                               "messages resulted in ") and slowest < 0.5
 
 
 # --- half-sent requests and the cap on connections --------------------------------------------

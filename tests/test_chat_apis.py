@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -22,9 +23,11 @@ import openai
 import pytest
 from api_server import ApiServer, SteeredBackend
 from mlx_lm.generate import generate_step
+from typer.testing import CliRunner
 
+from tbmesh.cli.main import app
 from tbmesh.core.generation import Unavailable
-from tbmesh.http.common import Limits
+from tbmesh.http.common import Limits, ModelNames
 from tbmesh.testbed.teach import CONVERSATIONS, WEATHER_TOOL
 
 MODEL = "taught"
@@ -134,7 +137,8 @@ def test_bad_openai_fields_are_400s_naming_the_field(server, body, param, words)
     ({**MESSAGE, "max_tokens": "8"}, "'max_tokens' must be an integer"),
     ({**MESSAGE, "model": 5}, "'model' is required: a string"),
     ({**MESSAGE, "messages": []}, "'messages' is required"),
-    ({**MESSAGE, "messages": [{"role": "system", "content": "x"}]}, "'messages[0].role' must be \"user\" or \"assistant\""),
+    ({**MESSAGE, "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role: Unexpected role \"tool\". The input message role must be `user`, `assistant` or `system`."),
+    ({**MESSAGE, "messages": [*WEATHER, {"role": "system", "content": 5}, *WEATHER]}, "'messages[1].content' must be a string or an array of text blocks"),
     ({**MESSAGE, "messages": [{"role": "user", "content": 5}]}, "'messages[0].content' must be a string or an array"),
     ({**MESSAGE, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image blocks are not supported"),
     ({**MESSAGE, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": 5}]}]},
@@ -236,10 +240,52 @@ def test_anthropic_max_tokens_is_a_ceiling_within_the_context(server, tokenizer)
             cut = stream.get_final_message()
         assert (cut.stop_reason, cut.usage.output_tokens) == ("max_tokens", 4)
         server.backend.room = prompt
-        with pytest.raises(anthropic.BadRequestError, match=f"the prompt has {prompt} tokens; the context is {prompt}"):
+        with pytest.raises(anthropic.BadRequestError) as raised:
             client.messages.create(model=MODEL, max_tokens=10, messages=WEATHER)
+        # Anthropic's words, which Claude Code compacts on (and reads the numbers of)
+        assert raised.value.body["error"] == {"type": "invalid_request_error",
+                                              "message": f"prompt is too long: {prompt} tokens > {prompt} maximum"}
+        assert raised.value.response.headers["X-Tbmesh-Error-Code"] == "context_length_exceeded"
+        # Ollama's words (as it refuses an input longer than the context with truncate false)
+        status, answer, headers = _post(server, "/api/chat", {"model": MODEL, "messages": WEATHER, "stream": False})
+        assert (status, answer) == (400, {"error": "the input length exceeds the context length "
+                                                   f"({prompt} tokens; the context is {prompt})"})
+        assert headers["X-Tbmesh-Error-Code"] == "context_length_exceeded"
+        server.backend.room = prompt + 2
+        status, answer, _ = _post(server, "/api/chat", {"model": MODEL, "messages": WEATHER, "stream": False,
+                                                        "options": {"num_predict": 10}})  # fmt: skip
+        assert (status, answer) == (400, {"error": f"the input length and num_predict exceed the context length "
+                                                   f"({prompt} + 10 tokens; the context is {prompt + 2}): lower "
+                                                   "num_predict to at most 2"})
+        server.backend.room = prompt
+        # count_tokens counts whatever the length: clients count to learn whether a prompt fits
+        assert client.messages.count_tokens(model=MODEL, messages=WEATHER).input_tokens == prompt
+        server.backend.room = 2
+        assert client.messages.count_tokens(model=MODEL, messages=WEATHER).input_tokens == prompt
     finally:
         server.backend.reset()
+
+
+def test_anthropic_system_messages_stand_where_they_are_sent(server, taught_model: Path) -> None:
+    """Claude Code sends system messages inside `messages`: they go through the chat template
+    where they stand, and the answer is single-process mlx-lm's on that prompt."""
+    model, tokenizer = mlx_lm.load(str(taught_model))
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    reply = {"role": "assistant", "content": "Rainy."}
+    later = {"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]}
+    conversation = [*WEATHER, reply, later, *WEATHER]
+    expected = tokenizer.apply_chat_template([*WEATHER, reply, {"role": "system", "content": "Answer in one word."},
+                                              *WEATHER], add_generation_prompt=True)  # fmt: skip
+    assert client.messages.count_tokens(model=MODEL, system="Be brief.", messages=conversation).input_tokens == \
+        len(tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *WEATHER, reply,
+                                           {"role": "system", "content": "Answer in one word."}, *WEATHER],
+                                          add_generation_prompt=True))  # fmt: skip
+    answer = client.messages.create(model=MODEL, max_tokens=6, messages=conversation, extra_body={"temperature": 0})
+    steps = [token for token, _ in generate_step(mx.array(expected), model, max_tokens=6)]
+    assert answer.usage.input_tokens == len(expected)
+    assert answer.usage.output_tokens == len(steps) or answer.stop_reason == "end_turn"
+    text = "".join(block.text for block in answer.content if block.type == "text")
+    assert text in tokenizer.decode(steps), (text, tokenizer.decode(steps))
 
 
 def test_anthropic_failures_before_and_during_a_stream_keep_anthropics_shape(server) -> None:
@@ -342,3 +388,111 @@ def test_the_answers_are_as_the_openapi_document_describes_them(server) -> None:
         assert status == 200
         _validator(document, "TokenCount").validate(count)
     assert seen >= {"reasoning_content", "tool_calls", "thinking", "tool_use", "text"}, seen
+
+
+def test_model_names_with_latest_and_aliases_reach_the_served_model(server) -> None:
+    """README, *Claude Code*: a served model's name with Ollama's ":latest" tag means it on every
+    API (real Ollama takes both, and /api/tags lists the tagged one); --model-alias PATTERN=NAME
+    takes clients' own model names (Claude Code's main and small models) to a served one; the
+    lists keep the real name."""
+    names = ModelNames.parse(["claude-*=taught:latest", "gpt-*=not-served"])
+    with ApiServer(server.backend, names=names) as aliased:
+        chat = openai.OpenAI(base_url=aliased.url + "/v1", api_key="none", max_retries=0)
+        ask = {"messages": WEATHER, "max_tokens": 4, "temperature": 0}
+        plain = chat.chat.completions.create(model=MODEL, **ask)
+        latest = chat.chat.completions.create(model=MODEL + ":latest", **ask)
+        assert latest.choices[0].message.content == plain.choices[0].message.content and latest.model == MODEL
+        assert [m.id for m in chat.models.list()] == [MODEL] and chat.models.retrieve(MODEL + ":latest").id == MODEL
+        messages = anthropic.Anthropic(base_url=aliased.url, api_key="k", max_retries=0)
+        real = messages.messages.create(model=MODEL, max_tokens=4, messages=WEATHER, extra_body={"temperature": 0})
+        for name in ("claude-sonnet-4-5-20250929", "claude-haiku-4-5", MODEL + ":latest"):  # main, small, tagged
+            answer = messages.messages.create(model=name, max_tokens=4, messages=WEATHER, extra_body={"temperature": 0})
+            assert answer.content == real.content and answer.model == MODEL, name
+            assert messages.messages.count_tokens(model=name, messages=WEATHER).input_tokens == real.usage.input_tokens
+        with pytest.raises(anthropic.NotFoundError) as raised:  # an alias to a model not served
+            messages.messages.create(model="gpt-4o", max_tokens=4, messages=WEATHER)
+        assert raised.value.body["error"]["type"] == "not_found_error"
+        status, answer, _ = _post(aliased, "/api/chat", {"model": "claude-opus-4-1", "messages": WEATHER, "stream": False,
+                                                         "options": {"temperature": 0, "num_predict": 4}})  # fmt: skip
+        assert status == 200 and answer["message"]["content"] == plain.choices[0].message.content, answer
+        document = json.loads(urllib.request.urlopen(aliased.url + "/openapi.json", timeout=10).read())
+        model = document["components"]["schemas"]["MessagesRequest"]["properties"]["model"]
+        assert "enum" not in model and "--model-alias" in model["description"]  # any name may be an alias's
+    with pytest.raises(anthropic.NotFoundError):  # no alias: another name is a 404
+        anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0).messages.create(
+            model="claude-haiku-4-5", max_tokens=4, messages=WEATHER)
+
+
+@pytest.mark.parametrize("spec", ["claude-*", "=taught", "claude-*="])
+def test_a_model_alias_without_pattern_and_name_is_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="give PATTERN=NAME"):
+        ModelNames.parse([spec])
+    result = CliRunner().invoke(app, ["daemon", "--model-alias", spec])
+    assert result.exit_code == 2 and "--model-alias: bad model alias" in result.output, result.output
+
+
+def test_anthropic_thread_continues_the_conversation_the_server_kept(server) -> None:
+    """`thread`: {"type": "create"} keeps the conversation with its answer; a continuation sends
+    only the new turn and gets the answer the whole conversation gets (the `anthropic` SDK's
+    message threads, as its tool runner uses them)."""
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    greedy = {"max_tokens": 6, "extra_body": {"temperature": 0}}
+    thread = client.beta.messages.thread(model=MODEL, system="Be brief.", **greedy)
+    first = thread.send(WEATHER[0])  # kept whole
+    follow, again = {"role": "user", "content": "And in Bergen?"}, {"role": "user", "content": "And tomorrow?"}
+    with thread.stream(follow) as stream:  # kept as it was streamed
+        second = stream.get_final_message()
+    third = thread.send(again)
+    assert thread.previous_message_id == third.id
+    history = [*WEATHER]
+    for turn, reply in ((follow, second), (again, third)):
+        history += [{"role": "assistant", "content": (first if turn is follow else second).content}, turn]
+        whole = client.messages.create(model=MODEL, system="Be brief.", messages=history, **greedy)
+        assert [b.model_dump() for b in reply.content] == [b.model_dump() for b in whole.content]
+        assert reply.usage.input_tokens == whole.usage.input_tokens
+
+
+def test_anthropic_thread_not_kept_is_told_so_and_the_sdk_sends_it_all_again(taught_model: Path) -> None:
+    """A continuation of a conversation the server no longer keeps (it keeps the last
+    `stored_threads`) is a 404 with Anthropic's details.error_code thread_not_found; the SDK then
+    sends the whole conversation again under a new thread, and the turn is answered."""
+    with SteeredBackend(taught_model) as backend, ApiServer(backend, Limits(stored_threads=1)) as small:
+        client = anthropic.Anthropic(base_url=small.url, api_key="k", max_retries=0)
+        greedy = {"max_tokens": 4, "extra_body": {"temperature": 0}}
+        one, two = (client.beta.messages.thread(model=MODEL, **greedy) for _ in range(2))
+        one.send(WEATHER[0])
+        kept = one.previous_message_id
+        two.send(WEATHER[0])  # the server now keeps only this one
+        status, answer = small.post("/v1/messages", {"model": MODEL, "max_tokens": 4, "messages": WEATHER,
+                                                     "thread": {"type": "continue", "previous_message_id": kept}})  # fmt: skip
+        assert status == 404 and answer["error"]["type"] == "not_found_error", answer
+        assert answer["error"]["details"] == {"error_code": "thread_not_found"}
+        reply = one.send({"role": "user", "content": "And in Bergen?"})  # replayed whole by the SDK
+        assert reply.usage.input_tokens > 20 and one.previous_message_id == reply.id
+        status, answer = small.post("/v1/messages", {"model": MODEL, "max_tokens": 4, "messages": WEATHER,
+                                                     "system": "x", "thread": {"type": "continue",
+                                                                               "previous_message_id": reply.id}})  # fmt: skip
+        assert status == 400 and "'system' cannot be sent with a thread continuation" in answer["error"]["message"]
+
+
+def test_a_template_that_refuses_system_messages_is_told_in_anthropics_words(taught_model: Path, tmp_path: Path) -> None:
+    """A chat template that takes a system message only first: the refusal is worded as
+    Anthropic's of a system message in `messages`, which Claude Code recognises to send its
+    system messages merged instead."""
+    strict = tmp_path / "strict"
+    shutil.copytree(taught_model, strict)
+    config = json.loads((strict / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{%- for m in messages %}{%- if m.role == 'system' and not loop.first %}"
+                               "{{ raise_exception('System message must be at the beginning.') }}{%- endif %}"
+                               "{%- endfor %}" + config["chat_template"])  # fmt: skip
+    (strict / "tokenizer_config.json").write_text(json.dumps(config))
+    with SteeredBackend(strict) as backend, ApiServer(backend) as alone:
+        client = anthropic.Anthropic(base_url=alone.url, api_key="k", max_retries=0)
+        late = [*WEATHER, {"role": "assistant", "content": "Rainy."}, {"role": "system", "content": "Be brief."}, *WEATHER]
+        with pytest.raises(anthropic.BadRequestError) as raised:
+            client.messages.create(model="strict", max_tokens=4, messages=late)
+        assert raised.value.body["error"]["type"] == "invalid_request_error"
+        assert raised.value.body["error"]["message"].startswith(
+            'messages.2.role: Unexpected role "system". The input message role must be `user` or `assistant`')
+        merged = client.messages.create(model="strict", max_tokens=4, system="Be brief.", messages=late[:2] + late[3:])
+        assert merged.stop_reason in ("max_tokens", "end_turn")  # the fallback is answered

@@ -661,11 +661,16 @@ def test_a_request_that_cannot_fit_the_context_is_400_with_the_numbers(server: A
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=11, temperature=0)
     error = raised.value.body
     assert error["code"] == "context_length_exceeded"  # OpenAI's code: what a schema of the request cannot say
-    assert error["param"] == "max_tokens" and "the prompt (30 tokens) and max_tokens (11) need 41 tokens; " \
-        "the context is 40 tokens (--context): lower max_tokens to at most 10" in error["message"]
+    # OpenAI's words, which clients match: litellm's is_error_str_context_window_exceeded looks for
+    # "this model's maximum context length is" (litellm_core_utils/exception_mapping_utils.py)
+    assert error["param"] == "max_tokens" and error["message"] == "This model's maximum context length is 40 " \
+        "tokens. However, you requested 41 tokens (30 in the prompt, 11 in the completion). Please reduce the " \
+        "length of the prompt or completion."
     with pytest.raises(openai.BadRequestError) as raised:
         client.completions.create(model=MODEL, prompt=prompt * 2, temperature=0)
-    assert raised.value.body["param"] == "prompt" and "the prompt has 60 tokens; the context is 40" in str(raised.value)
+    assert raised.value.body["param"] == "prompt" and raised.value.body["message"] == "This model's maximum context " \
+        "length is 40 tokens. However, your prompt resulted in 60 tokens. Please reduce the length of the prompt."
+    assert "this model's maximum context length is" in str(raised.value).lower()
     assert raised.value.body["code"] == "context_length_exceeded"
     # without max_tokens the answer gets what is left of the context (the default, 16, is more)
     answer = client.completions.create(model=MODEL, prompt=prompt, temperature=0)

@@ -78,7 +78,7 @@ def test_the_document_is_valid_openapi_and_names_the_models(backend: LocalBacken
     doc = openapi_document(backend, Limits(max_tokens=100))
     schemathesis.openapi.from_dict(doc).validate()  # OpenAPI 3.1's own schema: raises if not
     request = doc["components"]["schemas"]["ChatCompletionRequest"]
-    assert request["properties"]["model"]["enum"] == ["tiny"]
+    assert request["properties"]["model"]["enum"] == ["tiny", "tiny:latest"]  # Ollama's tag is taken too
     assert request["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 100  # the limits it is served with
     assert {"400", "403", "404", "408", "413", "415", "503"} <= doc["paths"]["/v1/completions"]["post"]["responses"].keys()
     assert "403" in doc["paths"]["/health"]["get"]["responses"] and "415" not in doc["paths"]["/health"]["get"]["responses"]
@@ -89,7 +89,7 @@ def test_the_document_is_valid_openapi_and_names_the_models(backend: LocalBacken
         assert {"400", "403", "404", "413", "415", "503"} <= responses.keys()
         for status in ("400", "403", "415"):
             assert responses[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/AnthropicError"}
-    assert doc["components"]["schemas"]["MessagesRequest"]["properties"]["model"]["enum"] == ["tiny"]
+    assert doc["components"]["schemas"]["MessagesRequest"]["properties"]["model"]["enum"] == ["tiny", "tiny:latest"]
     assert "text/event-stream" in doc["paths"]["/v1/messages"]["post"]["responses"]["200"]["content"]
 
 

@@ -17,7 +17,7 @@ import typer
 from tbmesh.cli.app import fail_usage, one_line
 from tbmesh.core.groups import MIN_SPEEDUP, PARALLEL
 from tbmesh.core.units import parse_size
-from tbmesh.node.config import FOUND_DEFAULTS, LOG_LEVEL, LOG_LEVELS, DaemonConfig
+from tbmesh.node.config import FOUND_DEFAULTS, LOG_LEVEL, LOG_LEVELS, MODEL_ALIAS_HELP, DaemonConfig
 from tbmesh.serving.settings import ServingSettings
 
 
@@ -88,6 +88,7 @@ def daemon(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Every API request but GET /health must carry this key (Bearer or x-api-key)."),
     api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="Read the API key from a file (a key on the command line shows in ps)."),
     api_allow_host: list[str] = typer.Option([], "--api-allow-host", help=ALLOW_HOST_HELP, show_default=FOUND_DEFAULTS["api_allow_hosts"]),
+    model_alias: list[str] = typer.Option([], "--model-alias", metavar="PATTERN=NAME", help=MODEL_ALIAS_HELP),
     state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Where the node id is kept.", show_default=FOUND_DEFAULTS["state_dir"]),
     name: Optional[str] = typer.Option(None, "--name", help="This Mac's name in the cluster.", show_default=FOUND_DEFAULTS["name"]),
     cluster: str = typer.Option(DaemonConfig.cluster, "--cluster", help="Only Macs with the same cluster name join."),
@@ -125,6 +126,12 @@ def daemon(
     if not resume_wait >= 0:
         fail_usage("--resume-wait must be 0 or more seconds")
     slack = _check_daemon_flags(parallel, replicas, prefill_chunk, max_batch, disk_slack, api_allow_host)
+    from tbmesh.http.common import ModelNames
+
+    try:
+        ModelNames.parse(model_alias)
+    except ValueError as error:
+        fail_usage(f"--model-alias: {error}")
     if secret is not None and secret_file is not None:
         fail_usage("give --secret or --secret-file, not both")
     secret_bytes = None
@@ -160,7 +167,7 @@ def daemon(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = DaemonConfig(
         interfaces=interface or None, port=port, api_host=api_host, api_port=api_port, ollama_port=ollama_port,
-        api_key=api_key, api_allow_hosts=api_allow_host, cluster=cluster, model=model, secret=secret_bytes, memory_usable=usable, probe_links=probe, mqtt=mqtt,
+        api_key=api_key, api_allow_hosts=api_allow_host, model_aliases=model_alias, cluster=cluster, model=model, secret=secret_bytes, memory_usable=usable, probe_links=probe, mqtt=mqtt,
         replicas=replicas, disk_slack=slack, parallel=parallel,
         serving=ServingSettings(context=context, prefill_chunk=prefill_chunk, max_batch=max_batch,
                                 resume_wait=resume_wait, prefix_cache=prefix_cache),

@@ -13,8 +13,10 @@ The `x-api-key` header is accepted (tbmesh.http.server checks it when the daemon
 from __future__ import annotations
 
 import json
+import threading
 import uuid
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -37,8 +39,10 @@ from tbmesh.http.common import (
     CONTEXT_LENGTH_EXCEEDED,
     UNSUPPORTED_PREFILL,
     ApiError,
+    ContextTooLong,
     Generation,
     Limits,
+    ModelNames,
     answer_events,
     bad_request,
     boolean,
@@ -48,6 +52,7 @@ from tbmesh.http.common import (
     fit_context,
     in_worker,
     integer,
+    model_schema,
     number,
     read_request,
     request_sampling,
@@ -68,8 +73,29 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
+# the codes of a `thread` continuation refused, in the error's `details.error_code`, as the
+# `anthropic` SDK reads them: it then sends the whole conversation again as a new thread
+THREAD_NOT_FOUND = "thread_not_found"
+THREAD_ERROR_CODES = (THREAD_NOT_FOUND,)
+
+
+def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    error = {"type": ERROR_TYPES.get(status, "api_error"), "message": message}
+    if code in THREAD_ERROR_CODES:
+        error["details"] = {"error_code": code}
+    return {"type": "error", "error": error}
+
+
+def error_message(error: ApiError) -> str:
+    """The error's message; the too-long one in Anthropic's words, which Claude Code matches (and
+    reads the numbers of) to compact the conversation. A prompt refused by its characters, before
+    it is tokenized, says the fewest tokens it has."""
+    if not isinstance(error, ContextTooLong):
+        return error.message
+    if error.max_tokens is None:
+        return f"prompt is too long: {error.prompt_tokens} tokens > {error.context} maximum"
+    return (f"input length and `max_tokens` exceed context limit: {error.prompt_tokens} + {error.max_tokens} > "
+            f"{error.context}, decrease input length or `max_tokens` and try again")  # fmt: skip
 
 
 PATHS = ("/v1/messages", "/v1/messages/count_tokens")
@@ -85,7 +111,8 @@ def error_response(error: ApiError) -> web.Response:
     headers = dict(error.headers or {})
     if error.code is not None:
         headers[CODE_HEADER] = error.code
-    return web.json_response(error_body(error.status, error.message), status=error.status, headers=headers)
+    return web.json_response(error_body(error.status, error_message(error), error.code), status=error.status,
+                             headers=headers)  # fmt: skip
 
 
 def _bad(message: str, code: str | None = None) -> ApiError:
@@ -95,12 +122,47 @@ def _bad(message: str, code: str | None = None) -> ApiError:
 # --- requests --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Conversation:
+    """A conversation as its requests sent it (Anthropic's JSON, checked), kept for `thread`
+    continuations: the thread's system prompt and tools, its messages and answers."""
+
+    system: Any
+    tools: Any
+    messages: list[Any]
+
+
+class Threads:
+    """The conversations kept for `thread` continuations, by the id of their last answer: at most
+    `size`, the least recently used dropped first. Read by the request parser in the API's worker
+    thread, written on the event loop: locked."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._kept: OrderedDict[str, Conversation] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, message_id: str) -> Conversation | None:
+        with self._lock:
+            if message_id in self._kept:
+                self._kept.move_to_end(message_id)
+            return self._kept.get(message_id)
+
+    def keep(self, message_id: str, conversation: Conversation) -> None:
+        with self._lock:
+            self._kept[message_id] = conversation
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+
 @dataclass
 class MessagesRequest:
     generation: Generation
     messages: list[dict[str, Any]]  # tbmesh.http.chat's form, the system prompt first
     tools: list[dict[str, Any]] | None  # tbmesh.http.chat's form, tool_choice applied
     stream: bool
+    thread: Conversation | None = None  # to keep with the answer (`thread` create or continue), or None
+    system_at: int | None = None  # the index in `messages` (as sent) of the first system message, if any
 
 
 def _text(value: Any, where: str) -> str:
@@ -202,9 +264,11 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             result += _user(message.get("content"), where)
         elif role == "assistant":
             result.append(_assistant(message.get("content"), where))
-        else:
-            raise _bad(f"'{where}.role' must be \"user\" or \"assistant\", not {json.dumps(role)} "
-                       "(the system prompt is the top-level 'system')")
+        elif role == "system":  # Anthropic takes them mid-conversation (Claude Code sends them): where they stand
+            result.append({"role": "system", "content": _text(message.get("content"), f"{where}.content")})
+        else:  # in Anthropic's words
+            raise _bad(f"messages.{i}.role: Unexpected role {json.dumps(role)}. The input message role must be "
+                       "`user`, `assistant` or `system`.")  # fmt: skip
     if messages[-1].get("role") == "assistant":  # the chat template starts a new turn after it
         raise _bad(f"'messages[{len(messages) - 1}]': a last assistant message (a prefill to continue) "
                    "is not supported: end with a user message", UNSUPPORTED_PREFILL)
@@ -251,10 +315,41 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
                "or {\"type\": \"tool\", \"name\": ...}")
 
 
-def parse_request(body: Any, limits: Limits, count_only: bool = False) -> MessagesRequest:
-    """Check a request body; raises ApiError(400) naming the first bad field."""
+def _continued(body: dict[str, Any], threads: Threads | None) -> tuple[dict[str, Any], bool]:
+    """The body with the conversation its `thread` continues before its messages (the thread's
+    system prompt and tools too), and whether the answer is to be kept for a continuation."""
+    thread = body.get("thread")
+    if thread is None:
+        return body, False
+    kind = thread.get("type") if isinstance(thread, dict) else None
+    if kind == "create":
+        return body, True
+    if kind != "continue":
+        raise _bad("'thread' must be {\"type\": \"create\"} or {\"type\": \"continue\", \"previous_message_id\": ...}")
+    message_id = thread.get("previous_message_id")
+    if not isinstance(message_id, str):
+        raise _bad(f"'thread.previous_message_id' must be a string, not {type_name(message_id)}")
+    for field in ("system", "tools"):  # set when the thread was created
+        if body.get(field) is not None:
+            raise _bad(f"'{field}' cannot be sent with a thread continuation: the thread's own is used",
+                       CONFLICTING_FIELDS)
+    if not isinstance(body.get("messages", []), list):
+        raise _bad(f"'messages' must be an array of messages, not {type_name(body.get('messages'))}")
+    kept = None if threads is None else threads.get(message_id)
+    if kept is None:
+        size = 0 if threads is None else threads.size
+        raise ApiError(404, f"thread not found: this server keeps no conversation that ends with the message "
+                            f"{message_id!r} (it keeps the last {size}); send the whole conversation with "
+                            "'thread' {\"type\": \"create\"}", code=THREAD_NOT_FOUND)  # fmt: skip
+    return {**body, "system": kept.system, "tools": kept.tools, "messages": [*kept.messages, *body.get("messages", [])]}, True
+
+
+def parse_request(body: Any, limits: Limits, count_only: bool = False, threads: Threads | None = None) -> MessagesRequest:
+    """Check a request body; raises ApiError(400) naming the first bad field (404: a `thread`
+    continuation of a conversation `threads` does not keep)."""
     if not isinstance(body, dict):
         raise _bad(f"the request body must be a JSON object, not {type_name(body)}")
+    body, keep = _continued(body, threads)
     model = body.get("model")
     if not isinstance(model, str):
         raise _bad(f"'model' is required: a string, not {type_name(model)}")
@@ -274,7 +369,11 @@ def parse_request(body: Any, limits: Limits, count_only: bool = False) -> Messag
     sampling = request_sampling(1.0 if temperature is None else temperature,  # Anthropic's defaults
                                 1.0 if top_p is None else top_p)  # fmt: skip
     generation = Generation(model, min(max_tokens or 1, limits.max_tokens), sampling, stop, max_tokens_strict=False)
-    return MessagesRequest(generation, _messages(body), _tools(body), boolean(body, "stream"))
+    request = MessagesRequest(generation, _messages(body), _tools(body), boolean(body, "stream"))
+    request.system_at = next((i for i, m in enumerate(body["messages"]) if m.get("role") == "system"), None)
+    if keep:
+        request.thread = Conversation(body.get("system"), body.get("tools"), list(body["messages"]))
+    return request
 
 
 def _prompt(tokenizer: TokenizerWrapper, request: MessagesRequest, context: int | None, limits: Limits) -> list[int]:
@@ -283,6 +382,10 @@ def _prompt(tokenizer: TokenizerWrapper, request: MessagesRequest, context: int 
     try:
         return chat_prompt(tokenizer, request.messages, request.tools)
     except TemplateError as error:
+        if request.system_at is not None:  # in Anthropic's words, on which Claude Code merges its system messages
+            raise _bad(f"messages.{request.system_at}.role: Unexpected role \"system\". The input message role "
+                       f"must be `user` or `assistant` (the model's chat template refused it: {error})",
+                       CHAT_TEMPLATE_ERROR) from None  # fmt: skip
         raise _bad(str(error), CHAT_TEMPLATE_ERROR) from None
 
 
@@ -330,6 +433,8 @@ class AnthropicAnswer:
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
         self.block: dict[str, Any] | None = None  # streamed: the content block open now
         self.index = -1  # ... and its index
+        self.content: list[dict[str, Any]] = []  # the content blocks sent so far, whole
+        self.done = False  # the whole answer was sent
 
     def _message(self, content: list[dict[str, Any]], done: bool) -> dict[str, Any]:
         stop_reason, stop_sequence = _stop(self.reader) if done else (None, None)
@@ -347,6 +452,7 @@ class AnthropicAnswer:
                 if not content or content[-1]["type"] != _block_of(event)["type"]:
                     content.append(_block_of(event))
                 content[-1][key] += event.text
+        self.content, self.done = content, True
         return self._message(content, done=True)
 
     def opening(self) -> bytes:
@@ -367,33 +473,41 @@ class AnthropicAnswer:
             data += self._close_block()
             self.block, self.index = starts, self.index + 1
             data += _event("content_block_start", {"index": self.index, "content_block": starts})
+            self.content.append({**starts, "input": event.arguments} if isinstance(event, ToolCall) else dict(starts))
+        if isinstance(event, (Text, Reasoning)):
+            self.content[-1]["text" if isinstance(event, Text) else "thinking"] += event.text
         return data + _event("content_block_delta", {"index": self.index, "delta": _delta_of(event)})
 
     def closing(self) -> bytes:
         stop_reason, stop_sequence = _stop(self.reader)
+        self.done = True
         return self._close_block() + \
             _event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                                      "usage": {"output_tokens": self.reader.completion_tokens}}) + \
             _event("message_stop", {})  # fmt: skip
 
     def error_event(self, error: ApiError) -> bytes:
-        return _event("error", {"error": error_body(error.status, error.message)["error"]})
+        return _event("error", {"error": error_body(error.status, error_message(error), error.code)["error"]})
 
     def error_response(self, error: ApiError) -> web.Response:
         return error_response(error)
 
 
-def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
+def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits = Limits(),
+                         names: ModelNames = ModelNames()) -> None:  # fmt: skip
     """Add POST /v1/messages and /v1/messages/count_tokens. Before any catch-all route."""
+    threads = Threads(limits.stored_threads)
 
     def tokenize(messages: MessagesRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
         tokenizer = backend.tokenizer(messages.generation.model)  # the first call loads it
         return tokenizer, _prompt(tokenizer, messages, context, limits)
 
     async def prepare(request: web.Request, count_only: bool) -> tuple[MessagesRequest, TokenizerWrapper, list[int]]:
-        messages = await read_request(request, limits, lambda body: parse_request(body, limits, count_only))
-        model = messages.generation.model
-        check_served(backend, model)
+        messages = await read_request(request, limits, lambda body: parse_request(body, limits, count_only, threads))
+        model = check_served(backend, messages.generation.model, names)
+        messages.generation = replace(messages.generation, model=model)
+        if count_only:  # counted whatever its length: clients count to learn whether a prompt fits
+            return messages, *await in_worker(tokenize, messages, None)
         context = backend.context(model)
         tokenizer, prompt = await in_worker(tokenize, messages, context)
         messages.generation = fit_context(messages.generation, len(prompt), context, "messages")
@@ -406,7 +520,12 @@ def add_anthropic_routes(app: web.Application, backend: Backend, limits: Limits 
             return error_response(failure(error))
         reader = ChatReader(tokenizer, prompt, messages.generation.stop, messages.tools)
         events = answer_events(request, backend, messages.generation, prompt, reader)
-        return await respond(request, events, AnthropicAnswer(messages, reader), messages.stream)
+        answer = AnthropicAnswer(messages, reader)
+        response = await respond(request, events, answer, messages.stream)
+        if messages.thread is not None and answer.done:  # kept for a continuation from this answer
+            turn = {"role": "assistant", "content": answer.content or ""}
+            threads.keep(answer.id, replace(messages.thread, messages=[*messages.thread.messages, turn]))
+        return response
 
     async def count_tokens(request: web.Request) -> web.Response:
         try:
@@ -455,6 +574,8 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
             obj({"role": {"const": "assistant"},
                  "content": blocks("TextBlock", "ThinkingBlock", "RedactedThinkingBlock", "ToolUseBlock")},
                 required=["role", "content"]),
+            obj({"role": {"const": "system"}, "content": texts}, required=["role", "content"],
+                description="a system message where it stands, through the chat template"),
         ]}, "description": f"the last a user message (code {UNSUPPORTED_PREFILL} if not: no prefill)"},
         "temperature": nullable({"type": "number", "minimum": 0, "maximum": 1}),
         "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
@@ -464,6 +585,13 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
         "thinking": nullable(obj({"type": string}, required=["type"], description="the model thinks as its "
                                                                                  "chat template says")),
         "tools": nullable({"type": "array", "items": ref("AnthropicTool")}),
+        "thread": nullable({"anyOf": [
+            obj({"type": {"const": "create"}}, required=["type"],
+                description=f"keep the conversation with the answer (the last {limits.stored_threads} are kept)"),
+            obj({"type": {"const": "continue"}, "previous_message_id": string}, required=["type", "previous_message_id"],
+                description="the kept conversation that ends with this answer, then messages (system and tools: the "
+                            f"thread's, code {CONFLICTING_FIELDS} if sent; 404 with details.error_code {THREAD_NOT_FOUND} when it is not kept)"),
+        ]}),
         "tool_choice": nullable({"anyOf": [
             obj({"type": {"enum": ["auto", "any", "none"]}}, required=["type"],
                 description="any offers the tools as auto does (nothing forces a call); none offers none"),
@@ -548,24 +676,23 @@ def _response_schemas() -> dict[str, Schema]:
         "TokenCount": obj({"input_tokens": count}, required=["input_tokens"]),
         ERROR: obj({"type": {"const": "error"}, "error": obj({
             "type": {"enum": sorted({*ERROR_TYPES.values(), "api_error"})}, "message": string,
+            "details": obj({"error_code": {"enum": list(THREAD_ERROR_CODES)}}, required=["error_code"]),
         }, required=["type", "message"], additionalProperties=False)},
             required=["type", "error"], additionalProperties=False),  # fmt: skip
     }
 
 
-def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescription:
+def openapi_description(backend: Backend, limits: Limits = Limits(), names: ModelNames = ModelNames()) -> ApiDescription:
     """What add_anthropic_routes serves, for the OpenAPI document of this node (which names the
     models it serves)."""
-    served = backend.models()
-    model: Schema = {"type": "string", "description": "a model of GET /v1/models; another is a 404"}
-    if served:
-        model["enum"] = served
+    model = model_schema(backend.models(), names)
     errors = _error_responses({
         400: "a field is wrong (the message names it) or the body is not JSON; or what the schema cannot say, "
              f"with the code header: {CHAT_TEMPLATE_ERROR} (the model has no chat template, or it refused the "
              f"messages), {CONTEXT_LENGTH_EXCEEDED} (the prompt does not fit the context), {UNSUPPORTED_PREFILL}, "
              f"{CONFLICTING_FIELDS}",
-        404: "no such model here (code model_not_found)",
+        404: f"no such model here (code model_not_found), or a thread continuation of a conversation not kept "
+             f"(code {THREAD_NOT_FOUND})",
         413: f"the body is larger than {limits.max_body_bytes} bytes",
         500: "generation failed",
         503: "the model cannot serve now: no plan yet, it does not fit, a node went away",

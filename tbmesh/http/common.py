@@ -18,11 +18,12 @@ The backends' errors (tbmesh.core.generation) become statuses here alone (`failu
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -73,6 +74,10 @@ class Limits:
     # may take thousands of tokens, and OpenAI's API lets such an answer run to the context's end
     default_max_tokens: int = max_tokens
     max_stop: int = 16  # stop strings per request (OpenAI allows 4; some clients send more)
+    # conversations the server keeps for Anthropic's `thread` continuations, by their last answer's
+    # id, the least recently used dropped first (a continuation of a dropped one is told so, and
+    # the SDK then sends the whole conversation again)
+    stored_threads: int = 64
     # a prompt of more characters than the context's tokens times this is refused before it is
     # tokenized (a 1M-character prompt takes seconds): a token is about 4 characters of text,
     # hardly ever more than 32
@@ -121,6 +126,31 @@ class Generation:
     max_tokens_strict: bool
 
 
+class ContextTooLong(ApiError):
+    """The 400 of a prompt (with a strict max_tokens) that cannot fit the context, with its
+    numbers: each dialect words it as its API does (clients match those words: litellm maps
+    OpenAI's to ContextWindowExceededError, Claude Code compacts on Anthropic's). The message
+    here is tbmesh's own, for what has no wording of its own."""
+
+    def __init__(self, prompt_param: str, prompt_tokens: int, context: int, max_tokens: int | None = None,
+                 max_tokens_param: str = "max_tokens", counted: bool = True) -> None:  # fmt: skip
+        param = prompt_param if max_tokens is None else max_tokens_param
+        if not counted:
+            message = f"the prompt has at least {prompt_tokens} tokens; the context is {context} tokens (--context)"
+        elif max_tokens is None:
+            message = f"the prompt has {prompt_tokens} tokens; the context is {context} tokens (--context)"
+        else:
+            message = (f"the prompt ({prompt_tokens} tokens) and {param} ({max_tokens}) need "
+                       f"{prompt_tokens + max_tokens} tokens; the context is {context} tokens (--context): "
+                       f"lower {param} to at most {context - prompt_tokens}")  # fmt: skip
+        super().__init__(400, message, param=param, code=CONTEXT_LENGTH_EXCEEDED)
+        self.prompt_param = prompt_param  # what the dialect calls the prompt: messages, prompt
+        self.prompt_tokens = prompt_tokens  # a lower bound when not counted (told from the characters)
+        self.context = context
+        self.max_tokens = max_tokens  # the strict max_tokens that does not fit, or None: the prompt alone
+        self.counted = counted
+
+
 def fit_context(generation: Generation, prompt: int, context: int | None, prompt_param: str,
                 max_tokens_param: str = "max_tokens") -> Generation:  # fmt: skip
     """`generation` with max_tokens within the backend's context (the KV room of a stage): a
@@ -129,15 +159,11 @@ def fit_context(generation: Generation, prompt: int, context: int | None, prompt
     if context is None:
         return generation
     if prompt >= context:
-        raise bad_request(prompt_param, f"the prompt has {prompt} tokens; the context is {context} tokens (--context)",
-                          CONTEXT_LENGTH_EXCEEDED)
+        raise ContextTooLong(prompt_param, prompt, context)
     if not generation.max_tokens_strict:
         return replace(generation, max_tokens=min(generation.max_tokens, context - prompt))
     if prompt + generation.max_tokens > context:
-        raise bad_request(max_tokens_param,
-                          f"the prompt ({prompt} tokens) and {max_tokens_param} ({generation.max_tokens}) need "
-                          f"{prompt + generation.max_tokens} tokens; the context is {context} tokens (--context): "
-                          f"lower {max_tokens_param} to at most {context - prompt}", CONTEXT_LENGTH_EXCEEDED)
+        raise ContextTooLong(prompt_param, prompt, context, generation.max_tokens, max_tokens_param)
     return generation
 
 
@@ -254,10 +280,10 @@ def function_tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 def check_prompt_size(chars: int, context: int | None, limits: Limits, param: str) -> None:
     """Raises the too-long 400 for a prompt of more characters than `context` tokens could
-    hold (limits.max_chars_per_token each), before it is tokenized."""
+    hold (limits.max_chars_per_token each), before it is tokenized: it has at least
+    chars / max_chars_per_token tokens."""
     if context is not None and chars > context * limits.max_chars_per_token:
-        raise bad_request(param, f"the prompt has {chars} characters, more than {context} tokens hold; the context "
-                                 f"is {context} tokens (--context)", CONTEXT_LENGTH_EXCEEDED)  # fmt: skip
+        raise ContextTooLong(param, -(-chars // limits.max_chars_per_token), context, counted=False)
 
 
 # --- the backend's errors --------------------------------------------------------------------
@@ -275,15 +301,75 @@ def failure(error: Exception) -> ApiError:
     return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
 
 
-def check_served(backend: Backend, model: str) -> None:
-    """Raises ApiError: 404 for a model this node does not serve, 503 for one that cannot serve now."""
+LATEST = ":latest"  # the tag Ollama gives a model named without one
+
+
+def tagged(name: str) -> str:
+    """The model's name as Ollama lists it: name:tag, the tag "latest" when it has none."""
+    return name if ":" in name else name + LATEST
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """Which served model a request's name means: the model's own name, the name with Ollama's
+    ":latest" tag (real Ollama takes both), or else the first alias whose pattern (fnmatch's, as
+    `tbmesh daemon --model-alias PATTERN=NAME` gives them) the name matches, so that clients
+    that send their own model names (Claude Code's claude-*) reach a served one."""
+
+    aliases: tuple[tuple[str, str], ...] = ()  # (pattern, name), in the order given
+
+    @classmethod
+    def parse(cls, specs: Iterable[str]) -> ModelNames:
+        """From "PATTERN=NAME" strings; raises ValueError naming a bad one."""
+        aliases = []
+        for spec in specs:
+            pattern, equals, name = spec.partition("=")
+            if not equals or not pattern.strip() or not name.strip():
+                raise ValueError(f"bad model alias {spec!r}: give PATTERN=NAME, e.g. 'claude-*=my-model'")
+            aliases.append((pattern.strip(), name.strip()))
+        return cls(tuple(aliases))
+
+    def resolve(self, name: str, served: Sequence[str]) -> str | None:
+        """The served model `name` means, or None."""
+        for model in served:
+            if name in (model, tagged(model)):
+                return model
+        for pattern, alias in self.aliases:
+            if fnmatch.fnmatchcase(name, pattern):
+                return next((model for model in served if alias in (model, tagged(model))), None)
+        return None
+
+    def accepted(self, served: Sequence[str]) -> list[str] | None:
+        """The names a request may give (for an OpenAPI enum), None when aliases take patterns."""
+        if self.aliases:
+            return None
+        return list(dict.fromkeys(name for model in served for name in (model, tagged(model))))
+
+
+def model_schema(served: Sequence[str], names: ModelNames, listed_by: str = "GET /v1/models") -> dict[str, Any]:
+    """The JSON schema of a request's `model` (for the OpenAPI document): the names it may take."""
+    schema: dict[str, Any] = {"type": "string", "description": f"a model of {listed_by}, or it with the tag "
+                                                              f"{LATEST}; another is a 404"}  # fmt: skip
+    accepted = names.accepted(served)
+    if accepted is None:
+        schema["description"] += " unless an alias (--model-alias) maps it to one"
+    elif accepted:
+        schema["enum"] = accepted
+    return schema
+
+
+def check_served(backend: Backend, model: str, names: ModelNames = ModelNames()) -> str:
+    """The backend's name of the model a request names (ModelNames). Raises ApiError: 404 for a
+    model this node does not serve, 503 for one that cannot serve now."""
     served = backend.models()
-    if model not in served:
+    found = names.resolve(model, served)
+    if found is None:
         raise ApiError(404, f"the model {model!r} does not exist here; this node serves: "
                             f"{', '.join(served) or 'no model'}", param="model", code="model_not_found")  # fmt: skip
-    reason = backend.unavailable(model)
+    reason = backend.unavailable(found)
     if reason is not None:
         raise failure(reason)
+    return found
 
 
 # --- reading requests ------------------------------------------------------------------------

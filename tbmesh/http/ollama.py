@@ -44,8 +44,10 @@ from tbmesh.http.common import (
     EMPTY_PROMPT,
     UNSUPPORTED_PREFILL,
     ApiError,
+    ContextTooLong,
     Generation,
     Limits,
+    ModelNames,
     answer_events,
     bad_request,
     boolean,
@@ -55,12 +57,14 @@ from tbmesh.http.common import (
     function_tools,
     in_worker,
     integer,
+    model_schema,
     number,
     read_json,
     read_request,
     request_sampling,
     respond,
     stop_strings,
+    tagged,
     type_name,
     valid_unicode,
 )
@@ -87,12 +91,20 @@ def error_response(error: ApiError) -> web.Response:
     headers = dict(error.headers or {})
     if error.code is not None:
         headers[CODE_HEADER] = error.code
-    return web.json_response({"error": error.message}, status=error.status, headers=headers)
+    return web.json_response({"error": _message(error)}, status=error.status, headers=headers)
 
 
-def tagged(name: str) -> str:
-    """The model's name as Ollama lists it: name:tag, the tag "latest" when it has none."""
-    return name if ":" in name else f"{name}:latest"
+def _message(error: ApiError) -> str:
+    """The error's message; the too-long one in Ollama's words (as it refuses an input longer
+    than the context with truncate false), its numbers after them."""
+    if not isinstance(error, ContextTooLong):
+        return error.message
+    if error.max_tokens is None:
+        tokens = f"{error.prompt_tokens}" if error.counted else f"at least {error.prompt_tokens}"
+        return f"the input length exceeds the context length ({tokens} tokens; the context is {error.context})"
+    return (f"the input length and num_predict exceed the context length ({error.prompt_tokens} + "
+            f"{error.max_tokens} tokens; the context is {error.context}): lower num_predict to at most "
+            f"{error.context - error.prompt_tokens}")  # fmt: skip
 
 
 def _timestamp(seconds: float | None = None) -> str:
@@ -281,7 +293,8 @@ def _string(body: dict[str, Any], name: str) -> str | None:
     return None if value is None else valid_unicode(value, name, name)
 
 
-def parse_request(body: Any, chat: bool, backend: Backend, limits: Limits) -> OllamaRequest:
+def parse_request(body: Any, chat: bool, backend: Backend, limits: Limits,
+                  names: ModelNames = ModelNames()) -> OllamaRequest:  # fmt: skip
     """Check a /api/chat or /api/generate body; raises ApiError naming the first bad field (400),
     or the model this node does not serve (404)."""
     if not isinstance(body, dict):
@@ -291,7 +304,7 @@ def parse_request(body: Any, chat: bool, backend: Backend, limits: Limits) -> Ol
         raise bad_request("model", "'model' is required (GET /api/tags lists them)")
     if not isinstance(model, str):
         raise bad_request("model", f"'model' must be a string, not {type_name(model)}")
-    served = resolve_model(backend, model)
+    served = resolve_model(backend, model, names)
     stream = True if body.get("stream") is None else boolean(body, "stream")  # Ollama streams by default
     generation = _generation(body, served, limits)
     _unsupported(body, "format", "this server does not constrain answers to JSON")
@@ -315,13 +328,13 @@ def parse_request(body: Any, chat: bool, backend: Backend, limits: Limits) -> Ol
     return request
 
 
-def resolve_model(backend: Backend, name: str) -> str:
-    """The backend's name of the model a client names, with or without its ":latest" tag;
-    raises ApiError(404) saying what this node serves."""
+def resolve_model(backend: Backend, name: str, names: ModelNames = ModelNames()) -> str:
+    """The backend's name of the model a client names (ModelNames: with or without its ":latest"
+    tag, or an alias); raises ApiError(404) saying what this node serves."""
     served = backend.models()
-    for model in served:
-        if name in (model, tagged(model)):
-            return model
+    model = names.resolve(name, served)
+    if model is not None:
+        return model
     raise ApiError(404, f"model {name!r} not found; this node serves "
                         f"{', '.join(tagged(m) for m in served) or 'no model'}")  # fmt: skip
 
@@ -431,7 +444,7 @@ class OllamaAnswer:
         return _line(self._last("", "", []))
 
     def error_event(self, error: ApiError) -> bytes:
-        return _line({"error": error.message})
+        return _line({"error": _message(error)})
 
     def error_response(self, error: ApiError) -> web.Response:
         return error_response(error)
@@ -440,7 +453,8 @@ class OllamaAnswer:
 # --- routes -------------------------------------------------------------------------------------
 
 
-def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
+def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = Limits(),
+                      names: ModelNames = ModelNames()) -> None:  # fmt: skip
     """Add the Ollama endpoints (and `GET /`). Call it before adding any catch-all route."""
 
     async def facts(model: str) -> dict[str, Any]:
@@ -458,7 +472,7 @@ def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = L
     async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
         started = time.monotonic_ns()
         try:
-            ask = await read_request(request, limits, lambda body: parse_request(body, chat, backend, limits))
+            ask = await read_request(request, limits, lambda body: parse_request(body, chat, backend, limits, names))
             served = ask.generation.model
             reason = backend.unavailable(served)
             if reason is not None:
@@ -506,7 +520,7 @@ def add_ollama_routes(app: web.Application, backend: Backend, limits: Limits = L
             name = body.get("model", body.get("name"))  # "name" is the older field
             if not isinstance(name, str) or not name:
                 raise bad_request("model", "'model' is required: a string (GET /api/tags lists them)")
-            model = resolve_model(backend, name)
+            model = resolve_model(backend, name, names)
             tokenizer = await in_worker(backend.tokenizer, model)  # the first call loads it
         except Exception as error:  # ApiError, and a backend whose tokenizer fails
             return error_response(failure(error))
@@ -658,14 +672,10 @@ def _response_schemas() -> dict[str, Schema]:
     }
 
 
-def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescription:
+def openapi_description(backend: Backend, limits: Limits = Limits(), names: ModelNames = ModelNames()) -> ApiDescription:
     """What add_ollama_routes serves, for the OpenAPI document of this node (which names the
     models it serves, with and without their tag)."""
-    served = backend.models()
-    model: Schema = {"type": "string", "description": "a model of GET /api/tags (its tag may be left out); "
-                                                      "another is a 404"}  # fmt: skip
-    if served:
-        model["enum"] = list(dict.fromkeys(name for m in served for name in (m, tagged(m))))
+    model = model_schema(backend.models(), names, "GET /api/tags (its tag may be left out)")
 
     def generation(summary: str, request: str, answer: str) -> dict[str, Any]:
         ok = {"description": "the answer: one JSON object unless stream is true (the default), then NDJSON: "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -37,8 +37,10 @@ from tbmesh.http.common import (
     INVALID_TOOL_ARGUMENTS,
     TOKEN_NOT_IN_VOCABULARY,
     ApiError,
+    ContextTooLong,
     Generation,
     Limits,
+    ModelNames,
     answer_events,
     as_integer,
     bad_request,
@@ -50,6 +52,7 @@ from tbmesh.http.common import (
     function_tools,
     in_worker,
     integer,
+    model_schema,
     number,
     read_request,
     request_sampling,
@@ -64,9 +67,23 @@ if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 
+def too_long_message(error: ContextTooLong) -> str:
+    """OpenAI's wording of context_length_exceeded, which clients match (litellm's
+    ContextWindowExceededError: "This model's maximum context length is")."""
+    what = error.prompt_param  # "messages" or "prompt", as the request calls it
+    limit = f"This model's maximum context length is {error.context} tokens. However, "
+    if error.max_tokens is None:
+        tokens = f"{error.prompt_tokens}" if error.counted else f"at least {error.prompt_tokens}"
+        return limit + f"your {what} resulted in {tokens} tokens. Please reduce the length of the {what}."
+    return limit + (f"you requested {error.prompt_tokens + error.max_tokens} tokens ({error.prompt_tokens} in the "
+                    f"{what}, {error.max_tokens} in the completion). Please reduce the length of the {what} or "
+                    "completion.")  # fmt: skip
+
+
 def error_body(error: ApiError) -> dict[str, Any]:
     """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+    message = too_long_message(error) if isinstance(error, ContextTooLong) else error.message
+    return {"error": {"message": message, "type": error.type, "param": error.param, "code": error.code}}
 
 
 def error_response(error: ApiError) -> web.Response:
@@ -476,7 +493,8 @@ class OpenAIAnswer:
 # --- routes ----------------------------------------------------------------------------------
 
 
-def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = Limits()) -> None:
+def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = Limits(),
+                      names: ModelNames = ModelNames()) -> None:  # fmt: skip
     """Add the OpenAI endpoints. Call it before adding any catch-all route: aiohttp matches
     routes in the order they were added."""
     created = int(time.time())
@@ -491,8 +509,8 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
             completion = await read_request(request, limits, lambda body: parse_request(body, chat, limits))
-            model = completion.generation.model
-            check_served(backend, model)
+            model = check_served(backend, completion.generation.model, names)
+            completion.generation = replace(completion.generation, model=model)
             context = backend.context(model)
             tokenizer, prompt = await in_worker(tokenize, completion, context)
             completion.generation = fit_context(completion.generation, len(prompt), context,
@@ -514,10 +532,11 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
 
     async def get_model(request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name not in backend.models():
+        model = names.resolve(name, backend.models())
+        if model is None:
             return error_response(ApiError(404, f"the model {name!r} does not exist here", param="model",
                                            code="model_not_found"))  # fmt: skip
-        return web.json_response(model_card(name))
+        return web.json_response(model_card(model))
 
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -692,13 +711,10 @@ def _response_schemas() -> dict[str, Schema]:
     }
 
 
-def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescription:
+def openapi_description(backend: Backend, limits: Limits = Limits(), names: ModelNames = ModelNames()) -> ApiDescription:
     """What add_openai_routes serves, for the OpenAPI document of this node (which names the
     models it serves)."""
-    served = backend.models()
-    model: Schema = {"type": "string", "description": "a model of GET /v1/models; another is a 404"}
-    if served:
-        model["enum"] = served
+    model = model_schema(backend.models(), names)
 
     def completion(summary: str, request: str, answer: str, chunk: str) -> dict[str, Any]:
         ok = {"description": "the answer; server-sent events with stream: true",

@@ -39,7 +39,7 @@ from tbmesh.http import ollama as ollama_api
 from tbmesh.http import openai as openai_api
 from tbmesh.http import openapi
 from tbmesh.http.anthropic import add_anthropic_routes
-from tbmesh.http.common import ApiError, Limits
+from tbmesh.http.common import ApiError, Limits, ModelNames
 from tbmesh.http.ollama import add_ollama_routes
 from tbmesh.http.openai import add_openai_routes
 from tbmesh.http.openapi import ApiDescription, json_body, obj, ref
@@ -155,10 +155,11 @@ def key_middleware(api_key: str) -> Any:
 
 def make_app(status: Callable[[], Status], probe: Callable[[], Awaitable[Iterable[LinkStatus]]],
              backend: Backend, limits: Limits = Limits(), api_key: str | None = None,
-             hosts: Collection[str] = LOOPBACK_NAMES) -> web.Application:  # fmt: skip
+             hosts: Collection[str] = LOOPBACK_NAMES, names: ModelNames = ModelNames()) -> web.Application:  # fmt: skip
     """`status()`: GET /status; `probe()`: POST /probe (measure the links again, give them);
     `api_key`: the key every request but a health check must carry (None: no key); `hosts`:
-    the names it answers to (allowed_hosts)."""
+    the names it answers to (allowed_hosts); `names`: which model a request's name means (its
+    aliases: --model-alias)."""
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -170,7 +171,7 @@ def make_app(status: Callable[[], Status], probe: Callable[[], Awaitable[Iterabl
         return web.json_response({"links": to_json(tuple(await probe()))})
 
     async def get_openapi(request: web.Request) -> web.Response:
-        return web.json_response(openapi_document(backend, limits, keyed=api_key is not None))
+        return web.json_response(openapi_document(backend, limits, keyed=api_key is not None, names=names))
 
     # the Host and the key are checked inside errors_in_api_format: a 404 or 405 is told only to
     # who may ask
@@ -181,18 +182,19 @@ def make_app(status: Callable[[], Status], probe: Callable[[], Awaitable[Iterabl
     app.router.add_get("/status", get_status)
     app.router.add_post("/probe", post_probe)
     app.router.add_get("/openapi.json", get_openapi)
-    add_openai_routes(app, backend, limits)
-    add_anthropic_routes(app, backend, limits)
-    add_ollama_routes(app, backend, limits)
+    add_openai_routes(app, backend, limits, names)
+    add_anthropic_routes(app, backend, limits, names)
+    add_ollama_routes(app, backend, limits, names)
     return app
 
 
-def openapi_document(backend: Backend, limits: Limits = Limits(), keyed: bool = False) -> dict[str, Any]:
+def openapi_document(backend: Backend, limits: Limits = Limits(), keyed: bool = False,
+                     names: ModelNames = ModelNames()) -> dict[str, Any]:  # fmt: skip
     """The OpenAPI document of make_app's API on this node (its models are named in it);
     `keyed`: the node wants an API key (the document's security then says how to send it)."""
-    document = openapi.document([_description(), openai_api.openapi_description(backend, limits),
-                                 anthropic_api.openapi_description(backend, limits),
-                                 ollama_api.openapi_description(backend, limits)])  # fmt: skip
+    document = openapi.document([_description(), openai_api.openapi_description(backend, limits, names),
+                                 anthropic_api.openapi_description(backend, limits, names),
+                                 ollama_api.openapi_description(backend, limits, names)])  # fmt: skip
     for path, item in document["paths"].items():  # what any operation may answer, in its API's error format
         for operation in item.values():
             error = _error_schema(path, operation)

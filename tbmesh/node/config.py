@@ -39,6 +39,9 @@ class DaemonConfig:
     ollama_port: int | None = None  # the same API on a second port too (Ollama's is 11434); 0 = any free
     api_key: str | None = None  # every API request but a health check must carry it
     api_allow_hosts: list[str] = field(default_factory=list)  # Host names the API answers to besides its own
+    # "PATTERN=NAME": a request naming a model that matches PATTERN (fnmatch's) gets NAME, so that
+    # clients that send their own model names (Claude Code's claude-*) reach a served one
+    model_aliases: list[str] = field(default_factory=list)
     state_dir: Path = field(default_factory=default_state_dir)
     name: str = field(default_factory=host_name)
     cluster: str = "default"
@@ -53,6 +56,12 @@ class DaemonConfig:
     disk_slack: int | None = None  # bytes of the model kept on disk beyond our stage; None: as the disk allows
     # the planner's shapes (tbmesh.core.groups): tensor groups only where they pay, else a pipeline
     parallel: Parallel = DEFAULT_PARALLEL
+
+
+# what --help says of --model-alias (model_aliases)
+MODEL_ALIAS_HELP = ("A request for a model name that matches PATTERN (a shell pattern, e.g. 'claude-*') gets the served "
+                    "model NAME (repeat; the first match wins; a served model's own name, and it with :latest, "
+                    "always mean it).")
 
 
 # The defaults that are found when the daemon starts, in words: what --help and the README show.

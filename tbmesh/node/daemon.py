@@ -344,11 +344,14 @@ class Daemon:
             raise StartupError(f"cannot listen on {address} port {self.port}: {error.strerror}")
 
     async def _start_api(self) -> None:
+        from tbmesh.http.common import ModelNames
         from tbmesh.http.server import Listener, allowed_hosts, make_app
 
         cfg = self.config
         hosts = allowed_hosts(cfg.api_host, cfg.api_allow_hosts, beyond_loopback=not _loopback(cfg.api_host))
-        api = Listener(make_app(self.status, self._probe_links, self.engine, api_key=cfg.api_key, hosts=hosts))
+        names = ModelNames.parse(cfg.model_aliases)
+        api = Listener(make_app(self.status, self._probe_links, self.engine, api_key=cfg.api_key, hosts=hosts,
+                                names=names))  # fmt: skip
         await api.start()
         ports = [("--api-port", cfg.api_port)] + ([("--ollama-port", cfg.ollama_port)] if cfg.ollama_port is not None else [])
         bound = []
