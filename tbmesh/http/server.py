@@ -42,6 +42,7 @@ from tbmesh.http.anthropic import add_anthropic_routes
 from tbmesh.http.common import ApiError, Limits
 from tbmesh.http.ollama import add_ollama_routes
 from tbmesh.http.openai import add_openai_routes
+from tbmesh.http.responses import add_responses_routes
 from tbmesh.http.openapi import ApiDescription, json_body, obj, ref
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ def make_app(status: Callable[[], Status], probe: Callable[[], Awaitable[Iterabl
     app.router.add_post("/probe", post_probe)
     app.router.add_get("/openapi.json", get_openapi)
     add_openai_routes(app, backend, limits)
+    add_responses_routes(app, backend, limits)
     add_anthropic_routes(app, backend, limits)
     add_ollama_routes(app, backend, limits)
     return app
