@@ -165,8 +165,9 @@ def test_bad_requests_are_400s_in_openais_shape(server, body, param, words) -> N
     assert answer["error"]["param"] == param and words in answer["error"]["message"], answer
 
 
-def test_an_unknown_previous_response_is_a_404(server) -> None:
+def test_an_unknown_response_is_refused_as_openai_does(server) -> None:
     status, answer = server.post("/v1/responses", {"model": MODEL, "input": "hi", "previous_response_id": "resp_x"})
-    assert status == 404 and answer["error"]["param"] == "previous_response_id"
+    assert status == 400 and answer["error"]["param"] == "previous_response_id"
+    assert answer["error"]["code"] == "previous_response_not_found"
     status, answer = server.get("/v1/responses/resp_x")
     assert status == 404 and "resp_x" in answer["error"]["message"]

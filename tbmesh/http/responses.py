@@ -40,7 +40,10 @@ from tbmesh.http.chat import (
 )
 from tbmesh.http.common import (
     CHAT_TEMPLATE_ERROR,
+    CONTEXT_LENGTH_EXCEEDED,
+    INVALID_ENCRYPTED_CONTENT,
     INVALID_TOOL_ARGUMENTS,
+    PREVIOUS_RESPONSE_NOT_FOUND,
     ApiError,
     Generation,
     Limits,
@@ -60,7 +63,8 @@ from tbmesh.http.common import (
     type_name,
     valid_unicode,
 )
-from tbmesh.http.openai import error_response
+from tbmesh.http.openai import error_response, error_responses
+from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -115,7 +119,8 @@ class ReasoningSeal:
                 return data.decode()
         except (binascii.Error, UnicodeDecodeError):
             pass
-        raise bad_request("input", f"'{where}.encrypted_content' was not made by this server, or was changed")
+        raise bad_request("input", f"'{where}.encrypted_content' was not made by this server, or was changed",
+                          INVALID_ENCRYPTED_CONTENT)
 
 
 # --- parsing requests ------------------------------------------------------------------------
@@ -381,8 +386,11 @@ class ResponseStore:
             self.responses.popitem(last=False)
 
 
-def not_found(response_id: str, param: str | None) -> ApiError:
-    return ApiError(404, f"Response with id '{response_id}' not found.", param=param)
+RESPONSE_NOT_FOUND = "response_not_found"  # GET of an id not stored (or no longer)
+
+
+def not_found(response_id: str) -> ApiError:
+    return ApiError(404, f"Response with id '{response_id}' not found.", code=RESPONSE_NOT_FOUND)
 
 
 # --- answers ---------------------------------------------------------------------------------
@@ -628,7 +636,9 @@ def add_responses_routes(app: web.Application, backend: Backend, limits: Limits 
             if asked.previous_response_id is not None:
                 previous = store.get(asked.previous_response_id)
                 if previous is None:
-                    raise not_found(asked.previous_response_id, "previous_response_id")
+                    # OpenAI's 400 (it is a field of the request at fault)
+                    raise bad_request("previous_response_id", f"Previous response with id "
+                                      f"'{asked.previous_response_id}' not found.", PREVIOUS_RESPONSE_NOT_FOUND)
                 history = previous.messages
             conversation = [*history, *asked.messages]
             if not conversation:
@@ -655,9 +665,149 @@ def add_responses_routes(app: web.Application, backend: Backend, limits: Limits 
         response_id = request.match_info["response_id"]
         stored = store.get(response_id)
         if stored is None:
-            return error_response(not_found(response_id, None))
+            return error_response(not_found(response_id))
         return web.json_response(stored.response)
 
     app.router.add_post("/v1/responses", create)
     app.router.add_get("/v1/responses/{response_id}", get)
 
+
+
+# --- the OpenAPI description -----------------------------------------------------------------
+
+EVENT_TYPES = ("response.created", "response.in_progress", "response.output_item.added",
+               "response.content_part.added", "response.output_text.delta", "response.output_text.done",
+               "response.content_part.done", "response.reasoning_summary_part.added",
+               "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done",
+               "response.reasoning_summary_part.done", "response.function_call_arguments.delta",
+               "response.function_call_arguments.done", "response.output_item.done", "response.completed",
+               "response.incomplete", "error")  # fmt: skip
+
+
+def _request_schema(limits: Limits, model: Schema) -> Schema:
+    """The request body as parse_request checks it: every field of OpenAI's, no other."""
+    text, string = {"type": "string"}, {"type": "string"}
+
+    def parts(*kinds: str) -> Schema:
+        return {"anyOf": [text, {"type": "array", "items": obj({"type": {"enum": [*kinds, "text"]}, "text": string},
+                                                               required=["type", "text"])}]}  # fmt: skip
+
+    message = obj({"type": {"const": "message"}, "role": {"enum": ["developer", "system", "user"]},
+                   "content": parts("input_text")}, required=["role", "content"])  # fmt: skip
+    answer = obj({"type": {"const": "message"}, "role": {"const": "assistant"},
+                  "content": parts("output_text", "refusal")}, required=["role", "content"])  # fmt: skip
+    call = obj({"type": {"const": "function_call"}, "call_id": string, "name": {"type": "string", "minLength": 1},
+                "arguments": {"type": "string", "description": f"JSON (code {INVALID_TOOL_ARGUMENTS} if not)"}},
+               required=["type", "call_id", "name", "arguments"])  # fmt: skip
+    output = obj({"type": {"const": "function_call_output"}, "call_id": string, "output": parts("input_text")},
+                 required=["type", "call_id", "output"])  # fmt: skip
+    reasoning = obj({"type": {"const": "reasoning"},
+                     "summary": {"type": "array", "items": obj({"type": {"const": "summary_text"}, "text": string},
+                                                               required=["type", "text"])},
+                     "encrypted_content": nullable({"type": "string", "description": (
+                         f"as this server made it (code {INVALID_ENCRYPTED_CONTENT} if not): the think block")})},
+                    required=["type"])  # fmt: skip
+    function = obj({"type": {"const": "function"}, "name": {"type": "string", "minLength": 1},
+                    "description": nullable(string), "parameters": nullable({"type": "object"}),
+                    "strict": nullable({"type": "boolean"})}, required=["type", "name"])  # fmt: skip
+    hosted = obj({"type": {"type": "string", "not": {"const": "function"}}}, required=["type"],
+                 description="a hosted tool (web_search, file_search, ...): never offered to the model")
+    fields: dict[str, Schema] = {
+        "model": model,
+        "input": {"anyOf": [text, {"type": "array", "minItems": 1,
+                                   "items": {"anyOf": [message, answer, call, output, reasoning]}}]},
+        "instructions": nullable(string),
+        "max_output_tokens": nullable({"type": "integer", "minimum": 1, "maximum": limits.max_tokens}),
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "stream": nullable({"type": "boolean"}),
+        "tools": nullable({"type": "array", "items": {"anyOf": [function, hosted]}}),
+        "tool_choice": nullable({"enum": ["auto", "none"], "description": "forcing a call is not supported yet"}),
+        "parallel_tool_calls": nullable({"type": "boolean", "description": "false: the first call only"}),
+        "reasoning": nullable(obj({"effort": nullable({"enum": ["none", "minimal", "low", "medium", "high", "xhigh"],
+                                                       "description": "the model thinks as its chat template says"}),
+                                   "summary": nullable({"enum": ["auto", "concise", "detailed"]}),
+                                   "generate_summary": nullable({"enum": ["auto", "concise", "detailed"]})},
+                                  additionalProperties=False)),
+        "include": nullable({"type": "array", "items": {"enum": list(INCLUDABLE)}}),
+        "store": nullable({"type": "boolean", "description": "kept for previous_response_id and GET (default true)"}),
+        "previous_response_id": nullable({"type": "string", "description": (
+            f"a stored response of this node (code {PREVIOUS_RESPONSE_NOT_FOUND} if not)")}),
+        "text": nullable(obj({"format": nullable(obj({"type": {"const": "text"}}, required=["type"],
+                                                     additionalProperties=False)),
+                              "verbosity": nullable({"const": "medium"})}, additionalProperties=False)),
+        **{name: {"enum": list(neutral), "description": f"{why}: only a value that asks for nothing"}
+           for name, (why, neutral) in UNSUPPORTED.items()},
+        **{name: {"description": "accepted: it changes nothing of the answer"} for name in NO_EFFECT},
+    }  # fmt: skip
+    return obj(fields, required=["model", "input"], additionalProperties=False)
+
+
+def _response_schemas() -> dict[str, Schema]:
+    string, count = {"type": "string"}, {"type": "integer", "minimum": 0}
+    output_text = obj({"type": {"const": "output_text"}, "text": string, "annotations": {"type": "array"},
+                       "logprobs": {"type": "array"}}, required=["type", "text"])  # fmt: skip
+    item = {"anyOf": [
+        obj({"type": {"const": "message"}, "id": string, "role": {"const": "assistant"},
+             "status": {"enum": ["in_progress", "completed"]}, "content": {"type": "array", "items": output_text}},
+            required=["type", "id", "role", "status", "content"]),
+        obj({"type": {"const": "reasoning"}, "id": string, "summary": {"type": "array", "items": obj(
+            {"type": {"const": "summary_text"}, "text": string}, required=["type", "text"])},
+             "encrypted_content": string}, required=["type", "id", "summary"]),
+        obj({"type": {"const": "function_call"}, "id": string, "call_id": string, "name": string,
+             "arguments": string, "status": {"enum": ["in_progress", "completed"]}},
+            required=["type", "id", "call_id", "name", "arguments"]),
+    ]}  # fmt: skip
+    usage = obj({"input_tokens": count, "input_tokens_details": obj({"cached_tokens": count}),
+                 "output_tokens": count, "output_tokens_details": obj({"reasoning_tokens": count}),
+                 "total_tokens": count}, required=["input_tokens", "output_tokens", "total_tokens"])  # fmt: skip
+    response = obj({"id": string, "object": {"const": "response"}, "created_at": {"type": "integer"},
+                    "status": {"enum": ["in_progress", "completed", "incomplete"]}, "model": string,
+                    "output": {"type": "array", "items": ref("ResponseOutputItem")},
+                    "usage": nullable(usage), "previous_response_id": nullable(string)},
+                   required=["id", "object", "created_at", "status", "model", "output"])  # fmt: skip
+    event = obj({"type": {"enum": list(EVENT_TYPES)}, "sequence_number": count, "response": ref("Response"),
+                 "item": ref("ResponseOutputItem"), "output_index": count, "item_id": string,
+                 "delta": string, "text": string, "arguments": string, "message": string},
+                required=["type", "sequence_number"])  # fmt: skip
+    return {"Response": response, "ResponseOutputItem": item, "ResponseStreamEvent": event}
+
+
+def openapi_description(backend: Backend, limits: Limits = Limits()) -> ApiDescription:
+    """What add_responses_routes serves, for the node's OpenAPI document."""
+    served = backend.models()
+    model: Schema = {"type": "string", "description": "a model of GET /v1/models; another is a 404"}
+    if served:
+        model["enum"] = served
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": ref("ResponseStreamEvent")}
+    event = obj({"event": {"type": "string", "description": "the event's type"}, "data": data}, required=["data"],
+                description="One event, typed; the last is response.completed (or response.incomplete at "
+                            "max_output_tokens), or an error event when generation fails after the first")
+    stream = {"text/event-stream": {"schema": event}}
+    post = {
+        "summary": "A response (OpenAI's Responses API)",
+        "requestBody": {"required": True, **json_body(_request_schema(limits, model),
+                                                      "the request (a field OpenAI's API does not have is a 400)")},
+        "responses": {
+            "200": {"description": "the response; server-sent events with stream: true",
+                    "content": {"application/json": {"schema": ref("Response")}, **stream}},
+            **error_responses({
+                400: "a field is wrong (`param` names it) or the body is not JSON; or code "
+                     f"{CONTEXT_LENGTH_EXCEEDED}, {CHAT_TEMPLATE_ERROR}, {INVALID_TOOL_ARGUMENTS}, "
+                     f"{INVALID_ENCRYPTED_CONTENT} (a reasoning item's blob not made here, or changed), "
+                     f"{PREVIOUS_RESPONSE_NOT_FOUND}",
+                404: "no such model here (code model_not_found)",
+                413: f"the body is larger than {limits.max_body_bytes} bytes",
+                500: "generation failed (type server_error)",
+                503: "the model cannot serve now (type service_unavailable)",
+            }),
+        },
+    }  # fmt: skip
+    get = {
+        "summary": "A stored response",
+        "parameters": [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": json_body(ref("Response"), "the response"),
+                      **error_responses({404: f"no such response stored here (code {RESPONSE_NOT_FOUND})"})},
+    }  # fmt: skip
+    return ApiDescription({"/v1/responses": {"post": post}, "/v1/responses/{response_id}": {"get": get}},
+                          _response_schemas())
