@@ -14,7 +14,6 @@ and comes back in a `reasoning` input item; a blob that was changed is a 400.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -117,7 +116,7 @@ class ReasoningSeal:
             data, tag = base64.b64decode(text, validate=True), base64.b64decode(mac, validate=True)
             if hmac.compare_digest(tag, self._mac(data)):
                 return data.decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, and b64decode's of a text not ASCII
             pass
         raise bad_request("input", f"'{where}.encrypted_content' was not made by this server, or was changed",
                           INVALID_ENCRYPTED_CONTENT)
@@ -219,13 +218,14 @@ def input_messages(items: Any, seal: ReasoningSeal) -> list[dict[str, Any]]:
             messages.append({"role": "tool", "tool_call_id": call_id,
                              "content": _text_of(output, f"{where}.output", ("input_text", "text"))})  # fmt: skip
         elif kind == "reasoning":
-            blob = item.get("encrypted_content")
-            if isinstance(blob, str):
-                reasoning = seal.open(blob, where)
-            else:
-                summary = item.get("summary", [])
-                reasoning = _text_of(summary, f"{where}.summary", ("summary_text",)) if summary else None
-                reasoning = reasoning or None
+            blob, summary = item.get("encrypted_content"), item.get("summary", [])
+            if not isinstance(summary, list):
+                raise bad_request("input", f"'{where}.summary' must be an array of summary_text parts")
+            summary_text = _text_of(summary, f"{where}.summary", ("summary_text",))
+            if blob is not None and not isinstance(blob, str):
+                raise bad_request("input", f"'{where}.encrypted_content' must be a string")
+            # the think block as the model wrote it, else its summary
+            reasoning = seal.open(blob, where) if blob is not None else summary_text or None
         else:
             raise bad_request("input", f"'{where}.type' {json.dumps(kind)} is not supported: only message, "
                                        "function_call, function_call_output and reasoning")  # fmt: skip
@@ -244,13 +244,19 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     for i, tool in enumerate(offered):
         if not isinstance(tool, dict):
             raise bad_request("tools", f"'tools[{i}]' must be an object, not {type_name(tool)}")
-        if tool.get("type") != "function":
+        if not isinstance(tool.get("type"), str):
+            raise bad_request("tools", f"'tools[{i}].type' must be a string")
+        if tool["type"] != "function":
             continue
         name, parameters = tool.get("name"), tool.get("parameters")
         if not isinstance(name, str) or not name:
             raise bad_request("tools", f"'tools[{i}].name' must be a function's name")
         if parameters is not None and not isinstance(parameters, dict):
             raise bad_request("tools", f"'tools[{i}].parameters' must be a JSON schema object")
+        if tool.get("description") is not None and not isinstance(tool["description"], str):
+            raise bad_request("tools", f"'tools[{i}].description' must be a string")
+        if tool.get("strict") is not None and not isinstance(tool["strict"], bool):
+            raise bad_request("tools", f"'tools[{i}].strict' must be a boolean")
         function = {"name": name, "parameters": parameters or {"type": "object", "properties": {}}}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
@@ -324,7 +330,7 @@ def parse_request(body: Any, limits: Limits, seal: ReasoningSeal) -> ResponsesRe
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad_request("instructions", f"'instructions' must be a string, not {type_name(instructions)}")
-    include = body.get("include") or []
+    include = [] if body.get("include") is None else body["include"]
     if not isinstance(include, list) or not all(isinstance(name, str) for name in include):
         raise bad_request("include", "'include' must be an array of strings")
     for name in include:
