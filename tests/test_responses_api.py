@@ -16,6 +16,8 @@ import pytest
 from api_server import ApiServer, SteeredBackend
 from mlx_lm.generate import generate_step
 
+from tbmesh.http.common import ApiError
+from tbmesh.http.responses import ReasoningSeal, ResponseStore, StoredResponse
 from tbmesh.testbed.teach import CONVERSATIONS, WEATHER_TOOL
 
 MODEL = "taught"
@@ -171,3 +173,30 @@ def test_an_unknown_response_is_refused_as_openai_does(server) -> None:
     assert answer["error"]["code"] == "previous_response_not_found"
     status, answer = server.get("/v1/responses/resp_x")
     assert status == 404 and "resp_x" in answer["error"]["message"]
+
+
+def test_hosted_tools_are_never_offered_to_the_model(client, reference) -> None:
+    hosted = [{"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}, {"type": "local_shell"}]
+    response = client.responses.create(model=MODEL, input="Hello!", tools=hosted, max_output_tokens=1)
+    assert response.usage.input_tokens == len(reference.tokenizer.apply_chat_template(HELLO[:1], add_generation_prompt=True))
+
+
+def test_the_store_keeps_the_most_recently_used() -> None:
+    store = ResponseStore(size=2)
+    for name in ("a", "b"):
+        store.put(name, StoredResponse({"id": name}, []))
+    assert store.get("a") is not None  # "b" is now the least recently used
+    store.put("c", StoredResponse({"id": "c"}, []))
+    assert [name for name in "abc" if store.get(name) is not None] == ["a", "c"]
+
+
+def test_a_sealed_think_block_opens_only_unchanged_and_here() -> None:
+    seal = ReasoningSeal()
+    blob = seal.seal("Two are not enough.")
+    assert seal.open(blob, "input[1]") == "Two are not enough."
+    for changed in (blob[:-2] + "AA", "VHdv." + blob.partition(".")[2], blob + "é", "no dot"):
+        with pytest.raises(ApiError) as caught:
+            seal.open(changed, "input[1]")
+        assert caught.value.code == "invalid_encrypted_content"
+    with pytest.raises(ApiError):
+        ReasoningSeal().open(blob, "input[1]")  # another daemon's key

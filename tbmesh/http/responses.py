@@ -229,6 +229,8 @@ def input_messages(items: Any, seal: ReasoningSeal) -> list[dict[str, Any]]:
         else:
             raise bad_request("input", f"'{where}.type' {json.dumps(kind)} is not supported: only message, "
                                        "function_call, function_call_output and reasoning")  # fmt: skip
+    if reasoning is not None:  # a last reasoning item: the think block of an assistant turn with no text yet
+        assistant_turn()
     return messages
 
 
@@ -339,6 +341,8 @@ def parse_request(body: Any, limits: Limits, seal: ReasoningSeal) -> ResponsesRe
     previous = body.get("previous_response_id")
     if previous is not None and not isinstance(previous, str):
         raise bad_request("previous_response_id", f"'previous_response_id' must be a string, not {type_name(previous)}")
+    if body["input"] == [] and previous is None:
+        raise bad_request("input", "'input' is empty, and there is no previous response")
     _reasoning(body)
     _text_format(body)
     tools = _tools(body)
@@ -647,8 +651,6 @@ def add_responses_routes(app: web.Application, backend: Backend, limits: Limits 
                                       f"'{asked.previous_response_id}' not found.", PREVIOUS_RESPONSE_NOT_FOUND)
                 history = previous.messages
             conversation = [*history, *asked.messages]
-            if not conversation:
-                raise bad_request("input", "'input' is empty, and there is no previous response")
             # instructions stand first, and are not carried over from a previous response (as OpenAI)
             messages = ([{"role": "system", "content": asked.instructions}] if asked.instructions else []) + conversation
             model = asked.generation.model
