@@ -200,3 +200,15 @@ def test_a_sealed_think_block_opens_only_unchanged_and_here() -> None:
         assert caught.value.code == "invalid_encrypted_content"
     with pytest.raises(ApiError):
         ReasoningSeal().open(blob, "input[1]")  # another daemon's key
+
+
+def test_every_field_of_openais_requests_is_read_refused_or_harmless() -> None:
+    """As tests/test_openai_api.py for chat: the `openai` library's ResponseCreateParams, each field
+    sorted by what this server does with it, so that a new one is a decision, not an accident."""
+    from openai.types.responses import response_create_params as params
+
+    from tbmesh.http import responses
+
+    base = params.ResponseCreateParamsBase
+    fields = set(base.__required_keys__ | base.__optional_keys__) | {"stream"}
+    assert fields == {*responses.READ, *responses.UNSUPPORTED, *responses.NO_EFFECT}

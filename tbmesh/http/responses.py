@@ -75,7 +75,7 @@ ENCRYPTED_REASONING = "reasoning.encrypted_content"
 READ = ("model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools",
         "tool_choice", "parallel_tool_calls", "reasoning", "include", "store", "previous_response_id", "text")
 NO_EFFECT = ("user", "metadata", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
-             "stream_options")  # fmt: skip
+             "prompt_cache_options", "stream_options")  # fmt: skip
 # name: (why it is refused, its values that ask for nothing)
 UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "background": ("background responses are not supported", (None, False)),
@@ -85,6 +85,10 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "top_logprobs": ("log-probabilities are not supported on /v1/responses", (None, 0)),
     "truncation": ("only truncation \"disabled\" is supported", (None, "disabled")),
     "context_management": ("context management is not supported", (None,)),
+    "background_options": ("background responses are not supported", (None,)),
+    "moderation": ("moderation is not supported", (None,)),
+    "image": ("image generation is not supported", (None,)),
+    "access_programs": ("access programs are not supported", (None,)),
 }
 INCLUDABLE = (ENCRYPTED_REASONING,)  # the others (search results, image URLs, logprobs) are of what is refused
 
