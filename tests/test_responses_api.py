@@ -5,10 +5,13 @@ bad input answered in OpenAI's shape. Answers are compared with single-process m
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import mlx.core as mx
 import mlx_lm
 import openai
@@ -212,3 +215,35 @@ def test_every_field_of_openais_requests_is_read_refused_or_harmless() -> None:
     base = params.ResponseCreateParamsBase
     fields = set(base.__required_keys__ | base.__optional_keys__) | {"stream"}
     assert fields == {*responses.READ, *responses.UNSUPPORTED, *responses.NO_EFFECT}
+
+
+def test_the_answers_are_as_the_openapi_document_describes_them(server) -> None:
+    """Every answer of the taught model (reasoning, a function call, text), whole and each streamed
+    event, against the schemas of GET /openapi.json (the fuzzing's model seldom thinks or calls)."""
+    status, document = server.get("/openapi.json")
+    assert status == 200
+    schemas = document["components"]["schemas"]
+
+    def validate(name: str, value: Any) -> None:
+        jsonschema_rs.validator_for({**schemas[name], "components": {"schemas": schemas}}).validate(value)
+
+    seen: set[str] = set()
+    for conversation in CONVERSATIONS:
+        tools = [{"type": "function", **t["function"]} for t in conversation.get("tools", [])]
+        body = {"model": MODEL, "input": conversation["messages"][0]["content"], "max_output_tokens": 48,
+                "temperature": 0, "tools": tools, "store": False, "include": ["reasoning.encrypted_content"]}
+        status, answer = server.post("/v1/responses", body)
+        assert status == 200, answer
+        validate("Response", answer)
+        seen.update(item["type"] for item in answer["output"])
+        request = urllib.request.Request(server.url + "/v1/responses", data=json.dumps({**body, "stream": True}).encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            blocks = response.read().decode().strip("\n").split("\n\n")
+        for block in blocks:
+            fields = dict(line.split(": ", 1) for line in block.split("\n"))
+            event = json.loads(fields["data"])
+            assert fields["event"] == event["type"]
+            validate("ResponseStreamEvent", event)
+    assert seen == {"reasoning", "function_call", "message"}, seen
