@@ -287,3 +287,37 @@ def test_bad_requests_get_each_apis_error_shape_and_the_daemon_goes_on(daemons) 
     assert wrong.value.body["param"] == "tool_choice" and "'nope'" in wrong.value.body["message"]
     assert anthropic_client(daemon).messages.count_tokens(model=MODEL, messages=WEATHER).input_tokens > 0
     idle(daemons)
+
+
+def test_openai_responses_tool_round_trip_reasoning_and_stream(daemons, loaded) -> None:
+    """The Responses API (what Codex speaks): a function call and its output through
+    previous_response_id, reasoning that round-trips encrypted with store=False, the typed stream."""
+    client = openai_client(daemons[-1])
+    tool = {"type": "function", **WEATHER_TOOL["function"]}
+    first = client.responses.create(model=MODEL, input=WEATHER[0]["content"], tools=[tool, {"type": "web_search"}],
+                                    temperature=0)  # fmt: skip
+    (call,) = first.output
+    assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "get_weather", {"city": "Oslo"})
+    assert first.usage.output_tokens == len(expected(loaded, WEATHER, [WEATHER_TOOL]).tokens)
+    second = client.responses.create(model=MODEL, tools=[tool], temperature=0, previous_response_id=first.id,
+                                     input=[{"type": "function_call_output", "call_id": call.call_id, "output": RESULT}])
+    rendered = [*WEATHER, {"role": "assistant", "content": "", "tool_calls": [{"id": call.call_id, "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "tool_call_id": call.call_id, "content": RESULT}]  # fmt: skip
+    assert second.output_text == expected(loaded, rendered, [WEATHER_TOOL]).text == "It is 4 degrees and raining in Oslo."
+
+    thought = expected(loaded, THINK)
+    with client.responses.stream(model=MODEL, input=THINK[0]["content"], temperature=0, store=False,
+                                 include=["reasoning.encrypted_content"]) as stream:  # fmt: skip
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert {"response.reasoning_summary_text.delta", "response.output_text.delta"} <= set(kinds)
+    reasoning, message = final.output
+    assert (reasoning.summary[0].text, message.content[0].text) == (thought.reasoning.strip(), thought.text)
+    follow = client.responses.create(model=MODEL, temperature=0, store=False, input=[
+        THINK[0], reasoning.model_dump(exclude_none=True), message.model_dump(exclude_none=True), *WEATHER])
+    rendered = [THINK[0], {"role": "assistant", "content": thought.text, "reasoning_content": thought.reasoning},
+                *WEATHER]  # fmt: skip
+    assert follow.output_text == expected(loaded, rendered).text
+    idle(daemons)

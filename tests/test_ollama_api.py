@@ -193,6 +193,10 @@ def test_list_show_ps_and_version(setup: Setup) -> None:
     # the client has no version(): its own HTTP connection, as it reaches every endpoint
     version = ollama_client._client.get("/api/version")
     assert version.status_code == 200 and version.json()["version"].count(".") == 2
+    # Codex's --oss mode wants 0.13.4 or newer, and the Responses API that version serves on this port
+    assert tuple(map(int, version.json()["version"].split("."))) >= (0, 13, 4)
+    answer = ollama_client._client.post("/v1/responses", json={"model": model, "input": "Hello!", "max_output_tokens": 2})
+    assert answer.status_code == 200 and answer.json()["usage"]["output_tokens"] == 2
 
 
 def test_load_requests_answer_at_once(setup: Setup) -> None:

@@ -32,7 +32,7 @@ def test_the_api_answers_as_its_document_says(daemon: DaemonProcess, tmp_path: P
     figures = run.figures()
     assert figures["5xx"] == 0 and figures["failures"] == {} and figures["errors"] == [], figures
     # every operation was tried, answers and errors both: the run proves something
-    assert run.report["operations"]["tested"] == 16, run.report["operations"]  # all but /openapi.json itself
+    assert run.report["operations"]["tested"] == 18, run.report["operations"]  # all but /openapi.json itself
     assert {200, 400, 404, 405} <= figures["by_status"].keys(), figures
     streamed = [e for e in run.exchanges if e["response"]["content"]["mimeType"].startswith("text/event-stream")]
     assert streamed, "no streamed answer was checked"

@@ -104,7 +104,11 @@ MODEL_DEPENDENT_CODES = (CONTEXT_LENGTH_EXCEEDED, TOKEN_NOT_IN_VOCABULARY, EMPTY
 INVALID_TOOL_ARGUMENTS = "invalid_tool_arguments"  # a tool call's arguments: a string that is not JSON
 CONFLICTING_FIELDS = "conflicting_fields"
 UNSUPPORTED_PREFILL = "unsupported_prefill"  # a last assistant message to continue (Anthropic's, Ollama's)
-UNDESCRIBABLE_CODES = (INVALID_TOOL_ARGUMENTS, CONFLICTING_FIELDS, UNSUPPORTED_PREFILL)
+# the Responses API's ids and blobs this server made: one it did not make (or no longer keeps) is refused
+PREVIOUS_RESPONSE_NOT_FOUND = "previous_response_not_found"  # OpenAI's code for it
+INVALID_ENCRYPTED_CONTENT = "invalid_encrypted_content"  # a reasoning item's blob changed, or not made here
+UNDESCRIBABLE_CODES = (INVALID_TOOL_ARGUMENTS, CONFLICTING_FIELDS, UNSUPPORTED_PREFILL, PREVIOUS_RESPONSE_NOT_FOUND,
+                       INVALID_ENCRYPTED_CONTENT)  # fmt: skip
 # where the dialects whose errors have no field for it (Anthropic's, Ollama's) put that code
 CODE_HEADER = "X-Tbmesh-Error-Code"
 

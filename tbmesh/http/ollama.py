@@ -73,7 +73,9 @@ from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-OLLAMA_VERSION = "0.12.0"  # the Ollama release whose API this follows (clients check it for features)
+# the Ollama release whose API this follows (clients check it for features): 0.13.4 serves OpenAI's
+# Responses API (/v1/responses, also on the Ollama port here), which Codex's --oss mode needs
+OLLAMA_VERSION = "0.13.4"
 DEFAULT_TEMPERATURE = 0.8  # Ollama's defaults, when a request's options do not say
 DEFAULT_TOP_P = 0.9
 NDJSON = "application/x-ndjson"

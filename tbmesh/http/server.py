@@ -38,11 +38,13 @@ from tbmesh.http import anthropic as anthropic_api
 from tbmesh.http import ollama as ollama_api
 from tbmesh.http import openai as openai_api
 from tbmesh.http import openapi
+from tbmesh.http import responses as responses_api
 from tbmesh.http.anthropic import add_anthropic_routes
 from tbmesh.http.common import ApiError, Limits, ModelNames
 from tbmesh.http.ollama import add_ollama_routes
 from tbmesh.http.openai import add_openai_routes
 from tbmesh.http.openapi import ApiDescription, json_body, obj, ref
+from tbmesh.http.responses import add_responses_routes
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,7 @@ def make_app(status: Callable[[], Status], probe: Callable[[], Awaitable[Iterabl
     app.router.add_post("/probe", post_probe)
     app.router.add_get("/openapi.json", get_openapi)
     add_openai_routes(app, backend, limits, names)
+    add_responses_routes(app, backend, limits, names)
     add_anthropic_routes(app, backend, limits, names)
     add_ollama_routes(app, backend, limits, names)
     return app
@@ -193,6 +196,7 @@ def openapi_document(backend: Backend, limits: Limits = Limits(), keyed: bool = 
     """The OpenAPI document of make_app's API on this node (its models are named in it);
     `keyed`: the node wants an API key (the document's security then says how to send it)."""
     document = openapi.document([_description(), openai_api.openapi_description(backend, limits, names),
+                                 responses_api.openapi_description(backend, limits, names),
                                  anthropic_api.openapi_description(backend, limits, names),
                                  ollama_api.openapi_description(backend, limits, names)])  # fmt: skip
     for path, item in document["paths"].items():  # what any operation may answer, in its API's error format
