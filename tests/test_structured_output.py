@@ -1,0 +1,151 @@
+"""Structured output over one aiohttp server and LocalBackend on the taught model: OpenAI's
+response_format (JSON mode, a schema, the SDK's pydantic `parse`) and Ollama's `format`. Every
+answer parses and validates against its schema, and equals single-process mlx-lm's
+generate_step with the same grammar applied as a logits processor."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema_rs
+import mlx.core as mx
+import mlx_lm
+import ollama
+import openai
+import pydantic
+import pytest
+from api_server import ApiServer, SteeredBackend
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlx_lm.generate import generate_step
+
+from tbmesh.http.common import Limits
+from tbmesh.runtime.grammar import GrammarMatcher, json_grammar
+
+MODEL = "taught"
+ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
+MAX_TOKENS = 120
+
+
+@pytest.fixture(scope="module")
+def server(taught_model: Path) -> Iterator[ApiServer]:
+    with SteeredBackend(taught_model) as backend, ApiServer(backend, Limits(max_body_bytes=64 * 1024)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def loaded(taught_model: Path) -> tuple[Any, Any]:
+    return mlx_lm.load(str(taught_model))
+
+
+def reference(loaded: tuple[Any, Any], messages: list[dict[str, Any]], schema: dict[str, Any] | None) -> str:
+    """mlx-lm's greedy answer with the grammar's mask as a logits processor (advanced by each token)."""
+    model, tokenizer = loaded
+    matcher = GrammarMatcher(json_grammar(schema), tokenizer)
+    calls = 0
+
+    def constrain(tokens: mx.array, logits: mx.array) -> mx.array:
+        nonlocal calls
+        if calls:  # from the second step on, tokens ends with the token sampled last
+            matcher.advance(tokens[-1].item())
+        calls += 1
+        return matcher.mask(logits)
+
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    answer = []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=MAX_TOKENS, logits_processors=[constrain]):
+        if token in tokenizer.eos_token_ids:
+            break
+        answer.append(token)
+    return tokenizer.decode(answer)
+
+
+def openai_client(server: ApiServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+def test_json_mode_answers_a_json_object_as_mlx_lm_does(server, loaded) -> None:
+    answer = openai_client(server).chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=MAX_TOKENS, temperature=0, response_format={"type": "json_object"})
+    text = answer.choices[0].message.content
+    # the tiny model does not know JSON: its free strings may run to max_tokens, so the answer
+    # parses once it ends, and is the start of an object whatever the length
+    assert text.startswith("{") and text == reference(loaded, ASK, None)
+    if answer.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+class Weather(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")  # no free keys: the tiny model would write them on and on
+
+    city: str = pydantic.Field(max_length=12)
+    degrees: int = pydantic.Field(ge=-50, le=50)
+    sunny: bool
+
+
+def test_the_sdks_parse_gets_a_valid_pydantic_object_as_mlx_lm_answers(server, loaded) -> None:
+    answer = openai_client(server).chat.completions.parse(
+        model=MODEL, messages=ASK, max_tokens=MAX_TOKENS, temperature=0, response_format=Weather)
+    message = answer.choices[0].message
+    assert isinstance(message.parsed, Weather), message.content
+    schema = openai.lib._pydantic.to_strict_json_schema(Weather)
+    assert message.content == reference(loaded, ASK, schema)
+
+
+def test_ollama_format_json_and_schema(server, loaded) -> None:
+    client = ollama.Client(host=server.url)
+    options = {"temperature": 0, "num_predict": MAX_TOKENS}
+    free = client.chat(model=MODEL, messages=ASK, format="json", options=options)
+    assert free.message.content.startswith("{") and free.message.content == reference(loaded, ASK, None)
+    schema = Weather.model_json_schema()
+    shaped = client.chat(model=MODEL, messages=ASK, format=schema, options=options)
+    Weather.model_validate_json(shaped.message.content)
+    assert shaped.message.content == reference(loaded, ASK, schema)
+    generated = client.generate(model=MODEL, prompt="Oslo", format=schema, options=options)
+    Weather.model_validate_json(generated.response)
+
+
+def test_an_invalid_schema_is_a_400_in_openais_shape(server) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client(server).chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=8, response_format={
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}})
+    assert refused.value.param == "response_format"
+
+
+def test_unconstrained_answers_do_not_change(server, loaded) -> None:
+    model, tokenizer = loaded
+    prompt = tokenizer.apply_chat_template(ASK, add_generation_prompt=True)
+    expected = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=10)]
+    answer = openai_client(server).chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, temperature=0,
+                                                           logprobs=True)  # fmt: skip
+    assert [e.token for e in answer.choices[0].logprobs.content] == [tokenizer.decode([t]) for t in expected]
+
+
+# small schemas whose every valid answer is short: bounded strings and integers, enums, booleans
+LEAF = st.one_of(
+    st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 6)),
+    st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+              st.integers(-100, 100), st.integers(0, 100)),
+    st.just({"type": "boolean"}),
+    st.builds(lambda values: {"enum": values}, st.lists(st.sampled_from(["a", "bc", 1, True, None]), min_size=1,
+                                                         max_size=3, unique=True)),
+)
+SCHEMAS = st.dictionaries(st.sampled_from(["city", "n", "ok", "kind", "x"]), LEAF, min_size=1, max_size=3).map(
+    lambda properties: {"type": "object", "properties": properties, "required": sorted(properties),
+                        "additionalProperties": False})
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schema=SCHEMAS)
+def test_every_answer_validates_against_its_schema(server, loaded, schema) -> None:
+    answer = openai_client(server).chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=MAX_TOKENS, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}})
+    text = answer.choices[0].message.content
+    assert answer.choices[0].finish_reason == "stop", text
+    jsonschema_rs.validate(schema, json.loads(text))
+    assert text == reference(loaded, ASK, schema)
