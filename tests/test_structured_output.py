@@ -149,3 +149,53 @@ def test_every_answer_validates_against_its_schema(server, loaded, schema) -> No
     assert answer.choices[0].finish_reason == "stop", text
     jsonschema_rs.validate(schema, json.loads(text))
     assert text == reference(loaded, ASK, schema)
+
+
+def test_the_wire_form_of_unconstrained_steps_is_as_before_and_a_grammar_travels() -> None:
+    from tbmesh.core.generation import Sampling
+    from tbmesh.serving.messages import Constraint, Member, Origin
+
+    plain = Member("a", "e", 0, 0, Sampling(), Origin())
+    assert len(plain.meta()) == 9 and Member.from_meta(plain.meta()) == plain
+    constrained = Member("a", "e", 3, 9, Sampling(), Origin(), Constraint("grammar text", (5, 6, 7)))
+    assert Member.from_meta(constrained.meta()) == constrained
+
+
+@pytest.fixture(scope="module")
+def cluster(taught_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Any]]:
+    """Three daemons, the taught model in three stages: the mask applies at the last one."""
+    import uuid
+
+    from daemons import DaemonProcess, wait_for
+    from serving import serving
+
+    root = tmp_path_factory.mktemp("grammar3")
+    name = f"g{uuid.uuid4().hex[:8]}"
+    started = [DaemonProcess(f"n{i}", root / f"n{i}", ["--interface", "lo", "--memory", "4GB", "--model",
+                                                       str(taught_model), "--cluster", name, "--no-probe"])
+               for i in range(3)]  # fmt: skip
+    try:
+        for daemon in started:
+            daemon.launch()
+        for daemon in started:
+            wait_for(lambda: daemon.api_url() and daemon.status(), 120, f"{daemon.name} to start")
+        serving(started, 3)
+        yield started
+    finally:
+        for daemon in started:
+            daemon.kill()
+
+
+def test_three_stages_answer_the_schema_as_mlx_lm_does(cluster, loaded) -> None:
+    client = openai.OpenAI(base_url=cluster[0].api_url() + "/v1", api_key="none", max_retries=0, timeout=120)
+    answer = client.chat.completions.parse(model=MODEL, messages=ASK, max_tokens=MAX_TOKENS, temperature=0,
+                                           response_format=Weather)  # fmt: skip
+    assert isinstance(answer.choices[0].message.parsed, Weather), answer.choices[0].message.content
+    assert answer.choices[0].message.content == reference(loaded, ASK, openai.lib._pydantic.to_strict_json_schema(Weather))
+    shaped = ollama.Client(host=cluster[1].api_url(), timeout=120).chat(
+        model=MODEL, messages=ASK, format=Weather.model_json_schema(), options={"temperature": 0, "num_predict": MAX_TOKENS})
+    assert shaped.message.content == reference(loaded, ASK, Weather.model_json_schema())
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, temperature=0)
+    model, tokenizer = loaded
+    prompt = tokenizer.apply_chat_template(ASK, add_generation_prompt=True)
+    assert plain.choices[0].message.content == tokenizer.decode([t for t, _ in generate_step(mx.array(prompt), model, max_tokens=10)])
