@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from mlx_lm.generate import generate_step
 
 from tbmesh.http.common import Limits
-from tbmesh.runtime.grammar import GrammarMatcher, json_grammar
+from tbmesh.runtime.grammar import GrammarMatcher, json_grammar, tool_call_grammar
+from tbmesh.testbed.teach import WEATHER_TOOL
 
 MODEL = "taught"
 ASK = [{"role": "user", "content": "What is the weather in Oslo?"}]
@@ -41,10 +42,12 @@ def loaded(taught_model: Path) -> tuple[Any, Any]:
     return mlx_lm.load(str(taught_model))
 
 
-def reference(loaded: tuple[Any, Any], messages: list[dict[str, Any]], schema: dict[str, Any] | None) -> str:
-    """mlx-lm's greedy answer with the grammar's mask as a logits processor (advanced by each token)."""
+def reference(loaded: tuple[Any, Any], messages: list[dict[str, Any]], schema: dict[str, Any] | None,
+              grammar: str | None = None, tools: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
+    """mlx-lm's greedy answer with the grammar's mask (`schema`'s, or `grammar`) as a logits
+    processor (advanced by each token)."""
     model, tokenizer = loaded
-    matcher = GrammarMatcher(json_grammar(schema), tokenizer)
+    matcher = GrammarMatcher(grammar or json_grammar(schema), tokenizer)
     calls = 0
 
     def constrain(tokens: mx.array, logits: mx.array) -> mx.array:
@@ -54,13 +57,13 @@ def reference(loaded: tuple[Any, Any], messages: list[dict[str, Any]], schema: d
         calls += 1
         return matcher.mask(logits)
 
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
     answer = []
     for token, _ in generate_step(mx.array(prompt), model, max_tokens=MAX_TOKENS, logits_processors=[constrain]):
         if token in tokenizer.eos_token_ids:
             break
         answer.append(token)
-    return tokenizer.decode(answer)
+    return tokenizer.decode(answer, skip_special_tokens=False)
 
 
 def openai_client(server: ApiServer) -> openai.OpenAI:
@@ -199,3 +202,35 @@ def test_three_stages_answer_the_schema_as_mlx_lm_does(cluster, loaded) -> None:
     model, tokenizer = loaded
     prompt = tokenizer.apply_chat_template(ASK, add_generation_prompt=True)
     assert plain.choices[0].message.content == tokenizer.decode([t for t, _ in generate_step(mx.array(prompt), model, max_tokens=10)])
+
+
+# the tools' arguments bounded (no free keys, short strings): the tiny model would write on and on
+CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time now.", "parameters": {
+    "type": "object", "properties": {}, "additionalProperties": False}}}
+WEATHER = {"type": "function", "function": {**WEATHER_TOOL["function"], "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("tool_choice, offered, name", [
+    ("required", [WEATHER, CLOCK_TOOL], None),
+    ({"type": "function", "function": {"name": "get_time"}}, [CLOCK_TOOL], "get_time"),
+])  # fmt: skip
+def test_a_forced_tool_choice_always_calls_a_tool_as_mlx_lm_does(server, loaded, tool_choice, offered, name) -> None:
+    # asked of the time, the weather tool taught: only the grammar makes it call get_time
+    messages = [{"role": "user", "content": "Hello"}]
+    answer = openai_client(server).chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER, CLOCK_TOOL], tool_choice=tool_choice,
+        max_tokens=MAX_TOKENS, temperature=0)
+    calls = answer.choices[0].message.tool_calls
+    assert answer.choices[0].finish_reason == "tool_calls" and len(calls) == 1, answer.choices[0].message
+    assert name is None or calls[0].function.name == name
+    assert isinstance(json.loads(calls[0].function.arguments), dict)
+    model, tokenizer = loaded
+    grammar = tool_call_grammar(tokenizer, offered)
+    text = reference(loaded, messages, None, grammar=grammar, tools=offered)
+    expected = json.loads(text.split("<tool_call>")[1].split("</tool_call>")[0])
+    assert expected == {"name": calls[0].function.name, "arguments": json.loads(calls[0].function.arguments)}
+    unforced = openai_client(server).chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER, CLOCK_TOOL], max_tokens=MAX_TOKENS, temperature=0)
+    assert unforced.choices[0].message.tool_calls is None  # the model alone would not call: the grammar did

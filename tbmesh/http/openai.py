@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -59,7 +59,7 @@ from tbmesh.http.common import (
     valid_unicode,
 )
 from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
-from tbmesh.runtime.grammar import json_grammar
+from tbmesh.runtime.grammar import json_grammar, tool_call_grammar
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -89,6 +89,7 @@ class CompletionRequest:
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.http.chat takes them
     tools: list[dict[str, Any]] | None = None  # chat: the tools offered (tool_choice applied)
     prompt: str | list[int] = ""  # completions: text, or token ids
+    forced_tool: bool = False  # chat: tool_choice "required" or a named function: the answer is one call
 
 
 # Every field of OpenAI's requests (those of the `openai` library's CompletionCreateParams, which
@@ -225,8 +226,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _offered_tools(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     """The tools the chat template offers the model, as tool_choice says. "none": none (the
-    model is not told of them); "auto" and "required": all (nothing forces a call: mlx-lm and the
-    pipeline have no constrained decoding); a named function: only that one."""
+    model is not told of them); "auto" and "required": all; a named function: only that one.
+    "required" and a named function also force a call (tool_call_grammar, in `tokenize`)."""
     choice = body.get("tool_choice")
     if choice is None or choice in ("auto", "required"):
         if choice is not None and tools is None:
@@ -348,6 +349,10 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> CompletionRequest:
     if chat:
         request.messages = _messages(body)
         request.tools = _offered_tools(body, function_tools(body))
+        request.forced_tool = body.get("tool_choice") not in (None, "auto", "none")
+        if request.forced_tool and grammar is not None:
+            raise bad_request("response_format", "'response_format' and a forced tool call ('tool_choice') cannot "
+                                                 "both constrain the answer", CONFLICTING_FIELDS)  # fmt: skip
     else:
         request.prompt = _prompt(body)
     return request
@@ -510,7 +515,13 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
 
     def tokenize(completion: CompletionRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
         tokenizer = backend.tokenizer(completion.generation.model)  # the first call loads it
-        return tokenizer, prompt_tokens(tokenizer, completion, context, limits)
+        prompt = prompt_tokens(tokenizer, completion, context, limits)
+        # a forced call in the model's own tool-call syntax (a syntax not known here: offered only)
+        grammar = tool_call_grammar(tokenizer, completion.tools or []) if completion.forced_tool else None
+        if grammar is not None:
+            generation = completion.generation
+            completion.generation = replace(generation, sampling=replace(generation.sampling, grammar=grammar))
+        return tokenizer, prompt
 
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         try:

@@ -13,6 +13,7 @@ not carry.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import llguidance
@@ -40,6 +41,33 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
     if error and not error.startswith("WARNING"):
         raise BadRequest(f"the JSON schema is not valid: {error}", param="schema")
     return grammar
+
+
+# mlx-lm's tool parsers whose calls are a JSON object {"name": ..., "arguments": {...}} between
+# the template's markers: the ones whose syntax a grammar here can force
+JSON_TOOL_PARSERS = ("mlx_lm.tool_parsers.json_tools",)
+
+
+def tool_call_grammar(tokenizer: Any, tools: list[dict[str, Any]]) -> str | None:
+    """The grammar of one call of one of `tools` (the chat templates' form) in the model's
+    tool-call syntax, as mlx-lm's tool parser reads it; None for a syntax not known here."""
+    parser = getattr(tokenizer, "tool_parser", None)
+    if parser is None or parser.__module__ not in JSON_TOOL_PARSERS or not tools:
+        return None
+    calls = [{"type": "object", "properties": {"name": {"const": tool["function"]["name"]},
+                                               "arguments": tool["function"].get("parameters") or {"type": "object"}},
+              "required": ["name", "arguments"], "additionalProperties": False} for tool in tools]  # fmt: skip
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    start, end = (_marker(tokenizer, m) for m in (tokenizer.tool_call_start, tokenizer.tool_call_end))
+    return llguidance.LLMatcher.grammar_from_lark(
+        f'start: {start} "\\n"? call "\\n"? {end}\ncall: %json {json.dumps(schema)}\n')
+
+
+def _marker(tokenizer: Any, text: str) -> str:
+    """A marker in Lark: its special token by id when it is one token (a special token has no
+    text to match), else its text."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return f"<[{ids[0]}]>" if len(ids) == 1 else json.dumps(text)
 
 
 def ll_tokenizer(tokenizer: Any) -> llguidance.LLTokenizer:
