@@ -234,3 +234,32 @@ def test_a_forced_tool_choice_always_calls_a_tool_as_mlx_lm_does(server, loaded,
     unforced = openai_client(server).chat.completions.create(
         model=MODEL, messages=messages, tools=[WEATHER, CLOCK_TOOL], max_tokens=MAX_TOKENS, temperature=0)
     assert unforced.choices[0].message.tool_calls is None  # the model alone would not call: the grammar did
+
+
+def test_a_resumed_attempt_tells_the_last_stage_its_answer_so_far_and_the_mask_continues(loaded) -> None:
+    """A resume replays prompt + tokens so far: the first step's constraint carries those tokens,
+    and a matcher built from them masks exactly as the one that saw them one by one."""
+    import itertools
+
+    from tbmesh.core.generation import Sampling
+    from tbmesh.serving.messages import Admit
+    from tbmesh.serving.scheduler import Scheduler
+    from tbmesh.serving.settings import ServingSettings
+
+    _, tokenizer = loaded
+    grammar = json_grammar(Weather.model_json_schema())
+    so_far = tokenizer.encode('{"city":"Oslo","deg', add_special_tokens=False)
+    ids = itertools.count()
+    scheduler = Scheduler(ServingSettings(), lambda: f"x{next(ids)}")
+    prompt = [1, 2, 3]
+    scheduler.admit(Admit("r", (("a", 0, 8),), "e", (*prompt, *so_far), len(so_far), 50, Sampling(grammar=grammar), (9,)))
+    first, _ = scheduler.next_step()
+    assert first.members[0].constraint.grammar == grammar and first.members[0].constraint.answer == tuple(so_far)
+    later, _ = scheduler.next_step() or (None, None)
+    assert later is None or all(m.constraint is None for m in later.members)  # told once
+    stepwise = GrammarMatcher(grammar, tokenizer)
+    for token in so_far:
+        stepwise.advance(token)
+    rebuilt = GrammarMatcher(grammar, tokenizer, so_far)
+    assert (rebuilt.allowed(768) == stepwise.allowed(768)).all()
+    assert rebuilt.allowed(768).sum() < 768  # it is a real constraint: "deg" must go on as "degrees"
