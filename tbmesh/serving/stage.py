@@ -138,7 +138,9 @@ class StageCaches:
         """A last stage builds the matcher of a constrained attempt at its first step, past the
         tokens it generated before (a resumed attempt continues its answer exactly)."""
         for member in members:
-            if shard.last and member.constraint is not None and self.tokenizer is not None:
+            if shard.last and member.constraint is not None:
+                if self.tokenizer is None:  # never silently unconstrained
+                    raise RuntimeError("a last stage without the model's tokenizer cannot apply a grammar")
                 c = member.constraint
                 self.matchers[member.attempt] = GrammarMatcher(c.grammar, self.tokenizer(), list(c.answer))
 
