@@ -181,7 +181,7 @@ def cluster(taught_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         for daemon in started:
             daemon.launch()
         for daemon in started:
-            wait_for(lambda: daemon.api_url() and daemon.status(), 120, f"{daemon.name} to start")
+            wait_for(lambda daemon=daemon: daemon.api_url() and daemon.status(), 120, f"{daemon.name} to start")
         serving(started, 3)
         yield started
     finally:
@@ -226,7 +226,7 @@ def test_a_forced_tool_choice_always_calls_a_tool_as_mlx_lm_does(server, loaded,
     assert answer.choices[0].finish_reason == "tool_calls" and len(calls) == 1, answer.choices[0].message
     assert name is None or calls[0].function.name == name
     assert isinstance(json.loads(calls[0].function.arguments), dict)
-    model, tokenizer = loaded
+    _, tokenizer = loaded
     grammar = tool_call_grammar(tokenizer, offered)
     text = reference(loaded, messages, None, grammar=grammar, tools=offered)
     expected = json.loads(text.split("<tool_call>")[1].split("</tool_call>")[0])

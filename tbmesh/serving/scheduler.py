@@ -34,7 +34,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from tbmesh.core.status import SchedulerStatus
-from tbmesh.serving.messages import Admit, Constraint, Member, Origin, Release, Route, Step
+from tbmesh.serving.messages import (
+    Admit,
+    Constraint,
+    Member,
+    Origin,
+    Release,
+    Route,
+    Step,
+)
 from tbmesh.serving.prefix_cache import PrefixIndex
 from tbmesh.serving.settings import KV_BLOCK, ServingSettings
 
