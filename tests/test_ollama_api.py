@@ -247,7 +247,7 @@ BAD = [
     ("/api/chat", {**CHAT, "options": {"num_predict": 0}}, 400, "'num_predict' must be 1 to 32768, or -1"),
     ("/api/chat", {**CHAT, "options": {"num_predict": 5000}}, 400, "lower num_predict to at most"),
     ("/api/chat", {**CHAT, "options": {"stop": [1]}}, 400, "'stop' must be a string or an array of strings"),
-    ("/api/chat", {**CHAT, "format": "json"}, 400, "'format' is not supported"),
+    ("/api/chat", {**CHAT, "format": "xml"}, 400, "'format' must be \"json\" or a JSON schema"),
     ("/api/chat", {**CHAT, "think": 3}, 400, "'think' must be a boolean"),
     ("/api/chat", {**CHAT, "tools": {"a": 1}}, 400, "'tools' must be an array"),
     ("/api/chat", {**CHAT, "messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "x"}}]}]},

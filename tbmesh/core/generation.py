@@ -22,12 +22,16 @@ class Sampling:
     """How a request samples: temperature 0 is greedy (argmax). `logprobs`: None, or how many
     of the likeliest tokens the last stage reports with each token's log-probability. The one
     type of it from the HTTP APIs, which check what clients send before they make one, through
-    the backends and the wire (tbmesh.serving.messages) to the sampler (tbmesh.runtime.sampling)."""
+    the backends and the wire (tbmesh.serving.messages) to the sampler (tbmesh.runtime.sampling).
+    `grammar`: None, or the constraint of structured output (JSON mode, a schema, a forced tool call)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     logprobs: int | None = None
+    # None, or the grammar every answer must match: a grammar engine's text (llguidance's, made
+    # by tbmesh.runtime.grammar from a JSON schema); the last stage masks the logits with it
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:

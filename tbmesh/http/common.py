@@ -171,12 +171,13 @@ def fit_context(generation: Generation, prompt: int, context: int | None, prompt
     return generation
 
 
-def request_sampling(temperature: float, top_p: float, seed: int | None = None, logprobs: int | None = None) -> Sampling:
+def request_sampling(temperature: float, top_p: float, seed: int | None = None, logprobs: int | None = None,
+                     grammar: str | None = None) -> Sampling:  # fmt: skip
     """The Sampling of checked request fields. A top_p of 0 leaves only the likeliest token:
     greedy. Seeds come signed (OpenAI's, Ollama's); the samplers' keys are not."""
     if top_p == 0:
         temperature, top_p = 0.0, 1.0
-    return Sampling(temperature, top_p, None if seed is None else seed % 2**64, logprobs)
+    return Sampling(temperature, top_p, None if seed is None else seed % 2**64, logprobs, grammar)
 
 
 # --- the checks of request fields ------------------------------------------------------------

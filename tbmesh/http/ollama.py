@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tbmesh.core.generation import Backend
+from tbmesh.core.generation import Backend, BadRequest
 from tbmesh.http.chat import (
     ChatReader,
     Event,
@@ -69,6 +69,7 @@ from tbmesh.http.common import (
     valid_unicode,
 )
 from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
+from tbmesh.runtime.grammar import json_grammar
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -295,6 +296,19 @@ def _string(body: dict[str, Any], name: str) -> str | None:
     return None if value is None else valid_unicode(value, name, name)
 
 
+def _format_grammar(body: dict[str, Any]) -> str | None:
+    """The grammar of `format`: "json" (any JSON object) or a JSON schema; none if absent or ""."""
+    form = body.get("format")
+    if form is None or form == "":
+        return None
+    if form != "json" and not isinstance(form, dict):
+        raise bad_request("format", f"'format' must be \"json\" or a JSON schema, not {json.dumps(form)}")
+    try:
+        return json_grammar(None if form == "json" else form)
+    except BadRequest as error:  # the client's schema: a 400 naming the field
+        raise bad_request("format", str(error)) from None
+
+
 def parse_request(body: Any, chat: bool, backend: Backend, limits: Limits,
                   names: ModelNames = ModelNames()) -> OllamaRequest:  # fmt: skip
     """Check a /api/chat or /api/generate body; raises ApiError naming the first bad field (400),
@@ -309,7 +323,9 @@ def parse_request(body: Any, chat: bool, backend: Backend, limits: Limits,
     served = resolve_model(backend, model, names)
     stream = True if body.get("stream") is None else boolean(body, "stream")  # Ollama streams by default
     generation = _generation(body, served, limits)
-    _unsupported(body, "format", "this server does not constrain answers to JSON")
+    grammar = _format_grammar(body)
+    if grammar is not None:
+        generation = replace(generation, sampling=replace(generation.sampling, grammar=grammar))
     _unsupported(body, "logprobs", "not yet on the Ollama API (the OpenAI one has them)")
     think = body.get("think")
     if think is not None and not isinstance(think, bool) and think not in ("high", "medium", "low"):
@@ -588,7 +604,8 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
         "model": model,
         "stream": nullable({"type": "boolean", "description": "true if not given: NDJSON"}),
         "options": nullable(ref("OllamaOptions")),
-        "format": unsupported("no answers constrained to JSON"),
+        "format": nullable({"anyOf": [{"enum": ["", "json"]}, {"type": "object"}],
+                            "description": "json: any JSON object; an object: the JSON schema the answer matches"}),
         "logprobs": unsupported("not on the Ollama API yet"),
         "think": nullable({"anyOf": [{"type": "boolean"}, {"enum": ["high", "medium", "low"]}],
                            "description": f"think (any level) or not; code {CHAT_TEMPLATE_ERROR} if the model "

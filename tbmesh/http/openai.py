@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from tbmesh.core.generation import MAX_TOP_LOGPROBS, Backend, TokenLogprobs
+from tbmesh.core.generation import MAX_TOP_LOGPROBS, Backend, BadRequest, TokenLogprobs
 from tbmesh.http.chat import (
     ChatReader,
     Event,
@@ -62,6 +62,7 @@ from tbmesh.http.common import (
     valid_unicode,
 )
 from tbmesh.http.openapi import ApiDescription, Schema, json_body, nullable, obj, ref
+from tbmesh.runtime.grammar import json_grammar, tool_call_grammar
 
 if TYPE_CHECKING:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -105,6 +106,7 @@ class CompletionRequest:
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat, as tbmesh.http.chat takes them
     tools: list[dict[str, Any]] | None = None  # chat: the tools offered (tool_choice applied)
     prompt: str | list[int] = ""  # completions: text, or token ids
+    forced_tool: bool = False  # chat: tool_choice "required" or a named function: the answer is one call
 
 
 # Every field of OpenAI's requests (those of the `openai` library's CompletionCreateParams, which
@@ -241,8 +243,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _offered_tools(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     """The tools the chat template offers the model, as tool_choice says. "none": none (the
-    model is not told of them); "auto" and "required": all (nothing forces a call: mlx-lm and the
-    pipeline have no constrained decoding); a named function: only that one."""
+    model is not told of them); "auto" and "required": all; a named function: only that one.
+    "required" and a named function also force a call (tool_call_grammar, in `tokenize`)."""
     choice = body.get("tool_choice")
     if choice is None or choice in ("auto", "required"):
         if choice is not None and tools is None:
@@ -262,11 +264,33 @@ def _offered_tools(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> 
     return named
 
 
-def _refuse_other_formats(body: dict[str, Any]) -> None:
+def _response_grammar(body: dict[str, Any]) -> str | None:
+    """The grammar of `response_format`: None for text, llguidance's for JSON mode or a schema."""
     response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise bad_request("response_format", "'response_format': only {\"type\": \"text\"} is supported "
-                                             "(no JSON mode or schema)")
+    if response_format is None or response_format == {"type": "text"}:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return _json_grammar(None)
+    spec = response_format.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise bad_request("response_format", "'response_format' must be {\"type\": \"text\"}, {\"type\": "
+                                             "\"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
+                                             "{\"name\": ..., \"schema\": {...}}}")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise bad_request("response_format", "'response_format.json_schema.schema' must be an object")
+    return _json_grammar(schema)
+
+
+def _json_grammar(schema: dict[str, Any] | None) -> str:
+    try:
+        return json_grammar(schema)
+    except BadRequest as error:  # the client's schema: a 400 naming the field, in OpenAI's shape
+        raise bad_request("response_format", str(error)) from None
+
+
+def _refuse_other_formats(body: dict[str, Any]) -> None:
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise bad_request("modalities", "'modalities': only [\"text\"] is supported")
@@ -327,20 +351,25 @@ def parse_request(body: Any, chat: bool, limits: Limits) -> CompletionRequest:
     if options is not None and not isinstance(options, dict):
         raise bad_request("stream_options", f"'stream_options' must be an object, not {type_name(options)}")
     include_usage = boolean(options or {}, "include_usage")
-    logprobs = None
+    logprobs = grammar = None
     if chat:
         _refuse_other_formats(body)
         logprobs = _logprobs(body)
+        grammar = _response_grammar(body)
     elif body.get("logprobs") is not None:
         raise bad_request("logprobs", "'logprobs' is not supported on /v1/completions: use /v1/chat/completions")
     sampling = request_sampling(1.0 if temperature is None else temperature,  # OpenAI's defaults
-                                1.0 if top_p is None else top_p, seed, logprobs)  # fmt: skip
+                                1.0 if top_p is None else top_p, seed, logprobs, grammar)  # fmt: skip
     generation = Generation(model, limits.default_max_tokens if max_tokens is None else max_tokens, sampling, stop,
                             max_tokens_strict=max_tokens is not None)  # fmt: skip
     request = CompletionRequest(chat, generation, stream, stream and include_usage)
     if chat:
         request.messages = _messages(body)
         request.tools = _offered_tools(body, function_tools(body))
+        request.forced_tool = body.get("tool_choice") not in (None, "auto", "none")
+        if request.forced_tool and grammar is not None:
+            raise bad_request("response_format", "'response_format' and a forced tool call ('tool_choice') cannot "
+                                                 "both constrain the answer", CONFLICTING_FIELDS)  # fmt: skip
     else:
         request.prompt = _prompt(body)
     return request
@@ -504,7 +533,13 @@ def add_openai_routes(app: web.Application, backend: Backend, limits: Limits = L
 
     def tokenize(completion: CompletionRequest, context: int | None) -> tuple[TokenizerWrapper, list[int]]:
         tokenizer = backend.tokenizer(completion.generation.model)  # the first call loads it
-        return tokenizer, prompt_tokens(tokenizer, completion, context, limits)
+        prompt = prompt_tokens(tokenizer, completion, context, limits)
+        # a forced call in the model's own tool-call syntax (a syntax not known here: offered only)
+        grammar = tool_call_grammar(tokenizer, completion.tools or []) if completion.forced_tool else None
+        if grammar is not None:
+            generation = completion.generation
+            completion.generation = replace(generation, sampling=replace(generation.sampling, grammar=grammar))
+        return tokenizer, prompt
 
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
         try:
@@ -633,8 +668,15 @@ def _request_schemas(limits: Limits, model: Schema) -> dict[str, Schema]:
                                   "description": f"needs logprobs: true (code {CONFLICTING_FIELDS} if not)"}),
         **unsupported(CHAT_UNSUPPORTED),
         **no_effect(CHAT_NO_EFFECT),
-        "response_format": nullable(obj({"type": {"const": "text"}}, required=["type"], additionalProperties=False,
-                                        description="only text (no JSON mode or schema)")),
+        "response_format": nullable({"anyOf": [
+            obj({"type": {"enum": ["text", "json_object"]}}, required=["type"], additionalProperties=False),
+            obj({"type": {"const": "json_schema"},
+                 "json_schema": obj({"name": {"type": "string"}, "schema": {"type": "object"},
+                                     "strict": nullable({"type": "boolean"}),
+                                     "description": {"type": "string"}}, required=["name"])},
+                required=["type", "json_schema"], additionalProperties=False,
+                description="the answer matches the schema (a grammar masks the sampler)"),
+        ]}),
         "modalities": nullable({"const": ["text"]}),
     }  # fmt: skip
     return {

@@ -19,6 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load
 
 from tbmesh.core.generation import BadRequest, TokenLogprobs, Unavailable
+from tbmesh.runtime.grammar import GrammarMatcher
 from tbmesh.runtime.sampling import Sampling, draw, logprobs_of, token_logprobs
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ PREFILL_STEP = 2048  # as mlx-lm's generate_step, so that results match it exact
 class _LocalRequest:
     sampling: Sampling  # with a seed: its own random keys
     cache: list[Any] | None = None  # mlx-lm's KV cache of this request alone
+    matcher: GrammarMatcher | None = None  # where the answer stands in sampling.grammar, if any
 
 
 class LocalBackend:
@@ -107,6 +109,8 @@ class LocalBackend:
 
     def _prefill(self, state: _LocalRequest, prompt: list[int]) -> tuple[int, TokenLogprobs | None]:
         state.cache = make_prompt_cache(self._model)
+        if state.sampling.grammar is not None:
+            state.matcher = GrammarMatcher(state.sampling.grammar, self._tokenizer)
         tokens = mx.array(prompt)
         while tokens.size > 1:  # all but the last token, in mlx-lm's chunks
             n = min(PREFILL_STEP, tokens.size - 1)
@@ -123,7 +127,11 @@ class LocalBackend:
         if state.cache is None:
             raise RuntimeError("the request was cancelled")
         logits = self._model(tokens[None], cache=state.cache)[:, -1, :]
+        if state.matcher is not None:  # as an mlx-lm logits processor: before the log-softmax
+            logits = state.matcher.mask(logits)
         logprobs = logprobs_of(logits)
         token = draw(logprobs, state.sampling, step).item()
+        if state.matcher is not None:
+            state.matcher.advance(token)
         top = state.sampling.logprobs
         return token, None if top is None else token_logprobs(logprobs[0], token, top)

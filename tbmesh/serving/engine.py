@@ -77,7 +77,8 @@ class Engine:
         self.held: dict[Range, Shard | GroupShard] = {}  # what Layers holds, Steps runs
         self.steps = Steps(self.me, host.name, self.thread, self.scheduler, self.held, self._deliver, self._name,
                            lambda in_use: self.layers.observe(in_use),
-                           lambda layers, tensor: self.layers.damaged(layers, tensor), self.counters)
+                           lambda layers, tensor: self.layers.damaged(layers, tensor), self.counters,
+                           lambda: self.tokenizer(""))  # a last stage's grammars need the model's tokenizer
         self.layers = Layers(host, model_dir, disk, self.thread, self.held, self.steps, self._dropped,
                              self.counters)
         self._queues: dict[str, asyncio.Queue] = {}  # request -> what generate() yields

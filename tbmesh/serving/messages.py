@@ -68,7 +68,8 @@ class Admit:
         return {"kind": "admit", "to": self.to, "route": [list(r) for r in self.route],
                 "entry": self.entry, "produced": self.produced, "max_tokens": self.max_tokens,
                 "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed, "logprobs": s.logprobs,
-                "ends": list(self.ends), "cache": self.use_cache}
+                "ends": list(self.ends), "cache": self.use_cache,
+                **({} if s.grammar is None else {"grammar": s.grammar})}  # unconstrained: the bytes as before
 
     @classmethod
     def from_tensor(cls, tensor: Tensor) -> Admit:
@@ -103,6 +104,15 @@ class Origin:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """The grammar of a constrained attempt, told to the last stage with its first step:
+    `answer` are the tokens generated before this attempt, which its matcher takes first."""
+
+    grammar: str
+    answer: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Member:
     """One attempt in a step: a row of a decode step (it samples step `step`), or the one
     attempt of a prefill chunk. `position`: the tokens its caches hold before this step
@@ -112,21 +122,27 @@ class Member:
     entry: str
     step: int
     position: int
-    sampling: Sampling
+    sampling: Sampling  # its grammar is not sent with every step: `constraint` carries it once
     origin: Origin | None = None
+    constraint: Constraint | None = None  # with the first step of a constrained attempt
 
     def meta(self) -> list[Any]:
-        s, o = self.sampling, self.origin
-        return [self.attempt, self.entry, self.step, self.position, s.temperature, s.top_p, s.seed,
+        s, o, c = self.sampling, self.origin, self.constraint
+        item = [self.attempt, self.entry, self.step, self.position, s.temperature, s.top_p, s.seed,
                 None if o is None else [o.entry, o.length], s.logprobs]
+        # unconstrained: as before; flat, as the wire nests no deeper than 4
+        return item if c is None else [*item, c.grammar, list(c.answer)]
 
     @classmethod
     def from_meta(cls, item: Any) -> Member:
-        attempt, entry, step, position, temperature, top_p, seed, origin, logprobs = item
+        attempt, entry, step, position, temperature, top_p, seed, origin, logprobs, *rest = item
+        if len(rest) not in (0, 2):
+            raise ValueError(f"a member of {len(item)} fields")
+        constraint = Constraint(_text(rest[0]), tuple(_count(t) for t in rest[1])) if rest else None
         return cls(_text(attempt), _text(entry), _count(step), _count(position),
                    Sampling(_number(temperature), _number(top_p), None if seed is None else _count(seed),
                             None if logprobs is None else _count(logprobs)),
-                   None if origin is None else Origin(_text(origin[0]), _count(origin[1])))
+                   None if origin is None else Origin(_text(origin[0]), _count(origin[1])), constraint)
 
 
 @dataclass(frozen=True)
@@ -332,6 +348,6 @@ def _route(value: Any) -> Route:
 
 
 def _sampling(meta: dict[str, Any]) -> Sampling:
-    seed, logprobs = meta["seed"], meta["logprobs"]
+    seed, logprobs, grammar = meta["seed"], meta["logprobs"], meta.get("grammar")
     return Sampling(_number(meta["temperature"]), _number(meta["top_p"]), None if seed is None else _count(seed),
-                    None if logprobs is None else _count(logprobs))
+                    None if logprobs is None else _count(logprobs), None if grammar is None else _text(grammar))

@@ -34,7 +34,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from tbmesh.core.status import SchedulerStatus
-from tbmesh.serving.messages import Admit, Member, Origin, Release, Route, Step
+from tbmesh.serving.messages import (
+    Admit,
+    Constraint,
+    Member,
+    Origin,
+    Release,
+    Route,
+    Step,
+)
 from tbmesh.serving.prefix_cache import PrefixIndex
 from tbmesh.serving.settings import KV_BLOCK, ServingSettings
 
@@ -325,7 +333,10 @@ class Scheduler:
         """The attempt in a step; its first one says where its caches start."""
         origin = None if attempt.sent else attempt.origin or Origin()
         attempt.sent = True
-        return Member(attempt.id, attempt.admit.entry, attempt.step, attempt.cached, attempt.admit.sampling, origin)
+        admit, constraint = attempt.admit, None
+        if origin is not None and admit.sampling.grammar is not None:  # the last stage builds its matcher
+            constraint = Constraint(admit.sampling.grammar, admit.tokens[len(admit.tokens) - admit.produced:])
+        return Member(attempt.id, admit.entry, attempt.step, attempt.cached, admit.sampling, origin, constraint)
 
     def _with_instructions(self, book: Book, step: Step) -> Step:
         releases, evictions = tuple(book.releases), tuple(book.evictions)

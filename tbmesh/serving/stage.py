@@ -27,11 +27,14 @@ while it prefills: its own damage shows at the first decode step, before any tok
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
+from tbmesh.runtime.grammar import GrammarMatcher
 from tbmesh.runtime.sampling import draw, token_logprobs
 from tbmesh.runtime.shard import Shard
 from tbmesh.serving.messages import Member, Origin, Outcome, Range, Route, Step
@@ -67,9 +70,11 @@ class Entry:
 
 
 class StageCaches:
-    def __init__(self, me: str, name: str) -> None:
+    def __init__(self, me: str, name: str, tokenizer: Callable[[], Any] | None = None) -> None:
         self.me = me  # this node's id
         self.name = name  # and name, for the reasons given to entries
+        self.tokenizer = tokenizer  # the model's (mlx-lm's wrapper), for the grammars of a last stage
+        self.matchers: dict[str, GrammarMatcher] = {}  # at a last stage: constrained attempts' grammars
         self.alone: dict[str, Alone] = {}
         self.lanes: dict[tuple[Route, str], LaneCache] = {}
         self.entries: dict[tuple[Route, str], Entry] = {}  # the prefix cache
@@ -124,10 +129,24 @@ class StageCaches:
         else:
             outcome = self._decode(shard, step, x)
         self.lanes = {key: lane for key, lane in self.lanes.items() if lane.members}
+        if self.matchers:  # a matcher lives as long as its attempt's cache here
+            held = set(self.alone) | {a for lane in self.lanes.values() for a in lane.members}
+            self.matchers = {a: m for a, m in self.matchers.items() if a in held}
         return outcome
+
+    def _constrain(self, shard: Shard, members: tuple[Member, ...]) -> None:
+        """A last stage builds the matcher of a constrained attempt at its first step, past the
+        tokens it generated before (a resumed attempt continues its answer exactly)."""
+        for member in members:
+            if shard.last and member.constraint is not None:
+                if self.tokenizer is None:  # never silently unconstrained
+                    raise RuntimeError("a last stage without the model's tokenizer cannot apply a grammar")
+                c = member.constraint
+                self.matchers[member.attempt] = GrammarMatcher(c.grammar, self.tokenizer(), list(c.answer))
 
     def _prefill(self, shard: Shard, step: Step, x: mx.array) -> Outcome:
         (member,) = step.members
+        self._constrain(shard, step.members)
         alone = self.alone.get(member.attempt)
         if alone is None and member.origin is not None:
             alone = self._start(shard, step.route, member.origin)
@@ -151,6 +170,7 @@ class StageCaches:
 
     def _decode(self, shard: Shard, step: Step, x: mx.array) -> Outcome:
         lane = self.lanes.setdefault((step.route, step.lane), LaneCache())
+        self._constrain(shard, step.members)
         wanted = [m.attempt for m in step.members]
         self._leave(lane, [a for a in lane.members if a not in wanted])
         outcome = Outcome()
@@ -195,12 +215,14 @@ class StageCaches:
                 kept = self._refuse(lane, outcome, failed)
                 outcome.out = out if len(kept) == len(ran) else out[mx.array(kept)] if kept else None
                 return outcome
-            rows = sample_rows(out, ran)
+            rows = sample_rows(out, ran, self.matchers)
         tokens = rows.tokens
         lane.lengths = [n + 1 for n in lane.lengths]
         fine = both(ins, rows.finite)
         mx.async_eval(tokens, fine)
-        if step.ahead and shard.first and all(c.is_trimmable() for c in lane.cache):
+        # (not with a grammar: its next mask needs this step's tokens read first)
+        constrained = any(m.attempt in self.matchers for m in ran)
+        if step.ahead and shard.first and not constrained and all(c.is_trimmable() for c in lane.cache):
             # A route of one stage feeds its own tokens back: the next step is built from them
             # before they are read, and computes while this one's go out (mlx-lm's async_eval
             # overlap). When the next step differs (a row ends or joins), it is taken back.
@@ -210,6 +232,9 @@ class StageCaches:
         failed, outcome.nonfinite = self._not_finite(step, ran, ins, rows.finite, fine)
         kept = set(self._refuse(lane, outcome, failed))
         outcome.tokens = {m.attempt: t for i, (m, t) in enumerate(zip(ran, tokens.tolist())) if i in kept}
+        for attempt, token in outcome.tokens.items():
+            if attempt in self.matchers:
+                self.matchers[attempt].advance(token)
         if rows.logprobs is not None:  # only when a member asked: the top-k costs a sort a row
             for i, m in enumerate(ran):
                 if m.sampling.logprobs is not None and i in kept:
@@ -334,11 +359,18 @@ class Rows:
     logprobs: mx.array | None = None
 
 
-def sample_rows(logits: mx.array, members: tuple[Member, ...]) -> Rows:
-    """Each row's token (lazy): greedy rows by one argmax, the others drawn with their own keys."""
+def sample_rows(logits: mx.array, members: tuple[Member, ...],
+                matchers: dict[str, GrammarMatcher] | None = None) -> Rows:  # fmt: skip
+    """Each row's token (lazy): greedy rows by one argmax, the others drawn with their own keys.
+    A row with a grammar (`matchers`) has the tokens it forbids masked first, as LocalBackend does."""
+    finite = finite_rows(logits)  # of the model's logits: a mask's -inf is no damage
+    if matchers and any(m.attempt in matchers for m in members):
+        vocab = logits.shape[-1]
+        allowed = np.stack([matchers[m.attempt].allowed(vocab) if m.attempt in matchers else np.ones(vocab, bool)
+                            for m in members]).reshape(logits.shape)  # fmt: skip
+        logits = mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     greedy = mx.argmax(logprobs, axis=-1)
-    finite = finite_rows(logits)
     wanted = logprobs if any(m.sampling.logprobs is not None for m in members) else None
     if all(m.sampling.temperature == 0 for m in members):
         return Rows(greedy, finite, wanted)

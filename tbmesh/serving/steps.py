@@ -39,7 +39,8 @@ class Steps:
     def __init__(self, me: str, name: str, thread: MlxThread, scheduler: Scheduler,
                  held: dict[Range, Shard | GroupShard], deliver: Callable[[str, Any], bool],
                  node_name: Callable[[str], str], observed: Callable[[set[Range]], None],
-                 damaged: Callable[[Range, str], None], counters: Counters) -> None:
+                 damaged: Callable[[Range, str], None], counters: Counters,
+                 tokenizer: Callable[[], Any] | None = None) -> None:
         self.me = me
         self.thread = thread
         self.scheduler = scheduler  # stage 0's, of the routes that start here
@@ -49,7 +50,7 @@ class Steps:
         self.observed = observed  # the layers the caches use changed
         self.damaged = damaged  # layers whose weights are not finite
         self.counters = counters
-        self.caches = StageCaches(me, name)  # the thread's
+        self.caches = StageCaches(me, name, tokenizer)  # the thread's
         self.figures = self.caches.figures()  # as of the last change in the thread
         self.closed = False
         self._busy = 0  # steps in the thread

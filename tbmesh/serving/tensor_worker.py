@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -215,7 +216,10 @@ def serve(args: argparse.Namespace) -> int:
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # every rank has loaded
     watchdog.disarm()
     parent.send(op_frame("ready", rank=rank, size=size, weight_bytes=shard.weight_bytes))
-    caches = StageCaches(args.node, args.name)
+    from tbmesh.weights.modeldir import load_tokenizer
+
+    tokenizer = functools.cache(lambda: load_tokenizer(args.model))  # for the grammars of a last stage, once
+    caches = StageCaches(args.node, args.name, tokenizer)
     while True:
         if rank == 0:
             message = inbox.get()
