@@ -129,7 +129,10 @@ def test_a_request_that_cannot_fit_the_context_is_refused_at_once(cluster):
     serving(daemons, 1)
     with pytest.raises(openai.BadRequestError) as raised:
         client(daemons[0]).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=100)
-    assert "lower max_tokens to at most" in str(raised.value) and raised.value.body["param"] == "max_tokens"
+    # OpenAI's own wording (litellm maps it to ContextWindowExceededError), with the numbers
+    assert "maximum context length is 64 tokens. However, you requested 112 tokens (12 in the prompt, " \
+           "100 in the completion)" in str(raised.value)
+    assert raised.value.body["param"] == "max_tokens" and raised.value.body["code"] == "context_length_exceeded"
 
 
 def test_stopping_with_requests_in_flight_logs_nothing_at_error_level(cluster):
