@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 from aiohttp import hdrs, web
 
 from tbmesh.core.generation import Backend, BadRequest, Sampling, Unavailable
-from tbmesh.http.chat import ChatReader, ClientGone, Event, generate
+from tbmesh.http.chat import ChatReader, ClientGone, Event, TemplateError, chat_prompt, generate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -479,6 +479,16 @@ async def read_json(request: web.Request, limits: Limits) -> Any:
 def client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
+
+
+def chat_tokens(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, param: str,
+                thinking: bool | None = None) -> list[int]:  # fmt: skip
+    """The messages (and tools) through the model's chat template (tbmesh.http.chat.chat_prompt);
+    a template that refuses them is a 400 naming `param`. CPU-heavy: in_worker."""
+    try:
+        return chat_prompt(tokenizer, messages, tools, thinking)
+    except TemplateError as error:
+        raise bad_request(param, str(error), CHAT_TEMPLATE_ERROR) from None
 
 
 def answer_events(request: web.Request, backend: Backend, generation: Generation, prompt: list[int],

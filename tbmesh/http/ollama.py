@@ -31,10 +31,8 @@ from tbmesh.http.chat import (
     ChatReader,
     Event,
     Reasoning,
-    TemplateError,
     Text,
     ToolCall,
-    chat_prompt,
     text_size,
 )
 from tbmesh.http.common import (
@@ -51,6 +49,7 @@ from tbmesh.http.common import (
     answer_events,
     bad_request,
     boolean,
+    chat_tokens,
     check_prompt_size,
     failure,
     fit_context,
@@ -380,10 +379,7 @@ def prompt_tokens(tokenizer: TokenizerWrapper, request: OllamaRequest, context: 
     if not tokenizer.has_chat_template:
         raise bad_request("messages", f"the model {request.model} has no chat template: use /api/generate with "
                                       "a prompt", CHAT_TEMPLATE_ERROR)
-    try:
-        return chat_prompt(tokenizer, messages, request.tools, thinking=request.think)
-    except TemplateError as error:
-        raise bad_request("messages" if request.chat else "prompt", str(error), CHAT_TEMPLATE_ERROR) from None
+    return chat_tokens(tokenizer, messages, request.tools, "messages" if request.chat else "prompt", request.think)
 
 
 # --- responses ----------------------------------------------------------------------------------

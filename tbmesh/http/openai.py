@@ -23,10 +23,8 @@ from tbmesh.http.chat import (
     ChatReader,
     Event,
     Reasoning,
-    TemplateError,
     Text,
     ToolCall,
-    chat_prompt,
     text_size,
 )
 from tbmesh.http.common import (
@@ -45,6 +43,7 @@ from tbmesh.http.common import (
     as_integer,
     bad_request,
     boolean,
+    chat_tokens,
     check_prompt_size,
     check_served,
     failure,
@@ -384,10 +383,7 @@ def prompt_tokens(tokenizer: TokenizerWrapper, request: CompletionRequest, conte
             raise bad_request("messages", f"the model {request.generation.model} has no chat template: use "
                                           "/v1/completions", CHAT_TEMPLATE_ERROR)  # fmt: skip
         check_prompt_size(text_size(request.messages, request.tools), context, limits, "messages")
-        try:
-            return chat_prompt(tokenizer, request.messages, request.tools)
-        except TemplateError as error:
-            raise bad_request("messages", str(error), CHAT_TEMPLATE_ERROR) from None
+        return chat_tokens(tokenizer, request.messages, request.tools, "messages")
     if isinstance(request.prompt, str):
         check_prompt_size(len(request.prompt), context, limits, "prompt")
         tokens = tokenizer.encode(request.prompt)  # with the BOS token where the model wants one, as mlx-lm

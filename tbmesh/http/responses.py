@@ -31,10 +31,8 @@ from tbmesh.http.chat import (
     ChatReader,
     Event,
     Reasoning,
-    TemplateError,
     Text,
     ToolCall,
-    chat_prompt,
     text_size,
 )
 from tbmesh.http.common import (
@@ -50,6 +48,7 @@ from tbmesh.http.common import (
     answer_events,
     bad_request,
     boolean,
+    chat_tokens,
     check_prompt_size,
     check_served,
     failure,
@@ -634,10 +633,7 @@ def prompt_tokens(tokenizer: TokenizerWrapper, messages: list[dict[str, Any]], t
     if not tokenizer.has_chat_template:
         raise bad_request("input", "the model has no chat template: use /v1/completions", CHAT_TEMPLATE_ERROR)
     check_prompt_size(text_size(messages, tools), context, limits, "input")
-    try:
-        return chat_prompt(tokenizer, messages, tools)
-    except TemplateError as error:
-        raise bad_request("input", str(error), CHAT_TEMPLATE_ERROR) from None
+    return chat_tokens(tokenizer, messages, tools, "input")
 
 
 def add_responses_routes(app: web.Application, backend: Backend, limits: Limits = Limits(),
